@@ -1,0 +1,237 @@
+"""Argument checking and normalisation shared by every backend.
+
+Both the reference and the Triton path see the same ``RoutingSide`` objects, so a bad
+argument is rejected with the same message whichever backend runs. Checks that would
+need the values of a CUDA tensor (cu_seqlens ordering) are made with an asynchronous
+device assertion instead of a host sync, so a training step stays capturable.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+Logits = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+SCORES = ("softmax", "sigmoid")
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "triton", "reference")
+
+
+@dataclass(frozen=True)
+class RoutingSide:
+    """One side (anchor or target) of the loss: L layers of router logits over N tokens.
+
+    Sequence b covers rows ``[b*S, (b+1)*S)`` with per-token validity ``mask`` (mask form),
+    rows ``[cu_seqlens[b], cu_seqlens[b+1])`` all valid (packed form), or all N rows
+    (neither given: B = 1).
+    """
+
+    name: str
+    layers: tuple  # L tensors [N, E], views into the caller's memory
+    stacked: Optional[torch.Tensor]  # the caller's [L, N, E] tensor when given as one
+    num_tokens: int
+    num_experts: int
+    num_seqs: int
+    seq_len: int  # S of the mask form; N otherwise
+    mask: Optional[torch.Tensor]
+    cu_seqlens: Optional[torch.Tensor]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].device
+
+    @property
+    def inputs(self) -> tuple:
+        """The tensors autograd sees for this side (what gradients are returned for)."""
+        return (self.stacked,) if self.stacked is not None else self.layers
+
+
+def _layer_tensors(logits: Logits, arg: str):
+    if isinstance(logits, torch.Tensor):
+        if logits.dim() != 3:
+            raise ValueError(
+                f"{arg}: expected a tuple/list of [N, E] tensors or one [L, N, E] tensor, "
+                f"got a tensor of shape {tuple(logits.shape)}"
+            )
+        return tuple(logits.unbind(0)), logits
+    if not isinstance(logits, (list, tuple)):
+        raise TypeError(
+            f"{arg}: expected a tuple/list of [N, E] tensors or one [L, N, E] tensor, "
+            f"got {type(logits).__name__}"
+        )
+    if len(logits) == 0:
+        raise ValueError(f"{arg}: expected at least one layer, got an empty {type(logits).__name__}")
+    for i, t in enumerate(logits):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{arg}[{i}]: expected a tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{arg}[{i}]: expected a [N, E] tensor, got shape {tuple(t.shape)}")
+    return tuple(logits), None
+
+
+def _check_layers(layers, arg: str):
+    first = layers[0]
+    if not first.is_floating_point():
+        raise TypeError(f"{arg}: router logits must be floating point, got {first.dtype}")
+    n, e = first.shape
+    if e < 1:
+        raise ValueError(f"{arg}: expected at least one expert (E >= 1), got E = {e}")
+    for i, t in enumerate(layers[1:], start=1):
+        if t.device != first.device:
+            raise ValueError(f"{arg}[{i}] is on {t.device}, {arg}[0] on {first.device}: all layers must share a device")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{arg}[{i}] has dtype {t.dtype}, {arg}[0] {first.dtype}: all layers must share a dtype")
+        if t.shape[1] != e:
+            raise ValueError(f"{arg}[{i}] has E = {t.shape[1]} experts, {arg}[0] has E = {e}: E must match across layers")
+        if t.shape[0] != n:
+            raise ValueError(f"{arg}[{i}] has N = {t.shape[0]} tokens, {arg}[0] has N = {n}: N must match across layers")
+
+
+def _check_mask(mask, num_tokens: int, device, arg: str):
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{arg}: expected a [B, S] tensor (1 = valid token), got {type(mask).__name__}")
+    if mask.dim() != 2:
+        raise ValueError(f"{arg}: expected a [B, S] tensor, got shape {tuple(mask.shape)}")
+    if mask.dtype.is_complex:
+        raise TypeError(f"{arg}: expected a bool, integer or floating mask, got {mask.dtype}")
+    if mask.device != device:
+        raise ValueError(f"{arg} is on {mask.device} but the logits are on {device}")
+    b, s = mask.shape
+    if b * s != num_tokens:
+        raise ValueError(
+            f"{arg}: B*S = {b}*{s} = {b * s} does not match the logits' token count N = {num_tokens} "
+            "(row n of the logits is token (n // S, n % S))"
+        )
+    if b < 1:
+        raise ValueError(f"{arg}: expected at least one sequence (B >= 1), got shape {tuple(mask.shape)}")
+
+
+def _check_cu_seqlens(cu, num_tokens: int, device, arg: str):
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{arg}: expected an integer tensor [B+1], got {type(cu).__name__}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{arg}: expected a 1-D integer tensor [B+1] with B >= 1, got shape {tuple(cu.shape)}")
+    if cu.dtype.is_floating_point or cu.dtype.is_complex or cu.dtype == torch.bool:
+        raise TypeError(f"{arg}: expected an integer tensor, got {cu.dtype}")
+    if cu.device != device:
+        raise ValueError(f"{arg} is on {cu.device} but the logits are on {device}")
+    if cu.device.type == "cpu":
+        if int(cu[0]) != 0:
+            raise ValueError(f"{arg}: must start at 0, got cu_seqlens[0] = {int(cu[0])}")
+        if bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"{arg}: must be non-decreasing, got {cu.tolist()}")
+        if int(cu[-1]) != num_tokens:
+            raise ValueError(f"{arg}: must end at the token count N = {num_tokens}, got cu_seqlens[-1] = {int(cu[-1])}")
+    else:
+        # Reading a device tensor here would be a host sync on every step; the assertion runs on
+        # the stream instead and fails the next synchronising call with a device-side assert.
+        ok = (cu[0] == 0) & (cu[-1] == num_tokens) & (cu[1:] >= cu[:-1]).all()
+        torch._assert_async(ok, f"{arg} must start at 0, be non-decreasing and end at N = {num_tokens}")
+
+
+def routing_side(logits: Logits, mask, cu_seqlens, name: str) -> RoutingSide:
+    """Validate one side's logits and segmentation and describe it as a ``RoutingSide``."""
+    arg = f"{name}_logits" if name in ("anchor", "target") else "logits"
+    prefix = f"{name}_" if name in ("anchor", "target") else ""
+    layers, stacked = _layer_tensors(logits, arg)
+    _check_layers(layers, arg)
+    num_tokens, num_experts = layers[0].shape
+    device = layers[0].device
+    if mask is not None and cu_seqlens is not None:
+        raise ValueError(f"give either {prefix}mask or {prefix}cu_seqlens for the {name} side, not both")
+    if mask is not None:
+        _check_mask(mask, num_tokens, device, f"{prefix}mask")
+        num_seqs, seq_len = mask.shape
+    elif cu_seqlens is not None:
+        _check_cu_seqlens(cu_seqlens, num_tokens, device, f"{prefix}cu_seqlens")
+        num_seqs, seq_len = cu_seqlens.numel() - 1, num_tokens
+    else:
+        num_seqs, seq_len = 1, num_tokens
+    return RoutingSide(name, layers, stacked, num_tokens, num_experts, num_seqs, seq_len, mask, cu_seqlens)
+
+
+def check_pair(anchor: RoutingSide, target: RoutingSide):
+    if anchor.device != target.device:
+        raise ValueError(f"anchor_logits are on {anchor.device}, target_logits on {target.device}: both must share a device")
+    if anchor.num_layers != target.num_layers:
+        raise ValueError(
+            f"anchor_logits have L = {anchor.num_layers} layers, target_logits L = {target.num_layers}: "
+            "the layer counts must match"
+        )
+    if anchor.num_experts != target.num_experts:
+        raise ValueError(
+            f"anchor_logits have E = {anchor.num_experts} experts, target_logits E = {target.num_experts}: E must match"
+        )
+    if anchor.num_seqs != target.num_seqs:
+        raise ValueError(
+            f"the anchor side has B = {anchor.num_seqs} sequences, the target side B = {target.num_seqs}: "
+            "anchor_mask/anchor_cu_seqlens and target_mask/target_cu_seqlens must describe the same number of pairs"
+        )
+
+
+def check_priors(anchor_probs, target: RoutingSide):
+    if not isinstance(anchor_probs, torch.Tensor):
+        raise TypeError(f"anchor_probs: expected a [L, B, E] tensor, got {type(anchor_probs).__name__}")
+    if not anchor_probs.is_floating_point():
+        raise TypeError(f"anchor_probs: expected a floating-point tensor, got {anchor_probs.dtype}")
+    expected = (target.num_layers, target.num_seqs, target.num_experts)
+    if tuple(anchor_probs.shape) != expected:
+        raise ValueError(
+            f"anchor_probs: expected shape [L, B, E] = {list(expected)} to match target_logits and the target "
+            f"segmentation, got {list(anchor_probs.shape)}"
+        )
+    if anchor_probs.device != target.device:
+        raise ValueError(f"anchor_probs is on {anchor_probs.device} but target_logits are on {target.device}")
+
+
+def check_options(temperature, score: str, reduction: Optional[str], backend: str):
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature: expected a positive number, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature}")
+    if score not in SCORES:
+        raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
+    if reduction is not None and reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+
+
+def layer_weight_tensor(layer_weights, num_layers: int, device) -> Optional[torch.Tensor]:
+    """``None`` (equal weights) or a float32 tensor [L] on ``device``.
+
+    Python sequences are checked for non-negative values with a positive sum; a tensor is
+    checked for its shape only, because reading its values would synchronise the device.
+    """
+    if layer_weights is None:
+        return None
+    if isinstance(layer_weights, torch.Tensor):
+        if layer_weights.shape != (num_layers,):
+            raise ValueError(f"layer_weights: expected shape [L] = [{num_layers}], got {list(layer_weights.shape)}")
+        if not layer_weights.is_floating_point():
+            raise TypeError(f"layer_weights: expected a floating-point tensor, got {layer_weights.dtype}")
+        if layer_weights.device != device:
+            raise ValueError(f"layer_weights is on {layer_weights.device} but the logits are on {device}")
+        return layer_weights.float()
+    try:
+        values = [float(w) for w in layer_weights]
+    except (TypeError, ValueError):
+        raise TypeError("layer_weights: expected a sequence of L numbers or a [L] tensor") from None
+    if len(values) != num_layers:
+        raise ValueError(f"layer_weights: expected L = {num_layers} weights, got {len(values)}")
+    if any(not math.isfinite(w) or w < 0 for w in values) or sum(values) <= 0:
+        raise ValueError(f"layer_weights: expected finite non-negative weights with a positive sum, got {values}")
+    return torch.tensor(values, dtype=torch.float32, device=device)

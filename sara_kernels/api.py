@@ -1,0 +1,150 @@
+"""Public entry points: ``sara_loss``, ``SARALoss`` and ``routing_distribution``.
+
+They validate the arguments once, pick the backend and share the final reduction with the
+reference (:func:`sara_kernels.reference.reduce_pair_js`), so the two backends differ only in
+how JS [L, B] is computed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import reference
+from ._inputs import check_options, layer_weight_tensor, routing_side
+from .ops import routing_js
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, num_experts: int) -> str:
+    """``"auto"``: Triton for CUDA tensors of a dtype it handles, the reference otherwise."""
+    if backend == "auto":
+        usable = device.type == "cuda" and dtype in _TRITON_DTYPES and num_experts <= routing_js.MAX_EXPERTS
+        return "triton" if usable else "reference"
+    if backend == "triton":
+        if device.type != "cuda" and not routing_js.INTERPRET:
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors, got tensors on {device} "
+                "(set TRITON_INTERPRET=1 before importing sara_kernels to run the kernels on the CPU)"
+            )
+        if dtype not in _TRITON_DTYPES:
+            raise TypeError(f"backend='triton' takes float32, bfloat16 or float16 logits, got {dtype}; use backend='reference'")
+        if num_experts > routing_js.MAX_EXPERTS:
+            raise ValueError(f"backend='triton' supports up to E = {routing_js.MAX_EXPERTS} experts, got E = {num_experts}")
+    return backend
+
+
+def sara_loss(
+    anchor_logits,
+    target_logits,
+    anchor_mask: Optional[torch.Tensor] = None,
+    target_mask: Optional[torch.Tensor] = None,
+    *,
+    anchor_cu_seqlens: Optional[torch.Tensor] = None,
+    target_cu_seqlens: Optional[torch.Tensor] = None,
+    anchor_probs: Optional[torch.Tensor] = None,
+    layer_weights=None,
+    temperature: float = 1.0,
+    score: str = "softmax",
+    detach_anchor: bool = True,
+    reduction: str = "mean",
+    return_per_layer: bool = False,
+    backend: str = "auto",
+):
+    """SARA loss: symmetric Jensen-Shannon divergence between the pooled routing distributions
+    of anchor and target sequences, over all given MoE layers.
+
+    Args:
+        anchor_logits, target_logits: L router-logit tensors [N, E] (a tuple/list, as in
+            ``outputs.router_logits``) or one [L, N, E] tensor. N may differ between the sides.
+        anchor_mask, target_mask: [B, S] attention masks, 1 = valid; row n of the logits is token
+            (n // S, n % S). ``*_cu_seqlens``: packed sequences instead, an int tensor [B+1].
+            With neither, a side is one sequence of N tokens.
+        anchor_probs: cached anchor priors [L, B, E] used instead of ``anchor_logits`` (never
+            receive gradient).
+        layer_weights: w_l per layer (sequence or [L] tensor); default equal weights.
+        temperature: τ > 0 dividing the logits before scoring.
+        score: ``"softmax"`` or ``"sigmoid"`` (normalised sigmoid).
+        detach_anchor: the anchor is a fixed target and gets no gradient (default).
+        reduction: ``"mean"`` | ``"sum"`` | ``"none"`` ([L, B]).
+        return_per_layer: also return the detached per-layer mean JS [L] for logging.
+        backend: ``"auto"`` (Triton on CUDA, reference on CPU) | ``"triton"`` | ``"reference"``.
+
+    A pair whose anchor or target has no valid token is excluded (JS = 0, not counted); with no
+    valid pair at all the loss is 0 with zero gradients. The loss is float32 (float64 for float64
+    logits on the reference); gradients have the logits' dtype.
+    """
+    check_options(temperature, score, reduction, backend)
+    anchor, target, priors = reference.prepare_pair(
+        anchor_logits, target_logits, anchor_mask, target_mask, anchor_cu_seqlens, target_cu_seqlens, anchor_probs
+    )
+    weights = layer_weight_tensor(layer_weights, target.num_layers, target.device)
+    if resolve_backend(backend, target.device, target.dtype, target.num_experts) == "reference":
+        js, valid = reference.pair_js(anchor, target, priors, score, temperature, detach_anchor)
+    else:
+        plan = routing_js.PairPlan(anchor, target, score, float(temperature), bool(detach_anchor))
+        js, valid = routing_js.pair_js(plan, priors)
+    loss, per_layer = reference.reduce_pair_js(js, valid, weights, reduction)
+    return (loss, per_layer) if return_per_layer else loss
+
+
+def routing_distribution(
+    logits,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    score: str = "softmax",
+    temperature: float = 1.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Pooled routing distribution P [L, B, E] of each layer and sequence (float32 on Triton).
+
+    A sequence without valid tokens gets P = 0 (never NaN). Differentiable in ``logits``.
+    """
+    check_options(temperature, score, None, backend)
+    side = routing_side(logits, mask, cu_seqlens, "routing")
+    if resolve_backend(backend, side.device, side.dtype, side.num_experts) == "reference":
+        return reference.pooled_distribution(side, score, temperature)[0]
+    return routing_js.routing_distribution(side, score, float(temperature))
+
+
+class SARALoss(torch.nn.Module):
+    """``nn.Module`` form of :func:`sara_loss`; the constructor fixes the keyword options."""
+
+    def __init__(
+        self,
+        layer_weights=None,
+        temperature: float = 1.0,
+        score: str = "softmax",
+        detach_anchor: bool = True,
+        reduction: str = "mean",
+        backend: str = "auto",
+    ):
+        super().__init__()
+        check_options(temperature, score, reduction, backend)
+        self.layer_weights = layer_weights
+        self.temperature = temperature
+        self.score = score
+        self.detach_anchor = detach_anchor
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(self, anchor_logits, target_logits, anchor_mask=None, target_mask=None, **kwargs):
+        options = dict(
+            layer_weights=self.layer_weights,
+            temperature=self.temperature,
+            score=self.score,
+            detach_anchor=self.detach_anchor,
+            reduction=self.reduction,
+            backend=self.backend,
+        )
+        options.update(kwargs)
+        return sara_loss(anchor_logits, target_logits, anchor_mask, target_mask, **options)
+
+    def extra_repr(self) -> str:
+        return (
+            f"score={self.score!r}, temperature={self.temperature}, detach_anchor={self.detach_anchor}, "
+            f"reduction={self.reduction!r}, backend={self.backend!r}"
+        )

@@ -1,0 +1,1 @@
+"""Triton kernels, one file per op: kernels at the top, launch helpers, then autograd."""

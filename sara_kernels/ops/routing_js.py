@@ -1,0 +1,451 @@
+r"""Fused SARA routing alignment in Triton: score, masked pooling, Jensen-Shannon, backward.
+
+The math (symbols as in :mod:`sara_kernels.reference`, which is the specification):
+
+    s = softmax(z/τ)                 or  s = σ(z/τ) / Σ_e σ(z/τ)_e          (per token)
+    P_{l,b} = (1/n_b) Σ_{n ∈ b, valid} s(z_{l,n})
+    M = ½(P^a + P^t),  JS_{l,b} = ½ Σ_e [P^a_e log(P^a_e/M_e) + P^t_e log(P^t_e/M_e)]
+    G_e := ∂JS/∂P_e = ½ log(P_e / M_e)   (taken as 0 where P_e = 0: then s_e = 0 on every token)
+
+Backward for a token n of sequence b, with g = ∂loss/∂JS_{l,b} and c = g / (τ n_b):
+
+    ∂loss/∂z_j = c · h_j · (G_j − Σ_e s_e G_e),   h = s (softmax),  h = s ⊙ σ(−z/τ) (sigmoid)
+
+since ∂s_e/∂z_j = (1/τ) h_j (δ_ej − s_e) for both scores.
+
+Launch structure (constant in L, B and N):
+
+1. ``pool_routing_fwd`` per side, grid (L, B, splits): each program sums s over one
+   contiguous slice of one sequence's rows into ``partial[l, b, split, :]``. Splitting a
+   sequence keeps all SMs busy when B is small; the partials are reduced in a fixed order
+   afterwards, so results are bitwise deterministic (no float atomics).
+2. ``pair_js_fwd``, grid (L, B): reduces the partials of both sides, writes P, JS and the
+   coefficients G that the backward needs (O(L·B·E) memory).
+3. ``pool_routing_bwd`` per side that needs gradients, same grid as 1: recomputes s from
+   the logits (no [L, N, E] intermediate is saved) and writes ∂loss/∂z in the logits' dtype.
+
+The L layer tensors are read where they lie: a small int64 table holds each layer's data
+pointer and strides, so no stack/cat copy of the logits is ever made.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._inputs import RoutingSide
+
+# Read once: triton.jit decides at decoration time whether kernels run in the interpreter.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _score_and_slope(z, SIGMOID: tl.constexpr):
+    """Routing score s and slope h (∂s_e/∂z_j = h_j (δ_ej − s_e) / τ) of logits z / τ.
+
+    Padded lanes hold −inf and come out as s = h = 0.
+    """
+    if SIGMOID:
+        sig = tl.sigmoid(z)
+        s = sig / tl.sum(sig, axis=1)[:, None]
+        h = s * tl.sigmoid(-z)
+    else:
+        e = tl.exp(z - tl.max(z, axis=1)[:, None])
+        s = e / tl.sum(e, axis=1)[:, None]
+        h = s
+    return s, h
+
+
+@triton.jit
+def _sequence_slice(b, split, cu_ptr, cu_stride, N, S, SPLITS, USE_CU: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows [lo, hi) of sequence b that program ``split`` handles, and the sequence start."""
+    if USE_CU:
+        start = tl.load(cu_ptr + b * cu_stride).to(tl.int64)
+        end = tl.load(cu_ptr + (b + 1) * cu_stride).to(tl.int64)
+        # Clamped so malformed device-side cu_seqlens (caught by an async assert) never address out of bounds.
+        start = tl.minimum(tl.maximum(start, 0), N)
+        end = tl.minimum(tl.maximum(end, start), N)
+    else:
+        start = b.to(tl.int64) * S
+        end = start + S
+    chunk = tl.cdiv(tl.cdiv(end - start, SPLITS), BLOCK_N) * BLOCK_N
+    lo = start + split * chunk
+    hi = tl.minimum(lo + chunk, end)
+    return start, lo, hi
+
+
+@triton.jit
+def _layer_logits(table_ptr, x0_ptr, l, L):
+    """Layer l's logits pointer (typed like x0, layer 0's tensor) and its strides, from the table."""
+    x_ptr = tl.load(table_ptr + l).to(tl.pointer_type(x0_ptr.dtype.element_ty))
+    return x_ptr, tl.load(table_ptr + L + l), tl.load(table_ptr + 2 * L + l)
+
+
+@triton.jit
+def _load_logits_tile(x_ptr, stride_n, stride_e, rows, cols, col_ok, valid, inv_tau):
+    """[BLOCK_N, BLOCK_E] fp32 tile of z/τ; invalid rows and padded columns are −inf."""
+    offs = rows[:, None] * stride_n + cols[None, :].to(tl.int64) * stride_e
+    z = tl.load(x_ptr + offs, mask=valid[:, None] & col_ok[None, :], other=float("-inf"))
+    return z.to(tl.float32) * inv_tau
+
+
+@triton.jit
+def _token_validity(b, rows, row_ok, start, mask_ptr, mask_sb, mask_ss, HAS_MASK: tl.constexpr):
+    if HAS_MASK:
+        m = tl.load(mask_ptr + b.to(tl.int64) * mask_sb + (rows - start) * mask_ss, mask=row_ok, other=0)
+        return row_ok & (m != 0)
+    return row_ok
+
+
+@triton.jit
+def pool_routing_fwd(
+    table_ptr, x0_ptr, mask_ptr, mask_sb, mask_ss, cu_ptr, cu_stride,
+    partial_ptr, count_ptr,
+    L, B, N, E, S, inv_tau, SPLITS,
+    HAS_MASK: tl.constexpr, USE_CU: tl.constexpr, SIGMOID: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """partial[l, b, split, :] = Σ s over the valid rows of slice ``split`` of sequence b;
+    count[b, split] = their number (written by the l = 0 programs only)."""
+    l = tl.program_id(0)
+    b = tl.program_id(1)
+    split = tl.program_id(2)
+    start, lo, hi = _sequence_slice(b, split, cu_ptr, cu_stride, N, S, SPLITS, USE_CU, BLOCK_N)
+    cols = tl.arange(0, BLOCK_E)
+    col_ok = cols < E
+    x_ptr, stride_n, stride_e = _layer_logits(table_ptr, x0_ptr, l, L)
+    acc = tl.zeros([BLOCK_E], dtype=tl.float32)
+    count = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for r0 in range(lo, hi, BLOCK_N):
+        rows = r0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        row_ok = rows < hi
+        valid = _token_validity(b, rows, row_ok, start, mask_ptr, mask_sb, mask_ss, HAS_MASK)
+        z = _load_logits_tile(x_ptr, stride_n, stride_e, rows, cols, col_ok, valid, inv_tau)
+        s, _ = _score_and_slope(z, SIGMOID)
+        acc += tl.sum(tl.where(valid[:, None], s, 0.0), axis=0)
+        count += valid.to(tl.float32)
+    slot = (l * B + b) * SPLITS + split
+    tl.store(partial_ptr + slot.to(tl.int64) * E + cols, acc, mask=col_ok)
+    if l == 0:
+        tl.store(count_ptr + b * SPLITS + split, tl.sum(count, axis=0))
+
+
+@triton.jit
+def _pooled(partial_ptr, count_ptr, l, b, B, E, SPLITS, cols, col_ok):
+    """(P_{l,b} [BLOCK_E], n_b) from the split partials, summed in a fixed order."""
+    acc = tl.zeros(cols.shape, dtype=tl.float32)
+    n = 0.0
+    for split in range(0, SPLITS):
+        slot = (l * B + b) * SPLITS + split
+        acc += tl.load(partial_ptr + slot.to(tl.int64) * E + cols, mask=col_ok, other=0.0)
+        n += tl.load(count_ptr + b * SPLITS + split)
+    return acc / tl.maximum(n, 1.0), n
+
+
+@triton.jit
+def _half_log_ratio(p, m):
+    """G = ½ log(p/m), 0 where p = 0 (its s is 0 on every token, so G never matters there)."""
+    zero = p == 0.0
+    return tl.where(zero, 0.0, 0.5 * tl.log(tl.where(zero, 1.0, p) / tl.where(zero, 1.0, m)))
+
+
+@triton.jit
+def pair_js_fwd(
+    a_partial_ptr, a_count_ptr, t_partial_ptr, t_count_ptr,
+    prior_ptr, prior_sl, prior_sb, prior_se,
+    js_ptr, pa_ptr, pt_ptr, ga_ptr, gt_ptr, a_total_ptr, t_total_ptr, valid_ptr,
+    B, E, A_SPLITS, T_SPLITS,
+    PRIORS: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """JS_{l,b}, P^a, P^t and G^a, G^t for one (l, b); invalid pairs get JS = G = 0."""
+    l = tl.program_id(0)
+    b = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_E)
+    col_ok = cols < E
+    pt, n_t = _pooled(t_partial_ptr, t_count_ptr, l, b, B, E, T_SPLITS, cols, col_ok)
+    if PRIORS:
+        prior_offs = l.to(tl.int64) * prior_sl + b.to(tl.int64) * prior_sb + cols.to(tl.int64) * prior_se
+        pa = tl.load(prior_ptr + prior_offs, mask=col_ok, other=0.0).to(tl.float32)
+        n_a = 1.0
+    else:
+        pa, n_a = _pooled(a_partial_ptr, a_count_ptr, l, b, B, E, A_SPLITS, cols, col_ok)
+    valid = (n_a > 0.0) & (n_t > 0.0)
+    m = 0.5 * (pa + pt)
+    ga = tl.where(valid, _half_log_ratio(pa, m), 0.0)
+    gt = tl.where(valid, _half_log_ratio(pt, m), 0.0)
+    # Σ_e ½ P_e log(P_e/M_e) = Σ_e P_e G_e; P = 0 gives 0 (0·log 0 = 0), NaN in P stays NaN.
+    js = tl.sum(pa * ga + pt * gt, axis=0)
+    offs = (l * B + b).to(tl.int64) * E + cols
+    tl.store(js_ptr + l * B + b, js)
+    tl.store(pa_ptr + offs, pa, mask=col_ok)
+    tl.store(pt_ptr + offs, pt, mask=col_ok)
+    tl.store(ga_ptr + offs, ga, mask=col_ok)
+    tl.store(gt_ptr + offs, gt, mask=col_ok)
+    if l == 0:
+        tl.store(a_total_ptr + b, n_a)
+        tl.store(t_total_ptr + b, n_t)
+        tl.store(valid_ptr + b, valid.to(tl.float32))
+
+
+@triton.jit
+def pool_routing_bwd(
+    table_ptr, x0_ptr, mask_ptr, mask_sb, mask_ss, cu_ptr, cu_stride,
+    coef_ptr, scale_ptr, scale_sl, scale_sb, count_ptr, grad_ptr, grad_sl,
+    L, B, N, E, S, inv_tau, SPLITS,
+    HAS_MASK: tl.constexpr, USE_CU: tl.constexpr, SIGMOID: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """grad[l, n, :] = c · h ⊙ (G − ⟨s, G⟩) for the rows of one slice, c = scale[l, b] / (τ n_b);
+    rows that are not valid tokens get 0. Every row of the side is written by exactly one program."""
+    l = tl.program_id(0)
+    b = tl.program_id(1)
+    split = tl.program_id(2)
+    start, lo, hi = _sequence_slice(b, split, cu_ptr, cu_stride, N, S, SPLITS, USE_CU, BLOCK_N)
+    cols = tl.arange(0, BLOCK_E)
+    col_ok = cols < E
+    coef = tl.load(coef_ptr + (l * B + b).to(tl.int64) * E + cols, mask=col_ok, other=0.0)
+    n = tl.load(count_ptr + b)
+    c = tl.load(scale_ptr + l.to(tl.int64) * scale_sl + b.to(tl.int64) * scale_sb).to(tl.float32)
+    c = c * inv_tau / tl.maximum(n, 1.0)
+    x_ptr, stride_n, stride_e = _layer_logits(table_ptr, x0_ptr, l, L)
+    g_ptr = grad_ptr + l.to(tl.int64) * grad_sl
+    for r0 in range(lo, hi, BLOCK_N):
+        rows = r0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        row_ok = rows < hi
+        valid = _token_validity(b, rows, row_ok, start, mask_ptr, mask_sb, mask_ss, HAS_MASK)
+        z = _load_logits_tile(x_ptr, stride_n, stride_e, rows, cols, col_ok, valid, inv_tau)
+        s, h = _score_and_slope(z, SIGMOID)
+        centred = coef[None, :] - tl.sum(s * coef[None, :], axis=1)[:, None]
+        dz = tl.where(valid[:, None], c * h * centred, 0.0)
+        tl.store(g_ptr + rows[:, None] * E + cols[None, :], dz.to(g_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------
+
+MAX_EXPERTS = 512
+
+
+def tile_config(num_experts: int):
+    """(BLOCK_N, BLOCK_E, num_warps): the one table that sizes every kernel's tile.
+
+    A tile of BLOCK_N rows × BLOCK_E experts holds 4096 fp32 values (8192 with 8 warps), i.e.
+    32 per thread: enough independent loads in flight to stream at copy bandwidth without
+    spilling the softmax intermediates.
+    """
+    block_e = triton.next_power_of_2(num_experts)
+    num_warps = 8 if block_e >= 256 else 4
+    block_n = max(1, min(256, (1024 * num_warps) // block_e))
+    return block_n, block_e, num_warps
+
+
+_SM_COUNT = {}
+
+
+def num_splits(num_tokens: int, num_seqs: int, num_layers: int, device: torch.device, block_n: int) -> int:
+    """How many slices each sequence is cut into: enough programs for ~4 waves on the device,
+    but never slices shorter than 4 tiles (the partials would cost more than they save)."""
+    if device.type != "cuda":
+        return 1
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = triton.cdiv(4 * _SM_COUNT[device], num_layers * num_seqs)
+    rows_per_seq = triton.cdiv(num_tokens, num_seqs)
+    return max(1, min(wanted, triton.cdiv(rows_per_seq, 4 * block_n), 1024))
+
+
+_TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
+_TABLE_CACHE_SIZE = 64
+
+
+def layer_table(layers) -> torch.Tensor:
+    """int64 [3, L] on the layers' device: data pointers, row strides, column strides (elements).
+
+    On CUDA the table travels through pinned memory with a non-blocking copy (no host sync,
+    capturable in a CUDA graph) and is cached by its contents, so a steady-state training loop
+    whose allocator hands back the same addresses builds it once. The cached pinned source stays
+    alive as long as the device copy, so an in-flight copy never reads freed memory.
+    """
+    device = layers[0].device
+    values = [t.data_ptr() for t in layers] + [t.stride(0) for t in layers] + [t.stride(1) for t in layers]
+    key = (device, tuple(values))
+    hit = _TABLES.get(key)
+    if hit is not None:
+        _TABLES.move_to_end(key)
+        return hit[1]
+    host = torch.tensor(values, dtype=torch.int64).view(3, len(layers))
+    if device.type == "cuda":
+        host = host.pin_memory()
+        table = host.to(device, non_blocking=True)
+    else:
+        table = host
+    _TABLES[key] = (host, table)
+    if len(_TABLES) > _TABLE_CACHE_SIZE:
+        _TABLES.popitem(last=False)
+    return table
+
+
+@dataclass
+class PooledSide:
+    """What the forward pooling of one side leaves for the JS kernel and the backward."""
+
+    side: RoutingSide
+    table: torch.Tensor
+    partial: torch.Tensor  # fp32 [L, B, splits, E]
+    count: torch.Tensor  # fp32 [B, splits]
+    splits: int
+
+
+def _segmentation_args(side: RoutingSide, dummy: torch.Tensor):
+    mask = side.mask if side.mask is not None else dummy
+    mask_sb, mask_ss = (mask.stride(0), mask.stride(1)) if side.mask is not None else (0, 0)
+    cu = side.cu_seqlens if side.cu_seqlens is not None else dummy
+    cu_stride = cu.stride(0) if side.cu_seqlens is not None else 0
+    return mask, mask_sb, mask_ss, cu, cu_stride
+
+
+def pool_sides_fwd(side: RoutingSide, score: str, temperature: float, splits: Optional[int] = None) -> PooledSide:
+    """Launch ``pool_routing_fwd`` over all layers and sequences of one side."""
+    L, B, N, E = side.num_layers, side.num_seqs, side.num_tokens, side.num_experts
+    block_n, block_e, num_warps = tile_config(E)
+    if splits is None:
+        splits = num_splits(N, B, L, side.device, block_n)
+    table = layer_table(side.layers)
+    partial = torch.empty((L, B, splits, E), dtype=torch.float32, device=side.device)
+    count = torch.empty((B, splits), dtype=torch.float32, device=side.device)
+    mask, mask_sb, mask_ss, cu, cu_stride = _segmentation_args(side, table)
+    pool_routing_fwd[(L, B, splits)](
+        table, side.layers[0], mask, mask_sb, mask_ss, cu, cu_stride,
+        partial, count,
+        L, B, N, E, side.seq_len, 1.0 / temperature, splits,
+        HAS_MASK=side.mask is not None, USE_CU=side.cu_seqlens is not None, SIGMOID=score == "sigmoid",
+        BLOCK_N=block_n, BLOCK_E=block_e, num_warps=num_warps,
+    )
+    return PooledSide(side, table, partial, count, splits)
+
+
+def pool_routing_grad(pooled: PooledSide, coef, scale, count, score: str, temperature: float) -> torch.Tensor:
+    """∂loss/∂z as one [L, N, E] buffer in the logits' dtype (layer l's gradient is its view [l])."""
+    side = pooled.side
+    L, B, N, E = side.num_layers, side.num_seqs, side.num_tokens, side.num_experts
+    block_n, block_e, num_warps = tile_config(E)
+    grad = torch.empty((L, N, E), dtype=side.dtype, device=side.device)
+    mask, mask_sb, mask_ss, cu, cu_stride = _segmentation_args(side, pooled.table)
+    pool_routing_bwd[(L, B, pooled.splits)](
+        pooled.table, side.layers[0], mask, mask_sb, mask_ss, cu, cu_stride,
+        coef, scale, scale.stride(0), scale.stride(1), count, grad, N * E,
+        L, B, N, E, side.seq_len, 1.0 / temperature, pooled.splits,
+        HAS_MASK=side.mask is not None, USE_CU=side.cu_seqlens is not None, SIGMOID=score == "sigmoid",
+        BLOCK_N=block_n, BLOCK_E=block_e, num_warps=num_warps,
+    )
+    return grad
+
+
+def _side_grads(side: RoutingSide, grad: torch.Tensor):
+    """The gradient in the form the side was given: the [L, N, E] buffer or its per-layer views."""
+    return (grad,) if side.stacked is not None else tuple(grad.unbind(0))
+
+
+@dataclass
+class PairPlan:
+    """Non-tensor configuration of one fused call; tensors travel as Function inputs."""
+
+    anchor: Optional[RoutingSide]
+    target: RoutingSide
+    score: str
+    temperature: float
+    detach_anchor: bool
+    splits: Optional[int] = None
+
+
+class PairJSFunction(torch.autograd.Function):
+    """JS [L, B] (0 for invalid pairs) and pair validity [B] from anchor logits or priors and target logits."""
+
+    @staticmethod
+    def forward(ctx, plan: PairPlan, anchor_probs, *logits):
+        target = pool_sides_fwd(plan.target, plan.score, plan.temperature, plan.splits)
+        anchor = None if plan.anchor is None else pool_sides_fwd(plan.anchor, plan.score, plan.temperature, plan.splits)
+        L, B, E = plan.target.num_layers, plan.target.num_seqs, plan.target.num_experts
+        dev = plan.target.device
+        js = torch.empty((L, B), dtype=torch.float32, device=dev)
+        pa, pt, ga, gt = (torch.empty((L, B, E), dtype=torch.float32, device=dev) for _ in range(4))
+        a_total, t_total, valid = (torch.empty(B, dtype=torch.float32, device=dev) for _ in range(3))
+        src = anchor if anchor is not None else target
+        priors = anchor_probs if anchor_probs is not None else js
+        prior_strides = anchor_probs.stride() if anchor_probs is not None else (0, 0, 0)
+        _, block_e, _ = tile_config(E)
+        pair_js_fwd[(L, B)](
+            src.partial, src.count, target.partial, target.count,
+            priors, *prior_strides,
+            js, pa, pt, ga, gt, a_total, t_total, valid,
+            B, E, src.splits, target.splits,
+            PRIORS=anchor_probs is not None, BLOCK_E=block_e, num_warps=4,
+        )
+        ctx.plan = plan
+        ctx.pooled = (anchor, target)
+        ctx.save_for_backward(ga, gt, a_total, t_total)
+        ctx.mark_non_differentiable(valid)
+        return js, valid
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_js, _grad_valid):
+        plan = ctx.plan
+        anchor, target = ctx.pooled
+        ga, gt, a_total, t_total = ctx.saved_tensors
+        grads = [None, None]  # plan, anchor_probs (fixed priors never receive gradient)
+        anchor_needs = anchor is not None and not plan.detach_anchor
+        if anchor is not None:
+            grads += (
+                list(_side_grads(anchor.side, pool_routing_grad(anchor, ga, grad_js, a_total, plan.score, plan.temperature)))
+                if anchor_needs and any(ctx.needs_input_grad[2 : 2 + len(anchor.side.inputs)])
+                else [None] * len(anchor.side.inputs)
+            )
+        if any(ctx.needs_input_grad[len(grads) :]):
+            grads += _side_grads(target.side, pool_routing_grad(target, gt, grad_js, t_total, plan.score, plan.temperature))
+        else:
+            grads += [None] * len(target.side.inputs)
+        return tuple(grads)
+
+
+def pair_js(plan: PairPlan, anchor_probs: Optional[torch.Tensor]):
+    """(JS [L, B], pair validity [B] as 0/1 float) with autograd into the logits."""
+    anchor_inputs = plan.anchor.inputs if plan.anchor is not None else ()
+    if anchor_probs is not None:
+        anchor_probs = anchor_probs.detach()
+    return PairJSFunction.apply(plan, anchor_probs, *anchor_inputs, *plan.target.inputs)
+
+
+class RoutingDistributionFunction(torch.autograd.Function):
+    """P [L, B, E] (float32) of one side, with autograd into the logits."""
+
+    @staticmethod
+    def forward(ctx, side: RoutingSide, score: str, temperature: float, splits, *logits):
+        pooled = pool_sides_fwd(side, score, temperature, splits)
+        count = pooled.count.sum(dim=1)
+        probs = pooled.partial.sum(dim=2) / count.clamp(min=1.0)[None, :, None]
+        ctx.pooled, ctx.score, ctx.temperature = pooled, score, temperature
+        ctx.save_for_backward(count)
+        return probs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_probs):
+        (count,) = ctx.saved_tensors
+        side = ctx.pooled.side
+        ones = torch.ones((), dtype=torch.float32, device=side.device).expand(side.num_layers, side.num_seqs)
+        coef = grad_probs.to(torch.float32).contiguous()
+        grad = pool_routing_grad(ctx.pooled, coef, ones, count, ctx.score, ctx.temperature)
+        return (None, None, None, None, *_side_grads(side, grad))
+
+
+def routing_distribution(side: RoutingSide, score: str, temperature: float, splits: Optional[int] = None):
+    return RoutingDistributionFunction.apply(side, score, temperature, splits, *side.inputs)

@@ -1,0 +1,179 @@
+r"""Pure-PyTorch reference of the SARA loss: the executable specification.
+
+Symbols (the Triton kernels in :mod:`sara_kernels.ops.routing_js` use the same ones):
+
+* z ∈ R^E: one token's router logits in one layer, τ the temperature.
+* s(z): the token's routing score, ``softmax(z / τ)`` or, for ``score="sigmoid"``,
+  σ(z/τ) / Σ_e σ(z/τ)_e (normalised sigmoid of DeepSeek-V3 / GLM-4.5 style routers).
+* P_{l,b} = (1 / n_b) Σ_{valid tokens of sequence b} s(z): the pooled routing distribution
+  of layer l and sequence b, n_b its number of valid tokens (P = 0 when n_b = 0).
+* M = ½ (P^a + P^t) and JS_{l,b} = ½ KL(P^a ‖ M) + ½ KL(P^t ‖ M), natural log, 0·log 0 = 0.
+* A pair is valid when both n^a_b > 0 and n^t_b > 0; an invalid pair has JS = 0 and does
+  not count in the mean.
+* reduction ``"mean"``: Σ_l w_l · (Σ_b JS_{l,b} / #valid pairs) / Σ_l w_l; ``"sum"``:
+  Σ_l Σ_b w_l JS_{l,b}; ``"none"``: JS as an [L, B] tensor.
+
+Gradients come from autograd. Arithmetic is in the promotion of the logits' dtype with
+float32 (float64 logits stay float64, which is how the tests build their ground truth).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._inputs import (
+    RoutingSide,
+    check_options,
+    check_pair,
+    check_priors,
+    layer_weight_tensor,
+    routing_side,
+)
+
+
+def routing_scores(logits: torch.Tensor, score: str = "softmax", temperature: float = 1.0) -> torch.Tensor:
+    """s(z) for each row of ``logits`` [..., E], in float32 or wider."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    if score == "softmax":
+        return torch.softmax(z, dim=-1)
+    sig = torch.sigmoid(z)
+    return sig / sig.sum(dim=-1, keepdim=True)
+
+
+def sequence_membership(side: RoutingSide) -> torch.Tensor:
+    """Bool [B, N]: entry (b, n) says token n is a valid token of sequence b."""
+    n = torch.arange(side.num_tokens, device=side.device)
+    b = torch.arange(side.num_seqs, device=side.device)
+    if side.cu_seqlens is not None:
+        cu = side.cu_seqlens.to(torch.int64)
+        return (n[None, :] >= cu[:-1, None]) & (n[None, :] < cu[1:, None])
+    member = (n[None, :] // side.seq_len) == b[:, None]
+    if side.mask is not None:
+        member = member & (side.mask.reshape(-1) != 0)[None, :]
+    return member
+
+
+def pooled_sums(side: RoutingSide, score: str, temperature: float):
+    """(Σ s over each sequence's valid tokens [L, B, E], n_b [B])."""
+    member = sequence_membership(side)
+    token_valid = member.any(dim=0)
+    sums = []
+    for z in side.layers:
+        s = routing_scores(z, score, temperature)
+        # where, not a product: padding may hold anything (NaN included) and must not leak.
+        s = torch.where(token_valid[:, None], s, torch.zeros((), dtype=s.dtype, device=s.device))
+        sums.append(member.to(s.dtype) @ s)
+    return torch.stack(sums), member.sum(dim=1)
+
+
+def pooled_distribution(side: RoutingSide, score: str, temperature: float):
+    """(P [L, B, E], n_b [B]); P is 0 for a sequence with no valid token."""
+    sums, counts = pooled_sums(side, score, temperature)
+    return sums / counts.clamp(min=1).to(sums.dtype)[None, :, None], counts
+
+
+def _kl_to_mixture(p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Σ_e p_e log(p_e / m_e) with 0·log 0 = 0; NaN in p propagates."""
+    zero = p == 0
+    one = torch.ones((), dtype=p.dtype, device=p.device)
+    # The masked branch divides 1/1 so neither the value nor its gradient can be NaN.
+    ratio = torch.where(zero, one, p) / torch.where(zero, one, m)
+    return torch.where(zero, torch.zeros_like(p), p * torch.log(ratio)).sum(dim=-1)
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Symmetric Jensen-Shannon divergence over the last dimension, natural log."""
+    m = 0.5 * (p + q)
+    return 0.5 * (_kl_to_mixture(p, m) + _kl_to_mixture(q, m))
+
+
+def reduce_pair_js(js: torch.Tensor, pair_valid: torch.Tensor, layer_weights: Optional[torch.Tensor], reduction: str):
+    """Reduce JS [L, B] (0 for invalid pairs) to the loss; also the detached per-layer mean [L].
+
+    Shared by every backend, so the reduction is written once.
+    """
+    per_layer = js.sum(dim=1) / pair_valid.sum().clamp(min=1).to(js.dtype)
+    if reduction == "none":
+        loss = js
+    elif reduction == "sum":
+        loss = js.sum() if layer_weights is None else (layer_weights.to(js.dtype)[:, None] * js).sum()
+    elif layer_weights is None:
+        loss = per_layer.mean()
+    else:
+        w = layer_weights.to(js.dtype)
+        loss = (w * per_layer).sum() / w.sum()
+    return loss, per_layer.detach()
+
+
+def routing_distribution(
+    logits,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    score: str = "softmax",
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Pooled routing distribution P [L, B, E] (zeros for a sequence with no valid token)."""
+    check_options(temperature, score, None, "reference")
+    side = routing_side(logits, mask, cu_seqlens, "routing")
+    return pooled_distribution(side, score, temperature)[0]
+
+
+def pair_js(anchor: Optional[RoutingSide], target: RoutingSide, anchor_probs, score, temperature, detach_anchor):
+    """(JS [L, B] with 0 for invalid pairs, pair validity [B] bool)."""
+    p_t, n_t = pooled_distribution(target, score, temperature)
+    if anchor is None:
+        p_a, valid = anchor_probs.to(p_t.dtype), n_t > 0
+    else:
+        p_a, n_a = pooled_distribution(anchor, score, temperature)
+        valid = (n_a > 0) & (n_t > 0)
+    if detach_anchor or anchor is None:
+        p_a = p_a.detach()
+    js = js_divergence(p_a, p_t)
+    return torch.where(valid[None, :], js, torch.zeros_like(js)), valid
+
+
+def sara_loss(
+    anchor_logits,
+    target_logits,
+    anchor_mask: Optional[torch.Tensor] = None,
+    target_mask: Optional[torch.Tensor] = None,
+    *,
+    anchor_cu_seqlens: Optional[torch.Tensor] = None,
+    target_cu_seqlens: Optional[torch.Tensor] = None,
+    anchor_probs: Optional[torch.Tensor] = None,
+    layer_weights=None,
+    temperature: float = 1.0,
+    score: str = "softmax",
+    detach_anchor: bool = True,
+    reduction: str = "mean",
+    return_per_layer: bool = False,
+):
+    """Reference SARA loss; same arguments as :func:`sara_kernels.sara_loss` without ``backend``."""
+    check_options(temperature, score, reduction, "reference")
+    anchor, target, priors = prepare_pair(
+        anchor_logits, target_logits, anchor_mask, target_mask, anchor_cu_seqlens, target_cu_seqlens, anchor_probs
+    )
+    weights = layer_weight_tensor(layer_weights, target.num_layers, target.device)
+    js, valid = pair_js(anchor, target, priors, score, temperature, detach_anchor)
+    loss, per_layer = reduce_pair_js(js, valid, weights, reduction)
+    return (loss, per_layer) if return_per_layer else loss
+
+
+def prepare_pair(anchor_logits, target_logits, anchor_mask, target_mask, anchor_cu_seqlens, target_cu_seqlens, anchor_probs):
+    """Validate both sides; returns (anchor side or None in priors mode, target side, priors or None)."""
+    target = routing_side(target_logits, target_mask, target_cu_seqlens, "target")
+    if anchor_probs is not None:
+        if anchor_logits is not None:
+            raise ValueError("give either anchor_logits or anchor_probs (cached priors), not both")
+        if anchor_mask is not None or anchor_cu_seqlens is not None:
+            raise ValueError("anchor_mask/anchor_cu_seqlens describe anchor logits; with anchor_probs leave them None")
+        check_priors(anchor_probs, target)
+        return None, target, anchor_probs
+    if anchor_logits is None:
+        raise ValueError("anchor_logits is None: give anchor logits or cached priors via anchor_probs")
+    anchor = routing_side(anchor_logits, anchor_mask, anchor_cu_seqlens, "anchor")
+    check_pair(anchor, target)
+    return anchor, target, None
