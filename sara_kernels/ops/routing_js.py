@@ -234,17 +234,23 @@ def pool_routing_bwd(
 MAX_EXPERTS = 512
 
 
-def tile_config(num_experts: int):
-    """(BLOCK_N, BLOCK_E, num_warps): the one table that sizes every kernel's tile.
+def tile_config(num_experts: int) -> dict:
+    """BLOCK_N, BLOCK_E and num_warps of the pooling kernels: the one table that sizes every tile.
 
     A tile of BLOCK_N rows × BLOCK_E experts holds 4096 fp32 values (8192 with 8 warps), i.e.
     32 per thread: enough independent loads in flight to stream at copy bandwidth without
-    spilling the softmax intermediates.
+    spilling the softmax intermediates. FP fusion is named explicitly so every Triton version
+    compiles the same arithmetic (3.9 warns when it is left to its default).
     """
-    block_e = triton.next_power_of_2(num_experts)
+    block_e = max(16, triton.next_power_of_2(num_experts))  # ≥ 16: fewer variants to compile, no tiny layouts
     num_warps = 8 if block_e >= 256 else 4
     block_n = max(1, min(256, (1024 * num_warps) // block_e))
-    return block_n, block_e, num_warps
+    return dict(BLOCK_N=block_n, BLOCK_E=block_e, num_warps=num_warps, enable_fp_fusion=True)
+
+
+def pair_config(num_experts: int) -> dict:
+    """Launch options of ``pair_js_fwd``: one row of E values per program."""
+    return dict(BLOCK_E=tile_config(num_experts)["BLOCK_E"], num_warps=4, enable_fp_fusion=True)
 
 
 _SM_COUNT = {}
@@ -315,9 +321,9 @@ def _segmentation_args(side: RoutingSide, dummy: torch.Tensor):
 def pool_sides_fwd(side: RoutingSide, score: str, temperature: float, splits: Optional[int] = None) -> PooledSide:
     """Launch ``pool_routing_fwd`` over all layers and sequences of one side."""
     L, B, N, E = side.num_layers, side.num_seqs, side.num_tokens, side.num_experts
-    block_n, block_e, num_warps = tile_config(E)
+    meta = tile_config(E)
     if splits is None:
-        splits = num_splits(N, B, L, side.device, block_n)
+        splits = num_splits(N, B, L, side.device, meta["BLOCK_N"])
     table = layer_table(side.layers)
     partial = torch.empty((L, B, splits, E), dtype=torch.float32, device=side.device)
     count = torch.empty((B, splits), dtype=torch.float32, device=side.device)
@@ -326,8 +332,7 @@ def pool_sides_fwd(side: RoutingSide, score: str, temperature: float, splits: Op
         table, side.layers[0], mask, mask_sb, mask_ss, cu, cu_stride,
         partial, count,
         L, B, N, E, side.seq_len, 1.0 / temperature, splits,
-        HAS_MASK=side.mask is not None, USE_CU=side.cu_seqlens is not None, SIGMOID=score == "sigmoid",
-        BLOCK_N=block_n, BLOCK_E=block_e, num_warps=num_warps,
+        HAS_MASK=side.mask is not None, USE_CU=side.cu_seqlens is not None, SIGMOID=score == "sigmoid", **meta,
     )
     return PooledSide(side, table, partial, count, splits)
 
@@ -336,7 +341,6 @@ def pool_routing_grad(pooled: PooledSide, coef, scale, count, score: str, temper
     """∂loss/∂z as one [L, N, E] buffer in the logits' dtype (layer l's gradient is its view [l])."""
     side = pooled.side
     L, B, N, E = side.num_layers, side.num_seqs, side.num_tokens, side.num_experts
-    block_n, block_e, num_warps = tile_config(E)
     grad = torch.empty((L, N, E), dtype=side.dtype, device=side.device)
     mask, mask_sb, mask_ss, cu, cu_stride = _segmentation_args(side, pooled.table)
     pool_routing_bwd[(L, B, pooled.splits)](
@@ -344,7 +348,7 @@ def pool_routing_grad(pooled: PooledSide, coef, scale, count, score: str, temper
         coef, scale, scale.stride(0), scale.stride(1), count, grad, N * E,
         L, B, N, E, side.seq_len, 1.0 / temperature, pooled.splits,
         HAS_MASK=side.mask is not None, USE_CU=side.cu_seqlens is not None, SIGMOID=score == "sigmoid",
-        BLOCK_N=block_n, BLOCK_E=block_e, num_warps=num_warps,
+        **tile_config(E),
     )
     return grad
 
@@ -381,13 +385,12 @@ class PairJSFunction(torch.autograd.Function):
         src = anchor if anchor is not None else target
         priors = anchor_probs if anchor_probs is not None else js
         prior_strides = anchor_probs.stride() if anchor_probs is not None else (0, 0, 0)
-        _, block_e, _ = tile_config(E)
         pair_js_fwd[(L, B)](
             src.partial, src.count, target.partial, target.count,
             priors, *prior_strides,
             js, pa, pt, ga, gt, a_total, t_total, valid,
             B, E, src.splits, target.splits,
-            PRIORS=anchor_probs is not None, BLOCK_E=block_e, num_warps=4,
+            PRIORS=anchor_probs is not None, **pair_config(E),
         )
         ctx.plan = plan
         ctx.pooled = (anchor, target)

@@ -1,0 +1,304 @@
+"""Triton kernels against the float64 PyTorch reference: loss, per-layer JS and gradients.
+
+Without a GPU these run under the Triton interpreter (tests/conftest.py), so shapes are small;
+with a GPU the same cases compile and run the real kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import sara_kernels
+from sara_kernels import reference
+from sara_kernels.ops import routing_js
+
+from helpers import (
+    DEVICE,
+    LOSS_TOL,
+    PROBS_TOL,
+    as_float64_leaves,
+    as_leaves,
+    assert_grads_close,
+    packed_cu_seqlens,
+    ragged_mask,
+    random_logits,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy on padded −inf rows
+
+
+def segmentation(kind, num_seqs, seq_len, gen, empty=()):
+    """(mask, cu_seqlens, N) of one side for a segmentation kind."""
+    if kind == "mask":
+        return ragged_mask(num_seqs, seq_len, gen, empty), None, num_seqs * seq_len
+    if kind == "cu":
+        n = num_seqs * seq_len - 3  # packed: not a multiple of anything
+        return None, packed_cu_seqlens(num_seqs, n, gen, empty), n
+    return None, None, seq_len + 2
+
+
+def run_both(anchor, target, seg_a, seg_t, dtype=torch.float32, anchor_probs=None, **options):
+    """Loss, per-layer JS and gradients from the Triton backend and from the float64 reference."""
+    (mask_a, cu_a), (mask_t, cu_t) = seg_a, seg_t
+    detach = options.get("detach_anchor", True)
+    out = {}
+    for backend in ("triton", "reference"):
+        leaves = as_leaves if backend == "triton" else as_float64_leaves
+        t_in = leaves(target)
+        a_in = None if anchor is None else leaves(anchor)
+        probs = anchor_probs if (anchor_probs is None or backend == "triton") else anchor_probs.double()
+        fn = sara_kernels.sara_loss if backend == "triton" else reference.sara_loss
+        kwargs = dict(options)
+        if backend == "triton":
+            kwargs["backend"] = "triton"
+        loss, per_layer = fn(
+            a_in, t_in, mask_a, mask_t, anchor_cu_seqlens=cu_a, target_cu_seqlens=cu_t,
+            anchor_probs=probs, return_per_layer=True, **kwargs,
+        )
+        wanted = t_in + (a_in if (a_in is not None and not detach) else [])
+        upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        grads = torch.autograd.grad((loss * upstream.to(loss)).sum(), wanted, allow_unused=True)
+        out[backend] = (loss, per_layer, grads)
+    return out
+
+
+def assert_matches(out, dtype):
+    loss, per_layer, grads = out["triton"]
+    ref_loss, ref_per_layer, ref_grads = out["reference"]
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref_loss, **LOSS_TOL)
+    torch.testing.assert_close(per_layer.double(), ref_per_layer, **LOSS_TOL)
+    assert len(grads) == len(ref_grads)
+    for g, rg in zip(grads, ref_grads):
+        assert g is not None and g.dtype == dtype
+        assert torch.isfinite(g).all()
+        assert_grads_close(g, rg, dtype)
+
+
+def _gen(seed):
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("num_experts", [1, 8, 60, 128, 384])
+@pytest.mark.parametrize("seg_kind", ["none", "mask", "cu"])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("detach_anchor", [True, False])
+def test_loss_and_grads_match_reference(num_experts, seg_kind, score, detach_anchor):
+    gen = _gen(num_experts * 7 + len(seg_kind) + len(score) + detach_anchor)
+    L, B, S = 3, 3, 9
+    mask_a, cu_a, n_a = segmentation(seg_kind, B, S, gen)
+    mask_t, cu_t, n_t = segmentation(seg_kind, B, S + 2, gen)
+    anchor = random_logits(L, n_a, num_experts, generator=gen)
+    target = random_logits(L, n_t, num_experts, generator=gen)
+    out = run_both(anchor, target, (mask_a, cu_a), (mask_t, cu_t), score=score, detach_anchor=detach_anchor,
+                   temperature=0.7)
+    assert_matches(out, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_experts", [16, 60, 512])
+@pytest.mark.parametrize("seg_kind", ["mask", "cu"])
+def test_low_precision_inputs_match_reference_on_rounded_inputs(dtype, num_experts, seg_kind):
+    gen = _gen(11 + num_experts)
+    L, B, S = 2, 2, 10
+    mask_a, cu_a, n_a = segmentation(seg_kind, B, S, gen)
+    mask_t, cu_t, n_t = segmentation(seg_kind, B, S, gen)
+    anchor = random_logits(L, n_a, num_experts, dtype, generator=gen)
+    target = random_logits(L, n_t, num_experts, dtype, generator=gen)
+    out = run_both(anchor, target, (mask_a, cu_a), (mask_t, cu_t), dtype, detach_anchor=False)
+    assert_matches(out, dtype)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weights", [None, "list", "tensor"])
+def test_reductions_and_layer_weights(reduction, weights):
+    gen = _gen(3)
+    L, B, S, E = 4, 3, 6, 16
+    w = {None: None, "list": [0.5, 0.0, 2.0, 1.0], "tensor": torch.tensor([1.0, 3.0, 0.25, 0.5], device=DEVICE)}[weights]
+    mask_a, mask_t = ragged_mask(B, S, gen), ragged_mask(B, S, gen, empty=(1,))
+    anchor, target = random_logits(L, B * S, E, generator=gen), random_logits(L, B * S, E, generator=gen)
+    out = run_both(anchor, target, (mask_a, None), (mask_t, None), reduction=reduction, layer_weights=w)
+    assert out["triton"][0].shape == ((L, B) if reduction == "none" else ())
+    assert_matches(out, torch.float32)
+
+
+@pytest.mark.parametrize("seg_kind", ["none", "mask", "cu"])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_cached_priors_mode(seg_kind, score):
+    gen = _gen(5)
+    L, B, S, E = 3, 4, 7, 24
+    mask_t, cu_t, n_t = segmentation(seg_kind, B, S, gen, empty=(2,) if seg_kind != "none" else ())
+    b = 1 if seg_kind == "none" else B
+    priors = torch.softmax(torch.randn(L, b, E, generator=gen), dim=-1).to(DEVICE)
+    priors[0, 0, :3] = 0  # exact zeros in a prior: 0·log 0 terms
+    priors[0, 0] /= priors[0, 0].sum()
+    target = random_logits(L, n_t, E, generator=gen)
+    out = run_both(None, target, (None, None), (mask_t, cu_t), anchor_probs=priors, score=score)
+    assert_matches(out, torch.float32)
+
+
+def test_stacked_and_strided_layers():
+    """One [L, N, E] tensor, and per-layer views with non-unit strides, read in place."""
+    gen = _gen(9)
+    L, B, S, E = 3, 2, 8, 20
+    stacked = torch.randn(L, B * S, E, generator=gen).to(DEVICE)
+    wide = torch.randn(B * S, 2 * E, generator=gen).to(DEVICE)
+    transposed = torch.randn(E, B * S, generator=gen).to(DEVICE)
+    target = [wide[:, ::2], transposed.t(), stacked[0] * 0.5 + 1]
+    mask = ragged_mask(B, S, gen)
+    for anchor in (stacked, list(stacked.unbind(0))):
+        got = sara_kernels.sara_loss(anchor, target, mask, mask, backend="triton")
+        want = reference.sara_loss([t.double() for t in anchor], [t.double() for t in target], mask, mask)
+        torch.testing.assert_close(got.double(), want, **LOSS_TOL)
+    leaf = stacked.clone().requires_grad_(True)
+    loss = sara_kernels.sara_loss(stacked.flip(0), leaf, mask, mask, backend="triton")
+    (g,) = torch.autograd.grad(loss, leaf)
+    ref_leaf = stacked.double().requires_grad_(True)
+    (rg,) = torch.autograd.grad(reference.sara_loss(stacked.flip(0).double(), ref_leaf, mask, mask), ref_leaf)
+    assert g.shape == (L, B * S, E)
+    assert_grads_close(g, rg, torch.float32)
+
+
+@pytest.mark.parametrize("splits", [2, 5])
+def test_split_sequences_give_the_same_result(monkeypatch, splits):
+    """Cutting sequences into slices (as on a GPU with few sequences) changes nothing beyond rounding."""
+    gen = _gen(13)
+    L, B, S, E = 2, 2, 40, 16
+    mask = ragged_mask(B, S, gen)
+    cu = packed_cu_seqlens(B, B * S, gen)
+    anchor, target = random_logits(L, B * S, E, generator=gen), random_logits(L, B * S, E, generator=gen)
+    monkeypatch.setattr(routing_js, "tile_config", lambda e: dict(BLOCK_N=4, BLOCK_E=16, num_warps=4, enable_fp_fusion=True))
+    monkeypatch.setattr(routing_js, "num_splits", lambda *args: splits)
+    out = run_both(anchor, target, (mask, None), (None, cu), detach_anchor=False, score="sigmoid")
+    assert_matches(out, torch.float32)
+
+
+def test_minus_inf_logits_give_finite_loss_and_zero_gradients_where_probability_is_zero():
+    gen = _gen(17)
+    L, B, S, E = 2, 2, 6, 12
+    mask = ragged_mask(B, S, gen)
+    anchor, target = random_logits(L, B * S, E, generator=gen), random_logits(L, B * S, E, generator=gen)
+    for z in anchor + target:
+        z[:, 5] = -math.inf  # an expert masked out everywhere
+        z[::3, :4] = -math.inf  # some tokens with several masked experts
+    anchor[0][:, 7] = -math.inf  # an expert only the target side routes to: P^a_e = 0 < P^t_e
+    for score in ("softmax", "sigmoid"):
+        out = run_both(anchor, target, (mask, None), (mask, None), detach_anchor=False, score=score)
+        assert torch.isfinite(out["triton"][0])
+        assert_matches(out, torch.float32)
+        for g in out["triton"][2]:
+            assert (g[:, 5] == 0).all()
+
+
+def test_empty_sequences_are_excluded():
+    gen = _gen(19)
+    L, B, S, E = 2, 4, 5, 8
+    mask_a = ragged_mask(B, S, gen, empty=(1,))
+    mask_t = ragged_mask(B, S, gen, empty=(3,))
+    anchor, target = random_logits(L, B * S, E, generator=gen), random_logits(L, B * S, E, generator=gen)
+    out = run_both(anchor, target, (mask_a, None), (mask_t, None), detach_anchor=False, reduction="none")
+    js = out["triton"][0]
+    assert (js[:, [1, 3]] == 0).all() and (js[:, [0, 2]] > 0).all()
+    assert_matches(out, torch.float32)
+    grads = out["triton"][2]
+    for g in grads:  # the excluded pairs' tokens get exactly zero gradient
+        assert (g.view(B, S, E)[[1, 3]] == 0).all()
+
+
+@pytest.mark.parametrize("seg_kind", ["mask", "cu"])
+def test_no_valid_pair_gives_zero_loss_and_zero_gradients(seg_kind):
+    gen = _gen(23)
+    L, B, S, E = 2, 2, 4, 8
+    mask_a, cu_a, n = segmentation(seg_kind, B, S, gen, empty=(0,))
+    mask_t, cu_t, _ = segmentation(seg_kind, B, S, gen, empty=(1,))
+    anchor, target = as_leaves(random_logits(L, n, E, generator=gen)), as_leaves(random_logits(L, n, E, generator=gen))
+    loss = sara_kernels.sara_loss(anchor, target, mask_a, mask_t, anchor_cu_seqlens=cu_a, target_cu_seqlens=cu_t,
+                                  detach_anchor=False, backend="triton")
+    assert loss.item() == 0.0
+    for g in torch.autograd.grad(loss, anchor + target):
+        assert (g == 0).all()
+
+
+def test_empty_side_without_tokens():
+    L, E = 2, 8
+    anchor = random_logits(L, 5, E)
+    target = [torch.empty(0, E, device=DEVICE, requires_grad=True) for _ in range(L)]
+    loss = sara_kernels.sara_loss(anchor, target, backend="triton")
+    assert loss.item() == 0.0
+    (g,) = torch.autograd.grad(loss, target[:1])
+    assert g.shape == (0, E)
+
+
+def test_nan_in_valid_token_propagates_and_nan_in_padding_does_not():
+    gen = _gen(29)
+    L, B, S, E = 1, 2, 4, 8
+    mask = ragged_mask(B, S, gen)
+    mask[0, -1] = 0
+    anchor, target = random_logits(L, B * S, E, generator=gen), random_logits(L, B * S, E, generator=gen)
+    clean = sara_kernels.sara_loss(anchor, target, mask, mask, backend="triton")
+    padded = [t.clone() for t in target]
+    padded[0][S - 1, 2] = math.nan  # token (0, S-1) is padding
+    assert sara_kernels.sara_loss(anchor, padded, mask, mask, backend="triton").item() == clean.item()
+    poisoned = [t.clone() for t in target]
+    poisoned[0][0, 2] = math.nan  # token (0, 0) is valid
+    assert math.isnan(sara_kernels.sara_loss(anchor, poisoned, mask, mask, backend="triton").item())
+    assert math.isnan(reference.sara_loss(anchor, poisoned, mask, mask).item())
+
+
+@pytest.mark.parametrize("seg_kind", ["none", "mask", "cu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_routing_distribution_matches_reference(seg_kind, dtype):
+    gen = _gen(31)
+    L, B, S, E = 3, 3, 6, 60
+    mask, cu, n = segmentation(seg_kind, B, S, gen, empty=(1,) if seg_kind != "none" else ())
+    logits = random_logits(L, n, E, dtype, generator=gen)
+    leaves, ref_leaves = as_leaves(logits), as_float64_leaves(logits)
+    probs = sara_kernels.routing_distribution(leaves, mask, cu_seqlens=cu, score="sigmoid", temperature=1.3, backend="triton")
+    ref = reference.routing_distribution(ref_leaves, mask, cu_seqlens=cu, score="sigmoid", temperature=1.3)
+    assert probs.dtype == torch.float32 and probs.shape == ref.shape
+    torch.testing.assert_close(probs.double(), ref, **PROBS_TOL)
+    if seg_kind != "none":
+        assert (probs[:, 1] == 0).all()
+    weights = torch.randn(ref.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    grads = torch.autograd.grad((probs.double() * weights).sum(), leaves)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), ref_leaves)
+    for g, rg in zip(grads, ref_grads):
+        assert_grads_close(g, rg, dtype)
+
+
+def test_deterministic_bitwise():
+    gen = _gen(37)
+    L, B, S, E = 3, 2, 16, 60
+    mask = ragged_mask(B, S, gen)
+    anchor, target = random_logits(L, B * S, E, torch.bfloat16, generator=gen), random_logits(L, B * S, E, torch.bfloat16, generator=gen)
+    results = []
+    for _ in range(2):
+        a, t = as_leaves(anchor), as_leaves(target)
+        loss = sara_kernels.sara_loss(a, t, mask, mask, detach_anchor=False, backend="triton")
+        results.append((loss.detach(), torch.autograd.grad(loss, a + t)))
+    (l1, g1), (l2, g2) = results
+    assert torch.equal(l1, l2)
+    assert all(torch.equal(x, y) for x, y in zip(g1, g2))
+
+
+def test_auto_backend_is_reference_on_cpu_and_triton_on_cuda():
+    logits = [torch.randn(6, 8)]
+    assert sara_kernels.api.resolve_backend("auto", torch.device("cpu"), torch.float32, 8) == "reference"
+    assert sara_kernels.api.resolve_backend("auto", torch.device("cuda"), torch.bfloat16, 8) == "triton"
+    assert sara_kernels.api.resolve_backend("auto", torch.device("cuda"), torch.float64, 8) == "reference"
+    target = [torch.randn(4, 8)]
+    assert torch.equal(sara_kernels.sara_loss(logits, target), reference.sara_loss(logits, target))
+
+
+def test_module_form_matches_function():
+    gen = _gen(41)
+    anchor, target = random_logits(2, 8, 16, generator=gen), random_logits(2, 8, 16, generator=gen)
+    module = sara_kernels.SARALoss(temperature=0.5, score="sigmoid", backend="triton")
+    assert "sigmoid" in repr(module)
+    torch.testing.assert_close(
+        module(anchor, target), sara_kernels.sara_loss(anchor, target, temperature=0.5, score="sigmoid", backend="triton")
+    )
