@@ -1,0 +1,68 @@
+"""``python -m sara_kernels.selftest`` in-process on the CPU, at its tiny shapes.
+
+Without a GPU, tests/conftest.py sets TRITON_INTERPRET=1, so the kernel checks run under the
+Triton interpreter; the module must also give a clear verdict when the kernels cannot run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sara_kernels import reference, selftest
+from sara_kernels.ops import routing_js
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy on padded −inf rows
+
+
+def test_reference_matches_independent_numpy_on_the_whole_grid():
+    for seed, case in enumerate(selftest.case_grid()):
+        result = selftest.check_reference(case, selftest.TINY_SHAPE, seed)
+        assert result.passed, (case.label, result.error, result.js_err, result.grad_err)
+
+
+def test_grid_covers_every_option():
+    cases = selftest.case_grid()
+    for field, wanted in [
+        ("experts", {8, 60, 128}),
+        ("segmentation", {"none", "mask", "cu_seqlens"}),
+        ("score", {"softmax", "sigmoid"}),
+        ("dtype", {torch.bfloat16, torch.float32}),
+        ("anchor", {"detached", "both", "priors"}),
+        ("layout", {"tuple", "stacked"}),
+        ("minus_inf", {True, False}),
+    ]:
+        assert {getattr(c, field) for c in cases} == wanted, field
+        assert {getattr(c, field) for c in selftest.case_grid(quick=True)} == wanted, f"quick grid misses a {field}"
+
+
+def test_checks_pass_on_the_cpu():
+    results = selftest.run_checks("cpu", quick=True, log=lambda *_: None)
+    assert results and all(r.passed for r in results), selftest.format_table(results)
+    kernel_checks = [r for r in results if r.check != "reference vs NumPy"]
+    if routing_js.INTERPRET:
+        assert kernel_checks and all(r.deterministic for r in kernel_checks)
+    else:
+        assert not kernel_checks
+
+
+def test_main_prints_a_table_and_exits_zero(capsys):
+    assert selftest.main(["--device", "cpu", "--max-cases", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "result" in out and "PASS" in out and "FAIL" not in out
+
+
+def test_a_wrong_result_fails_with_exit_code_one(monkeypatch, capsys):
+    """A perturbed reference disagrees with both the kernels and NumPy: every check must say FAIL."""
+    js_divergence = reference.js_divergence
+    monkeypatch.setattr(reference, "js_divergence", lambda p, q: 1.001 * js_divergence(p, q))
+    assert selftest.main(["--device", "cpu", "--max-cases", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out.splitlines()[-1]
+
+
+def test_without_gpu_or_interpreter_it_says_the_kernels_are_not_checked(monkeypatch, capsys):
+    monkeypatch.setattr(routing_js, "INTERPRET", False)
+    results = selftest.run_checks("cpu", log=print)
+    assert results and all(r.check == "reference vs NumPy" and r.passed for r in results)
+    assert "NO GPU" in capsys.readouterr().out
