@@ -180,7 +180,10 @@ def make_inputs(case: Case, shape: Shape, device, seed: int, dtype: Optional[tor
                                                 temperature=case.temperature).float()
         priors[0, :, 0] = 0.0  # exact zeros in a prior (0·log 0 terms)
         priors[0] /= priors[0].sum(dim=-1, keepdim=True)
-    upstream = torch.rand(shape.layers, seqs, generator=gen, dtype=torch.float64) + 0.5
+    # ∂JS/∂z is O(1 / (n_b·E)): at real sizes fp16 gradients would fall into the subnormal range
+    # and lose their digits. Scaling the cotangent, as AMP's loss scaling does, keeps them normal.
+    loss_scale = shape.seq_len * case.experts / 16
+    upstream = loss_scale * (torch.rand(shape.layers, seqs, generator=gen, dtype=torch.float64) + 0.5)
 
     def to_device(t):
         return None if t is None else t.to(device)
@@ -256,7 +259,7 @@ class CheckResult:
         return not self.error and self.js_ok and grads_ok and self.deterministic is not False
 
 
-def _js_errors(got: torch.Tensor, want: torch.Tensor, tol: dict):
+def js_errors(got: torch.Tensor, want: torch.Tensor, tol: dict):
     got, want = got.double().cpu(), want.double().cpu()
     if got.shape != want.shape:
         return math.inf, False
@@ -264,7 +267,7 @@ def _js_errors(got: torch.Tensor, want: torch.Tensor, tol: dict):
     return float((got - want).abs().max()) if got.numel() else 0.0, ok
 
 
-def _grad_error(got, want) -> float:
+def relative_grad_error(got, want) -> float:
     """max |got − ref| / max |ref| over all tensors; a gradient absent on one side counts as zeros."""
     worst = 0.0
     for g, w in zip(got, want):
@@ -289,8 +292,8 @@ def check_kernel(case: Case, shape: Shape, backend: str, device, seed: int) -> C
         inputs, _ = make_inputs(case, shape, device, seed)
         js, grads = evaluate(inputs, case, backend)
         ref_js, ref_grads = evaluate(inputs, case, "reference", leaf_dtype=torch.float64)
-        result.js_err, result.js_ok = _js_errors(js, ref_js, JS_TOL)
-        result.grad_err = _grad_error(grads, ref_grads)
+        result.js_err, result.js_ok = js_errors(js, ref_js, JS_TOL)
+        result.grad_err = relative_grad_error(grads, ref_grads)
         js2, grads2 = evaluate(inputs, case, backend)
         result.deterministic = torch.equal(js, js2) and all(
             (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b)) for a, b in zip(grads, grads2)
@@ -370,12 +373,12 @@ def check_reference(case: Case, shape: Shape, seed: int) -> CheckResult:
             stacked(inputs.anchor), stacked(inputs.target), member_a.numpy(), member_t.numpy(), priors,
             inputs.upstream.numpy(), case.score, case.temperature, anchor_grads=case.anchor == "both",
         )
-        result.js_err, result.js_ok = _js_errors(js, torch.from_numpy(np_js), NUMPY_JS_TOL)
+        result.js_err, result.js_ok = js_errors(js, torch.from_numpy(np_js), NUMPY_JS_TOL)
         want = [torch.from_numpy(np_gt)] + ([torch.from_numpy(np_ga)] if np_ga is not None else [])
         got = [torch.stack(grads[: len(inputs.target)]).reshape(want[0].shape)]
         if np_ga is not None:
             got.append(torch.stack(grads[len(inputs.target) :]).reshape(want[1].shape))
-        result.grad_err = _grad_error(got, want)
+        result.grad_err = relative_grad_error(got, want)
     except Exception as exc:
         result.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
     result.seconds = time.perf_counter() - start
