@@ -210,8 +210,17 @@ def check_options(temperature, score: str, reduction: Optional[str], backend: st
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
 
 
+def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small host tensor to ``device`` without a host sync: through pinned memory and a
+    non-blocking copy on CUDA (a pageable copy would wait for the stream)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def layer_weight_tensor(layer_weights, num_layers: int, device) -> Optional[torch.Tensor]:
-    """``None`` (equal weights) or a float32 tensor [L] on ``device``.
+    """``None`` (equal weights) or a floating tensor [L] on ``device`` (float64 from Python numbers;
+    the reduction casts it to the loss's dtype).
 
     Python sequences are checked for non-negative values with a positive sum; a tensor is
     checked for its shape only, because reading its values would synchronise the device.
@@ -225,7 +234,7 @@ def layer_weight_tensor(layer_weights, num_layers: int, device) -> Optional[torc
             raise TypeError(f"layer_weights: expected a floating-point tensor, got {layer_weights.dtype}")
         if layer_weights.device != device:
             raise ValueError(f"layer_weights is on {layer_weights.device} but the logits are on {device}")
-        return layer_weights.float()
+        return layer_weights
     try:
         values = [float(w) for w in layer_weights]
     except (TypeError, ValueError):
@@ -234,4 +243,4 @@ def layer_weight_tensor(layer_weights, num_layers: int, device) -> Optional[torc
         raise ValueError(f"layer_weights: expected L = {num_layers} weights, got {len(values)}")
     if any(not math.isfinite(w) or w < 0 for w in values) or sum(values) <= 0:
         raise ValueError(f"layer_weights: expected finite non-negative weights with a positive sum, got {values}")
-    return torch.tensor(values, dtype=torch.float32, device=device)
+    return host_to_device(torch.tensor(values, dtype=torch.float64), device)

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._inputs import RoutingSide
+from .._inputs import RoutingSide, host_to_device
 
 # Read once: triton.jit decides at decoration time whether kernels run in the interpreter.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -268,7 +268,7 @@ def num_splits(num_tokens: int, num_seqs: int, num_layers: int, device: torch.de
     return max(1, min(wanted, triton.cdiv(rows_per_seq, 4 * block_n), 1024))
 
 
-_TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
+_TABLES: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
 _TABLE_CACHE_SIZE = 64
 
 
@@ -277,8 +277,8 @@ def layer_table(layers) -> torch.Tensor:
 
     On CUDA the table travels through pinned memory with a non-blocking copy (no host sync,
     capturable in a CUDA graph) and is cached by its contents, so a steady-state training loop
-    whose allocator hands back the same addresses builds it once. The cached pinned source stays
-    alive as long as the device copy, so an in-flight copy never reads freed memory.
+    whose allocator hands back the same addresses builds it once. PyTorch's pinned-memory
+    allocator keeps the source block until the non-blocking copy has completed.
     """
     device = layers[0].device
     values = [t.data_ptr() for t in layers] + [t.stride(0) for t in layers] + [t.stride(1) for t in layers]
@@ -286,14 +286,10 @@ def layer_table(layers) -> torch.Tensor:
     hit = _TABLES.get(key)
     if hit is not None:
         _TABLES.move_to_end(key)
-        return hit[1]
+        return hit
     host = torch.tensor(values, dtype=torch.int64).view(3, len(layers))
-    if device.type == "cuda":
-        host = host.pin_memory()
-        table = host.to(device, non_blocking=True)
-    else:
-        table = host
-    _TABLES[key] = (host, table)
+    table = host_to_device(host, device)
+    _TABLES[key] = table
     if len(_TABLES) > _TABLE_CACHE_SIZE:
         _TABLES.popitem(last=False)
     return table

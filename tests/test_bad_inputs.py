@@ -1,0 +1,107 @@
+"""Every bad input gets a clear error naming the argument, on every backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sara_kernels
+from sara_kernels import reference
+from sara_kernels.ops import routing_js
+
+L, B, S, E = 2, 2, 3, 8
+
+
+def logits(n=B * S, e=E, layers=L, dtype=torch.float32):
+    return [torch.randn(n, e, dtype=dtype) for _ in range(layers)]
+
+
+MASK = torch.ones(B, S, dtype=torch.long)
+
+BAD = {
+    "layer counts": (dict(anchor_logits=logits(layers=3)), ValueError, "layer counts must match"),
+    "E across layers": (dict(anchor_logits=[torch.randn(B * S, E), torch.randn(B * S, E + 1)]), ValueError, r"anchor_logits\[1\] has E = 9"),
+    "E across sides": (dict(anchor_logits=logits(e=E + 2)), ValueError, "E must match"),
+    "N across layers": (dict(target_logits=[torch.randn(B * S, E), torch.randn(B * S - 1, E)]), ValueError, r"target_logits\[1\] has N"),
+    "mask B*S": (dict(anchor_mask=torch.ones(B, S + 1)), ValueError, "anchor_mask: B\\*S = 2\\*4 = 8 does not match"),
+    "mask not 2-D": (dict(target_mask=torch.ones(B * S)), ValueError, "target_mask: expected a \\[B, S\\] tensor"),
+    "B differs": (
+        dict(anchor_mask=torch.ones(1, B * S), target_mask=MASK), ValueError, "B = 1 sequences.*B = 2",
+    ),
+    "cu start": (dict(anchor_cu_seqlens=torch.tensor([1, 3, 6])), ValueError, "anchor_cu_seqlens: must start at 0"),
+    "cu decreasing": (dict(target_cu_seqlens=torch.tensor([0, 4, 3, 6])), ValueError, "target_cu_seqlens: must be non-decreasing"),
+    "cu end": (dict(anchor_cu_seqlens=torch.tensor([0, 3, 5])), ValueError, "must end at the token count N = 6"),
+    "cu float": (dict(anchor_cu_seqlens=torch.tensor([0.0, 3.0, 6.0])), TypeError, "anchor_cu_seqlens: expected an integer tensor"),
+    "cu B differs": (
+        dict(anchor_cu_seqlens=torch.tensor([0, 6]), target_cu_seqlens=torch.tensor([0, 2, 6])), ValueError, "B = 1 sequences",
+    ),
+    "mask and cu": (dict(anchor_mask=MASK, anchor_cu_seqlens=torch.tensor([0, 6])), ValueError, "either anchor_mask or anchor_cu_seqlens"),
+    "integer logits": (dict(anchor_logits=[torch.ones(B * S, E, dtype=torch.long)] * L), TypeError, "must be floating point"),
+    "dtype across layers": (dict(target_logits=[torch.randn(B * S, E), torch.randn(B * S, E).double()]), TypeError, "must share a dtype"),
+    "2-D tensor": (dict(anchor_logits=torch.randn(B * S, E)), ValueError, "or one \\[L, N, E\\] tensor"),
+    "not a tensor": (dict(target_logits="logits"), TypeError, "target_logits: expected a tuple/list"),
+    "empty list": (dict(anchor_logits=[]), ValueError, "at least one layer"),
+    "temperature zero": (dict(temperature=0.0), ValueError, "temperature: expected a finite number > 0"),
+    "temperature negative": (dict(temperature=-1), ValueError, "temperature"),
+    "temperature string": (dict(temperature="1"), TypeError, "temperature"),
+    "score": (dict(score="sparsemax"), ValueError, "score: expected one of"),
+    "reduction": (dict(reduction="avg"), ValueError, "reduction: expected one of"),
+    "backend": (dict(backend="cuda"), ValueError, "backend: expected one of"),
+    "priors shape": (dict(anchor_logits=None, anchor_probs=torch.rand(L, B + 1, E), target_mask=MASK), ValueError, "anchor_probs: expected shape"),
+    "priors and logits": (dict(anchor_probs=torch.rand(L, 1, E)), ValueError, "either anchor_logits or anchor_probs"),
+    "no anchor": (dict(anchor_logits=None), ValueError, "anchor_logits is None"),
+    "priors int": (dict(anchor_logits=None, anchor_probs=torch.ones(L, 1, E, dtype=torch.long)), TypeError, "anchor_probs"),
+    "layer weights length": (dict(layer_weights=[1.0]), ValueError, "layer_weights: expected L = 2"),
+    "layer weights negative": (dict(layer_weights=[1.0, -1.0]), ValueError, "non-negative"),
+    "layer weights zero sum": (dict(layer_weights=[0.0, 0.0]), ValueError, "positive sum"),
+    "layer weights shape": (dict(layer_weights=torch.ones(3)), ValueError, "layer_weights: expected shape"),
+}
+
+
+def call(fn, overrides):
+    args = dict(anchor_logits=logits(), target_logits=logits())
+    args.update(overrides)
+    anchor, target = args.pop("anchor_logits"), args.pop("target_logits")
+    return fn(anchor, target, **args)
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+@pytest.mark.parametrize("fn", [sara_kernels.sara_loss, reference.sara_loss], ids=["api", "reference"])
+def test_bad_input_raises_clear_error(case, fn):
+    overrides, error, message = BAD[case]
+    if fn is reference.sara_loss and "backend" in overrides:
+        pytest.skip("the reference has no backend argument")
+    with pytest.raises(error, match=message):
+        call(fn, overrides)
+
+
+def test_devices_must_match():
+    meta = [torch.randn(B * S, E, device="meta") for _ in range(L)]
+    with pytest.raises(ValueError, match="anchor_logits are on cpu, target_logits on meta"):
+        sara_kernels.sara_loss(logits(), meta)
+    with pytest.raises(ValueError, match="anchor_mask is on meta"):
+        sara_kernels.sara_loss(logits(), logits(), MASK.to("meta"), MASK)
+    with pytest.raises(ValueError, match=r"anchor_logits\[1\] is on meta"):
+        sara_kernels.sara_loss([torch.randn(B * S, E), meta[0]], logits())
+
+
+def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setattr(routing_js, "INTERPRET", False)
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        sara_kernels.sara_loss(logits(), logits(), backend="triton")
+
+
+def test_triton_backend_rejects_float64_and_too_many_experts():
+    with pytest.raises(TypeError, match="backend='triton' takes float32, bfloat16 or float16"):
+        sara_kernels.sara_loss(logits(dtype=torch.float64), logits(dtype=torch.float64), backend="triton")
+    with pytest.raises(ValueError, match="up to E = 512"):
+        sara_kernels.sara_loss(logits(e=513), logits(e=513), backend="triton")
+
+
+def test_routing_distribution_bad_inputs():
+    with pytest.raises(ValueError, match="mask: B\\*S"):
+        sara_kernels.routing_distribution(logits(), torch.ones(5, 5))
+    with pytest.raises(ValueError, match="score"):
+        sara_kernels.routing_distribution(logits(), score="relu")
+    with pytest.raises(TypeError, match="logits: router logits must be floating point"):
+        sara_kernels.routing_distribution([torch.ones(3, 4, dtype=torch.int32)])
