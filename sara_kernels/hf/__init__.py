@@ -11,3 +11,18 @@ from .capture import (
     install_router_hooks,
     select_layers,
 )
+
+# SARA training: pairs, cached priors (eager, light) and the Trainer integration (imported on
+# first use, so that `import sara_kernels.hf` does not pull in transformers.Trainer/accelerate).
+from .data import PairDataset, build_word_tokenizer, load_pairs, make_parallel_corpus, validate_pair
+from .priors import RoutingPriors, extract_routing_priors, load_routing_priors
+
+_TRAINER_EXPORTS = ("SARATrainer", "SARATrainingArguments", "SARACollator")
+
+
+def __getattr__(name):
+    if name in _TRAINER_EXPORTS:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

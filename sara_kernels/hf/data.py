@@ -1,0 +1,296 @@
+"""Parallel-pair data for SARA: validation, jsonl loading, and a synthetic pseudo-language.
+
+A *pair* is a dict ``{"anchor": ..., "target": ..., "lang": optional str}`` where anchor and
+target are either plain text or chat messages (a list of ``{"role": str, "content": str}``).
+The anchor is the high-resource side (e.g. English) whose routing the target side is pulled
+towards. Every entry point validates pairs with :func:`validate_pair`, so a malformed example
+fails with the same message, naming the example, wherever it comes from.
+
+The pseudo-language (:func:`make_parallel_corpus`) exists so the demo and the tests can show
+routing alignment without downloading anything: its sentences are English sentences run
+through a fixed, documented transformation, so each pair means exactly the same thing while
+sharing no surface token with the anchor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from typing import Any, Iterable, Sequence
+
+import torch
+
+PAIR_KEYS = ("anchor", "target")
+
+
+# --------------------------------------------------------------------------------------------
+# Validation and loading
+# --------------------------------------------------------------------------------------------
+
+
+def _check_side(value: Any, key: str, where: str) -> None:
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError(f"{where}: {key!r} is an empty text")
+        return
+    if isinstance(value, (list, tuple)):
+        if len(value) == 0:
+            raise ValueError(f"{where}: {key!r} is an empty list of chat messages")
+        for j, msg in enumerate(value):
+            if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+                raise ValueError(
+                    f"{where}: {key}[{j}] must be a chat message {{'role': ..., 'content': ...}}, got {msg!r}"
+                )
+            if not isinstance(msg["content"], str) or not msg["content"].strip():
+                raise ValueError(f"{where}: {key}[{j}]['content'] is empty")
+        return
+    raise TypeError(f"{where}: {key!r} must be a text or a list of chat messages, got {type(value).__name__}")
+
+
+def validate_pair(example: Any, where: str = "pair") -> None:
+    """Raise a ValueError/TypeError naming ``where`` and the key if ``example`` is not a valid pair.
+
+    Checked up front (not left to the tokenizer) because a missing or empty side would otherwise
+    surface much later as a shape error inside the loss, far from the offending example.
+    """
+    if not isinstance(example, dict):
+        raise TypeError(f"{where}: expected a dict with keys 'anchor' and 'target', got {type(example).__name__}")
+    missing = [k for k in PAIR_KEYS if k not in example]
+    if missing:
+        raise ValueError(
+            f"{where}: missing key(s) {missing}; a pair needs 'anchor' (high-resource text) and 'target' "
+            f"(its translation), got keys {sorted(example)}"
+        )
+    for key in PAIR_KEYS:
+        _check_side(example[key], key, where)
+    lang = example.get("lang")
+    if lang is not None and not isinstance(lang, str):
+        raise TypeError(f"{where}: 'lang' must be a string tag, got {type(lang).__name__}")
+
+
+def load_pairs(path: str | os.PathLike) -> list[dict]:
+    """Read parallel pairs from a jsonl file: one ``{"anchor", "target", optional "lang"}`` per line.
+
+    Blank lines are skipped; any other bad line raises a ValueError with its line number.
+    """
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{os.fspath(path)}:{lineno}"
+            try:
+                example = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+            validate_pair(example, where)
+            pairs.append(example)
+    if not pairs:
+        raise ValueError(f"{os.fspath(path)}: no pairs found (expected one JSON object per line)")
+    return pairs
+
+
+def save_pairs(pairs: Iterable[dict], path: str | os.PathLike) -> None:
+    """Write pairs as jsonl (the format :func:`load_pairs` and ``--data`` read)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for example in pairs:
+            f.write(json.dumps(example, ensure_ascii=False) + "\n")
+
+
+def anchors_fingerprint(pairs: Sequence[dict]) -> str:
+    """SHA-256 of the anchors in order.
+
+    Cached priors are looked up by example index, so a priors file is only valid for the same
+    anchors in the same order; storing this fingerprint lets the trainer refuse a shuffled or
+    different dataset instead of silently pairing targets with the wrong priors.
+    """
+    h = hashlib.sha256()
+    for example in pairs:
+        h.update(json.dumps(example["anchor"], ensure_ascii=False, sort_keys=True).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Map-style dataset of validated pairs that adds each example's position as ``"index"``.
+
+    The index travels through :class:`~sara_kernels.hf.trainer.SARACollator` to the trainer,
+    which uses it to gather the cached routing priors of the batch's examples (the sampler
+    shuffles, so the position in the batch says nothing about the example).
+    """
+
+    def __init__(self, pairs: Sequence[dict]):
+        if isinstance(pairs, PairDataset):
+            pairs = pairs.pairs
+        if not hasattr(pairs, "__len__") or not hasattr(pairs, "__getitem__"):
+            raise TypeError(f"pairs: expected a sequence of dicts, got {type(pairs).__name__}")
+        if len(pairs) == 0:
+            raise ValueError("pairs: the dataset is empty")
+        for i in range(len(pairs)):
+            validate_pair(pairs[i], f"pairs[{i}]")
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.pairs[i], "index": int(i)}
+
+
+# --------------------------------------------------------------------------------------------
+# Pseudo-language
+# --------------------------------------------------------------------------------------------
+
+# English lexicon of the generator (every word is one token of the demo tokenizer).
+SUBJECTS = ("cat", "dog", "bird", "horse", "farmer", "child", "teacher", "doctor", "king", "queen",
+            "fox", "wolf", "girl", "boy", "sailor", "baker")
+OBJECTS = ("apple", "book", "ball", "letter", "cake", "ship", "house", "song", "stone", "flower", "key", "map")
+ADJECTIVES = ("big", "small", "old", "young", "red", "green", "happy", "quiet", "brave", "clever")
+VERBS = ("sees", "finds", "takes", "carries", "paints", "likes", "builds", "reads", "opens", "sells")
+PREPOSITIONS = ("in", "near", "under", "behind", "on")
+PLACES = ("garden", "river", "forest", "market", "city", "school", "village", "field", "kitchen", "tower")
+ADVERBS = ("today", "yesterday", "slowly", "quickly", "often")
+ENGLISH_WORDS = ("the",) + SUBJECTS + OBJECTS + ADJECTIVES + VERBS + PREPOSITIONS + PLACES + ADVERBS
+
+OBJECT_MARKER = "ko"  # pseudo-language accusative particle after the object phrase (no English word)
+_ONSETS = ("b", "d", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "sh", "th")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ou")
+
+
+def _pseudo_word(word: str, salt: int) -> str:
+    digest = hashlib.sha256(f"{word}:{salt}".encode()).digest()
+    syllables = 2 + digest[0] % 2
+    return "".join(_ONSETS[digest[1 + 2 * i] % len(_ONSETS)] + _VOWELS[digest[2 + 2 * i] % len(_VOWELS)]
+                   for i in range(syllables))
+
+
+def pseudo_lexicon() -> dict[str, str]:
+    """The fixed English → pseudo-language word map (a bijection, disjoint from English).
+
+    Each content word gets 2–3 consonant-vowel syllables chosen from a SHA-256 of the word, so
+    the map is the same on every machine and Python version; "the" has no counterpart.
+    """
+    taken = set(ENGLISH_WORDS) | {OBJECT_MARKER}
+    lexicon = {}
+    for word in ENGLISH_WORDS[1:]:
+        salt = 0
+        while (candidate := _pseudo_word(word, salt)) in taken:
+            salt += 1
+        taken.add(candidate)
+        lexicon[word] = candidate
+    return lexicon
+
+
+def translate(sentence: str, lexicon: dict[str, str] | None = None) -> str:
+    """Translate one generated English sentence into the pseudo-language.
+
+    Grammar (English: ``the [ADJ] SUBJ VERB the [ADJ] OBJ [PREP the PLACE] [ADV]``):
+
+    1. word order is verb-final: ``[PLACE PREP] SUBJ [ADJ] OBJ [ADJ] ko [ADV] VERB``;
+    2. the prepositional phrase moves to the front and the preposition follows its noun;
+    3. adjectives follow their noun; "the" is dropped; the object is marked by the particle "ko";
+    4. every remaining word is replaced through :func:`pseudo_lexicon`.
+
+    Meaning is preserved word for word; only the surface tokens and their order change, which
+    is the situation SARA targets (same content, different language).
+    """
+    lexicon = pseudo_lexicon() if lexicon is None else lexicon
+    words = sentence.split()
+    pos = 0
+
+    def noun_phrase():
+        nonlocal pos
+        if words[pos] != "the":
+            raise ValueError(f"not a generated sentence: {sentence!r}")
+        pos += 1
+        adj = None
+        if words[pos] in ADJECTIVES:
+            adj, pos = words[pos], pos + 1
+        noun, pos = words[pos], pos + 1
+        return [noun] + ([adj] if adj else [])
+
+    subject = noun_phrase()
+    verb, pos = words[pos], pos + 1
+    obj = noun_phrase()
+    place = []
+    if pos < len(words) and words[pos] in PREPOSITIONS:
+        prep, pos = words[pos], pos + 1
+        place = noun_phrase() + [prep]
+    adverb = []
+    if pos < len(words) and words[pos] in ADVERBS:
+        adverb, pos = [words[pos]], pos + 1
+    if pos != len(words):
+        raise ValueError(f"not a generated sentence: {sentence!r}")
+    out = [lexicon[w] for w in place + subject + obj] + [OBJECT_MARKER] + [lexicon[w] for w in adverb + [verb]]
+    return " ".join(out)
+
+
+def english_sentence(rng: random.Random) -> str:
+    """One random English sentence of the generator's grammar."""
+
+    def np(nouns):
+        adj = [rng.choice(ADJECTIVES)] if rng.random() < 0.5 else []
+        return ["the"] + adj + [rng.choice(nouns)]
+
+    words = np(SUBJECTS) + [rng.choice(VERBS)] + np(OBJECTS)
+    if rng.random() < 0.6:
+        words += [rng.choice(PREPOSITIONS)] + np(PLACES)
+    if rng.random() < 0.4:
+        words.append(rng.choice(ADVERBS))
+    return " ".join(words)
+
+
+def make_parallel_corpus(num_pairs: int, seed: int = 0, lang: str = "pseudo") -> list[dict]:
+    """``num_pairs`` pairs ``{"anchor": English, "target": pseudo-language, "lang": lang}``.
+
+    Deterministic in ``seed`` (its own ``random.Random``, global RNG untouched).
+    """
+    if num_pairs < 1:
+        raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
+    rng = random.Random(seed)
+    lexicon = pseudo_lexicon()
+    pairs = []
+    for _ in range(num_pairs):
+        sentence = english_sentence(rng)
+        pairs.append({"anchor": sentence, "target": translate(sentence, lexicon), "lang": lang})
+    return pairs
+
+
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")
+CHAT_ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}{{ eos_token }}"
+)
+
+
+def build_word_tokenizer(words: Iterable[str] | None = None):
+    """A word-level tokenizer (whitespace split) built in code, with BOS/EOS and a chat template.
+
+    Default vocabulary: English and pseudo-language words of :func:`make_parallel_corpus`.
+    Saved with ``save_pretrained`` it reloads with ``AutoTokenizer``; nothing is downloaded.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    if words is None:
+        words = list(ENGLISH_WORDS) + list(pseudo_lexicon().values()) + [OBJECT_MARKER]
+    vocab: dict[str, int] = {}
+    for token in list(SPECIAL_TOKENS) + list(CHAT_ROLE_TOKENS) + list(words):
+        vocab.setdefault(token, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=list(CHAT_ROLE_TOKENS),
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer

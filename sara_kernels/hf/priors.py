@@ -1,0 +1,381 @@
+"""Cached anchor routing priors: run the model once over the anchors, train without them.
+
+With ``detach_anchor=True`` the anchor side of SARA is a fixed target per step. When the
+anchor's routing may be taken from the model before fine-tuning (the usual setting: the
+high-resource language's routing is the reference to preserve), it can be computed once,
+stored, and the anchor forward dropped from every training step — half the forward passes.
+
+File format (safetensors): one float32 tensor ``"priors"`` [num_examples, L, E] — row i is the
+pooled routing distribution of anchor i at each captured layer — and string metadata: format
+tag and version, the model's ``name_or_path`` and ``model_type``, the decoder-layer indices
+(JSON), E, score, temperature, number of examples and a fingerprint of the anchors (see
+:func:`~sara_kernels.hf.data.anchors_fingerprint`). The trainer looks rows up by the example
+index its collator carries, so the file is tied to the dataset order; the fingerprint catches
+a different or reordered dataset.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from ..api import routing_distribution
+from .data import anchors_fingerprint, validate_pair
+
+FORMAT = "sara-routing-priors"
+VERSION = "1"
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers shared with the trainer and `analyze`
+# --------------------------------------------------------------------------------------------
+
+
+def model_device(model) -> torch.device:
+    """Device of the model's first parameter (where inputs must go)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def forward_kwargs(model, *, lm_head: bool) -> dict:
+    """Extra keyword arguments for a forward whose only purpose is the router logits.
+
+    ``use_cache=False`` avoids building a KV cache; ``logits_to_keep=1`` (when ``lm_head`` is
+    False and the model supports it) skips the vocabulary projection of every position but
+    one, which for large vocabularies is a big part of a short forward.
+    """
+    params = inspect.signature(model.forward).parameters
+    has_var_kw = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {}
+    if "use_cache" in params or has_var_kw:
+        kwargs["use_cache"] = False
+    if not lm_head and "logits_to_keep" in params:
+        kwargs["logits_to_keep"] = 1
+    return kwargs
+
+
+def resolve_layers_spec(layers):
+    """Normalise a layer selection: ``"all"``, ``"middle"``, or a sequence of decoder indices.
+
+    Strings of comma-separated integers ("3,4,5", as given on a command line) become a list.
+    """
+    if isinstance(layers, str):
+        if layers in ("all", "middle"):
+            return layers
+        try:
+            out = [int(x) for x in layers.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(
+                f"layers: expected 'all', 'middle' or comma-separated decoder-layer indices, got {layers!r}"
+            ) from None
+        if not out:
+            raise ValueError(f"layers: no layer index in {layers!r}")
+        return out
+    if isinstance(layers, (list, tuple)) and layers and all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        return list(layers)
+    raise ValueError(f"layers: expected 'all', 'middle' or a non-empty list of decoder-layer indices, got {layers!r}")
+
+
+def probe_routing(model, layers="all", score=None):
+    """(decoder-layer indices, E, score) that capturing ``layers`` yields on ``model``.
+
+    Found with a 2-token forward rather than read from the config, so it agrees with what
+    training captures for every family ``capture_router_logits`` supports. A non-MoE model
+    fails here with the capture's ValueError.
+    """
+    from .capture import capture_router_logits
+
+    ids = torch.zeros(1, 2, dtype=torch.long, device=model_device(model))
+    with torch.no_grad(), capture_router_logits(model, layers=resolve_layers_spec(layers), score=score) as cap:
+        model(input_ids=ids, **forward_kwargs(model, lm_head=False))
+    return tuple(int(i) for i in cap.layers), int(cap.logits[0].shape[-1]), cap.score
+
+
+def pad_right(sequences: Sequence[Sequence[int]], pad_id: int, multiple_of: Optional[int] = None):
+    """(input_ids [B, S] long, attention_mask [B, S] long), padded on the right.
+
+    Always right padding, whatever ``tokenizer.padding_side`` says: valid tokens then keep the
+    positions they would have unpadded, so a sequence's routing (and hence its pooled
+    distribution) does not depend on what it was batched with — which is what makes cached
+    priors equal to live anchors.
+    """
+    length = max(len(s) for s in sequences)
+    if multiple_of:
+        length = int(math.ceil(length / multiple_of) * multiple_of)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def pad_token_id(tokenizer) -> int:
+    """Token used for padding (its value never matters: padded positions are masked out)."""
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def pooled_routing(
+    model,
+    tokenizer,
+    sides: Sequence,
+    *,
+    layers="all",
+    score=None,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    max_length: Optional[int] = None,
+    backend: str = "auto",
+    progress: bool = True,
+    desc: str = "routing",
+):
+    """Pooled routing distribution of each text (or chat) in ``sides``: ([N, L, E] float32 on CPU, layers, score).
+
+    No grad, model in eval mode for the duration (its mode is restored), batches of
+    ``batch_size`` right-padded sequences, tokenised exactly as the training collator does.
+    """
+    from tqdm.auto import tqdm
+
+    from .capture import capture_router_logits
+    from .trainer import SARACollator
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    encoder = SARACollator(tokenizer, max_length=max_length)
+    device = model_device(model)
+    pad = pad_token_id(tokenizer)
+    kwargs = forward_kwargs(model, lm_head=False)
+    layer_spec = resolve_layers_spec(layers)
+    was_training = model.training
+    model.eval()
+    chunks, found_layers, found_score = [], None, None
+    try:
+        with torch.no_grad():
+            for start in tqdm(range(0, len(sides), batch_size), desc=desc, disable=not progress, leave=False):
+                batch = sides[start : start + batch_size]
+                encoded = [encoder.encode(side, f"{desc}[{start + j}]") for j, side in enumerate(batch)]
+                ids, mask = pad_right(encoded, pad)
+                ids, mask = ids.to(device), mask.to(device)
+                with capture_router_logits(model, layers=layer_spec, score=score) as cap:
+                    model(input_ids=ids, attention_mask=mask, **kwargs)
+                probs = routing_distribution(cap.logits, mask, score=cap.score, temperature=temperature, backend=backend)
+                chunks.append(probs.float().permute(1, 0, 2).cpu())
+                found_layers, found_score = tuple(int(i) for i in cap.layers), cap.score
+    finally:
+        model.train(was_training)
+    return torch.cat(chunks), found_layers, found_score
+
+
+# --------------------------------------------------------------------------------------------
+# Priors
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RoutingPriors:
+    """Cached anchor routing distributions and the settings they were computed with."""
+
+    probs: torch.Tensor  # [num_examples, L, E] float32
+    layers: tuple  # decoder-layer index of each of the L layers
+    score: str
+    temperature: float
+    model_name_or_path: str = ""
+    model_type: str = ""
+    fingerprint: str = ""
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.probs.shape[0])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.probs.shape[-1])
+
+    def gather(self, index: torch.Tensor, layers: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Priors of the examples ``index`` [B] as ``anchor_probs`` [L, B, E] (on ``index``'s device).
+
+        ``layers`` selects decoder layers (default: all stored, in stored order), so priors
+        extracted for all layers serve training on a subset.
+        """
+        index = torch.as_tensor(index)
+        if index.dim() != 1:
+            raise ValueError(f"index: expected a 1-D tensor of example indices, got shape {tuple(index.shape)}")
+        idx = index.detach().to("cpu", torch.long)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_examples):
+            bad = idx[(idx < 0) | (idx >= self.num_examples)].tolist()
+            raise ValueError(
+                f"example index {bad[:5]} outside the {self.num_examples} cached priors; priors need each example's "
+                "dataset position (wrap the training pairs in PairDataset, which adds 'index')"
+            )
+        if layers is None:
+            rows = list(range(len(self.layers)))
+        else:
+            missing = [int(i) for i in layers if int(i) not in self.layers]
+            if missing:
+                raise ValueError(f"layers {missing} are not in the priors file (it has layers {list(self.layers)})")
+            rows = [self.layers.index(int(i)) for i in layers]
+        out = self.probs[idx][:, rows, :].permute(1, 0, 2).contiguous()
+        return out.to(index.device)
+
+    def check_against(self, layers: Sequence[int], num_experts: int, score: str) -> None:
+        """ValueError unless these priors fit routing captured as (layers, E, score)."""
+        if num_experts != self.num_experts:
+            raise ValueError(
+                f"routing priors have E = {self.num_experts} experts but the model's routers have E = {num_experts}: "
+                f"the priors file comes from another model ({self.model_name_or_path or 'unknown'})"
+            )
+        missing = [int(i) for i in layers if int(i) not in self.layers]
+        if missing:
+            raise ValueError(
+                f"routing priors cover decoder layers {list(self.layers)} but layers {missing} are trained; "
+                "extract the priors with the same layers"
+            )
+        if score != self.score:
+            raise ValueError(f"routing priors were computed with score={self.score!r}, training uses score={score!r}")
+
+
+def _metadata_of(model) -> tuple[str, str]:
+    config = getattr(model, "config", None)
+    return str(getattr(config, "name_or_path", "") or ""), str(getattr(config, "model_type", "") or "")
+
+
+def extract_routing_priors(
+    model,
+    pairs: Sequence[dict],
+    tokenizer,
+    path: str | os.PathLike,
+    *,
+    layers="all",
+    score: Optional[str] = None,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    max_length: Optional[int] = None,
+    backend: str = "auto",
+    progress: bool = True,
+) -> RoutingPriors:
+    """Run ``model`` over the anchors of ``pairs`` (no grad, batched) and save their routing priors.
+
+    Writes ``path`` (safetensors, see the module docstring) and returns the priors. Use the same
+    ``max_length`` as the training collator (``sara_max_length``) so anchors are truncated alike.
+    """
+    from safetensors.torch import save_file
+
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if len(pairs) == 0:
+        raise ValueError("pairs: no examples to extract priors from")
+    for i in range(len(pairs)):
+        validate_pair(pairs[i], f"pairs[{i}]")
+    anchors = [pairs[i]["anchor"] for i in range(len(pairs))]
+    probs, found_layers, found_score = pooled_routing(
+        model, tokenizer, anchors, layers=layers, score=score, temperature=temperature,
+        batch_size=batch_size, max_length=max_length, backend=backend, progress=progress, desc="anchor priors",
+    )
+    name, model_type = _metadata_of(model)
+    priors = RoutingPriors(
+        probs=probs.contiguous(),
+        layers=found_layers,
+        score=found_score,
+        temperature=float(temperature),
+        model_name_or_path=name,
+        model_type=model_type,
+        fingerprint=anchors_fingerprint([pairs[i] for i in range(len(pairs))]),
+    )
+    metadata = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_name_or_path": name,
+        "model_type": model_type,
+        "layers": json.dumps(list(found_layers)),
+        "num_experts": str(priors.num_experts),
+        "score": found_score,
+        "temperature": repr(float(temperature)),
+        "num_examples": str(priors.num_examples),
+        "anchors_sha256": priors.fingerprint,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file({"priors": priors.probs}, os.fspath(path), metadata=metadata)
+    return priors
+
+
+def load_routing_priors(
+    path: str | os.PathLike,
+    model=None,
+    layers=None,
+    score: Optional[str] = None,
+) -> RoutingPriors:
+    """Load a priors file and check it fits: ValueError on any mismatch.
+
+    * ``model``: its routers must have the file's E, its MoE layers must include the file's
+      layers (or ``layers``), its family must match the file's ``model_type``, and its default
+      score must be the file's (unless ``score`` says otherwise). A different ``name_or_path``
+      is allowed (a fine-tuned checkpoint of the same base keeps its routers' shape).
+    * ``layers``: decoder indices (or ``"all"``/``"middle"``, resolved on ``model``) that
+      training will use; each must be in the file.
+    * ``score``: the score training will use; must equal the file's.
+    """
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"routing priors file not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != FORMAT or "priors" not in f.keys():
+                raise ValueError(f"{path} is not a SARA routing-priors file (no {FORMAT!r} metadata / 'priors' tensor)")
+            probs = f.get_tensor("priors")
+    except ValueError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for a corrupt header
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+    if metadata.get("version") != VERSION:
+        raise ValueError(f"{path}: priors format version {metadata.get('version')!r}, this library reads {VERSION!r}")
+    file_layers = tuple(int(i) for i in json.loads(metadata["layers"]))
+    if probs.dim() != 3 or probs.shape[1] != len(file_layers) or probs.shape[2] != int(metadata["num_experts"]):
+        raise ValueError(f"{path}: priors tensor of shape {tuple(probs.shape)} does not match its metadata")
+    priors = RoutingPriors(
+        probs=probs.float(),
+        layers=file_layers,
+        score=metadata["score"],
+        temperature=float(metadata["temperature"]),
+        model_name_or_path=metadata.get("model_name_or_path", ""),
+        model_type=metadata.get("model_type", ""),
+        fingerprint=metadata.get("anchors_sha256", ""),
+    )
+    if score is not None and score != priors.score:
+        raise ValueError(f"score={score!r} but the priors in {path} were computed with score={priors.score!r}")
+    if model is not None:
+        _, model_type = _metadata_of(model)
+        if priors.model_type and model_type and model_type != priors.model_type:
+            raise ValueError(
+                f"the priors in {path} come from a {priors.model_type!r} model "
+                f"({priors.model_name_or_path or 'unknown'}), not from this {model_type!r} model"
+            )
+        model_layers, num_experts, model_score = probe_routing(model, "all", score)
+        wanted = priors.layers if layers is None else probe_routing(model, layers, score)[0]
+        not_moe = [i for i in priors.layers if i not in model_layers]
+        if not_moe:
+            raise ValueError(
+                f"the priors in {path} cover decoder layers {list(priors.layers)}, but layers {not_moe} of this model "
+                f"are not MoE layers (its MoE layers: {list(model_layers)}): the file comes from another model"
+            )
+        priors.check_against(wanted, num_experts, model_score)
+    elif layers is not None:
+        spec = resolve_layers_spec(layers)
+        if isinstance(spec, str):
+            raise ValueError(f"layers={layers!r} can only be resolved with model=; pass decoder indices or the model")
+        priors.check_against(spec, priors.num_experts, priors.score)
+    return priors
