@@ -128,7 +128,7 @@ def _check_cu_seqlens(cu, num_tokens: int, device, arg: str):
         raise TypeError(f"{arg}: expected an integer tensor, got {cu.dtype}")
     if cu.device != device:
         raise ValueError(f"{arg} is on {cu.device} but the logits are on {device}")
-    if cu.device.type == "cpu":
+    if cu.device.type == "cpu" and not torch.compiler.is_compiling():
         if int(cu[0]) != 0:
             raise ValueError(f"{arg}: must start at 0, got cu_seqlens[0] = {int(cu[0])}")
         if bool((cu[1:] < cu[:-1]).any()):
@@ -136,8 +136,9 @@ def _check_cu_seqlens(cu, num_tokens: int, device, arg: str):
         if int(cu[-1]) != num_tokens:
             raise ValueError(f"{arg}: must end at the token count N = {num_tokens}, got cu_seqlens[-1] = {int(cu[-1])}")
     else:
-        # Reading a device tensor here would be a host sync on every step; the assertion runs on
-        # the stream instead and fails the next synchronising call with a device-side assert.
+        # Reading a device tensor here would be a host sync on every step (and a graph break while
+        # compiling); the assertion runs on the stream instead and fails the next synchronising
+        # call with a device-side assert.
         ok = (cu[0] == 0) & (cu[-1] == num_tokens) & (cu[1:] >= cu[:-1]).all()
         torch._assert_async(ok, f"{arg} must start at 0, be non-decreasing and end at N = {num_tokens}")
 
@@ -213,7 +214,7 @@ def check_options(temperature, score: str, reduction: Optional[str], backend: st
 def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Copy a small host tensor to ``device`` without a host sync: through pinned memory and a
     non-blocking copy on CUDA (a pageable copy would wait for the stream)."""
-    if device.type != "cuda":
+    if device.type != "cuda" or torch.compiler.is_compiling():
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
 

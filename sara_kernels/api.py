@@ -85,7 +85,8 @@ def sara_loss(
         js, valid = reference.pair_js(anchor, target, priors, score, temperature, detach_anchor)
     else:
         plan = routing_js.PairPlan(anchor, target, score, float(temperature), bool(detach_anchor))
-        js, valid = routing_js.pair_js(plan, priors)
+        fused = routing_js.pair_js_compiled if torch.compiler.is_compiling() else routing_js.pair_js
+        js, valid = fused(plan, priors)
     loss, per_layer = reference.reduce_pair_js(js, valid, weights, reduction)
     return (loss, per_layer) if return_per_layer else loss
 

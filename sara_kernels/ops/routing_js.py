@@ -33,13 +33,13 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .._inputs import RoutingSide, host_to_device
+from .._inputs import RoutingSide, host_to_device, routing_side
 
 # Read once: triton.jit decides at decoration time whether kernels run in the interpreter.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -295,15 +295,10 @@ def layer_table(layers) -> torch.Tensor:
     return table
 
 
-@dataclass
-class PooledSide:
-    """What the forward pooling of one side leaves for the JS kernel and the backward."""
-
-    side: RoutingSide
-    table: torch.Tensor
-    partial: torch.Tensor  # fp32 [L, B, splits, E]
-    count: torch.Tensor  # fp32 [B, splits]
-    splits: int
+def side_splits(side: RoutingSide) -> int:
+    """Slices per sequence for this side; forward and backward agree because both ask here."""
+    block_n = tile_config(side.num_experts)["BLOCK_N"]
+    return num_splits(side.num_tokens, side.num_seqs, side.num_layers, side.device, block_n)
 
 
 def _segmentation_args(side: RoutingSide, dummy: torch.Tensor):
@@ -314,12 +309,13 @@ def _segmentation_args(side: RoutingSide, dummy: torch.Tensor):
     return mask, mask_sb, mask_ss, cu, cu_stride
 
 
-def pool_sides_fwd(side: RoutingSide, score: str, temperature: float, splits: Optional[int] = None) -> PooledSide:
-    """Launch ``pool_routing_fwd`` over all layers and sequences of one side."""
+def pool_side_fwd(side: RoutingSide, score: str, temperature: float):
+    """Launch ``pool_routing_fwd`` over all layers and sequences of one side.
+
+    Returns (partial fp32 [L, B, splits, E], count fp32 [B, splits]).
+    """
     L, B, N, E = side.num_layers, side.num_seqs, side.num_tokens, side.num_experts
-    meta = tile_config(E)
-    if splits is None:
-        splits = num_splits(N, B, L, side.device, meta["BLOCK_N"])
+    splits = side_splits(side)
     table = layer_table(side.layers)
     partial = torch.empty((L, B, splits, E), dtype=torch.float32, device=side.device)
     count = torch.empty((B, splits), dtype=torch.float32, device=side.device)
@@ -328,28 +324,51 @@ def pool_sides_fwd(side: RoutingSide, score: str, temperature: float, splits: Op
         table, side.layers[0], mask, mask_sb, mask_ss, cu, cu_stride,
         partial, count,
         L, B, N, E, side.seq_len, 1.0 / temperature, splits,
-        HAS_MASK=side.mask is not None, USE_CU=side.cu_seqlens is not None, SIGMOID=score == "sigmoid", **meta,
+        HAS_MASK=side.mask is not None, USE_CU=side.cu_seqlens is not None, SIGMOID=score == "sigmoid",
+        **tile_config(E),
     )
-    return PooledSide(side, table, partial, count, splits)
+    return partial, count
 
 
-def pool_routing_grad(pooled: PooledSide, coef, scale, count, score: str, temperature: float) -> torch.Tensor:
-    """∂loss/∂z as one [L, N, E] buffer in the logits' dtype (layer l's gradient is its view [l])."""
-    side = pooled.side
+def pool_side_grad(side: RoutingSide, coef, scale, count, score: str, temperature: float) -> torch.Tensor:
+    """∂loss/∂z as one [L, N, E] buffer in the logits' dtype (layer l's gradient is its view [l]),
+    for ∂loss/∂P_{l,b} = scale[l, b] · coef[l, b, :] and n_b = count[b]."""
     L, B, N, E = side.num_layers, side.num_seqs, side.num_tokens, side.num_experts
+    splits = side_splits(side)
     grad = torch.empty((L, N, E), dtype=side.dtype, device=side.device)
-    mask, mask_sb, mask_ss, cu, cu_stride = _segmentation_args(side, pooled.table)
-    pool_routing_bwd[(L, B, pooled.splits)](
-        pooled.table, side.layers[0], mask, mask_sb, mask_ss, cu, cu_stride,
+    table = layer_table(side.layers)
+    mask, mask_sb, mask_ss, cu, cu_stride = _segmentation_args(side, table)
+    pool_routing_bwd[(L, B, splits)](
+        table, side.layers[0], mask, mask_sb, mask_ss, cu, cu_stride,
         coef, scale, scale.stride(0), scale.stride(1), count, grad, N * E,
-        L, B, N, E, side.seq_len, 1.0 / temperature, pooled.splits,
+        L, B, N, E, side.seq_len, 1.0 / temperature, splits,
         HAS_MASK=side.mask is not None, USE_CU=side.cu_seqlens is not None, SIGMOID=score == "sigmoid",
         **tile_config(E),
     )
     return grad
 
 
-def _side_grads(side: RoutingSide, grad: torch.Tensor):
+def pair_js_forward(anchor: Optional[RoutingSide], target: RoutingSide, anchor_probs, score: str, temperature: float):
+    """Forward launches: (JS [L, B], pair validity [B], G^a, G^t [L, B, E], n^a, n^t [B]), fp32."""
+    t_partial, t_count = pool_side_fwd(target, score, temperature)
+    a_partial, a_count = (t_partial, t_count) if anchor is None else pool_side_fwd(anchor, score, temperature)
+    L, B, E, dev = target.num_layers, target.num_seqs, target.num_experts, target.device
+    js = torch.empty((L, B), dtype=torch.float32, device=dev)
+    pa, pt, ga, gt = (torch.empty((L, B, E), dtype=torch.float32, device=dev) for _ in range(4))
+    a_total, t_total, valid = (torch.empty(B, dtype=torch.float32, device=dev) for _ in range(3))
+    priors = anchor_probs if anchor_probs is not None else js
+    prior_strides = anchor_probs.stride() if anchor_probs is not None else (0, 0, 0)
+    pair_js_fwd[(L, B)](
+        a_partial, a_count, t_partial, t_count,
+        priors, *prior_strides,
+        js, pa, pt, ga, gt, a_total, t_total, valid,
+        B, E, a_partial.shape[2], t_partial.shape[2],
+        PRIORS=anchor_probs is not None, **pair_config(E),
+    )
+    return js, valid, ga, gt, a_total, t_total
+
+
+def side_grads(side: RoutingSide, grad: torch.Tensor):
     """The gradient in the form the side was given: the [L, N, E] buffer or its per-layer views."""
     return (grad,) if side.stacked is not None else tuple(grad.unbind(0))
 
@@ -363,7 +382,6 @@ class PairPlan:
     score: str
     temperature: float
     detach_anchor: bool
-    splits: Optional[int] = None
 
 
 class PairJSFunction(torch.autograd.Function):
@@ -371,25 +389,10 @@ class PairJSFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan: PairPlan, anchor_probs, *logits):
-        target = pool_sides_fwd(plan.target, plan.score, plan.temperature, plan.splits)
-        anchor = None if plan.anchor is None else pool_sides_fwd(plan.anchor, plan.score, plan.temperature, plan.splits)
-        L, B, E = plan.target.num_layers, plan.target.num_seqs, plan.target.num_experts
-        dev = plan.target.device
-        js = torch.empty((L, B), dtype=torch.float32, device=dev)
-        pa, pt, ga, gt = (torch.empty((L, B, E), dtype=torch.float32, device=dev) for _ in range(4))
-        a_total, t_total, valid = (torch.empty(B, dtype=torch.float32, device=dev) for _ in range(3))
-        src = anchor if anchor is not None else target
-        priors = anchor_probs if anchor_probs is not None else js
-        prior_strides = anchor_probs.stride() if anchor_probs is not None else (0, 0, 0)
-        pair_js_fwd[(L, B)](
-            src.partial, src.count, target.partial, target.count,
-            priors, *prior_strides,
-            js, pa, pt, ga, gt, a_total, t_total, valid,
-            B, E, src.splits, target.splits,
-            PRIORS=anchor_probs is not None, **pair_config(E),
+        js, valid, ga, gt, a_total, t_total = pair_js_forward(
+            plan.anchor, plan.target, anchor_probs, plan.score, plan.temperature
         )
         ctx.plan = plan
-        ctx.pooled = (anchor, target)
         ctx.save_for_backward(ga, gt, a_total, t_total)
         ctx.mark_non_differentiable(valid)
         return js, valid
@@ -398,20 +401,19 @@ class PairJSFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_js, _grad_valid):
         plan = ctx.plan
-        anchor, target = ctx.pooled
         ga, gt, a_total, t_total = ctx.saved_tensors
         grads = [None, None]  # plan, anchor_probs (fixed priors never receive gradient)
-        anchor_needs = anchor is not None and not plan.detach_anchor
-        if anchor is not None:
-            grads += (
-                list(_side_grads(anchor.side, pool_routing_grad(anchor, ga, grad_js, a_total, plan.score, plan.temperature)))
-                if anchor_needs and any(ctx.needs_input_grad[2 : 2 + len(anchor.side.inputs)])
-                else [None] * len(anchor.side.inputs)
-            )
+        if plan.anchor is not None:
+            n = len(plan.anchor.inputs)
+            if not plan.detach_anchor and any(ctx.needs_input_grad[2 : 2 + n]):
+                grad = pool_side_grad(plan.anchor, ga, grad_js, a_total, plan.score, plan.temperature)
+                grads += side_grads(plan.anchor, grad)
+            else:
+                grads += [None] * n
         if any(ctx.needs_input_grad[len(grads) :]):
-            grads += _side_grads(target.side, pool_routing_grad(target, gt, grad_js, t_total, plan.score, plan.temperature))
+            grads += side_grads(plan.target, pool_side_grad(plan.target, gt, grad_js, t_total, plan.score, plan.temperature))
         else:
-            grads += [None] * len(target.side.inputs)
+            grads += [None] * len(plan.target.inputs)
         return tuple(grads)
 
 
@@ -427,11 +429,11 @@ class RoutingDistributionFunction(torch.autograd.Function):
     """P [L, B, E] (float32) of one side, with autograd into the logits."""
 
     @staticmethod
-    def forward(ctx, side: RoutingSide, score: str, temperature: float, splits, *logits):
-        pooled = pool_sides_fwd(side, score, temperature, splits)
-        count = pooled.count.sum(dim=1)
-        probs = pooled.partial.sum(dim=2) / count.clamp(min=1.0)[None, :, None]
-        ctx.pooled, ctx.score, ctx.temperature = pooled, score, temperature
+    def forward(ctx, side: RoutingSide, score: str, temperature: float, *logits):
+        partial, count = pool_side_fwd(side, score, temperature)
+        count = count.sum(dim=1)
+        probs = partial.sum(dim=2) / count.clamp(min=1.0)[None, :, None]
+        ctx.side, ctx.score, ctx.temperature = side, score, temperature
         ctx.save_for_backward(count)
         return probs
 
@@ -439,12 +441,116 @@ class RoutingDistributionFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_probs):
         (count,) = ctx.saved_tensors
-        side = ctx.pooled.side
+        side = ctx.side
         ones = torch.ones((), dtype=torch.float32, device=side.device).expand(side.num_layers, side.num_seqs)
         coef = grad_probs.to(torch.float32).contiguous()
-        grad = pool_routing_grad(ctx.pooled, coef, ones, count, ctx.score, ctx.temperature)
-        return (None, None, None, None, *_side_grads(side, grad))
+        grad = pool_side_grad(side, coef, ones, count, ctx.score, ctx.temperature)
+        return (None, None, None, *side_grads(side, grad))
 
 
-def routing_distribution(side: RoutingSide, score: str, temperature: float, splits: Optional[int] = None):
-    return RoutingDistributionFunction.apply(side, score, temperature, splits, *side.inputs)
+def routing_distribution(side: RoutingSide, score: str, temperature: float):
+    return RoutingDistributionFunction.apply(side, score, temperature, *side.inputs)
+
+
+# ----------------------------------------------------------------------------------------
+# torch.compile: the same launches registered as torch.library custom ops
+# ----------------------------------------------------------------------------------------
+# Why custom_op and not triton_op + wrap_triton: the launchers build the layer table from data
+# pointers, which the FakeTensors of a trace do not have. An opaque custom op with a fake
+# (shape-only) implementation and registered autograd keeps a compiled graph whole. Eager calls
+# bypass it (``PairJSFunction``): a dispatcher round trip costs tens of microseconds per call.
+
+
+def _side_or_none(layers, mask, cu_seqlens, name: str) -> Optional[RoutingSide]:
+    return routing_side(list(layers), mask, cu_seqlens, name) if len(layers) else None
+
+
+def _num_seqs(mask, cu_seqlens) -> int:
+    if mask is not None:
+        return mask.shape[0]
+    return cu_seqlens.shape[0] - 1 if cu_seqlens is not None else 1
+
+
+@torch.library.custom_op("sara_kernels::pair_js_fwd", mutates_args=())
+def pair_js_fwd_op(
+    anchor: List[torch.Tensor], target: List[torch.Tensor],
+    anchor_mask: Optional[torch.Tensor], anchor_cu_seqlens: Optional[torch.Tensor],
+    target_mask: Optional[torch.Tensor], target_cu_seqlens: Optional[torch.Tensor],
+    anchor_probs: Optional[torch.Tensor], score: str, temperature: float, detach_anchor: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(JS, valid, G^a, G^t, n^a, n^t) as in ``pair_js_forward``; ``anchor`` is empty in priors mode."""
+    anchor_side = _side_or_none(anchor, anchor_mask, anchor_cu_seqlens, "anchor")
+    target_side = routing_side(list(target), target_mask, target_cu_seqlens, "target")
+    return pair_js_forward(anchor_side, target_side, anchor_probs, score, temperature)
+
+
+@pair_js_fwd_op.register_fake
+def _pair_js_fwd_fake(anchor, target, anchor_mask, anchor_cu_seqlens, target_mask, target_cu_seqlens,
+                      anchor_probs, score, temperature, detach_anchor):
+    L, E, B = len(target), target[0].shape[1], _num_seqs(target_mask, target_cu_seqlens)
+    new = lambda *shape: target[0].new_empty(shape, dtype=torch.float32)  # noqa: E731
+    return new(L, B), new(B), new(L, B, E), new(L, B, E), new(B), new(B)
+
+
+@torch.library.custom_op("sara_kernels::pair_js_bwd", mutates_args=())
+def pair_js_bwd_op(
+    grad_js: torch.Tensor, anchor: List[torch.Tensor], target: List[torch.Tensor],
+    anchor_mask: Optional[torch.Tensor], anchor_cu_seqlens: Optional[torch.Tensor],
+    target_mask: Optional[torch.Tensor], target_cu_seqlens: Optional[torch.Tensor],
+    ga: torch.Tensor, gt: torch.Tensor, a_total: torch.Tensor, t_total: torch.Tensor,
+    score: str, temperature: float, anchor_grad: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(∂/∂anchor [L, N_a, E] or an empty tensor, ∂/∂target [L, N_t, E])."""
+    target_side = routing_side(list(target), target_mask, target_cu_seqlens, "target")
+    grad_t = pool_side_grad(target_side, gt, grad_js, t_total, score, temperature)
+    if not anchor_grad:
+        return grad_js.new_empty(0), grad_t
+    anchor_side = routing_side(list(anchor), anchor_mask, anchor_cu_seqlens, "anchor")
+    return pool_side_grad(anchor_side, ga, grad_js, a_total, score, temperature), grad_t
+
+
+@pair_js_bwd_op.register_fake
+def _pair_js_bwd_fake(grad_js, anchor, target, anchor_mask, anchor_cu_seqlens, target_mask, target_cu_seqlens,
+                      ga, gt, a_total, t_total, score, temperature, anchor_grad):
+    grad_t = target[0].new_empty((len(target), *target[0].shape))
+    grad_a = anchor[0].new_empty((len(anchor), *anchor[0].shape)) if anchor_grad else grad_js.new_empty(0)
+    return grad_a, grad_t
+
+
+def _pair_js_setup_context(ctx, inputs, output):
+    anchor, target, anchor_mask, anchor_cu, target_mask, target_cu, _, score, temperature, detach_anchor = inputs
+    _, _, ga, gt, a_total, t_total = output
+    ctx.num_anchor = len(anchor)
+    ctx.options = (score, temperature, not detach_anchor and len(anchor) > 0)
+    ctx.save_for_backward(anchor_mask, anchor_cu, target_mask, target_cu, ga, gt, a_total, t_total, *anchor, *target)
+
+
+def _pair_js_backward(ctx, grad_js, *_unused):
+    anchor_mask, anchor_cu, target_mask, target_cu, ga, gt, a_total, t_total, *layers = ctx.saved_tensors
+    anchor, target = layers[: ctx.num_anchor], layers[ctx.num_anchor :]
+    score, temperature, anchor_grad = ctx.options
+    wanted = ctx.needs_input_grad[0]  # one flag per tensor of a list input
+    anchor_grad = anchor_grad and (any(wanted) if isinstance(wanted, (list, tuple)) else bool(wanted))
+    grad_a, grad_t = pair_js_bwd_op(
+        grad_js, anchor, target, anchor_mask, anchor_cu, target_mask, target_cu, ga, gt, a_total, t_total,
+        score, temperature, anchor_grad,
+    )
+    return (list(grad_a.unbind(0)) if anchor_grad else None, list(grad_t.unbind(0))) + (None,) * 8
+
+
+torch.library.register_autograd("sara_kernels::pair_js_fwd", _pair_js_backward, setup_context=_pair_js_setup_context)
+
+
+def pair_js_compiled(plan: PairPlan, anchor_probs: Optional[torch.Tensor]):
+    """``pair_js`` through the registered custom ops, for use while torch.compile traces."""
+    anchor = plan.anchor
+    outputs = pair_js_fwd_op(
+        list(anchor.layers) if anchor is not None else [],
+        list(plan.target.layers),
+        anchor.mask if anchor is not None else None,
+        anchor.cu_seqlens if anchor is not None else None,
+        plan.target.mask, plan.target.cu_seqlens,
+        anchor_probs.detach() if anchor_probs is not None else None,
+        plan.score, plan.temperature, plan.detach_anchor,
+    )
+    return outputs[0], outputs[1]
