@@ -408,7 +408,9 @@ def test_torch_compile_with_hooks_installed_before_compiling():
 
     model = make_model("qwen3_moe", num_hidden_layers=3)
     hooks = install_router_hooks(model)
-    counter = CompileCounterWithBackend("aot_eager")
+    # Dynamo traces the hooks, whatever the backend: "eager" keeps the test fast (aot_eager and
+    # inductor give the same records and gradients, but take 5-60 s more on CPU).
+    counter = CompileCounterWithBackend("eager")
     compiled = torch.compile(model, backend=counter)
     compiled(input_ids=ids, attention_mask=mask)  # compiled while inactive
     for _ in range(2):
@@ -419,6 +421,11 @@ def test_torch_compile_with_hooks_installed_before_compiling():
         assert all(torch.equal(a, b) for a, b in zip(captured.logits, expected))
         assert all(t.requires_grad for t in captured.logits)
     assert counter.frame_count == 2  # one graph per flag value, no recompile per block
+    with capture_router_logits(compiled) as twice:  # the hook skips its checks in compiled code ...
+        compiled(input_ids=ids, attention_mask=mask)
+        compiled(input_ids=ids, attention_mask=mask)
+    with pytest.raises(RuntimeError, match="ran twice"):  # ... reading the result catches it
+        twice.logits
     sum(t.sum() for t in captured.logits).backward()
     assert model.model.layers[1].mlp.gate.weight.grad.abs().sum() > 0
 
@@ -552,6 +559,25 @@ def test_explicit_router_errors():
         capture_router_logits(model, routers="blocks[")
     with pytest.raises(ValueError, match="has no module of class Embedding"):
         capture_router_logits(model, routers=nn.Embedding)
+
+
+def test_composite_model_uses_its_text_model_recorder():
+    from transformers import AutoModelForImageTextToText
+
+    text = {**COMMON, **FAMILIES["qwen3_moe"][0], "num_hidden_layers": 2, "mlp_only_layers": []}
+    config = AutoConfig.for_model(
+        "qwen3_vl_moe",
+        text_config=text,
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
+    )
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config).eval()
+    ids, mask = batch()
+    with torch.no_grad(), capture_router_logits(model) as captured:
+        out = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
+    assert captured.names == ("model.language_model.layers.0.mlp.gate", "model.language_model.layers.1.mlp.gate")
+    assert captured.layers == (0, 1)
+    assert all(torch.equal(a, b) for a, b in zip(captured.logits, out.router_logits))
 
 
 def test_find_routers_reports_what_will_be_hooked():

@@ -40,6 +40,7 @@ exits, also on an exception.
 from __future__ import annotations
 
 import logging
+import operator
 import re
 import weakref
 from dataclasses import dataclass
@@ -85,6 +86,7 @@ SIGMOID_ROUTER_FAMILIES = frozenset(
 )
 
 _SCORES = ("softmax", "sigmoid")
+_WARNED_SCORING: set = set()  # (model_type, scoring_func) already reported
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,9 +174,9 @@ def _hf_routers(model: nn.Module) -> list[tuple[str, nn.Module, Optional[int]]]:
             continue
         declared = True
         matchers = [_spec_matcher(spec) for spec in specs]
+        # named_modules lists owners before their submodels, so a nested model's own recorder
+        # overrides its parent's for the routers inside it, as in transformers' own capture.
         for sub_name, module in owner.named_modules(prefix=prefix):
-            if id(module) in found:
-                continue
             for matches, index in matchers:
                 if matches(sub_name, module):
                     found[id(module)] = (sub_name, module, index)
@@ -187,9 +189,10 @@ def _hf_routers(model: nn.Module) -> list[tuple[str, nn.Module, Optional[int]]]:
         )
     if not found:
         raise ValueError(
-            f"{type(model).__name__} declares a 'router_logits' recorder but contains no module it matches "
-            "(routers replaced by a fused/quantised implementation, e.g. gpt_oss with MXFP4 or hub kernels?); "
-            "pass routers= to name the modules that compute the router logits."
+            f"{type(model).__name__} declares a 'router_logits' recorder but contains no module it matches: "
+            "every layer is dense (check mlp_only_layers / decoder_sparse_step / first_k_dense_replace), or the "
+            "routers were replaced by a fused/quantised implementation; pass routers= to name the modules that "
+            "compute the router logits."
         )
     order = {id(m): i for i, m in enumerate(model.modules())}
     return sorted(found.values(), key=lambda entry: order[id(entry[1])])
@@ -297,9 +300,10 @@ def select_layers(moe_layers: Sequence[int], layers: LayersArg = "all") -> tuple
         raise TypeError(f"layers must be 'all', 'middle' or a list of decoder-layer indices, got {layers!r}") from None
     if not chosen:
         raise ValueError("layers is empty: select at least one MoE layer")
-    bad_type = [x for x in chosen if isinstance(x, bool) or not isinstance(x, int)]
+    bad_type = [x for x in chosen if isinstance(x, bool) or not hasattr(x, "__index__")]
     if bad_type:
         raise TypeError(f"layers must hold int decoder-layer indices, got {bad_type}")
+    chosen = [operator.index(x) for x in chosen]
     unknown = sorted(set(chosen) - set(available))
     if unknown:
         raise ValueError(f"layers={chosen}: {unknown} are not MoE layers of this model; its MoE layers are {available}")
@@ -321,12 +325,10 @@ def default_score(model) -> str:
         scoring = getattr(cfg, "scoring_func", None)
         if scoring == "sigmoid" or getattr(cfg, "model_type", None) in SIGMOID_ROUTER_FAMILIES:
             return "sigmoid"
-        if isinstance(scoring, str) and scoring != "softmax":
-            logger.warning(
-                "scoring_func=%r of %s has no SARA equivalent; using softmax (pass score= to choose)",
-                scoring,
-                getattr(cfg, "model_type", type(cfg).__name__),
-            )
+        family = getattr(cfg, "model_type", type(cfg).__name__)
+        if isinstance(scoring, str) and scoring != "softmax" and (family, scoring) not in _WARNED_SCORING:
+            _WARNED_SCORING.add((family, scoring))
+            logger.warning("scoring_func=%r of %s has no SARA equivalent; using softmax (pass score= to choose)", scoring, family)
     return "softmax"
 
 
@@ -510,6 +512,13 @@ class CapturedRouterLogits:
         self._records = list(self._records)
 
     def _entries(self, require: bool = True) -> list:
+        positions = [pos for pos, _ in self._records]
+        if len(set(positions)) != len(positions):  # compiled code skips the check in the hook
+            twice = next(self.routers[p].name for p in positions if positions.count(p) > 1)
+            raise RuntimeError(
+                f"router {twice!r} ran twice inside one capture_router_logits block; "
+                "a block captures one forward pass: use one block per forward (anchor, target)"
+            )
         keep = set(self.selected_layers)
         entries = [(self.routers[pos], logits) for pos, logits in self._records if self.routers[pos].layer in keep]
         if not entries and require:
