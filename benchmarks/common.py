@@ -1,0 +1,196 @@
+"""Measurement helpers shared by the benchmarks: device facts, L2-cold timing, copy bandwidth,
+peak memory and result files.
+
+Why L2-cold: an H100 keeps 50 MB in L2. A benchmark that calls the op again and again on the
+same small inputs reads them from L2 after the first call and reports a bandwidth no
+training step ever sees (the router logits of a real step were written long before the
+loss reads them). So every timed call reads inputs that have not been touched for at least
+``L2_COLD_FACTOR`` × L2 bytes: the caller rotates over enough copies of the inputs, and a
+pass that must run untimed work first (the forward before a timed backward) flushes L2
+afterwards by reading a buffer of that size.
+
+Why CUDA events and medians: events time the GPU stream, including the gaps where the GPU
+waits for the host to launch the next kernel (which is the op's real cost in a step), and
+the median of many repetitions ignores the odd slow call (clock ramp, another process).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import torch
+
+DEFAULT_L2_BYTES = 50 * 2**20  # H100's L2, used when the device does not report its own
+L2_COLD_FACTOR = 4  # bytes touched between two reads of the same input, in L2 sizes
+MAX_COPIES = 30  # input copies rotated at most (the op's pointer-table cache holds 64 entries)
+
+
+def l2_cache_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        size = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
+        if size:
+            return int(size)
+    return DEFAULT_L2_BYTES
+
+
+def environment(device: torch.device) -> dict:
+    """Card, versions and date: what a reader needs to reproduce or compare a result."""
+    import triton
+
+    info = {
+        "card": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
+        "device": str(device),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": sys.version.split()[0],
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "l2_bytes": l2_cache_bytes(device),
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(sm_count=props.multi_processor_count, memory_bytes=props.total_memory,
+                    capability=f"{props.major}.{props.minor}")
+    return info
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copies_for(bytes_per_copy: int, l2_bytes: int) -> int:
+    """How many input copies to rotate so that one copy is reread only after ≥ L2_COLD_FACTOR·L2 bytes."""
+    wanted = math.ceil(L2_COLD_FACTOR * l2_bytes / max(bytes_per_copy, 1))
+    return max(1, min(MAX_COPIES, wanted))
+
+
+class L2Flusher:
+    """Evicts L2 by reading (not writing: no dirty lines to write back later) a large buffer."""
+
+    def __init__(self, device: torch.device, l2_bytes: int):
+        self.buffer = torch.ones(L2_COLD_FACTOR * l2_bytes // 4, dtype=torch.float32, device=device)
+
+    def __call__(self):
+        self.buffer.sum()
+
+
+def time_calls(
+    device: torch.device,
+    call: Callable[[int, Any], Any],
+    *,
+    copies: int,
+    reps: int,
+    warmup: int,
+    prepare: Optional[Callable[[int], Any]] = None,
+    flush: Optional[Callable[[], None]] = None,
+) -> list:
+    """Milliseconds of ``call(i, prepared)`` for ``reps`` repetitions, i cycling over the copies.
+
+    ``prepare(i)`` runs untimed before each call (e.g. the forward whose backward is timed),
+    then ``flush()`` if given. Results of a call are dropped before the next one.
+    """
+    for r in range(warmup):
+        state = prepare(r % copies) if prepare else None
+        call(r % copies, state)
+        del state
+    synchronize(device)
+    times = []
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for r, (start, end) in enumerate(events):
+            state = prepare(r % copies) if prepare else None
+            if flush:
+                flush()
+            start.record()
+            out = call(r % copies, state)
+            end.record()
+            del out, state
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) for start, end in events]
+    else:
+        for r in range(reps):
+            state = prepare(r % copies) if prepare else None
+            start = time.perf_counter()
+            out = call(r % copies, state)
+            times.append(1e3 * (time.perf_counter() - start))
+            del out, state
+    return times
+
+
+def median(values) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def copy_bandwidth(device: torch.device, l2_bytes: int, reps: int = 20) -> dict:
+    """Device-to-device ``copy_`` bandwidth (bytes read + written per second), the roofline the
+    op's minimum traffic is compared with. The tensor is many times L2, so the copy is L2-cold."""
+    nbytes = max(2**30, 16 * l2_bytes) if device.type == "cuda" else 2**26
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    times = time_calls(device, lambda i, _: dst.copy_(src), copies=1, reps=reps, warmup=3)
+    ms = median(times)
+    del src, dst
+    return {"bytes_per_copy": 2 * nbytes, "median_ms": ms, "gbps": 2 * nbytes / (ms * 1e-3) / 1e9}
+
+
+def peak_extra_bytes(device: torch.device, fn: Callable[[], Any]):
+    """(result of fn(), peak bytes allocated during fn beyond what was allocated before it).
+
+    ``None`` on the CPU, where PyTorch keeps no allocator statistics.
+    """
+    if device.type != "cuda":
+        return fn(), None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    out = fn()
+    synchronize(device)
+    return out, torch.cuda.max_memory_allocated(device) - before
+
+
+def release_memory(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def write_json(path, payload: dict):
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1, default=str)
+
+
+def write_csv(path, rows: list, columns: list):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+
+
+def format_table(rows: list, columns: list) -> str:
+    """Fixed-width text table of ``columns`` (header, key) pairs."""
+    header = [h for h, _ in columns]
+    body = [["-" if r.get(k) is None else str(r.get(k)) for _, k in columns] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(header, *body)]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in [header] + body]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
