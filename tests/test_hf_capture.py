@@ -582,7 +582,8 @@ def test_composite_model_uses_its_text_model_recorder():
 
 def test_find_routers_reports_what_will_be_hooked():
     infos = find_routers(cached_model("gpt_oss"))
-    assert [(r.name, r.layer, r.output_index) for r in infos] == [(f"model.layers.{i}.mlp.router", i, 0) for i in range(4)]
+    expected = [(f"model.layers.{i}.mlp.router", i, 0) for i in range(4)]
+    assert [(r.name, r.layer, r.output_index) for r in infos] == expected
 
 
 def test_normal_path_is_quiet(caplog, recwarn):

@@ -264,7 +264,8 @@ def find_routers(model: nn.Module, *, routers: RoutersArg = None, output_index: 
             for name, module, index in _hf_routers(model)
         ]
     else:
-        entries = [(name, module, output_index, output_index is not None) for name, module in _explicit_routers(model, routers)]
+        strict = output_index is not None
+        entries = [(name, module, output_index, strict) for name, module in _explicit_routers(model, routers)]
 
     parsed = [_layer_from_path(name) for name, *_ in entries]
     if any(layer is None for layer in parsed):
@@ -328,7 +329,9 @@ def default_score(model) -> str:
         family = getattr(cfg, "model_type", type(cfg).__name__)
         if isinstance(scoring, str) and scoring != "softmax" and (family, scoring) not in _WARNED_SCORING:
             _WARNED_SCORING.add((family, scoring))
-            logger.warning("scoring_func=%r of %s has no SARA equivalent; using softmax (pass score= to choose)", scoring, family)
+            logger.warning(
+                "scoring_func=%r of %s has no SARA equivalent; using softmax (pass score= to choose)", scoring, family
+            )
     return "softmax"
 
 
@@ -354,7 +357,9 @@ def _select_output(output, info: RouterInfo):
     if isinstance(output, (tuple, list)):
         index = 0 if info.output_index is None else info.output_index
         if not -len(output) <= index < len(output):
-            raise IndexError(f"output_index={index} is out of range for router {info.name!r}, which returns {len(output)} values")
+            raise IndexError(
+                f"output_index={index} is out of range for router {info.name!r}, which returns {len(output)} values"
+            )
         logits = output[index]
         if logits is not None and not isinstance(logits, torch.Tensor):
             raise TypeError(
@@ -398,8 +403,8 @@ def _make_router_hook(state: _HookState, position: int, info: RouterInfo):
                 raise RuntimeError(
                     f"router {info.name!r} ran under no_grad inside a forward called with grad enabled, so its "
                     "logits carry no gradient: this is what activation checkpointing with use_reentrant=True does, "
-                    "which capture_router_logits does not support. Enable it with "
-                    "gradient_checkpointing_kwargs={'use_reentrant': False} (the transformers default), "
+                    "which capture_router_logits does not support. Use use_reentrant=False (the transformers default: "
+                    "activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False})), "
                     "or run passes that need no gradient under torch.no_grad()."
                 )
             state.called.add(position)
@@ -444,7 +449,9 @@ class RouterHooks:
         pre_hook, post_hook = _make_call_hooks(self.state)
         self._handles.append(model.register_forward_pre_hook(pre_hook))
         self._handles.append(model.register_forward_hook(post_hook, always_call=True))
-        logger.debug("hooked %d routers of %s: %s", len(self.routers), type(model).__name__, [r.name for r in self.routers])
+        logger.debug(
+            "hooked %d routers of %s: %s", len(self.routers), type(model).__name__, [r.name for r in self.routers]
+        )
 
     def remove(self) -> None:
         """Remove the hooks (idempotent)."""
@@ -463,7 +470,9 @@ class RouterHooks:
 _PERSISTENT: "weakref.WeakKeyDictionary[nn.Module, RouterHooks]" = weakref.WeakKeyDictionary()
 
 
-def install_router_hooks(model: nn.Module, *, routers: RoutersArg = None, output_index: Optional[int] = None) -> RouterHooks:
+def install_router_hooks(
+    model: nn.Module, *, routers: RoutersArg = None, output_index: Optional[int] = None
+) -> RouterHooks:
     """Install permanent, inactive router hooks, so that capture works on a ``torch.compile``-d model.
 
     Compiled code only runs hooks that existed when it was traced, so call this *before*
@@ -549,8 +558,8 @@ class CapturedRouterLogits:
                 logits = logits.reshape(-1, logits.shape[-1])
             elif logits.dim() != 2:
                 raise ValueError(
-                    f"router {info.name!r} returned logits of shape {tuple(logits.shape)}; expected [N, E] or [B, S, E] "
-                    "(check output_index)"
+                    f"router {info.name!r} returned logits of shape {tuple(logits.shape)}; "
+                    "expected [N, E] or [B, S, E] (check output_index)"
                 )
             out.append(logits)
         return tuple(out)
