@@ -265,12 +265,20 @@ def contender_skip_reason(name: str, device: torch.device) -> Optional[str]:
 class Contender:
     name: str  # triton | reference | compile | cuda
     variant: str  # torch.compile mode, else ""
-    fn: Callable
+    build: Callable[[], Callable]  # returns the loss function; may raise (a bad compile mode)
+
+
+def _compiled_reference(case: Case, mode: str) -> Callable:
+    def build():
+        torch._dynamo.reset()  # a fresh compile per case and mode: no cache-limit fallback to eager
+        return torch.compile(loss_function(case, "reference"), mode=mode, dynamic=False)
+
+    return build
 
 
 def make_contenders(case: Case, device: torch.device, requested: list) -> tuple:
-    """(runnable contenders, rows for the ones skipped). torch.compile variants are built
-    lazily: each is compiled from scratch (dynamo reset) when first called."""
+    """(runnable contenders, rows for the ones skipped). Contenders are built when measured,
+    so a torch.compile mode that fails is recorded as a failure of that mode only."""
     runnable, skipped = [], []
     for name in requested:
         reason = contender_skip_reason(name, device)
@@ -281,9 +289,9 @@ def make_contenders(case: Case, device: torch.device, requested: list) -> tuple:
             continue
         if name == "compile":
             for mode in case.compile_modes:
-                runnable.append(Contender("compile", mode, torch.compile(loss_function(case, "reference"), mode=mode, dynamic=False)))
+                runnable.append(Contender("compile", mode, _compiled_reference(case, mode)))
         else:
-            runnable.append(Contender(name, "", loss_function(case, name)))
+            runnable.append(Contender(name, "", lambda name=name: loss_function(case, name)))
     return runnable, skipped
 
 
@@ -293,8 +301,9 @@ def make_contenders(case: Case, device: torch.device, requested: list) -> tuple:
 
 
 def measure_contender(case: Case, contender: Contender, inputs: CaseInputs, device, copies: int, args, flush) -> list:
-    """Rows (one per pass) for one contender: median ms, memory, loss value."""
-    fn = contender.fn
+    """Rows (one per pass) for one contender: median ms, memory, loss value. The first call
+    (for torch.compile: the compilation, timed as first_call_s) is outside the timings."""
+    fn = None
 
     def forward(i):
         return fn(inputs.anchors[i], inputs.targets[i], inputs.mask, inputs.priors[i])
@@ -306,10 +315,9 @@ def measure_contender(case: Case, contender: Contender, inputs: CaseInputs, devi
         return gradients(i, forward(i))
 
     base = dict(contender=contender.name, variant=contender.variant)
-    if contender.name == "compile":
-        torch._dynamo.reset()  # a fresh compile per case and mode: no cache-limit fallback to eager
     start = time.perf_counter()
     try:
+        fn = contender.build()
         loss = forward(0)
         gradients(0, loss)
         loss_value = float(loss.detach())
@@ -577,7 +585,8 @@ def summary_markdown(meta: dict, rows: list, targets: list) -> str:
         f"Card: {env['card']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; {env['date']}.",
         f"Copy bandwidth measured in this run: {meta['copy_bandwidth']['gbps']:.0f} GB/s (device-to-device copy_, L2-cold).",
         f"Inputs: per side a tuple of L {meta['dtype']} [N, E] router-logit tensors, sequences of {meta['seq_len']} tokens, "
-        "all valid. Times: median of L2-cold repetitions (CUDA events).",
+        f"all valid. Times: median of {meta['reps']} L2-cold repetitions "
+        f"({'CUDA events' if env['device'].startswith('cuda') else 'wall clock: a CPU logic check, not a measurement'}).",
         "",
         "## Targets (48 layers × 128 experts × ≥ 16k tokens per side, bf16)",
         "",
@@ -590,9 +599,11 @@ def summary_markdown(meta: dict, rows: list, targets: list) -> str:
         "```",
         "",
     ]
-    skipped = sorted({(r["contender"], r.get("note", "")) for r in rows if r.get("status") != "ok"})
-    if skipped:
-        lines += ["## Not measured", ""] + [f"- {c}: {n}" for c, n in skipped] + [""]
+    skipped = sorted({f"{r['contender']}: {r.get('note', '')}" for r in rows if r.get("status") == "skipped"})
+    failed = [f"{r['contender']} {r.get('variant') or ''} {r['model']} N={r['tokens']} {r['mode']} {r.get('pass_name') or ''}: "
+              f"{r['status']}: {r.get('note', '')}" for r in rows if r.get("status") in ("failed", "oom")]
+    if skipped or failed:
+        lines += ["## Not measured", ""] + [f"- {line}" for line in failed + skipped] + [""]
     return "\n".join(lines)
 
 
