@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# GPU CI in one call: install, GPU tests, kernel tests at real compile, selftest, quick benchmarks.
+#
+#   bash scripts/gpu_ci.sh OUTDIR
+#
+# For a GPU machine without network whose Python already has torch, triton, transformers and
+# pytest. The kernels are compiled for the device (TRITON_INTERPRET is unset). Every stage runs
+# under `timeout`, bounded both by its own limit and by what is left of a total budget
+# (GPU_CI_BUDGET_S, default 470 s, so the whole run stays under 8 minutes on an H100); a stage
+# that fails or times out is recorded and the next one still runs. Everything lands in OUTDIR,
+# at most one folder deep, and is also packed into OUTDIR/gpu_ci_results.tar.gz; the stage table
+# is printed last and saved as OUTDIR/summary.txt. Exit status: 0 only if every stage passed.
+set -uo pipefail  # no -e: a failing stage must not stop the others
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+
+OUT=${1:?usage: bash scripts/gpu_ci.sh OUTDIR}
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-$(command -v python || command -v python3)}
+BUDGET_S=${GPU_CI_BUDGET_S:-470}
+START=$(date +%s)
+STAGES="$OUT/stages.tsv"
+: >"$STAGES"
+
+# Effective limit of a stage: its own limit, or what is left of the budget minus the time
+# reserved for the stages after it (their minimal useful run), whichever is smaller.
+stage_limit() {  # stage_limit LIMIT_S RESERVE_S
+    local left=$((BUDGET_S - ($(date +%s) - START) - $2))
+    echo $(($1 < left ? $1 : left))
+}
+
+# run_stage NAME LIMIT_S NOTE_CMD CMD...: CMD under timeout, output to OUTDIR/NAME.log and the
+# terminal; NOTE_CMD (a shell snippet reading $LOG) extracts the one-line result for the table.
+run_stage() {
+    local name=$1 limit=$2 note_cmd=$3
+    shift 3
+    LOG="$OUT/$name.log"
+    if ((limit < 10)); then
+        printf '%s\tSKIPPED\t-\t0\tno time left in the %s s budget\n' "$name" "$BUDGET_S" >>"$STAGES"
+        return
+    fi
+    echo "=== $name (limit ${limit} s): $*"
+    local t0 rc status note
+    t0=$(date +%s)
+    timeout --kill-after=15 "$limit" "$@" 2>&1 | tee "$LOG"
+    rc=${PIPESTATUS[0]}
+    case $rc in
+        0) status=PASS ;;
+        124 | 137) status=TIMEOUT ;;
+        *) status=FAIL ;;
+    esac
+    note=$(eval "$note_cmd" 2>/dev/null | tr '\t\n' '  ' | cut -c1-110)
+    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$(($(date +%s) - t0))" "$note" >>"$STAGES"
+}
+
+PYTEST_NOTE='grep -E "(passed|failed|error|skipped|no tests ran)" "$LOG" | tail -n 1 | tr -d "="'
+LAST_LINE_NOTE='tail -n 1 "$LOG"'
+
+run_stage env 30 "$LAST_LINE_NOTE" bash -c "
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo 'nvidia-smi unavailable'
+    '$PY' -c 'import sys, torch, triton; print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \"triton\", triton.__version__, \"cuda\", torch.version.cuda, \"device\", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'
+"
+
+run_stage install 90 "$LAST_LINE_NOTE" bash -c "
+    '$PY' -m pip install --no-deps --no-build-isolation --disable-pip-version-check -e . || exit 1
+    '$PY' -c 'import sara_kernels; print(\"sara_kernels\", sara_kernels.__version__, \"from\", sara_kernels.__file__)'
+"
+if ! awk -F'\t' '$1 == "install" && $2 == "PASS" {ok = 1} END {exit !ok}' "$STAGES"; then
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # run the later stages from the source tree
+    echo "install failed: using PYTHONPATH=$PYTHONPATH"
+fi
+
+run_stage selftest "$(stage_limit 60 300)" "$LAST_LINE_NOTE" \
+    "$PY" -m sara_kernels.selftest
+
+run_stage gpu_tests "$(stage_limit 150 200)" "$PYTEST_NOTE" \
+    "$PY" -m pytest tests -m gpu -q -rfEsx --durations=10 -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
+
+# The normal suite's kernel files (those calling the Triton backend), now at real compile.
+KERNEL_FILES=$(grep -l -E 'backend="triton"|routing_js' tests/test_*.py | grep -v -x 'tests/test_gpu.py' | tr '\n' ' ')
+run_stage kernel_tests "$(stage_limit 90 160)" "$PYTEST_NOTE" \
+    "$PY" -m pytest $KERNEL_FILES -m "not gpu" -q -rfEs --durations=5 -p no:cacheprovider --junitxml="$OUT/kernel_tests.xml"
+
+LIMIT=$(stage_limit 175 40)
+run_stage bench_sara "$LIMIT" 'f="$OUT/bench_sara/summary.md"; [ -f "$f" ] || { tail -n 1 "$LOG"; exit; }; echo "targets: $(grep -c ": MET:" "$f") met, $(grep -c ": NOT MET:" "$f") not met, $(grep -c "NOT MEASURED" "$f") not measured"' \
+    "$PY" benchmarks/bench_sara.py --quick --out "$OUT/bench_sara" --time-budget $((LIMIT > 80 ? LIMIT - 45 : 35))
+
+run_stage bench_overhead "$(stage_limit 60 5)" 'grep -qE "^triton " "$LOG" || { tail -n 1 "$LOG"; exit; }; grep -E "^(reference|triton) " "$LOG" | awk "{print \$1\": +\"\$3\" ms (\"\$4\"% of step)\"}" | tr "\n" ";"' \
+    "$PY" benchmarks/bench_router_overhead.py --quick --out "$OUT/bench_overhead"
+
+{
+    if [ -f "$OUT/bench_sara/summary.md" ]; then
+        echo "--- bench_sara targets (48 layers × 128 experts × ≥16k tokens per side, bf16) ---"
+        grep -E '^- ' "$OUT/bench_sara/summary.md" | grep -v -E '^- (compile|cuda|triton|reference): ' | head -n 12
+    fi
+    if [ -f "$OUT/bench_overhead/overhead.md" ]; then
+        echo "--- SARA overhead in a Qwen3-MoE step ---"
+        sed -n '/^```$/,/^```$/p' "$OUT/bench_overhead/overhead.md" | grep -v '^```$'
+    fi
+    echo "--- gpu_ci stages ($(($(date +%s) - START)) s of a ${BUDGET_S} s budget) ---"
+    printf '%-15s %-8s %-4s %-6s %s\n' stage status rc secs result
+    while IFS=$'\t' read -r name status rc secs note; do
+        printf '%-15s %-8s %-4s %-6s %s\n' "$name" "$status" "$rc" "$secs" "$note"
+    done <"$STAGES"
+} >"$OUT/summary.txt"
+
+TARBALL=$(mktemp /tmp/gpu_ci_results.XXXXXX)
+tar -czf "$TARBALL" -C "$OUT" --exclude=gpu_ci_results.tar.gz . && chmod 644 "$TARBALL" && mv "$TARBALL" "$OUT/gpu_ci_results.tar.gz"
+echo
+cat "$OUT/summary.txt"
+awk -F'\t' '$2 != "PASS" {failed = 1} END {exit failed}' "$STAGES"
