@@ -62,7 +62,7 @@ def forward_kwargs(model, *, lm_head: bool) -> dict:
     return kwargs
 
 
-def resolve_layers_spec(layers):
+def resolve_layers_spec(layers, arg: str = "layers"):
     """Normalise a layer selection: ``"all"``, ``"middle"``, or a sequence of decoder indices.
 
     Strings of comma-separated integers ("3,4,5", as given on a command line) become a list.
@@ -74,14 +74,14 @@ def resolve_layers_spec(layers):
             out = [int(x) for x in layers.split(",") if x.strip()]
         except ValueError:
             raise ValueError(
-                f"layers: expected 'all', 'middle' or comma-separated decoder-layer indices, got {layers!r}"
+                f"{arg}: expected 'all', 'middle' or comma-separated decoder-layer indices, got {layers!r}"
             ) from None
         if not out:
-            raise ValueError(f"layers: no layer index in {layers!r}")
+            raise ValueError(f"{arg}: no layer index in {layers!r}")
         return out
     if isinstance(layers, (list, tuple)) and layers and all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
         return list(layers)
-    raise ValueError(f"layers: expected 'all', 'middle' or a non-empty list of decoder-layer indices, got {layers!r}")
+    raise ValueError(f"{arg}: expected 'all', 'middle' or a non-empty list of decoder-layer indices, got {layers!r}")
 
 
 def probe_routing(model, layers="all", score=None):

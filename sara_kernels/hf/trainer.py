@@ -164,7 +164,7 @@ class SARATrainingArguments(TrainingArguments):
             self.sara_weight >= 0 and math.isfinite(self.sara_weight)
         ):
             raise ValueError(f"sara_weight must be a finite number >= 0, got {self.sara_weight!r}")
-        self.sara_layers = resolve_layers_spec(self.sara_layers)
+        self.sara_layers = resolve_layers_spec(self.sara_layers, "sara_layers")
         if self.sara_score is not None and self.sara_score not in SCORES:
             raise ValueError(f"sara_score must be one of {SCORES} or None, got {self.sara_score!r}")
         if isinstance(self.sara_temperature, bool) or not isinstance(self.sara_temperature, (int, float)) or not (
@@ -449,5 +449,6 @@ class SARATrainer(Trainer):
             if self.accelerator.num_processes > 1:
                 values = self.accelerator.reduce(values, reduction="mean")
             prefix = "eval_" if mode == "eval" else ""
-            logs = {**logs, **{prefix + n: float(v) for n, v in zip(names, values.tolist())}}
+            # In place: evaluate() returns the same dict it logs, so eval_sara_* reach its caller too.
+            logs.update({prefix + n: float(v) for n, v in zip(names, values.tolist())})
         super().log(logs, start_time)

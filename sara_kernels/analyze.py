@@ -1,0 +1,254 @@
+"""Routing agreement between the two sides of parallel pairs, for a model as it is.
+
+For each pair and MoE layer the pooled routing distributions of anchor and target (what SARA
+aligns) are compared by
+
+* Jensen-Shannon divergence (natural log, as the loss), also divided by ln 2 so it lies in
+  [0, 1] and reads the same for any number of experts;
+* top-k overlap: the fraction of the anchor's k most-used experts that are also among the
+  target's k most-used (k = the model's experts per token unless given), an interpretable
+  "same experts?" view that JS averages away.
+
+``python -m sara_kernels analyze --model PATH --data pairs.jsonl`` prints the per-layer table
+and writes ``routing_analysis.json`` and ``routing_heatmap.png`` (normalised JS per layer and
+language tag; target-minus-anchor expert usage per layer).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from .reference import js_divergence
+
+LN2 = math.log(2.0)
+
+
+@dataclass
+class RoutingReport:
+    """Per-layer routing agreement of anchor vs target over a set of pairs."""
+
+    layers: tuple  # decoder-layer indices
+    js: list  # mean JS per layer (nats)
+    js_normalized: list  # js / ln 2, in [0, 1]
+    topk_overlap: list  # mean top-k overlap per layer, in [0, 1]
+    top_k: int
+    num_pairs: int
+    score: str
+    temperature: float
+    by_lang: dict = field(default_factory=dict)  # lang -> normalised JS per layer
+    expert_shift: list = field(default_factory=list)  # [L][E]: mean P_target - mean P_anchor
+    per_pair_js: Optional[torch.Tensor] = None  # [num_pairs, L]
+
+    @property
+    def mean_js(self) -> float:
+        return float(sum(self.js) / len(self.js))
+
+    @property
+    def mean_js_normalized(self) -> float:
+        return float(sum(self.js_normalized) / len(self.js_normalized))
+
+    @property
+    def mean_topk_overlap(self) -> float:
+        return float(sum(self.topk_overlap) / len(self.topk_overlap))
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (no per-pair values)."""
+        return {
+            "layers": list(self.layers),
+            "js": self.js,
+            "js_normalized": self.js_normalized,
+            "topk_overlap": self.topk_overlap,
+            "top_k": self.top_k,
+            "num_pairs": self.num_pairs,
+            "score": self.score,
+            "temperature": self.temperature,
+            "mean_js": self.mean_js,
+            "mean_js_normalized": self.mean_js_normalized,
+            "mean_topk_overlap": self.mean_topk_overlap,
+            "by_lang": self.by_lang,
+            "expert_shift": self.expert_shift,
+        }
+
+    def table(self) -> str:
+        """Fixed-width text table: one row per layer and a mean row."""
+        head = f"{'layer':>6}  {'JS':>9}  {'JS/ln2':>7}  {f'top-{self.top_k} overlap':>14}"
+        lines = [head, "-" * len(head)]
+        for i, layer in enumerate(self.layers):
+            lines.append(
+                f"{layer:>6}  {self.js[i]:>9.5f}  {self.js_normalized[i]:>7.4f}  {self.topk_overlap[i]:>14.3f}"
+            )
+        lines.append("-" * len(head))
+        lines.append(
+            f"{'mean':>6}  {self.mean_js:>9.5f}  {self.mean_js_normalized:>7.4f}  {self.mean_topk_overlap:>14.3f}"
+        )
+        return "\n".join(lines)
+
+    def plot(self, path: str | os.PathLike, title: str = "routing agreement, anchor vs target") -> None:
+        """Heatmaps: normalised JS (layer × language tag) and expert-usage shift (layer × expert)."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        langs = sorted(self.by_lang)
+        columns = (["all"] + langs) if len(langs) > 1 else ["all"]
+        grid = [[self.js_normalized[i]] + [self.by_lang[lang][i] for lang in columns[1:]] for i in range(len(self.layers))]
+        shift = torch.tensor(self.expert_shift)
+        fig = Figure(figsize=(4 + 0.6 * len(columns) + 0.25 * shift.shape[1], 1.2 + 0.45 * len(self.layers)))
+        FigureCanvasAgg(fig)
+        ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [len(columns) + 1, shift.shape[1] + 1]})
+        im = ax1.imshow(grid, cmap="viridis", vmin=0.0, vmax=max(1e-6, max(max(r) for r in grid)), aspect="auto")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax1.text(j, i, f"{v:.3f}", ha="center", va="center", color="white" if v < 0.6 * im.get_clim()[1] else "black", fontsize=7)
+        ax1.set_xticks(range(len(columns)), columns)
+        ax1.set_yticks(range(len(self.layers)), [str(x) for x in self.layers])
+        ax1.set_ylabel("decoder layer")
+        ax1.set_title("JS / ln 2")
+        fig.colorbar(im, ax=ax1, fraction=0.08)
+        bound = max(1e-6, float(shift.abs().max()))
+        im2 = ax2.imshow(shift.numpy(), cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto")
+        ax2.set_yticks(range(len(self.layers)), [str(x) for x in self.layers])
+        ax2.set_xlabel("expert")
+        ax2.set_title("expert usage: target − anchor")
+        fig.colorbar(im2, ax=ax2, fraction=0.05)
+        fig.suptitle(f"{title} ({self.num_pairs} pairs, {self.score})")
+        fig.tight_layout()
+        fig.savefig(os.fspath(path), dpi=120)
+
+
+def default_top_k(model, num_experts: int) -> int:
+    """Experts per token from the config (``num_experts_per_tok`` / ``moe_k`` / ``top_k``), else 2; at most E."""
+    config = getattr(model, "config", None)
+    configs = [c for c in (config, getattr(config, "text_config", None)) if c is not None]
+    for cfg in configs:
+        for name in ("num_experts_per_tok", "moe_k", "top_k", "num_selected_experts"):
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and value > 0:
+                return min(value, num_experts)
+    return min(2, num_experts)
+
+
+def compare_distributions(
+    p_anchor: torch.Tensor,
+    p_target: torch.Tensor,
+    layers: Sequence[int],
+    *,
+    top_k: int,
+    score: str,
+    temperature: float = 1.0,
+    langs: Optional[Sequence[Optional[str]]] = None,
+) -> RoutingReport:
+    """Build a :class:`RoutingReport` from pooled distributions [num_pairs, L, E] of both sides."""
+    if p_anchor.shape != p_target.shape or p_anchor.dim() != 3:
+        raise ValueError(f"expected two [num_pairs, L, E] tensors of one shape, got {tuple(p_anchor.shape)} and {tuple(p_target.shape)}")
+    num_pairs, num_layers, num_experts = p_anchor.shape
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, E = {num_experts}], got {top_k}")
+    pa, pt = p_anchor.double(), p_target.double()
+    js = js_divergence(pa, pt)  # [N, L]
+    ia = torch.zeros_like(pa, dtype=torch.bool).scatter_(-1, pa.topk(top_k, dim=-1).indices, True)
+    it = torch.zeros_like(pt, dtype=torch.bool).scatter_(-1, pt.topk(top_k, dim=-1).indices, True)
+    overlap = (ia & it).sum(-1).double() / top_k  # [N, L]
+    by_lang = {}
+    if langs is not None:
+        tags = ["?" if lang is None else str(lang) for lang in langs]
+        for tag in sorted(set(tags)):
+            rows = torch.tensor([t == tag for t in tags])
+            by_lang[tag] = (js[rows].mean(0) / LN2).tolist()
+    return RoutingReport(
+        layers=tuple(int(i) for i in layers),
+        js=js.mean(0).tolist(),
+        js_normalized=(js.mean(0) / LN2).tolist(),
+        topk_overlap=overlap.mean(0).tolist(),
+        top_k=int(top_k),
+        num_pairs=int(num_pairs),
+        score=score,
+        temperature=float(temperature),
+        by_lang=by_lang,
+        expert_shift=(pt.mean(0) - pa.mean(0)).tolist(),
+        per_pair_js=js.float(),
+    )
+
+
+def routing_report(
+    model,
+    tokenizer,
+    pairs: Sequence[dict],
+    *,
+    layers="all",
+    score: Optional[str] = None,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    batch_size: int = 8,
+    max_length: Optional[int] = None,
+    backend: str = "auto",
+    progress: bool = True,
+) -> RoutingReport:
+    """Per-layer JS (and JS / ln 2) and top-k overlap between anchors and targets of ``pairs``.
+
+    Runs the model (eval mode, no grad) over both sides, tokenised as in training.
+    """
+    from .hf.data import validate_pair
+    from .hf.priors import pooled_routing
+
+    if len(pairs) == 0:
+        raise ValueError("pairs: no examples to analyse")
+    for i in range(len(pairs)):
+        validate_pair(pairs[i], f"pairs[{i}]")
+    common = dict(layers=layers, score=score, temperature=temperature, batch_size=batch_size,
+                  max_length=max_length, backend=backend, progress=progress)
+    pa, found_layers, found_score = pooled_routing(model, tokenizer, [p["anchor"] for p in pairs], desc="anchors", **common)
+    pt, _, _ = pooled_routing(model, tokenizer, [p["target"] for p in pairs], desc="targets", **common)
+    k = default_top_k(model, pa.shape[-1]) if top_k is None else top_k
+    return compare_distributions(
+        pa, pt, found_layers, top_k=k, score=found_score, temperature=temperature, langs=[p.get("lang") for p in pairs]
+    )
+
+
+def load_model_and_tokenizer(path: str | os.PathLike, device: Optional[str] = None):
+    """A local checkpoint (``save_pretrained`` folder) as (causal LM, tokenizer); nothing is downloaded."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--model: {path} is not a directory with a saved model (save_pretrained output)")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device), tokenizer
+
+
+def run_analyze(
+    model_path: str,
+    data_path: str,
+    out_dir: str = "sara_analyze_out",
+    *,
+    layers="all",
+    score: Optional[str] = None,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    batch_size: int = 8,
+    max_length: Optional[int] = None,
+    backend: str = "auto",
+    progress: bool = True,
+) -> RoutingReport:
+    """The ``analyze`` command: report on a saved model and a jsonl of pairs; writes JSON + PNG to ``out_dir``."""
+    from .hf.data import load_pairs
+
+    pairs = load_pairs(data_path)
+    model, tokenizer = load_model_and_tokenizer(model_path)
+    report = routing_report(
+        model, tokenizer, pairs, layers=layers, score=score, temperature=temperature, top_k=top_k,
+        batch_size=batch_size, max_length=max_length, backend=backend, progress=progress,
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "routing_analysis.json"), "w") as f:
+        json.dump({"model": os.fspath(model_path), "data": os.fspath(data_path), **report.to_dict()}, f, indent=2)
+    report.plot(os.path.join(out_dir, "routing_heatmap.png"), title=os.path.basename(os.path.normpath(model_path)))
+    return report

@@ -1,0 +1,366 @@
+"""End-to-end SARA demo: baseline vs SARA fine-tuning from one initialisation, on CPU or GPU.
+
+``python -m sara_kernels demo`` with no arguments needs nothing from the network:
+
+1. a word-level tokenizer and a parallel corpus are built in code (English anchors, targets in
+   the documented pseudo-language of :mod:`sara_kernels.hf.data`, same meaning word for word);
+2. a tiny Qwen3-MoE (4 layers, 8 experts, top-2) is created from a config with a fixed seed;
+3. the same initial model is fine-tuned twice with :class:`~sara_kernels.hf.SARATrainer`:
+   a baseline with the LM loss only (``sara_weight=0``) and a SARA run (``sara_weight=λ``);
+4. before and after each run it measures, on held-out pairs, the per-layer routing JS between
+   the languages (:func:`sara_kernels.analyze.routing_report`) and the target LM loss.
+
+It prints a table, and writes ``summary.json`` and ``summary.png`` to ``--out``. ``--model`` (a
+local ``save_pretrained`` folder) and ``--data`` (jsonl pairs) run the same comparison on a real
+model and corpus; ``--quick`` / ``--steps`` shrink it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+SIZES = {
+    # train pairs, held-out pairs, optimiser steps, pairs per batch
+    "default": dict(train_pairs=1024, eval_pairs=128, steps=250, batch_size=16),
+    "quick": dict(train_pairs=96, eval_pairs=32, steps=12, batch_size=8),
+}
+
+
+@dataclass
+class DemoConfig:
+    """Everything one demo run depends on (saved in ``summary.json``)."""
+
+    out_dir: str = "sara_demo_out"
+    model_path: Optional[str] = None
+    data_path: Optional[str] = None
+    quick: bool = False
+    steps: Optional[int] = None
+    train_pairs: Optional[int] = None
+    eval_pairs: Optional[int] = None
+    batch_size: Optional[int] = None
+    learning_rate: float = 3e-3
+    sara_weight: float = 1.0
+    layers: str = "all"
+    lm_on_anchor: bool = True
+    max_length: Optional[int] = None
+    backend: str = "auto"
+    seed: int = 0
+    progress: bool = True
+
+    def resolved(self) -> "DemoConfig":
+        size = SIZES["quick" if self.quick else "default"]
+        out = DemoConfig(**self.__dict__)
+        for key, value in size.items():
+            if getattr(out, key) is None:
+                setattr(out, key, value)
+        for key in ("steps", "train_pairs", "eval_pairs", "batch_size"):
+            if getattr(out, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(out, key)}")
+        if not out.sara_weight > 0:
+            raise ValueError(f"sara_weight must be > 0 for the SARA run, got {out.sara_weight}")
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Model, data, evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_qwen3_moe_config(tokenizer, *, hidden_size=64, num_layers=4, num_experts=8, top_k=2):
+    """A Qwen3-MoE config small enough to train in seconds on a CPU (every layer is MoE)."""
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        moe_intermediate_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden_size // 4,
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        max_position_embeddings=128,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def build_tiny_model(tokenizer, seed: int = 0, **config_kwargs):
+    """Random-init tiny Qwen3-MoE, identical for equal seeds (the global RNG is restored after)."""
+    from transformers import Qwen3MoeForCausalLM
+
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = Qwen3MoeForCausalLM(tiny_qwen3_moe_config(tokenizer, **config_kwargs))
+    finally:
+        torch.random.set_rng_state(state)
+    return model
+
+
+def target_lm_loss(model, tokenizer, pairs, *, batch_size: int = 16, max_length: Optional[int] = None) -> float:
+    """Mean next-token cross-entropy on the target sides of ``pairs`` (eval mode, no grad)."""
+    from .hf.priors import forward_kwargs, model_device
+    from .hf.trainer import IGNORE_INDEX, SARACollator
+
+    collate = SARACollator(tokenizer, max_length=max_length, include_anchor=False)
+    device = model_device(model)
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(pairs), batch_size):
+                batch = collate(list(pairs[start : start + batch_size]))
+                out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                            **forward_kwargs(model, lm_head=True))
+                logits = out.logits[:, :-1].float()
+                labels = batch["labels"][:, 1:].to(device)
+                total += float(torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"))
+                count += int((labels != IGNORE_INDEX).sum())
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+def _progress_callback(name: str, enabled: bool):
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class TqdmProgress(TrainerCallback):
+        """One bar per run with the latest losses; replaces Trainer's dict printing."""
+
+        def __init__(self):
+            self.bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = tqdm(total=state.max_steps, desc=name, disable=not enabled, leave=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.bar is not None and logs:
+                shown = {k: f"{logs[k]:.4f}" for k in ("lm_loss", "sara_loss") if k in logs}
+                if shown:
+                    self.bar.set_postfix(shown)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.bar.close()
+
+    return TqdmProgress()
+
+
+def fine_tune(name, model, tokenizer, train_pairs, cfg: DemoConfig, sara_weight: float) -> list:
+    """Fine-tune ``model`` in place with SARATrainer; returns the Trainer's log history."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from .hf.trainer import SARATrainer, SARATrainingArguments
+
+    args = SARATrainingArguments(
+        output_dir=os.path.join(cfg.out_dir, f"trainer_{name}"),
+        per_device_train_batch_size=cfg.batch_size,
+        max_steps=cfg.steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, cfg.steps // 10),
+        weight_decay=0.0,
+        logging_steps=max(1, cfg.steps // 25),
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=cfg.seed,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        sara_weight=sara_weight,
+        sara_layers=cfg.layers,
+        sara_lm_on_anchor=cfg.lm_on_anchor,
+        sara_backend=cfg.backend,
+        sara_max_length=cfg.max_length,
+    )
+    trainer = SARATrainer(model=model, args=args, train_dataset=train_pairs, processing_class=tokenizer)
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(_progress_callback(name, cfg.progress))
+    trainer.train()
+    return [dict(entry) for entry in trainer.state.log_history]
+
+
+def _measure(model, tokenizer, eval_pairs, cfg: DemoConfig) -> dict:
+    from .analyze import routing_report
+
+    report = routing_report(model, tokenizer, eval_pairs, layers=cfg.layers, batch_size=cfg.batch_size,
+                            max_length=cfg.max_length, backend=cfg.backend, progress=False)
+    return {"routing": report.to_dict(),
+            "target_lm_loss": target_lm_loss(model, tokenizer, eval_pairs, batch_size=cfg.batch_size, max_length=cfg.max_length)}
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
+STAGES = ("init", "baseline", "sara")
+
+
+def format_table(summary: dict) -> str:
+    """The end-of-run table: per-layer normalised JS and top-k overlap per stage, and LM losses."""
+    r = {s: summary["results"][s]["routing"] for s in STAGES}
+    k = r["init"]["top_k"]
+    cols = "".join(f"{s:>10}" for s in STAGES)
+    lines = [
+        f"routing JS/ln2 between anchor and target, {r['init']['num_pairs']} held-out pairs (0 = same experts)",
+        f"{'layer':>8}{cols}   | top-{k} overlap{cols}",
+    ]
+    for i, layer in enumerate(r["init"]["layers"]):
+        js = "".join(f"{r[s]['js_normalized'][i]:>10.4f}" for s in STAGES)
+        ov = "".join(f"{r[s]['topk_overlap'][i]:>10.3f}" for s in STAGES)
+        lines.append(f"{layer:>8}{js}   | {'':>13}{ov}")
+    js = "".join(f"{r[s]['mean_js_normalized']:>10.4f}" for s in STAGES)
+    ov = "".join(f"{r[s]['mean_topk_overlap']:>10.3f}" for s in STAGES)
+    lines.append(f"{'mean':>8}{js}   | {'':>13}{ov}")
+    lm = "".join(f"{summary['results'][s]['target_lm_loss']:>10.4f}" for s in STAGES)
+    lines.append(f"{'LM loss':>8}{lm}   (target side, held-out, nats/token)")
+    return "\n".join(lines)
+
+
+def plot_summary(summary: dict, path: str) -> None:
+    """Three panels: per-layer JS/ln2 per stage, top-k overlap per stage, training LM loss curves."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 3.8))
+    FigureCanvasAgg(fig)
+    ax1, ax2, ax3 = fig.subplots(1, 3)
+    results = summary["results"]
+    layers = results["init"]["routing"]["layers"]
+    width = 0.27
+    for j, stage in enumerate(STAGES):
+        xs = [i + (j - 1) * width for i in range(len(layers))]
+        ax1.bar(xs, results[stage]["routing"]["js_normalized"], width, label=stage)
+        ax2.bar(xs, results[stage]["routing"]["topk_overlap"], width, label=stage)
+    for ax, title in ((ax1, "routing JS / ln 2 (lower = aligned)"), (ax2, f"top-{results['init']['routing']['top_k']} expert overlap")):
+        ax.set_xticks(range(len(layers)), [str(x) for x in layers])
+        ax.set_xlabel("decoder layer")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    for name in ("baseline", "sara"):
+        history = [h for h in summary["log_history"][name] if "lm_loss" in h]
+        ax3.plot([h["step"] for h in history], [h["lm_loss"] for h in history], label=f"{name} LM loss")
+    sara_hist = [h for h in summary["log_history"]["sara"] if "sara_loss" in h]
+    if sara_hist:
+        twin = ax3.twinx()
+        twin.plot([h["step"] for h in sara_hist], [h["sara_loss"] for h in sara_hist], color="tab:red", ls="--", label="SARA loss (JS)")
+        twin.set_ylabel("SARA loss", color="tab:red")
+    ax3.set_xlabel("step")
+    ax3.set_title("training")
+    ax3.legend(fontsize=8, loc="upper right")
+    fig.suptitle(f"SARA demo: {summary['model']}, {summary['sizes']['train_pairs']} train pairs, {summary['sizes']['steps']} steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# --------------------------------------------------------------------------------------------
+# The demo
+# --------------------------------------------------------------------------------------------
+
+
+def _pairs(cfg: DemoConfig):
+    from .hf.data import load_pairs, make_parallel_corpus
+
+    if cfg.data_path is None:
+        pairs = make_parallel_corpus(cfg.train_pairs + cfg.eval_pairs, seed=cfg.seed)
+        return pairs[: cfg.train_pairs], pairs[cfg.train_pairs :], False
+    pairs = load_pairs(cfg.data_path)
+    if len(pairs) < 10:  # too few to hold any out: report on the training pairs (flagged in the summary)
+        return pairs, pairs, True
+    n_eval = min(cfg.eval_pairs, max(1, len(pairs) // 10))
+    return pairs[: len(pairs) - n_eval], pairs[len(pairs) - n_eval :], False
+
+
+def run_demo(cfg: Optional[DemoConfig] = None, **overrides) -> dict:
+    """Run the demo; returns the summary (also written to ``out_dir/summary.json`` with ``summary.png``)."""
+    from .analyze import load_model_and_tokenizer
+    from .hf.data import build_word_tokenizer
+
+    if cfg is None:
+        cfg = DemoConfig(**overrides)
+    elif overrides:
+        cfg = DemoConfig(**{**cfg.__dict__, **overrides})
+    cfg = cfg.resolved()
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    train_pairs, eval_pairs, eval_on_train = _pairs(cfg)
+
+    if cfg.model_path is None:
+        tokenizer = build_word_tokenizer()
+        model_name = "tiny Qwen3-MoE (random init)"
+
+        def fresh_model():
+            model = build_tiny_model(tokenizer, seed=cfg.seed)
+            return model.to("cuda") if torch.cuda.is_available() else model
+    else:
+        tokenizer = None
+        model_name = os.fspath(cfg.model_path)
+
+        def fresh_model():  # reloaded rather than copied: one model in memory at a time
+            nonlocal tokenizer
+            model, tokenizer = load_model_and_tokenizer(cfg.model_path)
+            return model
+
+    timings = {}
+    results, histories = {}, {}
+    model = fresh_model()
+    start = time.perf_counter()
+    results["init"] = _measure(model, tokenizer, eval_pairs, cfg)
+    timings["measure_init_s"] = time.perf_counter() - start
+
+    for stage, weight in (("baseline", 0.0), ("sara", cfg.sara_weight)):
+        if stage == "sara":
+            del model
+            model = fresh_model()
+        start = time.perf_counter()
+        histories[stage] = fine_tune(stage, model, tokenizer, train_pairs, cfg, weight)
+        timings[f"train_{stage}_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        results[stage] = _measure(model, tokenizer, eval_pairs, cfg)
+        timings[f"measure_{stage}_s"] = time.perf_counter() - start
+    timings["total_s"] = time.perf_counter() - t0
+
+    summary = {
+        "model": model_name,
+        "data": cfg.data_path or "pseudo-language corpus (sara_kernels.hf.data.make_parallel_corpus)",
+        "device": str(next(model.parameters()).device),
+        "backend": cfg.backend,
+        "eval_on_train_pairs": eval_on_train,
+        "sizes": {"train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "steps": cfg.steps, "batch_size": cfg.batch_size},
+        "config": {k: v for k, v in cfg.__dict__.items() if k != "progress"},
+        "results": results,
+        "log_history": histories,
+        "timings": timings,
+    }
+    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=_json_default)
+    plot_summary(summary, os.path.join(cfg.out_dir, "summary.png"))
+    return summary
+
+
+def _json_default(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return str(value)

@@ -1,0 +1,110 @@
+"""Shared pieces of the SARA training tests: a tiny MoE, SGD arguments, an independent oracle.
+
+The oracle (:func:`expected_update`) recomputes one SGD step by hand from transformers' own
+``outputs.router_logits`` (not our capture hooks), plain ``F.cross_entropy`` (not the model's
+loss function) and the float64 reference SARA loss, so the trainer is checked against code it
+does not share.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from sara_kernels import reference
+from sara_kernels.hf.data import build_word_tokenizer, make_parallel_corpus
+
+TOKENIZER = build_word_tokenizer()
+
+
+def tiny_moe(seed=0, *, num_experts=4, num_layers=3, mlp_only_layers=(0,), tokenizer=TOKENIZER, **overrides):
+    """Qwen3-MoE with a dense decoder layer 0 (MoE layers 1, 2): decoder index != MoE position."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    kwargs = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+        num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        num_experts=num_experts, num_experts_per_tok=2, max_position_embeddings=64,
+        mlp_only_layers=list(mlp_only_layers), pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        initializer_range=0.2,  # peaked routing at init, so SARA gradients are far above rounding
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(**kwargs))
+
+
+def pairs(n=8, seed=3):
+    return make_parallel_corpus(n, seed=seed)
+
+
+def sgd_args(tmp_path, **overrides):
+    """One plain-SGD step, no clipping/decay/schedule: Δθ = -lr · grad exactly."""
+    from sara_kernels.hf.trainer import SARATrainingArguments
+
+    kwargs = dict(
+        output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=8, gradient_accumulation_steps=1,
+        max_steps=1, learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
+        weight_decay=0.0, warmup_steps=0, report_to="none", save_strategy="no", logging_steps=1,
+        disable_tqdm=True, use_cpu=True, dataloader_pin_memory=False, sara_weight=5.0, seed=0,
+    )
+    kwargs.update(overrides)
+    return SARATrainingArguments(**kwargs)
+
+
+def train_delta(base, tmp_path, data, **overrides):
+    """(parameter updates of one SARATrainer step on a copy of ``base``, the trainer)."""
+    from sara_kernels.hf.trainer import SARATrainer
+
+    priors = overrides.pop("routing_priors", None)
+    model = copy.deepcopy(base)
+    trainer = SARATrainer(model=model, args=sgd_args(tmp_path, **overrides), train_dataset=data,
+                          processing_class=TOKENIZER, routing_priors=priors)
+    trainer.train()
+    before = dict(base.named_parameters())
+    return {n: (p.detach() - before[n].detach()) for n, p in model.named_parameters()}, trainer
+
+
+def _encode(text):
+    return TOKENIZER(text)["input_ids"]
+
+
+def manual_loss(model, data, *, sara_weight, lm_on_anchor=False, anchor_probs=None):
+    """LM (token mean) + λ·SARA on the whole of ``data``, one example at a time (no padding at all)."""
+    lm_sum, lm_count = 0.0, 0
+    pooled_a, pooled_t = [], []
+    for example in data:
+        sides = [("target", True)] + [("anchor", lm_on_anchor)]
+        for side, with_lm in sides:
+            ids = torch.tensor([_encode(example[side])])
+            grad = side == "target" or lm_on_anchor
+            with torch.set_grad_enabled(grad):
+                out = model(input_ids=ids, output_router_logits=True, use_cache=False)
+            if with_lm:
+                lm_sum = lm_sum + F.cross_entropy(out.logits[0, :-1], ids[0, 1:], reduction="sum")
+                lm_count += ids.shape[1] - 1
+            probs = torch.stack([torch.softmax(z.double(), dim=-1).mean(0) for z in out.router_logits])  # [L, E]
+            (pooled_t if side == "target" else pooled_a).append(probs)
+    p_t = torch.stack(pooled_t, dim=1)  # [L, B, E]
+    p_a = torch.stack(pooled_a, dim=1).detach() if anchor_probs is None else anchor_probs.double()
+    sara = reference.js_divergence(p_a, p_t).mean()  # mean over layers and pairs
+    return lm_sum / lm_count + sara_weight * sara, sara
+
+
+def expected_update(base, data, *, lr=1.0, sara_weight, lm_on_anchor=False):
+    model = copy.deepcopy(base)
+    model.train()
+    loss, _ = manual_loss(model, data, sara_weight=sara_weight, lm_on_anchor=lm_on_anchor)
+    loss.backward()
+    return {n: -lr * (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+
+
+def assert_updates_close(actual, expected, rtol=2e-4):
+    """Every parameter's update matches, with atol relative to that tensor's largest entry."""
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        scale = max(float(expected[name].abs().max()), 1e-12)
+        torch.testing.assert_close(actual[name], expected[name].to(actual[name].dtype), rtol=rtol,
+                                   atol=rtol * scale, msg=lambda m: f"{name}: {m}")
