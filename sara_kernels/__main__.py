@@ -26,7 +26,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=_positive_int, default=None, help="truncate each side to this many tokens")
     p.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"),
                    help="SARA backend: auto = Triton on CUDA, reference otherwise")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (default: 1 for the built-in tiny model on CPU, whose matrices are too "
+                        "small for threads to pay off, torch's choice otherwise)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -71,10 +73,12 @@ def main(argv=None) -> int:
 
         return selftest_main(argv[1:])
     args = build_parser().parse_args(argv)
-    if args.threads:
-        import torch
+    import torch
 
+    if args.threads:
         torch.set_num_threads(args.threads)
+    elif args.command == "demo" and args.model is None and not torch.cuda.is_available():
+        torch.set_num_threads(1)
 
     if args.command == "demo":
         from .demo import DemoConfig, format_table, run_demo

@@ -108,3 +108,12 @@ def assert_updates_close(actual, expected, rtol=2e-4):
         scale = max(float(expected[name].abs().max()), 1e-12)
         torch.testing.assert_close(actual[name], expected[name].to(actual[name].dtype), rtol=rtol,
                                    atol=rtol * scale, msg=lambda m: f"{name}: {m}")
+
+
+def one_thread():
+    """Module fixture body: tiny models run faster single-threaded, and a busy 2-core CI machine
+    makes multi-threaded tiny matmuls 5-10x slower. The previous count is restored."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -18,6 +18,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from hf_train_helpers import (  # noqa: E402
+    one_thread,
     TOKENIZER,
     assert_updates_close,
     expected_update,
@@ -29,6 +30,9 @@ from hf_train_helpers import (  # noqa: E402
 )
 
 from sara_kernels.hf import SARACollator, SARATrainer, SARATrainingArguments  # noqa: E402
+
+
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

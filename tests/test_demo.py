@@ -1,0 +1,187 @@
+"""The demo and analyze commands end to end (CPU, reference backend), the pseudo-language, and
+jsonl loading."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+pytest.importorskip("matplotlib")
+
+from hf_train_helpers import one_thread, TOKENIZER, tiny_moe  # noqa: E402
+
+from sara_kernels.__main__ import main  # noqa: E402
+from sara_kernels.hf import data as D  # noqa: E402
+
+
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ---- pseudo-language and data loading --------------------------------------------------------
+
+
+def test_pseudo_language_grammar_by_hand():
+    lex = D.pseudo_lexicon()
+    got = D.translate("the big dog finds the red ball near the river today")
+    expected = [lex["river"], lex["near"], lex["dog"], lex["big"], lex["ball"], lex["red"], "ko", lex["today"], lex["finds"]]
+    assert got.split() == expected
+    assert D.translate("the cat sees the key").split() == [lex["cat"], lex["key"], "ko", lex["sees"]]
+    with pytest.raises(ValueError, match="not a generated sentence"):
+        D.translate("a dog barks")
+
+
+def test_pseudo_lexicon_is_a_fixed_bijection_disjoint_from_english():
+    lex = D.pseudo_lexicon()
+    assert set(lex) == set(D.ENGLISH_WORDS) - {"the"}
+    assert len(set(lex.values())) == len(lex)
+    assert not set(lex.values()) & (set(D.ENGLISH_WORDS) | {D.OBJECT_MARKER})
+    assert lex == D.pseudo_lexicon()  # hash-based, not seeded by process state
+    corpus = D.make_parallel_corpus(50, seed=1)
+    assert corpus == D.make_parallel_corpus(50, seed=1) and corpus != D.make_parallel_corpus(50, seed=2)
+    for pair in corpus:
+        content = [w for w in pair["anchor"].split() if w != "the"]
+        assert sorted(lex[w] for w in content) == sorted(w for w in pair["target"].split() if w != "ko")
+        ids = TOKENIZER(pair["anchor"] + " " + pair["target"])["input_ids"]
+        assert TOKENIZER.unk_token_id not in ids
+
+
+def test_load_pairs_reports_the_bad_line(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"anchor": "the dog", "target": "x", "lang": "ps"}\n\n{"anchor": "a", "target": "b"}\n')
+    assert [p["anchor"] for p in D.load_pairs(good)] == ["the dog", "a"]
+    cases = {
+        '{"anchor": "a"}\n': r":1: missing key\(s\) \['target'\]",
+        '{"anchor": "a", "target": "b"}\n{"target": "b"}\n': r":2: missing key\(s\) \['anchor'\]",
+        '{"anchor": "", "target": "b"}\n': r":1: 'anchor' is an empty text",
+        '{"anchor": "a", "target": b}\n': r":1: not valid JSON",
+        '["a", "b"]\n': r":1: expected a dict",
+        "\n\n": r"no pairs found",
+    }
+    for i, (text, match) in enumerate(cases.items()):
+        path = tmp_path / f"bad{i}.jsonl"
+        path.write_text(text)
+        with pytest.raises((ValueError, TypeError), match=match):
+            D.load_pairs(path)
+
+
+# ---- analyze ------------------------------------------------------------------------------
+
+
+def _pooled(model, text):
+    ids = torch.tensor([TOKENIZER(text)["input_ids"]])
+    with torch.no_grad():
+        out = model(input_ids=ids, output_router_logits=True, use_cache=False)
+    return torch.stack([torch.softmax(z.double(), -1).mean(0) for z in out.router_logits])  # [L, E]
+
+
+def _js(p, q):
+    m = 0.5 * (p + q)
+    return 0.5 * (torch.xlogy(p, p / m).sum(-1) + torch.xlogy(q, q / m).sum(-1))
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_moe")
+    model = tiny_moe(seed=1)
+    model.save_pretrained(folder)
+    TOKENIZER.save_pretrained(folder)
+    return str(folder), model.eval()
+
+
+def test_analyze_cli_matches_independent_computation(saved_model, tmp_path, capsys):
+    folder, model = saved_model
+    pairs = D.make_parallel_corpus(6, seed=4)
+    pairs[0]["lang"] = "other"
+    data = tmp_path / "pairs.jsonl"
+    D.save_pairs(pairs, data)
+    out = tmp_path / "analysis"
+    assert main(["analyze", "--model", folder, "--data", str(data), "--out", str(out), "--batch-size", "4", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "JS/ln2" in printed and "top-2 overlap" in printed and "mean" in printed
+
+    result = json.loads((out / "routing_analysis.json").read_text())
+    assert (out / "routing_heatmap.png").read_bytes()[:8] == PNG_MAGIC
+    pa = torch.stack([_pooled(model, p["anchor"]) for p in pairs])  # [N, L, E]
+    pt = torch.stack([_pooled(model, p["target"]) for p in pairs])
+    js = _js(pa, pt)  # [N, L]
+    assert result["layers"] == [1, 2] and result["top_k"] == 2 and result["num_pairs"] == 6
+    torch.testing.assert_close(torch.tensor(result["js"], dtype=torch.float64), js.mean(0), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(torch.tensor(result["js_normalized"], dtype=torch.float64), js.mean(0) / math.log(2), rtol=1e-4, atol=1e-7)
+    overlap = [[len(set(pa[n, l].topk(2).indices.tolist()) & set(pt[n, l].topk(2).indices.tolist())) / 2
+                for l in range(2)] for n in range(6)]
+    assert result["topk_overlap"] == pytest.approx(torch.tensor(overlap).mean(0).tolist())
+    assert result["by_lang"]["other"] == pytest.approx((js[0] / math.log(2)).tolist(), rel=1e-4)
+    assert all(0.0 <= v <= 1.0 for v in result["js_normalized"])
+
+
+def test_analyze_bad_inputs(saved_model, tmp_path):
+    folder, _ = saved_model
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"anchor": "the dog sees the cat", "translation": "x"}\n')
+    with pytest.raises(ValueError, match=r"pairs.jsonl:1: missing key\(s\) \['target'\]"):
+        main(["analyze", "--model", folder, "--data", str(data), "--out", str(tmp_path / "o"), "--no-progress"])
+    D.save_pairs(D.make_parallel_corpus(2), data)
+    with pytest.raises(FileNotFoundError, match="--model"):
+        main(["analyze", "--model", str(tmp_path / "nope"), "--data", str(data), "--no-progress"])
+
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    dense_dir = tmp_path / "dense"
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=len(TOKENIZER), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, head_dim=16)).save_pretrained(dense_dir)
+    TOKENIZER.save_pretrained(dense_dir)
+    with pytest.raises(ValueError, match="router_logits"):
+        main(["analyze", "--model", str(dense_dir), "--data", str(data), "--out", str(tmp_path / "o"), "--no-progress"])
+
+
+# ---- demo -----------------------------------------------------------------------------------
+
+
+def test_demo_cli_quick_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-m", "sara_kernels", "demo", "--quick", "--out", str(out)],
+                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "routing JS/ln2" in proc.stdout and "LM loss" in proc.stdout
+    assert "baseline" in proc.stderr and "sara" in proc.stderr  # tqdm bars
+    summary = json.loads((out / "summary.json").read_text())
+    assert (out / "summary.png").read_bytes()[:8] == PNG_MAGIC
+    results = summary["results"]
+    assert set(results) == {"init", "baseline", "sara"}
+    for stage in results.values():
+        assert stage["routing"]["layers"] == [0, 1, 2, 3]
+        assert math.isfinite(stage["target_lm_loss"])
+    # Both runs start from one initialisation and see the same batches: their first logged LM losses agree.
+    first = [next(h["lm_loss"] for h in summary["log_history"][run] if "lm_loss" in h) for run in ("baseline", "sara")]
+    assert first[0] == pytest.approx(first[1], rel=1e-5)
+    assert any("sara_loss" in h for h in summary["log_history"]["sara"])
+    assert not any("sara_loss" in h for h in summary["log_history"]["baseline"])
+    assert results["baseline"]["target_lm_loss"] < results["init"]["target_lm_loss"]
+
+
+def test_demo_with_model_and_data_paths(saved_model, tmp_path):
+    from sara_kernels.demo import DemoConfig, format_table, run_demo
+
+    folder, _ = saved_model
+    data = tmp_path / "pairs.jsonl"
+    D.save_pairs(D.make_parallel_corpus(24, seed=5), data)
+    summary = run_demo(DemoConfig(out_dir=str(tmp_path / "o"), model_path=folder, data_path=str(data), steps=2,
+                                  batch_size=4, progress=False))
+    assert summary["sizes"] == {"train_pairs": 22, "eval_pairs": 2, "steps": 2, "batch_size": 4}
+    assert summary["results"]["init"]["routing"]["layers"] == [1, 2]
+    table = format_table(summary)
+    assert table.splitlines()[1].split()[:4] == ["layer", "init", "baseline", "sara"]
+    with pytest.raises(ValueError, match="sara_weight"):
+        run_demo(DemoConfig(out_dir=str(tmp_path / "o"), sara_weight=0.0))

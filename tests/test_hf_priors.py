@@ -1,0 +1,148 @@
+"""Cached routing priors: file contents vs an independent computation, validation against the
+model, and training with priors == training against live anchors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+pytest.importorskip("safetensors")
+
+from hf_train_helpers import one_thread, TOKENIZER, assert_updates_close, pairs, tiny_moe, train_delta  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from sara_kernels.hf import RoutingPriors, extract_routing_priors, load_routing_priors  # noqa: E402
+
+
+
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+
+def independent_priors(model, data, temperature=1.0):
+    """[N, L, E]: each anchor alone (no padding), transformers' own router_logits, plain softmax."""
+    rows = []
+    with torch.no_grad():
+        for example in data:
+            ids = torch.tensor([TOKENIZER(example["anchor"])["input_ids"]])
+            out = model(input_ids=ids, output_router_logits=True, use_cache=False)
+            rows.append(torch.stack([torch.softmax(z.double() / temperature, -1).mean(0) for z in out.router_logits]))
+    return torch.stack(rows)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_moe().eval()
+
+
+def test_extract_writes_distributions_and_metadata(model, tmp_path):
+    data = pairs(7)
+    path = tmp_path / "priors.safetensors"
+    priors = extract_routing_priors(model, data, TOKENIZER, path, temperature=2.0, batch_size=3, progress=False)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        stored = f.get_tensor("priors")
+    assert stored.shape == (7, 2, 4) and stored.dtype == torch.float32
+    torch.testing.assert_close(stored.double(), independent_priors(model, data, 2.0), rtol=1e-5, atol=1e-6)
+    assert json.loads(meta["layers"]) == [1, 2]  # decoder indices (layer 0 is dense)
+    assert (meta["num_experts"], meta["score"], float(meta["temperature"]), meta["num_examples"]) == ("4", "softmax", 2.0, "7")
+    assert meta["model_type"] == "qwen3_moe"
+    assert priors.layers == (1, 2) and priors.num_examples == 7
+    assert model.training is False  # mode restored (it was eval)
+
+
+def test_load_validates_against_model(model, tmp_path):
+    path = tmp_path / "p.safetensors"
+    extract_routing_priors(model, pairs(4), TOKENIZER, path, progress=False)
+    loaded = load_routing_priors(path, model=model)
+    assert loaded.layers == (1, 2) and loaded.score == "softmax" and loaded.num_experts == 4
+    assert load_routing_priors(path, model=model, layers=[2]).layers == (1, 2)
+
+    with pytest.raises(ValueError, match=r"E = 4 experts but the model's routers have E = 6"):
+        load_routing_priors(path, model=tiny_moe(num_experts=6))
+    with pytest.raises(ValueError, match=r"layers \[1\] of this model are not MoE layers"):
+        load_routing_priors(path, model=tiny_moe(mlp_only_layers=(0, 1)))
+    with pytest.raises(ValueError, match=r"score='sigmoid' but the priors .* score='softmax'"):
+        load_routing_priors(path, model=model, score="sigmoid")
+    with pytest.raises(ValueError, match=r"layers \[3\] are trained"):
+        load_routing_priors(path, layers=[1, 3])
+    with pytest.raises(ValueError, match="needs|only be resolved"):
+        load_routing_priors(path, layers="middle")
+
+
+def test_load_rejects_other_files(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_routing_priors(tmp_path / "missing.safetensors")
+    other = tmp_path / "weights.safetensors"
+    save_file({"w": torch.zeros(2)}, str(other))
+    with pytest.raises(ValueError, match="not a SARA routing-priors file"):
+        load_routing_priors(other)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="safetensors"):
+        load_routing_priors(garbage)
+
+
+def test_gather_selects_examples_and_layers():
+    probs = torch.arange(3 * 2 * 4, dtype=torch.float32).reshape(3, 2, 4)
+    priors = RoutingPriors(probs=probs, layers=(5, 7), score="softmax", temperature=1.0)
+    got = priors.gather(torch.tensor([2, 0]), layers=[7])
+    assert got.shape == (1, 2, 4)
+    assert torch.equal(got[0, 0], probs[2, 1]) and torch.equal(got[0, 1], probs[0, 1])
+    with pytest.raises(ValueError, match="outside the 3 cached priors"):
+        priors.gather(torch.tensor([-1]))
+    with pytest.raises(ValueError, match=r"layers \[6\] are not in the priors file"):
+        priors.gather(torch.tensor([0]), layers=[6])
+
+
+def test_training_with_priors_equals_live_anchors(tmp_path):
+    """extract → file → train (k = 2) gives the same update as training against live anchors,
+    without any anchor forward; perturbed priors give a different one (the check can fail)."""
+    base, data = tiny_moe(), pairs(8)
+    path = tmp_path / "priors.safetensors"
+    extract_routing_priors(base, data, TOKENIZER, path, batch_size=3, progress=False)
+    common = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    live, _ = train_delta(base, tmp_path, data, **common)
+    cached, trainer = train_delta(base, tmp_path, data, routing_priors=str(path), **common)
+    assert trainer.data_collator.include_anchor is False  # batches carry the targets only
+    assert_updates_close(cached, live, rtol=1e-4)
+
+    priors = load_routing_priors(path)
+    priors.probs = torch.roll(priors.probs, shifts=1, dims=0)  # priors of the wrong examples
+    priors.fingerprint = ""  # (the fingerprint check would refuse them otherwise)
+    wrong, _ = train_delta(base, tmp_path, data, routing_priors=priors, **common)
+    gate = "model.layers.2.mlp.gate.weight"
+    assert (wrong[gate] - live[gate]).abs().max() > 1e-2 * live[gate].abs().max()
+
+
+def test_priors_must_match_the_dataset_and_options(tmp_path):
+    from sara_kernels.hf import SARATrainer
+
+    from hf_train_helpers import sgd_args
+
+    base, data = tiny_moe(), pairs(8)
+    path = tmp_path / "priors.safetensors"
+    extract_routing_priors(base, data, TOKENIZER, path, progress=False)
+    reordered = data[1:] + data[:1]
+    with pytest.raises(ValueError, match=r"other anchors \(or the same in another order\)"):
+        SARATrainer(model=base, args=sgd_args(tmp_path), train_dataset=reordered, processing_class=TOKENIZER, routing_priors=str(path))
+    with pytest.raises(ValueError, match="hold 8 examples but train_dataset has 4"):
+        SARATrainer(model=base, args=sgd_args(tmp_path), train_dataset=data[:4], processing_class=TOKENIZER, routing_priors=str(path))
+    with pytest.raises(ValueError, match="temperature 1.0, but sara_temperature = 2.0"):
+        SARATrainer(model=base, args=sgd_args(tmp_path, sara_temperature=2.0), train_dataset=data,
+                    processing_class=TOKENIZER, routing_priors=str(path))
+    with pytest.raises(ValueError, match="E = 4 experts but the model's routers have E = 6"):
+        SARATrainer(model=tiny_moe(num_experts=6), args=sgd_args(tmp_path), train_dataset=data,
+                    processing_class=TOKENIZER, routing_priors=str(path))
+
+
+def test_extract_bad_inputs(model, tmp_path):
+    with pytest.raises(ValueError, match=r"pairs\[1\]: missing key\(s\) \['anchor'\]"):
+        extract_routing_priors(model, [pairs(1)[0], {"target": "the dog"}], TOKENIZER, tmp_path / "x", progress=False)
+    with pytest.raises(ValueError, match="no examples"):
+        extract_routing_priors(model, [], TOKENIZER, tmp_path / "x", progress=False)
+    with pytest.raises(ValueError, match="temperature"):
+        extract_routing_priors(model, pairs(2), TOKENIZER, tmp_path / "x", temperature=0, progress=False)
