@@ -369,8 +369,24 @@ def _mb(nbytes):
     return None if nbytes is None else round(nbytes / 2**20, 3)
 
 
-def measure_case(case: Case, device: torch.device, l2_bytes: int, copy_gbps: float, flush, args) -> list:
-    """All contenders × passes of one case, with bandwidth fractions and speed-ups filled in."""
+def progress_line(rows: list) -> str:
+    """fwd+bwd of each contender of one case, and any failure, for the log."""
+    parts = []
+    for r in rows:
+        name = r["contender"] + (f"[{r['variant']}]" if r.get("variant") else "")
+        if r.get("status") == "ok" and r.get("pass_name") == "fwd+bwd":
+            parts.append(f"{name} {r['median_ms']:.3g} ms (bw {r['bw_fraction']:.2f}, Triton ×{r.get('triton_speedup', math.nan):.3g})")
+        elif r.get("status") in ("failed", "oom"):
+            parts.append(f"{name} {r.get('pass_name') or ''} {r['status'].upper()}: {r.get('note', '')}")
+    return "    fwd+bwd: " + "; ".join(parts)
+
+
+def measure_case(case: Case, device: torch.device, l2_bytes: int, copy_gbps: float, flush, args,
+                 checkpoint: Callable[[list], None]) -> list:
+    """All contenders × passes of one case, with bandwidth fractions and speed-ups filled in.
+
+    ``checkpoint(rows)`` is called after every contender, so a run killed while compiling
+    (torch.compile comes last) keeps the case's other results."""
     bytes_per_copy = logits_bytes(case) * (1 if case.mode == "priors" else 2)
     copies = copies_for(bytes_per_copy, l2_bytes)
     shape = dict(model=case.model, layers=case.layers, experts=case.experts, score=case.score, tokens=case.tokens,
@@ -387,16 +403,20 @@ def measure_case(case: Case, device: torch.device, l2_bytes: int, copy_gbps: flo
     for contender in runnable:
         rows += [dict(shape, **row) for row in measure_contender(case, contender, inputs, device, copies, args, flush)]
         release_memory(device)
+        add_derived_metrics(case, rows, copy_gbps)
+        checkpoint(rows)
     del inputs
     release_memory(device)
-    add_derived_metrics(case, rows, copy_gbps)
     return rows
 
 
 def add_derived_metrics(case: Case, rows: list, copy_gbps: float):
     """Minimum bytes, achieved bandwidth and its fraction of the copy bandwidth, the Triton
-    op's speed-up over this row (this row's time / Triton's), and the best compile mode."""
+    op's speed-up over this row (this row's time / Triton's), and the best compile mode.
+    Recomputed from scratch each time, as rows are added."""
     ok = [r for r in rows if r.get("status") == "ok"]
+    for r in ok:
+        r.pop("best_compile_mode", None)
     for r in ok:
         nbytes = min_bytes(case, r["pass_name"])
         gbps = nbytes / (r["median_ms"] * 1e-3) / 1e9
@@ -425,7 +445,8 @@ def evaluate_targets(rows: list) -> list:
     """For every case at the target shape: each target's value, whether it is met and the
     margin (value / threshold for ≥ targets, threshold / value for ≤ targets: > 1 is met)."""
     results = []
-    keys = sorted({(r["model"], r["tokens"], r["mode"]) for r in rows if r.get("target_shape")})
+    keys = sorted({(r["model"], r["tokens"], r["mode"]) for r in rows if r.get("target_shape")},
+                  key=lambda k: (k[0], k[1], MODES.index(k[2])))
     for model, tokens, mode in keys:
         case_rows = [r for r in rows if (r["model"], r["tokens"], r["mode"]) == (model, tokens, mode)
                      and r.get("pass_name") == "fwd+bwd" and r.get("status") == "ok"]
@@ -659,7 +680,8 @@ def main(argv=None) -> int:
     l2_bytes = l2_cache_bytes(device)
     bandwidth = copy_bandwidth(device, l2_bytes)
     meta = dict(
-        environment=environment(device), copy_bandwidth=bandwidth, dtype=args.dtype, seq_len=args.seq_len,
+        environment=environment(device), copy_bandwidth=bandwidth, dtype=args.dtype,
+        seq_len=min(args.seq_len, TINY_SEQ_LEN) if args.tiny else args.seq_len,
         sweep="tiny" if args.tiny else ("quick" if args.quick else "full"), reps=args.reps, warmup=args.warmup,
         compile_modes=args.compile_modes, contenders=args.contenders, targets=[t[:4] for t in TARGETS],
         target_shape=TARGET_SHAPE, cases=[dataclasses.asdict(c) for c in cases],
@@ -678,12 +700,10 @@ def main(argv=None) -> int:
                              contender="all", status="skipped", note=f"time budget of {args.time_budget:.0f} s spent"))
             continue
         print(f"[{n}/{len(cases)} {elapsed:6.1f} s] {case.describe()}", flush=True)
-        case_rows = measure_case(case, device, l2_bytes, bandwidth["gbps"], flush, args)
-        for r in case_rows:
-            if r.get("status") not in ("ok", "skipped"):
-                print(f"    {r['contender']} {r.get('variant', '')} {r.get('pass_name', '')}: {r['status']}: {r.get('note', '')}")
+        case_rows = measure_case(case, device, l2_bytes, bandwidth["gbps"], flush, args,
+                                 checkpoint=lambda partial: write_results(args.out, meta, rows + partial))
+        print(progress_line(case_rows), flush=True)
         rows += case_rows
-        write_results(args.out, meta, rows)
     meta["seconds"] = round(time.perf_counter() - start, 1)
     payload = write_results(args.out, meta, rows, final=True)
     print()
