@@ -109,6 +109,9 @@ def test_training_with_priors_equals_live_anchors(tmp_path):
     cached, trainer = train_delta(base, tmp_path, data, routing_priors=str(path), **common)
     assert trainer.data_collator.include_anchor is False  # batches carry the targets only
     assert_updates_close(cached, live, rtol=1e-4)
+    # Evaluation never uses the priors (eval examples index another dataset): LM only here.
+    metrics = trainer.evaluate(eval_dataset=data)
+    assert "eval_lm_loss" in metrics and "eval_sara_loss" not in metrics
 
     priors = load_routing_priors(path)
     priors.probs = torch.roll(priors.probs, shifts=1, dims=0)  # priors of the wrong examples

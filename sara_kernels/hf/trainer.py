@@ -136,7 +136,8 @@ class SARATrainingArguments(TrainingArguments):
     """``TrainingArguments`` plus the SARA options (all prefixed ``sara_``, parseable by HfArgumentParser)."""
 
     sara_weight: float = field(default=1.0, metadata={"help": "λ: weight of the SARA loss added to the LM loss (0 = LM only)."})
-    sara_layers: Any = field(
+    # str for HfArgumentParser; a list of ints is accepted too (normalised in __post_init__).
+    sara_layers: str = field(
         default="all",
         metadata={"help": "MoE layers to align: 'all', 'middle', or comma-separated decoder-layer indices."},
     )
@@ -144,7 +145,7 @@ class SARATrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Routing score: 'softmax' or 'sigmoid'; default: the model family's."}
     )
     sara_temperature: float = field(default=1.0, metadata={"help": "τ dividing the router logits before scoring."})
-    sara_layer_weights: Any = field(
+    sara_layer_weights: Optional[str] = field(
         default=None, metadata={"help": "Per-layer weights w_l (comma-separated or a list); default equal."}
     )
     sara_detach_anchor: bool = field(
