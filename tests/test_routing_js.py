@@ -302,3 +302,12 @@ def test_module_form_matches_function():
     torch.testing.assert_close(
         module(anchor, target), sara_kernels.sara_loss(anchor, target, temperature=0.5, score="sigmoid", backend="triton")
     )
+
+
+def test_vector_width_only_when_every_layer_allows_aligned_vector_loads():
+    x = torch.randn(8, 32)
+    assert routing_js.vector_width([x, x.clone()]) == 4
+    assert routing_js.vector_width([x.bfloat16()]) == 8
+    assert routing_js.vector_width([torch.randn(8, 60).bfloat16()]) == 0  # 120-byte rows
+    assert routing_js.vector_width([x, x[:, 1:17]]) == 0  # misaligned base
+    assert routing_js.vector_width([x[:, ::2]]) == 0  # column stride 2

@@ -81,16 +81,29 @@ def _sequence_slice(b, split, cu_ptr, cu_stride, N, S, SPLITS, USE_CU: tl.conste
 
 
 @triton.jit
-def _layer_logits(table_ptr, x0_ptr, l, L):
-    """Layer l's logits pointer (typed like x0, layer 0's tensor) and its strides, from the table."""
+def _layer_logits(table_ptr, x0_ptr, l, L, VEC: tl.constexpr):
+    """Layer l's logits pointer (typed like x0, layer 0's tensor) and its strides, from the table.
+
+    A pointer read from memory carries no alignment facts, so the compiler would issue one
+    scalar load per element. With VEC > 0 the host has checked that every layer is 16-byte
+    aligned, has unit column stride and a row stride divisible by VEC elements; the hints below
+    then allow 16-byte vector loads.
+    """
     x_ptr = tl.load(table_ptr + l).to(tl.pointer_type(x0_ptr.dtype.element_ty))
-    return x_ptr, tl.load(table_ptr + L + l), tl.load(table_ptr + 2 * L + l)
+    stride_n = tl.load(table_ptr + L + l)
+    if VEC > 0:
+        x_ptr = tl.multiple_of(x_ptr, 16)
+        stride_n = tl.multiple_of(stride_n, VEC)
+    return x_ptr, stride_n, tl.load(table_ptr + 2 * L + l)
 
 
 @triton.jit
-def _load_logits_tile(x_ptr, stride_n, stride_e, rows, cols, col_ok, valid, inv_tau):
+def _load_logits_tile(x_ptr, stride_n, stride_e, rows, cols, col_ok, valid, inv_tau, VEC: tl.constexpr):
     """[BLOCK_N, BLOCK_E] fp32 tile of z/τ; invalid rows and padded columns are −inf."""
-    offs = rows[:, None] * stride_n + cols[None, :].to(tl.int64) * stride_e
+    if VEC > 0:
+        offs = rows[:, None] * stride_n + cols[None, :]
+    else:
+        offs = rows[:, None] * stride_n + cols[None, :].to(tl.int64) * stride_e
     z = tl.load(x_ptr + offs, mask=valid[:, None] & col_ok[None, :], other=float("-inf"))
     return z.to(tl.float32) * inv_tau
 
@@ -108,7 +121,7 @@ def pool_routing_fwd(
     table_ptr, x0_ptr, mask_ptr, mask_sb, mask_ss, cu_ptr, cu_stride,
     partial_ptr, count_ptr,
     L, B, N, E, S, inv_tau, SPLITS,
-    HAS_MASK: tl.constexpr, USE_CU: tl.constexpr, SIGMOID: tl.constexpr,
+    HAS_MASK: tl.constexpr, USE_CU: tl.constexpr, SIGMOID: tl.constexpr, VEC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """partial[l, b, split, :] = Σ s over the valid rows of slice ``split`` of sequence b;
@@ -119,14 +132,14 @@ def pool_routing_fwd(
     start, lo, hi = _sequence_slice(b, split, cu_ptr, cu_stride, N, S, SPLITS, USE_CU, BLOCK_N)
     cols = tl.arange(0, BLOCK_E)
     col_ok = cols < E
-    x_ptr, stride_n, stride_e = _layer_logits(table_ptr, x0_ptr, l, L)
+    x_ptr, stride_n, stride_e = _layer_logits(table_ptr, x0_ptr, l, L, VEC)
     acc = tl.zeros([BLOCK_E], dtype=tl.float32)
     count = tl.zeros([BLOCK_N], dtype=tl.float32)
     for r0 in range(lo, hi, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N).to(tl.int64)
         row_ok = rows < hi
         valid = _token_validity(b, rows, row_ok, start, mask_ptr, mask_sb, mask_ss, HAS_MASK)
-        z = _load_logits_tile(x_ptr, stride_n, stride_e, rows, cols, col_ok, valid, inv_tau)
+        z = _load_logits_tile(x_ptr, stride_n, stride_e, rows, cols, col_ok, valid, inv_tau, VEC)
         s, _ = _score_and_slope(z, SIGMOID)
         acc += tl.sum(tl.where(valid[:, None], s, 0.0), axis=0)
         count += valid.to(tl.float32)
@@ -198,7 +211,7 @@ def pool_routing_bwd(
     table_ptr, x0_ptr, mask_ptr, mask_sb, mask_ss, cu_ptr, cu_stride,
     coef_ptr, scale_ptr, scale_sl, scale_sb, count_ptr, grad_ptr, grad_sl,
     L, B, N, E, S, inv_tau, SPLITS,
-    HAS_MASK: tl.constexpr, USE_CU: tl.constexpr, SIGMOID: tl.constexpr,
+    HAS_MASK: tl.constexpr, USE_CU: tl.constexpr, SIGMOID: tl.constexpr, VEC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """grad[l, n, :] = c · h ⊙ (G − ⟨s, G⟩) for the rows of one slice, c = scale[l, b] / (τ n_b);
@@ -213,13 +226,13 @@ def pool_routing_bwd(
     n = tl.load(count_ptr + b)
     c = tl.load(scale_ptr + l.to(tl.int64) * scale_sl + b.to(tl.int64) * scale_sb).to(tl.float32)
     c = c * inv_tau / tl.maximum(n, 1.0)
-    x_ptr, stride_n, stride_e = _layer_logits(table_ptr, x0_ptr, l, L)
+    x_ptr, stride_n, stride_e = _layer_logits(table_ptr, x0_ptr, l, L, VEC)
     g_ptr = grad_ptr + l.to(tl.int64) * grad_sl
     for r0 in range(lo, hi, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N).to(tl.int64)
         row_ok = rows < hi
         valid = _token_validity(b, rows, row_ok, start, mask_ptr, mask_sb, mask_ss, HAS_MASK)
-        z = _load_logits_tile(x_ptr, stride_n, stride_e, rows, cols, col_ok, valid, inv_tau)
+        z = _load_logits_tile(x_ptr, stride_n, stride_e, rows, cols, col_ok, valid, inv_tau, VEC)
         s, h = _score_and_slope(z, SIGMOID)
         centred = coef[None, :] - tl.sum(s * coef[None, :], axis=1)[:, None]
         dz = tl.where(valid[:, None], c * h * centred, 0.0)
@@ -295,6 +308,14 @@ def layer_table(layers) -> torch.Tensor:
     return table
 
 
+def vector_width(layers) -> int:
+    """Elements per 16-byte load when every layer allows aligned vector loads, else 0 (the kernels'
+    ``VEC``): 16-byte aligned base, unit column stride, row stride a multiple of the vector."""
+    vec = 16 // layers[0].element_size()
+    ok = all(t.data_ptr() % 16 == 0 and t.stride(1) == 1 and t.stride(0) % vec == 0 for t in layers)
+    return vec if ok else 0
+
+
 def side_splits(side: RoutingSide) -> int:
     """Slices per sequence for this side; forward and backward agree because both ask here."""
     block_n = tile_config(side.num_experts)["BLOCK_N"]
@@ -325,7 +346,7 @@ def pool_side_fwd(side: RoutingSide, score: str, temperature: float):
         partial, count,
         L, B, N, E, side.seq_len, 1.0 / temperature, splits,
         HAS_MASK=side.mask is not None, USE_CU=side.cu_seqlens is not None, SIGMOID=score == "sigmoid",
-        **tile_config(E),
+        VEC=vector_width(side.layers), **tile_config(E),
     )
     return partial, count
 
@@ -343,7 +364,7 @@ def pool_side_grad(side: RoutingSide, coef, scale, count, score: str, temperatur
         coef, scale, scale.stride(0), scale.stride(1), count, grad, N * E,
         L, B, N, E, side.seq_len, 1.0 / temperature, splits,
         HAS_MASK=side.mask is not None, USE_CU=side.cu_seqlens is not None, SIGMOID=score == "sigmoid",
-        **tile_config(E),
+        VEC=vector_width(side.layers), **tile_config(E),
     )
     return grad
 
