@@ -117,18 +117,18 @@ def time_calls(
             if flush:
                 flush()
             start.record()
-            out = call(r % copies, state)
+            call(r % copies, state)
             end.record()
-            del out, state
+            del state
         torch.cuda.synchronize(device)
         times = [start.elapsed_time(end) for start, end in events]
     else:
         for r in range(reps):
             state = prepare(r % copies) if prepare else None
             start = time.perf_counter()
-            out = call(r % copies, state)
+            call(r % copies, state)
             times.append(1e3 * (time.perf_counter() - start))
-            del out, state
+            del state
     return times
 
 
@@ -144,7 +144,6 @@ def copy_bandwidth(device: torch.device, l2_bytes: int, reps: int = 20) -> dict:
     dst = torch.empty_like(src)
     times = time_calls(device, lambda i, _: dst.copy_(src), copies=1, reps=reps, warmup=3)
     ms = median(times)
-    del src, dst
     return {"bytes_per_copy": 2 * nbytes, "median_ms": ms, "gbps": 2 * nbytes / (ms * 1e-3) / 1e9}
 
 
