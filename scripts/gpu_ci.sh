@@ -82,8 +82,10 @@ run_stage gpu_tests "$(stage_limit 150 200)" "$PYTEST_NOTE" \
 # Left out: test_gpu.py (the stage above) and test_aot_compile.py (compiles for fixed targets
 # without a device: the same on every machine, and the CPU suite runs it).
 KERNEL_FILES=$(grep -l -E 'backend="triton"|routing_js' tests/test_*.py | grep -v -x -E 'tests/test_(gpu|aot_compile)\.py' | tr '\n' ' ')
-run_stage kernel_tests "$(stage_limit 90 160)" "$PYTEST_NOTE" \
-    "$PY" -m pytest $KERNEL_FILES -m "not gpu" -q -rfEs --durations=5 -p no:cacheprovider --junitxml="$OUT/kernel_tests.xml"
+if [ -n "$KERNEL_FILES" ]; then
+    run_stage kernel_tests "$(stage_limit 90 160)" "$PYTEST_NOTE" \
+        "$PY" -m pytest $KERNEL_FILES -m "not gpu" -q -rfEs --durations=5 -p no:cacheprovider --junitxml="$OUT/kernel_tests.xml"
+fi
 
 LIMIT=$(stage_limit 175 40)
 run_stage bench_sara "$LIMIT" 'f="$OUT/bench_sara/summary.md"; [ -f "$f" ] || { tail -n 1 "$LOG"; exit; }; echo "targets: $(grep -c ": MET:" "$f") met, $(grep -c ": NOT MET:" "$f") not met, $(grep -c "NOT MEASURED" "$f") not measured"' \
