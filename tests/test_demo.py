@@ -13,7 +13,6 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-pytest.importorskip("accelerate")
 pytest.importorskip("matplotlib")
 
 from hf_train_helpers import one_thread, TOKENIZER, tiny_moe  # noqa: E402

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-pytest.importorskip("accelerate")
 pytest.importorskip("safetensors")
 
 from hf_train_helpers import one_thread, TOKENIZER, assert_updates_close, pairs, tiny_moe, train_delta  # noqa: E402

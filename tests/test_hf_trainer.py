@@ -15,7 +15,6 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-pytest.importorskip("accelerate")
 
 from hf_train_helpers import (  # noqa: E402
     one_thread,

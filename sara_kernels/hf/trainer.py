@@ -386,7 +386,7 @@ class SARATrainer(Trainer):
             )
         else:
             local_items = torch.zeros((), dtype=torch.long, device=device)
-            lm_sum = logits.sum() * 0.0
+            lm_sum = logits[..., :0].float().sum()  # 0 with a grad_fn (no NaN even if logits hold inf)
         lm_mean = lm_sum / local_items.clamp(min=1)
 
         if use_sara:
