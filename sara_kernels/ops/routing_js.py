@@ -53,11 +53,11 @@ def _score_and_slope(z, SIGMOID: tl.constexpr):
     """
     if SIGMOID:
         sig = tl.sigmoid(z)
-        s = sig / tl.sum(sig, axis=1)[:, None]
+        s = sig * (1.0 / tl.sum(sig, axis=1))[:, None]  # one reciprocal per row, not per element
         h = s * tl.sigmoid(-z)
     else:
         e = tl.exp(z - tl.max(z, axis=1)[:, None])
-        s = e / tl.sum(e, axis=1)[:, None]
+        s = e * (1.0 / tl.sum(e, axis=1))[:, None]
         h = s
     return s, h
 
