@@ -211,12 +211,21 @@ def check_options(temperature, score: str, reduction: Optional[str], backend: st
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
 
 
+# Pinned sources of copies recorded into a CUDA graph: every replay reads them again, so they
+# must outlive the capture (a few bytes per captured call).
+_GRAPH_COPY_SOURCES = []
+
+
 def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Copy a small host tensor to ``device`` without a host sync: through pinned memory and a
-    non-blocking copy on CUDA (a pageable copy would wait for the stream)."""
+    non-blocking copy on CUDA (a pageable copy would wait for the stream, and is illegal while
+    a CUDA graph is being captured)."""
     if device.type != "cuda" or torch.compiler.is_compiling():
         return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+    pinned = host.pin_memory()
+    if torch.cuda.is_current_stream_capturing():
+        _GRAPH_COPY_SOURCES.append(pinned)
+    return pinned.to(device, non_blocking=True)
 
 
 def layer_weight_tensor(layer_weights, num_layers: int, device) -> Optional[torch.Tensor]:
