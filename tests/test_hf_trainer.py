@@ -232,14 +232,14 @@ def test_readme_pytorch_loop():
         for batch in loader:
             # --- README snippet (keep in sync) ---
             B, S = len(batch["sara_example_index"]), batch["input_ids"].shape[1]
-            with capture_router_logits(model, layers="all") as cap:
+            with capture_router_logits(model, layers="middle") as cap:
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            anchor = [z[: B * S] for z in cap.logits]  # rows 0..B-1 are anchors,
-            target = [z[B * S :] for z in cap.logits]  # rows B..2B-1 their translations
+            anchor, target = [z[: B * S] for z in cap.logits], [z[B * S :] for z in cap.logits]
             mask = batch["attention_mask"]
-            lm = model.loss_function(out.logits, batch["labels"], model.config.vocab_size)  # targets only
+            lm = model.loss_function(out.logits, batch["labels"], model.config.vocab_size)  # labels: targets only
             sara = sara_loss(anchor, target, mask[:B], mask[B:], score=cap.score)
-            (lm + 1.0 * sara).backward()
+            loss = lm + 0.5 * sara
+            loss.backward()
             opt.step()
             opt.zero_grad()
             # --- end ---
