@@ -12,4 +12,10 @@ PIP=("$VPY" -m pip install -q --disable-pip-version-check)
 if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
     "${PIP[@]}" "torch==2.13.0"
 fi
-"${PIP[@]}" -e "$ROOT[${1:-hf}]"
+# Reinstall only when the extras or pyproject.toml changed since the last set-up.
+STAMP="$ROOT/.venv/.sara-setup-${1:-hf}"
+WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+    "${PIP[@]}" -e "$ROOT[${1:-hf}]"
+    echo "$WANT" >"$STAMP"
+fi
