@@ -18,10 +18,13 @@ from .ops import routing_js
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, num_experts: int) -> str:
-    """``"auto"``: Triton for CUDA tensors of a dtype it handles, the reference otherwise."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, num_experts: int, num_seqs: int = 1) -> str:
+    """``"auto"``: Triton for CUDA tensors of a shape and dtype it handles, the reference otherwise."""
     if backend == "auto":
-        usable = device.type == "cuda" and dtype in _TRITON_DTYPES and num_experts <= routing_js.MAX_EXPERTS
+        usable = (
+            device.type == "cuda" and dtype in _TRITON_DTYPES
+            and num_experts <= routing_js.MAX_EXPERTS and num_seqs <= routing_js.MAX_SEQS
+        )
         return "triton" if usable else "reference"
     if backend == "triton":
         if device.type != "cuda" and not routing_js.INTERPRET:
@@ -33,6 +36,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, num_
             raise TypeError(f"backend='triton' takes float32, bfloat16 or float16 logits, got {dtype}; use backend='reference'")
         if num_experts > routing_js.MAX_EXPERTS:
             raise ValueError(f"backend='triton' supports up to E = {routing_js.MAX_EXPERTS} experts, got E = {num_experts}")
+        if num_seqs > routing_js.MAX_SEQS:
+            raise ValueError(f"backend='triton' supports up to B = {routing_js.MAX_SEQS} sequences per call, got B = {num_seqs}")
     return backend
 
 
@@ -81,7 +86,7 @@ def sara_loss(
         anchor_logits, target_logits, anchor_mask, target_mask, anchor_cu_seqlens, target_cu_seqlens, anchor_probs
     )
     weights = layer_weight_tensor(layer_weights, target.num_layers, target.device)
-    if resolve_backend(backend, target.device, target.dtype, target.num_experts) == "reference":
+    if resolve_backend(backend, target.device, target.dtype, target.num_experts, target.num_seqs) == "reference":
         js, valid = reference.pair_js(anchor, target, priors, score, temperature, detach_anchor)
     else:
         plan = routing_js.PairPlan(anchor, target, score, float(temperature), bool(detach_anchor))
@@ -106,7 +111,7 @@ def routing_distribution(
     """
     check_options(temperature, score, None, backend)
     side = routing_side(logits, mask, cu_seqlens, "routing")
-    if resolve_backend(backend, side.device, side.dtype, side.num_experts) == "reference":
+    if resolve_backend(backend, side.device, side.dtype, side.num_experts, side.num_seqs) == "reference":
         return reference.pooled_distribution(side, score, temperature)[0]
     return routing_js.routing_distribution(side, score, float(temperature))
 

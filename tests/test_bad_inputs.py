@@ -96,6 +96,9 @@ def test_triton_backend_rejects_float64_and_too_many_experts():
         sara_kernels.sara_loss(logits(dtype=torch.float64), logits(dtype=torch.float64), backend="triton")
     with pytest.raises(ValueError, match="up to E = 512"):
         sara_kernels.sara_loss(logits(e=513), logits(e=513), backend="triton")
+    many = torch.ones(65536, 1)
+    with pytest.raises(ValueError, match="up to B = 65535 sequences"):
+        sara_kernels.sara_loss(logits(n=65536), logits(n=65536), many, many, backend="triton")
 
 
 def test_routing_distribution_bad_inputs():

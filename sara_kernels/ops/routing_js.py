@@ -244,7 +244,8 @@ def pool_routing_bwd(
 # Host side
 # ----------------------------------------------------------------------------------------
 
-MAX_EXPERTS = 512
+MAX_EXPERTS = 512  # one row of experts is one tile
+MAX_SEQS = 65535  # B is the second grid axis, which CUDA limits to 65535
 
 
 def tile_config(num_experts: int) -> dict:
