@@ -46,7 +46,7 @@ POOL_BWD_SIG = {
 PAIR_SIG = {
     "a_partial_ptr": "*fp32", "a_count_ptr": "*fp32", "t_partial_ptr": "*fp32", "t_count_ptr": "*fp32",
     "prior_ptr": "*fp32", "prior_sl": "i64", "prior_sb": "i64", "prior_se": "i64",
-    "js_ptr": "*fp32", "pa_ptr": "*fp32", "pt_ptr": "*fp32", "ga_ptr": "*fp32", "gt_ptr": "*fp32",
+    "js_ptr": "*fp32", "ga_ptr": "*fp32", "gt_ptr": "*fp32",
     "a_total_ptr": "*fp32", "t_total_ptr": "*fp32", "valid_ptr": "*fp32",
     "B": "i32", "E": "i32", "A_SPLITS": "i32", "T_SPLITS": "i32",
 }

@@ -19,7 +19,7 @@ Launch structure (constant in L, B and N):
    contiguous slice of one sequence's rows into ``partial[l, b, split, :]``. Splitting a
    sequence keeps all SMs busy when B is small; the partials are reduced in a fixed order
    afterwards, so results are bitwise deterministic (no float atomics).
-2. ``pair_js_fwd``, grid (L, B): reduces the partials of both sides, writes P, JS and the
+2. ``pair_js_fwd``, grid (L, B): reduces the partials of both sides, writes JS and the
    coefficients G that the backward needs (O(L·B·E) memory).
 3. ``pool_routing_bwd`` per side that needs gradients, same grid as 1: recomputes s from
    the logits (no [L, N, E] intermediate is saved) and writes ∂loss/∂z in the logits' dtype.
@@ -172,11 +172,11 @@ def _half_log_ratio(p, m):
 def pair_js_fwd(
     a_partial_ptr, a_count_ptr, t_partial_ptr, t_count_ptr,
     prior_ptr, prior_sl, prior_sb, prior_se,
-    js_ptr, pa_ptr, pt_ptr, ga_ptr, gt_ptr, a_total_ptr, t_total_ptr, valid_ptr,
+    js_ptr, ga_ptr, gt_ptr, a_total_ptr, t_total_ptr, valid_ptr,
     B, E, A_SPLITS, T_SPLITS,
     PRIORS: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """JS_{l,b}, P^a, P^t and G^a, G^t for one (l, b); invalid pairs get JS = G = 0."""
+    """JS_{l,b} and G^a, G^t for one (l, b); invalid pairs get JS = G = 0."""
     l = tl.program_id(0)
     b = tl.program_id(1)
     cols = tl.arange(0, BLOCK_E)
@@ -196,8 +196,6 @@ def pair_js_fwd(
     js = tl.sum(pa * ga + pt * gt, axis=0)
     offs = (l * B + b).to(tl.int64) * E + cols
     tl.store(js_ptr + l * B + b, js)
-    tl.store(pa_ptr + offs, pa, mask=col_ok)
-    tl.store(pt_ptr + offs, pt, mask=col_ok)
     tl.store(ga_ptr + offs, ga, mask=col_ok)
     tl.store(gt_ptr + offs, gt, mask=col_ok)
     if l == 0:
@@ -376,14 +374,14 @@ def pair_js_forward(anchor: Optional[RoutingSide], target: RoutingSide, anchor_p
     a_partial, a_count = (t_partial, t_count) if anchor is None else pool_side_fwd(anchor, score, temperature)
     L, B, E, dev = target.num_layers, target.num_seqs, target.num_experts, target.device
     js = torch.empty((L, B), dtype=torch.float32, device=dev)
-    pa, pt, ga, gt = (torch.empty((L, B, E), dtype=torch.float32, device=dev) for _ in range(4))
+    ga, gt = (torch.empty((L, B, E), dtype=torch.float32, device=dev) for _ in range(2))
     a_total, t_total, valid = (torch.empty(B, dtype=torch.float32, device=dev) for _ in range(3))
     priors = anchor_probs if anchor_probs is not None else js
     prior_strides = anchor_probs.stride() if anchor_probs is not None else (0, 0, 0)
     pair_js_fwd[(L, B)](
         a_partial, a_count, t_partial, t_count,
         priors, *prior_strides,
-        js, pa, pt, ga, gt, a_total, t_total, valid,
+        js, ga, gt, a_total, t_total, valid,
         B, E, a_partial.shape[2], t_partial.shape[2],
         PRIORS=anchor_probs is not None, **pair_config(E),
     )
