@@ -311,3 +311,14 @@ def test_vector_width_only_when_every_layer_allows_aligned_vector_loads():
     assert routing_js.vector_width([torch.randn(8, 60).bfloat16()]) == 0  # 120-byte rows
     assert routing_js.vector_width([x, x[:, 1:17]]) == 0  # misaligned base
     assert routing_js.vector_width([x[:, ::2]]) == 0  # column stride 2
+
+
+def test_in_place_change_of_the_logits_before_backward_is_an_error():
+    gen = _gen(43)
+    anchor, target = random_logits(2, 8, 16, generator=gen), as_leaves(random_logits(2, 8, 16, generator=gen))
+    scaled = [t * 1.0 for t in target]
+    loss = sara_kernels.sara_loss(anchor, scaled, backend="triton")
+    with torch.no_grad():
+        scaled[0].add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -413,7 +413,9 @@ class PairJSFunction(torch.autograd.Function):
             plan.anchor, plan.target, anchor_probs, plan.score, plan.temperature
         )
         ctx.plan = plan
-        ctx.save_for_backward(ga, gt, a_total, t_total)
+        # The logits are saved too (the plan already refers to them) so that autograd's version
+        # check catches an in-place change before the backward recomputes the scores from them.
+        ctx.save_for_backward(ga, gt, a_total, t_total, *logits)
         ctx.mark_non_differentiable(valid)
         return js, valid
 
@@ -421,7 +423,7 @@ class PairJSFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_js, _grad_valid):
         plan = ctx.plan
-        ga, gt, a_total, t_total = ctx.saved_tensors
+        ga, gt, a_total, t_total, *_ = ctx.saved_tensors
         grads = [None, None]  # plan, anchor_probs (fixed priors never receive gradient)
         if plan.anchor is not None:
             n = len(plan.anchor.inputs)
@@ -454,13 +456,13 @@ class RoutingDistributionFunction(torch.autograd.Function):
         count = count.sum(dim=1)
         probs = partial.sum(dim=2) / count.clamp(min=1.0)[None, :, None]
         ctx.side, ctx.score, ctx.temperature = side, score, temperature
-        ctx.save_for_backward(count)
+        ctx.save_for_backward(count, *logits)  # logits: for autograd's in-place version check
         return probs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_probs):
-        (count,) = ctx.saved_tensors
+        count, *_ = ctx.saved_tensors
         side = ctx.side
         ones = torch.ones((), dtype=torch.float32, device=side.device).expand(side.num_layers, side.num_seqs)
         coef = grad_probs.to(torch.float32).contiguous()
