@@ -67,6 +67,9 @@ def test_collator_chat_messages_and_truncation():
     assert TOKENIZER.convert_ids_to_tokens(expected)[:2] == ["<s>", "<|user|>"]
     short = SARACollator(TOKENIZER, max_length=3)([{"anchor": "the big dog sees the cat", "target": "the cat"}])
     assert short["input_ids"].shape[1] == 3
+    # Below the tokenizer's two special tokens, which its own truncation will not cut.
+    tiny = SARACollator(TOKENIZER, max_length=1)([{"anchor": "the big dog sees the cat", "target": chat}])
+    assert tiny["input_ids"].tolist() == [[TOKENIZER.bos_token_id]] * 2
 
 
 @pytest.mark.parametrize(
@@ -207,6 +210,17 @@ def test_sara_weight_zero_is_plain_lm_without_anchor_rows(tmp_path):
     assert all("sara_loss" not in h for h in trainer.state.log_history)
 
 
+def test_step_without_lm_tokens_is_finite(tmp_path):
+    """One-token sides leave no next-token target: the LM term is 0, not 0 / 0 = NaN."""
+    base, data = tiny_moe(), pairs(8)
+    # (the Trainer's NaN filter would otherwise replace a NaN loss in the log)
+    delta, trainer = train_delta(base, tmp_path, data, sara_max_length=1, per_device_train_batch_size=4,
+                                 gradient_accumulation_steps=2, logging_nan_inf_filter=False)
+    entry = next(h for h in trainer.state.log_history if "sara_loss" in h)
+    assert entry["lm_loss"] == 0.0 and torch.isfinite(torch.tensor(entry["loss"]))
+    assert all(bool(torch.isfinite(d).all()) for d in delta.values())
+
+
 def test_layer_subset_and_weights(tmp_path):
     base, data = tiny_moe(), pairs(8)
     delta, trainer = train_delta(base, tmp_path, data, sara_layers="2")
@@ -273,6 +287,12 @@ def test_bad_arguments(tmp_path):
                     processing_class=TOKENIZER)
     with pytest.raises(ValueError, match="processing_class"):
         SARATrainer(model=model, args=sgd_args(tmp_path), train_dataset=data)
+    with pytest.raises(ValueError, match="label_smoothing_factor"):
+        SARATrainer(model=model, args=sgd_args(tmp_path, label_smoothing_factor=0.1), train_dataset=data,
+                    processing_class=TOKENIZER)
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        SARATrainer(model=model, args=sgd_args(tmp_path), train_dataset=data, processing_class=TOKENIZER,
+                    compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum())
     with pytest.raises(ValueError, match=r"train_dataset: pairs\[1\]: missing key\(s\) \['target'\]"):
         SARATrainer(model=model, args=sgd_args(tmp_path), train_dataset=[data[0], {"anchor": "the dog"}],
                     processing_class=TOKENIZER)

@@ -101,7 +101,8 @@ class SARACollator:
             ids = tok(text, add_special_tokens=False, **truncate)["input_ids"]
         if len(ids) == 0:
             raise ValueError(f"{where}: tokenises to no tokens")
-        return list(ids)
+        # The tokenizer leaves a text untruncated when max_length is below its special tokens.
+        return list(ids)[: self.max_length]
 
     def __call__(self, examples: Sequence[dict]) -> dict:
         if len(examples) == 0:
@@ -205,7 +206,11 @@ def _wrap_pairs(dataset, name: str):
 
 
 def _trim(ids: torch.Tensor, mask: torch.Tensor, labels: Optional[torch.Tensor]):
-    """Drop trailing columns that are padding in every row (the other side may have been longer)."""
+    """Drop trailing columns that are padding in every row (the other side may have been longer).
+
+    Reading the length is a host sync (one scalar per step), accepted because the columns it
+    drops would otherwise go through every layer's forward and backward.
+    """
     cols = torch.nonzero(mask.any(dim=0))
     length = int(cols.max()) + 1 if cols.numel() else 1
     return ids[:, :length], mask[:, :length], None if labels is None else labels[:, :length]
@@ -255,6 +260,14 @@ class SARATrainer(Trainer):
             )
         if model is None:
             raise ValueError("model: SARATrainer needs a Mixture-of-Experts causal LM")
+        # compute_loss builds the LM term itself, so these Trainer options would be ignored silently.
+        if args.label_smoothing_factor != 0:
+            raise ValueError(
+                f"args.label_smoothing_factor must be 0 for SARATrainer (got {args.label_smoothing_factor}): "
+                "its LM term is the model's own loss_function"
+            )
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError("compute_loss_func: SARATrainer computes the loss itself (LM + sara_weight × SARA)")
         if args.sara_weight > 0:
             # Fails now, with the capture's message, for a non-MoE model or layers it lacks,
             # instead of at the first training step.
@@ -287,6 +300,11 @@ class SARATrainer(Trainer):
     def _check_priors(priors, args, train_dataset):
         if not isinstance(priors, RoutingPriors):
             raise TypeError(f"routing_priors: expected RoutingPriors or a path, got {type(priors).__name__}")
+        if not args.sara_detach_anchor:
+            raise ValueError(
+                "routing_priors are fixed tensors and cannot pass gradient to the anchor: "
+                "sara_detach_anchor=False needs live anchors (drop routing_priors)"
+            )
         if abs(priors.temperature - float(args.sara_temperature)) > 1e-12:
             raise ValueError(
                 f"routing_priors were computed at temperature {priors.temperature}, "
@@ -367,11 +385,8 @@ class SARATrainer(Trainer):
         if use_sara and priors is not None:
             num_experts = int(target_logits[0].shape[-1])
             priors.check_against(cap.layers, num_experts, cap.score)
-            if bool((index < 0).any()):
-                raise ValueError(
-                    "routing priors are looked up by example index, but the batch has examples without 'index': "
-                    "wrap the training pairs in PairDataset"
-                )
+            # gather() validates the indices on the host (a device-to-host copy of B ints per step):
+            # an index of -1 (an example without "index") must be a clear error, not a wrong prior.
             anchor_probs = priors.gather(index, cap.layers).to(target_logits[0].device)
             anchor_logits = anchor_mask = None
 
@@ -379,6 +394,7 @@ class SARATrainer(Trainer):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         device = logits.device
         if lm_labels is not None:
+            # Counted as the Trainer counts num_items_in_batch (shifted for causal LM losses).
             counted = lm_labels[:, 1:] if getattr(self, "_loss_shifts_labels", True) else lm_labels
             local_items = (counted != IGNORE_INDEX).sum()
             lm_sum = unwrapped.loss_function(
@@ -407,7 +423,9 @@ class SARATrainer(Trainer):
         if training:
             k = getattr(self, "current_gradient_accumulation_steps", None) or args.gradient_accumulation_steps
             if num_items_in_batch is not None:
-                lm = lm_sum / num_items_in_batch
+                # 0 tokens (e.g. one-token targets): lm_sum is 0 then, and 0 / 0 would be NaN.
+                items = num_items_in_batch.clamp(min=1) if torch.is_tensor(num_items_in_batch) else max(num_items_in_batch, 1)
+                lm = lm_sum / items
                 if args.average_tokens_across_devices:
                     lm = lm * (self.accelerator.num_processes // self.get_tp_size())
             else:
