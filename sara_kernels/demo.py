@@ -6,7 +6,10 @@
    the documented pseudo-language of :mod:`sara_kernels.hf.data`, same meaning word for word);
 2. a tiny Qwen3-MoE (4 layers, 8 experts, top-2) is created from a config with a fixed seed;
 3. the same initial model is fine-tuned twice with :class:`~sara_kernels.hf.SARATrainer`:
-   a baseline with the LM loss only (``sara_weight=0``) and a SARA run (``sara_weight=λ``);
+   a baseline with the LM loss only (``sara_weight=0``) and a SARA run (``sara_weight=λ``).
+   Both runs train the LM on both sides (``--lm-target-only`` turns that off): a randomly
+   initialised model has learnt no anchor language, so an anchor side it is never trained on
+   would give SARA a meaningless routing to align with;
 4. before and after each run it measures, on held-out pairs, the per-layer routing JS between
    the languages (:func:`sara_kernels.analyze.routing_report`) and the target LM loss.
 
@@ -18,7 +21,6 @@ model and corpus; ``--quick`` / ``--steps`` shrink it.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -353,14 +355,6 @@ def run_demo(cfg: Optional[DemoConfig] = None, **overrides) -> dict:
         "timings": timings,
     }
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=_json_default)
+        json.dump(summary, f, indent=2, default=str)  # config paths may be PathLike
     plot_summary(summary, os.path.join(cfg.out_dir, "summary.png"))
     return summary
-
-
-def _json_default(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    return str(value)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -36,8 +37,9 @@ def test_pseudo_language_grammar_by_hand():
     expected = [lex["river"], lex["near"], lex["dog"], lex["big"], lex["ball"], lex["red"], "ko", lex["today"], lex["finds"]]
     assert got.split() == expected
     assert D.translate("the cat sees the key").split() == [lex["cat"], lex["key"], "ko", lex["sees"]]
-    with pytest.raises(ValueError, match="not a generated sentence"):
-        D.translate("a dog barks")
+    for bad in ("a dog barks", "the big dog finds the", "the dog", "the zebra sees the cat"):
+        with pytest.raises(ValueError, match="not a generated sentence"):
+            D.translate(bad)
 
 
 def test_pseudo_lexicon_is_a_fixed_bijection_disjoint_from_english():
@@ -154,7 +156,8 @@ def test_demo_cli_quick_end_to_end(tmp_path):
                           cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "routing JS/ln2" in proc.stdout and "LM loss" in proc.stdout
-    assert "baseline" in proc.stderr and "sara" in proc.stderr  # tqdm bars
+    for run in ("baseline", "sara"):  # a finished tqdm bar per run
+        assert re.search(rf"{run}: +100%\|.*\| 12/12", proc.stderr), proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert (out / "summary.png").read_bytes()[:8] == PNG_MAGIC
     results = summary["results"]

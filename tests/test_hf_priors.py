@@ -79,6 +79,10 @@ def test_load_rejects_other_files(tmp_path):
     save_file({"w": torch.zeros(2)}, str(other))
     with pytest.raises(ValueError, match="not a SARA routing-priors file"):
         load_routing_priors(other)
+    no_layers = tmp_path / "no_layers.safetensors"
+    save_file({"priors": torch.zeros(2, 1, 4)}, str(no_layers), metadata={"format": "sara-routing-priors", "version": "1"})
+    with pytest.raises(ValueError, match="malformed priors metadata"):
+        load_routing_priors(no_layers)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file at all")
     with pytest.raises(ValueError, match="safetensors"):
@@ -151,3 +155,5 @@ def test_extract_bad_inputs(model, tmp_path):
         extract_routing_priors(model, [], TOKENIZER, tmp_path / "x", progress=False)
     with pytest.raises(ValueError, match="temperature"):
         extract_routing_priors(model, pairs(2), TOKENIZER, tmp_path / "x", temperature=0, progress=False)
+    with pytest.raises(ValueError, match="temperature"):
+        extract_routing_priors(model, pairs(2), TOKENIZER, tmp_path / "x", temperature=float("inf"), progress=False)

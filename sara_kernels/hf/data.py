@@ -200,19 +200,23 @@ def translate(sentence: str, lexicon: dict[str, str] | None = None) -> str:
     words = sentence.split()
     pos = 0
 
-    def noun_phrase():
+    def next_word():
         nonlocal pos
-        if words[pos] != "the":
+        if pos >= len(words):  # a sentence cut short
             raise ValueError(f"not a generated sentence: {sentence!r}")
         pos += 1
+        return words[pos - 1]
+
+    def noun_phrase():
+        if next_word() != "the":
+            raise ValueError(f"not a generated sentence: {sentence!r}")
         adj = None
-        if words[pos] in ADJECTIVES:
-            adj, pos = words[pos], pos + 1
-        noun, pos = words[pos], pos + 1
-        return [noun] + ([adj] if adj else [])
+        if pos < len(words) and words[pos] in ADJECTIVES:
+            adj = next_word()
+        return [next_word()] + ([adj] if adj else [])
 
     subject = noun_phrase()
-    verb, pos = words[pos], pos + 1
+    verb = next_word()
     obj = noun_phrase()
     place = []
     if pos < len(words) and words[pos] in PREPOSITIONS:
@@ -221,7 +225,8 @@ def translate(sentence: str, lexicon: dict[str, str] | None = None) -> str:
     adverb = []
     if pos < len(words) and words[pos] in ADVERBS:
         adverb, pos = [words[pos]], pos + 1
-    if pos != len(words):
+    unknown = [w for w in place + subject + obj + adverb + [verb] if w not in lexicon]
+    if pos != len(words) or unknown:
         raise ValueError(f"not a generated sentence: {sentence!r}")
     out = [lexicon[w] for w in place + subject + obj] + [OBJECT_MARKER] + [lexicon[w] for w in adverb + [verb]]
     return " ".join(out)

@@ -272,8 +272,11 @@ def extract_routing_priors(
     """
     from safetensors.torch import save_file
 
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    # Checked before the first forward, not left to routing_distribution, so bad input costs no model call.
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+        temperature > 0 and math.isfinite(temperature)
+    ):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if len(pairs) == 0:
         raise ValueError("pairs: no examples to extract priors from")
     for i in range(len(pairs)):
@@ -343,14 +346,19 @@ def load_routing_priors(
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
     if metadata.get("version") != VERSION:
         raise ValueError(f"{path}: priors format version {metadata.get('version')!r}, this library reads {VERSION!r}")
-    file_layers = tuple(int(i) for i in json.loads(metadata["layers"]))
-    if probs.dim() != 3 or probs.shape[1] != len(file_layers) or probs.shape[2] != int(metadata["num_experts"]):
+    try:
+        file_layers = tuple(int(i) for i in json.loads(metadata["layers"]))
+        num_experts, score_in_file = int(metadata["num_experts"]), metadata["score"]
+        temperature = float(metadata["temperature"])
+    except (KeyError, TypeError, ValueError) as e:  # a hand-made or truncated header
+        raise ValueError(f"{path}: missing or malformed priors metadata ({type(e).__name__}: {e})") from None
+    if probs.dim() != 3 or probs.shape[1] != len(file_layers) or probs.shape[2] != num_experts:
         raise ValueError(f"{path}: priors tensor of shape {tuple(probs.shape)} does not match its metadata")
     priors = RoutingPriors(
         probs=probs.float(),
         layers=file_layers,
-        score=metadata["score"],
-        temperature=float(metadata["temperature"]),
+        score=score_in_file,
+        temperature=temperature,
         model_name_or_path=metadata.get("model_name_or_path", ""),
         model_type=metadata.get("model_type", ""),
         fingerprint=metadata.get("anchors_sha256", ""),
