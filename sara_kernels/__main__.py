@@ -5,6 +5,12 @@
 * ``analyze``: per-layer routing JS and top-k overlap between anchors and targets of a jsonl
   for a saved model, table + ``routing_analysis.json`` + ``routing_heatmap.png`` in ``--out``.
 * ``selftest``: the installed kernels against the float64 reference (``sara_kernels.selftest``).
+
+Devices: ``demo`` and ``analyze`` run in one process on one device (``cuda:0`` when CUDA is
+available; choose the GPU with ``CUDA_VISIBLE_DEVICES``). On a machine with several GPUs the
+demo keeps transformers from wrapping the model in ``nn.DataParallel`` (see
+:func:`sara_kernels.demo.single_device`); ``analyze`` places the model on a single device and
+does not use the Trainer.
 """
 
 from __future__ import annotations

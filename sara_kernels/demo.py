@@ -16,6 +16,14 @@
 It prints a table, and writes ``summary.json`` and ``summary.png`` to ``--out``. ``--model`` (a
 local ``save_pretrained`` folder) and ``--data`` (jsonl pairs) run the same comparison on a real
 model and corpus; ``--quick`` / ``--steps`` shrink it.
+
+**Devices.** Run as one plain process, the demo uses one device (``cuda:0`` when CUDA is
+available; pick the GPU with ``CUDA_VISIBLE_DEVICES``): transformers' ``TrainingArguments`` would
+otherwise count every visible GPU (``n_gpu = torch.cuda.device_count()``) and wrap the model in
+``nn.DataParallel``, which :class:`~sara_kernels.hf.SARATrainer` rejects. The demo pins
+``n_gpu`` to 1 as transformers' own ``Trainer`` does for model-parallel models
+(:func:`single_device`). Launched by ``torchrun`` / ``accelerate launch``, each process already
+has ``n_gpu == 1`` and trains on its own GPU with DDP.
 """
 
 from __future__ import annotations
@@ -167,11 +175,25 @@ def _progress_callback(name: str, enabled: bool):
     return TqdmProgress()
 
 
-def fine_tune(name, model, tokenizer, train_pairs, cfg: DemoConfig, sara_weight: float) -> list:
-    """Fine-tune ``model`` in place with SARATrainer; returns the Trainer's log history."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+def single_device(args):
+    """``args`` with ``n_gpu`` pinned to 1 when transformers counted several GPUs in this process.
 
-    from .hf.trainer import SARATrainer, SARATrainingArguments
+    Without a distributed launch, ``TrainingArguments`` sets up ``cuda:0`` as the device but
+    counts every visible GPU in ``n_gpu``, and the Trainer then wraps the model in
+    ``nn.DataParallel`` (which SARATrainer rejects). Resolving the device first (``args.n_gpu``
+    runs the cached ``_setup_devices``) and then setting ``_n_gpu = 1`` is what transformers' own
+    ``Trainer`` does to keep a model-parallel model out of DataParallel; the device stays
+    ``cuda:0`` (the first of ``CUDA_VISIBLE_DEVICES``). CPU-only (``n_gpu == 0``) and distributed
+    runs (``n_gpu == 1`` per process) are left as they are.
+    """
+    if args.n_gpu > 1:
+        args._n_gpu = 1
+    return args
+
+
+def training_args(name: str, cfg: DemoConfig, sara_weight: float):
+    """The SARATrainingArguments of one demo run (single device unless launched distributed)."""
+    from .hf.trainer import SARATrainingArguments
 
     args = SARATrainingArguments(
         output_dir=os.path.join(cfg.out_dir, f"trainer_{name}"),
@@ -194,6 +216,16 @@ def fine_tune(name, model, tokenizer, train_pairs, cfg: DemoConfig, sara_weight:
         sara_backend=cfg.backend,
         sara_max_length=cfg.max_length,
     )
+    return single_device(args)
+
+
+def fine_tune(name, model, tokenizer, train_pairs, cfg: DemoConfig, sara_weight: float) -> list:
+    """Fine-tune ``model`` in place with SARATrainer; returns the Trainer's log history."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from .hf.trainer import SARATrainer
+
+    args = training_args(name, cfg, sara_weight)
     trainer = SARATrainer(model=model, args=args, train_dataset=train_pairs, processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)

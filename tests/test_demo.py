@@ -187,3 +187,28 @@ def test_demo_with_model_and_data_paths(saved_model, tmp_path):
     assert table.splitlines()[1].split()[:4] == ["layer", "init", "baseline", "sara"]
     with pytest.raises(ValueError, match="sara_weight"):
         run_demo(DemoConfig(out_dir=str(tmp_path / "o"), sara_weight=0.0))
+
+
+def test_demo_uses_one_device_when_several_gpus_are_visible(monkeypatch, tmp_path):
+    """A plain (non-distributed) demo process on a machine with several GPUs trains on one device.
+
+    transformers sets ``n_gpu = torch.cuda.device_count()`` outside a distributed launch, and
+    SARATrainer rejects the resulting DataParallel. No GPU is used here: CUDA is reported absent
+    and only the device count is faked, which is all ``TrainingArguments`` reads for ``n_gpu``.
+    """
+    from sara_kernels.demo import DemoConfig, run_demo, training_args
+    from sara_kernels.hf import SARATrainer, SARATrainingArguments
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    plain = SARATrainingArguments(output_dir=str(tmp_path / "plain"), report_to="none")
+    assert plain.n_gpu == 4  # the simulated machine: what the demo got before pinning n_gpu
+    with pytest.raises(ValueError, match=r"DataParallel \(4 GPUs in one process\)"):
+        SARATrainer(model=tiny_moe(), args=plain, train_dataset=D.make_parallel_corpus(8), processing_class=TOKENIZER)
+
+    cfg = DemoConfig(out_dir=str(tmp_path / "demo"), quick=True, steps=1, batch_size=4, progress=False).resolved()
+    args = training_args("sara", cfg, 1.0)
+    assert args.n_gpu == 1 and args.device == torch.device("cpu") and args.train_batch_size == 4
+    summary = run_demo(cfg, train_pairs=16, eval_pairs=4)
+    assert summary["device"] == "cpu" and summary["sizes"]["steps"] == 1
+    assert any("sara_loss" in h for h in summary["log_history"]["sara"])

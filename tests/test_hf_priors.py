@@ -157,3 +157,50 @@ def test_extract_bad_inputs(model, tmp_path):
         extract_routing_priors(model, pairs(2), TOKENIZER, tmp_path / "x", temperature=0, progress=False)
     with pytest.raises(ValueError, match="temperature"):
         extract_routing_priors(model, pairs(2), TOKENIZER, tmp_path / "x", temperature=float("inf"), progress=False)
+
+
+def test_priors_record_max_length_and_must_match_sara_max_length(tmp_path):
+    """The file records the anchors' truncation; training at another sara_max_length is refused
+    (its live anchors would differ), training at the same one equals live anchors."""
+    from sara_kernels.hf import SARATrainer
+
+    from hf_train_helpers import sgd_args
+
+    base, data = tiny_moe(), pairs(8)
+    short, full = tmp_path / "short.safetensors", tmp_path / "full.safetensors"
+    extract_routing_priors(base, data, TOKENIZER, short, max_length=3, progress=False)
+    extract_routing_priors(base, data, TOKENIZER, full, progress=False)
+    for path, stored, value in ((short, "3", 3), (full, "null", None)):
+        with safe_open(str(path), framework="pt") as f:
+            assert f.metadata()["max_length"] == stored
+        assert load_routing_priors(path).max_length == value
+    # Truncation changes the anchors' routing, so the two files really differ.
+    assert not torch.allclose(load_routing_priors(short).probs, load_routing_priors(full).probs)
+
+    with pytest.raises(ValueError, match=r"extracted with max_length=3, but sara_max_length = None"):
+        SARATrainer(model=base, args=sgd_args(tmp_path), train_dataset=data, processing_class=TOKENIZER,
+                    routing_priors=str(short))
+    with pytest.raises(ValueError, match=r"extracted with max_length=None, but sara_max_length = 3"):
+        SARATrainer(model=base, args=sgd_args(tmp_path, sara_max_length=3), train_dataset=data,
+                    processing_class=TOKENIZER, routing_priors=str(full))
+    with pytest.raises(ValueError, match=r"extracted with max_length=3, but sara_max_length = 4"):
+        SARATrainer(model=base, args=sgd_args(tmp_path, sara_max_length=4), train_dataset=data,
+                    processing_class=TOKENIZER, routing_priors=load_routing_priors(short))
+
+    live, _ = train_delta(base, tmp_path, data, sara_max_length=3)
+    cached, _ = train_delta(base, tmp_path, data, sara_max_length=3, routing_priors=str(short))
+    assert_updates_close(cached, live, rtol=1e-4)
+
+    # A file without the field (written before it was recorded) is refused, not read as "no truncation".
+    with safe_open(str(full), framework="pt") as f:
+        meta, probs = dict(f.metadata()), f.get_tensor("priors")
+    for value, match in ((None, "no 'max_length'"), ("0", "max_length must be a positive int or null"),
+                         ("true", "max_length must be a positive int or null"), ("x", "positive int or null")):
+        old = tmp_path / "old.safetensors"
+        if value is None:
+            meta.pop("max_length")
+        else:
+            meta["max_length"] = value
+        save_file({"priors": probs}, str(old), metadata=meta)
+        with pytest.raises(ValueError, match=match):
+            load_routing_priors(old)

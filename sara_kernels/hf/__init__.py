@@ -1,4 +1,14 @@
-"""Hugging Face transformers integration: router-logit capture (and, later, trainer/priors helpers)."""
+"""Hugging Face transformers integration of SARA.
+
+* :mod:`.capture`: router-logit capture from MoE models' router modules
+  (:func:`capture_router_logits`, :func:`install_router_hooks`, :func:`find_routers`, ...).
+* :mod:`.data`: parallel pairs (:func:`load_pairs`, :class:`PairDataset`, validation) and the
+  built-in pseudo-language corpus and word tokenizer used by the demo and tests.
+* :mod:`.priors`: cached anchor routing priors (:func:`extract_routing_priors`,
+  :func:`load_routing_priors`, :class:`RoutingPriors`).
+* :mod:`.trainer`: ``transformers.Trainer`` integration (:class:`SARATrainer`,
+  :class:`SARATrainingArguments`, :class:`SARACollator`), imported on first use.
+"""
 
 from .capture import (
     CapturedRouterLogits,

@@ -8,10 +8,14 @@ stored, and the anchor forward dropped from every training step — half the for
 File format (safetensors): one float32 tensor ``"priors"`` [num_examples, L, E] — row i is the
 pooled routing distribution of anchor i at each captured layer — and string metadata: format
 tag and version, the model's ``name_or_path`` and ``model_type``, the decoder-layer indices
-(JSON), E, score, temperature, number of examples and a fingerprint of the anchors (see
-:func:`~sara_kernels.hf.data.anchors_fingerprint`). The trainer looks rows up by the example
-index its collator carries, so the file is tied to the dataset order; the fingerprint catches
-a different or reordered dataset.
+(JSON), E, score, temperature, number of examples, a fingerprint of the anchors (see
+:func:`~sara_kernels.hf.data.anchors_fingerprint`) and the ``max_length`` the anchors were
+truncated to (JSON: an int, or ``null`` for no truncation). The trainer looks rows up by the
+example index its collator carries, so the file is tied to the dataset order; the fingerprint
+catches a different or reordered dataset, and ``max_length`` must equal the trainer's
+``sara_max_length`` so cached anchors are truncated as live ones would be. The rest of the
+tokenisation (special tokens for texts, the chat template for messages) is the collator's and
+is fixed by the tokenizer: extract with the tokenizer you train with.
 """
 
 from __future__ import annotations
@@ -194,6 +198,7 @@ class RoutingPriors:
     model_name_or_path: str = ""
     model_type: str = ""
     fingerprint: str = ""
+    max_length: Optional[int] = None  # the anchors' truncation at extraction (None: none)
 
     @property
     def num_examples(self) -> int:
@@ -267,8 +272,9 @@ def extract_routing_priors(
 ) -> RoutingPriors:
     """Run ``model`` over the anchors of ``pairs`` (no grad, batched) and save their routing priors.
 
-    Writes ``path`` (safetensors, see the module docstring) and returns the priors. Use the same
-    ``max_length`` as the training collator (``sara_max_length``) so anchors are truncated alike.
+    Writes ``path`` (safetensors, see the module docstring) and returns the priors. ``max_length``
+    is recorded in the file and must equal the trainer's ``sara_max_length`` (SARATrainer refuses
+    priors extracted at another one), so that cached anchors are truncated as live ones would be.
     """
     from safetensors.torch import save_file
 
@@ -295,6 +301,7 @@ def extract_routing_priors(
         model_name_or_path=name,
         model_type=model_type,
         fingerprint=anchors_fingerprint([pairs[i] for i in range(len(pairs))]),
+        max_length=max_length,
     )
     metadata = {
         "format": FORMAT,
@@ -307,6 +314,7 @@ def extract_routing_priors(
         "temperature": repr(float(temperature)),
         "num_examples": str(priors.num_examples),
         "anchors_sha256": priors.fingerprint,
+        "max_length": json.dumps(max_length),
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_file({"priors": priors.probs}, os.fspath(path), metadata=metadata)
@@ -352,6 +360,20 @@ def load_routing_priors(
         temperature = float(metadata["temperature"])
     except (KeyError, TypeError, ValueError) as e:  # a hand-made or truncated header
         raise ValueError(f"{path}: missing or malformed priors metadata ({type(e).__name__}: {e})") from None
+    if "max_length" not in metadata:
+        raise ValueError(
+            f"{path}: missing or malformed priors metadata (no 'max_length': the file predates recording the "
+            "anchors' truncation); re-extract it with extract_routing_priors"
+        )
+    try:
+        max_length = json.loads(metadata["max_length"])
+    except ValueError:
+        max_length = metadata["max_length"]
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise ValueError(
+            f"{path}: missing or malformed priors metadata (max_length must be a positive int or null, "
+            f"got {metadata['max_length']!r})"
+        )
     if probs.dim() != 3 or probs.shape[1] != len(file_layers) or probs.shape[2] != num_experts:
         raise ValueError(f"{path}: priors tensor of shape {tuple(probs.shape)} does not match its metadata")
     priors = RoutingPriors(
@@ -362,6 +384,7 @@ def load_routing_priors(
         model_name_or_path=metadata.get("model_name_or_path", ""),
         model_type=metadata.get("model_type", ""),
         fingerprint=metadata.get("anchors_sha256", ""),
+        max_length=max_length,
     )
     if score is not None and score != priors.score:
         raise ValueError(f"score={score!r} but the priors in {path} were computed with score={priors.score!r}")

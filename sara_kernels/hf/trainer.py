@@ -226,9 +226,10 @@ class SARATrainer(Trainer):
         processing_class: the tokenizer, used to build the default :class:`SARACollator`.
         routing_priors: cached anchor priors (a :class:`~sara_kernels.hf.priors.RoutingPriors`
             or a path to a file written by ``extract_routing_priors``) for ``train_dataset`` in
-            its order; training then skips the anchor forward. Evaluation never uses them (eval
-            examples are indexed in another dataset): it uses live anchors when the batch has
-            them and reports the LM loss only otherwise.
+            its order, extracted with ``max_length`` = ``sara_max_length``; training then skips
+            the anchor forward. Evaluation never uses them (eval examples are indexed in another
+            dataset): it uses live anchors when the batch has them and reports the LM loss only
+            otherwise.
 
     Logged (train, and ``eval_``-prefixed in evaluation): ``lm_loss``, ``sara_loss`` (unweighted,
     mean over micro-batches since the last log) and ``sara_js/layer_{i}`` (mean JS of decoder
@@ -312,6 +313,12 @@ class SARATrainer(Trainer):
             )
         if args.sara_score is not None and args.sara_score != priors.score:
             raise ValueError(f"routing_priors use score={priors.score!r}, but sara_score = {args.sara_score!r}")
+        if priors.max_length != args.sara_max_length:
+            raise ValueError(
+                f"routing_priors were extracted with max_length={priors.max_length}, but sara_max_length = "
+                f"{args.sara_max_length}: cached anchors would be truncated differently from live ones; "
+                f"re-extract with max_length={args.sara_max_length}"
+            )
         if isinstance(train_dataset, PairDataset):
             if len(train_dataset) != priors.num_examples:
                 raise ValueError(
