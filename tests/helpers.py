@@ -19,13 +19,27 @@ GRAD_TOL = {
 }
 
 
-def assert_grads_close(actual, expected, dtype):
-    """Kernel gradient vs float64 reference, atol scaled by the reference's largest entry."""
+# Half the spacing of float16 subnormals: a gradient entry below ~6e-8 cannot be stored more
+# exactly than this (training in fp16 relies on loss scaling to stay above it).
+FP16_SUBNORMAL_ROUNDING = 2.0**-25
+
+
+def assert_grads_close(actual, expected, dtype, fp32_baseline=None):
+    """Kernel gradient vs float64 reference, atol scaled by the reference's largest entry.
+
+    ``fp32_baseline``: the same gradient from the PyTorch reference run in float32. Where the
+    problem itself is ill-conditioned (sharp temperatures, large E) even PyTorch's float32
+    differs from float64 by more than the named tolerance; the kernel must then be no worse than
+    twice PyTorch's own float32 error.
+    """
     tol = GRAD_TOL[dtype]
     scale = expected.abs().max().item() if expected.numel() else 0.0
-    torch.testing.assert_close(
-        actual.double(), expected.double(), rtol=tol["rtol"], atol=tol["atol"] * max(scale, 1e-30)
-    )
+    atol = tol["atol"] * max(scale, 1e-30)
+    if dtype == torch.float16:
+        atol = max(atol, FP16_SUBNORMAL_ROUNDING)
+    if fp32_baseline is not None and expected.numel():
+        atol = max(atol, 2 * (fp32_baseline.double() - expected.double()).abs().max().item())
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol["rtol"], atol=atol)
 
 
 def random_logits(num_layers, num_tokens, num_experts, dtype=torch.float32, scale=2.0, generator=None):

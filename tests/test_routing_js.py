@@ -322,3 +322,57 @@ def test_in_place_change_of_the_logits_before_backward_is_an_error():
         scaled[0].add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def _random_side(rng, seg_kind, num_seqs, seq_len):
+    """(num_tokens, mask, cu_seqlens) with random raggedness, empty sequences included."""
+    if seg_kind == "mask":
+        keep = rng.random()
+        return num_seqs * seq_len, (torch.rand(num_seqs, seq_len) < keep).long().to(DEVICE), None
+    if seg_kind == "cu":
+        n = rng.randint(0, 3 * num_seqs * seq_len)
+        cuts = sorted(rng.randint(0, n) for _ in range(num_seqs - 1))
+        return n, None, torch.tensor([0, *cuts, n], device=DEVICE)
+    return rng.randint(0, 20), None, None
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_configurations_match_reference(monkeypatch, seed):
+    """Random shapes (odd E, empty sides, forced split counts), scores, sharp and flat
+    temperatures, dtypes and −inf experts; gradients must be as accurate as PyTorch's own
+    float32 where the problem is ill-conditioned (see assert_grads_close)."""
+    import random
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    L, E, B, S = rng.randint(1, 4), rng.choice([2, 3, 17, 31, 100, 129, 255, 300, 512]), rng.randint(1, 6), rng.randint(1, 9)
+    score, tau, detach = rng.choice(["softmax", "sigmoid"]), rng.choice([0.3, 1.0, 2.5]), rng.random() < 0.5
+    seg_kind, dtype = rng.choice(["mask", "cu", "none"]), rng.choice([torch.float32, torch.bfloat16, torch.float16])
+    monkeypatch.setattr(routing_js, "num_splits", lambda *args, k=rng.choice([1, 2, 3, 7]): k)
+    n_a, mask_a, cu_a = _random_side(rng, seg_kind, B, S)
+    n_t, mask_t, cu_t = _random_side(rng, seg_kind, B, S)
+    anchor = [(3 * torch.randn(n_a, E)).to(dtype).to(DEVICE) for _ in range(L)]
+    target = [(3 * torch.randn(n_t, E)).to(dtype).to(DEVICE) for _ in range(L)]
+    if E > 2 and rng.random() < 0.3:
+        for z in anchor + target:
+            z[:, 1] = -math.inf
+    options = dict(anchor_mask=mask_a, target_mask=mask_t, anchor_cu_seqlens=cu_a, target_cu_seqlens=cu_t,
+                   score=score, temperature=tau, detach_anchor=detach, reduction="none")
+    cotangent = torch.randn(L, 1 if seg_kind == "none" else B, dtype=torch.float64, device=DEVICE)
+    results = {}
+    for name, precision in (("triton", None), ("fp32", torch.float32), ("fp64", torch.float64)):
+        a = [z.detach().to(precision or dtype).requires_grad_() for z in anchor]
+        t = [z.detach().to(precision or dtype).requires_grad_() for z in target]
+        fn = reference.sara_loss if precision else partial_backend(sara_kernels.sara_loss)
+        js = fn(a, t, **options)
+        wanted = t + ([] if detach else a)
+        results[name] = (js, torch.autograd.grad((js.double() * cotangent).sum(), wanted))
+    js, grads = results["triton"]
+    torch.testing.assert_close(js.double(), results["fp64"][0], **LOSS_TOL)
+    for g, g32, g64 in zip(grads, results["fp32"][1], results["fp64"][1]):
+        assert torch.isfinite(g).all()
+        assert_grads_close(g, g64, dtype, fp32_baseline=g32)
+
+
+def partial_backend(fn):
+    return lambda *args, **kwargs: fn(*args, backend="triton", **kwargs)
