@@ -268,15 +268,18 @@ def js_errors(got: torch.Tensor, want: torch.Tensor, tol: dict):
 
 
 def relative_grad_error(got, want) -> float:
-    """max |got − ref| / max |ref| over all tensors; a gradient absent on one side counts as zeros."""
+    """max |got − ref| / max |ref| over all tensors; a gradient absent on one side counts as zeros.
+
+    Computed where ``got`` lies (on a GPU: no multi-GB copies of large gradients to the host)."""
     worst = 0.0
     for g, w in zip(got, want):
         if g is None and w is None:
             continue
         g = torch.zeros_like(w) if g is None else g
         w = torch.zeros_like(g) if w is None else w
-        g, w = g.double().cpu(), w.double().cpu()
-        if g.shape != w.shape or not torch.isfinite(g).all():
+        g = g.detach().double()
+        w = w.detach().to(device=g.device, dtype=torch.float64)
+        if g.shape != w.shape or not bool(torch.isfinite(g).all()):
             return math.inf
         scale = float(w.abs().max()) if w.numel() else 0.0
         worst = max(worst, float((g - w).abs().max()) / max(scale, 1e-30) if w.numel() else 0.0)

@@ -15,9 +15,8 @@ export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 
 OUT=${1:?usage: bash scripts/gpu_ci.sh OUTDIR}
-cd "$(dirname "$0")/.."
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2  # resolved against the caller's directory, before the cd
+cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-$(command -v python || command -v python3)}
 BUDGET_S=${GPU_CI_BUDGET_S:-470}
 START=$(date +%s)
@@ -75,8 +74,9 @@ fi
 run_stage selftest "$(stage_limit 90 300)" "$LAST_LINE_NOTE" \
     "$PY" -m sara_kernels.selftest
 
+# -v: one line per test as it finishes, so a stage cut by its time limit still says which ran and how.
 run_stage gpu_tests "$(stage_limit 150 200)" "$PYTEST_NOTE" \
-    "$PY" -m pytest tests -m gpu -q -rfEsx --durations=10 -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
+    "$PY" -m pytest tests -m gpu -v -rfEsx --durations=10 -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
 
 # The normal suite's kernel files (those calling the Triton backend), now at real compile.
 # Left out: test_gpu.py (the stage above) and test_aot_compile.py (compiles for fixed targets
