@@ -116,7 +116,14 @@ def _token_validity(b, rows, row_ok, start, mask_ptr, mask_sb, mask_ss, HAS_MASK
     return row_ok
 
 
-@triton.jit
+# Shape and stride arguments that gain nothing from Triton's value specialisation (== 1,
+# divisible by 16) are excluded from it, so a training run whose batch shapes vary compiles
+# each kernel once per tile configuration instead of once per shape class. E and the gradient's
+# layer stride stay specialised: their divisibility is what lets stores vectorise.
+_UNSPECIALISED_POOL_ARGS = ["mask_sb", "mask_ss", "cu_stride", "L", "B", "N", "S", "SPLITS"]
+
+
+@triton.jit(do_not_specialize=_UNSPECIALISED_POOL_ARGS)
 def pool_routing_fwd(
     table_ptr, x0_ptr, mask_ptr, mask_sb, mask_ss, cu_ptr, cu_stride,
     partial_ptr, count_ptr,
@@ -168,7 +175,7 @@ def _half_log_ratio(p, m):
     return tl.where(zero, 0.0, 0.5 * tl.log(tl.where(zero, 1.0, p) / tl.where(zero, 1.0, m)))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["prior_sl", "prior_sb", "prior_se", "B", "A_SPLITS", "T_SPLITS"])
 def pair_js_fwd(
     a_partial_ptr, a_count_ptr, t_partial_ptr, t_count_ptr,
     prior_ptr, prior_sl, prior_sb, prior_se,
@@ -204,7 +211,7 @@ def pair_js_fwd(
         tl.store(valid_ptr + b, valid.to(tl.float32))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[*_UNSPECIALISED_POOL_ARGS, "scale_sl", "scale_sb"])
 def pool_routing_bwd(
     table_ptr, x0_ptr, mask_ptr, mask_sb, mask_ss, cu_ptr, cu_stride,
     coef_ptr, scale_ptr, scale_sl, scale_sb, count_ptr, grad_ptr, grad_sl,
