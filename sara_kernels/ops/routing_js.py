@@ -297,11 +297,13 @@ def layer_table(layers) -> torch.Tensor:
     On CUDA the table travels through pinned memory with a non-blocking copy (no host sync,
     capturable in a CUDA graph) and is cached by its contents, so a steady-state training loop
     whose allocator hands back the same addresses builds it once. PyTorch's pinned-memory
-    allocator keeps the source block until the non-blocking copy has completed.
+    allocator keeps the source block until the non-blocking copy has completed. The key holds
+    the current stream: a table whose copy was queued on another stream may not have landed yet.
     """
     device = layers[0].device
     values = [t.data_ptr() for t in layers] + [t.stride(0) for t in layers] + [t.stride(1) for t in layers]
-    key = (device, tuple(values))
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    key = (device, stream, tuple(values))
     hit = _TABLES.get(key)
     if hit is not None:
         _TABLES.move_to_end(key)
