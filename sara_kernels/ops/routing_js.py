@@ -287,7 +287,7 @@ def num_splits(num_tokens: int, num_seqs: int, num_layers: int, device: torch.de
     return max(1, min(wanted, triton.cdiv(rows_per_seq, 4 * block_n), 1024))
 
 
-_TABLES: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
 _TABLE_CACHE_SIZE = 64
 
 
@@ -296,21 +296,31 @@ def layer_table(layers) -> torch.Tensor:
 
     On CUDA the table travels through pinned memory with a non-blocking copy (no host sync,
     capturable in a CUDA graph) and is cached by its contents, so a steady-state training loop
-    whose allocator hands back the same addresses builds it once. PyTorch's pinned-memory
-    allocator keeps the source block until the non-blocking copy has completed. The key holds
-    the current stream: a table whose copy was queued on another stream may not have landed yet.
+    whose allocator hands back the same addresses builds it once, and a CUDA-graph capture after
+    a warm-up finds it ready instead of copying inside the capture. PyTorch's pinned-memory
+    allocator keeps the source block until the copy has completed. A hit from another stream
+    than the copy's waits for the copy's event first (outside a capture, where the warm-up has
+    already ordered it), since the copy may not have landed yet.
     """
     device = layers[0].device
     values = [t.data_ptr() for t in layers] + [t.stride(0) for t in layers] + [t.stride(1) for t in layers]
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
-    key = (device, stream, tuple(values))
+    key = (device, tuple(values))
     hit = _TABLES.get(key)
     if hit is not None:
         _TABLES.move_to_end(key)
-        return hit
+        table, stream, copied = hit
+        if stream is not None:
+            current = torch.cuda.current_stream(device)
+            if current != stream and not torch.cuda.is_current_stream_capturing():
+                current.wait_event(copied)
+        return table
     host = torch.tensor(values, dtype=torch.int64).view(3, len(layers))
     table = host_to_device(host, device)
-    _TABLES[key] = table
+    stream = copied = None
+    if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+        stream = torch.cuda.current_stream(device)
+        copied = stream.record_event()
+    _TABLES[key] = (table, stream, copied)
     if len(_TABLES) > _TABLE_CACHE_SIZE:
         _TABLES.popitem(last=False)
     return table
