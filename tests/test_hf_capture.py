@@ -595,3 +595,42 @@ def test_normal_path_is_quiet(caplog, recwarn):
     assert captured.layers == (1, 3)
     assert not [r for r in caplog.records if r.name.startswith("sara_kernels")]
     assert not [w for w in recwarn if "sara_kernels" in str(w.filename)]
+
+
+def test_layer_index_ignores_numbers_in_a_wrapper_path():
+    """A wrapper holding the transformers model in a list puts a number before ``model.layers.<i>``."""
+
+    class Ensemble(nn.Module):
+        def __init__(self, member):
+            super().__init__()
+            self.members = nn.ModuleList([member])
+
+        def forward(self, **kwargs):
+            return self.members[0](**kwargs)
+
+    model = cached_model("qwen3_moe")
+    wrapped = Ensemble(model)
+    ids, mask = batch()
+    with torch.no_grad():
+        builtin = model(input_ids=ids, attention_mask=mask, output_router_logits=True).router_logits
+        with capture_router_logits(wrapped) as captured:
+            wrapped(input_ids=ids, attention_mask=mask)
+    assert captured.names == tuple(f"members.0.model.layers.{i}.mlp.gate" for i in (1, 2, 3))
+    assert captured.layers == (1, 2, 3)
+    assert all(torch.equal(a, b) for a, b in zip(captured.logits, builtin))
+    assert [r.layer for r in find_routers(wrapped)] == [1, 2, 3]
+
+
+def test_install_router_hooks_does_not_keep_the_model_alive():
+    import gc
+    import weakref
+
+    model = ToyMoE()
+    hooks = install_router_hooks(model, routers=ToyRouter)
+    assert hooks.model is model
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+    assert hooks.model is None
+    hooks.remove()  # still safe once the model is gone

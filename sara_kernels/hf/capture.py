@@ -164,9 +164,14 @@ def _spec_matcher(spec):
     return matches, index
 
 
-def _hf_routers(model: nn.Module) -> list[tuple[str, nn.Module, Optional[int]]]:
-    """Routers declared by the ``router_logits`` recorders of every (sub)model in ``model``."""
-    found: dict[int, tuple[str, nn.Module, Optional[int]]] = {}
+def _hf_routers(model: nn.Module) -> list[tuple[str, nn.Module, Optional[int], str]]:
+    """Routers declared by the ``router_logits`` recorders of every (sub)model in ``model``.
+
+    Each entry is (module path, router, output index, path relative to the declaring model):
+    the layer index is read from the relative path, so that a wrapper whose own path holds a
+    number (``members.0.model.layers.3.mlp.gate``) does not shift it.
+    """
+    found: dict[int, tuple[str, nn.Module, Optional[int], str]] = {}
     declared = False
     for prefix, owner in model.named_modules():
         specs = _recorder_specs(owner)
@@ -179,7 +184,8 @@ def _hf_routers(model: nn.Module) -> list[tuple[str, nn.Module, Optional[int]]]:
         for sub_name, module in owner.named_modules(prefix=prefix):
             for matches, index in matchers:
                 if matches(sub_name, module):
-                    found[id(module)] = (sub_name, module, index)
+                    local = sub_name[len(prefix) + 1 :] if prefix else sub_name
+                    found[id(module)] = (sub_name, module, index, local)
                     break
     if not declared:
         raise ValueError(
@@ -250,8 +256,10 @@ def find_routers(model: nn.Module, *, routers: RoutersArg = None, output_index: 
 
     Layer index rule: when every router's module path has a numeric component, the first one
     is its decoder-layer index (``model.layers.3.mlp.gate`` -> 3; several routers may share a
-    layer). Otherwise routers are numbered 0, 1, ... in order of appearance: the order of
-    ``routers`` when it is a list of modules, of ``model.named_modules()`` else.
+    layer); for recorder-found routers the path is taken relative to the transformers model
+    that declares the recorder, so wrappers around it do not change the index. Otherwise
+    routers are numbered 0, 1, ... in order of appearance: the order of ``routers`` when it
+    is a list of modules, of ``model.named_modules()`` else.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -260,19 +268,19 @@ def find_routers(model: nn.Module, *, routers: RoutersArg = None, output_index: 
     model = _unwrap(model)
     if routers is None:
         entries = [
-            (name, module, index if output_index is None else output_index, False)
-            for name, module, index in _hf_routers(model)
+            (name, module, index if output_index is None else output_index, False, local)
+            for name, module, index, local in _hf_routers(model)
         ]
     else:
         strict = output_index is not None
-        entries = [(name, module, output_index, strict) for name, module in _explicit_routers(model, routers)]
+        entries = [(name, module, output_index, strict, name) for name, module in _explicit_routers(model, routers)]
 
-    parsed = [_layer_from_path(name) for name, *_ in entries]
+    parsed = [_layer_from_path(local) for *_, local in entries]
     if any(layer is None for layer in parsed):
         parsed = list(range(len(entries)))
     return tuple(
         RouterInfo(name=name, layer=layer, module=module, output_index=index, strict=strict)
-        for (name, module, index, strict), layer in zip(entries, parsed)
+        for (name, module, index, strict, _), layer in zip(entries, parsed)
     )
 
 
@@ -440,7 +448,10 @@ class RouterHooks:
     """
 
     def __init__(self, model: nn.Module, routers: Sequence[RouterInfo]):
-        self.model = model
+        # A weak reference: _PERSISTENT maps the model to this object, and a strong one here
+        # would keep every model that ever had install_router_hooks alive (weak-key dict values
+        # must not reference their key).
+        self._model_ref = weakref.ref(model)
         self.routers = tuple(routers)
         self.state = _HookState()
         self._handles = []
@@ -459,8 +470,14 @@ class RouterHooks:
             handle.remove()
         self._handles.clear()
         self.state.active = False
-        if _PERSISTENT.get(self.model) is self:
-            del _PERSISTENT[self.model]
+        model = self.model
+        if model is not None and _PERSISTENT.get(model) is self:
+            del _PERSISTENT[model]
+
+    @property
+    def model(self) -> Optional[nn.Module]:
+        """The hooked model (``None`` once it has been garbage-collected)."""
+        return self._model_ref()
 
     @property
     def removed(self) -> bool:
