@@ -52,6 +52,7 @@ from common import (
     median,
     peak_extra_bytes,
     release_memory,
+    synchronize,
     time_calls,
     write_csv,
     write_json,
@@ -409,10 +410,64 @@ def measure_case(case: Case, device: torch.device, l2_bytes: int, copy_gbps: flo
         rows += [dict(shape, **row) for row in measure_contender(case, contender, inputs, device, copies, args, flush)]
         release_memory(device)
         add_derived_metrics(case, rows, copy_gbps)
+        if contender.name == "triton" and case.target_shape:
+            triton_row = next((r for r in rows if r["contender"] == "triton" and r.get("pass_name") == "fwd+bwd"
+                               and r.get("status") == "ok"), None)
+            if triton_row is not None:
+                try:
+                    triton_row["kernel_breakdown"] = kernel_breakdown(case, inputs, device, copies, copy_gbps)
+                except Exception as exc:  # a profiler problem must not cost the measured rows
+                    triton_row["kernel_breakdown"] = dict(error=f"{type(exc).__name__}: {str(exc)[:200]}")
+                release_memory(device)
         checkpoint(rows)
     del inputs
     release_memory(device)
     return rows
+
+
+def kernel_breakdown(case: Case, inputs: CaseInputs, device: torch.device, copies: int, copy_gbps: float,
+                     reps: int = 5) -> dict:
+    """Where the fused op's fwd+bwd time goes, from torch.profiler's device timeline.
+
+    Why: when a target is missed, the median alone cannot say whether the pooling kernels stream
+    below copy bandwidth (then ``tile_config`` / ``num_splits`` are the knobs) or whether the time
+    is lost around them (launch gaps, the small PyTorch reduction ops, pointer-table copies).
+    ``pooling_bw_fraction`` charges the case's minimum traffic to the pooling kernels alone.
+    On the CPU (a logic check) the host timeline stands in for the device's.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    fn = loss_function(case, "triton")
+
+    def step(i):
+        loss = fn(inputs.anchors[i], inputs.targets[i], inputs.mask, inputs.priors[i])
+        return torch.autograd.grad(loss, inputs.diff_inputs(i, case.mode))
+
+    on_gpu = device.type == "cuda"
+    for i in range(min(copies, 2)):
+        step(i)
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+        for i in range(reps):
+            step(i % copies)
+        synchronize(device)
+    kernels = []
+    for evt in prof.key_averages():
+        if on_gpu:
+            us = getattr(evt, "self_device_time_total", None)
+            us = getattr(evt, "self_cuda_time_total", 0.0) if us is None else us
+        else:
+            us = evt.self_cpu_time_total
+        if us > 0:
+            kernels.append(dict(name=evt.key[:80], ms_per_step=_significant(us / 1e3 / reps), calls_per_step=evt.count / reps))
+    kernels.sort(key=lambda k: -k["ms_per_step"])
+    total = sum(k["ms_per_step"] for k in kernels)
+    pooling = sum(k["ms_per_step"] for k in kernels if k["name"].startswith("pool_routing"))
+    for k in kernels:
+        k["share"] = _significant(k["ms_per_step"] / total) if total else None
+    gbps = min_bytes(case, "fwd+bwd") / (pooling * 1e-3) / 1e9 if pooling else None
+    return dict(device_ms_per_step=_significant(total), pooling_ms_per_step=_significant(pooling),
+                pooling_bw_fraction=_significant(gbps / copy_gbps) if gbps else None, kernels=kernels[:12])
 
 
 def add_derived_metrics(case: Case, rows: list, copy_gbps: float):
@@ -603,6 +658,26 @@ def write_results(out_dir: str, meta: dict, rows: list, final: bool = False) -> 
     return payload
 
 
+def breakdown_lines(rows: list) -> list:
+    """The profile of the Triton op at the target shape: the "why" behind a missed target."""
+    lines = []
+    for r in rows:
+        b = r.get("kernel_breakdown")
+        if not b:
+            continue
+        lines += [f"## Where the Triton fwd+bwd time goes: {r['model']} N={r['tokens']} {r['mode']}", ""]
+        if "error" in b:
+            lines += [f"- profiler failed: {b['error']}", ""]
+            continue
+        frac = b["pooling_bw_fraction"]
+        lines += [f"- device time {b['device_ms_per_step']} ms per step, of which pooling kernels {b['pooling_ms_per_step']} ms"
+                  f" ({'n/a' if frac is None else f'{frac:.2f}'} of copy bandwidth for the case's minimum traffic);"
+                  f" median wall time {r['median_ms']:.4g} ms (the rest: launch gaps and host work)", ""]
+        lines += [f"  - {k['name']}: {k['ms_per_step']} ms ({k['share']:.0%}), {k['calls_per_step']:g} calls" for k in b["kernels"]]
+        lines.append("")
+    return lines
+
+
 def summary_markdown(meta: dict, rows: list, targets: list) -> str:
     env = meta["environment"]
     lines = [
@@ -625,6 +700,7 @@ def summary_markdown(meta: dict, rows: list, targets: list) -> str:
         "```",
         "",
     ]
+    lines += breakdown_lines(rows)
     skipped = sorted({f"{r['contender']}: {r.get('note', '')}" for r in rows if r.get("status") == "skipped"})
     failed = [f"{r['contender']} {r.get('variant') or ''} {r['model']} N={r['tokens']} {r['mode']} {r.get('pass_name') or ''}: "
               f"{r['status']}: {r.get('note', '')}" for r in rows if r.get("status") in ("failed", "oom")]
