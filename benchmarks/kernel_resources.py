@@ -16,23 +16,8 @@ import re
 import subprocess
 import tempfile
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from sara_kernels.ops import aot, routing_js
 
-from sara_kernels.ops import routing_js
-
-_BASE = {
-    "table_ptr": "*i64", "mask_ptr": "*i64", "mask_sb": "i64", "mask_ss": "i64", "cu_ptr": "*i32",
-    "cu_stride": "i64", "L": "i32", "B": "i32", "N": "i64", "E": "i32", "S": "i64", "inv_tau": "fp32", "SPLITS": "i32",
-}
-SIGNATURES = {
-    "pool_routing_fwd": {**_BASE, "partial_ptr": "*fp32", "count_ptr": "*fp32"},
-    "pool_routing_bwd": {
-        **_BASE, "coef_ptr": "*fp32", "scale_ptr": "*fp32", "scale_sl": "i64", "scale_sb": "i64",
-        "count_ptr": "*fp32", "grad_sl": "i64",
-    },
-}
 REGISTERS_PER_SM = 65536
 
 
@@ -43,13 +28,8 @@ def ptxas_path(arch: int) -> str:
 
 
 def resources(name: str, experts: int, sigmoid: bool, dtype: str, arch: int):
-    kernel = getattr(routing_js, name)
-    vec = 16 // {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
-    meta = dict(HAS_MASK=True, USE_CU=False, SIGMOID=sigmoid, VEC=vec, **routing_js.tile_config(experts))
-    options = {k: meta.pop(k) for k in ("num_warps", "enable_fp_fusion")}
-    types = {**SIGNATURES[name], "x0_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}"}
-    signature = {n: types.get(n, "constexpr") for n in kernel.arg_names}
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs=meta), target=GPUTarget("cuda", arch, 32), options=options)
+    meta = dict(HAS_MASK=True, USE_CU=False, SIGMOID=sigmoid, VEC=aot.VECTOR_WIDTH[dtype], **routing_js.tile_config(experts))
+    compiled = aot.compile_kernel(name, arch, meta, dtype)
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "kernel.ptx")
         with open(ptx, "w") as f:
@@ -60,9 +40,9 @@ def resources(name: str, experts: int, sigmoid: bool, dtype: str, arch: int):
     text = out.stdout + out.stderr
     regs = int(re.search(r"Used (\d+) registers", text).group(1))
     spills = int(re.search(r"(\d+) bytes spill stores", text).group(1))
-    threads = 32 * options["num_warps"]
-    blocks = REGISTERS_PER_SM // (regs * threads)  # an upper bound: ignores allocation granularity
-    return dict(regs=regs, spills=spills, block_n=meta["BLOCK_N"], warps=options["num_warps"], warps_per_sm=blocks * options["num_warps"])
+    warps = meta["num_warps"]
+    blocks = REGISTERS_PER_SM // (regs * 32 * warps)  # an upper bound: ignores allocation granularity
+    return dict(regs=regs, spills=spills, block_n=meta["BLOCK_N"], warps=warps, warps_per_sm=blocks * warps)
 
 
 def main():
@@ -74,7 +54,7 @@ def main():
         parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
     print(f"sm_{args.arch}, {args.dtype} logits, mask segmentation, vector loads on; ptxas {ptxas_path(args.arch)}")
     print(f"{'kernel':17s} {'E':>4s} {'score':8s} {'BLOCK_N':>7s} {'warps':>5s} {'regs':>5s} {'spills':>6s} {'warps/SM':>8s}")
-    for name in SIGNATURES:
+    for name in ("pool_routing_fwd", "pool_routing_bwd"):
         for experts in (8, 16, 64, 128, 256, 512):
             for sigmoid in (False, True):
                 r = resources(name, experts, sigmoid, args.dtype, args.arch)

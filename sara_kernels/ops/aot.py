@@ -1,0 +1,52 @@
+"""Ahead-of-time compilation of the ``routing_js`` kernels for a GPU target, without a GPU.
+
+``triton.compile`` with a ``GPUTarget`` needs the kernel's argument types spelled out; they are
+written once, here, for the CI compile check (tests/test_aot_compile.py) and the register
+report (benchmarks/kernel_resources.py). The logits' and mask's element types vary per call.
+"""
+
+from __future__ import annotations
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import routing_js
+
+_POOL_ARGS = {
+    "table_ptr": "*i64", "mask_sb": "i64", "mask_ss": "i64", "cu_ptr": "*i32", "cu_stride": "i64",
+    "L": "i32", "B": "i32", "N": "i64", "E": "i32", "S": "i64", "inv_tau": "fp32", "SPLITS": "i32",
+}
+SIGNATURES = {
+    "pool_routing_fwd": {**_POOL_ARGS, "partial_ptr": "*fp32", "count_ptr": "*fp32"},
+    "pool_routing_bwd": {
+        **_POOL_ARGS, "coef_ptr": "*fp32", "scale_ptr": "*fp32", "scale_sl": "i64", "scale_sb": "i64",
+        "count_ptr": "*fp32", "grad_sl": "i64",
+    },
+    "pair_js_fwd": {
+        "a_partial_ptr": "*fp32", "a_count_ptr": "*fp32", "t_partial_ptr": "*fp32", "t_count_ptr": "*fp32",
+        "prior_ptr": "*fp32", "prior_sl": "i64", "prior_sb": "i64", "prior_se": "i64",
+        "js_ptr": "*fp32", "ga_ptr": "*fp32", "gt_ptr": "*fp32",
+        "a_total_ptr": "*fp32", "t_total_ptr": "*fp32", "valid_ptr": "*fp32",
+        "B": "i32", "E": "i32", "A_SPLITS": "i32", "T_SPLITS": "i32",
+    },
+}
+# Elements per 16-byte vector, the VEC that routing_js.vector_width picks for each logits dtype.
+VECTOR_WIDTH = {"fp32": 4, "bf16": 8, "fp16": 8}
+
+
+def compile_kernel(name: str, arch: int, meta: dict, dtype: str = "bf16", mask_dtype: str = "i64"):
+    """Compile kernel ``name`` of routing_js for sm_``arch``; ``meta`` holds its constexprs and
+    launch options as the launchers pass them (``tile_config`` / ``pair_config`` included)."""
+    if routing_js.INTERPRET:
+        raise RuntimeError("TRITON_INTERPRET=1: the kernels are interpreted in this process and cannot be compiled")
+    kernel = getattr(routing_js, name)
+    constexprs = dict(meta)
+    options = {k: constexprs.pop(k) for k in ("num_warps", "enable_fp_fusion") if k in constexprs}
+    types = {**SIGNATURES[name], "x0_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}", "mask_ptr": f"*{mask_dtype}"}
+    signature = {arg: types.get(arg, "constexpr") for arg in kernel.arg_names}
+    missing = [arg for arg in kernel.arg_names if signature[arg] == "constexpr" and arg not in constexprs]
+    if missing:
+        raise ValueError(f"meta: no type or constexpr value for {missing} of {name}")
+    src = ASTSource(kernel, signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
