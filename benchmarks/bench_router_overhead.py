@@ -36,6 +36,7 @@ from sara_kernels.ops import routing_js
 
 from common import (
     copies_for,
+    device_problem,
     environment,
     format_table,
     l2_cache_bytes,
@@ -234,11 +235,9 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="a tiny model for a CPU logic check")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: run on a GPU, or check the logic with --device cpu --tiny")
-        return 2
-    if device.type == "cpu" and not args.tiny:
-        print("--device cpu needs --tiny: the real model is for a GPU")
+    problem = device_problem(device, args.tiny)
+    if problem:
+        print(problem)
         return 2
     setup = TINY_SETUP if args.tiny else GPU_SETUP
     reps, warmup = (3, 1) if args.tiny else ((8, 3) if args.quick else (30, 5))

@@ -45,6 +45,7 @@ from common import (
     L2Flusher,
     copies_for,
     copy_bandwidth,
+    device_problem,
     environment,
     format_table,
     is_out_of_memory,
@@ -749,11 +750,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: run on a GPU, or check the logic with --device cpu --tiny (TRITON_INTERPRET=1 for the Triton op)")
-        return 2
-    if device.type == "cpu" and not args.tiny:
-        print("--device cpu needs --tiny: the real shapes are for a GPU")
+    problem = device_problem(device, args.tiny, " (TRITON_INTERPRET=1 for the Triton op)")
+    if problem:
+        print(problem)
         return 2
     os.makedirs(args.out, exist_ok=True)
     cases = quick_sweep(args) if args.quick else full_sweep(args)

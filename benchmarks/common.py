@@ -68,6 +68,16 @@ def environment(device: torch.device) -> dict:
     return info
 
 
+def device_problem(device: torch.device, tiny: bool, cpu_hint: str = "") -> str:
+    """Why a benchmark cannot run on ``device`` ("" when it can): real shapes need a GPU; the CPU
+    only checks a script's logic at tiny shapes."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"no CUDA device: run on a GPU, or check the logic with --device cpu --tiny{cpu_hint}"
+    if device.type == "cpu" and not tiny:
+        return "--device cpu needs --tiny: the real shapes are for a GPU"
+    return ""
+
+
 def synchronize(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)

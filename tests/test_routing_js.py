@@ -6,6 +6,7 @@ with a GPU the same cases compile and run the real kernels.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -363,7 +364,7 @@ def test_random_configurations_match_reference(monkeypatch, seed):
     for name, precision in (("triton", None), ("fp32", torch.float32), ("fp64", torch.float64)):
         a = [z.detach().to(precision or dtype).requires_grad_() for z in anchor]
         t = [z.detach().to(precision or dtype).requires_grad_() for z in target]
-        fn = reference.sara_loss if precision else partial_backend(sara_kernels.sara_loss)
+        fn = reference.sara_loss if precision else functools.partial(sara_kernels.sara_loss, backend="triton")
         js = fn(a, t, **options)
         wanted = t + ([] if detach else a)
         results[name] = (js, torch.autograd.grad((js.double() * cotangent).sum(), wanted))
@@ -373,6 +374,3 @@ def test_random_configurations_match_reference(monkeypatch, seed):
         assert torch.isfinite(g).all()
         assert_grads_close(g, g64, dtype, fp32_baseline=g32)
 
-
-def partial_backend(fn):
-    return lambda *args, **kwargs: fn(*args, backend="triton", **kwargs)
