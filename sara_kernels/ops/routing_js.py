@@ -334,18 +334,24 @@ def vector_width(layers) -> int:
     return vec if ok else 0
 
 
-def side_splits(side: RoutingSide) -> int:
-    """Slices per sequence for this side; forward and backward agree because both ask here."""
-    block_n = tile_config(side.num_experts)["BLOCK_N"]
-    return num_splits(side.num_tokens, side.num_seqs, side.num_layers, side.device, block_n)
-
-
-def _segmentation_args(side: RoutingSide, dummy: torch.Tensor):
-    mask = side.mask if side.mask is not None else dummy
-    mask_sb, mask_ss = (mask.stride(0), mask.stride(1)) if side.mask is not None else (0, 0)
-    cu = side.cu_seqlens if side.cu_seqlens is not None else dummy
+def _pool_launch(side: RoutingSide, score: str, temperature: float):
+    """What the forward and backward pooling launches share: (grid, leading arguments, size
+    arguments, constexprs). Both come from here, so the backward's programs revisit exactly the
+    rows that the forward's pooled."""
+    L, B, N, E = side.num_layers, side.num_seqs, side.num_tokens, side.num_experts
+    meta = tile_config(E)
+    splits = num_splits(N, B, L, side.device, meta["BLOCK_N"])
+    table = layer_table(side.layers)
+    # Absent segmentation tensors are replaced by the table: never read (HAS_MASK / USE_CU off).
+    mask = side.mask if side.mask is not None else table
+    mask_strides = (mask.stride(0), mask.stride(1)) if side.mask is not None else (0, 0)
+    cu = side.cu_seqlens if side.cu_seqlens is not None else table
     cu_stride = cu.stride(0) if side.cu_seqlens is not None else 0
-    return mask, mask_sb, mask_ss, cu, cu_stride
+    head = (table, side.layers[0], mask, *mask_strides, cu, cu_stride)
+    sizes = (L, B, N, E, side.seq_len, 1.0 / temperature, splits)
+    meta.update(HAS_MASK=side.mask is not None, USE_CU=side.cu_seqlens is not None, SIGMOID=score == "sigmoid",
+                VEC=vector_width(side.layers))
+    return (L, B, splits), head, sizes, meta
 
 
 def pool_side_fwd(side: RoutingSide, score: str, temperature: float):
@@ -353,37 +359,21 @@ def pool_side_fwd(side: RoutingSide, score: str, temperature: float):
 
     Returns (partial fp32 [L, B, splits, E], count fp32 [B, splits]).
     """
-    L, B, N, E = side.num_layers, side.num_seqs, side.num_tokens, side.num_experts
-    splits = side_splits(side)
-    table = layer_table(side.layers)
-    partial = torch.empty((L, B, splits, E), dtype=torch.float32, device=side.device)
+    grid, head, sizes, meta = _pool_launch(side, score, temperature)
+    L, B, splits = grid
+    partial = torch.empty((L, B, splits, side.num_experts), dtype=torch.float32, device=side.device)
     count = torch.empty((B, splits), dtype=torch.float32, device=side.device)
-    mask, mask_sb, mask_ss, cu, cu_stride = _segmentation_args(side, table)
-    pool_routing_fwd[(L, B, splits)](
-        table, side.layers[0], mask, mask_sb, mask_ss, cu, cu_stride,
-        partial, count,
-        L, B, N, E, side.seq_len, 1.0 / temperature, splits,
-        HAS_MASK=side.mask is not None, USE_CU=side.cu_seqlens is not None, SIGMOID=score == "sigmoid",
-        VEC=vector_width(side.layers), **tile_config(E),
-    )
+    pool_routing_fwd[grid](*head, partial, count, *sizes, **meta)
     return partial, count
 
 
 def pool_side_grad(side: RoutingSide, coef, scale, count, score: str, temperature: float) -> torch.Tensor:
     """∂loss/∂z as one [L, N, E] buffer in the logits' dtype (layer l's gradient is its view [l]),
     for ∂loss/∂P_{l,b} = scale[l, b] · coef[l, b, :] and n_b = count[b]."""
-    L, B, N, E = side.num_layers, side.num_seqs, side.num_tokens, side.num_experts
-    splits = side_splits(side)
+    grid, head, sizes, meta = _pool_launch(side, score, temperature)
+    L, N, E = side.num_layers, side.num_tokens, side.num_experts
     grad = torch.empty((L, N, E), dtype=side.dtype, device=side.device)
-    table = layer_table(side.layers)
-    mask, mask_sb, mask_ss, cu, cu_stride = _segmentation_args(side, table)
-    pool_routing_bwd[(L, B, splits)](
-        table, side.layers[0], mask, mask_sb, mask_ss, cu, cu_stride,
-        coef, scale, scale.stride(0), scale.stride(1), count, grad, N * E,
-        L, B, N, E, side.seq_len, 1.0 / temperature, splits,
-        HAS_MASK=side.mask is not None, USE_CU=side.cu_seqlens is not None, SIGMOID=score == "sigmoid",
-        VEC=vector_width(side.layers), **tile_config(E),
-    )
+    pool_routing_bwd[grid](*head, coef, scale, scale.stride(0), scale.stride(1), count, grad, N * E, *sizes, **meta)
     return grad
 
 
