@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+import operator
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -22,51 +22,61 @@ REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "reference")
 
 
-@dataclass(frozen=True)
-class RoutingSide:
+class RoutingSide(NamedTuple):
     """One side (anchor or target) of the loss: L layers of router logits over N tokens.
 
     Sequence b covers rows ``[b*S, (b+1)*S)`` with per-token validity ``mask`` (mask form),
     rows ``[cu_seqlens[b], cu_seqlens[b+1])`` all valid (packed form), or all N rows
-    (neither given: B = 1).
+    (neither given: B = 1). A NamedTuple: built on every call, so it must cost next to nothing.
     """
 
     name: str
-    layers: tuple  # L tensors [N, E], views into the caller's memory
-    stacked: Optional[torch.Tensor]  # the caller's [L, N, E] tensor when given as one
+    inputs: tuple  # the tensors autograd sees: L tensors [N, E], or (one [L, N, E] tensor,)
+    stacked: bool  # given as one [L, N, E] tensor
+    num_layers: int
     num_tokens: int
     num_experts: int
     num_seqs: int
     seq_len: int  # S of the mask form; N otherwise
     mask: Optional[torch.Tensor]
     cu_seqlens: Optional[torch.Tensor]
+    dtype: torch.dtype
+    device: torch.device
 
     @property
-    def num_layers(self) -> int:
-        return len(self.layers)
+    def layers(self) -> tuple:
+        """L tensors [N, E] (views of the stacked tensor when given as one)."""
+        return tuple(self.inputs[0].unbind(0)) if self.stacked else self.inputs
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.layers[0].dtype
 
-    @property
-    def device(self) -> torch.device:
-        return self.layers[0].device
+_size = torch.Tensor.size
+_dtype_of = operator.attrgetter("dtype")
+_device_of = operator.attrgetter("device")
 
-    @property
-    def inputs(self) -> tuple:
-        """The tensors autograd sees for this side (what gradients are returned for)."""
-        return (self.stacked,) if self.stacked is not None else self.layers
+
+def _uniform(layers) -> bool:
+    """All tensors, one shape, one dtype, one device: checked in C-level loops (this runs on
+    every call with up to ~100 tensors); the per-layer loop of ``_check_layers`` then only runs
+    to name the culprit of a failure."""
+    try:
+        return (len(set(map(_size, layers))) == 1 and len(set(map(_dtype_of, layers))) == 1
+                and len(set(map(_device_of, layers))) == 1)
+    except TypeError:  # not a tensor
+        return False
 
 
 def _layer_tensors(logits: Logits, arg: str):
+    """(the side's input tensors, stacked?, first [.., N, E] tensor) after the structural checks."""
     if isinstance(logits, torch.Tensor):
         if logits.dim() != 3:
             raise ValueError(
                 f"{arg}: expected a tuple/list of [N, E] tensors or one [L, N, E] tensor, "
                 f"got a tensor of shape {tuple(logits.shape)}"
             )
-        return tuple(logits.unbind(0)), logits
+        if logits.shape[0] == 0:
+            raise ValueError(f"{arg}: expected at least one layer, got a tensor of shape {tuple(logits.shape)}")
+        _check_first(logits, arg)
+        return (logits,), True
     if not isinstance(logits, (list, tuple)):
         raise TypeError(
             f"{arg}: expected a tuple/list of [N, E] tensors or one [L, N, E] tensor, "
@@ -74,21 +84,29 @@ def _layer_tensors(logits: Logits, arg: str):
         )
     if len(logits) == 0:
         raise ValueError(f"{arg}: expected at least one layer, got an empty {type(logits).__name__}")
-    for i, t in enumerate(logits):
+    if not (_uniform(logits) and isinstance(logits[0], torch.Tensor) and logits[0].dim() == 2):
+        _check_layers(logits, arg)
+    _check_first(logits[0], arg)
+    return tuple(logits), False
+
+
+def _check_first(first: torch.Tensor, arg: str):
+    if not first.is_floating_point():
+        raise TypeError(f"{arg}: router logits must be floating point, got {first.dtype}")
+    if first.shape[-1] < 1:
+        raise ValueError(f"{arg}: expected at least one expert (E >= 1), got E = {first.shape[-1]}")
+
+
+def _check_layers(layers, arg: str):
+    """Names the first layer that breaks the rules (the slow path of ``_uniform``)."""
+    for i, t in enumerate(layers):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{arg}[{i}]: expected a tensor, got {type(t).__name__}")
         if t.dim() != 2:
             raise ValueError(f"{arg}[{i}]: expected a [N, E] tensor, got shape {tuple(t.shape)}")
-    return tuple(logits), None
-
-
-def _check_layers(layers, arg: str):
     first = layers[0]
-    if not first.is_floating_point():
-        raise TypeError(f"{arg}: router logits must be floating point, got {first.dtype}")
+    _check_first(first, arg)
     n, e = first.shape
-    if e < 1:
-        raise ValueError(f"{arg}: expected at least one expert (E >= 1), got E = {e}")
     for i, t in enumerate(layers[1:], start=1):
         if t.device != first.device:
             raise ValueError(f"{arg}[{i}] is on {t.device}, {arg}[0] on {first.device}: all layers must share a device")
@@ -120,6 +138,9 @@ def _check_mask(mask, num_tokens: int, device, arg: str):
 
 
 def _check_cu_seqlens(cu, num_tokens: int, device, arg: str):
+    """Type, shape and device of cu_seqlens; its values too when they are on the CPU. Values on a
+    GPU are checked on the device (``check_cu_seqlens_values``, or a kernel of the Triton path):
+    reading them here would be a host sync on every step, and a graph break while compiling."""
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{arg}: expected an integer tensor [B+1], got {type(cu).__name__}")
     if cu.dim() != 1 or cu.numel() < 2:
@@ -135,22 +156,28 @@ def _check_cu_seqlens(cu, num_tokens: int, device, arg: str):
             raise ValueError(f"{arg}: must be non-decreasing, got {cu.tolist()}")
         if int(cu[-1]) != num_tokens:
             raise ValueError(f"{arg}: must end at the token count N = {num_tokens}, got cu_seqlens[-1] = {int(cu[-1])}")
-    else:
-        # Reading a device tensor here would be a host sync on every step (and a graph break while
-        # compiling); the assertion runs on the stream instead and fails the next synchronising
-        # call with a device-side assert.
-        ok = (cu[0] == 0) & (cu[-1] == num_tokens) & (cu[1:] >= cu[:-1]).all()
-        torch._assert_async(ok, f"{arg} must start at 0, be non-decreasing and end at N = {num_tokens}")
+
+
+def check_cu_seqlens_values(side: "RoutingSide"):
+    """Asynchronous device assertion on a non-CPU side's cu_seqlens (the reference backend's
+    check; it fails the next synchronising call with a device-side assert)."""
+    cu = side.cu_seqlens
+    if cu is None or (cu.device.type == "cpu" and not torch.compiler.is_compiling()):
+        return
+    ok = (cu[0] == 0) & (cu[-1] == side.num_tokens) & (cu[1:] >= cu[:-1]).all()
+    prefix = f"{side.name}_" if side.name in ("anchor", "target") else ""
+    torch._assert_async(ok, f"{prefix}cu_seqlens must start at 0, be non-decreasing and end at N = {side.num_tokens}")
 
 
 def routing_side(logits: Logits, mask, cu_seqlens, name: str) -> RoutingSide:
     """Validate one side's logits and segmentation and describe it as a ``RoutingSide``."""
     arg = f"{name}_logits" if name in ("anchor", "target") else "logits"
     prefix = f"{name}_" if name in ("anchor", "target") else ""
-    layers, stacked = _layer_tensors(logits, arg)
-    _check_layers(layers, arg)
-    num_tokens, num_experts = layers[0].shape
-    device = layers[0].device
+    inputs, stacked = _layer_tensors(logits, arg)
+    first = inputs[0]
+    num_layers = first.shape[0] if stacked else len(inputs)
+    num_tokens, num_experts = first.shape[-2:]
+    device = first.device
     if mask is not None and cu_seqlens is not None:
         raise ValueError(f"give either {prefix}mask or {prefix}cu_seqlens for the {name} side, not both")
     if mask is not None:
@@ -158,10 +185,11 @@ def routing_side(logits: Logits, mask, cu_seqlens, name: str) -> RoutingSide:
         num_seqs, seq_len = mask.shape
     elif cu_seqlens is not None:
         _check_cu_seqlens(cu_seqlens, num_tokens, device, f"{prefix}cu_seqlens")
-        num_seqs, seq_len = cu_seqlens.numel() - 1, num_tokens
+        num_seqs, seq_len = cu_seqlens.shape[0] - 1, num_tokens
     else:
         num_seqs, seq_len = 1, num_tokens
-    return RoutingSide(name, layers, stacked, num_tokens, num_experts, num_seqs, seq_len, mask, cu_seqlens)
+    return RoutingSide(name, inputs, stacked, num_layers, num_tokens, num_experts, num_seqs, seq_len, mask,
+                       cu_seqlens, first.dtype, device)
 
 
 def check_pair(anchor: RoutingSide, target: RoutingSide):
@@ -251,6 +279,20 @@ def layer_weight_tensor(layer_weights, num_layers: int, device) -> Optional[torc
         raise TypeError("layer_weights: expected a sequence of L numbers or a [L] tensor") from None
     if len(values) != num_layers:
         raise ValueError(f"layer_weights: expected L = {num_layers} weights, got {len(values)}")
+    key = (tuple(values), device)
+    cached = _WEIGHTS.get(key)
+    if cached is not None:
+        return cached
     if any(not math.isfinite(w) or w < 0 for w in values) or sum(values) <= 0:
         raise ValueError(f"layer_weights: expected finite non-negative weights with a positive sum, got {values}")
-    return host_to_device(torch.tensor(values, dtype=torch.float64), device)
+    if len(_WEIGHTS) >= _WEIGHTS_CACHE_SIZE:
+        _WEIGHTS.pop(next(iter(_WEIGHTS)))
+    weights = _WEIGHTS[key] = host_to_device(torch.tensor(values, dtype=torch.float64), device)
+    return weights
+
+
+# Device copies of Python-number layer weights: a training loop passes the same list every
+# step, and a copy per step would cost a pinned allocation and an H2D transfer each time.
+# Nothing writes to them (the backends only read the weights).
+_WEIGHTS = {}
+_WEIGHTS_CACHE_SIZE = 16

@@ -1,8 +1,8 @@
 """Public entry points: ``sara_loss``, ``SARALoss`` and ``routing_distribution``.
 
-They validate the arguments once, pick the backend and share the final reduction with the
-reference (:func:`sara_kernels.reference.reduce_pair_js`), so the two backends differ only in
-how JS [L, B] is computed.
+They validate the arguments, pick the backend and hand over to the reference (the
+specification, :mod:`sara_kernels.reference`) or to the fused Triton op
+(:mod:`sara_kernels.ops.routing_js`), which also folds the final reduction into its kernels.
 """
 
 from __future__ import annotations
@@ -27,17 +27,17 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, num_
         )
         return "triton" if usable else "reference"
     if backend == "triton":
-        if device.type != "cuda" and not routing_js.INTERPRET:
-            raise ValueError(
-                f"backend='triton' needs CUDA tensors, got tensors on {device} "
-                "(set TRITON_INTERPRET=1 before importing sara_kernels to run the kernels on the CPU)"
-            )
         if dtype not in _TRITON_DTYPES:
             raise TypeError(f"backend='triton' takes float32, bfloat16 or float16 logits, got {dtype}; use backend='reference'")
         if num_experts > routing_js.MAX_EXPERTS:
             raise ValueError(f"backend='triton' supports up to E = {routing_js.MAX_EXPERTS} experts, got E = {num_experts}")
         if num_seqs > routing_js.MAX_SEQS:
             raise ValueError(f"backend='triton' supports up to B = {routing_js.MAX_SEQS} sequences per call, got B = {num_seqs}")
+        if device.type != "cuda" and not routing_js.INTERPRET:
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors, got tensors on {device} "
+                "(set TRITON_INTERPRET=1 before importing sara_kernels to run the kernels on the CPU)"
+            )
     return backend
 
 
@@ -88,11 +88,11 @@ def sara_loss(
     weights = layer_weight_tensor(layer_weights, target.num_layers, target.device)
     if resolve_backend(backend, target.device, target.dtype, target.num_experts, target.num_seqs) == "reference":
         js, valid = reference.pair_js(anchor, target, priors, score, temperature, detach_anchor)
+        loss, per_layer = reference.reduce_pair_js(js, valid, weights, reduction)
     else:
-        plan = routing_js.PairPlan(anchor, target, score, float(temperature), bool(detach_anchor))
-        fused = routing_js.pair_js_compiled if torch.compiler.is_compiling() else routing_js.pair_js
-        js, valid = fused(plan, priors)
-    loss, per_layer = reference.reduce_pair_js(js, valid, weights, reduction)
+        loss, per_layer = routing_js.sara_loss(
+            anchor, target, priors, weights, score, float(temperature), bool(detach_anchor), reduction
+        )
     return (loss, per_layer) if return_per_layer else loss
 
 

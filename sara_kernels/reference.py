@@ -25,6 +25,7 @@ import torch
 
 from ._inputs import (
     RoutingSide,
+    check_cu_seqlens_values,
     check_options,
     check_pair,
     check_priors,
@@ -44,6 +45,7 @@ def routing_scores(logits: torch.Tensor, score: str = "softmax", temperature: fl
 
 def sequence_membership(side: RoutingSide) -> torch.Tensor:
     """Bool [B, N]: entry (b, n) says token n is a valid token of sequence b."""
+    check_cu_seqlens_values(side)
     n = torch.arange(side.num_tokens, device=side.device)
     b = torch.arange(side.num_seqs, device=side.device)
     if side.cu_seqlens is not None:

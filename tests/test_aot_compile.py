@@ -35,24 +35,46 @@ SEGMENTATIONS = {"none": (False, False), "mask": (True, False), "cu": (False, Tr
 
 
 def pooling_cases():
-    """(kernel name, constexprs, dtype, mask dtype, label) for every configuration the launchers can pick."""
+    """(kernel name, constexprs, dtype, mask dtype, label) for every configuration the launchers can pick.
+
+    The full grid uses the tuple-of-layers addressing (TABLE) and, for the backward, the loss's
+    scaling (PAIR); the one-tensor addressing and ``routing_distribution``'s backward change only
+    a few lines of code, so they are compiled on a smaller grid that still covers every VEC.
+    """
     for name in ("pool_routing_fwd", "pool_routing_bwd"):
+        extra = dict(PAIR=True) if name == "pool_routing_bwd" else {}
         grid = [
-            (seg, score, e, "bf16", "i64", vec)
+            (seg, score, e, "bf16", "i64", vec, True, extra)
             for seg in SEGMENTATIONS for score in ("softmax", "sigmoid") for e in TILE_EXPERTS
             for vec in (0, aot.VECTOR_WIDTH["bf16"])
         ]
-        grid += [("mask", "softmax", 128, dtype, "i1", vec) for dtype in ("fp32", "fp16") for vec in (0, aot.VECTOR_WIDTH[dtype])]
-        for seg, score, e, dtype, mask_dtype, vec in grid:
+        grid += [("mask", "softmax", 128, dtype, "i1", vec, True, extra)
+                 for dtype in ("fp32", "fp16") for vec in (0, aot.VECTOR_WIDTH[dtype])]
+        grid += [("mask", score, e, "bf16", "i64", vec, False, extra)
+                 for score in ("softmax", "sigmoid") for e in (60, 128) for vec in (0, aot.VECTOR_WIDTH["bf16"])]
+        if name == "pool_routing_bwd":
+            grid += [(seg, "softmax", 128, "bf16", "i64", vec, table, dict(PAIR=False))
+                     for seg in ("mask", "cu") for vec in (0, aot.VECTOR_WIDTH["bf16"]) for table in (False, True)]
+        for seg, score, e, dtype, mask_dtype, vec, table, more in grid:
             has_mask, use_cu = SEGMENTATIONS[seg]
-            meta = dict(HAS_MASK=has_mask, USE_CU=use_cu, SIGMOID=score == "sigmoid", VEC=vec, **routing_js.tile_config(e))
-            yield name, meta, dtype, mask_dtype, f"{name} seg={seg} score={score} E={e} dtype={dtype} VEC={vec}"
+            meta = dict(E=e, HAS_MASK=has_mask, USE_CU=use_cu, SIGMOID=score == "sigmoid", TABLE=table, VEC=vec,
+                        **more, **routing_js.tile_config(e))
+            yield name, meta, dtype, mask_dtype, f"{name} seg={seg} score={score} E={e} dtype={dtype} VEC={vec} {more}"
 
 
-def pair_cases():
-    for priors in (False, True):
-        for e in TILE_EXPERTS:
-            yield "pair_js_fwd", dict(PRIORS=priors, **routing_js.pair_config(e)), "bf16", "i64", f"pair_js_fwd priors={priors} E={e}"
+def small_kernel_cases():
+    """pair_js_fwd (priors on/off × tile), reduce_pair_loss (weights × reduction),
+    pooled_routing_fwd (tile) and check_segments."""
+    for e in TILE_EXPERTS:
+        for priors in (False, True):
+            meta = dict(E=e, PRIORS=priors, **routing_js.pair_config(e))
+            yield "pair_js_fwd", meta, "bf16", "i64", f"pair_js_fwd priors={priors} E={e}"
+        yield "pooled_routing_fwd", dict(E=e, **routing_js.pair_config(e)), "bf16", "i64", f"pooled_routing_fwd E={e}"
+    for weights in (False, True):
+        for reduction, code in routing_js.REDUCTIONS.items():
+            meta = dict(HAS_WEIGHTS=weights, REDUCTION=code, **routing_js.REDUCE_CONFIG)
+            yield "reduce_pair_loss", meta, "bf16", "i64", f"reduce_pair_loss weights={weights} {reduction}"
+    yield "check_segments", dict(routing_js.CHECK_CONFIG), "bf16", "i64", "check_segments"
 
 
 def _compile_case(case, arch):
@@ -81,8 +103,8 @@ def test_pooling_kernels_compile_for_every_configuration(arch):
 
 @compiled_here
 @pytest.mark.parametrize("arch", ARCHS)
-def test_pair_kernel_compiles_for_every_configuration(arch):
-    compile_all(pair_cases(), arch)
+def test_small_kernels_compile_for_every_configuration(arch):
+    compile_all(small_kernel_cases(), arch)
 
 
 def test_every_tile_configuration_is_covered():

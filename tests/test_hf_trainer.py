@@ -152,6 +152,10 @@ DDP_SCRIPT = textwrap.dedent(
     if trainer.args.process_index == 0:
         assert trainer.args.world_size == 2, trainer.args.world_size
         torch.save(delta, {out!r})
+    # An orderly teardown: gloo's threads still running at interpreter exit abort the process.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     """
 )
 

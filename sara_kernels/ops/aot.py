@@ -13,26 +13,37 @@ from triton.compiler import ASTSource
 
 from . import routing_js
 
-_POOL_ARGS = {
-    "table_ptr": "*i64", "mask_sb": "i64", "mask_ss": "i64", "cu_ptr": "*i32", "cu_stride": "i64",
-    "L": "i32", "B": "i32", "N": "i64", "E": "i32", "S": "i64", "inv_tau": "fp32", "SPLITS": "i32",
+_LAYOUT_ARGS = {
+    "table_ptr": "*i64", "stride_l": "i64", "stride_n": "i64", "stride_e": "i64",
+    "mask_sb": "i64", "mask_ss": "i64", "cu_ptr": "*i32", "cu_stride": "i64",
+    "L": "i32", "B": "i32", "N": "i64", "S": "i64", "inv_tau": "fp32", "SPLITS": "i32",
 }
 SIGNATURES = {
-    "pool_routing_fwd": {**_POOL_ARGS, "partial_ptr": "*fp32", "count_ptr": "*fp32"},
+    "pool_routing_fwd": {**_LAYOUT_ARGS, "partial_ptr": "*fp32", "count_ptr": "*fp32"},
     "pool_routing_bwd": {
-        **_POOL_ARGS, "coef_ptr": "*fp32", "scale_ptr": "*fp32", "scale_sl": "i64", "scale_sb": "i64",
-        "count_ptr": "*fp32", "grad_sl": "i64",
+        **_LAYOUT_ARGS, "coef_ptr": "*fp32", "coef_sl": "i64", "coef_sb": "i64", "coef_se": "i64",
+        "scale_ptr": "*fp32", "scale_sl": "i64", "scale_sb": "i64", "layer_coef_ptr": "*fp32",
+        "count_ptr": "*fp32", "count_stride": "i64",
     },
     "pair_js_fwd": {
         "a_partial_ptr": "*fp32", "a_count_ptr": "*fp32", "t_partial_ptr": "*fp32", "t_count_ptr": "*fp32",
         "prior_ptr": "*fp32", "prior_sl": "i64", "prior_sb": "i64", "prior_se": "i64",
-        "js_ptr": "*fp32", "ga_ptr": "*fp32", "gt_ptr": "*fp32",
-        "a_total_ptr": "*fp32", "t_total_ptr": "*fp32", "valid_ptr": "*fp32",
-        "B": "i32", "E": "i32", "A_SPLITS": "i32", "T_SPLITS": "i32",
+        "js_ptr": "*fp32", "ga_ptr": "*fp32", "gt_ptr": "*fp32", "stats_ptr": "*fp32",
+        "B": "i32", "A_SPLITS": "i32", "T_SPLITS": "i32",
     },
+    "reduce_pair_loss": {
+        "js_ptr": "*fp32", "stats_ptr": "*fp32", "weight_ptr": "*fp64", "loss_ptr": "*fp32",
+        "per_layer_ptr": "*fp32", "layer_coef_ptr": "*fp32", "L": "i32", "B": "i32",
+    },
+    "pooled_routing_fwd": {
+        "partial_ptr": "*fp32", "count_ptr": "*fp32", "probs_ptr": "*fp32", "total_ptr": "*fp32",
+        "B": "i32", "SPLITS": "i32",
+    },
+    "check_segments": {"cu_ptr": "*i32", "cu_stride": "i64", "B": "i32", "N": "i64"},
 }
 # Elements per 16-byte vector, the VEC that routing_js.vector_width picks for each logits dtype.
 VECTOR_WIDTH = {"fp32": 4, "bf16": 8, "fp16": 8}
+_OPTIONS = ("num_warps", "enable_fp_fusion", "debug")
 
 
 def compile_kernel(name: str, arch: int, meta: dict, dtype: str = "bf16", mask_dtype: str = "i64"):
@@ -42,7 +53,9 @@ def compile_kernel(name: str, arch: int, meta: dict, dtype: str = "bf16", mask_d
         raise RuntimeError("TRITON_INTERPRET=1: the kernels are interpreted in this process and cannot be compiled")
     kernel = getattr(routing_js, name)
     constexprs = dict(meta)
-    options = {k: constexprs.pop(k) for k in ("num_warps", "enable_fp_fusion") if k in constexprs}
+    options = {k: constexprs.pop(k) for k in _OPTIONS if k in constexprs}
+    if kernel.debug:
+        options["debug"] = True
     types = {**SIGNATURES[name], "x0_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}", "mask_ptr": f"*{mask_dtype}"}
     signature = {arg: types.get(arg, "constexpr") for arg in kernel.arg_names}
     missing = [arg for arg in kernel.arg_names if signature[arg] == "constexpr" and arg not in constexprs]

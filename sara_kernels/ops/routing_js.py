@@ -1,4 +1,4 @@
-r"""Fused SARA routing alignment in Triton: score, masked pooling, Jensen-Shannon, backward.
+r"""Fused SARA routing alignment in Triton: score, masked pooling, Jensen-Shannon, reduction, backward.
 
 The math (symbols as in :mod:`sara_kernels.reference`, which is the specification):
 
@@ -6,34 +6,47 @@ The math (symbols as in :mod:`sara_kernels.reference`, which is the specificatio
     P_{l,b} = (1/n_b) Σ_{n ∈ b, valid} s(z_{l,n})
     M = ½(P^a + P^t),  JS_{l,b} = ½ Σ_e [P^a_e log(P^a_e/M_e) + P^t_e log(P^t_e/M_e)]
     G_e := ∂JS/∂P_e = ½ log(P_e / M_e)   (taken as 0 where P_e = 0: then s_e = 0 on every token)
+    loss = Σ_l w_l Σ_b JS_{l,b} / (V Σ_l w_l)  ("mean", V valid pairs) | Σ_l w_l Σ_b JS_{l,b}  ("sum")
+    k_l := ∂loss/∂JS_{l,b} = w_l / (V Σ w)  ("mean") | w_l  ("sum") | 1  ("none", times the upstream [L, B])
 
-Backward for a token n of sequence b, with g = ∂loss/∂JS_{l,b} and c = g / (τ n_b):
+Backward for a token n of sequence b, with g = ∂L/∂loss · k_l and c = g / (τ n_b):
 
-    ∂loss/∂z_j = c · h_j · (G_j − Σ_e s_e G_e),   h = s (softmax),  h = s ⊙ σ(−z/τ) (sigmoid)
+    ∂L/∂z_j = c · h_j · (G_j − Σ_e s_e G_e),   h = s (softmax),  h = s ⊙ σ(−z/τ) (sigmoid)
 
 since ∂s_e/∂z_j = (1/τ) h_j (δ_ej − s_e) for both scores.
 
-Launch structure (constant in L, B and N):
+Launches (constant in L, B and N; no torch op runs between them):
 
-1. ``pool_routing_fwd`` per side, grid (L, B, splits): each program sums s over one
-   contiguous slice of one sequence's rows into ``partial[l, b, split, :]``. Splitting a
-   sequence keeps all SMs busy when B is small; the partials are reduced in a fixed order
-   afterwards, so results are bitwise deterministic (no float atomics).
+1. ``pool_routing_fwd`` per side, grid (L, B, splits): each program sums s over one contiguous
+   slice of one sequence's rows into ``partial[l, b, split, :]``. Splitting keeps all SMs busy
+   when B is small; partials are reduced in a fixed order afterwards, so results are bitwise
+   deterministic (no float atomics).
 2. ``pair_js_fwd``, grid (L, B): reduces the partials of both sides, writes JS and the
    coefficients G that the backward needs (O(L·B·E) memory).
-3. ``pool_routing_bwd`` per side that needs gradients, same grid as 1: recomputes s from
-   the logits (no [L, N, E] intermediate is saved) and writes ∂loss/∂z in the logits' dtype.
+3. ``reduce_pair_loss``, one program: the loss, the per-layer mean JS and k_l, in a fixed order.
+4. ``pool_routing_bwd`` per side that needs gradients, same grid as 1: recomputes s from the
+   logits (no [L, N, E] intermediate is saved) and writes ∂L/∂z in the logits' dtype.
 
-The L layer tensors are read where they lie: a small int64 table holds each layer's data
-pointer and strides, so no stack/cat copy of the logits is ever made.
+The L layer tensors are read where they lie: one [L, N, E] tensor through its strides, a
+tuple of [N, E] tensors through a small int64 table of data pointers and strides, so no
+stack/cat copy of the logits is ever made.
+
+Host path. A training loop calls the op with the same shapes every step, so everything that
+depends only on shapes (tile sizes, grid, splits, which Triton kernel binary) is planned once
+and cached; a call then costs a few dictionary lookups and one launch per kernel through the
+compiled kernel's own launcher (Triton's ``CompiledKernel[grid]``), not Triton's per-call
+argument binding. That is safe because no kernel argument is value- or alignment-specialised
+except the buffers this module allocates itself (always 16-byte aligned) and the constexprs,
+which are all part of the plan's key together with the argument dtypes.
 """
 
 from __future__ import annotations
 
+import functools
+import operator
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -68,7 +81,7 @@ def _sequence_slice(b, split, cu_ptr, cu_stride, N, S, SPLITS, USE_CU: tl.conste
     if USE_CU:
         start = tl.load(cu_ptr + b * cu_stride).to(tl.int64)
         end = tl.load(cu_ptr + (b + 1) * cu_stride).to(tl.int64)
-        # Clamped so malformed device-side cu_seqlens (caught by an async assert) never address out of bounds.
+        # Clamped so malformed device-side cu_seqlens (caught by check_segments) never address out of bounds.
         start = tl.minimum(tl.maximum(start, 0), N)
         end = tl.minimum(tl.maximum(end, start), N)
     else:
@@ -81,20 +94,37 @@ def _sequence_slice(b, split, cu_ptr, cu_stride, N, S, SPLITS, USE_CU: tl.conste
 
 
 @triton.jit
-def _layer_logits(table_ptr, x0_ptr, l, L, VEC: tl.constexpr):
-    """Layer l's logits pointer (typed like x0, layer 0's tensor) and its strides, from the table.
+def _layer_logits(table_ptr, x0_ptr, stride_l, stride_n, stride_e, l, L, TABLE: tl.constexpr, VEC: tl.constexpr):
+    """Layer l's logits pointer and its (row, column) strides.
 
-    A pointer read from memory carries no alignment facts, so the compiler would issue one
-    scalar load per element. With VEC > 0 the host has checked that every layer is 16-byte
-    aligned, has unit column stride and a row stride divisible by VEC elements; the hints below
-    then allow 16-byte vector loads.
+    TABLE: a tuple of tensors, addressed through the int64 table [3, L] (pointer, row stride,
+    column stride); x0_ptr only lends its element type. Otherwise x0_ptr is one [L, N, E] tensor.
+    A pointer read from memory carries no alignment facts, and no argument is alignment-
+    specialised, so the compiler would issue one scalar load per element. With VEC > 0 the host
+    has checked that every layer is 16-byte aligned, has unit column stride and row (and layer)
+    strides divisible by VEC elements; the hints below then allow 16-byte vector loads.
     """
-    x_ptr = tl.load(table_ptr + l).to(tl.pointer_type(x0_ptr.dtype.element_ty))
-    stride_n = tl.load(table_ptr + L + l)
-    if VEC > 0:
-        x_ptr = tl.multiple_of(x_ptr, 16)
-        stride_n = tl.multiple_of(stride_n, VEC)
-    return x_ptr, stride_n, tl.load(table_ptr + 2 * L + l)
+    if TABLE:
+        x_ptr = tl.load(table_ptr + l).to(tl.pointer_type(x0_ptr.dtype.element_ty))
+        row_stride = tl.load(table_ptr + L + l)
+        col_stride = tl.load(table_ptr + 2 * L + l)
+        if VEC > 0:
+            x_ptr = tl.multiple_of(x_ptr, 16)
+            row_stride = tl.multiple_of(row_stride, VEC)
+    else:
+        # A hint on a kernel argument itself is dropped (it has no defining op to carry it), so
+        # with VEC > 0 the host passes the strides divided by VEC and the product states the
+        # divisibility, and the hint goes on the pointer arithmetic's result.
+        layer_stride = stride_l.to(tl.int64)
+        row_stride = stride_n.to(tl.int64)
+        if VEC > 0:
+            layer_stride = layer_stride * VEC
+            row_stride = row_stride * VEC
+            x_ptr = tl.multiple_of(x0_ptr + l.to(tl.int64) * layer_stride, 16)
+        else:
+            x_ptr = x0_ptr + l.to(tl.int64) * layer_stride
+        col_stride = stride_e.to(tl.int64)
+    return x_ptr, row_stride, col_stride
 
 
 @triton.jit
@@ -116,42 +146,50 @@ def _token_validity(b, rows, row_ok, start, mask_ptr, mask_sb, mask_ss, HAS_MASK
     return row_ok
 
 
-# Shape and stride arguments that gain nothing from Triton's value specialisation (== 1,
-# divisible by 16) are excluded from it, so a training run whose batch shapes vary compiles
-# each kernel once per tile configuration instead of once per shape class. E and the gradient's
-# layer stride stay specialised: their divisibility is what lets stores vectorise.
-_UNSPECIALISED_POOL_ARGS = ["mask_sb", "mask_ss", "cu_stride", "L", "B", "N", "S", "SPLITS"]
+# Every runtime argument is excluded from Triton's value and alignment specialisation: a
+# training run whose batch shapes vary compiles each kernel once per plan, a compiled binary is
+# valid for any value of these arguments (which is what lets the host launch it directly), and
+# what is compiled ahead of time without a GPU (tests/test_aot_compile.py) is what runs.
+# Divisibility that matters for vector loads and stores is stated by hints instead (VEC, the
+# launcher's own buffers, E as a constexpr).
+_POOL_RUNTIME_ARGS = ["table_ptr", "x0_ptr", "stride_l", "stride_n", "stride_e", "mask_ptr", "mask_sb", "mask_ss",
+                      "cu_ptr", "cu_stride", "partial_ptr", "count_ptr", "L", "B", "N", "S", "SPLITS"]
 
 
-@triton.jit(do_not_specialize=_UNSPECIALISED_POOL_ARGS)
+@triton.jit(do_not_specialize=_POOL_RUNTIME_ARGS, do_not_specialize_on_alignment=_POOL_RUNTIME_ARGS)
 def pool_routing_fwd(
-    table_ptr, x0_ptr, mask_ptr, mask_sb, mask_ss, cu_ptr, cu_stride,
+    table_ptr, x0_ptr, stride_l, stride_n, stride_e, mask_ptr, mask_sb, mask_ss, cu_ptr, cu_stride,
     partial_ptr, count_ptr,
-    L, B, N, E, S, inv_tau, SPLITS,
-    HAS_MASK: tl.constexpr, USE_CU: tl.constexpr, SIGMOID: tl.constexpr, VEC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+    L, B, N, S, inv_tau, SPLITS,
+    E: tl.constexpr, HAS_MASK: tl.constexpr, USE_CU: tl.constexpr, SIGMOID: tl.constexpr, TABLE: tl.constexpr,
+    VEC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """partial[l, b, split, :] = Σ s over the valid rows of slice ``split`` of sequence b;
-    count[b, split] = their number (written by the l = 0 programs only)."""
+    count[b, split] = their number (written by the l = 0 programs only).
+
+    The sum runs in a [BLOCK_N, BLOCK_E] register accumulator and is reduced across rows once,
+    after the loop: a reduction across the tile's rows crosses warps (shared memory and a
+    barrier), which inside the loop would stall every iteration's loads.
+    """
     l = tl.program_id(0)
     b = tl.program_id(1)
     split = tl.program_id(2)
     start, lo, hi = _sequence_slice(b, split, cu_ptr, cu_stride, N, S, SPLITS, USE_CU, BLOCK_N)
     cols = tl.arange(0, BLOCK_E)
     col_ok = cols < E
-    x_ptr, stride_n, stride_e = _layer_logits(table_ptr, x0_ptr, l, L, VEC)
-    acc = tl.zeros([BLOCK_E], dtype=tl.float32)
+    x_ptr, row_stride, col_stride = _layer_logits(table_ptr, x0_ptr, stride_l, stride_n, stride_e, l, L, TABLE, VEC)
+    acc = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     count = tl.zeros([BLOCK_N], dtype=tl.float32)
     for r0 in range(lo, hi, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N).to(tl.int64)
         row_ok = rows < hi
         valid = _token_validity(b, rows, row_ok, start, mask_ptr, mask_sb, mask_ss, HAS_MASK)
-        z = _load_logits_tile(x_ptr, stride_n, stride_e, rows, cols, col_ok, valid, inv_tau, VEC)
+        z = _load_logits_tile(x_ptr, row_stride, col_stride, rows, cols, col_ok, valid, inv_tau, VEC)
         s, _ = _score_and_slope(z, SIGMOID)
-        acc += tl.sum(tl.where(valid[:, None], s, 0.0), axis=0)
+        acc += tl.where(valid[:, None], s, 0.0)
         count += valid.to(tl.float32)
     slot = (l * B + b) * SPLITS + split
-    tl.store(partial_ptr + slot.to(tl.int64) * E + cols, acc, mask=col_ok)
+    tl.store(partial_ptr + slot.to(tl.int64) * E + cols, tl.sum(acc, axis=0), mask=col_ok)
     if l == 0:
         tl.store(count_ptr + b * SPLITS + split, tl.sum(count, axis=0))
 
@@ -175,15 +213,20 @@ def _half_log_ratio(p, m):
     return tl.where(zero, 0.0, 0.5 * tl.log(tl.where(zero, 1.0, p) / tl.where(zero, 1.0, m)))
 
 
-@triton.jit(do_not_specialize=["prior_sl", "prior_sb", "prior_se", "B", "A_SPLITS", "T_SPLITS"])
+_PAIR_RUNTIME_ARGS = ["a_partial_ptr", "a_count_ptr", "t_partial_ptr", "t_count_ptr", "prior_ptr", "prior_sl",
+                      "prior_sb", "prior_se", "js_ptr", "ga_ptr", "gt_ptr", "stats_ptr", "B", "A_SPLITS", "T_SPLITS"]
+
+
+@triton.jit(do_not_specialize=_PAIR_RUNTIME_ARGS, do_not_specialize_on_alignment=_PAIR_RUNTIME_ARGS)
 def pair_js_fwd(
     a_partial_ptr, a_count_ptr, t_partial_ptr, t_count_ptr,
     prior_ptr, prior_sl, prior_sb, prior_se,
-    js_ptr, ga_ptr, gt_ptr, a_total_ptr, t_total_ptr, valid_ptr,
-    B, E, A_SPLITS, T_SPLITS,
-    PRIORS: tl.constexpr, BLOCK_E: tl.constexpr,
+    js_ptr, ga_ptr, gt_ptr, stats_ptr,
+    B, A_SPLITS, T_SPLITS,
+    E: tl.constexpr, PRIORS: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """JS_{l,b} and G^a, G^t for one (l, b); invalid pairs get JS = G = 0."""
+    """JS_{l,b} and G^a, G^t for one (l, b); invalid pairs get JS = G = 0.
+    stats [3, B] = (n^a, n^t, pair validity), written by the l = 0 programs."""
     l = tl.program_id(0)
     b = tl.program_id(1)
     cols = tl.arange(0, BLOCK_E)
@@ -206,38 +249,110 @@ def pair_js_fwd(
     tl.store(ga_ptr + offs, ga, mask=col_ok)
     tl.store(gt_ptr + offs, gt, mask=col_ok)
     if l == 0:
-        tl.store(a_total_ptr + b, n_a)
-        tl.store(t_total_ptr + b, n_t)
-        tl.store(valid_ptr + b, valid.to(tl.float32))
+        tl.store(stats_ptr + b, n_a)
+        tl.store(stats_ptr + B + b, n_t)
+        tl.store(stats_ptr + 2 * B + b, valid.to(tl.float32))
 
 
-@triton.jit(do_not_specialize=[*_UNSPECIALISED_POOL_ARGS, "scale_sl", "scale_sb"])
-def pool_routing_bwd(
-    table_ptr, x0_ptr, mask_ptr, mask_sb, mask_ss, cu_ptr, cu_stride,
-    coef_ptr, scale_ptr, scale_sl, scale_sb, count_ptr, grad_ptr, grad_sl,
-    L, B, N, E, S, inv_tau, SPLITS,
-    HAS_MASK: tl.constexpr, USE_CU: tl.constexpr, SIGMOID: tl.constexpr, VEC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
+
+
+_REDUCE_RUNTIME_ARGS = ["js_ptr", "stats_ptr", "weight_ptr", "loss_ptr", "per_layer_ptr", "layer_coef_ptr", "L", "B"]
+
+
+@triton.jit(do_not_specialize=_REDUCE_RUNTIME_ARGS, do_not_specialize_on_alignment=_REDUCE_RUNTIME_ARGS)
+def reduce_pair_loss(
+    js_ptr, stats_ptr, weight_ptr, loss_ptr, per_layer_ptr, layer_coef_ptr,
+    L, B,
+    HAS_WEIGHTS: tl.constexpr, REDUCTION: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    """grad[l, n, :] = c · h ⊙ (G − ⟨s, G⟩) for the rows of one slice, c = scale[l, b] / (τ n_b);
-    rows that are not valid tokens get 0. Every row of the side is written by exactly one program."""
+    """One program: loss (mean/sum), per-layer mean JS [L] and k_l = ∂loss/∂JS_{l,b} [L], summed
+    in a fixed order (deterministic)."""
+    bs = tl.arange(0, BLOCK_B)
+    ls = tl.arange(0, BLOCK_L)
+    num_valid = tl.zeros([BLOCK_B], dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        num_valid += tl.load(stats_ptr + 2 * B + b0 + bs, mask=b0 + bs < B, other=0.0)
+    inv_valid = 1.0 / tl.maximum(tl.sum(num_valid, axis=0), 1.0)
+    weight_sum = tl.zeros([BLOCK_L], dtype=tl.float32)
+    if HAS_WEIGHTS:
+        for l0 in range(0, L, BLOCK_L):
+            weight_sum += tl.load(weight_ptr + l0 + ls, mask=l0 + ls < L, other=0.0).to(tl.float32)
+    total = tl.zeros([BLOCK_L], dtype=tl.float32)
+    for l0 in range(0, L, BLOCK_L):
+        layer = l0 + ls
+        layer_ok = layer < L
+        row = tl.zeros([BLOCK_L, BLOCK_B], dtype=tl.float32)
+        for b0 in range(0, B, BLOCK_B):
+            offs = layer[:, None] * B + (b0 + bs)[None, :]
+            row += tl.load(js_ptr + offs, mask=layer_ok[:, None] & (b0 + bs < B)[None, :], other=0.0)
+        js_sum = tl.sum(row, axis=1)
+        tl.store(per_layer_ptr + layer, js_sum * inv_valid, mask=layer_ok)
+        if HAS_WEIGHTS:
+            w = tl.load(weight_ptr + layer, mask=layer_ok, other=0.0).to(tl.float32)
+        else:
+            w = tl.where(layer_ok, 1.0, 0.0)
+        if REDUCTION == 0:
+            total += w * (js_sum * inv_valid)
+        else:
+            total += w * js_sum
+        if REDUCTION == 2:
+            coef = tl.where(layer_ok, 1.0, 0.0)
+        else:
+            coef = w
+        tl.store(layer_coef_ptr + layer, coef, mask=layer_ok)
+    if REDUCTION == 0:
+        if HAS_WEIGHTS:
+            inv_weight = 1.0 / tl.sum(weight_sum, axis=0)
+        else:
+            inv_weight = 1.0 / L
+        tl.store(loss_ptr, tl.sum(total, axis=0) * inv_weight)
+        # k_l = w_l / (V Σw): rescaled in place by the same program, so no other program races.
+        for l0 in range(0, L, BLOCK_L):
+            layer = l0 + ls
+            k = tl.load(layer_coef_ptr + layer, mask=layer < L, other=0.0)
+            tl.store(layer_coef_ptr + layer, k * (inv_weight * inv_valid), mask=layer < L)
+    elif REDUCTION == 1:
+        tl.store(loss_ptr, tl.sum(total, axis=0))
+
+
+_BWD_RUNTIME_ARGS = [*(a for a in _POOL_RUNTIME_ARGS if a != "partial_ptr"), "coef_ptr", "coef_sl", "coef_sb", "coef_se", "scale_ptr", "scale_sl",
+                     "scale_sb", "layer_coef_ptr", "count_stride", "grad_ptr"]
+
+
+@triton.jit(do_not_specialize=_BWD_RUNTIME_ARGS, do_not_specialize_on_alignment=_BWD_RUNTIME_ARGS)
+def pool_routing_bwd(
+    table_ptr, x0_ptr, stride_l, stride_n, stride_e, mask_ptr, mask_sb, mask_ss, cu_ptr, cu_stride,
+    coef_ptr, coef_sl, coef_sb, coef_se, scale_ptr, scale_sl, scale_sb, layer_coef_ptr, count_ptr, count_stride,
+    grad_ptr,
+    L, B, N, S, inv_tau, SPLITS,
+    E: tl.constexpr, HAS_MASK: tl.constexpr, USE_CU: tl.constexpr, SIGMOID: tl.constexpr, TABLE: tl.constexpr,
+    VEC: tl.constexpr, PAIR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """grad[l, n, :] = c · h ⊙ (G − ⟨s, G⟩) for the rows of one slice, G = coef[l, b, :],
+    c = g / (τ n_b) with g = scale[l, b] · k_l (PAIR) or 1 (``routing_distribution``); rows that
+    are not valid tokens get 0. Every row of the side is written by exactly one program."""
     l = tl.program_id(0)
     b = tl.program_id(1)
     split = tl.program_id(2)
     start, lo, hi = _sequence_slice(b, split, cu_ptr, cu_stride, N, S, SPLITS, USE_CU, BLOCK_N)
     cols = tl.arange(0, BLOCK_E)
     col_ok = cols < E
-    coef = tl.load(coef_ptr + (l * B + b).to(tl.int64) * E + cols, mask=col_ok, other=0.0)
-    n = tl.load(count_ptr + b)
-    c = tl.load(scale_ptr + l.to(tl.int64) * scale_sl + b.to(tl.int64) * scale_sb).to(tl.float32)
-    c = c * inv_tau / tl.maximum(n, 1.0)
-    x_ptr, stride_n, stride_e = _layer_logits(table_ptr, x0_ptr, l, L, VEC)
-    g_ptr = grad_ptr + l.to(tl.int64) * grad_sl
+    coef_offs = l.to(tl.int64) * coef_sl + b.to(tl.int64) * coef_sb + cols.to(tl.int64) * coef_se
+    coef = tl.load(coef_ptr + coef_offs, mask=col_ok, other=0.0).to(tl.float32)
+    n = tl.load(count_ptr + b * count_stride)
+    c = inv_tau / tl.maximum(n, 1.0)
+    if PAIR:
+        g = tl.load(scale_ptr + l.to(tl.int64) * scale_sl + b.to(tl.int64) * scale_sb).to(tl.float32)
+        c = c * g * tl.load(layer_coef_ptr + l)
+    x_ptr, row_stride, col_stride = _layer_logits(table_ptr, x0_ptr, stride_l, stride_n, stride_e, l, L, TABLE, VEC)
+    # grad is allocated by the launcher (16-byte aligned); saying so lets its rows be stored as vectors.
+    g_ptr = tl.multiple_of(grad_ptr + l.to(tl.int64) * N * E, 16)
     for r0 in range(lo, hi, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N).to(tl.int64)
         row_ok = rows < hi
         valid = _token_validity(b, rows, row_ok, start, mask_ptr, mask_sb, mask_ss, HAS_MASK)
-        z = _load_logits_tile(x_ptr, stride_n, stride_e, rows, cols, col_ok, valid, inv_tau, VEC)
+        z = _load_logits_tile(x_ptr, row_stride, col_stride, rows, cols, col_ok, valid, inv_tau, VEC)
         s, h = _score_and_slope(z, SIGMOID)
         centred = coef[None, :] - tl.sum(s * coef[None, :], axis=1)[:, None]
         dz = tl.where(valid[:, None], c * h * centred, 0.0)
@@ -245,8 +360,42 @@ def pool_routing_bwd(
                  mask=row_ok[:, None] & col_ok[None, :])
 
 
+_POOLED_RUNTIME_ARGS = ["partial_ptr", "count_ptr", "probs_ptr", "total_ptr", "B", "SPLITS"]
+
+
+@triton.jit(do_not_specialize=_POOLED_RUNTIME_ARGS, do_not_specialize_on_alignment=_POOLED_RUNTIME_ARGS)
+def pooled_routing_fwd(partial_ptr, count_ptr, probs_ptr, total_ptr, B, SPLITS,
+                       E: tl.constexpr, BLOCK_E: tl.constexpr):
+    """P_{l,b} = Σ partials / max(n_b, 1) for ``routing_distribution``; total[b] = n_b."""
+    l = tl.program_id(0)
+    b = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_E)
+    col_ok = cols < E
+    probs, n = _pooled(partial_ptr, count_ptr, l, b, B, E, SPLITS, cols, col_ok)
+    tl.store(probs_ptr + (l * B + b).to(tl.int64) * E + cols, probs, mask=col_ok)
+    if l == 0:
+        tl.store(total_ptr + b, n)
+
+
+@triton.jit(do_not_specialize=["cu_ptr", "cu_stride", "B", "N"], do_not_specialize_on_alignment=["cu_ptr"],
+            debug=True)
+def check_segments(cu_ptr, cu_stride, B, N, BLOCK: tl.constexpr):
+    """Device-side check of cu_seqlens [B+1]: starts at 0, non-decreasing, ends at N. Compiled
+    with debug=True so the assertion is live; reading the values on the host would sync."""
+    first = tl.load(cu_ptr).to(tl.int64)
+    last = tl.load(cu_ptr + B * cu_stride).to(tl.int64)
+    tl.device_assert((first == 0) & (last == N), "cu_seqlens must start at 0 and end at the token count N")
+    idx = tl.arange(0, BLOCK)
+    for i0 in range(0, B, BLOCK):
+        i = i0 + idx
+        ok = i < B
+        lo = tl.load(cu_ptr + i * cu_stride, mask=ok, other=0)
+        hi = tl.load(cu_ptr + (i + 1) * cu_stride, mask=ok, other=0)
+        tl.device_assert(hi >= lo, "cu_seqlens must be non-decreasing")
+
+
 # ----------------------------------------------------------------------------------------
-# Host side
+# Host side: tile table, plans and launches
 # ----------------------------------------------------------------------------------------
 
 MAX_EXPERTS = 512  # one row of experts is one tile
@@ -256,10 +405,11 @@ MAX_SEQS = 65535  # B is the second grid axis, which CUDA limits to 65535
 def tile_config(num_experts: int) -> dict:
     """BLOCK_N, BLOCK_E and num_warps of the pooling kernels: the one table that sizes every tile.
 
-    A tile of BLOCK_N rows × BLOCK_E experts holds 4096 fp32 values (8192 with 8 warps), i.e.
-    32 per thread: enough independent loads in flight to stream at copy bandwidth without
-    spilling the softmax intermediates. FP fusion is named explicitly so every Triton version
-    compiles the same arithmetic (3.9 warns when it is left to its default).
+    A tile of BLOCK_N rows × BLOCK_E experts holds 4096 fp32 values with 4 warps (8192 with 8),
+    i.e. 32 per thread: enough independent 16-byte loads in flight to stream at copy bandwidth,
+    and with the forward's accumulator of the same size still far from spilling. FP fusion is
+    named explicitly so every Triton version compiles the same arithmetic (3.9 warns when it is
+    left to its default).
     """
     block_e = max(16, triton.next_power_of_2(num_experts))  # ≥ 16: fewer variants to compile, no tiny layouts
     num_warps = 8 if block_e >= 256 else 4
@@ -271,6 +421,9 @@ def pair_config(num_experts: int) -> dict:
     """Launch options of ``pair_js_fwd``: one row of E values per program."""
     return dict(BLOCK_E=tile_config(num_experts)["BLOCK_E"], num_warps=4, enable_fp_fusion=True)
 
+
+REDUCE_CONFIG = dict(BLOCK_L=16, BLOCK_B=64, num_warps=4, enable_fp_fusion=True)
+CHECK_CONFIG = dict(BLOCK=256, num_warps=4)
 
 _SM_COUNT = {}
 
@@ -287,12 +440,57 @@ def num_splits(num_tokens: int, num_seqs: int, num_layers: int, device: torch.de
     return max(1, min(wanted, triton.cdiv(rows_per_seq, 4 * block_n), 1024))
 
 
+# Compiled kernels by (kernel, device, constexprs, argument types): see the module docstring.
+_COMPILED = {}
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+
+
+def _constexpr_names(kernel) -> tuple:
+    return tuple(p.name for p in kernel.params if p.is_constexpr)
+
+
+def launch(kernel, grid, args: tuple, meta: dict, device: torch.device):
+    """``kernel[grid](*args, **meta)``, through the compiled kernel's launcher once it exists.
+
+    ``args`` are the runtime arguments in signature order, ``meta`` the constexprs and launch
+    options. The key holds everything Triton specialises these kernels on (see the module
+    docstring): the constexprs, the options and each tensor argument's dtype.
+    """
+    if INTERPRET:
+        kernel[grid](*args, **meta)
+        return
+    # Triton types an int argument i32 when it fits, i64 otherwise: that choice is in the key too.
+    key = (kernel, device, tuple(meta.items()),
+           tuple(a.dtype if isinstance(a, torch.Tensor) else _INT32_MIN <= a <= _INT32_MAX
+                 for a in args if type(a) is not float))
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        with torch.cuda.device(device):
+            _COMPILED[key] = kernel[grid](*args, **meta)
+        return
+    constexprs = tuple(meta[name] for name in _constexpr_names(kernel))
+    compiled[grid](*args, *constexprs)
+
+
+_PLACEHOLDERS = {}
+
+
+def _placeholder(device: torch.device) -> torch.Tensor:
+    """A small int64 buffer passed for absent optional tensors (never read: its constexpr is off)."""
+    t = _PLACEHOLDERS.get(device)
+    if t is None:
+        t = _PLACEHOLDERS[device] = torch.zeros(16, dtype=torch.int64, device=device)
+    return t
+
+
 _TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
 _TABLE_CACHE_SIZE = 64
+_data_ptr = torch.Tensor.data_ptr
+_stride = torch.Tensor.stride
 
 
-def layer_table(layers) -> torch.Tensor:
-    """int64 [3, L] on the layers' device: data pointers, row strides, column strides (elements).
+def layer_table(ptrs: tuple, strides: tuple, device: torch.device) -> torch.Tensor:
+    """int64 [3, L] on ``device``: data pointers, row strides, column strides (elements).
 
     On CUDA the table travels through pinned memory with a non-blocking copy (no host sync,
     capturable in a CUDA graph) and is cached by its contents, so a steady-state training loop
@@ -302,9 +500,7 @@ def layer_table(layers) -> torch.Tensor:
     than the copy's waits for the copy's event first (outside a capture, where the warm-up has
     already ordered it), since the copy may not have landed yet.
     """
-    device = layers[0].device
-    values = [t.data_ptr() for t in layers] + [t.stride(0) for t in layers] + [t.stride(1) for t in layers]
-    key = (device, tuple(values))
+    key = (device, ptrs, strides)
     hit = _TABLES.get(key)
     if hit is not None:
         _TABLES.move_to_end(key)
@@ -314,7 +510,8 @@ def layer_table(layers) -> torch.Tensor:
             if current != stream and not torch.cuda.is_current_stream_capturing():
                 current.wait_event(copied)
         return table
-    host = torch.tensor(values, dtype=torch.int64).view(3, len(layers))
+    row_strides, col_strides = zip(*strides)
+    host = torch.tensor([*ptrs, *row_strides, *col_strides], dtype=torch.int64).view(3, len(ptrs))
     table = host_to_device(host, device)
     stream = copied = None
     if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
@@ -326,262 +523,351 @@ def layer_table(layers) -> torch.Tensor:
     return table
 
 
-def vector_width(layers) -> int:
+def vector_width(element_size: int, pointers, strides) -> int:
     """Elements per 16-byte load when every layer allows aligned vector loads, else 0 (the kernels'
-    ``VEC``): 16-byte aligned base, unit column stride, row stride a multiple of the vector."""
-    vec = 16 // layers[0].element_size()
-    ok = all(t.data_ptr() % 16 == 0 and t.stride(1) == 1 and t.stride(0) % vec == 0 for t in layers)
-    return vec if ok else 0
+    ``VEC``): 16-byte aligned bases, unit column stride, row stride (and layer stride, for one
+    [L, N, E] tensor) a multiple of the vector. ``strides``: each layer's (…, row, column) strides."""
+    vec = 16 // element_size
+    if functools.reduce(operator.or_, pointers) % 16:
+        return 0
+    return vec if all(st[-1] == 1 and all(x % vec == 0 for x in st[:-1]) for st in strides) else 0
 
 
-def _pool_launch(side: RoutingSide, score: str, temperature: float):
-    """What the forward and backward pooling launches share: (grid, leading arguments, size
-    arguments, constexprs). Both come from here, so the backward's programs revisit exactly the
-    rows that the forward's pooled."""
-    L, B, N, E = side.num_layers, side.num_seqs, side.num_tokens, side.num_experts
-    meta = tile_config(E)
-    splits = num_splits(N, B, L, side.device, meta["BLOCK_N"])
-    table = layer_table(side.layers)
-    # Absent segmentation tensors are replaced by the table: never read (HAS_MASK / USE_CU off).
-    mask = side.mask if side.mask is not None else table
-    mask_strides = (mask.stride(0), mask.stride(1)) if side.mask is not None else (0, 0)
-    cu = side.cu_seqlens if side.cu_seqlens is not None else table
-    cu_stride = cu.stride(0) if side.cu_seqlens is not None else 0
-    head = (table, side.layers[0], mask, *mask_strides, cu, cu_stride)
-    sizes = (L, B, N, E, side.seq_len, 1.0 / temperature, splits)
-    meta.update(HAS_MASK=side.mask is not None, USE_CU=side.cu_seqlens is not None, SIGMOID=score == "sigmoid",
-                VEC=vector_width(side.layers))
-    return (L, B, splits), head, sizes, meta
+def layer_addressing(logits, device: torch.device):
+    """((table, x0, stride_l, stride_n, stride_e) of the kernels' layer addressing, VEC)."""
+    if isinstance(logits, torch.Tensor):
+        sl, sn, se = logits.stride()
+        vec = vector_width(logits.element_size(), (logits.data_ptr(),), ((sl, sn, se),))
+        if vec:  # the kernels multiply them back (see _layer_logits)
+            sl, sn = sl // vec, sn // vec
+        return (_placeholder(device), logits, sl, sn, se), vec
+    ptrs = tuple(map(_data_ptr, logits))
+    strides = tuple(map(_stride, logits))
+    vec = vector_width(logits[0].element_size(), ptrs, set(strides))
+    return (layer_table(ptrs, strides, device), logits[0], 0, 0, 0), vec
 
 
-def pool_side_fwd(side: RoutingSide, score: str, temperature: float):
+class SidePlan(NamedTuple):
+    """What the pooling launches of one side need beyond the per-call tensors: planned once per shape."""
+
+    grid: tuple  # (L, B, splits)
+    sizes: tuple  # (L, B, N, S, 1/τ, splits)
+    meta: dict  # constexprs and launch options of pool_routing_fwd (bwd adds PAIR)
+    mask_strides: tuple  # (stride_b, stride_s), zeros without a mask
+    cu_stride: int
+
+
+_PLANS = {}
+
+
+def side_plan(logits, mask, cu, score: str, temperature: float, vec: int, device: torch.device) -> SidePlan:
+    stacked = isinstance(logits, torch.Tensor)
+    first = logits if stacked else logits[0]
+    L = first.shape[0] if stacked else len(logits)
+    N, E = first.shape[-2:]
+    B, S = tuple(mask.shape) if mask is not None else ((cu.shape[0] - 1, N) if cu is not None else (1, N))
+    mask_strides = mask.stride() if mask is not None else (0, 0)
+    cu_stride = cu.stride(0) if cu is not None else 0
+    key = (stacked, L, N, E, B, S, vec, mask is not None, cu is not None, mask_strides, cu_stride, score,
+           temperature, device)
+    plan = _PLANS.get(key)
+    if plan is None:
+        meta = tile_config(E)
+        splits = num_splits(N, B, L, device, meta["BLOCK_N"])
+        meta.update(E=E, HAS_MASK=mask is not None, USE_CU=cu is not None, SIGMOID=score == "sigmoid",
+                    TABLE=not stacked, VEC=vec)
+        plan = _PLANS[key] = SidePlan((L, B, splits), (L, B, N, S, 1.0 / temperature, splits), meta,
+                                      mask_strides, cu_stride)
+    return plan
+
+
+def _segments(plan: SidePlan, mask, cu, device) -> tuple:
+    """(mask, mask_sb, mask_ss, cu, cu_stride) arguments, placeholders for absent tensors."""
+    placeholder = _placeholder(device)
+    return (mask if mask is not None else placeholder, *plan.mask_strides,
+            cu if cu is not None else placeholder, plan.cu_stride)
+
+
+def _check_segments(cu, num_tokens: int, device: torch.device):
+    if cu is not None and device.type == "cuda":
+        launch(check_segments, (1,), (cu, cu.stride(0), cu.shape[0] - 1, num_tokens), CHECK_CONFIG, device)
+
+
+def pool_fwd(logits, mask, cu, score: str, temperature: float, device: torch.device):
     """Launch ``pool_routing_fwd`` over all layers and sequences of one side.
 
     Returns (partial fp32 [L, B, splits, E], count fp32 [B, splits]).
     """
-    grid, head, sizes, meta = _pool_launch(side, score, temperature)
-    L, B, splits = grid
-    partial = torch.empty((L, B, splits, side.num_experts), dtype=torch.float32, device=side.device)
-    count = torch.empty((B, splits), dtype=torch.float32, device=side.device)
-    pool_routing_fwd[grid](*head, partial, count, *sizes, **meta)
+    addressing, vec = layer_addressing(logits, device)
+    plan = side_plan(logits, mask, cu, score, temperature, vec, device)
+    L, B, splits = plan.grid
+    partial = torch.empty((L, B, splits, plan.meta["E"]), dtype=torch.float32, device=device)
+    count = torch.empty((B, splits), dtype=torch.float32, device=device)
+    _check_segments(cu, plan.sizes[2], device)
+    args = (*addressing, *_segments(plan, mask, cu, device), partial, count, *plan.sizes)
+    launch(pool_routing_fwd, plan.grid, args, plan.meta, device)
     return partial, count
 
 
-def pool_side_grad(side: RoutingSide, coef, scale, count, score: str, temperature: float) -> torch.Tensor:
-    """∂loss/∂z as one [L, N, E] buffer in the logits' dtype (layer l's gradient is its view [l]),
-    for ∂loss/∂P_{l,b} = scale[l, b] · coef[l, b, :] and n_b = count[b]."""
-    grid, head, sizes, meta = _pool_launch(side, score, temperature)
-    L, N, E = side.num_layers, side.num_tokens, side.num_experts
-    grad = torch.empty((L, N, E), dtype=side.dtype, device=side.device)
-    pool_routing_bwd[grid](*head, coef, scale, scale.stride(0), scale.stride(1), count, grad, N * E, *sizes, **meta)
+def pool_bwd(logits, mask, cu, coef, scale, layer_coef, count, score: str, temperature: float, device):
+    """∂L/∂z as one [L, N, E] buffer in the logits' dtype, for ∂L/∂P_{l,b} = g · coef[l, b, :] with
+    g = scale[l, b] · layer_coef[l] (pair mode: ``scale`` broadcastable to [L, B]) or g = 1
+    (``scale`` None), and n_b = count[b]."""
+    addressing, vec = layer_addressing(logits, device)
+    plan = side_plan(logits, mask, cu, score, temperature, vec, device)
+    L, B, N = plan.sizes[:3]
+    grad = torch.empty((L, N, plan.meta["E"]), dtype=addressing[1].dtype, device=device)
+    pair = scale is not None
+    if pair:
+        scale = scale.expand(L, B)  # a view: a scalar upstream gradient gets zero strides
+        scale_strides = scale.stride()
+    else:
+        scale = layer_coef = _placeholder(device)
+        scale_strides = (0, 0)
+    args = (
+        *addressing, *_segments(plan, mask, cu, device),
+        coef, *coef.stride(), scale, *scale_strides, layer_coef, count, count.stride(0),
+        grad, *plan.sizes,
+    )
+    launch(pool_routing_bwd, plan.grid, args, {**plan.meta, "PAIR": pair}, device)
     return grad
 
 
-def pair_js_forward(anchor: Optional[RoutingSide], target: RoutingSide, anchor_probs, score: str, temperature: float):
-    """Forward launches: (JS [L, B], pair validity [B], G^a, G^t [L, B, E], n^a, n^t [B]), fp32."""
-    t_partial, t_count = pool_side_fwd(target, score, temperature)
-    a_partial, a_count = (t_partial, t_count) if anchor is None else pool_side_fwd(anchor, score, temperature)
-    L, B, E, dev = target.num_layers, target.num_seqs, target.num_experts, target.device
-    js = torch.empty((L, B), dtype=torch.float32, device=dev)
-    ga, gt = (torch.empty((L, B, E), dtype=torch.float32, device=dev) for _ in range(2))
-    a_total, t_total, valid = (torch.empty(B, dtype=torch.float32, device=dev) for _ in range(3))
-    priors = anchor_probs if anchor_probs is not None else js
-    prior_strides = anchor_probs.stride() if anchor_probs is not None else (0, 0, 0)
-    pair_js_fwd[(L, B)](
-        a_partial, a_count, t_partial, t_count,
-        priors, *prior_strides,
-        js, ga, gt, a_total, t_total, valid,
-        B, E, a_partial.shape[2], t_partial.shape[2],
-        PRIORS=anchor_probs is not None, **pair_config(E),
-    )
-    return js, valid, ga, gt, a_total, t_total
+def _unpack(logits: List[torch.Tensor]):
+    """The kernels' view of a side's logits: the [L, N, E] tensor itself when given as one."""
+    return logits[0] if len(logits) == 1 and logits[0].dim() == 3 else logits
 
 
-def side_grads(side: RoutingSide, grad: torch.Tensor):
-    """The gradient in the form the side was given: the [L, N, E] buffer or its per-layer views."""
-    return (grad,) if side.stacked is not None else tuple(grad.unbind(0))
-
-
-@dataclass
-class PairPlan:
-    """Non-tensor configuration of one fused call; tensors travel as Function inputs."""
-
-    anchor: Optional[RoutingSide]
-    target: RoutingSide
-    score: str
-    temperature: float
-    detach_anchor: bool
-
-
-class PairJSFunction(torch.autograd.Function):
-    """JS [L, B] (0 for invalid pairs) and pair validity [B] from anchor logits or priors and target logits."""
-
-    @staticmethod
-    def forward(ctx, plan: PairPlan, anchor_probs, *logits):
-        js, valid, ga, gt, a_total, t_total = pair_js_forward(
-            plan.anchor, plan.target, anchor_probs, plan.score, plan.temperature
-        )
-        ctx.plan = plan
-        # The logits are saved too (the plan already refers to them) so that autograd's version
-        # check catches an in-place change before the backward recomputes the scores from them.
-        ctx.save_for_backward(ga, gt, a_total, t_total, *logits)
-        ctx.mark_non_differentiable(valid)
-        return js, valid
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_js, _grad_valid):
-        plan = ctx.plan
-        ga, gt, a_total, t_total, *_ = ctx.saved_tensors
-        grads = [None, None]  # plan, anchor_probs (fixed priors never receive gradient)
-        if plan.anchor is not None:
-            n = len(plan.anchor.inputs)
-            if not plan.detach_anchor and any(ctx.needs_input_grad[2 : 2 + n]):
-                grad = pool_side_grad(plan.anchor, ga, grad_js, a_total, plan.score, plan.temperature)
-                grads += side_grads(plan.anchor, grad)
-            else:
-                grads += [None] * n
-        if any(ctx.needs_input_grad[len(grads) :]):
-            grads += side_grads(plan.target, pool_side_grad(plan.target, gt, grad_js, t_total, plan.score, plan.temperature))
-        else:
-            grads += [None] * len(plan.target.inputs)
-        return tuple(grads)
-
-
-def pair_js(plan: PairPlan, anchor_probs: Optional[torch.Tensor]):
-    """(JS [L, B], pair validity [B] as 0/1 float) with autograd into the logits."""
-    anchor_inputs = plan.anchor.inputs if plan.anchor is not None else ()
-    if anchor_probs is not None:
-        anchor_probs = anchor_probs.detach()
-    return PairJSFunction.apply(plan, anchor_probs, *anchor_inputs, *plan.target.inputs)
-
-
-class RoutingDistributionFunction(torch.autograd.Function):
-    """P [L, B, E] (float32) of one side, with autograd into the logits."""
-
-    @staticmethod
-    def forward(ctx, side: RoutingSide, score: str, temperature: float, *logits):
-        partial, count = pool_side_fwd(side, score, temperature)
-        count = count.sum(dim=1)
-        probs = partial.sum(dim=2) / count.clamp(min=1.0)[None, :, None]
-        ctx.side, ctx.score, ctx.temperature = side, score, temperature
-        ctx.save_for_backward(count, *logits)  # logits: for autograd's in-place version check
-        return probs
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_probs):
-        count, *_ = ctx.saved_tensors
-        side = ctx.side
-        ones = torch.ones((), dtype=torch.float32, device=side.device).expand(side.num_layers, side.num_seqs)
-        coef = grad_probs.to(torch.float32).contiguous()
-        grad = pool_side_grad(side, coef, ones, count, ctx.score, ctx.temperature)
-        return (None, None, None, *side_grads(side, grad))
-
-
-def routing_distribution(side: RoutingSide, score: str, temperature: float):
-    return RoutingDistributionFunction.apply(side, score, temperature, *side.inputs)
-
-
-# ----------------------------------------------------------------------------------------
-# torch.compile: the same launches registered as torch.library custom ops
-# ----------------------------------------------------------------------------------------
-# Why custom_op and not triton_op + wrap_triton: the launchers build the layer table from data
-# pointers, which the FakeTensors of a trace do not have. An opaque custom op with a fake
-# (shape-only) implementation and registered autograd keeps a compiled graph whole. Eager calls
-# bypass it (``PairJSFunction``): a dispatcher round trip costs tens of microseconds per call.
-
-
-def _side_or_none(layers, mask, cu_seqlens, name: str) -> Optional[RoutingSide]:
-    return routing_side(list(layers), mask, cu_seqlens, name) if len(layers) else None
-
-
-def _num_seqs(mask, cu_seqlens) -> int:
+def _num_seqs(mask, cu) -> int:
     if mask is not None:
         return mask.shape[0]
-    return cu_seqlens.shape[0] - 1 if cu_seqlens is not None else 1
+    return cu.shape[0] - 1 if cu is not None else 1
 
 
-@torch.library.custom_op("sara_kernels::pair_js_fwd", mutates_args=())
-def pair_js_fwd_op(
+def _shape(logits) -> tuple:
+    """(L, N, E) of a side given as a list of [N, E] tensors or as [one [L, N, E] tensor]."""
+    first = logits[0]
+    return tuple(first.shape) if first.dim() == 3 else (len(logits), *first.shape)
+
+
+# ----------------------------------------------------------------------------------------
+# The op: torch.library custom ops for torch.compile, called directly in eager mode
+# ----------------------------------------------------------------------------------------
+
+
+def _op(name: str, fake):
+    """Register ``fn`` as the custom op ``sara_kernels::name`` (opaque to torch.compile, with a
+    shape-only ``fake``) and return a function that calls the op while compiling and ``fn``
+    itself otherwise: a dispatcher round trip costs tens of microseconds per eager call.
+    Why custom ops and not triton_op + wrap_triton: the launchers read data pointers to build
+    the layer table, which the FakeTensors of a trace do not have."""
+
+    def register(fn):
+        op = torch.library.custom_op(f"sara_kernels::{name}", fn, mutates_args=())
+        op.register_fake(fake)
+
+        @functools.wraps(fn)
+        def call(*args):
+            return op(*args) if torch.compiler.is_compiling() else fn(*args)
+
+        call.op = op
+        return call
+
+    return register
+
+
+def _sara_fwd_fake(anchor, target, anchor_mask, anchor_cu_seqlens, target_mask, target_cu_seqlens, anchor_probs,
+                   layer_weights, score, temperature, reduction):
+    L, _, E = _shape(target)
+    B = _num_seqs(target_mask, target_cu_seqlens)
+    new = functools.partial(target[0].new_empty, dtype=torch.float32)
+    loss = new((L, B)) if reduction == "none" else new(())
+    return loss, new(L), new((L, B, E)), new((L, B, E)), new((3, B)), new(L)
+
+
+@_op("sara_loss_fwd", _sara_fwd_fake)
+def sara_loss_fwd(
     anchor: List[torch.Tensor], target: List[torch.Tensor],
     anchor_mask: Optional[torch.Tensor], anchor_cu_seqlens: Optional[torch.Tensor],
     target_mask: Optional[torch.Tensor], target_cu_seqlens: Optional[torch.Tensor],
-    anchor_probs: Optional[torch.Tensor], score: str, temperature: float, detach_anchor: bool,
+    anchor_probs: Optional[torch.Tensor], layer_weights: Optional[torch.Tensor],
+    score: str, temperature: float, reduction: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(JS, valid, G^a, G^t, n^a, n^t) as in ``pair_js_forward``; ``anchor`` is empty in priors mode."""
-    anchor_side = _side_or_none(anchor, anchor_mask, anchor_cu_seqlens, "anchor")
-    target_side = routing_side(list(target), target_mask, target_cu_seqlens, "target")
-    return pair_js_forward(anchor_side, target_side, anchor_probs, score, temperature)
+    """(loss, per-layer mean JS [L], G^a, G^t [L, B, E], stats [3, B] = (n^a, n^t, valid), k [L]).
+
+    A side is a list of [N, E] tensors or a one-element list holding one [L, N, E] tensor;
+    ``anchor`` is empty with priors (``anchor_probs`` [L, B, E]). loss is [L, B] for "none".
+    """
+    device = target[0].device
+    t_logits = _unpack(target)
+    t_partial, t_count = pool_fwd(t_logits, target_mask, target_cu_seqlens, score, temperature, device)
+    if anchor_probs is None:
+        a_partial, a_count = pool_fwd(_unpack(anchor), anchor_mask, anchor_cu_seqlens, score, temperature, device)
+        priors, prior_strides = _placeholder(device), (0, 0, 0)
+    else:
+        a_partial, a_count = t_partial, t_count
+        priors, prior_strides = anchor_probs, anchor_probs.stride()
+    L, B, _, E = t_partial.shape
+    new = functools.partial(torch.empty, dtype=torch.float32, device=device)
+    js, ga, gt, stats = new((L, B)), new((L, B, E)), new((L, B, E)), new((3, B))
+    launch(pair_js_fwd, (L, B),
+           (a_partial, a_count, t_partial, t_count, priors, *prior_strides, js, ga, gt, stats,
+            B, a_partial.shape[2], t_partial.shape[2]),
+           {"E": E, "PRIORS": anchor_probs is not None, **pair_config(E)}, device)
+    per_layer, layer_coef = new(L), new(L)
+    loss = js if reduction == "none" else new(())
+    launch(reduce_pair_loss, (1,),
+           (js, stats, layer_weights if layer_weights is not None else _placeholder(device), loss, per_layer,
+            layer_coef, L, B),
+           {"HAS_WEIGHTS": layer_weights is not None, "REDUCTION": REDUCTIONS[reduction], **REDUCE_CONFIG}, device)
+    return loss, per_layer, ga, gt, stats, layer_coef
 
 
-@pair_js_fwd_op.register_fake
-def _pair_js_fwd_fake(anchor, target, anchor_mask, anchor_cu_seqlens, target_mask, target_cu_seqlens,
-                      anchor_probs, score, temperature, detach_anchor):
-    L, E, B = len(target), target[0].shape[1], _num_seqs(target_mask, target_cu_seqlens)
-    new = lambda *shape: target[0].new_empty(shape, dtype=torch.float32)  # noqa: E731
-    return new(L, B), new(B), new(L, B, E), new(L, B, E), new(B), new(B)
-
-
-@torch.library.custom_op("sara_kernels::pair_js_bwd", mutates_args=())
-def pair_js_bwd_op(
-    grad_js: torch.Tensor, anchor: List[torch.Tensor], target: List[torch.Tensor],
-    anchor_mask: Optional[torch.Tensor], anchor_cu_seqlens: Optional[torch.Tensor],
-    target_mask: Optional[torch.Tensor], target_cu_seqlens: Optional[torch.Tensor],
-    ga: torch.Tensor, gt: torch.Tensor, a_total: torch.Tensor, t_total: torch.Tensor,
-    score: str, temperature: float, anchor_grad: bool,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(∂/∂anchor [L, N_a, E] or an empty tensor, ∂/∂target [L, N_t, E])."""
-    target_side = routing_side(list(target), target_mask, target_cu_seqlens, "target")
-    grad_t = pool_side_grad(target_side, gt, grad_js, t_total, score, temperature)
-    if not anchor_grad:
-        return grad_js.new_empty(0), grad_t
-    anchor_side = routing_side(list(anchor), anchor_mask, anchor_cu_seqlens, "anchor")
-    return pool_side_grad(anchor_side, ga, grad_js, a_total, score, temperature), grad_t
-
-
-@pair_js_bwd_op.register_fake
-def _pair_js_bwd_fake(grad_js, anchor, target, anchor_mask, anchor_cu_seqlens, target_mask, target_cu_seqlens,
-                      ga, gt, a_total, t_total, score, temperature, anchor_grad):
-    grad_t = target[0].new_empty((len(target), *target[0].shape))
-    grad_a = anchor[0].new_empty((len(anchor), *anchor[0].shape)) if anchor_grad else grad_js.new_empty(0)
+def _sara_bwd_fake(grad_loss, anchor, target, anchor_mask, anchor_cu_seqlens, target_mask, target_cu_seqlens,
+                   ga, gt, stats, layer_coef, score, temperature, anchor_grad):
+    grad_t = target[0].new_empty(_shape(target))
+    grad_a = anchor[0].new_empty(_shape(anchor)) if anchor_grad else grad_loss.new_empty(0)
     return grad_a, grad_t
 
 
-def _pair_js_setup_context(ctx, inputs, output):
-    anchor, target, anchor_mask, anchor_cu, target_mask, target_cu, _, score, temperature, detach_anchor = inputs
-    _, _, ga, gt, a_total, t_total = output
-    ctx.num_anchor = len(anchor)
-    ctx.options = (score, temperature, not detach_anchor and len(anchor) > 0)
-    ctx.save_for_backward(anchor_mask, anchor_cu, target_mask, target_cu, ga, gt, a_total, t_total, *anchor, *target)
+@_op("sara_loss_bwd", _sara_bwd_fake)
+def sara_loss_bwd(
+    grad_loss: torch.Tensor, anchor: List[torch.Tensor], target: List[torch.Tensor],
+    anchor_mask: Optional[torch.Tensor], anchor_cu_seqlens: Optional[torch.Tensor],
+    target_mask: Optional[torch.Tensor], target_cu_seqlens: Optional[torch.Tensor],
+    ga: torch.Tensor, gt: torch.Tensor, stats: torch.Tensor, layer_coef: torch.Tensor,
+    score: str, temperature: float, anchor_grad: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(∂/∂anchor [L, N_a, E] or an empty tensor, ∂/∂target [L, N_t, E]) in the logits' dtype."""
+    device = target[0].device
+    grad_t = pool_bwd(_unpack(target), target_mask, target_cu_seqlens, gt, grad_loss, layer_coef, stats[1],
+                      score, temperature, device)
+    if not anchor_grad:
+        return grad_loss.new_empty(0), grad_t
+    grad_a = pool_bwd(_unpack(anchor), anchor_mask, anchor_cu_seqlens, ga, grad_loss, layer_coef, stats[0],
+                      score, temperature, device)
+    return grad_a, grad_t
 
 
-def _pair_js_backward(ctx, grad_js, *_unused):
-    anchor_mask, anchor_cu, target_mask, target_cu, ga, gt, a_total, t_total, *layers = ctx.saved_tensors
-    anchor, target = layers[: ctx.num_anchor], layers[ctx.num_anchor :]
-    score, temperature, anchor_grad = ctx.options
-    wanted = ctx.needs_input_grad[0]  # one flag per tensor of a list input
-    anchor_grad = anchor_grad and (any(wanted) if isinstance(wanted, (list, tuple)) else bool(wanted))
-    grad_a, grad_t = pair_js_bwd_op(
-        grad_js, anchor, target, anchor_mask, anchor_cu, target_mask, target_cu, ga, gt, a_total, t_total,
-        score, temperature, anchor_grad,
-    )
-    return (list(grad_a.unbind(0)) if anchor_grad else None, list(grad_t.unbind(0))) + (None,) * 8
+def _distribution_fwd_fake(logits, mask, cu_seqlens, score, temperature):
+    L, _, E = _shape(logits)
+    B = _num_seqs(mask, cu_seqlens)
+    return logits[0].new_empty((L, B, E), dtype=torch.float32), logits[0].new_empty(B, dtype=torch.float32)
 
 
-torch.library.register_autograd("sara_kernels::pair_js_fwd", _pair_js_backward, setup_context=_pair_js_setup_context)
+@_op("routing_distribution_fwd", _distribution_fwd_fake)
+def routing_distribution_fwd(
+    logits: List[torch.Tensor], mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+    score: str, temperature: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(P [L, B, E], n_b [B]), float32."""
+    device = logits[0].device
+    partial, count = pool_fwd(_unpack(logits), mask, cu_seqlens, score, temperature, device)
+    L, B, splits, E = partial.shape
+    probs = torch.empty((L, B, E), dtype=torch.float32, device=device)
+    total = torch.empty(B, dtype=torch.float32, device=device)
+    launch(pooled_routing_fwd, (L, B), (partial, count, probs, total, B, splits), {"E": E, **pair_config(E)}, device)
+    return probs, total
 
 
-def pair_js_compiled(plan: PairPlan, anchor_probs: Optional[torch.Tensor]):
-    """``pair_js`` through the registered custom ops, for use while torch.compile traces."""
-    anchor = plan.anchor
-    outputs = pair_js_fwd_op(
-        list(anchor.layers) if anchor is not None else [],
-        list(plan.target.layers),
-        anchor.mask if anchor is not None else None,
-        anchor.cu_seqlens if anchor is not None else None,
-        plan.target.mask, plan.target.cu_seqlens,
-        anchor_probs.detach() if anchor_probs is not None else None,
-        plan.score, plan.temperature, plan.detach_anchor,
-    )
-    return outputs[0], outputs[1]
+def _distribution_bwd_fake(grad_probs, logits, mask, cu_seqlens, count, score, temperature):
+    return logits[0].new_empty(_shape(logits))
+
+
+@_op("routing_distribution_bwd", _distribution_bwd_fake)
+def routing_distribution_bwd(
+    grad_probs: torch.Tensor, logits: List[torch.Tensor], mask: Optional[torch.Tensor],
+    cu_seqlens: Optional[torch.Tensor], count: torch.Tensor, score: str, temperature: float,
+) -> torch.Tensor:
+    """∂/∂logits [L, N, E] for an upstream gradient [L, B, E] of P."""
+    return pool_bwd(_unpack(logits), mask, cu_seqlens, grad_probs, None, None, count, score, temperature,
+                    logits[0].device)
+
+
+def _side_grads(grad: torch.Tensor, stacked: bool):
+    """The gradient in the form the side was given: the [L, N, E] buffer or its per-layer views."""
+    return (grad,) if stacked else grad.unbind(0)
+
+
+def _no_double_backward():
+    # The backward launches kernels that autograd cannot see through: a second derivative would
+    # silently come out as zero, so ask for it to fail instead.
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError("sara_kernels: the Triton backend does not support double backward (create_graph=True); "
+                           "use backend='reference'")
+
+
+class SARALossFunction(torch.autograd.Function):
+    """The one autograd definition of the fused loss, eager and compiled alike: forward and
+    backward call the custom ops above (the ops themselves in eager mode, see ``_op``). Only
+    tensors and constants cross it, so torch.compile traces it whole."""
+
+    @staticmethod
+    def forward(ctx, options, anchor_probs, layer_weights, a_mask, a_cu, t_mask, t_cu, *logits):
+        num_anchor, _, _, score, temperature, _, reduction = options
+        anchor, target = list(logits[:num_anchor]), list(logits[num_anchor:])
+        loss, per_layer, ga, gt, stats, layer_coef = sara_loss_fwd(
+            anchor, target, a_mask, a_cu, t_mask, t_cu, anchor_probs, layer_weights, score, temperature, reduction,
+        )
+        ctx.options = options
+        # The logits are saved (not only referenced) so that autograd's version check catches an
+        # in-place change before the backward recomputes the scores from them.
+        ctx.save_for_backward(ga, gt, stats, layer_coef, a_mask, a_cu, t_mask, t_cu, *logits)
+        ctx.mark_non_differentiable(per_layer)
+        return loss, per_layer
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_per_layer):
+        _no_double_backward()
+        num_anchor, anchor_stacked, target_stacked, score, temperature, detach_anchor, _ = ctx.options
+        ga, gt, stats, layer_coef, a_mask, a_cu, t_mask, t_cu, *logits = ctx.saved_tensors
+        anchor, target = logits[:num_anchor], logits[num_anchor:]
+        flags = ctx.needs_input_grad[7:]
+        anchor_grad = num_anchor > 0 and not detach_anchor and any(flags[:num_anchor])
+        grad_a, grad_t = sara_loss_bwd(
+            grad_loss, anchor, target, a_mask, a_cu, t_mask, t_cu, ga, gt, stats, layer_coef, score, temperature,
+            anchor_grad,
+        )
+        grads_a = _side_grads(grad_a, anchor_stacked) if anchor_grad else (None,) * num_anchor
+        return (None,) * 7 + (*grads_a, *_side_grads(grad_t, target_stacked))
+
+
+def sara_loss(anchor: Optional[RoutingSide], target: RoutingSide, anchor_probs, layer_weights,
+              score: str, temperature: float, detach_anchor: bool, reduction: str):
+    """(loss, detached per-layer mean JS [L]) with autograd into the logits."""
+    if anchor_probs is not None:
+        anchor_probs = anchor_probs.detach()
+    if layer_weights is not None:
+        layer_weights = layer_weights.detach()
+    anchor_inputs = anchor.inputs if anchor is not None else ()
+    options = (len(anchor_inputs), anchor is not None and anchor.stacked, target.stacked,
+               score, temperature, detach_anchor, reduction)
+    a_mask, a_cu = (anchor.mask, anchor.cu_seqlens) if anchor is not None else (None, None)
+    return SARALossFunction.apply(options, anchor_probs, layer_weights, a_mask, a_cu, target.mask,
+                                  target.cu_seqlens, *anchor_inputs, *target.inputs)
+
+
+class RoutingDistributionFunction(torch.autograd.Function):
+    """P [L, B, E] (float32) of one side, with autograd into the logits; same structure as
+    ``SARALossFunction``."""
+
+    @staticmethod
+    def forward(ctx, options, mask, cu_seqlens, *logits):
+        stacked, score, temperature = options
+        probs, count = routing_distribution_fwd(list(logits), mask, cu_seqlens, score, temperature)
+        ctx.options = options
+        ctx.save_for_backward(count, mask, cu_seqlens, *logits)  # logits: for the in-place version check
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad_probs):
+        _no_double_backward()
+        stacked, score, temperature = ctx.options
+        count, mask, cu_seqlens, *logits = ctx.saved_tensors
+        grad = routing_distribution_bwd(grad_probs, logits, mask, cu_seqlens, count, score, temperature)
+        return (None, None, None, *_side_grads(grad, stacked))
+
+
+def routing_distribution(side: RoutingSide, score: str, temperature: float):
+    options = (side.stacked, score, temperature)
+    return RoutingDistributionFunction.apply(options, side.mask, side.cu_seqlens, *side.inputs)
