@@ -62,11 +62,65 @@ def test_fullgraph_compile_matches_eager(backend):
         assert_grads_close(g, eg, torch.float32)
 
 
-def test_custom_op_registration_passes_opcheck():
+def test_routing_distribution_fullgraph_compile_matches_eager():
+    torch.manual_seed(3)
+    torch._dynamo.reset()
+    model = TinyRouter().to(DEVICE)
+    B, S, H = 2, 5, 12
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(B * S, H, generator=gen).to(DEVICE)
+    mask = ragged_mask(B, S, gen)
+    weights = torch.randn(3, B, 10, generator=gen).to(DEVICE)
+
+    def step(hidden, mask):
+        probs = sara_kernels.routing_distribution(model(hidden), mask, score="sigmoid", temperature=1.3, backend="triton")
+        return (probs * weights).sum()
+
+    results = []
+    for compiled in (False, True):
+        model.zero_grad()
+        out = (torch.compile(step, fullgraph=True) if compiled else step)(hidden, mask)
+        out.backward()
+        results.append((out.detach(), [g.weight.grad.clone() for g in model.gates]))
+    (eager_out, eager_grads), (compiled_out, compiled_grads) = results
+    torch.testing.assert_close(compiled_out, eager_out, **LOSS_TOL)
+    for g, eg in zip(compiled_grads, eager_grads):
+        assert g.abs().sum() > 0
+        assert_grads_close(g, eg, torch.float32)
+
+
+OPCHECK_UTILS = ("test_schema", "test_faketensor")
+
+
+def _opcheck_inputs():
     gen = torch.Generator().manual_seed(2)
     L, B, S, E = 2, 2, 4, 8
-    anchor = [torch.randn(B * S, E, generator=gen).to(DEVICE).requires_grad_(True) for _ in range(L)]
-    target = [torch.randn(B * S, E, generator=gen).to(DEVICE).requires_grad_(True) for _ in range(L)]
-    mask = ragged_mask(B, S, gen)
-    args = (anchor, target, mask, None, mask, None, None, "sigmoid", 1.0, False)
-    torch.library.opcheck(routing_js.pair_js_fwd_op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    anchor = [torch.randn(B * S, E, generator=gen).to(DEVICE) for _ in range(L)]
+    target = [torch.randn(L, B * S, E, generator=gen).to(DEVICE)]  # the stacked form
+    return anchor, target, ragged_mask(B, S, gen), torch.tensor([0.5, 2.0], dtype=torch.float64, device=DEVICE)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_custom_ops_pass_opcheck(reduction):
+    anchor, target, mask, weights = _opcheck_inputs()
+    fwd_args = (anchor, target, mask, None, mask, None, None, weights, "sigmoid", 1.0, reduction)
+    torch.library.opcheck(routing_js.sara_loss_fwd.op, fwd_args, test_utils=OPCHECK_UTILS)
+    _, _, ga, gt, stats, layer_coef = routing_js.sara_loss_fwd(*fwd_args)
+    grad = torch.randn(gt.shape[:2] if reduction == "none" else (), device=DEVICE)
+    bwd_args = (grad, anchor, target, mask, None, mask, None, ga, gt, stats, layer_coef, "sigmoid", 1.0, True)
+    torch.library.opcheck(routing_js.sara_loss_bwd.op, bwd_args, test_utils=OPCHECK_UTILS)
+    probs_args = (anchor, mask, None, "softmax", 0.8)
+    torch.library.opcheck(routing_js.routing_distribution_fwd.op, probs_args, test_utils=OPCHECK_UTILS)
+    probs, count = routing_js.routing_distribution_fwd(*probs_args)
+    grad_args = (torch.randn_like(probs), anchor, mask, None, count, "softmax", 0.8)
+    torch.library.opcheck(routing_js.routing_distribution_bwd.op, grad_args, test_utils=OPCHECK_UTILS)
+
+
+def test_double_backward_is_refused():
+    anchor, target, mask, _ = _opcheck_inputs()
+    leaf = target[0].detach().requires_grad_(True)
+    loss = sara_kernels.sara_loss(anchor, leaf, mask, mask, backend="triton")
+    (grad,) = torch.autograd.grad(loss, leaf, create_graph=False)
+    assert grad.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(sara_kernels.sara_loss(anchor, leaf, mask, mask, backend="triton"), leaf, create_graph=True)

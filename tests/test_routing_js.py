@@ -306,12 +306,20 @@ def test_module_form_matches_function():
 
 
 def test_vector_width_only_when_every_layer_allows_aligned_vector_loads():
+    def vec(logits):
+        return routing_js.layer_addressing(logits, torch.device("cpu"))[1]
+
     x = torch.randn(8, 32)
-    assert routing_js.vector_width([x, x.clone()]) == 4
-    assert routing_js.vector_width([x.bfloat16()]) == 8
-    assert routing_js.vector_width([torch.randn(8, 60).bfloat16()]) == 0  # 120-byte rows
-    assert routing_js.vector_width([x, x[:, 1:17]]) == 0  # misaligned base
-    assert routing_js.vector_width([x[:, ::2]]) == 0  # column stride 2
+    assert vec([x, x.clone()]) == 4
+    assert vec([x.bfloat16()]) == 8
+    assert vec([torch.randn(8, 60).bfloat16()]) == 0  # 120-byte rows
+    assert vec([x, x[:, 1:17]]) == 0  # misaligned base
+    assert vec([x[:, ::2]]) == 0  # column stride 2
+    assert vec(torch.randn(3, 8, 32)) == 4  # one [L, N, E] tensor
+    assert vec(torch.randn(3, 8, 36)[:, :, :32]) == 4  # row stride 36 = 9 vectors
+    assert vec(torch.randn(3, 8, 33)[:, :, :32]) == 0  # row stride 33
+    assert vec(torch.randn(3, 8, 32)[:, 1:]) == 4  # offset by one 128-byte row
+    assert vec(torch.randn(3, 9, 4)[:, :, :2].bfloat16()) == 0  # layer stride 36 elements, not a multiple of 8
 
 
 def test_in_place_change_of_the_logits_before_backward_is_an_error():
