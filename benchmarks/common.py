@@ -146,6 +146,42 @@ def median(values) -> float:
     return statistics.median(values) if values else math.nan
 
 
+def percentile(values, q: float) -> float:
+    """The q-th percentile (0-100, linear interpolation) of ``values``; the spread of a timing
+    is reported as p20 / p50 / p80 beside its median."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+HOST_CALLS = 20  # calls issued per host-time measurement
+GPU_BUSY_MS = 200  # GPU sleep queued before them
+
+
+def host_ms_per_call(device: torch.device, call: Callable[[int], Any], copies: int, calls: int = HOST_CALLS) -> float:
+    """CPU milliseconds to issue one ``call(i)`` while the GPU is busy: what the op costs the
+    host in a training step, where the GPU runs behind the CPU.
+
+    A long sleep kernel is queued first, so no call can wait for the GPU unless it synchronises
+    (a hidden sync would show up here as the sleep's length). Results are dropped as they come:
+    the caching allocator reuses their memory in stream order, as in training.
+    """
+    synchronize(device)
+    if device.type == "cuda":
+        clock_khz = getattr(torch.cuda.get_device_properties(device), "clock_rate", 0) or 2_000_000
+        torch.cuda._sleep(int(GPU_BUSY_MS * clock_khz))
+    start = time.perf_counter()
+    for i in range(calls):
+        call(i % copies)
+    elapsed = time.perf_counter() - start
+    synchronize(device)
+    return 1e3 * elapsed / calls
+
+
 def copy_bandwidth(device: torch.device, l2_bytes: int, reps: int = 20) -> dict:
     """Device-to-device ``copy_`` bandwidth (bytes read + written per second), the roofline the
     op's minimum traffic is compared with. The tensor is many times L2, so the copy is L2-cold."""

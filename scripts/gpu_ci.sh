@@ -81,10 +81,12 @@ run_stage gpu_tests "$(stage_limit 150 200)" "$PYTEST_NOTE" \
 # The normal suite's kernel files (those calling the Triton backend), now at real compile.
 # Left out: test_gpu.py (the stage above) and test_aot_compile.py (compiles for fixed targets
 # without a device: the same on every machine, and the CPU suite runs it).
+# Sharded over the machine's cores: the stage is dominated by Triton JIT compiles of the grid.
 KERNEL_FILES=$(grep -l -E 'backend="triton"|routing_js' tests/test_*.py | grep -v -x -E 'tests/test_(gpu|aot_compile)\.py' | tr '\n' ' ')
+SHARDS=$(( $(nproc) > 12 ? 12 : $(nproc) ))
 if [ -n "$KERNEL_FILES" ]; then
-    run_stage kernel_tests "$(stage_limit 90 160)" "$PYTEST_NOTE" \
-        "$PY" -m pytest $KERNEL_FILES -m "not gpu" -q -rfEs --durations=5 -p no:cacheprovider --junitxml="$OUT/kernel_tests.xml"
+    run_stage kernel_tests "$(stage_limit 120 140)" 'tail -n 1 "$LOG"' \
+        bash scripts/sharded_pytest.sh "$SHARDS" "$OUT/kernel_tests" $KERNEL_FILES -m "not gpu"
 fi
 
 LIMIT=$(stage_limit 175 40)

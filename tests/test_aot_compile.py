@@ -14,6 +14,7 @@ so this file then re-runs itself in a fresh process with ``TRITON_INTERPRET=0``.
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import re
@@ -50,14 +51,15 @@ def pooling_cases():
         ]
         grid += [("mask", "softmax", 128, dtype, "i1", vec, True, extra)
                  for dtype in ("fp32", "fp16") for vec in (0, aot.VECTOR_WIDTH[dtype])]
+        # E = 17, 30, 60, 128: E_MULT = gcd(E, 8) = 1, 2, 4, 8.
         grid += [("mask", score, e, "bf16", "i64", vec, False, extra)
-                 for score in ("softmax", "sigmoid") for e in (60, 128) for vec in (0, aot.VECTOR_WIDTH["bf16"])]
+                 for score in ("softmax", "sigmoid") for e in (17, 30, 60, 128) for vec in (0, aot.VECTOR_WIDTH["bf16"])]
         if name == "pool_routing_bwd":
             grid += [(seg, "softmax", 128, "bf16", "i64", vec, table, dict(PAIR=False))
                      for seg in ("mask", "cu") for vec in (0, aot.VECTOR_WIDTH["bf16"]) for table in (False, True)]
         for seg, score, e, dtype, mask_dtype, vec, table, more in grid:
             has_mask, use_cu = SEGMENTATIONS[seg]
-            meta = dict(E=e, HAS_MASK=has_mask, USE_CU=use_cu, SIGMOID=score == "sigmoid", TABLE=table, VEC=vec,
+            meta = dict(E_MULT=math.gcd(e, 8), HAS_MASK=has_mask, USE_CU=use_cu, SIGMOID=score == "sigmoid", TABLE=table, VEC=vec,
                         **more, **routing_js.tile_config(e))
             yield name, meta, dtype, mask_dtype, f"{name} seg={seg} score={score} E={e} dtype={dtype} VEC={vec} {more}"
 
@@ -67,9 +69,9 @@ def small_kernel_cases():
     pooled_routing_fwd (tile) and check_segments."""
     for e in TILE_EXPERTS:
         for priors in (False, True):
-            meta = dict(E=e, PRIORS=priors, **routing_js.pair_config(e))
+            meta = dict(PRIORS=priors, **routing_js.pair_config(e))
             yield "pair_js_fwd", meta, "bf16", "i64", f"pair_js_fwd priors={priors} E={e}"
-        yield "pooled_routing_fwd", dict(E=e, **routing_js.pair_config(e)), "bf16", "i64", f"pooled_routing_fwd E={e}"
+        yield "pooled_routing_fwd", routing_js.pair_config(e), "bf16", "i64", f"pooled_routing_fwd E={e}"
     for weights in (False, True):
         for reduction, code in routing_js.REDUCTIONS.items():
             meta = dict(HAS_WEIGHTS=weights, REDUCTION=code, **routing_js.REDUCE_CONFIG)

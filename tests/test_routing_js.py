@@ -31,6 +31,15 @@ from helpers import (
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy on padded −inf rows
 
 
+@pytest.fixture(autouse=True)
+def fresh_plans():
+    """Launch plans are cached per shape; tests that patch the tile table or the split count
+    must not see (or leave behind) plans made with other values."""
+    routing_js.clear_plans()
+    yield
+    routing_js.clear_plans()
+
+
 def segmentation(kind, num_seqs, seq_len, gen, empty=()):
     """(mask, cu_seqlens, N) of one side for a segmentation kind."""
     if kind == "mask":

@@ -16,7 +16,7 @@ from . import routing_js
 _LAYOUT_ARGS = {
     "table_ptr": "*i64", "stride_l": "i64", "stride_n": "i64", "stride_e": "i64",
     "mask_sb": "i64", "mask_ss": "i64", "cu_ptr": "*i32", "cu_stride": "i64",
-    "L": "i32", "B": "i32", "N": "i64", "S": "i64", "inv_tau": "fp32", "SPLITS": "i32",
+    "L": "i32", "B": "i32", "N": "i64", "S": "i64", "E_DIV": "i32", "inv_tau": "fp32", "SPLITS": "i32",
 }
 SIGNATURES = {
     "pool_routing_fwd": {**_LAYOUT_ARGS, "partial_ptr": "*fp32", "count_ptr": "*fp32"},
@@ -29,7 +29,7 @@ SIGNATURES = {
         "a_partial_ptr": "*fp32", "a_count_ptr": "*fp32", "t_partial_ptr": "*fp32", "t_count_ptr": "*fp32",
         "prior_ptr": "*fp32", "prior_sl": "i64", "prior_sb": "i64", "prior_se": "i64",
         "js_ptr": "*fp32", "ga_ptr": "*fp32", "gt_ptr": "*fp32", "stats_ptr": "*fp32",
-        "B": "i32", "A_SPLITS": "i32", "T_SPLITS": "i32",
+        "B": "i32", "E": "i32", "A_SPLITS": "i32", "T_SPLITS": "i32",
     },
     "reduce_pair_loss": {
         "js_ptr": "*fp32", "stats_ptr": "*fp32", "weight_ptr": "*fp64", "loss_ptr": "*fp32",
@@ -37,7 +37,7 @@ SIGNATURES = {
     },
     "pooled_routing_fwd": {
         "partial_ptr": "*fp32", "count_ptr": "*fp32", "probs_ptr": "*fp32", "total_ptr": "*fp32",
-        "B": "i32", "SPLITS": "i32",
+        "B": "i32", "E": "i32", "SPLITS": "i32",
     },
     "check_segments": {"cu_ptr": "*i32", "cu_stride": "i64", "B": "i32", "N": "i64"},
 }

@@ -43,6 +43,7 @@ which are all part of the plan's key together with the argument dtypes.
 from __future__ import annotations
 
 import functools
+import math
 import operator
 import os
 from collections import OrderedDict
@@ -151,17 +152,17 @@ def _token_validity(b, rows, row_ok, start, mask_ptr, mask_sb, mask_ss, HAS_MASK
 # valid for any value of these arguments (which is what lets the host launch it directly), and
 # what is compiled ahead of time without a GPU (tests/test_aot_compile.py) is what runs.
 # Divisibility that matters for vector loads and stores is stated by hints instead (VEC, the
-# launcher's own buffers, E as a constexpr).
+# launcher's own buffers, E = E_DIV · E_MULT with E_MULT = gcd(E, 8) a constexpr).
 _POOL_RUNTIME_ARGS = ["table_ptr", "x0_ptr", "stride_l", "stride_n", "stride_e", "mask_ptr", "mask_sb", "mask_ss",
-                      "cu_ptr", "cu_stride", "partial_ptr", "count_ptr", "L", "B", "N", "S", "SPLITS"]
+                      "cu_ptr", "cu_stride", "partial_ptr", "count_ptr", "L", "B", "N", "S", "E_DIV", "SPLITS"]
 
 
 @triton.jit(do_not_specialize=_POOL_RUNTIME_ARGS, do_not_specialize_on_alignment=_POOL_RUNTIME_ARGS)
 def pool_routing_fwd(
     table_ptr, x0_ptr, stride_l, stride_n, stride_e, mask_ptr, mask_sb, mask_ss, cu_ptr, cu_stride,
     partial_ptr, count_ptr,
-    L, B, N, S, inv_tau, SPLITS,
-    E: tl.constexpr, HAS_MASK: tl.constexpr, USE_CU: tl.constexpr, SIGMOID: tl.constexpr, TABLE: tl.constexpr,
+    L, B, N, S, E_DIV, inv_tau, SPLITS,
+    E_MULT: tl.constexpr, HAS_MASK: tl.constexpr, USE_CU: tl.constexpr, SIGMOID: tl.constexpr, TABLE: tl.constexpr,
     VEC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """partial[l, b, split, :] = Σ s over the valid rows of slice ``split`` of sequence b;
@@ -174,6 +175,7 @@ def pool_routing_fwd(
     l = tl.program_id(0)
     b = tl.program_id(1)
     split = tl.program_id(2)
+    E = E_DIV * E_MULT  # E_MULT = gcd(E, 8): lets the compiler prove vector alignment of rows
     start, lo, hi = _sequence_slice(b, split, cu_ptr, cu_stride, N, S, SPLITS, USE_CU, BLOCK_N)
     cols = tl.arange(0, BLOCK_E)
     col_ok = cols < E
@@ -214,7 +216,8 @@ def _half_log_ratio(p, m):
 
 
 _PAIR_RUNTIME_ARGS = ["a_partial_ptr", "a_count_ptr", "t_partial_ptr", "t_count_ptr", "prior_ptr", "prior_sl",
-                      "prior_sb", "prior_se", "js_ptr", "ga_ptr", "gt_ptr", "stats_ptr", "B", "A_SPLITS", "T_SPLITS"]
+                      "prior_sb", "prior_se", "js_ptr", "ga_ptr", "gt_ptr", "stats_ptr", "B", "E", "A_SPLITS",
+                      "T_SPLITS"]
 
 
 @triton.jit(do_not_specialize=_PAIR_RUNTIME_ARGS, do_not_specialize_on_alignment=_PAIR_RUNTIME_ARGS)
@@ -222,8 +225,8 @@ def pair_js_fwd(
     a_partial_ptr, a_count_ptr, t_partial_ptr, t_count_ptr,
     prior_ptr, prior_sl, prior_sb, prior_se,
     js_ptr, ga_ptr, gt_ptr, stats_ptr,
-    B, A_SPLITS, T_SPLITS,
-    E: tl.constexpr, PRIORS: tl.constexpr, BLOCK_E: tl.constexpr,
+    B, E, A_SPLITS, T_SPLITS,
+    PRIORS: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """JS_{l,b} and G^a, G^t for one (l, b); invalid pairs get JS = G = 0.
     stats [3, B] = (n^a, n^t, pair validity), written by the l = 0 programs."""
@@ -325,8 +328,8 @@ def pool_routing_bwd(
     table_ptr, x0_ptr, stride_l, stride_n, stride_e, mask_ptr, mask_sb, mask_ss, cu_ptr, cu_stride,
     coef_ptr, coef_sl, coef_sb, coef_se, scale_ptr, scale_sl, scale_sb, layer_coef_ptr, count_ptr, count_stride,
     grad_ptr,
-    L, B, N, S, inv_tau, SPLITS,
-    E: tl.constexpr, HAS_MASK: tl.constexpr, USE_CU: tl.constexpr, SIGMOID: tl.constexpr, TABLE: tl.constexpr,
+    L, B, N, S, E_DIV, inv_tau, SPLITS,
+    E_MULT: tl.constexpr, HAS_MASK: tl.constexpr, USE_CU: tl.constexpr, SIGMOID: tl.constexpr, TABLE: tl.constexpr,
     VEC: tl.constexpr, PAIR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """grad[l, n, :] = c · h ⊙ (G − ⟨s, G⟩) for the rows of one slice, G = coef[l, b, :],
@@ -335,6 +338,7 @@ def pool_routing_bwd(
     l = tl.program_id(0)
     b = tl.program_id(1)
     split = tl.program_id(2)
+    E = E_DIV * E_MULT  # E_MULT = gcd(E, 8): lets the compiler prove vector alignment of rows
     start, lo, hi = _sequence_slice(b, split, cu_ptr, cu_stride, N, S, SPLITS, USE_CU, BLOCK_N)
     cols = tl.arange(0, BLOCK_E)
     col_ok = cols < E
@@ -360,12 +364,11 @@ def pool_routing_bwd(
                  mask=row_ok[:, None] & col_ok[None, :])
 
 
-_POOLED_RUNTIME_ARGS = ["partial_ptr", "count_ptr", "probs_ptr", "total_ptr", "B", "SPLITS"]
+_POOLED_RUNTIME_ARGS = ["partial_ptr", "count_ptr", "probs_ptr", "total_ptr", "B", "E", "SPLITS"]
 
 
 @triton.jit(do_not_specialize=_POOLED_RUNTIME_ARGS, do_not_specialize_on_alignment=_POOLED_RUNTIME_ARGS)
-def pooled_routing_fwd(partial_ptr, count_ptr, probs_ptr, total_ptr, B, SPLITS,
-                       E: tl.constexpr, BLOCK_E: tl.constexpr):
+def pooled_routing_fwd(partial_ptr, count_ptr, probs_ptr, total_ptr, B, E, SPLITS, BLOCK_E: tl.constexpr):
     """P_{l,b} = Σ partials / max(n_b, 1) for ``routing_distribution``; total[b] = n_b."""
     l = tl.program_id(0)
     b = tl.program_id(1)
@@ -445,10 +448,6 @@ _COMPILED = {}
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
-def _constexpr_names(kernel) -> tuple:
-    return tuple(p.name for p in kernel.params if p.is_constexpr)
-
-
 def launch(kernel, grid, args: tuple, meta: dict, device: torch.device):
     """``kernel[grid](*args, **meta)``, through the compiled kernel's launcher once it exists.
 
@@ -463,12 +462,12 @@ def launch(kernel, grid, args: tuple, meta: dict, device: torch.device):
     key = (kernel, device, tuple(meta.items()),
            tuple(a.dtype if isinstance(a, torch.Tensor) else _INT32_MIN <= a <= _INT32_MAX
                  for a in args if type(a) is not float))
-    compiled = _COMPILED.get(key)
-    if compiled is None:
-        with torch.cuda.device(device):
-            _COMPILED[key] = kernel[grid](*args, **meta)
+    hit = _COMPILED.get(key)
+    if hit is None:
+        compiled = kernel[grid](*args, **meta)
+        _COMPILED[key] = (compiled, tuple(meta[p.name] for p in kernel.params if p.is_constexpr))
         return
-    constexprs = tuple(meta[name] for name in _constexpr_names(kernel))
+    compiled, constexprs = hit
     compiled[grid](*args, *constexprs)
 
 
@@ -551,10 +550,11 @@ class SidePlan(NamedTuple):
     """What the pooling launches of one side need beyond the per-call tensors: planned once per shape."""
 
     grid: tuple  # (L, B, splits)
-    sizes: tuple  # (L, B, N, S, 1/τ, splits)
+    sizes: tuple  # (L, B, N, S, E / E_MULT, 1/τ, splits)
     meta: dict  # constexprs and launch options of pool_routing_fwd (bwd adds PAIR)
     mask_strides: tuple  # (stride_b, stride_s), zeros without a mask
     cu_stride: int
+    num_experts: int
 
 
 _PLANS = {}
@@ -574,11 +574,17 @@ def side_plan(logits, mask, cu, score: str, temperature: float, vec: int, device
     if plan is None:
         meta = tile_config(E)
         splits = num_splits(N, B, L, device, meta["BLOCK_N"])
-        meta.update(E=E, HAS_MASK=mask is not None, USE_CU=cu is not None, SIGMOID=score == "sigmoid",
+        e_mult = math.gcd(E, 8)
+        meta.update(E_MULT=e_mult, HAS_MASK=mask is not None, USE_CU=cu is not None, SIGMOID=score == "sigmoid",
                     TABLE=not stacked, VEC=vec)
-        plan = _PLANS[key] = SidePlan((L, B, splits), (L, B, N, S, 1.0 / temperature, splits), meta,
-                                      mask_strides, cu_stride)
+        plan = _PLANS[key] = SidePlan((L, B, splits), (L, B, N, S, E // e_mult, 1.0 / temperature, splits), meta,
+                                      mask_strides, cu_stride, E)
     return plan
+
+
+def clear_plans():
+    """Forget the cached launch plans (after changing ``tile_config`` or ``num_splits``)."""
+    _PLANS.clear()
 
 
 def _segments(plan: SidePlan, mask, cu, device) -> tuple:
@@ -601,7 +607,7 @@ def pool_fwd(logits, mask, cu, score: str, temperature: float, device: torch.dev
     addressing, vec = layer_addressing(logits, device)
     plan = side_plan(logits, mask, cu, score, temperature, vec, device)
     L, B, splits = plan.grid
-    partial = torch.empty((L, B, splits, plan.meta["E"]), dtype=torch.float32, device=device)
+    partial = torch.empty((L, B, splits, plan.num_experts), dtype=torch.float32, device=device)
     count = torch.empty((B, splits), dtype=torch.float32, device=device)
     _check_segments(cu, plan.sizes[2], device)
     args = (*addressing, *_segments(plan, mask, cu, device), partial, count, *plan.sizes)
@@ -616,7 +622,7 @@ def pool_bwd(logits, mask, cu, coef, scale, layer_coef, count, score: str, tempe
     addressing, vec = layer_addressing(logits, device)
     plan = side_plan(logits, mask, cu, score, temperature, vec, device)
     L, B, N = plan.sizes[:3]
-    grad = torch.empty((L, N, plan.meta["E"]), dtype=addressing[1].dtype, device=device)
+    grad = torch.empty((L, N, plan.num_experts), dtype=addressing[1].dtype, device=device)
     pair = scale is not None
     if pair:
         scale = scale.expand(L, B)  # a view: a scalar upstream gradient gets zero strides
@@ -712,8 +718,8 @@ def sara_loss_fwd(
     js, ga, gt, stats = new((L, B)), new((L, B, E)), new((L, B, E)), new((3, B))
     launch(pair_js_fwd, (L, B),
            (a_partial, a_count, t_partial, t_count, priors, *prior_strides, js, ga, gt, stats,
-            B, a_partial.shape[2], t_partial.shape[2]),
-           {"E": E, "PRIORS": anchor_probs is not None, **pair_config(E)}, device)
+            B, E, a_partial.shape[2], t_partial.shape[2]),
+           {"PRIORS": anchor_probs is not None, **pair_config(E)}, device)
     per_layer, layer_coef = new(L), new(L)
     loss = js if reduction == "none" else new(())
     launch(reduce_pair_loss, (1,),
@@ -766,7 +772,7 @@ def routing_distribution_fwd(
     L, B, splits, E = partial.shape
     probs = torch.empty((L, B, E), dtype=torch.float32, device=device)
     total = torch.empty(B, dtype=torch.float32, device=device)
-    launch(pooled_routing_fwd, (L, B), (partial, count, probs, total, B, splits), {"E": E, **pair_config(E)}, device)
+    launch(pooled_routing_fwd, (L, B), (partial, count, probs, total, B, E, splits), pair_config(E), device)
     return probs, total
 
 

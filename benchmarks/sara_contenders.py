@@ -1,0 +1,82 @@
+"""Contenders of bench_sara.py: what the fused Triton op is measured against.
+
+A contender is a name, an input form and a builder returning ``loss(anchor, target, mask,
+priors)``; adding one is one entry in ``CONTENDERS`` (and a skip reason if it cannot always run).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+import sara_kernels
+from sara_kernels._inputs import BACKENDS
+from sara_kernels.ops import routing_js
+
+from sara_cases import Case
+
+
+def loss_function(case: Case, backend: str) -> Callable:
+    """(anchor, target, mask, priors) -> scalar loss through ``sara_kernels.sara_loss``."""
+    detach = case.mode != "both"
+
+    def loss(anchor, target, mask, priors):
+        return sara_kernels.sara_loss(
+            anchor, target, None if priors is not None else mask, mask, anchor_probs=priors,
+            score=case.score, detach_anchor=detach, backend=backend,
+        )
+
+    return loss
+
+
+def _compiled_reference(case: Case, mode: str) -> Callable:
+    torch._dynamo.reset()  # a fresh compile per case and mode: no cache-limit fallback to eager
+    return torch.compile(loss_function(case, "reference"), mode=mode, dynamic=False)
+
+
+@dataclass
+class Contender:
+    name: str  # triton | reference | compile | cuda
+    variant: str  # torch.compile mode, else ""
+    build: Callable[[], Callable]  # returns the loss function; may raise (a bad compile mode)
+    stacked: bool = False  # inputs as one [L, N, E] tensor per side instead of a tuple of L [N, E]
+
+
+# name -> (input form stacked?, builder(case, variant)). torch.compile gets the stacked form: with
+# tuples of 48 tensors its compile did not finish in 100 s on an H200 (54 s stacked).
+CONTENDERS = {
+    "triton": (False, lambda case, variant: loss_function(case, "triton")),
+    "reference": (False, lambda case, variant: loss_function(case, "reference")),
+    "compile": (True, _compiled_reference),
+    "cuda": (False, lambda case, variant: loss_function(case, "cuda")),
+}
+
+
+def skip_reason(name: str, device: torch.device) -> Optional[str]:
+    if name == "cuda":
+        if "cuda" not in BACKENDS:
+            return "sara_kernels has no CUDA backend"
+        if device.type != "cuda":
+            return "needs a CUDA device"
+    if name == "triton" and device.type != "cuda" and not routing_js.INTERPRET:
+        return "needs a CUDA device or TRITON_INTERPRET=1"
+    return None
+
+
+def make_contenders(case: Case, device: torch.device, requested: list) -> tuple:
+    """(runnable contenders, rows for the ones skipped). Contenders are built when measured,
+    so a torch.compile mode that fails is recorded as a failure of that mode only."""
+    runnable, skipped = [], []
+    for name in requested:
+        reason = skip_reason(name, device)
+        if name == "compile" and not case.compile_modes:
+            reason = reason or "not in this sweep's compiled cases"
+        if reason:
+            skipped.append(dict(contender=name, variant="", status="skipped", note=reason))
+            continue
+        stacked, builder = CONTENDERS[name]
+        for variant in (case.compile_modes if name == "compile" else ("",)):
+            runnable.append(Contender(name, variant, lambda b=builder, v=variant: b(case, v), stacked))
+    return runnable, skipped

@@ -1,0 +1,142 @@
+"""Measure the pooling kernels alone for candidate tiles: the evidence behind ``tile_config``.
+
+    python benchmarks/tune_tiles.py --out results/tiles              # GPU
+    TRITON_INTERPRET=1 python benchmarks/tune_tiles.py --device cpu --tiny --out /tmp/t   # logic check
+
+For each real-model router shape (48×128, 58×256 sigmoid, 48×512, 32×8, 16×64; bf16, tuple of
+L [N, E] tensors, 512-token sequences, all valid) and each candidate (num_warps, BLOCK_N), the
+forward kernel (``pool_routing_fwd``, both sides' logits read once) and the backward kernel
+(``pool_routing_bwd``, the target read again and its gradient written) are timed with CUDA
+events, L2-cold (inputs rotated over copies), and reported as a fraction of the copy bandwidth
+measured in the same run. The row marked ``table`` is what ``tile_config`` picks today.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+import triton
+
+from sara_kernels.ops import routing_js
+
+from common import copies_for, copy_bandwidth, device_problem, environment, format_table, l2_cache_bytes, percentile, \
+    time_calls, write_json
+
+SHAPES = [  # (name, layers, experts, score, tokens per side)
+    ("Qwen3-30B-A3B", 48, 128, "softmax", 16384),
+    ("DeepSeek-V3", 58, 256, "sigmoid", 8192),
+    ("Qwen3-Next-80B-A3B", 48, 512, "softmax", 8192),
+    ("Mixtral-8x7B", 32, 8, "softmax", 16384),
+    ("OLMoE-1B-7B", 16, 64, "softmax", 16384),
+]
+ELEMENTS_PER_THREAD = (16, 32, 64)
+WARPS = (4, 8)
+SEQ_LEN = 512
+
+
+def candidates(experts: int) -> list:
+    """(num_warps, BLOCK_N) pairs: a tile of ELEMENTS_PER_THREAD fp32 values per thread."""
+    block_e = routing_js.tile_config(experts)["BLOCK_E"]
+    out = []
+    for warps in WARPS:
+        for per_thread in ELEMENTS_PER_THREAD:
+            block_n = per_thread * 32 * warps // block_e
+            if 1 <= block_n <= 256:
+                out.append((warps, block_n))
+    return sorted(set(out))
+
+
+def measure_shape(name, layers, experts, score, tokens, device, l2_bytes, copy_gbps, reps, tiny) -> list:
+    dtype = torch.bfloat16
+    seqs = max(1, tokens // SEQ_LEN)
+    seq_len = tokens // seqs
+    mask = torch.ones(seqs, seq_len, dtype=torch.int64, device=device)
+    side_bytes = layers * tokens * experts * 2
+    copies = copies_for(2 * side_bytes, l2_bytes)
+    sides = [[torch.randn(tokens, experts, device=device, dtype=dtype) for _ in range(layers)] for _ in range(2 * copies)]
+    coef = torch.randn(layers, seqs, experts, device=device)
+    scale = torch.ones((), device=device)
+    layer_coef = torch.full((layers,), 1e-3, device=device)
+    count = torch.full((seqs,), float(seq_len), device=device)
+    default = routing_js.tile_config(experts)
+    rows = []
+    original = routing_js.tile_config
+    for warps, block_n in candidates(experts):
+        routing_js.tile_config = lambda e, w=warps, n=block_n: dict(original(e), num_warps=w, BLOCK_N=n)
+        routing_js.clear_plans()
+        try:
+            def fwd(i, _):
+                routing_js.pool_fwd(sides[2 * i], mask, None, score, 1.0, device)
+                routing_js.pool_fwd(sides[2 * i + 1], mask, None, score, 1.0, device)
+
+            def bwd(i, _):
+                routing_js.pool_bwd(sides[2 * i + 1], mask, None, coef, scale, layer_coef, count, score, 1.0, device)
+
+            start = time.perf_counter()
+            fwd(0, None), bwd(0, None)
+            compile_s = time.perf_counter() - start
+            t_fwd = time_calls(device, fwd, copies=copies, reps=reps, warmup=2)
+            t_bwd = time_calls(device, bwd, copies=copies, reps=reps, warmup=2)
+        finally:
+            routing_js.tile_config = original
+            routing_js.clear_plans()
+        row = dict(model=name, layers=layers, experts=experts, score=score, tokens=tokens, warps=warps, block_n=block_n,
+                   table=(warps, block_n) == (default["num_warps"], default["BLOCK_N"]), compile_s=round(compile_s, 2))
+        for pass_name, times, nbytes in (("fwd", t_fwd, 2 * side_bytes), ("bwd", t_bwd, 2 * side_bytes)):
+            ms = percentile(times, 50)
+            row[f"{pass_name}_ms"] = round(ms, 4)
+            row[f"{pass_name}_bw"] = round(nbytes / (ms * 1e-3) / 1e9 / copy_gbps, 3)
+        rows.append(row)
+        print(f"  warps={warps} BLOCK_N={block_n}: fwd {row['fwd_ms']} ms ({row['fwd_bw']:.2f}), "
+              f"bwd {row['bwd_ms']} ms ({row['bwd_bw']:.2f}){'  <- table' if row['table'] else ''}", flush=True)
+    return rows
+
+
+COLUMNS = [("model", "model"), ("E", "experts"), ("warps", "warps"), ("BLOCK_N", "block_n"), ("table", "table"),
+           ("fwd ms", "fwd_ms"), ("fwd bw", "fwd_bw"), ("bwd ms", "bwd_ms"), ("bwd bw", "bwd_bw")]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU logic check")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--time-budget", type=float, default=150.0, help="seconds; shapes not started by then are skipped")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    problem = device_problem(device, args.tiny, " (TRITON_INTERPRET=1)")
+    if problem:
+        print(problem)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    l2_bytes = l2_cache_bytes(device)
+    bandwidth = copy_bandwidth(device, l2_bytes)
+    env = environment(device)
+    print(f"{env['card']}: copy bandwidth {bandwidth['gbps']:.0f} GB/s, triton {triton.__version__}")
+    shapes = [(n, min(l, 2), e, s, 64) for n, l, e, s, _ in SHAPES[:2]] if args.tiny else SHAPES
+    rows, skipped, start = [], [], time.perf_counter()
+    for shape in shapes:
+        if time.perf_counter() - start > args.time_budget:
+            skipped.append(shape[0])
+            continue
+        print(f"{shape[0]}: L={shape[1]} E={shape[2]} {shape[3]} N={shape[4]}/side", flush=True)
+        rows += measure_shape(*shape, device, l2_bytes, bandwidth["gbps"], 2 if args.tiny else args.reps, args.tiny)
+        write_json(os.path.join(args.out, "tiles.json"), dict(environment=env, copy_bandwidth=bandwidth, rows=rows,
+                                                              skipped=skipped))
+    table = format_table(rows, COLUMNS)
+    with open(os.path.join(args.out, "tiles.md"), "w") as f:
+        f.write(f"# Pooling kernels per tile: {env['card']}, triton {triton.__version__}, {env['date']}\n\n"
+                f"Copy bandwidth {bandwidth['gbps']:.0f} GB/s; bf16 logits, L2-cold, median of {args.reps}; "
+                f"bw = minimum traffic / time / copy bandwidth.\n\n```\n{table}\n```\n"
+                + (f"\nSkipped for the time budget: {', '.join(skipped)}\n" if skipped else ""))
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
