@@ -408,15 +408,17 @@ MAX_SEQS = 65535  # B is the second grid axis, which CUDA limits to 65535
 def tile_config(num_experts: int) -> dict:
     """BLOCK_N, BLOCK_E and num_warps of the pooling kernels: the one table that sizes every tile.
 
-    A tile of BLOCK_N rows × BLOCK_E experts holds 4096 fp32 values with 4 warps (8192 with 8),
-    i.e. 32 per thread: enough independent 16-byte loads in flight to stream at copy bandwidth,
-    and with the forward's accumulator of the same size still far from spilling. FP fusion is
-    named explicitly so every Triton version compiles the same arithmetic (3.9 warns when it is
-    left to its default).
+    Up to 64 experts: 4 warps and a 4096-value tile (32 fp32 values per thread), enough
+    independent loads in flight. From 128 experts: 8 warps and 16 values per thread (a
+    4096-value tile), which benchmarks/tune_tiles.py measured as the fastest candidate or within
+    2 % of it for both pooling kernels at E = 128, 256 and 512 on an H200 (results in
+    benchmarks/results/2026-11-27-H200-tiles/); the forward's register accumulator then also
+    stays small. FP fusion is named explicitly so every Triton version compiles the same
+    arithmetic (3.9 warns when it is left to its default).
     """
     block_e = max(16, triton.next_power_of_2(num_experts))  # ≥ 16: fewer variants to compile, no tiny layouts
-    num_warps = 8 if block_e >= 256 else 4
-    block_n = max(1, min(256, (1024 * num_warps) // block_e))
+    num_warps = 8 if block_e >= 128 else 4
+    block_n = max(1, min(256, 4096 // block_e))
     return dict(BLOCK_N=block_n, BLOCK_E=block_e, num_warps=num_warps, enable_fp_fusion=True)
 
 
@@ -468,7 +470,7 @@ def launch(kernel, grid, args: tuple, meta: dict, device: torch.device):
         _COMPILED[key] = (compiled, tuple(meta[p.name] for p in kernel.params if p.is_constexpr))
         return
     compiled, constexprs = hit
-    compiled[grid](*args, *constexprs)
+    compiled[(*grid, 1, 1)[:3]](*args, *constexprs)  # the compiled launcher reads all three grid axes
 
 
 _PLACEHOLDERS = {}
