@@ -812,26 +812,31 @@ class SARALossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, options, anchor_probs, layer_weights, a_mask, a_cu, t_mask, t_cu, *logits):
-        num_anchor, _, _, score, temperature, _, reduction = options
+        num_anchor, _, _, score, temperature, detach_anchor, reduction = options
         anchor, target = list(logits[:num_anchor]), list(logits[num_anchor:])
         loss, per_layer, ga, gt, stats, layer_coef = sara_loss_fwd(
             anchor, target, a_mask, a_cu, t_mask, t_cu, anchor_probs, layer_weights, score, temperature, reduction,
         )
         ctx.options = options
-        # The logits are saved (not only referenced) so that autograd's version check catches an
-        # in-place change before the backward recomputes the scores from them.
-        ctx.save_for_backward(ga, gt, stats, layer_coef, a_mask, a_cu, t_mask, t_cu, *logits)
+        # The logits the backward reads are saved (not only referenced) so that autograd's version
+        # check catches an in-place change before the backward recomputes the scores from them.
+        # A detached anchor is never read again: saving it would only cost time per layer.
+        read_back = logits if not detach_anchor else target
+        ctx.save_for_backward(ga, gt, stats, layer_coef, a_mask, a_cu, t_mask, t_cu, *read_back)
         ctx.mark_non_differentiable(per_layer)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for per_layer: one kernel less per step
         return loss, per_layer
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_per_layer):
         _no_double_backward()
         num_anchor, anchor_stacked, target_stacked, score, temperature, detach_anchor, _ = ctx.options
+        if grad_loss is None:  # only the non-differentiable per_layer was used
+            return (None,) * len(ctx.needs_input_grad)
         ga, gt, stats, layer_coef, a_mask, a_cu, t_mask, t_cu, *logits = ctx.saved_tensors
-        anchor, target = logits[:num_anchor], logits[num_anchor:]
-        flags = ctx.needs_input_grad[7:]
-        anchor_grad = num_anchor > 0 and not detach_anchor and any(flags[:num_anchor])
+        saved_anchor = 0 if detach_anchor else num_anchor
+        anchor, target = logits[:saved_anchor], logits[saved_anchor:]
+        anchor_grad = saved_anchor > 0 and any(ctx.needs_input_grad[7 : 7 + num_anchor])
         grad_a, grad_t = sara_loss_bwd(
             grad_loss, anchor, target, a_mask, a_cu, t_mask, t_cu, ga, gt, stats, layer_coef, score, temperature,
             anchor_grad,
