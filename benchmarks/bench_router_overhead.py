@@ -34,11 +34,12 @@ import torch.nn.functional as F
 import sara_kernels
 from sara_kernels.ops import routing_js
 
+from sara_kernels.programs.table import format_table
+
 from common import (
     copies_for,
     device_problem,
     environment,
-    format_table,
     l2_cache_bytes,
     median,
     peak_extra_bytes,

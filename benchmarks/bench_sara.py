@@ -39,7 +39,9 @@ import time
 
 import torch
 
-from common import L2Flusher, copy_bandwidth, device_problem, environment, format_table, l2_cache_bytes
+from sara_kernels.programs.table import format_table
+
+from common import L2Flusher, copy_bandwidth, device_problem, environment, l2_cache_bytes
 from sara_cases import MODEL_BY_NAME, MODES, TARGET_SHAPE, TARGETS, TINY_SEQ_LEN, TOKENS, DTYPES, full_sweep, quick_sweep, tiny_version
 from sara_contenders import CONTENDERS
 from sara_measure import measure_case, progress_line

@@ -229,13 +229,3 @@ def write_csv(path, rows: list, columns: list):
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
-
-
-def format_table(rows: list, columns: list) -> str:
-    """Fixed-width text table of ``columns`` (header, key) pairs."""
-    header = [h for h, _ in columns]
-    body = [["-" if r.get(k) is None else str(r.get(k)) for _, k in columns] for r in rows]
-    widths = [max(len(x) for x in col) for col in zip(header, *body)]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in [header] + body]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)

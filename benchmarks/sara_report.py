@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
-from common import format_table, write_csv, write_json
+from sara_kernels.programs.table import format_table
+
+from common import write_csv, write_json
 from sara_cases import MODES, TARGETS
 from sara_contenders import CONTENDERS
 from sara_measure import KERNEL_PASSES, PASSES, significant

@@ -23,8 +23,10 @@ import triton
 
 from sara_kernels.ops import routing_js
 
-from common import copies_for, copy_bandwidth, device_problem, environment, format_table, l2_cache_bytes, percentile, \
-    time_calls, write_json
+from sara_kernels.programs.table import format_table
+
+from common import copies_for, copy_bandwidth, device_problem, environment, l2_cache_bytes, percentile, time_calls, \
+    write_json
 
 SHAPES = [  # (name, layers, experts, score, tokens per side)
     ("Qwen3-30B-A3B", 48, 128, "softmax", 16384),

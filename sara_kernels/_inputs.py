@@ -240,8 +240,10 @@ def check_options(temperature, score: str, reduction: Optional[str], backend: st
 
 
 # Pinned sources of copies recorded into a CUDA graph: every replay reads them again, so they
-# must outlive the capture (a few bytes per captured call).
-_GRAPH_COPY_SOURCES = []
+# must outlive the capture. Keyed by content: capturing the same small table again (a graph
+# rebuilt every few steps, or the same step captured for several shapes of batch) reuses the
+# buffer instead of adding one per capture, so the set grows only with distinct contents.
+_GRAPH_COPY_SOURCES = {}
 
 
 def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -250,9 +252,13 @@ def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     a CUDA graph is being captured)."""
     if device.type != "cuda" or torch.compiler.is_compiling():
         return host.to(device)
-    pinned = host.pin_memory()
     if torch.cuda.is_current_stream_capturing():
-        _GRAPH_COPY_SOURCES.append(pinned)
+        key = (host.dtype, tuple(host.shape), host.numpy().tobytes())
+        pinned = _GRAPH_COPY_SOURCES.get(key)
+        if pinned is None:
+            pinned = _GRAPH_COPY_SOURCES[key] = host.pin_memory()
+    else:
+        pinned = host.pin_memory()
     return pinned.to(device, non_blocking=True)
 
 

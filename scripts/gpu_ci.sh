@@ -72,7 +72,7 @@ if ! awk -F'\t' '$1 == "install" && $2 == "PASS" {ok = 1} END {exit !ok}' "$STAG
 fi
 
 run_stage selftest "$(stage_limit 90 300)" "$LAST_LINE_NOTE" \
-    "$PY" -m sara_kernels.selftest
+    "$PY" -m sara_kernels selftest
 
 # -v: one line per test as it finishes, so a stage cut by its time limit still says which ran and how.
 run_stage gpu_tests "$(stage_limit 150 200)" "$PYTEST_NOTE" \

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from sara_kernels import reference
-from sara_kernels.hf.data import build_word_tokenizer, make_parallel_corpus
+from sara_kernels.programs.corpus import build_word_tokenizer, make_parallel_corpus
 
 TOKENIZER = build_word_tokenizer()
 

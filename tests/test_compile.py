@@ -13,7 +13,9 @@ import torch
 import sara_kernels
 from sara_kernels.ops import routing_js
 
-from helpers import DEVICE, LOSS_TOL, assert_grads_close, ragged_mask
+from sara_kernels.testing import LOSS_TOL, assert_grads_close
+
+from helpers import DEVICE, ragged_mask
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 

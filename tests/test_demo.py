@@ -18,8 +18,9 @@ pytest.importorskip("matplotlib")
 
 from hf_train_helpers import one_thread, TOKENIZER, tiny_moe  # noqa: E402
 
-from sara_kernels.__main__ import main  # noqa: E402
 from sara_kernels.hf import data as D  # noqa: E402
+from sara_kernels.programs import corpus as C  # noqa: E402
+from sara_kernels.programs.cli import main  # noqa: E402
 
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
@@ -32,24 +33,24 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def test_pseudo_language_grammar_by_hand():
-    lex = D.pseudo_lexicon()
-    got = D.translate("the big dog finds the red ball near the river today")
+    lex = C.pseudo_lexicon()
+    got = C.translate("the big dog finds the red ball near the river today")
     expected = [lex["river"], lex["near"], lex["dog"], lex["big"], lex["ball"], lex["red"], "ko", lex["today"], lex["finds"]]
     assert got.split() == expected
-    assert D.translate("the cat sees the key").split() == [lex["cat"], lex["key"], "ko", lex["sees"]]
+    assert C.translate("the cat sees the key").split() == [lex["cat"], lex["key"], "ko", lex["sees"]]
     for bad in ("a dog barks", "the big dog finds the", "the dog", "the zebra sees the cat"):
         with pytest.raises(ValueError, match="not a generated sentence"):
-            D.translate(bad)
+            C.translate(bad)
 
 
 def test_pseudo_lexicon_is_a_fixed_bijection_disjoint_from_english():
-    lex = D.pseudo_lexicon()
-    assert set(lex) == set(D.ENGLISH_WORDS) - {"the"}
+    lex = C.pseudo_lexicon()
+    assert set(lex) == set(C.ENGLISH_WORDS) - {"the"}
     assert len(set(lex.values())) == len(lex)
-    assert not set(lex.values()) & (set(D.ENGLISH_WORDS) | {D.OBJECT_MARKER})
-    assert lex == D.pseudo_lexicon()  # hash-based, not seeded by process state
-    corpus = D.make_parallel_corpus(50, seed=1)
-    assert corpus == D.make_parallel_corpus(50, seed=1) and corpus != D.make_parallel_corpus(50, seed=2)
+    assert not set(lex.values()) & (set(C.ENGLISH_WORDS) | {C.OBJECT_MARKER})
+    assert lex == C.pseudo_lexicon()  # hash-based, not seeded by process state
+    corpus = C.make_parallel_corpus(50, seed=1)
+    assert corpus == C.make_parallel_corpus(50, seed=1) and corpus != C.make_parallel_corpus(50, seed=2)
     for pair in corpus:
         content = [w for w in pair["anchor"].split() if w != "the"]
         assert sorted(lex[w] for w in content) == sorted(w for w in pair["target"].split() if w != "ko")
@@ -102,7 +103,7 @@ def saved_model(tmp_path_factory):
 
 def test_analyze_cli_matches_independent_computation(saved_model, tmp_path, capsys):
     folder, model = saved_model
-    pairs = D.make_parallel_corpus(6, seed=4)
+    pairs = C.make_parallel_corpus(6, seed=4)
     pairs[0]["lang"] = "other"
     data = tmp_path / "pairs.jsonl"
     D.save_pairs(pairs, data)
@@ -132,7 +133,7 @@ def test_analyze_bad_inputs(saved_model, tmp_path):
     data.write_text('{"anchor": "the dog sees the cat", "translation": "x"}\n')
     with pytest.raises(ValueError, match=r"pairs.jsonl:1: missing key\(s\) \['target'\]"):
         main(["analyze", "--model", folder, "--data", str(data), "--out", str(tmp_path / "o"), "--no-progress"])
-    D.save_pairs(D.make_parallel_corpus(2), data)
+    D.save_pairs(C.make_parallel_corpus(2), data)
     with pytest.raises(FileNotFoundError, match="--model"):
         main(["analyze", "--model", str(tmp_path / "nope"), "--data", str(data), "--no-progress"])
 
@@ -174,16 +175,16 @@ def test_demo_cli_quick_end_to_end(tmp_path):
 
 
 def test_demo_with_model_and_data_paths(saved_model, tmp_path):
-    from sara_kernels.demo import DemoConfig, format_table, run_demo
+    from sara_kernels.programs.demo import DemoConfig, run_demo, summary_table
 
     folder, _ = saved_model
     data = tmp_path / "pairs.jsonl"
-    D.save_pairs(D.make_parallel_corpus(24, seed=5), data)
+    D.save_pairs(C.make_parallel_corpus(24, seed=5), data)
     summary = run_demo(DemoConfig(out_dir=str(tmp_path / "o"), model_path=folder, data_path=str(data), steps=2,
                                   batch_size=4, progress=False))
     assert summary["sizes"] == {"train_pairs": 22, "eval_pairs": 2, "steps": 2, "batch_size": 4}
     assert summary["results"]["init"]["routing"]["layers"] == [1, 2]
-    table = format_table(summary)
+    table = summary_table(summary)
     assert table.splitlines()[1].split()[:4] == ["layer", "init", "baseline", "sara"]
     with pytest.raises(ValueError, match="sara_weight"):
         run_demo(DemoConfig(out_dir=str(tmp_path / "o"), sara_weight=0.0))
@@ -196,7 +197,7 @@ def test_demo_uses_one_device_when_several_gpus_are_visible(monkeypatch, tmp_pat
     SARATrainer rejects the resulting DataParallel. No GPU is used here: CUDA is reported absent
     and only the device count is faked, which is all ``TrainingArguments`` reads for ``n_gpu``.
     """
-    from sara_kernels.demo import DemoConfig, run_demo, training_args
+    from sara_kernels.programs.demo import DemoConfig, run_demo, training_args
     from sara_kernels.hf import SARATrainer, SARATrainingArguments
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -204,7 +205,7 @@ def test_demo_uses_one_device_when_several_gpus_are_visible(monkeypatch, tmp_pat
     plain = SARATrainingArguments(output_dir=str(tmp_path / "plain"), report_to="none")
     assert plain.n_gpu == 4  # the simulated machine: what the demo got before pinning n_gpu
     with pytest.raises(ValueError, match=r"DataParallel \(4 GPUs in one process\)"):
-        SARATrainer(model=tiny_moe(), args=plain, train_dataset=D.make_parallel_corpus(8), processing_class=TOKENIZER)
+        SARATrainer(model=tiny_moe(), args=plain, train_dataset=C.make_parallel_corpus(8), processing_class=TOKENIZER)
 
     cfg = DemoConfig(out_dir=str(tmp_path / "demo"), quick=True, steps=1, batch_size=4, progress=False).resolved()
     args = training_args("sara", cfg, 1.0)

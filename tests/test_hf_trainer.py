@@ -4,7 +4,6 @@ world size, logging, and bad inputs. Everything runs on CPU with a tiny random Q
 from __future__ import annotations
 
 import copy
-import json
 import os
 import socket
 import subprocess
@@ -28,7 +27,7 @@ from hf_train_helpers import (  # noqa: E402
     train_delta,
 )
 
-from sara_kernels.hf import SARACollator, SARATrainer, SARATrainingArguments  # noqa: E402
+from sara_kernels.hf import SARACollator, SARATrainer  # noqa: E402
 
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)

@@ -1,4 +1,5 @@
-"""The reference itself: gradcheck in float64 and agreement with an independent JS computation."""
+"""The reference itself: gradcheck in float64 and agreement with the independent NumPy oracle
+(:func:`sara_kernels.testing.numpy_pair_js`)."""
 
 from __future__ import annotations
 
@@ -8,31 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sara_kernels import reference
-
-
-def numpy_js(p, q):
-    """JS = H(M) − ½H(P) − ½H(Q): an entropy formulation independent of the reference's KL code."""
-
-    def entropy(x):
-        x = x[x > 0]
-        return -float(np.sum(x * np.log(x)))
-
-    m = 0.5 * (p + q)
-    return entropy(m) - 0.5 * entropy(p) - 0.5 * entropy(q)
-
-
-def numpy_pooled(logits, mask, score, temperature):
-    """Per-sequence mean of the scores, token by token in NumPy float64."""
-    B, S = mask.shape
-    z = logits.reshape(B, S, -1) / temperature
-    if score == "softmax":
-        e = np.exp(z - z.max(-1, keepdims=True))
-        s = e / e.sum(-1, keepdims=True)
-    else:
-        sig = 1 / (1 + np.exp(-z))
-        s = sig / sig.sum(-1, keepdims=True)
-    return np.stack([s[b][mask[b] != 0].mean(0) if mask[b].any() else np.zeros(z.shape[-1]) for b in range(B)])
+from sara_kernels import reference, testing
 
 
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
@@ -48,12 +25,11 @@ def test_reference_matches_independent_numpy_computation(score, reduction):
     mask_t[1:, 0] = 1
     mask_a[1:, 0] = 1
     weights = [0.2, 1.0, 3.0]
-    js = np.array([
-        [numpy_js(pa, pt) for pa, pt in zip(numpy_pooled(a, mask_a, score, 0.8), numpy_pooled(t, mask_t, score, 0.8))]
-        for a, t in zip(anchor, target)
-    ])
+    member_a = testing.membership(B * S, mask=torch.from_numpy(mask_a)).numpy()
+    member_t = testing.membership(B * S, mask=torch.from_numpy(mask_t)).numpy()
+    js, _, _ = testing.numpy_pair_js(np.stack(anchor), np.stack(target), member_a, member_t, None, np.ones((L, B)),
+                                     score, 0.8, anchor_grads=False)
     valid = mask_a.any(1) & mask_t.any(1)
-    js[:, ~valid] = 0
     if reduction == "mean":
         expected = float(np.sum(np.array(weights) * js.sum(1) / valid.sum()) / np.sum(weights))
     else:

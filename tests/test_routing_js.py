@@ -16,17 +16,9 @@ import sara_kernels
 from sara_kernels import reference
 from sara_kernels.ops import routing_js
 
-from helpers import (
-    DEVICE,
-    LOSS_TOL,
-    PROBS_TOL,
-    as_float64_leaves,
-    as_leaves,
-    assert_grads_close,
-    packed_cu_seqlens,
-    ragged_mask,
-    random_logits,
-)
+from sara_kernels.testing import LOSS_TOL, PROBS_TOL, assert_grads_close
+
+from helpers import DEVICE, as_float64_leaves, as_leaves, packed_cu_seqlens, ragged_mask, random_logits
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy on padded −inf rows
 

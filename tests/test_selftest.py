@@ -1,4 +1,4 @@
-"""``python -m sara_kernels.selftest`` in-process on the CPU, at its tiny shapes.
+"""``python -m sara_kernels selftest`` in-process on the CPU, at its tiny shapes.
 
 Without a GPU, tests/conftest.py sets TRITON_INTERPRET=1, so the kernel checks run under the
 Triton interpreter; the module must also give a clear verdict when the kernels cannot run.
@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sara_kernels import reference, selftest
+from sara_kernels import reference
+from sara_kernels.programs import selftest
 from sara_kernels.ops import routing_js
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy on padded −inf rows
@@ -38,7 +39,7 @@ def test_grid_covers_every_option():
 
 def test_checks_pass_on_the_cpu():
     results = selftest.run_checks("cpu", quick=True, log=lambda *_: None)
-    assert results and all(r.passed for r in results), selftest.format_table(results)
+    assert results and all(r.passed for r in results), selftest.results_table(results)
     kernel_checks = [r for r in results if r.check != "reference vs NumPy"]
     if routing_js.INTERPRET:
         assert kernel_checks and all(r.deterministic for r in kernel_checks)

@@ -1,33 +1,42 @@
-"""Hugging Face transformers integration of SARA.
+"""Hugging Face transformers integration of SARA. One job per module; imports run down this list:
 
-* :mod:`.capture`: router-logit capture from MoE models' router modules
-  (:func:`capture_router_logits`, :func:`install_router_hooks`, :func:`find_routers`, ...).
-* :mod:`.data`: parallel pairs (:func:`load_pairs`, :class:`PairDataset`, validation) and the
-  built-in pseudo-language corpus and word tokenizer used by the demo and tests.
+* :mod:`.capture`: finding the router modules and choosing layers; router-logit capture
+  (:func:`capture_router_logits`, :func:`install_router_hooks`, :func:`find_routers`,
+  :func:`select_layers`, :func:`resolve_layers_spec`, ...).
+* :mod:`.data`: parallel pairs (:func:`load_pairs`, :class:`PairDataset`, validation).
+* :mod:`.collate`: pairs to batches (:class:`SARACollator`) and right padding.
+* :mod:`.routing`: running a model for its routing (pooled distributions of many texts).
 * :mod:`.priors`: cached anchor routing priors (:func:`extract_routing_priors`,
   :func:`load_routing_priors`, :class:`RoutingPriors`).
 * :mod:`.trainer`: ``transformers.Trainer`` integration (:class:`SARATrainer`,
-  :class:`SARATrainingArguments`, :class:`SARACollator`), imported on first use.
+  :class:`SARATrainingArguments`), imported on first use so that ``import sara_kernels.hf``
+  does not pull in ``transformers.Trainer`` and accelerate.
 """
 
 from .capture import (
+    SIGMOID_ROUTER_FAMILIES,
     CapturedRouterLogits,
     RouterHooks,
     RouterInfo,
-    SIGMOID_ROUTER_FAMILIES,
     capture_router_logits,
     default_score,
     find_routers,
     install_router_hooks,
+    resolve_layers_spec,
     select_layers,
 )
-
-# SARA training: pairs, cached priors (eager, light) and the Trainer integration (imported on
-# first use, so that `import sara_kernels.hf` does not pull in transformers.Trainer/accelerate).
-from .data import PairDataset, build_word_tokenizer, load_pairs, make_parallel_corpus, validate_pair
+from .collate import SARACollator
+from .data import PairDataset, load_pairs, save_pairs, validate_pair
 from .priors import RoutingPriors, extract_routing_priors, load_routing_priors
 
-_TRAINER_EXPORTS = ("SARATrainer", "SARATrainingArguments", "SARACollator")
+_TRAINER_EXPORTS = ("SARATrainer", "SARATrainingArguments")
+
+__all__ = [
+    "SIGMOID_ROUTER_FAMILIES", "CapturedRouterLogits", "RouterHooks", "RouterInfo", "capture_router_logits",
+    "default_score", "find_routers", "install_router_hooks", "resolve_layers_spec", "select_layers",
+    "SARACollator", "PairDataset", "load_pairs", "save_pairs", "validate_pair",
+    "RoutingPriors", "extract_routing_priors", "load_routing_priors", *_TRAINER_EXPORTS,
+]
 
 
 def __getattr__(name):

@@ -2,7 +2,7 @@
 
 SARA needs, for every MoE layer it aligns, the raw router logits [N, E] of one forward pass
 *with their autograd history*. transformers (>= 5) can return them as ``outputs.router_logits``,
-but that path is fragile exactly where training happens (see docs/moe-families.md):
+but that path is fragile exactly where training happens:
 
 * it is keyed on the model's class *name*, so FSDP2 (``fully_shard`` renames the class to
   ``FSDP<Name>``) silently returns ``None``;
@@ -34,7 +34,8 @@ Training-time behaviour (each decision below is tested in ``tests/test_hf_captur
   captures one forward, so the anchor and target passes use one block each.
 
 The hooks never modify outputs, never touch model classes, and are removed when the block
-exits, also on an exception.
+exits, also on an exception. Layer selection lives here too (:func:`select_layers`,
+:func:`resolve_layers_spec`): which MoE layers a capture keeps is decided in one place.
 """
 
 from __future__ import annotations
@@ -684,3 +685,25 @@ class capture_router_logits:
         if hooks is not self._persistent:
             hooks.remove()
         return None
+
+
+def resolve_layers_spec(layers, arg: str = "layers"):
+    """Normalise a layer selection: ``"all"``, ``"middle"``, or a sequence of decoder indices.
+
+    Strings of comma-separated integers ("3,4,5", as given on a command line) become a list.
+    """
+    if isinstance(layers, str):
+        if layers in ("all", "middle"):
+            return layers
+        try:
+            out = [int(x) for x in layers.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(
+                f"{arg}: expected 'all', 'middle' or comma-separated decoder-layer indices, got {layers!r}"
+            ) from None
+        if not out:
+            raise ValueError(f"{arg}: no layer index in {layers!r}")
+        return out
+    if isinstance(layers, (list, tuple)) and layers and all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        return list(layers)
+    raise ValueError(f"{arg}: expected 'all', 'middle' or a non-empty list of decoder-layer indices, got {layers!r}")

@@ -20,7 +20,6 @@ is fixed by the tokenizer: extract with the tokenizer you train with.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -28,158 +27,15 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from ..api import routing_distribution
+from .capture import resolve_layers_spec
 from .data import anchors_fingerprint, validate_pair
+from .routing import pooled_routing, probe_routing
 
 FORMAT = "sara-routing-priors"
 VERSION = "1"
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers shared with the trainer and `analyze`
-# --------------------------------------------------------------------------------------------
-
-
-def model_device(model) -> torch.device:
-    """Device of the model's first parameter (where inputs must go)."""
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-def forward_kwargs(model, *, lm_head: bool) -> dict:
-    """Extra keyword arguments for a forward whose only purpose is the router logits.
-
-    ``use_cache=False`` avoids building a KV cache; ``logits_to_keep=1`` (when ``lm_head`` is
-    False and the model supports it) skips the vocabulary projection of every position but
-    one, which for large vocabularies is a big part of a short forward.
-    """
-    params = inspect.signature(model.forward).parameters
-    has_var_kw = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kwargs = {}
-    if "use_cache" in params or has_var_kw:
-        kwargs["use_cache"] = False
-    if not lm_head and "logits_to_keep" in params:
-        kwargs["logits_to_keep"] = 1
-    return kwargs
-
-
-def resolve_layers_spec(layers, arg: str = "layers"):
-    """Normalise a layer selection: ``"all"``, ``"middle"``, or a sequence of decoder indices.
-
-    Strings of comma-separated integers ("3,4,5", as given on a command line) become a list.
-    """
-    if isinstance(layers, str):
-        if layers in ("all", "middle"):
-            return layers
-        try:
-            out = [int(x) for x in layers.split(",") if x.strip()]
-        except ValueError:
-            raise ValueError(
-                f"{arg}: expected 'all', 'middle' or comma-separated decoder-layer indices, got {layers!r}"
-            ) from None
-        if not out:
-            raise ValueError(f"{arg}: no layer index in {layers!r}")
-        return out
-    if isinstance(layers, (list, tuple)) and layers and all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-        return list(layers)
-    raise ValueError(f"{arg}: expected 'all', 'middle' or a non-empty list of decoder-layer indices, got {layers!r}")
-
-
-def probe_routing(model, layers="all", score=None):
-    """(decoder-layer indices, E, score) that capturing ``layers`` yields on ``model``.
-
-    Found with a 2-token forward rather than read from the config, so it agrees with what
-    training captures for every family ``capture_router_logits`` supports. A non-MoE model
-    fails here with the capture's ValueError.
-    """
-    from .capture import capture_router_logits
-
-    ids = torch.zeros(1, 2, dtype=torch.long, device=model_device(model))
-    with torch.no_grad(), capture_router_logits(model, layers=resolve_layers_spec(layers), score=score) as cap:
-        model(input_ids=ids, **forward_kwargs(model, lm_head=False))
-    return tuple(int(i) for i in cap.layers), int(cap.logits[0].shape[-1]), cap.score
-
-
-def pad_right(sequences: Sequence[Sequence[int]], pad_id: int, multiple_of: Optional[int] = None):
-    """(input_ids [B, S] long, attention_mask [B, S] long), padded on the right.
-
-    Always right padding, whatever ``tokenizer.padding_side`` says: valid tokens then keep the
-    positions they would have unpadded, so a sequence's routing (and hence its pooled
-    distribution) does not depend on what it was batched with — which is what makes cached
-    priors equal to live anchors.
-    """
-    length = max(len(s) for s in sequences)
-    if multiple_of:
-        length = int(math.ceil(length / multiple_of) * multiple_of)
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
-def pad_token_id(tokenizer) -> int:
-    """Token used for padding (its value never matters: padded positions are masked out)."""
-    for attr in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if value is not None:
-            return int(value)
-    return 0
-
-
-def pooled_routing(
-    model,
-    tokenizer,
-    sides: Sequence,
-    *,
-    layers="all",
-    score=None,
-    temperature: float = 1.0,
-    batch_size: int = 8,
-    max_length: Optional[int] = None,
-    backend: str = "auto",
-    progress: bool = True,
-    desc: str = "routing",
-):
-    """Pooled routing distribution of each text (or chat) in ``sides``: ([N, L, E] float32 on CPU, layers, score).
-
-    No grad, model in eval mode for the duration (its mode is restored), batches of
-    ``batch_size`` right-padded sequences, tokenised exactly as the training collator does.
-    """
-    from tqdm.auto import tqdm
-
-    from .capture import capture_router_logits
-    from .trainer import SARACollator
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    encoder = SARACollator(tokenizer, max_length=max_length)
-    device = model_device(model)
-    pad = pad_token_id(tokenizer)
-    kwargs = forward_kwargs(model, lm_head=False)
-    layer_spec = resolve_layers_spec(layers)
-    was_training = model.training
-    model.eval()
-    chunks, found_layers, found_score = [], None, None
-    try:
-        with torch.no_grad():
-            for start in tqdm(range(0, len(sides), batch_size), desc=desc, disable=not progress, leave=False):
-                batch = sides[start : start + batch_size]
-                encoded = [encoder.encode(side, f"{desc}[{start + j}]") for j, side in enumerate(batch)]
-                ids, mask = pad_right(encoded, pad)
-                ids, mask = ids.to(device), mask.to(device)
-                with capture_router_logits(model, layers=layer_spec, score=score) as cap:
-                    model(input_ids=ids, attention_mask=mask, **kwargs)
-                probs = routing_distribution(cap.logits, mask, score=cap.score, temperature=temperature, backend=backend)
-                chunks.append(probs.float().permute(1, 0, 2).cpu())
-                found_layers, found_score = tuple(int(i) for i in cap.layers), cap.score
-    finally:
-        model.train(was_training)
-    return torch.cat(chunks), found_layers, found_score
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,8 +132,6 @@ def extract_routing_priors(
     is recorded in the file and must equal the trainer's ``sara_max_length`` (SARATrainer refuses
     priors extracted at another one), so that cached anchors are truncated as live ones would be.
     """
-    from safetensors.torch import save_file
-
     # Checked before the first forward, not left to routing_distribution, so bad input costs no model call.
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
         temperature > 0 and math.isfinite(temperature)
@@ -337,8 +191,6 @@ def load_routing_priors(
       training will use; each must be in the file.
     * ``score``: the score training will use; must equal the file's.
     """
-    from safetensors import safe_open
-
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"routing priors file not found: {path}")

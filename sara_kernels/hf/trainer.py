@@ -1,4 +1,5 @@
-"""``transformers.Trainer`` integration: parallel-pair collator, SARA options, ``SARATrainer``.
+"""``transformers.Trainer`` integration: SARA options and ``SARATrainer`` (batches come from
+:class:`~sara_kernels.hf.collate.SARACollator`).
 
 Loss per micro-batch (what the gradients see, summed over an optimiser step):
 
@@ -32,99 +33,18 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Optional
 
 import torch
 from transformers import Trainer, TrainingArguments
 
 from .._inputs import BACKENDS, SCORES
 from ..api import sara_loss
-from .data import PairDataset, anchors_fingerprint, validate_pair
-from .priors import (
-    RoutingPriors,
-    forward_kwargs,
-    load_routing_priors,
-    pad_right,
-    pad_token_id,
-    resolve_layers_spec,
-)
-
-IGNORE_INDEX = -100
-
-
-# --------------------------------------------------------------------------------------------
-# Collator
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SARACollator:
-    """Tokenise parallel pairs into one SARA batch (see the module docstring for the layout).
-
-    Args:
-        tokenizer: the model's tokenizer. Plain texts get its special tokens (BOS/EOS);
-            chat messages go through its chat template.
-        max_length: truncate each side to this many tokens (None: no truncation).
-        include_anchor: put anchor rows in the batch (False when priors replace them).
-        lm_on_anchor: train the LM on anchor tokens too (their ``labels`` are kept).
-        pad_to_multiple_of: round the padded length up (tensor-core friendly shapes).
-
-    Output keys: ``input_ids``, ``attention_mask``, ``labels`` ([R, S], R = 2B or B) and
-    ``sara_example_index`` [B] (each example's ``"index"``, -1 when absent — needed only for
-    cached priors; :class:`~sara_kernels.hf.data.PairDataset` provides it).
-    """
-
-    tokenizer: Any
-    max_length: Optional[int] = None
-    include_anchor: bool = True
-    lm_on_anchor: bool = False
-    pad_to_multiple_of: Optional[int] = None
-
-    def __post_init__(self):
-        if self.tokenizer is None:
-            raise ValueError("tokenizer: SARACollator needs the model's tokenizer")
-        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
-            raise ValueError(f"max_length must be a positive int or None, got {self.max_length!r}")
-        if self.lm_on_anchor and not self.include_anchor:
-            raise ValueError("lm_on_anchor=True needs include_anchor=True (the anchor rows carry its LM labels)")
-
-    def encode(self, side, where: str = "text") -> list:
-        """Token ids of one side: a text (with special tokens) or chat messages (chat template)."""
-        tok = self.tokenizer
-        truncate = dict(truncation=True, max_length=self.max_length) if self.max_length else {}
-        if isinstance(side, str):
-            ids = tok(side, add_special_tokens=True, **truncate)["input_ids"]
-        else:
-            if not getattr(tok, "chat_template", None):
-                raise ValueError(f"{where}: chat messages given but the tokenizer has no chat_template")
-            text = tok.apply_chat_template(list(side), tokenize=False)
-            ids = tok(text, add_special_tokens=False, **truncate)["input_ids"]
-        if len(ids) == 0:
-            raise ValueError(f"{where}: tokenises to no tokens")
-        # The tokenizer leaves a text untruncated when max_length is below its special tokens.
-        return list(ids)[: self.max_length]
-
-    def __call__(self, examples: Sequence[dict]) -> dict:
-        if len(examples) == 0:
-            raise ValueError("SARACollator: empty list of examples")
-        anchors, targets, index = [], [], []
-        for j, example in enumerate(examples):
-            where = f"example {example.get('index', j) if isinstance(example, dict) else j}"
-            validate_pair(example, where)
-            targets.append(self.encode(example["target"], f"{where}: target"))
-            if self.include_anchor:
-                anchors.append(self.encode(example["anchor"], f"{where}: anchor"))
-            index.append(int(example.get("index", -1)))
-        ids, mask = pad_right(anchors + targets, pad_token_id(self.tokenizer), self.pad_to_multiple_of)
-        labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
-        if self.include_anchor and not self.lm_on_anchor:
-            labels[: len(anchors)] = IGNORE_INDEX
-        return {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "labels": labels,
-            "sara_example_index": torch.tensor(index, dtype=torch.long),
-        }
+from .capture import capture_router_logits, resolve_layers_spec
+from .collate import IGNORE_INDEX, SARACollator
+from .data import PairDataset, anchors_fingerprint
+from .priors import RoutingPriors, load_routing_priors
+from .routing import forward_kwargs
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,8 +192,6 @@ class SARATrainer(Trainer):
         if args.sara_weight > 0:
             # Fails now, with the capture's message, for a non-MoE model or layers it lacks,
             # instead of at the first training step.
-            from .capture import capture_router_logits
-
             capture_router_logits(model, layers=args.sara_layers, score=args.sara_score)
         train_dataset = _wrap_pairs(train_dataset, "train_dataset")
         eval_dataset = _wrap_pairs(eval_dataset, "eval_dataset")
@@ -333,8 +251,6 @@ class SARATrainer(Trainer):
     # ---- loss -----------------------------------------------------------------------------
 
     def _capture(self, model, enabled: bool):
-        from .capture import capture_router_logits
-
         if not enabled:
             return contextlib.nullcontext(None)
         return capture_router_logits(model, layers=self.args.sara_layers, score=self.args.sara_score)

@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._inputs import RoutingSide, host_to_device, routing_side
+from .._inputs import RoutingSide, host_to_device
 
 # Read once: triton.jit decides at decoration time whether kernels run in the interpreter.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

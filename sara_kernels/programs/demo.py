@@ -11,7 +11,7 @@
    initialised model has learnt no anchor language, so an anchor side it is never trained on
    would give SARA a meaningless routing to align with;
 4. before and after each run it measures, on held-out pairs, the per-layer routing JS between
-   the languages (:func:`sara_kernels.analyze.routing_report`) and the target LM loss.
+   the languages (:func:`sara_kernels.programs.analyze.routing_report`) and the target LM loss.
 
 It prints a table, and writes ``summary.json`` and ``summary.png`` to ``--out``. ``--model`` (a
 local ``save_pretrained`` folder) and ``--data`` (jsonl pairs) run the same comparison on a real
@@ -35,6 +35,18 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from tqdm.auto import tqdm
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from ..hf.collate import IGNORE_INDEX, SARACollator
+from ..hf.data import load_pairs
+from ..hf.routing import eval_mode, forward_kwargs, model_device
+from ..hf.trainer import SARATrainer, SARATrainingArguments
+from .analyze import routing_report
+from .models import load_model_and_tokenizer
+from .table import format_table
+from .corpus import build_word_tokenizer, make_parallel_corpus
 
 SIZES = {
     # train pairs, held-out pairs, optimiser steps, pairs per batch
@@ -85,8 +97,6 @@ class DemoConfig:
 
 def tiny_qwen3_moe_config(tokenizer, *, hidden_size=64, num_layers=4, num_experts=8, top_k=2):
     """A Qwen3-MoE config small enough to train in seconds on a CPU (every layer is MoE)."""
-    from transformers import Qwen3MoeConfig
-
     return Qwen3MoeConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -110,8 +120,6 @@ def tiny_qwen3_moe_config(tokenizer, *, hidden_size=64, num_layers=4, num_expert
 
 def build_tiny_model(tokenizer, seed: int = 0, **config_kwargs):
     """Random-init tiny Qwen3-MoE, identical for equal seeds (the global RNG is restored after)."""
-    from transformers import Qwen3MoeForCausalLM
-
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
@@ -123,34 +131,23 @@ def build_tiny_model(tokenizer, seed: int = 0, **config_kwargs):
 
 def target_lm_loss(model, tokenizer, pairs, *, batch_size: int = 16, max_length: Optional[int] = None) -> float:
     """Mean next-token cross-entropy on the target sides of ``pairs`` (eval mode, no grad)."""
-    from .hf.priors import forward_kwargs, model_device
-    from .hf.trainer import IGNORE_INDEX, SARACollator
-
     collate = SARACollator(tokenizer, max_length=max_length, include_anchor=False)
     device = model_device(model)
     total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(pairs), batch_size):
-                batch = collate(list(pairs[start : start + batch_size]))
-                out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                            **forward_kwargs(model, lm_head=True))
-                logits = out.logits[:, :-1].float()
-                labels = batch["labels"][:, 1:].to(device)
-                total += float(torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"))
-                count += int((labels != IGNORE_INDEX).sum())
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            batch = collate(list(pairs[start : start + batch_size]))
+            out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                        **forward_kwargs(model, lm_head=True))
+            logits = out.logits[:, :-1].float()
+            labels = batch["labels"][:, 1:].to(device)
+            total += float(torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"))
+            count += int((labels != IGNORE_INDEX).sum())
     return total / max(count, 1)
 
 
 def _progress_callback(name: str, enabled: bool):
-    from tqdm.auto import tqdm
-    from transformers import TrainerCallback
-
     class TqdmProgress(TrainerCallback):
         """One bar per run with the latest losses; replaces Trainer's dict printing."""
 
@@ -193,8 +190,6 @@ def single_device(args):
 
 def training_args(name: str, cfg: DemoConfig, sara_weight: float):
     """The SARATrainingArguments of one demo run (single device unless launched distributed)."""
-    from .hf.trainer import SARATrainingArguments
-
     args = SARATrainingArguments(
         output_dir=os.path.join(cfg.out_dir, f"trainer_{name}"),
         per_device_train_batch_size=cfg.batch_size,
@@ -221,10 +216,6 @@ def training_args(name: str, cfg: DemoConfig, sara_weight: float):
 
 def fine_tune(name, model, tokenizer, train_pairs, cfg: DemoConfig, sara_weight: float) -> list:
     """Fine-tune ``model`` in place with SARATrainer; returns the Trainer's log history."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    from .hf.trainer import SARATrainer
-
     args = training_args(name, cfg, sara_weight)
     trainer = SARATrainer(model=model, args=args, train_dataset=train_pairs, processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)
@@ -235,8 +226,6 @@ def fine_tune(name, model, tokenizer, train_pairs, cfg: DemoConfig, sara_weight:
 
 
 def _measure(model, tokenizer, eval_pairs, cfg: DemoConfig) -> dict:
-    from .analyze import routing_report
-
     report = routing_report(model, tokenizer, eval_pairs, layers=cfg.layers, batch_size=cfg.batch_size,
                             max_length=cfg.max_length, backend=cfg.backend, progress=False)
     return {"routing": report.to_dict(),
@@ -250,25 +239,25 @@ def _measure(model, tokenizer, eval_pairs, cfg: DemoConfig) -> dict:
 STAGES = ("init", "baseline", "sara")
 
 
-def format_table(summary: dict) -> str:
+def summary_table(summary: dict) -> str:
     """The end-of-run table: per-layer normalised JS and top-k overlap per stage, and LM losses."""
     r = {s: summary["results"][s]["routing"] for s in STAGES}
     k = r["init"]["top_k"]
-    cols = "".join(f"{s:>10}" for s in STAGES)
-    lines = [
-        f"routing JS/ln2 between anchor and target, {r['init']['num_pairs']} held-out pairs (0 = same experts)",
-        f"{'layer':>8}{cols}   | top-{k} overlap{cols}",
-    ]
-    for i, layer in enumerate(r["init"]["layers"]):
-        js = "".join(f"{r[s]['js_normalized'][i]:>10.4f}" for s in STAGES)
-        ov = "".join(f"{r[s]['topk_overlap'][i]:>10.3f}" for s in STAGES)
-        lines.append(f"{layer:>8}{js}   | {'':>13}{ov}")
-    js = "".join(f"{r[s]['mean_js_normalized']:>10.4f}" for s in STAGES)
-    ov = "".join(f"{r[s]['mean_topk_overlap']:>10.3f}" for s in STAGES)
-    lines.append(f"{'mean':>8}{js}   | {'':>13}{ov}")
-    lm = "".join(f"{summary['results'][s]['target_lm_loss']:>10.4f}" for s in STAGES)
-    lines.append(f"{'LM loss':>8}{lm}   (target side, held-out, nats/token)")
-    return "\n".join(lines)
+    columns = [("layer", "layer")] + [(s, f"js_{s}") for s in STAGES] + [(f"top-{k} {s}", f"overlap_{s}") for s in STAGES]
+
+    def row(layer, js, overlap):
+        return {"layer": layer, **{f"js_{s}": f"{js[s]:.4f}" for s in STAGES},
+                **{f"overlap_{s}": f"{overlap[s]:.3f}" for s in STAGES}}
+
+    rows = [row(layer, {s: r[s]["js_normalized"][i] for s in STAGES}, {s: r[s]["topk_overlap"][i] for s in STAGES})
+            for i, layer in enumerate(r["init"]["layers"])]
+    rows.append(row("mean", {s: r[s]["mean_js_normalized"] for s in STAGES}, {s: r[s]["mean_topk_overlap"] for s in STAGES}))
+    rows.append({"layer": "LM loss", **{f"js_{s}": f"{summary['results'][s]['target_lm_loss']:.4f}" for s in STAGES}})
+    return "\n".join([
+        f"routing JS/ln2 (columns init..sara) and top-{k} expert overlap between anchor and target, "
+        f"{r['init']['num_pairs']} held-out pairs (JS 0 = same experts); LM loss: target side, held-out, nats/token",
+        format_table(rows, columns),
+    ])
 
 
 def plot_summary(summary: dict, path: str) -> None:
@@ -313,8 +302,6 @@ def plot_summary(summary: dict, path: str) -> None:
 
 
 def _pairs(cfg: DemoConfig):
-    from .hf.data import load_pairs, make_parallel_corpus
-
     if cfg.data_path is None:
         pairs = make_parallel_corpus(cfg.train_pairs + cfg.eval_pairs, seed=cfg.seed)
         return pairs[: cfg.train_pairs], pairs[cfg.train_pairs :], False
@@ -327,9 +314,6 @@ def _pairs(cfg: DemoConfig):
 
 def run_demo(cfg: Optional[DemoConfig] = None, **overrides) -> dict:
     """Run the demo; returns the summary (also written to ``out_dir/summary.json`` with ``summary.png``)."""
-    from .analyze import load_model_and_tokenizer
-    from .hf.data import build_word_tokenizer
-
     if cfg is None:
         cfg = DemoConfig(**overrides)
     elif overrides:
@@ -376,7 +360,7 @@ def run_demo(cfg: Optional[DemoConfig] = None, **overrides) -> dict:
 
     summary = {
         "model": model_name,
-        "data": cfg.data_path or "pseudo-language corpus (sara_kernels.hf.data.make_parallel_corpus)",
+        "data": cfg.data_path or "pseudo-language corpus (sara_kernels.programs.corpus.make_parallel_corpus)",
         "device": str(next(model.parameters()).device),
         "backend": cfg.backend,
         "eval_on_train_pairs": eval_on_train,

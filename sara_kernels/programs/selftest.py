@@ -1,11 +1,12 @@
-r"""Check the installed SARA kernels on this machine: ``python -m sara_kernels.selftest``.
+r"""Check the installed SARA kernels on this machine: ``python -m sara_kernels selftest``.
 
 Why: the Triton kernels are compiled on the user's machine, by the user's Triton, for the
 user's GPU. A new cluster (driver, Triton release, GPU generation) can miscompile or reject
 them without any error in the library itself, so this module runs a small grid of cases and
 compares every kernel backend against a float64 evaluation of the PyTorch reference on the
 *same* (already rounded) inputs. Only fp32 rounding of the kernels' arithmetic, plus one
-rounding of the gradient to the logits' dtype, separates the two, so the tolerances below
+rounding of the gradient to the logits' dtype, separates the two, so the tolerances (in
+:mod:`sara_kernels.testing`, shared with the test suite)
 are tight enough to catch a wrong result and loose enough never to flag a correct one.
 
 What runs depends on the machine:
@@ -30,24 +31,26 @@ import time
 from dataclasses import dataclass, replace
 from typing import Optional
 
-import numpy as np
 import torch
+import triton
 
-from . import api, reference
-from ._inputs import BACKENDS
-from .ops import routing_js
+from .. import api, reference
+from .._inputs import BACKENDS
+from ..ops import routing_js
+from ..testing import (
+    GRAD_TOL,
+    JS_TOL,
+    ORACLE_TOL,
+    js_errors,
+    membership,
+    numpy_pair_js,
+    packed_cu_seqlens,
+    ragged_mask,
+    relative_grad_error,
+)
+from .table import format_table
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
-
-# JS [L, B] is accumulated in fp32 from the exact input values: |got − ref| ≤ atol + rtol·|ref|.
-JS_TOL = dict(rtol=1e-4, atol=1e-6)
-# Gradients are written in the logits' dtype: max |got − ref| / max |ref| per tensor, i.e. one
-# rounding of that dtype (bf16: 2^-8 relative; up to 2^-7 under the Triton interpreter, which
-# truncates instead of rounding) with headroom for the fp32 arithmetic before it.
-GRAD_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}
-# The reference in float64 against NumPy in float64: both exact up to float64 rounding.
-NUMPY_JS_TOL = dict(rtol=1e-9, atol=1e-12)
-
 
 @dataclass(frozen=True)
 class Shape:
@@ -126,29 +129,15 @@ class PairInputs:
 
 def _segmentation(kind: str, seqs: int, seq_len: int, empty: Optional[int], gen: torch.Generator):
     """(mask, cu_seqlens, N, member [B, N] bool) of one side; sequence ``empty`` has no token."""
+    empty = () if empty is None else (empty,)
     if kind == "none":
-        return None, None, seq_len, torch.ones(1, seq_len, dtype=torch.bool)
+        return None, None, seq_len, membership(seq_len)
     if kind == "mask":
-        lengths = torch.randint(1, seq_len + 1, (seqs,), generator=gen)
-        if empty is not None:
-            lengths[empty] = 0
-        mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).to(torch.int64)
-        member = torch.zeros(seqs, seqs * seq_len, dtype=torch.bool)
-        for b in range(seqs):
-            member[b, b * seq_len : (b + 1) * seq_len] = mask[b].bool()
-        return mask, None, seqs * seq_len, member
+        mask = ragged_mask(seqs, seq_len, gen, empty)
+        return mask, None, seqs * seq_len, membership(seqs * seq_len, mask=mask)
     num_tokens = seqs * seq_len - 3  # packed rows: no multiple of anything
-    weights = torch.rand(seqs, generator=gen) + 0.2
-    if empty is not None:
-        weights[empty] = 0
-    lengths = torch.floor(weights / weights.sum() * num_tokens).long()
-    lengths[int(torch.argmax(weights))] += num_tokens - int(lengths.sum())
-    cu = torch.zeros(seqs + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(lengths, 0)
-    member = torch.zeros(seqs, num_tokens, dtype=torch.bool)
-    for b in range(seqs):
-        member[b, int(cu[b]) : int(cu[b + 1])] = True
-    return None, cu, num_tokens, member
+    cu = packed_cu_seqlens(seqs, num_tokens, gen, empty)
+    return None, cu, num_tokens, membership(num_tokens, cu_seqlens=cu)
 
 
 def _logits(case: Case, layers: int, member: torch.Tensor, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
@@ -259,43 +248,16 @@ class CheckResult:
         return not self.error and self.js_ok and grads_ok and self.deterministic is not False
 
 
-def js_errors(got: torch.Tensor, want: torch.Tensor, tol: dict):
-    got, want = got.double().cpu(), want.double().cpu()
-    if got.shape != want.shape:
-        return math.inf, False
-    ok = bool(((got - want).abs() <= tol["atol"] + tol["rtol"] * want.abs()).all())
-    return float((got - want).abs().max()) if got.numel() else 0.0, ok
-
-
-def relative_grad_error(got, want) -> float:
-    """max |got − ref| / max |ref| over all tensors; a gradient absent on one side counts as zeros.
-
-    Computed where ``got`` lies (on a GPU: no multi-GB copies of large gradients to the host)."""
-    worst = 0.0
-    for g, w in zip(got, want):
-        if g is None and w is None:
-            continue
-        g = torch.zeros_like(w) if g is None else g
-        w = torch.zeros_like(g) if w is None else w
-        g = g.detach().double()
-        w = w.detach().to(device=g.device, dtype=torch.float64)
-        if g.shape != w.shape or not bool(torch.isfinite(g).all()):
-            return math.inf
-        scale = float(w.abs().max()) if w.numel() else 0.0
-        worst = max(worst, float((g - w).abs().max()) / max(scale, 1e-30) if w.numel() else 0.0)
-    return worst
-
-
 def check_kernel(case: Case, shape: Shape, backend: str, device, seed: int) -> CheckResult:
     """Kernel ``backend`` on ``device`` vs the float64 reference on the same rounded inputs,
     plus bitwise determinism over a second run."""
-    result = CheckResult(f"{backend} vs fp64 reference", case, grad_tol=GRAD_TOL[case.dtype])
+    result = CheckResult(f"{backend} vs fp64 reference", case, grad_tol=GRAD_TOL[case.dtype]["max_rel"])
     start = time.perf_counter()
     try:
         inputs, _ = make_inputs(case, shape, device, seed)
         js, grads = evaluate(inputs, case, backend)
         ref_js, ref_grads = evaluate(inputs, case, "reference", leaf_dtype=torch.float64)
-        result.js_err, result.js_ok = js_errors(js, ref_js, JS_TOL)
+        result.js_err, result.js_ok = js_errors(js, ref_js, JS_TOL["long"])
         result.grad_err = relative_grad_error(grads, ref_grads)
         js2, grads2 = evaluate(inputs, case, backend)
         result.deterministic = torch.equal(js, js2) and all(
@@ -307,62 +269,9 @@ def check_kernel(case: Case, shape: Shape, backend: str, device, seed: int) -> C
     return result
 
 
-def _numpy_scores(z: np.ndarray, score: str, temperature: float):
-    """(s, h) per row of z [N, E]: routing score and its slope (∂s_e/∂z_j = h_j (δ_ej − s_e) / τ)."""
-    z = z / temperature
-    if score == "softmax":
-        row_max = np.max(z, axis=-1, keepdims=True)
-        e = np.exp(z - row_max)
-        s = e / e.sum(axis=-1, keepdims=True)
-        return s, s
-    with np.errstate(over="ignore"):  # z = −inf: exp(inf) = inf, σ = 0 as it should be
-        sig = 1.0 / (1.0 + np.exp(-z))
-    s = sig / sig.sum(axis=-1, keepdims=True)
-    return s, s * (1.0 - sig)
-
-
-def numpy_pair_js(anchor, target, member_a, member_t, priors, upstream, score, temperature, anchor_grads):
-    """Independent float64 NumPy evaluation of JS [L, B] and the closed-form gradients of
-    Σ upstream·JS (formula in :mod:`sara_kernels.ops.routing_js`), one token loop at a time.
-
-    Shares no code with the reference: own membership, own scores, no autograd.
-    """
-    layers, seqs = upstream.shape
-    js = np.zeros((layers, seqs))
-    grad_t = np.zeros_like(target)
-    grad_a = np.zeros_like(anchor) if anchor_grads else None
-    for l in range(layers):
-        s_t, h_t = _numpy_scores(target[l], score, temperature)
-        s_a, h_a = (None, None) if anchor is None else _numpy_scores(anchor[l], score, temperature)
-        for b in range(seqs):
-            rows_t = np.flatnonzero(member_t[b])
-            if anchor is None:
-                p_a, rows_a = priors[l, b], None
-            else:
-                rows_a = np.flatnonzero(member_a[b])
-                if len(rows_a) == 0:
-                    continue
-                p_a = s_a[rows_a].mean(axis=0)
-            if len(rows_t) == 0:
-                continue
-            p_t = s_t[rows_t].mean(axis=0)
-            m = 0.5 * (p_a + p_t)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                g_a = np.where(p_a > 0, 0.5 * np.log(p_a / m), 0.0)
-                g_t = np.where(p_t > 0, 0.5 * np.log(p_t / m), 0.0)
-            js[l, b] = np.sum(p_a * g_a) + np.sum(p_t * g_t)
-            for rows, s, h, g, out in ((rows_t, s_t, h_t, g_t, grad_t), (rows_a, s_a, h_a, g_a, grad_a)):
-                if out is None:
-                    continue
-                c = upstream[l, b] / (temperature * len(rows))
-                centred = g[None, :] - (s[rows] * g[None, :]).sum(axis=1, keepdims=True)
-                out[l, rows] = c * h[rows] * centred
-    return js, grad_t, grad_a
-
-
 def check_reference(case: Case, shape: Shape, seed: int) -> CheckResult:
     """The float64 reference (autograd) vs :func:`numpy_pair_js`, on the CPU."""
-    result = CheckResult("reference vs NumPy", replace(case, dtype=torch.float64), grad_tol=GRAD_TOL[torch.float64])
+    result = CheckResult("reference vs NumPy", replace(case, dtype=torch.float64), grad_tol=GRAD_TOL[torch.float64]["max_rel"])
     start = time.perf_counter()
     try:
         inputs, (member_a, member_t) = make_inputs(case, shape, "cpu", seed, dtype=torch.float64)
@@ -376,7 +285,7 @@ def check_reference(case: Case, shape: Shape, seed: int) -> CheckResult:
             stacked(inputs.anchor), stacked(inputs.target), member_a.numpy(), member_t.numpy(), priors,
             inputs.upstream.numpy(), case.score, case.temperature, anchor_grads=case.anchor == "both",
         )
-        result.js_err, result.js_ok = js_errors(js, torch.from_numpy(np_js), NUMPY_JS_TOL)
+        result.js_err, result.js_ok = js_errors(js, torch.from_numpy(np_js), ORACLE_TOL)
         want = [torch.from_numpy(np_gt)] + ([torch.from_numpy(np_ga)] if np_ga is not None else [])
         got = [torch.stack(grads[: len(inputs.target)]).reshape(want[0].shape)]
         if np_ga is not None:
@@ -429,33 +338,28 @@ def run_checks(device=None, quick: bool = False, max_cases: Optional[int] = None
     return results
 
 
-def format_table(results) -> str:
-    header = ("check", "case", "JS max err", "grad err/tol", "determ.", "result")
-    rows = []
-    for r in results:
-        grad = "error" if r.error else f"{r.grad_err:.1e}/{r.grad_tol:.0e}"
-        det = "-" if r.deterministic is None else ("yes" if r.deterministic else "NO")
-        rows.append((r.check, r.case.label, "error" if r.error else f"{r.js_err:.1e}", grad, det,
-                     "PASS" if r.passed else "FAIL"))
-    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)) for row in [header] + rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines += [f"  {r.case.label}: {r.error}" for r in results if r.error]
-    return "\n".join(lines)
+RESULT_COLUMNS = [("check", "check"), ("case", "case"), ("JS max err", "js"), ("grad err/tol", "grad"),
+                  ("determ.", "det"), ("result", "result")]
+
+
+def results_table(results) -> str:
+    rows = [dict(check=r.check, case=r.case.label, js="error" if r.error else f"{r.js_err:.1e}",
+                 grad="error" if r.error else f"{r.grad_err:.1e}/{r.grad_tol:.0e}",
+                 det="-" if r.deterministic is None else ("yes" if r.deterministic else "NO"),
+                 result="PASS" if r.passed else "FAIL") for r in results]
+    return "\n".join([format_table(rows, RESULT_COLUMNS)] + [f"  {r.case.label}: {r.error}" for r in results if r.error])
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sara_kernels.selftest", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m sara_kernels selftest", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     parser.add_argument("--quick", action="store_true", help="a covering subset of the grid")
     parser.add_argument("--max-cases", type=int, default=None, help="check only the first N cases of the grid")
     args = parser.parse_args(argv)
-    import triton
-
     print(f"sara_kernels selftest: torch {torch.__version__}, triton {triton.__version__}, python {sys.version.split()[0]}")
     start = time.perf_counter()
     results = run_checks(args.device, args.quick, args.max_cases)
-    print(format_table(results))
+    print(results_table(results))
     failed = [r for r in results if not r.passed]
     kernels_checked = any(r.check != "reference vs NumPy" for r in results)
     verdict = "FAIL" if failed else "PASS"

@@ -24,7 +24,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from .reference import js_divergence
+from ..hf.data import load_pairs, validate_pair
+from ..hf.routing import pooled_routing
+from ..reference import js_divergence
+from .models import load_model_and_tokenizer
 
 LN2 = math.log(2.0)
 
@@ -193,9 +196,6 @@ def routing_report(
 
     Runs the model (eval mode, no grad) over both sides, tokenised as in training.
     """
-    from .hf.data import validate_pair
-    from .hf.priors import pooled_routing
-
     if len(pairs) == 0:
         raise ValueError("pairs: no examples to analyse")
     for i in range(len(pairs)):
@@ -208,20 +208,6 @@ def routing_report(
     return compare_distributions(
         pa, pt, found_layers, top_k=k, score=found_score, temperature=temperature, langs=[p.get("lang") for p in pairs]
     )
-
-
-def load_model_and_tokenizer(path: str | os.PathLike, device: Optional[str] = None):
-    """A local checkpoint (``save_pretrained`` folder) as (causal LM, tokenizer); nothing is downloaded."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"--model: {path} is not a directory with a saved model (save_pretrained output)")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device), tokenizer
 
 
 def run_analyze(
@@ -239,8 +225,6 @@ def run_analyze(
     progress: bool = True,
 ) -> RoutingReport:
     """The ``analyze`` command: report on a saved model and a jsonl of pairs; writes JSON + PNG to ``out_dir``."""
-    from .hf.data import load_pairs
-
     pairs = load_pairs(data_path)
     model, tokenizer = load_model_and_tokenizer(model_path)
     report = routing_report(
