@@ -59,19 +59,36 @@ from .._inputs import RoutingSide, host_to_device
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@triton.jit
-def _score_and_slope(z, SIGMOID: tl.constexpr):
-    """Routing score s and slope h (∂s_e/∂z_j = h_j (δ_ej − s_e) / τ) of logits z / τ.
+LOG2E = tl.constexpr(1.4426950408889634)
 
-    Padded lanes hold −inf and come out as s = h = 0.
+
+@triton.jit
+def _logit_scale(inv_tau, SIGMOID: tl.constexpr):
+    """What the loaded logits are multiplied by: 1/τ, and log2(e)/τ for softmax, whose
+    exponential is then one ex2 per element (exp would multiply by log2(e) again)."""
+    if SIGMOID:
+        return inv_tau
+    return inv_tau * LOG2E
+
+
+@triton.jit
+def _score_and_slope(z, valid, SIGMOID: tl.constexpr):
+    """Routing score s and slope h (∂s_e/∂z_j = h_j (δ_ej − s_e) / τ) of one tile, from z scaled
+    by ``_logit_scale``; rows that are not valid tokens come out as s = h = 0.
+
+    Padded lanes and invalid rows hold −inf. For softmax, an invalid row's maximum is taken as 0
+    (so exp2 gives 0, not NaN) and its reciprocal of the sum as 0: validity costs one select per
+    row, not per element, and the per-element work is subtract, ex2, add, multiply.
     """
     if SIGMOID:
         sig = tl.sigmoid(z)
         s = sig * (1.0 / tl.sum(sig, axis=1))[:, None]  # one reciprocal per row, not per element
+        s = tl.where(valid[:, None], s, 0.0)
         h = s * tl.sigmoid(-z)
     else:
-        e = tl.exp(z - tl.max(z, axis=1)[:, None])
-        s = e * (1.0 / tl.sum(e, axis=1))[:, None]
+        row_max = tl.where(valid, tl.max(z, axis=1), 0.0)
+        e = tl.exp2(z - row_max[:, None])
+        s = e * tl.where(valid, 1.0 / tl.sum(e, axis=1), 0.0)[:, None]
         h = s
     return s, h
 
@@ -129,14 +146,14 @@ def _layer_logits(table_ptr, x0_ptr, stride_l, stride_n, stride_e, l, L, TABLE: 
 
 
 @triton.jit
-def _load_logits_tile(x_ptr, stride_n, stride_e, rows, cols, col_ok, valid, inv_tau, VEC: tl.constexpr):
-    """[BLOCK_N, BLOCK_E] fp32 tile of z/τ; invalid rows and padded columns are −inf."""
+def _load_logits_tile(x_ptr, stride_n, stride_e, rows, cols, col_ok, valid, scale, VEC: tl.constexpr):
+    """[BLOCK_N, BLOCK_E] fp32 tile of z·scale; invalid rows and padded columns are −inf."""
     if VEC > 0:
         offs = rows[:, None] * stride_n + cols[None, :]
     else:
         offs = rows[:, None] * stride_n + cols[None, :].to(tl.int64) * stride_e
     z = tl.load(x_ptr + offs, mask=valid[:, None] & col_ok[None, :], other=float("-inf"))
-    return z.to(tl.float32) * inv_tau
+    return z.to(tl.float32) * scale
 
 
 @triton.jit
@@ -180,15 +197,16 @@ def pool_routing_fwd(
     cols = tl.arange(0, BLOCK_E)
     col_ok = cols < E
     x_ptr, row_stride, col_stride = _layer_logits(table_ptr, x0_ptr, stride_l, stride_n, stride_e, l, L, TABLE, VEC)
+    zscale = _logit_scale(inv_tau, SIGMOID)
     acc = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     count = tl.zeros([BLOCK_N], dtype=tl.float32)
     for r0 in range(lo, hi, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N).to(tl.int64)
         row_ok = rows < hi
         valid = _token_validity(b, rows, row_ok, start, mask_ptr, mask_sb, mask_ss, HAS_MASK)
-        z = _load_logits_tile(x_ptr, row_stride, col_stride, rows, cols, col_ok, valid, inv_tau, VEC)
-        s, _ = _score_and_slope(z, SIGMOID)
-        acc += tl.where(valid[:, None], s, 0.0)
+        z = _load_logits_tile(x_ptr, row_stride, col_stride, rows, cols, col_ok, valid, zscale, VEC)
+        s, _ = _score_and_slope(z, valid, SIGMOID)
+        acc += s
         count += valid.to(tl.float32)
     slot = (l * B + b) * SPLITS + split
     tl.store(partial_ptr + slot.to(tl.int64) * E + cols, tl.sum(acc, axis=0), mask=col_ok)
@@ -350,16 +368,17 @@ def pool_routing_bwd(
         g = tl.load(scale_ptr + l.to(tl.int64) * scale_sl + b.to(tl.int64) * scale_sb).to(tl.float32)
         c = c * g * tl.load(layer_coef_ptr + l)
     x_ptr, row_stride, col_stride = _layer_logits(table_ptr, x0_ptr, stride_l, stride_n, stride_e, l, L, TABLE, VEC)
+    zscale = _logit_scale(inv_tau, SIGMOID)
     # grad is allocated by the launcher (16-byte aligned); saying so lets its rows be stored as vectors.
     g_ptr = tl.multiple_of(grad_ptr + l.to(tl.int64) * N * E, 16)
     for r0 in range(lo, hi, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N).to(tl.int64)
         row_ok = rows < hi
         valid = _token_validity(b, rows, row_ok, start, mask_ptr, mask_sb, mask_ss, HAS_MASK)
-        z = _load_logits_tile(x_ptr, row_stride, col_stride, rows, cols, col_ok, valid, inv_tau, VEC)
-        s, h = _score_and_slope(z, SIGMOID)
+        z = _load_logits_tile(x_ptr, row_stride, col_stride, rows, cols, col_ok, valid, zscale, VEC)
+        s, h = _score_and_slope(z, valid, SIGMOID)
         centred = coef[None, :] - tl.sum(s * coef[None, :], axis=1)[:, None]
-        dz = tl.where(valid[:, None], c * h * centred, 0.0)
+        dz = c * h * centred  # h = 0 on rows that are not valid tokens
         tl.store(g_ptr + rows[:, None] * E + cols[None, :], dz.to(g_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
