@@ -7,6 +7,7 @@ with a GPU the same cases compile and run the real kernels.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 
 import pytest
@@ -383,3 +384,68 @@ def test_random_configurations_match_reference(monkeypatch, seed):
         assert torch.isfinite(g).all()
         assert_grads_close(g, g64, dtype, fp32_baseline=g32)
 
+
+
+KERNELS = ("pool_routing_fwd", "pool_routing_bwd", "pair_js_fwd", "reduce_pair_loss", "pooled_routing_fwd", "check_segments")
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_constexprs_come_last_in_every_kernel(name):
+    """``launch`` passes the compiled launcher the runtime arguments followed by the constexpr
+    values: that is the signature order only if no runtime argument follows a constexpr."""
+    params = inspect.signature(getattr(routing_js, name).fn).parameters.values()
+    kinds = ["constexpr" in str(p.annotation) for p in params]
+    assert any(kinds) and kinds == sorted(kinds), f"{name}: a runtime argument follows a constexpr"
+
+
+class _FakeParam:
+    def __init__(self, name, is_constexpr):
+        self.name, self.is_constexpr = name, is_constexpr
+
+
+class _FakeCompiled:
+    def __init__(self, calls):
+        self.calls = calls
+
+    def __getitem__(self, grid):
+        return lambda *args: self.calls.append(("compiled", grid, args))
+
+
+class _FakeKernel:
+    """Records how ``launch`` calls a Triton kernel, without compiling anything."""
+
+    params = [_FakeParam("x_ptr", False), _FakeParam("n", False), _FakeParam("BLOCK", True)]
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        def run(*args, **meta):
+            self.calls.append(("jit", grid, args, meta))
+            return _FakeCompiled(self.calls)
+
+        return run
+
+
+def test_launch_goes_through_the_compiled_launcher_after_the_first_call(monkeypatch):
+    """The fast launch path runs only on a GPU; its bookkeeping is checked here: the first call of a
+    specialisation compiles through ``kernel[grid]``, later ones call the compiled kernel with a
+    three-axis grid and the constexpr values appended; a new dtype or an int that needs 64 bits
+    is a new specialisation."""
+    monkeypatch.setattr(routing_js, "INTERPRET", False)
+    monkeypatch.setattr(routing_js, "_COMPILED", {})
+    kernel, device = _FakeKernel(), torch.device("cpu")
+    x = torch.zeros(4)
+    meta = dict(BLOCK=16, num_warps=4)
+    routing_js.launch(kernel, (3, 2), (x, 5), meta, device)
+    routing_js.launch(kernel, (3, 2), (x, 7), meta, device)
+    routing_js.launch(kernel, (1,), (x, 7), meta, device)
+    assert kernel.calls == [
+        ("jit", (3, 2), (x, 5), meta),
+        ("compiled", (3, 2, 1), (x, 7, 16)),
+        ("compiled", (1, 1, 1), (x, 7, 16)),
+    ]
+    routing_js.launch(kernel, (1,), (x.double(), 7), meta, device)  # another pointer type
+    routing_js.launch(kernel, (1,), (x, 2**40), meta, device)  # an i64 argument
+    routing_js.launch(kernel, (1,), (x, 7), dict(meta, BLOCK=32), device)  # another constexpr
+    assert [c[0] for c in kernel.calls[3:]] == ["jit", "jit", "jit"]
