@@ -7,12 +7,14 @@ specification, :mod:`sara_kernels.reference`) or to the fused Triton op
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
 from . import reference
 from ._inputs import check_options, layer_weight_tensor, routing_side
+from .distributed import check_group
 from .ops import routing_js
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -57,6 +59,7 @@ def sara_loss(
     reduction: str = "mean",
     return_per_layer: bool = False,
     backend: str = "auto",
+    group=None,
 ):
     """SARA loss: symmetric Jensen-Shannon divergence between the pooled routing distributions
     of anchor and target sequences, over all given MoE layers.
@@ -76,18 +79,29 @@ def sara_loss(
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` ([L, B]).
         return_per_layer: also return the detached per-layer mean JS [L] for logging.
         backend: ``"auto"`` (Triton on CUDA, reference on CPU) | ``"triton"`` | ``"reference"``.
+        group: context parallelism: a ``torch.distributed`` process group whose ranks each hold a
+            share of every sequence's tokens (the same B sequences, masks/cu_seqlens describing
+            the local tokens). Per-sequence sums and token counts are all-reduced once in the
+            forward; every rank gets the loss of whole sequences and the gradient for its own
+            logits, with no communication in backward.
 
     A pair whose anchor or target has no valid token is excluded (JS = 0, not counted); with no
     valid pair at all the loss is 0 with zero gradients. The loss is float32 (float64 for float64
     logits on the reference); gradients have the logits' dtype.
     """
     check_options(temperature, score, reduction, backend)
+    check_group(group)
     anchor, target, priors = reference.prepare_pair(
         anchor_logits, target_logits, anchor_mask, target_mask, anchor_cu_seqlens, target_cu_seqlens, anchor_probs
     )
     weights = layer_weight_tensor(layer_weights, target.num_layers, target.device)
-    if resolve_backend(backend, target.device, target.dtype, target.num_experts, target.num_seqs) == "reference":
-        js, valid = reference.pair_js(anchor, target, priors, score, temperature, detach_anchor)
+    fused = resolve_backend(backend, target.device, target.dtype, target.num_experts, target.num_seqs) == "triton"
+    if group is not None or not fused:
+        # Context parallel: the reduction over the group sits between pooling and JS, so the
+        # Triton path pools with its fused kernels and the small [L, B, E] rest runs in PyTorch.
+        module = routing_js if fused else reference
+        pool = functools.partial(module.pooled_distribution, score=score, temperature=float(temperature), group=group)
+        js, valid = reference.pair_js(anchor, target, priors, score, temperature, detach_anchor, pool)
         loss, per_layer = reference.reduce_pair_js(js, valid, weights, reduction)
     else:
         loss, per_layer = routing_js.sara_loss(
@@ -104,16 +118,19 @@ def routing_distribution(
     score: str = "softmax",
     temperature: float = 1.0,
     backend: str = "auto",
+    group=None,
 ) -> torch.Tensor:
     """Pooled routing distribution P [L, B, E] of each layer and sequence (float32 on Triton).
 
     A sequence without valid tokens gets P = 0 (never NaN). Differentiable in ``logits``.
+    ``group``: context parallelism, as in :func:`sara_loss`.
     """
     check_options(temperature, score, None, backend)
+    check_group(group)
     side = routing_side(logits, mask, cu_seqlens, "routing")
     if resolve_backend(backend, side.device, side.dtype, side.num_experts, side.num_seqs) == "reference":
-        return reference.pooled_distribution(side, score, temperature)[0]
-    return routing_js.routing_distribution(side, score, float(temperature))
+        return reference.pooled_distribution(side, score, temperature, group)[0]
+    return routing_js.routing_distribution(side, score, float(temperature), group)
 
 
 class SARALoss(torch.nn.Module):

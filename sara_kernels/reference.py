@@ -19,6 +19,7 @@ float32 (float64 logits stay float64, which is how the tests build their ground 
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -32,6 +33,7 @@ from ._inputs import (
     layer_weight_tensor,
     routing_side,
 )
+from .distributed import all_reduce_sums_and_counts, check_group
 
 
 def routing_scores(logits: torch.Tensor, score: str = "softmax", temperature: float = 1.0) -> torch.Tensor:
@@ -70,9 +72,13 @@ def pooled_sums(side: RoutingSide, score: str, temperature: float):
     return torch.stack(sums), member.sum(dim=1)
 
 
-def pooled_distribution(side: RoutingSide, score: str, temperature: float):
-    """(P [L, B, E], n_b [B]); P is 0 for a sequence with no valid token."""
+def pooled_distribution(side: RoutingSide, score: str, temperature: float, group=None):
+    """(P [L, B, E], n_b [B]); P is 0 for a sequence with no valid token. With a process
+    ``group`` the side holds this rank's share of each sequence's tokens, and sums and counts
+    are reduced over the group (:mod:`sara_kernels.distributed`)."""
     sums, counts = pooled_sums(side, score, temperature)
+    if group is not None:
+        sums, counts = all_reduce_sums_and_counts(sums, counts, group)
     return sums / counts.clamp(min=1).to(sums.dtype)[None, :, None], counts
 
 
@@ -116,20 +122,28 @@ def routing_distribution(
     cu_seqlens: Optional[torch.Tensor] = None,
     score: str = "softmax",
     temperature: float = 1.0,
+    group=None,
 ) -> torch.Tensor:
     """Pooled routing distribution P [L, B, E] (zeros for a sequence with no valid token)."""
     check_options(temperature, score, None, "reference")
+    check_group(group)
     side = routing_side(logits, mask, cu_seqlens, "routing")
-    return pooled_distribution(side, score, temperature)[0]
+    return pooled_distribution(side, score, temperature, group)[0]
 
 
-def pair_js(anchor: Optional[RoutingSide], target: RoutingSide, anchor_probs, score, temperature, detach_anchor):
-    """(JS [L, B] with 0 for invalid pairs, pair validity [B] bool)."""
-    p_t, n_t = pooled_distribution(target, score, temperature)
+def pair_js(anchor: Optional[RoutingSide], target: RoutingSide, anchor_probs, score, temperature, detach_anchor,
+            pool=None):
+    """(JS [L, B] with 0 for invalid pairs, pair validity [B] bool).
+
+    ``pool(side) -> (P, n)`` pools one side; default :func:`pooled_distribution` (the context
+    parallel Triton path passes its fused, group-reduced pooling)."""
+    if pool is None:
+        pool = functools.partial(pooled_distribution, score=score, temperature=temperature)
+    p_t, n_t = pool(target)
     if anchor is None:
         p_a, valid = anchor_probs.to(p_t.dtype), n_t > 0
     else:
-        p_a, n_a = pooled_distribution(anchor, score, temperature)
+        p_a, n_a = pool(anchor)
         valid = (n_a > 0) & (n_t > 0)
     if detach_anchor or anchor is None:
         p_a = p_a.detach()
@@ -152,14 +166,17 @@ def sara_loss(
     detach_anchor: bool = True,
     reduction: str = "mean",
     return_per_layer: bool = False,
+    group=None,
 ):
     """Reference SARA loss; same arguments as :func:`sara_kernels.sara_loss` without ``backend``."""
     check_options(temperature, score, reduction, "reference")
+    check_group(group)
     anchor, target, priors = prepare_pair(
         anchor_logits, target_logits, anchor_mask, target_mask, anchor_cu_seqlens, target_cu_seqlens, anchor_probs
     )
     weights = layer_weight_tensor(layer_weights, target.num_layers, target.device)
-    js, valid = pair_js(anchor, target, priors, score, temperature, detach_anchor)
+    pool = functools.partial(pooled_distribution, score=score, temperature=temperature, group=group)
+    js, valid = pair_js(anchor, target, priors, score, temperature, detach_anchor, pool)
     loss, per_layer = reduce_pair_js(js, valid, weights, reduction)
     return (loss, per_layer) if return_per_layer else loss
 

@@ -71,7 +71,9 @@ def small_kernel_cases():
         for priors in (False, True):
             meta = dict(PRIORS=priors, **routing_js.pair_config(e))
             yield "pair_js_fwd", meta, "bf16", "i64", f"pair_js_fwd priors={priors} E={e}"
-        yield "pooled_routing_fwd", routing_js.pair_config(e), "bf16", "i64", f"pooled_routing_fwd E={e}"
+        for normalize in (False, True):
+            meta = dict(NORMALIZE=normalize, **routing_js.pair_config(e))
+            yield "pooled_routing_fwd", meta, "bf16", "i64", f"pooled_routing_fwd normalize={normalize} E={e}"
     for weights in (False, True):
         for reduction, code in routing_js.REDUCTIONS.items():
             meta = dict(HAS_WEIGHTS=weights, REDUCTION=code, **routing_js.REDUCE_CONFIG)

@@ -54,6 +54,7 @@ import triton
 import triton.language as tl
 
 from .._inputs import RoutingSide, host_to_device
+from ..distributed import all_reduce_sums_and_counts
 
 # Read once: triton.jit decides at decoration time whether kernels run in the interpreter.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -215,14 +216,21 @@ def pool_routing_fwd(
 
 
 @triton.jit
-def _pooled(partial_ptr, count_ptr, l, b, B, E, SPLITS, cols, col_ok):
-    """(P_{l,b} [BLOCK_E], n_b) from the split partials, summed in a fixed order."""
+def _pooled_sum(partial_ptr, count_ptr, l, b, B, E, SPLITS, cols, col_ok):
+    """(Σ_{valid n ∈ b} s [BLOCK_E], n_b) from the split partials, summed in a fixed order."""
     acc = tl.zeros(cols.shape, dtype=tl.float32)
     n = 0.0
     for split in range(0, SPLITS):
         slot = (l * B + b) * SPLITS + split
         acc += tl.load(partial_ptr + slot.to(tl.int64) * E + cols, mask=col_ok, other=0.0)
         n += tl.load(count_ptr + b * SPLITS + split)
+    return acc, n
+
+
+@triton.jit
+def _pooled(partial_ptr, count_ptr, l, b, B, E, SPLITS, cols, col_ok):
+    """(P_{l,b} [BLOCK_E], n_b) from the split partials."""
+    acc, n = _pooled_sum(partial_ptr, count_ptr, l, b, B, E, SPLITS, cols, col_ok)
     return acc / tl.maximum(n, 1.0), n
 
 
@@ -387,13 +395,18 @@ _POOLED_RUNTIME_ARGS = ["partial_ptr", "count_ptr", "probs_ptr", "total_ptr", "B
 
 
 @triton.jit(do_not_specialize=_POOLED_RUNTIME_ARGS, do_not_specialize_on_alignment=_POOLED_RUNTIME_ARGS)
-def pooled_routing_fwd(partial_ptr, count_ptr, probs_ptr, total_ptr, B, E, SPLITS, BLOCK_E: tl.constexpr):
-    """P_{l,b} = Σ partials / max(n_b, 1) for ``routing_distribution``; total[b] = n_b."""
+def pooled_routing_fwd(partial_ptr, count_ptr, probs_ptr, total_ptr, B, E, SPLITS,
+                       NORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr):
+    """P_{l,b} = Σ partials / max(n_b, 1) for ``routing_distribution`` (the sums themselves without
+    NORMALIZE, to be reduced over a process group first); total[b] = n_b."""
     l = tl.program_id(0)
     b = tl.program_id(1)
     cols = tl.arange(0, BLOCK_E)
     col_ok = cols < E
-    probs, n = _pooled(partial_ptr, count_ptr, l, b, B, E, SPLITS, cols, col_ok)
+    if NORMALIZE:
+        probs, n = _pooled(partial_ptr, count_ptr, l, b, B, E, SPLITS, cols, col_ok)
+    else:
+        probs, n = _pooled_sum(partial_ptr, count_ptr, l, b, B, E, SPLITS, cols, col_ok)
     tl.store(probs_ptr + (l * B + b).to(tl.int64) * E + cols, probs, mask=col_ok)
     if l == 0:
         tl.store(total_ptr + b, n)
@@ -776,7 +789,7 @@ def sara_loss_bwd(
     return grad_a, grad_t
 
 
-def _distribution_fwd_fake(logits, mask, cu_seqlens, score, temperature):
+def _distribution_fwd_fake(logits, mask, cu_seqlens, score, temperature, normalize):
     L, _, E = _shape(logits)
     B = _num_seqs(mask, cu_seqlens)
     return logits[0].new_empty((L, B, E), dtype=torch.float32), logits[0].new_empty(B, dtype=torch.float32)
@@ -785,15 +798,16 @@ def _distribution_fwd_fake(logits, mask, cu_seqlens, score, temperature):
 @_op("routing_distribution_fwd", _distribution_fwd_fake)
 def routing_distribution_fwd(
     logits: List[torch.Tensor], mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-    score: str, temperature: float,
+    score: str, temperature: float, normalize: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(P [L, B, E], n_b [B]), float32."""
+    """(P [L, B, E], n_b [B]), float32; without ``normalize`` the sums n_b·P instead of P."""
     device = logits[0].device
     partial, count = pool_fwd(_unpack(logits), mask, cu_seqlens, score, temperature, device)
     L, B, splits, E = partial.shape
     probs = torch.empty((L, B, E), dtype=torch.float32, device=device)
     total = torch.empty(B, dtype=torch.float32, device=device)
-    launch(pooled_routing_fwd, (L, B), (partial, count, probs, total, B, E, splits), pair_config(E), device)
+    launch(pooled_routing_fwd, (L, B), (partial, count, probs, total, B, E, splits),
+           {"NORMALIZE": normalize, **pair_config(E)}, device)
     return probs, total
 
 
@@ -880,26 +894,41 @@ def sara_loss(anchor: Optional[RoutingSide], target: RoutingSide, anchor_probs, 
 
 
 class RoutingDistributionFunction(torch.autograd.Function):
-    """P [L, B, E] (float32) of one side, with autograd into the logits; same structure as
-    ``SARALossFunction``."""
+    """(P [L, B, E] float32, n_b [B]) of one side, with autograd into the logits; same
+    structure as ``SARALossFunction``. With a process ``group`` the side holds this rank's
+    share of each sequence's tokens: the sums and counts are reduced over the group before
+    normalising, and the backward, which needs only P's gradient and the global n_b, runs
+    without communication (:mod:`sara_kernels.distributed`)."""
 
     @staticmethod
     def forward(ctx, options, mask, cu_seqlens, *logits):
-        stacked, score, temperature = options
-        probs, count = routing_distribution_fwd(list(logits), mask, cu_seqlens, score, temperature)
+        stacked, score, temperature, group = options
+        probs, count = routing_distribution_fwd(list(logits), mask, cu_seqlens, score, temperature, group is None)
+        if group is not None:
+            sums, count = all_reduce_sums_and_counts(probs, count, group)
+            probs = sums / count.clamp(min=1.0)[None, :, None]
         ctx.options = options
         ctx.save_for_backward(count, mask, cu_seqlens, *logits)  # logits: for the in-place version check
-        return probs
+        ctx.mark_non_differentiable(count)
+        ctx.set_materialize_grads(False)
+        return probs, count
 
     @staticmethod
-    def backward(ctx, grad_probs):
+    def backward(ctx, grad_probs, _grad_count):
         _no_double_backward()
-        stacked, score, temperature = ctx.options
+        stacked, score, temperature, _ = ctx.options
         count, mask, cu_seqlens, *logits = ctx.saved_tensors
+        if grad_probs is None:
+            return (None,) * len(ctx.needs_input_grad)
         grad = routing_distribution_bwd(grad_probs, logits, mask, cu_seqlens, count, score, temperature)
         return (None, None, None, *_side_grads(grad, stacked))
 
 
-def routing_distribution(side: RoutingSide, score: str, temperature: float):
-    options = (side.stacked, score, temperature)
+def pooled_distribution(side: RoutingSide, score: str, temperature: float, group=None):
+    """(P [L, B, E], n_b [B]) with autograd into the logits (the pooling step of ``pair_js``)."""
+    options = (side.stacked, score, temperature, group)
     return RoutingDistributionFunction.apply(options, side.mask, side.cu_seqlens, *side.inputs)
+
+
+def routing_distribution(side: RoutingSide, score: str, temperature: float, group=None):
+    return pooled_distribution(side, score, temperature, group)[0]

@@ -1,0 +1,189 @@
+"""Context parallelism on torch.distributed (gloo, 2 processes, CPU): each rank holds a share
+of every sequence's tokens; loss and gradients must equal one process that sees whole
+sequences, for every reduction, detach mode and priors, also when a rank holds no token of
+some sequence. The Triton backend runs under the interpreter (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+L, B, S, E = 2, 3, 8, 10  # E not a power of two
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _full_inputs(seg: str):
+    """Whole-sequence inputs, the same on every rank, and each rank's share of the tokens.
+
+    Rank r holds token positions [r·S/2, (r+1)·S/2) of every sequence (mask form), or the first
+    or second half of every packed segment (cu_seqlens form). Sequence 0's valid tokens all lie
+    in the first half, so rank 1 holds none of them.
+    """
+    from sara_kernels import testing
+
+    gen = torch.Generator().manual_seed(5)
+    if seg == "mask":
+        lengths = {"anchor": torch.tensor([3, 8, 5]), "target": torch.tensor([4, 6, 8])}
+        masks = {k: (torch.arange(S)[None, :] < v[:, None]).long() for k, v in lengths.items()}
+        full = {k: dict(mask=m) for k, m in masks.items()}
+        logits = {k: torch.stack(testing.random_logits(L, B * S, E, generator=gen)) for k in masks}
+        shares = {}
+        for r in range(WORLD):
+            cols = slice(r * S // 2, (r + 1) * S // 2)
+            shares[r] = {k: (logits[k].view(L, B, S, E)[:, :, cols].reshape(L, -1, E), dict(mask=masks[k][:, cols]))
+                         for k in masks}
+        rows = {r: {k: torch.arange(B * S).view(B, S)[:, r * S // 2 : (r + 1) * S // 2].reshape(-1) for k in masks}
+                for r in range(WORLD)}
+        return logits, full, shares, rows
+    sizes = {"anchor": [3, 9, 6], "target": [4, 7, 10]}
+    logits, full, shares, rows = {}, {}, {r: {} for r in range(WORLD)}, {r: {} for r in range(WORLD)}
+    for k, lens in sizes.items():
+        n = sum(lens)
+        logits[k] = torch.stack(testing.random_logits(L, n, E, generator=gen))
+        cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+        full[k] = dict(cu_seqlens=cu)
+        for r in range(WORLD):
+            idx, local_lens = [], []
+            for b, length in enumerate(lens):
+                first = 0 if b == 0 else length // 2  # sequence 0 entirely on rank 0
+                part = range(int(cu[b]), int(cu[b]) + first) if r == 0 else range(int(cu[b]) + first, int(cu[b + 1]))
+                idx += list(part)
+                local_lens.append(len(part))
+            local_cu = torch.tensor([0] + list(torch.tensor(local_lens).cumsum(0)), dtype=torch.int32)
+            rows[r][k] = torch.tensor(idx, dtype=torch.long)
+            shares[r][k] = (logits[k][:, rows[r][k]], dict(cu_seqlens=local_cu))
+    return logits, full, shares, rows
+
+
+CASES = [
+    # (backend, segmentation, mode, reduction)
+    ("reference", "mask", "both", "mean"),
+    ("reference", "cu", "detach", "none"),
+    ("triton", "mask", "both", "mean"),
+    ("triton", "mask", "priors", "sum"),
+    ("triton", "cu", "both", "none"),
+    ("triton", "cu", "detach", "mean"),
+]
+
+
+def _loss(side_a, side_t, mode, reduction, backend, group, priors=None):
+    import sara_kernels
+
+    (za, seg_a), (zt, seg_t) = side_a, side_t
+    kwargs = dict(target_mask=seg_t.get("mask"), target_cu_seqlens=seg_t.get("cu_seqlens"), score="sigmoid",
+                  temperature=0.8, reduction=reduction, layer_weights=[0.5, 2.0], backend=backend,
+                  detach_anchor=mode != "both", return_per_layer=True, group=group)
+    if mode == "priors":
+        return sara_kernels.sara_loss(None, zt, anchor_probs=priors, **kwargs)
+    return sara_kernels.sara_loss(za, zt, anchor_mask=seg_a.get("mask"), anchor_cu_seqlens=seg_a.get("cu_seqlens"),
+                                  **kwargs)
+
+
+def _check_rank(rank: int):
+    import sara_kernels
+    from sara_kernels.testing import LOSS_TOL, assert_grads_close
+
+    group = dist.group.WORLD
+    for backend, seg, mode, reduction in CASES:
+        logits, full, shares, rows = _full_inputs(seg)
+        priors = sara_kernels.routing_distribution(logits["anchor"], **full["anchor"], score="sigmoid",
+                                                   temperature=0.8, backend="reference")
+        whole = {k: v.clone().requires_grad_() for k, v in logits.items()}
+        loss, per_layer = _loss((whole["anchor"], full["anchor"]), (whole["target"], full["target"]), mode,
+                                reduction, backend, None, priors)
+        upstream = torch.rand(loss.shape, generator=torch.Generator().manual_seed(9)) + 0.5
+        wanted = ["target"] + (["anchor"] if mode == "both" else [])
+        grads = torch.autograd.grad((loss * upstream).sum(), [whole[k] for k in wanted])
+        local = {k: shares[rank][k][0].clone().requires_grad_() for k in logits}
+        got, got_per_layer = _loss((local["anchor"], shares[rank]["anchor"][1]), (local["target"], shares[rank]["target"][1]),
+                                   mode, reduction, backend, group, priors)
+        local_grads = torch.autograd.grad((got * upstream).sum(), [local[k] for k in wanted])
+        where = f"rank {rank} {backend} {seg} {mode} {reduction}"
+        torch.testing.assert_close(got, loss, **LOSS_TOL, msg=where)
+        torch.testing.assert_close(got_per_layer, per_layer, **LOSS_TOL, msg=where)
+        for k, g, lg in zip(wanted, grads, local_grads):
+            assert_grads_close(lg, g[:, rows[rank][k]], torch.float32)
+        probs = sara_kernels.routing_distribution(shares[rank]["target"][0], **shares[rank]["target"][1],
+                                                  backend=backend, group=group)
+        whole_probs = sara_kernels.routing_distribution(logits["target"], **full["target"], backend="reference")
+        torch.testing.assert_close(probs, whole_probs, **LOSS_TOL, msg=where)
+    _check_compiled(rank, group)
+
+
+def _check_compiled(rank: int, group):
+    """fullgraph torch.compile of a step with the group's all-reduce (a functional collective)."""
+    import sara_kernels
+    from sara_kernels.testing import LOSS_TOL, assert_grads_close
+
+    logits, _, shares, _ = _full_inputs("mask")
+    (za, seg_a), (zt, seg_t) = shares[rank]["anchor"], shares[rank]["target"]
+
+    def step(za, zt):
+        return sara_kernels.sara_loss(za, zt, seg_a["mask"], seg_t["mask"], detach_anchor=False, backend="triton",
+                                      group=group)
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        a, t = za.clone().requires_grad_(), zt.clone().requires_grad_()
+        loss = fn(a, t)
+        results.append((loss.detach(), torch.autograd.grad(loss, [a, t])))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    torch.testing.assert_close(compiled, eager, **LOSS_TOL, msg=f"rank {rank} compiled")
+    for g, h in zip(compiled_grads, eager_grads):
+        assert_grads_close(g, h.double(), torch.float32)
+
+
+def _worker(rank: int, port: int, errors):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        _check_rank(rank)
+    except BaseException:
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_context_parallel_equals_whole_sequences():
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, errors)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    messages = []
+    while not errors.empty():
+        messages.append(errors.get())
+    assert not alive, "a rank did not finish within 240 s"
+    assert not messages, "\n".join(messages)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+
+def test_group_must_be_a_process_group():
+    import sara_kernels
+
+    z = [torch.randn(4, 5)]
+    with pytest.raises(TypeError, match="group: expected a torch.distributed ProcessGroup"):
+        sara_kernels.sara_loss(z, z, group="world")
+    with pytest.raises(TypeError, match="group"):
+        sara_kernels.routing_distribution(z, group=1)
