@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -131,6 +132,11 @@ def extract_routing_priors(
     Writes ``path`` (safetensors, see the module docstring) and returns the priors. ``max_length``
     is recorded in the file and must equal the trainer's ``sara_max_length`` (SARATrainer refuses
     priors extracted at another one), so that cached anchors are truncated as live ones would be.
+
+    Under ``torch.distributed`` (e.g. torchrun) every rank of the default group calls this with
+    the same arguments: each runs the model over its share of the anchors (every W-th one), the
+    shares are gathered, rank 0 writes the file, and every rank returns the whole priors once
+    the file exists. The result equals a single-process extraction.
     """
     # Checked before the first forward, not left to routing_distribution, so bad input costs no model call.
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
@@ -142,10 +148,16 @@ def extract_routing_priors(
     for i in range(len(pairs)):
         validate_pair(pairs[i], f"pairs[{i}]")
     anchors = [pairs[i]["anchor"] for i in range(len(pairs))]
-    probs, found_layers, found_score = pooled_routing(
-        model, tokenizer, anchors, layers=layers, score=score, temperature=temperature,
-        batch_size=batch_size, max_length=max_length, backend=backend, progress=progress, desc="anchor priors",
-    )
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    mine = list(range(rank, len(anchors), world))
+    shard = None
+    if mine:
+        shard = pooled_routing(
+            model, tokenizer, [anchors[i] for i in mine], layers=layers, score=score, temperature=temperature,
+            batch_size=batch_size, max_length=max_length, backend=backend, progress=progress and rank == 0,
+            desc="anchor priors",
+        )
+    probs, found_layers, found_score = shard if world == 1 else _gather_shards(mine, shard, len(anchors), world)
     name, model_type = _metadata_of(model)
     priors = RoutingPriors(
         probs=probs.contiguous(),
@@ -170,9 +182,24 @@ def extract_routing_priors(
         "anchors_sha256": priors.fingerprint,
         "max_length": json.dumps(max_length),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file({"priors": priors.probs}, os.fspath(path), metadata=metadata)
+    if rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        save_file({"priors": priors.probs}, os.fspath(path), metadata=metadata)
+    if world > 1:
+        dist.barrier()  # no rank may read the file before it is written
     return priors
+
+
+def _gather_shards(mine: list, shard, num_examples: int, world: int):
+    """(priors [num_examples, L, E], layers, score) from every rank's (indices, pooled routing)."""
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (mine, shard))
+    found = next(s for _, s in gathered if s is not None)
+    probs = torch.empty((num_examples, *found[0].shape[1:]), dtype=found[0].dtype)
+    for indices, part in gathered:
+        if part is not None:
+            probs[indices] = part[0]
+    return probs, found[1], found[2]
 
 
 def load_routing_priors(
