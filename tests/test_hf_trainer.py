@@ -4,6 +4,7 @@ world size, logging, and bad inputs. Everything runs on CPU with a tiny random Q
 from __future__ import annotations
 
 import copy
+import json
 import os
 import socket
 import subprocess
@@ -313,3 +314,17 @@ def test_batch_without_anchor_or_priors_is_an_error(tmp_path):
                           data_collator=SARACollator(TOKENIZER, include_anchor=False))
     with pytest.raises(ValueError, match="no anchor rows and no routing priors"):
         trainer.train()
+
+
+def test_readme_torchrun_example_runs(tmp_path):
+    """The README's torchrun command, as printed, on 2 CPU processes (gloo)."""
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_"))}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "examples/sara_torchrun.py", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "final_loss.json").read_text())
+    assert result["world_size"] == 2 and result["step"] == 2 and result["sara_loss"] > 0
+
