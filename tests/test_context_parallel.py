@@ -6,23 +6,14 @@ some sequence. The Triton backend runs under the interpreter (tests/conftest.py)
 
 from __future__ import annotations
 
-import os
-import socket
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from helpers import run_ranks
 
 WORLD = 2
 L, B, S, E = 2, 3, 8, 10  # E not a power of two
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _full_inputs(seg: str):
@@ -146,37 +137,8 @@ def _check_compiled(rank: int, group):
         assert_grads_close(g, h.double(), torch.float32)
 
 
-def _worker(rank: int, port: int, errors):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        _check_rank(rank)
-    except BaseException:
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def test_context_parallel_equals_whole_sequences():
-    ctx = mp.get_context("spawn")
-    errors = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, errors)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    messages = []
-    while not errors.empty():
-        messages.append(errors.get())
-    assert not alive, "a rank did not finish within 240 s"
-    assert not messages, "\n".join(messages)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    run_ranks(_check_rank, WORLD)
 
 
 def test_group_must_be_a_process_group():

@@ -8,14 +8,12 @@ averaged over the ranks (what DDP and FSDP2 do to gradients) is the mean over th
 
 from __future__ import annotations
 
-import socket
-import traceback
-
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
+from helpers import run_ranks  # noqa: E402
 from hf_train_helpers import TOKENIZER, pairs, tiny_moe  # noqa: E402
 
 WORLD = 2
@@ -81,41 +79,11 @@ def _fsdp2(rank: int, want: dict):
     _compare(got, want, f"rank {rank} FSDP2")
 
 
-def _worker(rank: int, port: int, errors):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        want = whole_batch_grads()
-        _ddp(rank, want)
-        _fsdp2(rank, want)
-    except BaseException:
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+def _check_rank(rank: int):
+    want = whole_batch_grads()
+    _ddp(rank, want)
+    _fsdp2(rank, want)
 
 
 def test_ddp_and_fsdp2_steps_equal_one_process_on_the_whole_batch():
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    errors = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_worker, args=(r, port, errors)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    messages = []
-    while not errors.empty():
-        messages.append(errors.get())
-    assert not alive, "a rank did not finish within 240 s"
-    assert not messages, "\n".join(messages)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    run_ranks(_check_rank, WORLD)

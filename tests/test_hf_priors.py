@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
+from helpers import run_ranks  # noqa: E402
 from hf_train_helpers import one_thread, TOKENIZER, assert_updates_close, pairs, tiny_moe, train_delta  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -207,34 +208,20 @@ def test_priors_record_max_length_and_must_match_sara_max_length(tmp_path):
             load_routing_priors(old)
 
 
-def _extract_on_rank(rank: int, port: int, folder: str):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        priors = extract_routing_priors(tiny_moe().eval(), pairs(7), TOKENIZER, f"{folder}/sharded.safetensors",
-                                        batch_size=2, progress=False)
-        # The file exists when extract returns, on every rank.
-        loaded = load_routing_priors(f"{folder}/sharded.safetensors")
-        torch.save((priors.probs, loaded.probs), f"{folder}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _extract_on_rank(rank: int, folder: str):
+    priors = extract_routing_priors(tiny_moe().eval(), pairs(7), TOKENIZER, f"{folder}/sharded.safetensors",
+                                    batch_size=2, progress=False)
+    # The file exists when extract returns, on every rank.
+    loaded = load_routing_priors(f"{folder}/sharded.safetensors")
+    torch.save((priors.probs, loaded.probs), f"{folder}/rank{rank}.pt")
 
 
 def test_extraction_under_torch_distributed_equals_one_process(model, tmp_path):
     """2 gloo processes each extract every other anchor; the gathered file, written once by
     rank 0, equals a single-process extraction, and every rank returns the whole priors."""
-    import socket
-
-    import torch.multiprocessing as mp
-
     expected = extract_routing_priors(model, pairs(7), TOKENIZER, tmp_path / "single.safetensors", batch_size=2,
                                       progress=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_extract_on_rank, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    run_ranks(_extract_on_rank, 2, str(tmp_path))
     for rank in range(2):
         returned, from_file = torch.load(tmp_path / f"rank{rank}.pt")
         assert torch.equal(returned, from_file)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from helpers import free_port  # noqa: E402
 from hf_train_helpers import (  # noqa: E402
     one_thread,
     TOKENIZER,
@@ -134,12 +134,6 @@ def test_uneven_last_accumulation_is_a_mean_of_micro_batches(tmp_path):
     assert_updates_close(delta, expected)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 DDP_SCRIPT = textwrap.dedent(
     """
     import sys, torch
@@ -168,7 +162,7 @@ def test_world_size_two_with_accumulation_matches_single_process(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_"))}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(script)]
+           "--master_port", str(free_port()), str(script)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ddp = torch.load(out)
@@ -322,7 +316,7 @@ def test_readme_torchrun_example_runs(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_"))}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "examples/sara_torchrun.py", "--out", str(out)]
+           "--master_port", str(free_port()), "examples/sara_torchrun.py", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "final_loss.json").read_text())
