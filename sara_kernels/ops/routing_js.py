@@ -27,6 +27,10 @@ Launches (constant in L, B and N; no torch op runs between them):
 4. ``pool_routing_bwd`` per side that needs gradients, same grid as 1: recomputes s from the
    logits (no [L, N, E] intermediate is saved) and writes ∂L/∂z in the logits' dtype.
 
+``routing_distribution`` is 1 + ``pooled_routing_fwd`` (P, or the raw sums that context
+parallelism all-reduces first) and 4 with ∂L/∂P as the coefficients. Packed cu_seqlens on a
+GPU are checked by ``check_segments``, a device assertion instead of a host sync.
+
 The L layer tensors are read where they lie: one [L, N, E] tensor through its strides, a
 tuple of [N, E] tensors through a small int64 table of data pointers and strides, so no
 stack/cat copy of the logits is ever made.
@@ -35,9 +39,9 @@ Host path. A training loop calls the op with the same shapes every step, so ever
 depends only on shapes (tile sizes, grid, splits, which Triton kernel binary) is planned once
 and cached; a call then costs a few dictionary lookups and one launch per kernel through the
 compiled kernel's own launcher (Triton's ``CompiledKernel[grid]``), not Triton's per-call
-argument binding. That is safe because no kernel argument is value- or alignment-specialised
-except the buffers this module allocates itself (always 16-byte aligned) and the constexprs,
-which are all part of the plan's key together with the argument dtypes.
+argument binding. That is safe because no runtime kernel argument is value- or alignment-
+specialised: a compiled binary depends only on the constexprs, the argument dtypes and whether
+each integer fits in 32 bits, which are exactly the key of ``launch``'s cache.
 """
 
 from __future__ import annotations
