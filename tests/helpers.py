@@ -73,3 +73,27 @@ def run_ranks(check, world: int, *args, timeout: float = 240.0):
     assert not alive, f"a rank did not finish within {timeout:.0f} s"
     assert not messages, "\n".join(messages)
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+
+def torchrun(script_and_args: list, cwd: str, timeout: float = 240.0):
+    """``torchrun --nproc_per_node 2 <script_and_args>`` on this machine's CPU (gloo), in its own
+    session: on a timeout the whole process group (the launcher and its ranks) is killed, so a
+    hung rank fails the test instead of outliving it. Returns the CompletedProcess."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_"))}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), *script_and_args]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"torchrun did not finish within {timeout:.0f} s:\n{out[-3000:]}{err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from helpers import run_ranks  # noqa: E402
-from hf_train_helpers import one_thread, TOKENIZER, assert_updates_close, pairs, tiny_moe, train_delta  # noqa: E402
+from hf_train_helpers import one_thread, TOKENIZER, assert_updates_close, pairs, sgd_args, tiny_moe, train_delta  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
@@ -227,3 +227,18 @@ def test_extraction_under_torch_distributed_equals_one_process(model, tmp_path):
         assert torch.equal(returned, from_file)
         # Other batches pad to other lengths: equal up to fp32 rounding of the model's matmuls.
         torch.testing.assert_close(returned, expected.probs, **PROBS_TOL)
+
+
+def test_priors_with_an_iterable_dataset_are_refused_when_the_trainer_is_built(model, tmp_path):
+    from sara_kernels.hf import SARATrainer
+
+    class Pairs(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(pairs(4))
+
+    path = tmp_path / "p.safetensors"
+    extract_routing_priors(model, pairs(4), TOKENIZER, path, progress=False)
+    with pytest.raises(ValueError, match="routing_priors need a map-style train_dataset"):
+        SARATrainer(model=tiny_moe(), args=sgd_args(tmp_path), train_dataset=Pairs(), processing_class=TOKENIZER,
+                    routing_priors=str(path))
+

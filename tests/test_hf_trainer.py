@@ -6,8 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -15,7 +13,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from helpers import free_port  # noqa: E402
+from helpers import torchrun  # noqa: E402
 from hf_train_helpers import (  # noqa: E402
     one_thread,
     TOKENIZER,
@@ -159,11 +157,7 @@ def test_world_size_two_with_accumulation_matches_single_process(tmp_path):
     out = tmp_path / "ddp_delta.pt"
     script = tmp_path / "ddp_step.py"
     script.write_text(DDP_SCRIPT.format(tests=os.path.join(REPO, "tests"), tmp=str(tmp_path), out=str(out)))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_"))}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(script)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    proc = torchrun([str(script)], cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ddp = torch.load(out)
     base, data = tiny_moe(), pairs(8)
@@ -296,6 +290,9 @@ def test_bad_arguments(tmp_path):
                     processing_class=TOKENIZER)
     with pytest.raises(ValueError, match=r"not MoE layers"):
         SARATrainer(model=model, args=sgd_args(tmp_path, sara_layers="0,1"), train_dataset=data, processing_class=TOKENIZER)
+    with pytest.raises(ValueError, match=r"sara_layer_weights has 3 weights but sara_layers='all' selects 2 MoE layers"):
+        SARATrainer(model=model, args=sgd_args(tmp_path, sara_layer_weights="1,2,3"), train_dataset=data,
+                    processing_class=TOKENIZER)
     for bad in (dict(sara_layers="first"), dict(sara_weight=-1.0), dict(sara_score="relu"),
                 dict(sara_temperature=0.0), dict(sara_backend="cuda"), dict(sara_layer_weights="a,b")):
         with pytest.raises(ValueError, match=next(iter(bad))):
@@ -313,12 +310,19 @@ def test_batch_without_anchor_or_priors_is_an_error(tmp_path):
 def test_readme_torchrun_example_runs(tmp_path):
     """The README's torchrun command, as printed, on 2 CPU processes (gloo)."""
     out = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_"))}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "examples/sara_torchrun.py", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    proc = torchrun(["examples/sara_torchrun.py", "--out", str(out)], cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "final_loss.json").read_text())
     assert result["world_size"] == 2 and result["step"] == 2 and result["sara_loss"] > 0
+
+
+def test_torch_compile_installs_the_router_hooks_itself(tmp_path):
+    """torch_compile=True: the trainer installs the persistent router hooks before the model is
+    compiled (compiled code ignores hooks registered later), so the user need not."""
+    from sara_kernels.hf import router_hooks_installed
+
+    model = tiny_moe()
+    SARATrainer(model=model, args=sgd_args(tmp_path, torch_compile=True, torch_compile_backend="eager"),
+                train_dataset=pairs(4), processing_class=TOKENIZER)
+    assert router_hooks_installed(model)
 

@@ -23,6 +23,7 @@ from .capture import (
     find_routers,
     install_router_hooks,
     resolve_layers_spec,
+    router_hooks_installed,
     select_layers,
 )
 from .collate import SARACollator
@@ -33,7 +34,8 @@ _TRAINER_EXPORTS = ("SARATrainer", "SARATrainingArguments")
 
 __all__ = [
     "SIGMOID_ROUTER_FAMILIES", "CapturedRouterLogits", "RouterHooks", "RouterInfo", "capture_router_logits",
-    "default_score", "find_routers", "install_router_hooks", "resolve_layers_spec", "select_layers",
+    "default_score", "find_routers", "install_router_hooks", "resolve_layers_spec", "router_hooks_installed",
+    "select_layers",
     "SARACollator", "PairDataset", "load_pairs", "save_pairs", "validate_pair",
     "RoutingPriors", "extract_routing_priors", "load_routing_priors", *_TRAINER_EXPORTS,
 ]

@@ -513,6 +513,11 @@ def install_router_hooks(
     return hooks
 
 
+def router_hooks_installed(model: nn.Module) -> bool:
+    """Whether :func:`install_router_hooks` was called on ``model`` (or the model it wraps)."""
+    return _unwrap(model) in _PERSISTENT
+
+
 # --------------------------------------------------------------------------------------------
 # The capture block
 # --------------------------------------------------------------------------------------------
@@ -653,6 +658,11 @@ class capture_router_logits:
         self._score = score if score is not None else default_score(self._model)
         self._hooks: Optional[RouterHooks] = None
         self._captured: Optional[CapturedRouterLogits] = None
+
+    @property
+    def layers(self) -> tuple:
+        """Decoder-layer indices this capture records (known before the block runs)."""
+        return tuple(self._selected)
 
     def __enter__(self) -> CapturedRouterLogits:
         if self._hooks is not None:

@@ -40,7 +40,7 @@ from transformers import Trainer, TrainingArguments
 
 from .._inputs import BACKENDS, SCORES
 from ..api import sara_loss
-from .capture import capture_router_logits, resolve_layers_spec
+from .capture import capture_router_logits, install_router_hooks, resolve_layers_spec, router_hooks_installed
 from .collate import IGNORE_INDEX, SARACollator
 from .data import PairDataset, anchors_fingerprint
 from .priors import RoutingPriors, load_routing_priors
@@ -190,9 +190,19 @@ class SARATrainer(Trainer):
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("compute_loss_func: SARATrainer computes the loss itself (LM + sara_weight × SARA)")
         if args.sara_weight > 0:
+            if args.torch_compile and not router_hooks_installed(model):
+                # Compiled code ignores hooks registered after its first call: install them now,
+                # before the Trainer compiles the model.
+                install_router_hooks(model)
             # Fails now, with the capture's message, for a non-MoE model or layers it lacks,
             # instead of at the first training step.
-            capture_router_logits(model, layers=args.sara_layers, score=args.sara_score)
+            probe = capture_router_logits(model, layers=args.sara_layers, score=args.sara_score)
+            weights = args.sara_layer_weights
+            if weights is not None and len(weights) != len(probe.layers):
+                raise ValueError(
+                    f"sara_layer_weights has {len(weights)} weights but sara_layers={args.sara_layers!r} selects "
+                    f"{len(probe.layers)} MoE layers (decoder layers {list(probe.layers)}): give one weight per layer"
+                )
         train_dataset = _wrap_pairs(train_dataset, "train_dataset")
         eval_dataset = _wrap_pairs(eval_dataset, "eval_dataset")
 
@@ -236,6 +246,12 @@ class SARATrainer(Trainer):
                 f"routing_priors were extracted with max_length={priors.max_length}, but sara_max_length = "
                 f"{args.sara_max_length}: cached anchors would be truncated differently from live ones; "
                 f"re-extract with max_length={args.sara_max_length}"
+            )
+        if isinstance(train_dataset, torch.utils.data.IterableDataset):
+            raise ValueError(
+                "routing_priors need a map-style train_dataset (a list or PairDataset): priors are looked up by "
+                "each example's index, which an IterableDataset does not have; train with live anchors "
+                "(drop routing_priors) or materialise the pairs as a list"
             )
         if isinstance(train_dataset, PairDataset):
             if len(train_dataset) != priors.num_examples:
