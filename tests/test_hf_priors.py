@@ -114,9 +114,12 @@ def test_training_with_priors_equals_live_anchors(tmp_path):
     cached, trainer = train_delta(base, tmp_path, data, routing_priors=str(path), **common)
     assert trainer.data_collator.include_anchor is False  # batches carry the targets only
     assert_updates_close(cached, live, rtol=1e-4)
-    # Evaluation never uses the priors (eval examples index another dataset): LM only here.
+    # Evaluation never uses the priors (eval examples index another dataset): SARA on live anchors.
     metrics = trainer.evaluate(eval_dataset=data)
-    assert "eval_lm_loss" in metrics and "eval_sara_loss" not in metrics
+    _, live_trainer = train_delta(base, tmp_path, data, **common)
+    live_metrics = live_trainer.evaluate(eval_dataset=data)
+    assert metrics["eval_sara_loss"] == pytest.approx(live_metrics["eval_sara_loss"], rel=1e-5)
+    assert metrics["eval_lm_loss"] == pytest.approx(live_metrics["eval_lm_loss"], rel=1e-5)
 
     priors = load_routing_priors(path)
     priors.probs = torch.roll(priors.probs, shifts=1, dims=0)  # priors of the wrong examples

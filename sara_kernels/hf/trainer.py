@@ -148,8 +148,7 @@ class SARATrainer(Trainer):
             or a path to a file written by ``extract_routing_priors``) for ``train_dataset`` in
             its order, extracted with ``max_length`` = ``sara_max_length``; training then skips
             the anchor forward. Evaluation never uses them (eval examples are indexed in another
-            dataset): it uses live anchors when the batch has them and reports the LM loss only
-            otherwise.
+            dataset): its batches carry the anchors, and SARA is measured on live anchors.
 
     Logged (train, and ``eval_``-prefixed in evaluation): ``lm_loss``, ``sara_loss`` (unweighted,
     mean over micro-batches since the last log) and ``sara_js/layer_{i}`` (mean JS of decoder
@@ -211,6 +210,7 @@ class SARATrainer(Trainer):
         if routing_priors is not None:
             self._check_priors(routing_priors, args, train_dataset)
 
+        eval_collator = None
         if data_collator is None:
             if processing_class is None:
                 raise ValueError("processing_class: give the tokenizer (or a data_collator) so pairs can be tokenised")
@@ -220,10 +220,24 @@ class SARATrainer(Trainer):
                 include_anchor=args.sara_lm_on_anchor or (args.sara_weight > 0 and routing_priors is None),
                 lm_on_anchor=args.sara_lm_on_anchor,
             )
+            if args.sara_weight > 0 and not data_collator.include_anchor:
+                # Priors cover the training pairs only: evaluation measures SARA on live anchors.
+                eval_collator = SARACollator(processing_class, max_length=args.sara_max_length, include_anchor=True)
+        self._eval_collator = eval_collator
         self.routing_priors: Optional[RoutingPriors] = routing_priors
         self._sara_metrics: dict = {}
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """With priors the training batches carry no anchors; evaluation batches do (see __init__)."""
+        if self._eval_collator is None:
+            return super().get_eval_dataloader(eval_dataset)
+        train_collator, self.data_collator = self.data_collator, self._eval_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
 
     @staticmethod
     def _check_priors(priors, args, train_dataset):
