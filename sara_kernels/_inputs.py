@@ -66,7 +66,8 @@ def _uniform(layers) -> bool:
 
 
 def _layer_tensors(logits: Logits, arg: str):
-    """(the side's input tensors, stacked?, first [.., N, E] tensor) after the structural checks."""
+    """(the side's input tensors, whether they are one stacked [L, N, E] tensor), after the
+    structural checks."""
     if isinstance(logits, torch.Tensor):
         if logits.dim() != 3:
             raise ValueError(

@@ -491,7 +491,8 @@ def launch(kernel, grid, args: tuple, meta: dict, device: torch.device):
 
     ``args`` are the runtime arguments in signature order, ``meta`` the constexprs and launch
     options. The key holds everything Triton specialises these kernels on (see the module
-    docstring): the constexprs, the options and each tensor argument's dtype.
+    docstring): the constexprs, the options, each tensor argument's dtype and whether each
+    integer argument fits in 32 bits.
     """
     if INTERPRET:
         kernel[grid](*args, **meta)
@@ -603,7 +604,8 @@ def side_plan(logits, mask, cu, score: str, temperature: float, vec: int, device
     first = logits if stacked else logits[0]
     L = first.shape[0] if stacked else len(logits)
     N, E = first.shape[-2:]
-    B, S = tuple(mask.shape) if mask is not None else ((cu.shape[0] - 1, N) if cu is not None else (1, N))
+    B = _num_seqs(mask, cu)
+    S = mask.shape[1] if mask is not None else N
     mask_strides = mask.stride() if mask is not None else (0, 0)
     cu_stride = cu.stride(0) if cu is not None else 0
     key = (stacked, L, N, E, B, S, vec, mask is not None, cu is not None, mask_strides, cu_stride, score,
