@@ -19,7 +19,7 @@ Logits = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 SCORES = ("softmax", "sigmoid")
 REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "cuda", "reference")
 
 
 class RoutingSide(NamedTuple):

@@ -1,8 +1,9 @@
 """Public entry points: ``sara_loss``, ``SARALoss`` and ``routing_distribution``.
 
 They validate the arguments, pick the backend and hand over to the reference (the
-specification, :mod:`sara_kernels.reference`) or to the fused Triton op
-(:mod:`sara_kernels.ops.routing_js`), which also folds the final reduction into its kernels.
+specification, :mod:`sara_kernels.reference`) or to a fused op: the Triton kernels
+(:mod:`sara_kernels.ops.routing_js`) or the CUDA C++ extension (:mod:`sara_kernels.ops.cuda`),
+which both also fold the final reduction into their kernels.
 """
 
 from __future__ import annotations
@@ -15,31 +16,38 @@ import torch
 from . import reference
 from ._inputs import check_options, layer_weight_tensor, routing_side
 from .distributed import check_group
-from .ops import routing_js
+from .ops import cuda, routing_js
 
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The fused backends; both handle the same dtypes, expert counts (E <= 512: one row of experts is
+# one tile) and batch sizes (B <= 65535: the second grid axis).
+_FUSED = {"triton": routing_js, "cuda": cuda}
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_EXPERTS, MAX_SEQS = routing_js.MAX_EXPERTS, routing_js.MAX_SEQS
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, num_experts: int, num_seqs: int = 1) -> str:
-    """``"auto"``: Triton for CUDA tensors of a shape and dtype it handles, the reference otherwise."""
+    """The backend that runs: ``backend`` itself after checking it can, or what ``"auto"`` picks.
+
+    ``"auto"``: Triton for CUDA tensors of a shape and dtype it handles, the reference otherwise.
+    The CUDA extension is opt-in (``backend="cuda"``) until a GPU run of benchmarks/bench_sara.py
+    has measured it against Triton: auto then picks whichever the measurements show is faster.
+    """
     if backend == "auto":
-        usable = (
-            device.type == "cuda" and dtype in _TRITON_DTYPES
-            and num_experts <= routing_js.MAX_EXPERTS and num_seqs <= routing_js.MAX_SEQS
-        )
+        usable = device.type == "cuda" and dtype in _FUSED_DTYPES and num_experts <= MAX_EXPERTS and num_seqs <= MAX_SEQS
         return "triton" if usable else "reference"
-    if backend == "triton":
-        if dtype not in _TRITON_DTYPES:
-            raise TypeError(f"backend='triton' takes float32, bfloat16 or float16 logits, got {dtype}; use backend='reference'")
-        if num_experts > routing_js.MAX_EXPERTS:
-            raise ValueError(f"backend='triton' supports up to E = {routing_js.MAX_EXPERTS} experts, got E = {num_experts}")
-        if num_seqs > routing_js.MAX_SEQS:
-            raise ValueError(f"backend='triton' supports up to B = {routing_js.MAX_SEQS} sequences per call, got B = {num_seqs}")
-        if device.type != "cuda" and not routing_js.INTERPRET:
-            raise ValueError(
-                f"backend='triton' needs CUDA tensors, got tensors on {device} "
-                "(set TRITON_INTERPRET=1 before importing sara_kernels to run the kernels on the CPU)"
-            )
+    if backend in _FUSED:
+        if backend == "cuda":
+            cuda.require()
+        if dtype not in _FUSED_DTYPES:
+            raise TypeError(f"backend={backend!r} takes float32, bfloat16 or float16 logits, got {dtype}; use backend='reference'")
+        if num_experts > MAX_EXPERTS:
+            raise ValueError(f"backend={backend!r} supports up to E = {MAX_EXPERTS} experts, got E = {num_experts}")
+        if num_seqs > MAX_SEQS:
+            raise ValueError(f"backend={backend!r} supports up to B = {MAX_SEQS} sequences per call, got B = {num_seqs}")
+        if device.type != "cuda" and not (backend == "triton" and routing_js.INTERPRET):
+            hint = (" (set TRITON_INTERPRET=1 before importing sara_kernels to run the kernels on the CPU)"
+                    if backend == "triton" else "")
+            raise ValueError(f"backend={backend!r} needs CUDA tensors, got tensors on {device}{hint}")
     return backend
 
 
@@ -78,7 +86,8 @@ def sara_loss(
         detach_anchor: the anchor is a fixed target and gets no gradient (default).
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` ([L, B]).
         return_per_layer: also return the detached per-layer mean JS [L] for logging.
-        backend: ``"auto"`` (Triton on CUDA, reference on CPU) | ``"triton"`` | ``"reference"``.
+        backend: ``"auto"`` (Triton on CUDA, reference on CPU) | ``"triton"`` | ``"cuda"`` (the C++
+            extension, when built) | ``"reference"``.
         group: context parallelism: a ``torch.distributed`` process group whose ranks each hold a
             share of every sequence's tokens (the same B sequences, masks/cu_seqlens describing
             the local tokens). Per-sequence sums and token counts are all-reduced once in the
@@ -95,16 +104,16 @@ def sara_loss(
         anchor_logits, target_logits, anchor_mask, target_mask, anchor_cu_seqlens, target_cu_seqlens, anchor_probs
     )
     weights = layer_weight_tensor(layer_weights, target.num_layers, target.device)
-    fused = resolve_backend(backend, target.device, target.dtype, target.num_experts, target.num_seqs) == "triton"
-    if group is not None or not fused:
-        # Context parallel: the reduction over the group sits between pooling and JS, so the
-        # Triton path pools with its fused kernels and the small [L, B, E] rest runs in PyTorch.
-        module = routing_js if fused else reference
+    backend = resolve_backend(backend, target.device, target.dtype, target.num_experts, target.num_seqs)
+    if group is not None or backend == "reference":
+        # Context parallel: the reduction over the group sits between pooling and JS, so a fused
+        # backend pools with its kernels and the small [L, B, E] rest runs in PyTorch.
+        module = _FUSED.get(backend, reference)
         pool = functools.partial(module.pooled_distribution, score=score, temperature=float(temperature), group=group)
         js, valid = reference.pair_js(anchor, target, priors, score, temperature, detach_anchor, pool)
         loss, per_layer = reference.reduce_pair_js(js, valid, weights, reduction)
     else:
-        loss, per_layer = routing_js.sara_loss(
+        loss, per_layer = _FUSED[backend].sara_loss(
             anchor, target, priors, weights, score, float(temperature), bool(detach_anchor), reduction
         )
     return (loss, per_layer) if return_per_layer else loss
@@ -128,9 +137,10 @@ def routing_distribution(
     check_options(temperature, score, None, backend)
     check_group(group)
     side = routing_side(logits, mask, cu_seqlens, "routing")
-    if resolve_backend(backend, side.device, side.dtype, side.num_experts, side.num_seqs) == "reference":
+    backend = resolve_backend(backend, side.device, side.dtype, side.num_experts, side.num_seqs)
+    if backend == "reference":
         return reference.pooled_distribution(side, score, temperature, group)[0]
-    return routing_js.routing_distribution(side, score, float(temperature), group)
+    return _FUSED[backend].routing_distribution(side, score, float(temperature), group)
 
 
 class SARALoss(torch.nn.Module):

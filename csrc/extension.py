@@ -1,0 +1,29 @@
+"""How the CUDA backend (``sara_kernels._C``) is built: the one description that ``setup.py`` (the
+real build) and ``tests/test_cuda_build.py`` (a compile-only check on machines without a GPU)
+both read, so the check compiles exactly what a user's install compiles.
+
+The kernels (``routing_js_kernels.cu``) include no torch header: they compile in seconds with
+nvcc alone. The host code (``routing_js_ops.cpp``) is plain C++ against torch's headers.
+"""
+
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NAME = "sara_kernels._C"
+SOURCES = ("routing_js_ops.cpp", "routing_js_kernels.cu")
+# --threads: nvcc compiles the architectures of a multi-arch build in parallel.
+NVCC_FLAGS = ("-O3", "-std=c++17", "--threads", "4")
+CXX_FLAGS = ("-O3",)
+# Architectures the CI compile check builds for (an install builds for the visible GPU, or for
+# TORCH_CUDA_ARCH_LIST when set, as torch.utils.cpp_extension does).
+CHECK_ARCHS = ("80", "90")
+# Set to 1 to install without building the extension (backend="cuda" then says how to build it).
+OPT_OUT = "SARA_KERNELS_NO_CUDA"
+
+
+def source_paths() -> list:
+    return [os.path.join(HERE, s) for s in SOURCES]
+
+
+def wanted() -> bool:
+    return os.environ.get(OPT_OUT, "0") != "1"

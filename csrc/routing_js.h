@@ -1,0 +1,118 @@
+// Interface between the host code (routing_js_ops.cpp, which knows torch) and the CUDA kernels
+// (routing_js_kernels.cu, which does not): plain structs and launchers, so the kernels compile
+// quickly and without torch's headers. The math is the one of sara_kernels/reference.py, with
+// the symbols of sara_kernels/ops/routing_js.py (s, P, n_b, M, G, k_l).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace sara {
+
+// Layers per launch of the pooling kernels: their addresses travel as a kernel argument (3 kB,
+// below CUDA's 4 kB limit), so a tuple of layers needs no device-side pointer table, no
+// host-to-device copy and nothing that breaks CUDA-graph capture. More layers: one launch per
+// group of 128.
+constexpr int kMaxLayersPerLaunch = 128;
+constexpr int kMaxExperts = 512;
+constexpr int kMaxSeqs = 65535;  // B is gridDim.y
+
+enum class Dtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Layer i of a launch: logits at ptr[i] + row * row_stride[i] + col * col_stride[i] (elements).
+struct LayerTable {
+  const void* ptr[kMaxLayersPerLaunch];
+  int64_t row_stride[kMaxLayersPerLaunch];
+  int64_t col_stride[kMaxLayersPerLaunch];
+};
+
+// Which rows belong to which sequence (the RoutingSide of sara_kernels/_inputs.py): sequence b
+// is rows [b*S, (b+1)*S) with mask[b, i] != 0 marking valid tokens, or rows
+// [cu[b], cu[b+1]) all valid, or (neither) all N rows with B = 1.
+struct Segments {
+  const void* mask;      // [B, S] of any dtype, or nullptr
+  int64_t mask_sb, mask_ss;
+  int mask_bytes;        // element size of the mask
+  uint64_t mask_bits;    // valid iff (raw bits & mask_bits) != 0: all bits for integers, all but the sign for floats
+  const void* cu;        // [B+1] int32 or int64, or nullptr
+  int64_t cu_stride;
+  int cu_bytes;
+  int64_t num_tokens;    // N
+  int64_t seq_len;       // S (N when cu or neither)
+  int num_seqs;          // B
+};
+
+struct PoolShape {
+  Dtype dtype;
+  int layer_offset;      // global index of the launch's first layer
+  int num_layers;        // layers in this launch (<= kMaxLayersPerLaunch)
+  int num_experts;
+  int splits;            // slices per sequence (gridDim.z)
+  float logit_scale;     // 1/τ (sigmoid) or log2(e)/τ (softmax: one ex2 per logit)
+  bool sigmoid;
+  bool vector_io;        // every layer 16-byte aligned, unit column stride, row stride a multiple of 16 bytes
+};
+
+// Backward of the pooling: ∂L/∂z = c · h ⊙ (G − ⟨s, G⟩), G = coef[l, b, :],
+// c = g / (τ n_b) (normalize) or g / τ, g = scale[l, b] · layer_coef[l] (scale given) or 1.
+struct PoolGrad {
+  const float* coef;
+  int64_t coef_sl, coef_sb, coef_se;
+  const float* scale;       // nullptr: g = 1
+  int64_t scale_sl, scale_sb;
+  const float* layer_coef;  // read only when scale is given
+  const float* count;       // n_b at count[b * count_stride]
+  int64_t count_stride;
+  bool normalize;
+  void* grad;               // [L, N, E] contiguous, in the logits' dtype
+  bool vector_store;        // E * element size is a multiple of 16 bytes
+  float inv_tau;
+};
+
+struct PairArgs {
+  const float* a_partial;  // [L, B, a_splits, E], unused with priors
+  const float* a_count;    // [B, a_splits]
+  int a_splits;
+  const float* t_partial;
+  const float* t_count;
+  int t_splits;
+  const float* priors;     // [L, B, E] float32 with strides, or nullptr
+  int64_t prior_sl, prior_sb, prior_se;
+  float* js;               // [L, B]
+  float* ga;               // [L, B, E]
+  float* gt;
+  float* stats;            // [3, B]: n^a, n^t, pair validity
+  int num_layers, num_seqs, num_experts;
+};
+
+enum Reduction : int { kMean = 0, kSum = 1, kNone = 2 };
+
+struct ReduceArgs {
+  const float* js;
+  const float* stats;
+  const void* weights;     // [L] float32 or float64 with a stride, or nullptr
+  bool weights_f64;
+  int64_t weight_stride;
+  float* loss;             // scalar (mean, sum); unused for none
+  float* per_layer;        // [L]
+  float* layer_coef;       // [L]: k_l
+  int num_layers, num_seqs;
+  int reduction;
+};
+
+// Rows one block covers per loop iteration (the slice granularity the host plans splits with).
+int pool_rows_per_iteration(Dtype dtype, int num_experts);
+
+cudaError_t launch_pool_routing_fwd(const LayerTable& table, const Segments& seg, const PoolShape& shape,
+                                    float* partial, float* count, cudaStream_t stream);
+cudaError_t launch_pool_routing_bwd(const LayerTable& table, const Segments& seg, const PoolShape& shape,
+                                    const PoolGrad& grad, cudaStream_t stream);
+cudaError_t launch_pair_js_fwd(const PairArgs& args, cudaStream_t stream);
+cudaError_t launch_reduce_pair_loss(const ReduceArgs& args, cudaStream_t stream);
+cudaError_t launch_pooled_routing_fwd(const float* partial, const float* count, float* probs, float* total,
+                                      int num_layers, int num_seqs, int num_experts, int splits, bool normalize,
+                                      cudaStream_t stream);
+cudaError_t launch_check_segments(const Segments& seg, cudaStream_t stream);
+
+}  // namespace sara
