@@ -11,8 +11,9 @@ import os
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAME = "sara_kernels._C"
 SOURCES = ("routing_js_ops.cpp", "routing_js_kernels.cu")
-# --threads: nvcc compiles the architectures of a multi-arch build in parallel.
-NVCC_FLAGS = ("-O3", "-std=c++17", "--threads", "4")
+# --threads: nvcc compiles the architectures of a multi-arch build in parallel. The C++ standard
+# is left to torch.utils.cpp_extension, which picks the one its headers need.
+NVCC_FLAGS = ("-O3", "--threads", "4")
 CXX_FLAGS = ("-O3",)
 # Architectures the CI compile check builds for (an install builds for the visible GPU, or for
 # TORCH_CUDA_ARCH_LIST when set, as torch.utils.cpp_extension does).

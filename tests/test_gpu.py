@@ -2,7 +2,9 @@
 
 The interpreter runs the kernel code but not what only the compiled kernels can get wrong:
 register/tile layouts at large E, 32-bit offset overflow beyond 2^31 elements, launch grids
-with split sequences, CUDA-graph capture and torch.compile tracing. Every test is marked
+with split sequences, CUDA-graph capture and torch.compile tracing. Each test runs for every fused
+backend: ``triton``, and ``cuda`` (the C++ extension, skipped with a reason when it is not
+built). Every test is marked
 ``gpu`` and skipped with a reason on a machine without CUDA (there tests/conftest.py turns on
 the interpreter, which these tests must never use). Accuracy is judged with the tolerances
 of :mod:`sara_kernels.programs.selftest` (float64 reference on the same rounded inputs). No test here
@@ -17,7 +19,7 @@ import torch
 import sara_kernels
 from sara_kernels import reference, testing
 from sara_kernels.programs import selftest
-from sara_kernels.ops import routing_js
+from sara_kernels.ops import cuda, routing_js
 
 pytestmark = [
     pytest.mark.gpu,
@@ -29,6 +31,10 @@ DEVICE = "cuda"
 LARGE = selftest.Shape(layers=6, seqs=8, seq_len=1000)
 EXPERTS = [8, 16, 60, 64, 128, 256, 384, 512]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+BACKENDS = [
+    "triton",
+    pytest.param("cuda", marks=pytest.mark.skipif(not cuda.available(), reason=f"CUDA extension not built: {cuda.BUILD_HINT}")),
+]
 
 
 def _assert_passed(result: selftest.CheckResult):
@@ -48,32 +54,35 @@ def _rotating_case(index: int, experts: int, dtype: torch.dtype) -> selftest.Cas
     )
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: selftest.DTYPE_NAMES[d])
 @pytest.mark.parametrize("experts", EXPERTS)
-def test_matches_float64_reference(experts, dtype):
+def test_matches_float64_reference(experts, dtype, backend):
     """JS [L, B] and gradients at 6 layers × 8 ragged sequences (~8k rows per side), with an
     empty sequence on each side, against the float64 reference on the same rounded inputs."""
     index = EXPERTS.index(experts) + len(EXPERTS) * DTYPES.index(dtype)
     case = _rotating_case(index, experts, dtype)
-    _assert_passed(selftest.check_kernel(case, LARGE, "triton", DEVICE, seed=index))
+    _assert_passed(selftest.check_kernel(case, LARGE, backend, DEVICE, seed=index))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("anchor", ["detached", "both"])
-def test_minus_inf_logits(score, anchor):
+def test_minus_inf_logits(score, anchor, backend):
     """An expert at −inf in layer 0 on both sides (P_e = 0: the 0·log 0 terms) and tokens with
     −inf experts: the result is finite, matches the reference, and the disabled expert's
     gradient is exactly zero."""
     case = selftest.Case(experts=60, segmentation="mask", score=score, dtype=torch.bfloat16, anchor=anchor, minus_inf=True)
-    _assert_passed(selftest.check_kernel(case, LARGE, "triton", DEVICE, seed=3))
+    _assert_passed(selftest.check_kernel(case, LARGE, backend, DEVICE, seed=3))
     inputs, _ = selftest.make_inputs(case, LARGE, DEVICE, seed=3)
-    js, grads = selftest.evaluate(inputs, case, "triton")
+    js, grads = selftest.evaluate(inputs, case, backend)
     assert torch.isfinite(js).all()
     assert (grads[0][:, 3] == 0).all()  # grads[0]: layer 0 of the target (tuple layout)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("segmentation", ["mask", "cu_seqlens"])
-def test_no_valid_pair_gives_zero_loss_and_zero_gradients(segmentation):
+def test_no_valid_pair_gives_zero_loss_and_zero_gradients(segmentation, backend):
     gen = torch.Generator().manual_seed(5)
     L, B, S, E = 4, 3, 700, 128
     anchor = [torch.randn(B * S, E, generator=gen).bfloat16().to(DEVICE).requires_grad_() for _ in range(L)]
@@ -88,20 +97,21 @@ def test_no_valid_pair_gives_zero_loss_and_zero_gradients(segmentation):
         cu_a = torch.tensor([0, 0, S, B * S], dtype=torch.int32, device=DEVICE)
         cu_t = torch.tensor([0, B * S, B * S, B * S], dtype=torch.int32, device=DEVICE)
         seg = dict(anchor_cu_seqlens=cu_a, target_cu_seqlens=cu_t)
-    loss = sara_kernels.sara_loss(anchor, target, detach_anchor=False, backend="triton", **seg)
+    loss = sara_kernels.sara_loss(anchor, target, detach_anchor=False, backend=backend, **seg)
     grads = torch.autograd.grad(loss, anchor + target)
     assert loss.item() == 0.0
     assert all((g == 0).all() for g in grads)
 
 
-def _loss_and_grads(anchor, target, mask, **options):
+def _loss_and_grads(anchor, target, mask, backend, **options):
     a = [t.detach().clone().requires_grad_() for t in anchor]
     t = [x.detach().clone().requires_grad_() for x in target]
-    loss = sara_kernels.sara_loss(a, t, mask, mask, backend="triton", **options)
+    loss = sara_kernels.sara_loss(a, t, mask, mask, backend=backend, **options)
     return loss.detach(), torch.autograd.grad(loss, a + t)
 
 
-def test_deterministic_bitwise():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic_bitwise(backend):
     """Few long sequences, so each sequence is split over many programs (partials reduced in a
     fixed order, no float atomics): loss and gradients must be bitwise equal run to run."""
     gen = torch.Generator().manual_seed(7)
@@ -110,14 +120,65 @@ def test_deterministic_bitwise():
     target = [torch.randn(B * S, E, generator=gen).bfloat16().to(DEVICE) for _ in range(L)]
     mask = torch.ones(B, S, dtype=torch.int64, device=DEVICE)
     mask[1, S // 3 :] = 0
-    first_loss, first_grads = _loss_and_grads(anchor, target, mask, detach_anchor=False)
+    first_loss, first_grads = _loss_and_grads(anchor, target, mask, backend, detach_anchor=False)
     for _ in range(3):
-        loss, grads = _loss_and_grads(anchor, target, mask, detach_anchor=False)
+        loss, grads = _loss_and_grads(anchor, target, mask, backend, detach_anchor=False)
         assert torch.equal(loss, first_loss)
         assert all(torch.equal(g, h) for g, h in zip(grads, first_grads))
 
 
-def check_layer_by_layer(layers, experts, target_bounds, anchor_bounds, device):
+@pytest.mark.skipif(not cuda.available(), reason=f"CUDA extension not built: {cuda.BUILD_HINT}")
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("segmentation", ["mask", "cu_seqlens"])
+def test_cuda_matches_triton(segmentation, score):
+    """The two fused backends on the same inputs: equal up to float32 rounding (both sum in
+    float32, in different orders), loss, per-layer JS and gradients, tuple and stacked."""
+    gen = torch.Generator(device=DEVICE).manual_seed(19)
+    L, B, S, E = 6, 5, 900, 128
+    anchor = torch.randn(L, B * S, E, generator=gen, device=DEVICE, dtype=torch.bfloat16)
+    target = [torch.randn(B * S, E, generator=gen, device=DEVICE, dtype=torch.bfloat16) for _ in range(L)]
+    lengths = torch.tensor([S, 700, 0, 1, 450], device=DEVICE)
+    if segmentation == "mask":
+        mask = (torch.arange(S, device=DEVICE)[None, :] < lengths[:, None]).long()
+        seg = dict(anchor_mask=mask, target_mask=mask)
+    else:
+        cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).int()
+        cu[-1] = B * S
+        seg = dict(anchor_cu_seqlens=cu, target_cu_seqlens=cu)
+    out = {}
+    for backend in ("triton", "cuda"):
+        a = anchor.clone().requires_grad_()
+        t = [x.clone().requires_grad_() for x in target]
+        loss, per_layer = sara_kernels.sara_loss(a, t, detach_anchor=False, score=score, temperature=0.8,
+                                                 layer_weights=[1.0 + l for l in range(L)], return_per_layer=True,
+                                                 backend=backend, **seg)
+        out[backend] = (loss, per_layer, torch.autograd.grad(loss, [a, *t]))
+    (loss_t, per_t, grads_t), (loss_c, per_c, grads_c) = out["triton"], out["cuda"]
+    torch.testing.assert_close(loss_c, loss_t, **testing.JS_TOL["long"])
+    torch.testing.assert_close(per_c, per_t, **testing.JS_TOL["long"])
+    assert testing.relative_grad_error(grads_c, grads_t) <= testing.GRAD_TOL[torch.bfloat16]["max_rel"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_routing_distribution_matches_reference(backend):
+    """P [L, B, E] and its gradient against the float64 reference, an empty sequence included."""
+    gen = torch.Generator(device=DEVICE).manual_seed(23)
+    L, B, S, E = 4, 3, 1500, 60
+    logits = torch.randn(L, B * S, E, generator=gen, device=DEVICE, dtype=torch.bfloat16)
+    mask = (torch.arange(S, device=DEVICE)[None, :] < torch.tensor([S, 0, 333], device=DEVICE)[:, None]).long()
+    weight = torch.randn(L, B, E, generator=gen, device=DEVICE, dtype=torch.float64)
+    x = logits.clone().requires_grad_()
+    probs = sara_kernels.routing_distribution(x, mask, score="sigmoid", temperature=0.9, backend=backend)
+    (grad,) = torch.autograd.grad((probs.double() * weight).sum(), x)
+    ref_x = logits.double().requires_grad_()
+    ref = reference.routing_distribution(ref_x, mask, score="sigmoid", temperature=0.9)
+    (ref_grad,) = torch.autograd.grad((ref * weight).sum(), ref_x)
+    torch.testing.assert_close(probs.double(), ref, **testing.PROBS_TOL)
+    assert (probs[:, 1] == 0).all()
+    assert testing.relative_grad_error([grad], [ref_grad]) <= testing.GRAD_TOL[torch.bfloat16]["max_rel"]
+
+
+def check_layer_by_layer(layers, experts, target_bounds, anchor_bounds, device, backend):
     """Kernel loss, per-layer JS and target gradient against the float64 reference evaluated
     one layer at a time (a whole-side float64 evaluation may not fit in memory). With equal
     layer weights loss = mean_l(loss_l), so ∂loss/∂z_l = (1/L)·∂loss_l/∂z_l.
@@ -131,7 +192,7 @@ def check_layer_by_layer(layers, experts, target_bounds, anchor_bounds, device):
     target = torch.randn(L, target_bounds[-1], E, generator=gen, device=device, dtype=torch.bfloat16).requires_grad_()
     anchor = [torch.randn(anchor_bounds[-1], E, generator=gen, device=device, dtype=torch.bfloat16) for _ in range(L)]
     loss, per_layer = sara_kernels.sara_loss(
-        anchor, target, anchor_cu_seqlens=cu_a, target_cu_seqlens=cu_t, return_per_layer=True, backend="triton"
+        anchor, target, anchor_cu_seqlens=cu_a, target_cu_seqlens=cu_t, return_per_layer=True, backend=backend
     )
     (grad,) = torch.autograd.grad(loss, target)
     assert grad.shape == target.shape and grad.dtype == torch.bfloat16
@@ -150,7 +211,8 @@ def check_layer_by_layer(layers, experts, target_bounds, anchor_bounds, device):
 
 
 @pytest.mark.slow
-def test_more_than_2_31_elements_per_side():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_more_than_2_31_elements_per_side(backend):
     """L·N·E > 2^31 on the target side (48 layers × 350k rows × 128 experts in bf16: 4.3 GB,
     and a gradient as large): every offset past 2^31 must be computed in 64 bits. The last
     sequence ends at the last row, the element farthest from the base pointer."""
@@ -158,11 +220,12 @@ def test_more_than_2_31_elements_per_side():
     assert L * N * E > 2**31
     if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
         pytest.skip("needs ≥ 40 GB of GPU memory")
-    check_layer_by_layer(L, E, [0, 60_000, 200_000, 290_000, N], [0, 1_000, 2_000, 3_000, 4_000], DEVICE)
+    check_layer_by_layer(L, E, [0, 60_000, 200_000, 290_000, N], [0, 1_000, 2_000, 3_000, 4_000], DEVICE, backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("segmentation", ["mask", "cu_seqlens"])
-def test_cuda_graph_capture_of_forward_and_backward(segmentation):
+def test_cuda_graph_capture_of_forward_and_backward(segmentation, backend):
     """A step computing sara_loss and its gradients on static buffers is captured once and
     replayed on new data; it must equal the eager step on that data bitwise.
 
@@ -185,7 +248,7 @@ def test_cuda_graph_capture_of_forward_and_backward(segmentation):
         seg = dict(anchor_cu_seqlens=cu, target_cu_seqlens=cu)
 
     def step():
-        loss = sara_kernels.sara_loss(static_a, static_t, detach_anchor=False, backend="triton", **seg)
+        loss = sara_kernels.sara_loss(static_a, static_t, detach_anchor=False, backend=backend, **seg)
         return loss, torch.autograd.grad(loss, static_a + static_t)
 
     side = torch.cuda.Stream()
@@ -209,20 +272,10 @@ def test_cuda_graph_capture_of_forward_and_backward(segmentation):
     assert all(torch.equal(g, h) for g, h in zip(graph_grads, eager_grads))
 
 
-def _registered_sara_ops() -> list:
-    """Operator names under torch.library that mention sara (the op torch.compile would trace)."""
-    names = getattr(torch._C, "_dispatch_get_all_op_names", lambda: [])()
-    return [name for name in names if "sara" in name.lower()]
-
-
-@pytest.mark.xfail(
-    condition=not _registered_sara_ops(),
-    reason="sara_loss is not registered with torch.library yet: dynamo cannot trace the pointer table (data_ptr)",
-    strict=False,
-)
-def test_torch_compile_fullgraph():
-    """sara_loss(backend="triton") inside a function compiled with fullgraph=True (no graph
-    breaks): same loss and gradients as eager."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    """sara_loss inside a function compiled with fullgraph=True (no graph breaks): same loss and
+    gradients as eager."""
     gen = torch.Generator(device=DEVICE).manual_seed(17)
     L, B, S, E = 4, 4, 512, 64
     anchor = [torch.randn(B * S, E, generator=gen, device=DEVICE, dtype=torch.bfloat16) for _ in range(L)]
@@ -230,7 +283,7 @@ def test_torch_compile_fullgraph():
     mask = (torch.arange(S, device=DEVICE)[None, :] < torch.tensor([S, 100, 0, 400], device=DEVICE)[:, None]).long()
 
     def loss_fn(a, t, m):
-        return sara_kernels.sara_loss(a, t, m, m, detach_anchor=False, backend="triton")
+        return sara_kernels.sara_loss(a, t, m, m, detach_anchor=False, backend=backend)
 
     compiled = torch.compile(loss_fn, fullgraph=True)
     results = []

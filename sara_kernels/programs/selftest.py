@@ -11,7 +11,8 @@ are tight enough to catch a wrong result and loose enough never to flag a correc
 
 What runs depends on the machine:
 
-* CUDA device: every kernel backend (today ``triton``) on the GPU, the full grid.
+* CUDA device: every kernel backend installed (``triton``, and ``cuda`` when the C++ extension
+  is built) on the GPU, the full grid.
 * no CUDA device, ``TRITON_INTERPRET=1`` set before importing ``sara_kernels``: the same
   checks at tiny shapes under the Triton interpreter (slow, but exercises the kernel code).
 * neither: the kernels cannot run; this is said clearly and only the reference itself is
@@ -36,7 +37,7 @@ import triton
 
 from .. import api, reference
 from .._inputs import BACKENDS
-from ..ops import routing_js
+from ..ops import cuda, routing_js
 from ..testing import (
     GRAD_TOL,
     JS_TOL,
@@ -303,8 +304,15 @@ def check_reference(case: Case, shape: Shape, seed: int) -> CheckResult:
 
 
 def kernel_backends() -> list:
-    """Every backend besides the reference that this installation offers (``triton`` today)."""
-    return [b for b in BACKENDS if b not in ("auto", "reference")]
+    """Every fused backend this installation offers: ``triton``, and ``cuda`` when the C++
+    extension is built."""
+    return [b for b in BACKENDS if b not in ("auto", "reference") and (b != "cuda" or cuda.available())]
+
+
+def backends_line() -> str:
+    """Which backends are installed, and why the CUDA extension is not, for the report's header."""
+    built = "built" if cuda.available() else f"NOT built ({cuda.LOAD_ERROR}); {cuda.BUILD_HINT}"
+    return f"backends: triton (Triton {triton.__version__}); cuda (C++ extension {built}); reference"
 
 
 def plan(device: torch.device):
@@ -313,7 +321,7 @@ def plan(device: torch.device):
         name = torch.cuda.get_device_name(device)
         return GPU_SHAPE, kernel_backends(), f"CUDA device {name}: kernels vs float64 reference"
     if routing_js.INTERPRET:
-        return TINY_SHAPE, kernel_backends(), "no GPU; TRITON_INTERPRET=1: kernels under the Triton interpreter, tiny shapes"
+        return TINY_SHAPE, ["triton"], "no GPU; TRITON_INTERPRET=1: kernels under the Triton interpreter, tiny shapes"
     return TINY_SHAPE, [], (
         "NO GPU: the kernels cannot run here, so they are NOT checked. Only the reference is checked "
         "against an independent NumPy computation. (Set TRITON_INTERPRET=1 to run the kernels on the CPU.)"
@@ -357,6 +365,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-cases", type=int, default=None, help="check only the first N cases of the grid")
     args = parser.parse_args(argv)
     print(f"sara_kernels selftest: torch {torch.__version__}, triton {triton.__version__}, python {sys.version.split()[0]}")
+    print(backends_line())
     start = time.perf_counter()
     results = run_checks(args.device, args.quick, args.max_cases)
     print(results_table(results))
