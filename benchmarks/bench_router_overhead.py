@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import sara_kernels
-from sara_kernels.ops import routing_js
+from sara_kernels.ops import cuda, routing_js
 
 from sara_kernels.programs.table import format_table
 
@@ -111,7 +111,7 @@ def sara_term(outputs, attention_mask, backend: str):
 
 
 def make_step(model, optimizer, batch, variant: str):
-    """One optimizer step; ``variant`` is "none" | "reference" | "triton"."""
+    """One optimizer step; ``variant`` is "none" (no SARA) or the SARA backend: "reference" | "triton" | "cuda"."""
 
     def step(*_):
         outputs = model(**batch, output_router_logits=True)
@@ -133,6 +133,10 @@ def available_variants(device) -> tuple:
         variants.append("triton")
     else:
         notes["triton"] = "needs a CUDA device or TRITON_INTERPRET=1"
+    if device.type == "cuda" and cuda.available():
+        variants.append("cuda")
+    else:
+        notes["cuda"] = "needs a CUDA device and the built CUDA extension"
     return variants, notes
 
 

@@ -51,6 +51,9 @@ TARGETS = [
      "workspace_vs_reference", 0.02, "<="),
 ]
 
+# Thresholds that differ per fused backend: the C++ op's host path has its own target (issue 8).
+BACKEND_THRESHOLDS = {"cuda": {"host": 0.03}}
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 

@@ -1,4 +1,4 @@
-"""Contenders of bench_sara.py: what the fused Triton op is measured against.
+"""Contenders of bench_sara.py: the fused ops (Triton, CUDA C++) and what they are measured against.
 
 A contender is a name, an input form and a builder returning ``loss(anchor, target, mask,
 priors)``; adding one is one entry in ``CONTENDERS`` (and a skip reason if it cannot always run).
@@ -12,8 +12,7 @@ from typing import Callable, Optional
 import torch
 
 import sara_kernels
-from sara_kernels._inputs import BACKENDS
-from sara_kernels.ops import routing_js
+from sara_kernels.ops import cuda, routing_js
 
 from sara_cases import Case
 
@@ -44,6 +43,9 @@ class Contender:
     stacked: bool = False  # inputs as one [L, N, E] tensor per side instead of a tuple of L [N, E]
 
 
+# The fused ops, whose kernels the profiler breaks down.
+FUSED = ("triton", "cuda")
+
 # name -> (input form stacked?, builder(case, variant)). torch.compile gets the stacked form: with
 # tuples of 48 tensors its compile did not finish in 100 s on an H200 (54 s stacked).
 CONTENDERS = {
@@ -56,8 +58,8 @@ CONTENDERS = {
 
 def skip_reason(name: str, device: torch.device) -> Optional[str]:
     if name == "cuda":
-        if "cuda" not in BACKENDS:
-            return "sara_kernels has no CUDA backend"
+        if not cuda.available():
+            return f"CUDA extension not built ({cuda.LOAD_ERROR})"
         if device.type != "cuda":
             return "needs a CUDA device"
     if name == "triton" and device.type != "cuda" and not routing_js.INTERPRET:

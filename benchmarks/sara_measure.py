@@ -22,11 +22,17 @@ from common import (
     time_calls,
 )
 from sara_cases import Case, CaseInputs, logits_bytes, make_inputs, min_bytes
-from sara_contenders import Contender, loss_function, make_contenders
+from sara_contenders import FUSED, Contender, loss_function, make_contenders
 
 PASSES = ["fwd", "bwd", "fwd+bwd"]
 # The kernels of the Triton op and the pass whose minimum traffic each one moves.
 KERNEL_PASSES = {"pool_routing_fwd": "fwd", "pool_routing_bwd": "bwd"}
+
+
+def kernel_pass(name: str):
+    """"fwd"/"bwd" for a pooling kernel of either fused backend (the profiler names CUDA C++
+    kernels by their full signature, e.g. ``void sara::…::pool_routing_fwd<…>``), else None."""
+    return next((p for k, p in KERNEL_PASSES.items() if k in name), None)
 
 
 class CompileTimeout(Exception):
@@ -140,7 +146,7 @@ def significant(x: float, digits: int = 4) -> float:
 
 
 def kernel_profile(case: Case, inputs: CaseInputs, device: torch.device, copies: int, copy_gbps: float,
-                   reps: int = 5) -> dict:
+                   backend: str, reps: int = 5) -> dict:
     """Where the fused op's fwd+bwd time goes, from torch.profiler's device timeline: each
     kernel's time per step and, for the pooling kernels, the fraction of copy bandwidth at which
     they move their pass's minimum traffic (forward: every logit read once; backward: read again
@@ -152,7 +158,7 @@ def kernel_profile(case: Case, inputs: CaseInputs, device: torch.device, copies:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    fn = loss_function(case, "triton")
+    fn = loss_function(case, backend)
 
     def step(i):
         loss = fn(inputs.anchors[i], inputs.targets[i], inputs.mask, inputs.priors[i])
@@ -180,11 +186,11 @@ def kernel_profile(case: Case, inputs: CaseInputs, device: torch.device, copies:
     total = sum(k["ms_per_step"] for k in kernels)
     for k in kernels:
         k["share"] = significant(k["ms_per_step"] / total) if total else None
-        pass_name = KERNEL_PASSES.get(k["name"])
+        pass_name = kernel_pass(k["name"])
         if pass_name and on_gpu:
             gbps = min_bytes(case, pass_name) / (k["ms_per_step"] * 1e-3) / 1e9
             k["bw_fraction"] = significant(gbps / copy_gbps)
-    pooling = sum(k["ms_per_step"] for k in kernels if k["name"] in KERNEL_PASSES)
+    pooling = sum(k["ms_per_step"] for k in kernels if kernel_pass(k["name"]))
     gbps = min_bytes(case, "fwd+bwd") / (pooling * 1e-3) / 1e9 if pooling else None
     return dict(device_ms_per_step=significant(total), pooling_ms_per_step=significant(pooling),
                 pooling_bw_fraction=significant(gbps / copy_gbps) if gbps and on_gpu else None, kernels=kernels[:12])
@@ -244,14 +250,14 @@ def measure_case(case: Case, device: torch.device, l2_bytes: int, copy_gbps: flo
         rows += [dict(shape, **row) for row in measure_contender(case, contender, inputs, device, copies, args, flush)]
         release_memory(device)
         add_derived_metrics(case, rows, copy_gbps)
-        if contender.name == "triton":
-            triton_row = next((r for r in rows if r["contender"] == "triton" and r.get("pass_name") == "fwd+bwd"
-                               and r.get("status") == "ok"), None)
-            if triton_row is not None:
+        if contender.name in FUSED:
+            fused_row = next((r for r in rows if r["contender"] == contender.name and r.get("pass_name") == "fwd+bwd"
+                              and r.get("status") == "ok"), None)
+            if fused_row is not None:
                 try:
-                    triton_row["kernel_profile"] = kernel_profile(case, inputs, device, copies, copy_gbps)
+                    fused_row["kernel_profile"] = kernel_profile(case, inputs, device, copies, copy_gbps, contender.name)
                 except Exception as exc:  # a profiler problem must not cost the measured rows
-                    triton_row["kernel_profile"] = dict(error=f"{type(exc).__name__}: {str(exc)[:200]}")
+                    fused_row["kernel_profile"] = dict(error=f"{type(exc).__name__}: {str(exc)[:200]}")
                 release_memory(device)
         checkpoint(rows)
     del inputs

@@ -7,44 +7,61 @@ import os
 from sara_kernels.programs.table import format_table
 
 from common import write_csv, write_json
-from sara_cases import MODES, TARGETS
-from sara_contenders import CONTENDERS
-from sara_measure import KERNEL_PASSES, PASSES, significant
+from sara_cases import BACKEND_THRESHOLDS, MODES, TARGETS
+from sara_contenders import CONTENDERS, FUSED
+from sara_measure import PASSES, kernel_pass, significant
+
+
+def _kernel_bw(row) -> dict:
+    """{"fwd": fraction of copy bandwidth, "bwd": ...} of a fused row's pooling kernels."""
+    kernels = ((row or {}).get("kernel_profile") or {}).get("kernels", [])
+    return {kernel_pass(k["name"]): k.get("bw_fraction") for k in kernels if kernel_pass(k["name"])}
+
+
+def _speedup(other, fused):
+    """How many times faster the fused row is than ``other`` (same case and pass)."""
+    if not other or not fused:
+        return None
+    return significant(other["median_ms"] / fused["median_ms"])
 
 
 def evaluate_targets(rows: list) -> list:
-    """For every case at the target shape: each target's value, whether it is met and the
-    margin (value / threshold for ≥ targets, threshold / value for ≤ targets: > 1 is met)."""
+    """For every case at the target shape and every fused backend measured: each target's value,
+    whether it is met and the margin (value / threshold for ≥ targets, threshold / value for ≤
+    targets: > 1 is met)."""
     results = []
     keys = sorted({(r["model"], r["tokens"], r["mode"]) for r in rows if r.get("target_shape")},
                   key=lambda k: (k[0], k[1], MODES.index(k[2])))
     for model, tokens, mode in keys:
         case_rows = [r for r in rows if (r["model"], r["tokens"], r["mode"]) == (model, tokens, mode)
                      and r.get("pass_name") == "fwd+bwd" and r.get("status") == "ok"]
-        triton = next((r for r in case_rows if r["contender"] == "triton"), None)
         ref = next((r for r in case_rows if r["contender"] == "reference"), None)
         best_compile = next((r for r in case_rows if r.get("best_compile_mode")), None)
-        kernel_bw = {KERNEL_PASSES[k["name"]]: k.get("bw_fraction")
-                     for k in ((triton or {}).get("kernel_profile") or {}).get("kernels", []) if k["name"] in KERNEL_PASSES}
-        values = {
-            "fwd_kernel_bw": kernel_bw.get("fwd"),
-            "bwd_kernel_bw": kernel_bw.get("bwd"),
-            "cpu_ms_per_call": triton and triton.get("cpu_ms_per_call"),
-            "bw_fraction": triton and triton.get("bw_fraction"),
-            "speedup_vs_reference": ref and triton and ref.get("triton_speedup"),
-            "speedup_vs_compile": best_compile and triton and best_compile.get("triton_speedup"),
-            "workspace_vs_reference": _ratio(triton and triton.get("workspace_mb"), ref and ref.get("workspace_mb")),
-        }
-        for key, text, metric, threshold, direction in TARGETS:
-            value = values[metric]
-            entry = dict(target=key, description=text, model=model, tokens=tokens, mode=mode, threshold=threshold,
-                         direction=direction, value=value, met=None, margin=None)
-            if value is None:
-                entry["note"] = "a contender it needs was skipped, failed or ran out of memory"
-            else:
-                entry["met"] = value >= threshold if direction == ">=" else value <= threshold
-                entry["margin"] = significant(value / threshold if direction == ">=" else threshold / max(value, 1e-12))
-            results.append(entry)
+        for backend in FUSED:
+            fused = next((r for r in case_rows if r["contender"] == backend), None)
+            if fused is None and backend != "triton":
+                continue  # the CUDA op is optional: no rows, no targets
+            kernel_bw = _kernel_bw(fused)
+            values = {
+                "fwd_kernel_bw": kernel_bw.get("fwd"),
+                "bwd_kernel_bw": kernel_bw.get("bwd"),
+                "cpu_ms_per_call": fused and fused.get("cpu_ms_per_call"),
+                "bw_fraction": fused and fused.get("bw_fraction"),
+                "speedup_vs_reference": _speedup(ref, fused),
+                "speedup_vs_compile": _speedup(best_compile, fused),
+                "workspace_vs_reference": _ratio(fused and fused.get("workspace_mb"), ref and ref.get("workspace_mb")),
+            }
+            for key, text, metric, threshold, direction in TARGETS:
+                threshold = BACKEND_THRESHOLDS.get(backend, {}).get(key, threshold)
+                value = values[metric]
+                entry = dict(target=key, backend=backend, description=text, model=model, tokens=tokens, mode=mode,
+                             threshold=threshold, direction=direction, value=value, met=None, margin=None)
+                if value is None:
+                    entry["note"] = "a contender it needs was skipped, failed or ran out of memory"
+                else:
+                    entry["met"] = value >= threshold if direction == ">=" else value <= threshold
+                    entry["margin"] = significant(value / threshold if direction == ">=" else threshold / max(value, 1e-12))
+                results.append(entry)
     return results
 
 
@@ -57,7 +74,7 @@ def _ratio(a, b):
 def target_lines(targets: list) -> list:
     lines = []
     for t in targets:
-        where = f"{t['model']} N={t['tokens']} {t['mode']}"
+        where = f"{t.get('backend', 'triton')}, {t['model']} N={t['tokens']} {t['mode']}"
         if t["met"] is None:
             lines.append(f"- {t['description']} [{where}]: NOT MEASURED ({t.get('note', '')})")
         else:
@@ -73,6 +90,8 @@ SUMMARY_COLUMNS = [
     ("fwd kern bw", "fwd_kernel_bw"), ("bwd kern bw", "bwd_kernel_bw"),
     ("ref ms", "reference_ms"), ("×ref", "vs_reference"), ("compile ms", "compile_ms"), ("×compile", "vs_compile"),
     ("compile s", "compile_s"), ("ws MB", "triton_ws"), ("ref ws MB", "reference_ws"),
+    ("cuda ms p20/50/80", "cuda_ms"), ("cuda cpu ms", "cuda_cpu"), ("cuda fwd/bwd kern bw", "cuda_kernel_bw"),
+    ("cuda ×triton", "cuda_vs_triton"),
 ]
 
 
@@ -89,16 +108,23 @@ def summary_rows(rows: list, pass_name: str = "fwd+bwd") -> list:
               and r.get("status") == "ok"]
         first = next(r for r in rows if (r["model"], r["tokens"], r["mode"]) == key)
         get = {c: next((r for r in rs if r["contender"] == c and (c != "compile" or r.get("best_compile_mode"))), None)
-               for c in ("triton", "reference", "compile")}
+               for c in ("triton", "reference", "compile", "cuda")}
         line = dict(model=first["model"], layers=first["layers"], experts=first["experts"], tokens=first["tokens"], mode=first["mode"])
         if get["triton"]:
             t = get["triton"]
             line.update(triton_ms=f"{t['p20_ms']:.3g}/{t['median_ms']:.3g}/{t['p80_ms']:.3g}",
                         bw_fraction=f"{t['bw_fraction']:.3g}", triton_ws=t.get("workspace_mb"),
                         triton_cpu=None if t.get("cpu_ms_per_call") is None else f"{t['cpu_ms_per_call']:.3g}")
-            for k in (t.get("kernel_profile") or {}).get("kernels", []):
-                if k.get("bw_fraction") is not None:
-                    line[f"{KERNEL_PASSES[k['name']]}_kernel_bw"] = f"{k['bw_fraction']:.3g}"
+            for pass_name, fraction in _kernel_bw(t).items():
+                if fraction is not None:
+                    line[f"{pass_name}_kernel_bw"] = f"{fraction:.3g}"
+        if get["cuda"]:
+            c = get["cuda"]
+            bw = _kernel_bw(c)
+            line.update(cuda_ms=f"{c['p20_ms']:.3g}/{c['median_ms']:.3g}/{c['p80_ms']:.3g}",
+                        cuda_cpu=None if c.get("cpu_ms_per_call") is None else f"{c['cpu_ms_per_call']:.3g}",
+                        cuda_kernel_bw="/".join("-" if bw.get(p) is None else f"{bw[p]:.3g}" for p in ("fwd", "bwd")),
+                        cuda_vs_triton=_speedup(get["triton"], c))
         if get["compile"]:
             line["compile_s"] = get["compile"].get("first_call_s")
         for c, col in (("reference", "vs_reference"), ("compile", "vs_compile")):

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU CI in one call: install, GPU tests, kernel tests at real compile, selftest, quick benchmarks.
+# GPU CI in one call: install (building the CUDA extension for this GPU), GPU tests of both fused
+# backends, kernel tests at real compile, selftest, quick benchmarks.
 #
 #   bash scripts/gpu_ci.sh OUTDIR
 #
@@ -62,9 +63,10 @@ run_stage env 30 "$LAST_LINE_NOTE" bash -c "
     '$PY' -c 'import sys, torch, triton; print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \"triton\", triton.__version__, \"cuda\", torch.version.cuda, \"device\", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'
 "
 
-run_stage install 90 "$LAST_LINE_NOTE" bash -c "
+# Builds sara_kernels._C (csrc/) for the visible GPU's architecture; a failed build fails the stage.
+run_stage install 240 "$LAST_LINE_NOTE" bash -c "
     '$PY' -m pip install --no-deps --no-build-isolation --disable-pip-version-check -e . || exit 1
-    '$PY' -c 'import sara_kernels; print(\"sara_kernels\", sara_kernels.__version__, \"from\", sara_kernels.__file__)'
+    '$PY' -c 'import sara_kernels; from sara_kernels.ops import cuda; print(\"sara_kernels\", sara_kernels.__version__, \"CUDA extension:\", \"built\" if cuda.available() else cuda.LOAD_ERROR); exit(0 if cuda.available() else 1)'
 "
 if ! awk -F'\t' '$1 == "install" && $2 == "PASS" {ok = 1} END {exit !ok}' "$STAGES"; then
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # run the later stages from the source tree
@@ -93,7 +95,7 @@ LIMIT=$(stage_limit 175 40)
 run_stage bench_sara "$LIMIT" 'f="$OUT/bench_sara/summary.md"; [ -f "$f" ] || { tail -n 1 "$LOG"; exit; }; echo "targets: $(grep -c ": MET:" "$f") met, $(grep -c ": NOT MET:" "$f") not met, $(grep -c "NOT MEASURED" "$f") not measured"' \
     "$PY" benchmarks/bench_sara.py --quick --out "$OUT/bench_sara" --time-budget $((LIMIT > 80 ? LIMIT - 45 : 35))
 
-run_stage bench_overhead "$(stage_limit 60 5)" 'grep -qE "^triton " "$LOG" || { tail -n 1 "$LOG"; exit; }; grep -E "^(reference|triton) " "$LOG" | awk "{print \$1\": +\"\$3\" ms (\"\$4\"% of step)\"}" | tr "\n" ";"' \
+run_stage bench_overhead "$(stage_limit 60 5)" 'grep -qE "^triton " "$LOG" || { tail -n 1 "$LOG"; exit; }; grep -E "^(reference|triton|cuda) " "$LOG" | awk "{print \$1\": +\"\$3\" ms (\"\$4\"% of step)\"}" | tr "\n" ";"' \
     "$PY" benchmarks/bench_router_overhead.py --quick --out "$OUT/bench_overhead"
 
 {
