@@ -68,14 +68,23 @@ Side describe(TensorList logits, const char* name) {
     side.N = first.size(1);
     side.E = first.size(2);
   } else {
+    // The Python API leaves these per-layer checks of a tuple to this loop (they cost ~0.75 µs
+    // per layer in Python), so the messages are those of sara_kernels/_inputs.py's _check_layers.
     side.L = static_cast<int64_t>(logits.size());
-    TORCH_CHECK(first.dim() == 2, name, ": expected [N, E] tensors or one [L, N, E] tensor, got shape ", first.sizes());
+    for (size_t i = 0; i < logits.size(); ++i) {
+      const Tensor& t = logits[i];
+      TORCH_CHECK(t.dim() == 2, name, "[", i, "]: expected a [N, E] tensor, got shape ", t.sizes());
+      TORCH_CHECK(t.device() == first.device(), name, "[", i, "] is on ", t.device(), ", ", name, "[0] on ",
+                  first.device(), ": all layers must share a device");
+      TORCH_CHECK(t.scalar_type() == first.scalar_type(), name, "[", i, "] has dtype ", t.scalar_type(), ", ", name,
+                  "[0] ", first.scalar_type(), ": all layers must share a dtype");
+      TORCH_CHECK(t.size(1) == first.size(1), name, "[", i, "] has E = ", t.size(1), " experts, ", name, "[0] has E = ",
+                  first.size(1), ": E must match across layers");
+      TORCH_CHECK(t.size(0) == first.size(0), name, "[", i, "] has N = ", t.size(0), " tokens, ", name, "[0] has N = ",
+                  first.size(0), ": N must match across layers");
+    }
     side.N = first.size(0);
     side.E = first.size(1);
-    for (const Tensor& t : logits) {
-      TORCH_CHECK(t.sizes() == first.sizes() && t.scalar_type() == first.scalar_type() && t.device() == first.device(),
-                  name, ": all layers must share shape, dtype and device");
-    }
   }
   TORCH_CHECK(first.is_cuda(), name, ": the CUDA backend needs CUDA tensors, got ", first.device());
   TORCH_CHECK(side.L >= 1, name, ": expected at least one layer");

@@ -101,7 +101,8 @@ def sara_loss(
     check_options(temperature, score, reduction, backend)
     check_group(group)
     anchor, target, priors = reference.prepare_pair(
-        anchor_logits, target_logits, anchor_mask, target_mask, anchor_cu_seqlens, target_cu_seqlens, anchor_probs
+        anchor_logits, target_logits, anchor_mask, target_mask, anchor_cu_seqlens, target_cu_seqlens, anchor_probs,
+        layers_checked_natively=backend == "cuda",
     )
     weights = layer_weight_tensor(layer_weights, target.num_layers, target.device)
     backend = resolve_backend(backend, target.device, target.dtype, target.num_experts, target.num_seqs)
@@ -136,7 +137,7 @@ def routing_distribution(
     """
     check_options(temperature, score, None, backend)
     check_group(group)
-    side = routing_side(logits, mask, cu_seqlens, "routing")
+    side = routing_side(logits, mask, cu_seqlens, "routing", layers_checked_natively=backend == "cuda")
     backend = resolve_backend(backend, side.device, side.dtype, side.num_experts, side.num_seqs)
     if backend == "reference":
         return reference.pooled_distribution(side, score, temperature, group)[0]

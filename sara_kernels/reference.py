@@ -181,9 +181,11 @@ def sara_loss(
     return (loss, per_layer) if return_per_layer else loss
 
 
-def prepare_pair(anchor_logits, target_logits, anchor_mask, target_mask, anchor_cu_seqlens, target_cu_seqlens, anchor_probs):
-    """Validate both sides; returns (anchor side or None in priors mode, target side, priors or None)."""
-    target = routing_side(target_logits, target_mask, target_cu_seqlens, "target")
+def prepare_pair(anchor_logits, target_logits, anchor_mask, target_mask, anchor_cu_seqlens, target_cu_seqlens, anchor_probs,
+                 layers_checked_natively: bool = False):
+    """Validate both sides; returns (anchor side or None in priors mode, target side, priors or None).
+    ``layers_checked_natively``: see :func:`sara_kernels._inputs.routing_side`."""
+    target = routing_side(target_logits, target_mask, target_cu_seqlens, "target", layers_checked_natively)
     if anchor_probs is not None:
         if anchor_logits is not None:
             raise ValueError("give either anchor_logits or anchor_probs (cached priors), not both")
@@ -193,6 +195,6 @@ def prepare_pair(anchor_logits, target_logits, anchor_mask, target_mask, anchor_
         return None, target, anchor_probs
     if anchor_logits is None:
         raise ValueError("anchor_logits is None: give anchor logits or cached priors via anchor_probs")
-    anchor = routing_side(anchor_logits, anchor_mask, anchor_cu_seqlens, "anchor")
+    anchor = routing_side(anchor_logits, anchor_mask, anchor_cu_seqlens, "anchor", layers_checked_natively)
     check_pair(anchor, target)
     return anchor, target, None

@@ -46,7 +46,7 @@ BAD = {
     "temperature string": (dict(temperature="1"), TypeError, "temperature"),
     "score": (dict(score="sparsemax"), ValueError, "score: expected one of"),
     "reduction": (dict(reduction="avg"), ValueError, "reduction: expected one of"),
-    "backend": (dict(backend="cuda"), ValueError, "backend: expected one of"),
+    "backend": (dict(backend="tpu"), ValueError, "backend: expected one of"),
     "priors shape": (dict(anchor_logits=None, anchor_probs=torch.rand(L, B + 1, E), target_mask=MASK), ValueError, "anchor_probs: expected shape"),
     "priors and logits": (dict(anchor_probs=torch.rand(L, 1, E)), ValueError, "either anchor_logits or anchor_probs"),
     "no anchor": (dict(anchor_logits=None), ValueError, "anchor_logits is None"),
