@@ -72,12 +72,6 @@ struct PoolTile {
   static_assert(G >= 1 && G <= 32 && (32 % G) == 0, "a row's lanes sit in one warp");
 };
 
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 template <int G>
 __device__ __forceinline__ float group_max(float v) {
 #pragma unroll
@@ -203,7 +197,7 @@ __device__ __forceinline__ void score_row(const typename D::raw (&v)[EPT], int c
     float sum = 0.f;
 #pragma unroll
     for (int j = 0; j < EPT; ++j) {
-      s[j] = fast_exp2(z[j] - m);
+      s[j] = exp2f(z[j] - m);  // one ex2.approx per logit (what exp2f compiles to)
       sum += s[j];
     }
     const float total = group_sum<G>(sum);
@@ -217,8 +211,8 @@ __device__ __forceinline__ void score_row(const typename D::raw (&v)[EPT], int c
 }
 
 template <class D, class Tile>
-__global__ void __launch_bounds__(kThreads, Tile::kMinBlocks) pool_routing_fwd(const LayerTable table, const Segments seg,
-                                                             const PoolShape shape, float* __restrict__ partial,
+__global__ void __launch_bounds__(kThreads, Tile::kMinBlocks) pool_routing_fwd(LayerTable table, Segments seg,
+                                                             PoolShape shape, float* __restrict__ partial,
                                                              float* __restrict__ count) {
   constexpr int EPT = Tile::kEpt, G = Tile::kLanesPerRow, U = Tile::kUnroll;
   using raw = typename D::raw;
@@ -292,8 +286,8 @@ __global__ void __launch_bounds__(kThreads, Tile::kMinBlocks) pool_routing_fwd(c
 }
 
 template <class D, class Tile>
-__global__ void __launch_bounds__(kThreads, Tile::kMinBlocks) pool_routing_bwd(const LayerTable table, const Segments seg,
-                                                             const PoolShape shape, const PoolGrad grad) {
+__global__ void __launch_bounds__(kThreads, Tile::kMinBlocks) pool_routing_bwd(LayerTable table, Segments seg,
+                                                             PoolShape shape, PoolGrad grad) {
   constexpr int EPT = Tile::kEpt, G = Tile::kLanesPerRow, U = Tile::kUnroll;
   using raw = typename D::raw;
   const int li = blockIdx.x, b = blockIdx.y, split = blockIdx.z;
@@ -367,7 +361,7 @@ __global__ void __launch_bounds__(kThreads, Tile::kMinBlocks) pool_routing_bwd(c
 __device__ __forceinline__ float half_log_ratio(float p, float m) { return p == 0.f ? 0.f : 0.5f * logf(p / m); }
 
 // One warp per (l, b).
-__global__ void __launch_bounds__(32) pair_js_fwd(const PairArgs a) {
+__global__ void __launch_bounds__(32) pair_js_fwd(PairArgs a) {
   const int l = blockIdx.x, b = blockIdx.y, lane = threadIdx.x;
   const int B = a.num_seqs, E = a.num_experts;
   float n_t = 0.f, n_a = 1.f;
@@ -417,7 +411,7 @@ __device__ __forceinline__ float layer_weight(const ReduceArgs& a, int l) {
 }
 
 // One block: the loss, the per-layer mean JS and k_l, in a fixed order (deterministic).
-__global__ void __launch_bounds__(kThreads) reduce_pair_loss(const ReduceArgs a) {
+__global__ void __launch_bounds__(kThreads) reduce_pair_loss(ReduceArgs a) {
   __shared__ float red[kWarps];
   __shared__ float coef_scale;
   const int L = a.num_layers, B = a.num_seqs;
@@ -478,7 +472,7 @@ __global__ void __launch_bounds__(32) pooled_routing_fwd(const float* __restrict
 
 // Device-side check of cu_seqlens [B+1]: starts at 0, non-decreasing, ends at N. Reading the
 // values on the host would be a sync on every step and illegal in a CUDA-graph capture.
-__global__ void __launch_bounds__(kThreads) check_segments(const Segments seg) {
+__global__ void __launch_bounds__(kThreads) check_segments(Segments seg) {
   const int B = seg.num_seqs;
   if (threadIdx.x == 0) {
     const int64_t first = load_index(seg.cu, 0, seg.cu_bytes);
@@ -539,6 +533,18 @@ dim3 pool_grid(const Segments& seg, const PoolShape& shape) {
   return dim3(shape.num_layers, seg.num_seqs, shape.splits);
 }
 
+// cudaLaunchKernelEx, the typed launch API, rather than <<<...>>>: plain C++, which lets the
+// kernels also be compiled and run by tests/cuda_emulation on a machine without a GPU.
+template <class... Params, class... Args>
+cudaError_t launch(void (*kernel)(Params...), dim3 grid, int threads, cudaStream_t stream, Args... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(threads);
+  config.stream = stream;
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, args...);
+  return err != cudaSuccess ? err : cudaGetLastError();
+}
+
 }  // namespace
 
 int pool_rows_per_iteration(Dtype dtype, int num_experts) {
@@ -552,45 +558,37 @@ int pool_rows_per_iteration(Dtype dtype, int num_experts) {
 
 cudaError_t launch_pool_routing_fwd(const LayerTable& table, const Segments& seg, const PoolShape& shape,
                                     float* partial, float* count, cudaStream_t stream) {
-  const cudaError_t err = with_tile(shape.dtype, shape.num_experts, [&](auto d, auto tile) {
-    pool_routing_fwd<decltype(d), decltype(tile)><<<pool_grid(seg, shape), kThreads, 0, stream>>>(
-        table, seg, shape, partial, count);
-    return cudaSuccess;
+  return with_tile(shape.dtype, shape.num_experts, [&](auto d, auto tile) {
+    return launch(pool_routing_fwd<decltype(d), decltype(tile)>, pool_grid(seg, shape), kThreads, stream, table, seg,
+                  shape, partial, count);
   });
-  return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 cudaError_t launch_pool_routing_bwd(const LayerTable& table, const Segments& seg, const PoolShape& shape,
                                     const PoolGrad& grad, cudaStream_t stream) {
-  const cudaError_t err = with_tile(shape.dtype, shape.num_experts, [&](auto d, auto tile) {
-    pool_routing_bwd<decltype(d), decltype(tile)><<<pool_grid(seg, shape), kThreads, 0, stream>>>(
-        table, seg, shape, grad);
-    return cudaSuccess;
+  return with_tile(shape.dtype, shape.num_experts, [&](auto d, auto tile) {
+    return launch(pool_routing_bwd<decltype(d), decltype(tile)>, pool_grid(seg, shape), kThreads, stream, table, seg,
+                  shape, grad);
   });
-  return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 cudaError_t launch_pair_js_fwd(const PairArgs& args, cudaStream_t stream) {
-  pair_js_fwd<<<dim3(args.num_layers, args.num_seqs), 32, 0, stream>>>(args);
-  return cudaGetLastError();
+  return launch(pair_js_fwd, dim3(args.num_layers, args.num_seqs), 32, stream, args);
 }
 
 cudaError_t launch_reduce_pair_loss(const ReduceArgs& args, cudaStream_t stream) {
-  reduce_pair_loss<<<1, kThreads, 0, stream>>>(args);
-  return cudaGetLastError();
+  return launch(reduce_pair_loss, dim3(1), kThreads, stream, args);
 }
 
 cudaError_t launch_pooled_routing_fwd(const float* partial, const float* count, float* probs, float* total,
                                       int num_layers, int num_seqs, int num_experts, int splits, bool normalize,
                                       cudaStream_t stream) {
-  pooled_routing_fwd<<<dim3(num_layers, num_seqs), 32, 0, stream>>>(partial, count, probs, total, num_seqs,
-                                                                     num_experts, splits, normalize);
-  return cudaGetLastError();
+  return launch(pooled_routing_fwd, dim3(num_layers, num_seqs), 32, stream, partial, count, probs, total, num_seqs,
+                num_experts, splits, normalize);
 }
 
 cudaError_t launch_check_segments(const Segments& seg, cudaStream_t stream) {
-  check_segments<<<1, kThreads, 0, stream>>>(seg);
-  return cudaGetLastError();
+  return launch(check_segments, dim3(1), kThreads, stream, seg);
 }
 
 }  // namespace sara

@@ -94,8 +94,13 @@ Side describe(TensorList logits, const char* name) {
 }
 
 // Rows of a side -> sequences. `keep` holds a converted cu_seqlens alive for the launches.
-Segments segments(const optional<Tensor>& mask, const optional<Tensor>& cu, int64_t num_tokens, const char* name,
-                  Tensor& keep) {
+void check_device(const Tensor& t, const Tensor& logits, const char* name, const char* what) {
+  TORCH_CHECK(t.device() == logits.device(), name, what, " is on ", t.device(), " but the logits are on ",
+              logits.device());
+}
+
+Segments segments(const optional<Tensor>& mask, const optional<Tensor>& cu, const Tensor& logits, int64_t num_tokens,
+                  const char* name, Tensor& keep) {
   Segments seg{};
   seg.num_tokens = num_tokens;
   seg.seq_len = num_tokens;
@@ -103,6 +108,7 @@ Segments segments(const optional<Tensor>& mask, const optional<Tensor>& cu, int6
   TORCH_CHECK(!(mask.has_value() && cu.has_value()), name, ": give a mask or cu_seqlens, not both");
   if (mask.has_value()) {
     const Tensor& m = *mask;
+    check_device(m, logits, name, "_mask");
     TORCH_CHECK(m.dim() == 2 && m.size(0) * m.size(1) == num_tokens && m.size(0) >= 1, name,
                 "_mask: expected [B, S] with B*S = N = ", num_tokens, ", got ", m.sizes());
     seg.mask = m.data_ptr();
@@ -119,6 +125,7 @@ Segments segments(const optional<Tensor>& mask, const optional<Tensor>& cu, int6
     seg.seq_len = m.size(1);
   } else if (cu.has_value()) {
     keep = *cu;
+    check_device(keep, logits, name, "_cu_seqlens");
     if (keep.scalar_type() != at::kInt && keep.scalar_type() != at::kLong) keep = keep.to(at::kLong);
     TORCH_CHECK(keep.dim() == 1 && keep.numel() >= 2, name, "_cu_seqlens: expected [B+1] with B >= 1, got ",
                 keep.sizes());
@@ -252,7 +259,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sara_loss_fwd(
   const c10::cuda::CUDAGuard guard(target[0].device());
   const cudaStream_t stream = current_stream(target[0]);
   Tensor t_cu, a_cu;
-  const Segments t_seg = segments(target_mask, target_cu_seqlens, t.N, "target", t_cu);
+  const Segments t_seg = segments(target_mask, target_cu_seqlens, target[0], t.N, "target", t_cu);
   const int64_t L = t.L, B = t_seg.num_seqs, E = t.E;
   auto [t_partial, t_count] = pool_fwd(t, t_seg, sigmoid, temperature, stream);
 
@@ -263,6 +270,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sara_loss_fwd(
   Tensor a_partial, a_count, priors;
   if (anchor_probs.has_value()) {
     priors = *anchor_probs;
+    check_device(priors, target[0], "anchor_probs", "");
     TORCH_CHECK(priors.dim() == 3 && priors.size(0) == L && priors.size(1) == B && priors.size(2) == E,
                 "anchor_probs: expected [L, B, E] = [", L, ", ", B, ", ", E, "], got ", priors.sizes());
     if (priors.scalar_type() != at::kFloat) priors = priors.to(at::kFloat);
@@ -272,7 +280,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sara_loss_fwd(
     pair.prior_se = priors.stride(2);
   } else {
     const Side a = describe(anchor, "anchor_logits");
-    const Segments a_seg = segments(anchor_mask, anchor_cu_seqlens, a.N, "anchor", a_cu);
+    check_device(anchor[0], target[0], "anchor_logits", "");
+    const Segments a_seg = segments(anchor_mask, anchor_cu_seqlens, anchor[0], a.N, "anchor", a_cu);
     TORCH_CHECK(a.L == L && a.E == E && a_seg.num_seqs == B,
                 "anchor and target sides must have the same L, E and number of sequences B");
     std::tie(a_partial, a_count) = pool_fwd(a, a_seg, sigmoid, temperature, stream);
@@ -298,6 +307,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sara_loss_fwd(
   ReduceArgs red{};
   if (layer_weights.has_value()) {
     weights = *layer_weights;
+    check_device(weights, target[0], "layer_weights", "");
     TORCH_CHECK(weights.dim() == 1 && weights.size(0) == L, "layer_weights: expected [L] = [", L, "], got ",
                 weights.sizes());
     if (weights.scalar_type() != at::kFloat && weights.scalar_type() != at::kDouble) weights = weights.to(at::kFloat);
@@ -348,16 +358,18 @@ std::tuple<Tensor, Tensor> sara_loss_bwd(const Tensor& grad_loss, TensorList anc
   const c10::cuda::CUDAGuard guard(target[0].device());
   const cudaStream_t stream = current_stream(target[0]);
   Tensor t_cu, a_cu;
-  const Segments t_seg = segments(target_mask, target_cu_seqlens, t.N, "target", t_cu);
+  const Segments t_seg = segments(target_mask, target_cu_seqlens, target[0], t.N, "target", t_cu);
   const int64_t B = t_seg.num_seqs;
+  for (const Tensor* x : {&grad_loss, &ga, &gt, &stats, &layer_coef}) check_device(*x, target[0], "sara_loss_bwd", " input");
   // A scalar upstream gradient becomes a [L, B] view with zero strides: no copy.
   Tensor scale = grad_loss.scalar_type() == at::kFloat ? grad_loss : grad_loss.to(at::kFloat);
   scale = scale.expand({t.L, B});
   const float* counts = stats.data_ptr<float>();
   Tensor grad_t = pair_side_bwd(t, t_seg, gt, scale, layer_coef, counts + B, sigmoid, temperature, stream);
-  if (!anchor_grad) return {at::empty({0}, grad_t.options()), grad_t};
+  if (!anchor_grad) return {at::empty({0}, grad_loss.options()), grad_t};  // as the fake implementation
   const Side a = describe(anchor, "anchor_logits");
-  const Segments a_seg = segments(anchor_mask, anchor_cu_seqlens, a.N, "anchor", a_cu);
+  check_device(anchor[0], target[0], "anchor_logits", "");
+  const Segments a_seg = segments(anchor_mask, anchor_cu_seqlens, anchor[0], a.N, "anchor", a_cu);
   Tensor grad_a = pair_side_bwd(a, a_seg, ga, scale, layer_coef, counts, sigmoid, temperature, stream);
   return {grad_a, grad_t};
 }
@@ -371,7 +383,7 @@ std::tuple<Tensor, Tensor> routing_distribution_fwd(TensorList logits, const opt
   const c10::cuda::CUDAGuard guard(logits[0].device());
   const cudaStream_t stream = current_stream(logits[0]);
   Tensor cu;
-  const Segments seg = segments(mask, cu_seqlens, side.N, "routing", cu);
+  const Segments seg = segments(mask, cu_seqlens, logits[0], side.N, "routing", cu);
   auto [partial, count] = pool_fwd(side, seg, sigmoid, temperature, stream);
   const auto opts = f32(logits[0]);
   Tensor probs = at::empty({side.L, seg.num_seqs, side.E}, opts);
@@ -392,10 +404,12 @@ Tensor routing_distribution_bwd(const Tensor& grad_probs, TensorList logits, con
   const c10::cuda::CUDAGuard guard(logits[0].device());
   const cudaStream_t stream = current_stream(logits[0]);
   Tensor cu;
-  const Segments seg = segments(mask, cu_seqlens, side.N, "routing", cu);
+  const Segments seg = segments(mask, cu_seqlens, logits[0], side.N, "routing", cu);
   const Tensor coef = grad_probs.scalar_type() == at::kFloat ? grad_probs : grad_probs.to(at::kFloat);
   TORCH_CHECK(coef.dim() == 3 && coef.size(0) == side.L && coef.size(1) == seg.num_seqs && coef.size(2) == side.E,
               "grad_probs: expected [L, B, E], got ", coef.sizes());
+  check_device(coef, logits[0], "grad_probs", "");
+  check_device(count, logits[0], "count", "");
   const Tensor n = count.scalar_type() == at::kFloat ? count : count.to(at::kFloat);
   PoolGrad g{};
   g.coef = coef.data_ptr<float>();

@@ -86,7 +86,9 @@ def _layer_tensors(logits: Logits, arg: str, layers_checked_natively: bool = Fal
         )
     if len(logits) == 0:
         raise ValueError(f"{arg}: expected at least one layer, got an empty {type(logits).__name__}")
-    if torch.compiler.is_compiling() or not (layers_checked_natively or (_uniform(logits) and logits[0].dim() == 2)):
+    # logits[0] is always checked here: the C++ op reads a one-element list of an [L, N, E] tensor
+    # as the stacked form, which a tuple of layers must not be mistaken for.
+    if torch.compiler.is_compiling() or logits[0].dim() != 2 or not (layers_checked_natively or _uniform(logits)):
         _check_layers(logits, arg)
     _check_first(logits[0], arg)
     return tuple(logits), False

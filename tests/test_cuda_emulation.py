@@ -1,0 +1,217 @@
+"""The CUDA backend's kernels (csrc/routing_js_kernels.cu) run on the CPU and checked against the
+float64 reference, on machines without a GPU.
+
+tests/cuda_emulation/emulator.h stands in for CUDA (one host thread per CUDA thread, barriers for
+__syncthreads and warp shuffles, so divergent shuffles fail the launch); driver.cpp runs the
+kernels in the op's order (pool both sides, pair JS, reduce, pool backward). Both are compiled
+with the host compiler once per session. This executes the kernels' indexing, vector and scalar
+paths, lane groups, splits, layer groups, masks of every dtype, cu_seqlens, priors and every
+reduction; what it cannot show (timing, memory model, the host op in routing_js_ops.cpp, the
+real compiler) is left to tests/test_gpu.py on a GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from sara_kernels import reference, testing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.join(ROOT, "tests", "cuda_emulation")
+CXX = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+
+pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler to build the emulated kernels")
+
+DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
+
+
+class Side(ctypes.Structure):
+    _fields_ = [
+        ("logits", ctypes.c_void_p), ("num_tokens", ctypes.c_int64), ("layer_stride", ctypes.c_int64),
+        ("row_stride", ctypes.c_int64), ("col_stride", ctypes.c_int64),
+        ("mask", ctypes.c_void_p), ("mask_bytes", ctypes.c_int), ("mask_float", ctypes.c_int),
+        ("mask_sb", ctypes.c_int64), ("mask_ss", ctypes.c_int64),
+        ("cu", ctypes.c_void_p), ("cu_bytes", ctypes.c_int), ("splits", ctypes.c_int), ("grad", ctypes.c_void_p),
+    ]
+
+
+class Case(ctypes.Structure):
+    _fields_ = [
+        ("dtype", ctypes.c_int), ("num_layers", ctypes.c_int), ("num_experts", ctypes.c_int), ("num_seqs", ctypes.c_int),
+        ("sigmoid", ctypes.c_int), ("reduction", ctypes.c_int), ("layers_per_launch", ctypes.c_int),
+        ("temperature", ctypes.c_double), ("priors", ctypes.c_void_p), ("weights", ctypes.c_void_p),
+        ("weights_f64", ctypes.c_int), ("grad_loss", ctypes.c_void_p), ("anchor", Side), ("target", Side),
+        ("loss", ctypes.c_void_p), ("per_layer", ctypes.c_void_p), ("stats", ctypes.c_void_p),
+    ]
+
+
+@pytest.fixture(scope="session")
+def emulated(tmp_path_factory):
+    lib = tmp_path_factory.mktemp("cuda_emulation") / "emulated_kernels.so"
+    cmd = [CXX, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-Wall", "-Wno-unknown-pragmas",
+           "-I", os.path.join(HERE, "include"), os.path.join(HERE, "driver.cpp"), "-o", str(lib)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    dll = ctypes.CDLL(str(lib))
+    dll.sara_emu_run.argtypes = [ctypes.POINTER(Case)]
+    return dll
+
+
+@dataclass
+class Spec:
+    dtype: torch.dtype
+    experts: int
+    segmentation: str  # mask:<dtype> | cu:<dtype> | none
+    score: str
+    anchor: str  # detached | both | priors
+    reduction: str
+    weights: str  # none | f32 | f64
+    splits: int
+    layers_per_launch: int
+    layout: str  # contiguous | strided (column stride 2) | padded (row stride E + 3)
+
+
+SPECS = [
+    Spec(torch.float32, 8, "mask:int64", "softmax", "detached", "mean", "none", 1, 128, "contiguous"),
+    Spec(torch.bfloat16, 128, "cu:int32", "softmax", "both", "mean", "f64", 3, 1, "contiguous"),
+    Spec(torch.float16, 60, "mask:bool", "sigmoid", "both", "sum", "f32", 2, 2, "padded"),
+    Spec(torch.bfloat16, 5, "mask:float32", "softmax", "priors", "none", "none", 1, 128, "strided"),
+    Spec(torch.float32, 256, "cu:int64", "sigmoid", "detached", "none", "f64", 2, 128, "contiguous"),
+    Spec(torch.bfloat16, 512, "mask:int64", "softmax", "both", "sum", "none", 1, 2, "contiguous"),
+    Spec(torch.float32, 512, "none", "sigmoid", "both", "mean", "f32", 3, 128, "contiguous"),
+    Spec(torch.float16, 16, "mask:int32", "softmax", "detached", "mean", "none", 2, 1, "contiguous"),
+    Spec(torch.bfloat16, 64, "cu:int32", "sigmoid", "priors", "mean", "f64", 1, 128, "padded"),
+    Spec(torch.float32, 128, "mask:float32", "softmax", "both", "none", "none", 2, 128, "strided"),
+    Spec(torch.float16, 200, "none", "softmax", "detached", "sum", "none", 1, 128, "contiguous"),
+]
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """x [L, N, E] stored as laid out: contiguous, every other column, or rows padded to E + 3."""
+    L, N, E = x.shape
+    if layout == "strided":
+        wide = torch.full((L, N, 2 * E), float("nan"), dtype=x.dtype)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    if layout == "padded":
+        wide = torch.full((L, N, E + 3), float("nan"), dtype=x.dtype)
+        wide[..., :E] = x
+        return wide[..., :E]
+    return x.contiguous()
+
+
+def _segmentation(spec: Spec, B: int, S: int, gen):
+    kind, _, dtype = spec.segmentation.partition(":")
+    if kind == "none":
+        return 1, None, None
+    if kind == "mask":
+        mask = testing.ragged_mask(B, S, generator=gen, empty=(1,))
+        if dtype == "float32":
+            mask = torch.where(mask.bool(), torch.rand(B, S, generator=gen) + 0.5, -torch.zeros(B, S))
+        return B, mask.to(getattr(torch, dtype)), None
+    cu = testing.packed_cu_seqlens(B, B * S, generator=gen, empty=(2,))
+    return B, None, cu.to(getattr(torch, dtype))
+
+
+def _side(x: torch.Tensor, mask, cu, splits: int, grad) -> Side:
+    side = Side(logits=x.data_ptr(), num_tokens=x.shape[1], layer_stride=x.stride(0), row_stride=x.stride(1),
+                col_stride=x.stride(2), splits=splits, grad=grad.data_ptr() if grad is not None else None)
+    if mask is not None:
+        side.mask, side.mask_bytes, side.mask_float = mask.data_ptr(), mask.element_size(), int(mask.is_floating_point())
+        side.mask_sb, side.mask_ss = mask.stride()
+    if cu is not None:
+        side.cu, side.cu_bytes = cu.data_ptr(), cu.element_size()
+    return side
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.dtype}-E{s.experts}-{s.segmentation}-{s.score}-{s.anchor}-"
+                                                      f"{s.reduction}-w{s.weights}-x{s.splits}-g{s.layers_per_launch}-{s.layout}")
+def test_emulated_kernels_match_float64_reference(emulated, spec):
+    gen = torch.Generator().manual_seed(spec.experts * 7 + spec.splits)
+    L, B, S, E, tau = 3, 4, 37, spec.experts, 0.7
+    num_seqs, mask, cu = _segmentation(spec, B, S, gen)
+    N = B * S
+    raw_t = torch.cat(testing.random_logits(L, N, E, generator=gen)).view(L, N, E)
+    raw_a = torch.cat(testing.random_logits(L, N, E, generator=gen)).view(L, N, E)
+    raw_t[0, :, min(3, E - 1)] = float("-inf")  # an expert disabled on every token of layer 0
+    if mask is not None:
+        raw_t[:, ~mask.reshape(-1).bool()] = float("nan")  # padding must never leak
+    target = _layout(raw_t.to(spec.dtype), spec.layout)
+    anchor = _layout(raw_a.to(spec.dtype), spec.layout)
+    priors = reference.routing_distribution(list(raw_a.double()), mask, cu_seqlens=cu).float() if spec.anchor == "priors" else None
+    weights = None
+    if spec.weights != "none":
+        weights = (torch.rand(L, generator=gen) + 0.2).to(torch.float64 if spec.weights == "f64" else torch.float32)
+    upstream = torch.rand(L, num_seqs, generator=gen) + 0.5 if spec.reduction == "none" else torch.tensor([1.3])
+
+    grad_t = torch.full((L, N, E), float("nan"), dtype=spec.dtype)  # every entry must be written
+    grad_a = torch.full((L, N, E), float("nan"), dtype=spec.dtype) if spec.anchor == "both" else None
+    loss = torch.full((L * num_seqs,) if spec.reduction == "none" else (1,), float("nan"))
+    per_layer, stats = torch.full((L,), float("nan")), torch.full((3 * num_seqs,), float("nan"))
+    case = Case(dtype=DTYPES[spec.dtype], num_layers=L, num_experts=E, num_seqs=num_seqs,
+                sigmoid=int(spec.score == "sigmoid"), reduction=REDUCTIONS[spec.reduction],
+                layers_per_launch=spec.layers_per_launch, temperature=tau,
+                priors=priors.data_ptr() if priors is not None else None,
+                weights=weights.data_ptr() if weights is not None else None,
+                weights_f64=int(weights is not None and weights.dtype == torch.float64), grad_loss=upstream.data_ptr(),
+                anchor=_side(anchor, mask, cu, spec.splits, grad_a), target=_side(target, mask, cu, spec.splits, grad_t),
+                loss=loss.data_ptr(), per_layer=per_layer.data_ptr(), stats=stats.data_ptr())
+    assert emulated.sara_emu_run(ctypes.byref(case)) == 0
+
+    ref_t = [t.double().requires_grad_() for t in target.unbind(0)]
+    ref_a = [a.double().requires_grad_(spec.anchor == "both") for a in anchor.unbind(0)]
+    seg = dict(target_mask=mask, target_cu_seqlens=cu)
+    if spec.anchor != "priors":
+        seg.update(anchor_mask=mask, anchor_cu_seqlens=cu)
+    ref_loss, ref_per_layer = reference.sara_loss(
+        None if priors is not None else ref_a, ref_t, anchor_probs=priors, layer_weights=weights,
+        temperature=tau, score=spec.score, detach_anchor=spec.anchor != "both", reduction=spec.reduction,
+        return_per_layer=True, **seg,
+    )
+    wrt = ref_t + (ref_a if spec.anchor == "both" else [])
+    ref_grads = torch.autograd.grad(ref_loss, wrt, upstream.double().view_as(ref_loss) if spec.reduction == "none"
+                                    else torch.tensor(1.3, dtype=torch.float64))
+    torch.testing.assert_close(loss.double().view_as(ref_loss), ref_loss.detach(), **testing.JS_TOL["short"])
+    torch.testing.assert_close(per_layer.double(), ref_per_layer, **testing.JS_TOL["short"])
+    got = list(grad_t.unbind(0)) + (list(grad_a.unbind(0)) if grad_a is not None else [])
+    assert all(bool(torch.isfinite(g).all()) for g in got), "a gradient entry was not written or is not finite"
+    # Padding rows: exactly 0 from the kernels (the reference's are NaN there: autograd through
+    # softmax of NaN padding); every other row against the reference.
+    valid = testing.membership(N, mask, cu).any(dim=0)
+    for g, r in zip(got, ref_grads):
+        assert bool((g[~valid] == 0).all())
+        testing.assert_grads_close(g[valid], r[valid], spec.dtype)
+
+
+def test_a_divergent_shuffle_fails_the_launch(tmp_path):
+    """The emulator's own guard: a kernel where half of a warp skips a shuffle must fail, or the
+    tests above could not catch that bug in the real kernels."""
+    source = tmp_path / "divergent.cpp"
+    source.write_text(
+        '#include "emulator.h"\n'
+        "__global__ void divergent(float* out) {\n"
+        "  float v = threadIdx.x;\n"
+        "  if (threadIdx.x < 16) v = __shfl_xor_sync(0xffffffffu, v, 1);\n"
+        "  out[threadIdx.x] = v;\n"
+        "}\n"
+        "int main() {\n"
+        "  float out[32];\n"
+        "  cudaLaunchConfig_t c{};\n"
+        "  c.gridDim = dim3(1); c.blockDim = dim3(32);\n"
+        "  return cudaLaunchKernelEx(&c, divergent, static_cast<float*>(out)) == cudaErrorLaunchFailure ? 0 : 1;\n"
+        "}\n"
+    )
+    exe = tmp_path / "divergent"
+    build = subprocess.run([CXX, "-std=c++20", "-pthread", "-I", HERE, str(source), "-o", str(exe)],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "divergent control flow" in run.stderr
