@@ -1,5 +1,5 @@
-"""The demo and analyze commands end to end (CPU, reference backend), the pseudo-language, and
-jsonl loading."""
+"""The demo and analyze commands end to end (CPU, reference backend) and the pseudo-language
+(loading pairs from files: tests/test_hf_data.py)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,14 @@ from sara_kernels.programs.cli import main  # noqa: E402
 
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+
+
+@pytest.fixture(autouse=True)
+def _datasets_cache(tmp_path, monkeypatch):
+    """What ``datasets`` caches when the commands read ``--data`` stays in the test's tmp dir."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets_cache"))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -56,25 +64,6 @@ def test_pseudo_lexicon_is_a_fixed_bijection_disjoint_from_english():
         assert sorted(lex[w] for w in content) == sorted(w for w in pair["target"].split() if w != "ko")
         ids = TOKENIZER(pair["anchor"] + " " + pair["target"])["input_ids"]
         assert TOKENIZER.unk_token_id not in ids
-
-
-def test_load_pairs_reports_the_bad_line(tmp_path):
-    good = tmp_path / "good.jsonl"
-    good.write_text('{"anchor": "the dog", "target": "x", "lang": "ps"}\n\n{"anchor": "a", "target": "b"}\n')
-    assert [p["anchor"] for p in D.load_pairs(good)] == ["the dog", "a"]
-    cases = {
-        '{"anchor": "a"}\n': r":1: missing key\(s\) \['target'\]",
-        '{"anchor": "a", "target": "b"}\n{"target": "b"}\n': r":2: missing key\(s\) \['anchor'\]",
-        '{"anchor": "", "target": "b"}\n': r":1: 'anchor' is an empty text",
-        '{"anchor": "a", "target": b}\n': r":1: not valid JSON",
-        '["a", "b"]\n': r":1: expected a dict",
-        "\n\n": r"no pairs found",
-    }
-    for i, (text, match) in enumerate(cases.items()):
-        path = tmp_path / f"bad{i}.jsonl"
-        path.write_text(text)
-        with pytest.raises((ValueError, TypeError), match=match):
-            D.load_pairs(path)
 
 
 # ---- analyze ------------------------------------------------------------------------------
@@ -131,7 +120,7 @@ def test_analyze_bad_inputs(saved_model, tmp_path):
     folder, _ = saved_model
     data = tmp_path / "pairs.jsonl"
     data.write_text('{"anchor": "the dog sees the cat", "translation": "x"}\n')
-    with pytest.raises(ValueError, match=r"pairs.jsonl:1: missing key\(s\) \['target'\]"):
+    with pytest.raises(ValueError, match=r"no column 'target' in .*pairs.jsonl; available columns: \['anchor', 'translation'\]"):
         main(["analyze", "--model", folder, "--data", str(data), "--out", str(tmp_path / "o"), "--no-progress"])
     D.save_pairs(C.make_parallel_corpus(2), data)
     with pytest.raises(FileNotFoundError, match="--model"):
