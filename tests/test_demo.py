@@ -116,26 +116,6 @@ def test_analyze_cli_matches_independent_computation(saved_model, tmp_path, caps
     assert all(0.0 <= v <= 1.0 for v in result["js_normalized"])
 
 
-def test_analyze_bad_inputs(saved_model, tmp_path):
-    folder, _ = saved_model
-    data = tmp_path / "pairs.jsonl"
-    data.write_text('{"anchor": "the dog sees the cat", "translation": "x"}\n')
-    with pytest.raises(ValueError, match=r"no column 'target' in .*pairs.jsonl; available columns: \['anchor', 'translation'\]"):
-        main(["analyze", "--model", folder, "--data", str(data), "--out", str(tmp_path / "o"), "--no-progress"])
-    D.save_pairs(C.make_parallel_corpus(2), data)
-    with pytest.raises(FileNotFoundError, match="--model"):
-        main(["analyze", "--model", str(tmp_path / "nope"), "--data", str(data), "--no-progress"])
-
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    dense_dir = tmp_path / "dense"
-    Qwen3ForCausalLM(Qwen3Config(vocab_size=len(TOKENIZER), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=1, head_dim=16)).save_pretrained(dense_dir)
-    TOKENIZER.save_pretrained(dense_dir)
-    with pytest.raises(ValueError, match="router_logits"):
-        main(["analyze", "--model", str(dense_dir), "--data", str(data), "--out", str(tmp_path / "o"), "--no-progress"])
-
-
 # ---- demo -----------------------------------------------------------------------------------
 
 
