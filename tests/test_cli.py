@@ -160,6 +160,13 @@ def test_user_mistakes_are_one_line_without_traceback(command, model_dir, dense_
         assert "Traceback" not in captured.err and captured.out == ""
 
 
+def test_priors_refuses_a_distributed_launch(model_dir, data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["priors", "--model", model_dir, "--data", data, "--out", str(tmp_path / "p.safetensors")]) == 1
+    assert "priors runs as one process (WORLD_SIZE=2)" in capsys.readouterr().err
+    assert not (tmp_path / "p.safetensors").exists()
+
+
 def test_a_bug_while_running_keeps_its_traceback(model_dir, data, tmp_path, monkeypatch):
     from sara_kernels.hf import SARATrainer
 

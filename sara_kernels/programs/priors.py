@@ -4,11 +4,14 @@
 reads the pairs exactly as ``train`` does (same ``--data`` and column options: the file is tied
 to the pairs' order) and writes :func:`sara_kernels.hf.extract_routing_priors`' file. Give
 ``--max_length`` equal to the training's ``--sara_max_length``; ``--layers all`` (the default)
-serves any ``--sara_layers``.
+serves any ``--sara_layers``. It runs as one process (``--device_map auto`` for a model larger
+than one GPU); :func:`~sara_kernels.hf.extract_routing_priors` called under torchrun shares the
+work between ranks.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -30,6 +33,13 @@ def prepare(argv: list) -> Callable[[], int]:
         (ModelArguments, DataArguments, PriorsArguments), argv, PROG,
         "Extract the anchors' routing priors of a saved MoE model for `train --sara_priors` (flags, or one YAML/JSON file).",
     )
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        # Every rank would extract all anchors and write the same file at once.
+        raise ValueError(
+            f"priors runs as one process (WORLD_SIZE={world_size}): start it with python, not torchrun "
+            "(--device_map auto spreads a model too large for one GPU over several)"
+        )
     pairs = data_args.load()
     model, tokenizer = model_args.load()
     probe_routing(model, args.layers, args.score)  # a model without MoE routers fails here, before any work

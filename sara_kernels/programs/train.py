@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import torch
+
 from ..hf.trainer import SARATrainer, SARATrainingArguments
 from .arguments import DataArguments, ModelArguments, parse_command
 from .demo import single_device
@@ -68,6 +70,9 @@ def prepare(argv: list) -> Callable[[], int]:
         if trainer.is_world_process_zero():
             print(f"trained: {result.global_step} optimiser steps, mean loss {result.training_loss:.4f}; "
                   f"model and tokenizer saved to {training_args.output_dir}")
+        if torch.distributed.is_initialized():  # an orderly exit: gloo threads alive at exit can abort the process
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
         return 0
 
     return run
