@@ -85,6 +85,15 @@ def test_several_files_and_an_explicit_format(tmp_path):
         load_pairs([a, tmp_path / "pairs.csv"])
 
 
+def test_a_folder_of_data_files(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    _jsonl(folder / "part0.jsonl", ROWS[:1])
+    _jsonl(folder / "part1.jsonl", ROWS[1:])
+    assert sorted(p["anchor"] for p in load_pairs(folder, **MAPPING)) == sorted(p["anchor"] for p in PAIRS)
+    assert len(load_pairs(folder, data_format="json", **MAPPING)) == 3
+
+
 def test_translation_layout(tmp_path):
     rows = [{"translation": {"en": r["en"], "sw": r["sw"], "fr": "x"}, "id": i} for i, r in enumerate(ROWS)]
     path = _jsonl(tmp_path / "opus.jsonl", rows)

@@ -105,7 +105,7 @@ def _load_dataset(paths: list, data_format: Optional[str], split: str) -> "datas
             raise FileNotFoundError(f"data: no such file or folder: {path}")
     if data_format is not None and data_format not in DATA_FORMATS:
         raise ValueError(f"data_format must be one of {sorted(DATA_FORMATS)} (or None: from the extension), got {data_format!r}")
-    if len(paths) == 1 and os.path.isdir(paths[0]) and data_format is None:
+    if len(paths) == 1 and os.path.isdir(paths[0]):
         folder = paths[0]
         if os.path.exists(os.path.join(folder, "state.json")) or os.path.exists(os.path.join(folder, "dataset_dict.json")):
             loaded = datasets.load_from_disk(folder)  # a save_to_disk folder
@@ -114,7 +114,9 @@ def _load_dataset(paths: list, data_format: Optional[str], split: str) -> "datas
                     raise ValueError(f"split: {folder} has no split {split!r}; its splits: {sorted(loaded)}")
                 loaded = loaded[split]
             return loaded
-        builder, options, files = folder, {}, None  # a folder of data files: datasets infers their format
+        # A folder of data files: datasets infers their format unless data_format names it.
+        builder, options = DATA_FORMATS[data_format] if data_format else (folder, {})
+        source = {"data_dir": folder} if data_format else {}
     else:
         if data_format is None:
             found = {path: _format_of(path) for path in paths}
@@ -128,9 +130,9 @@ def _load_dataset(paths: list, data_format: Optional[str], split: str) -> "datas
                 raise ValueError(f"data: the files have different formats ({sorted(set(found.values()))}); load them apart")
             data_format = next(iter(found.values()))
         builder, options = DATA_FORMATS[data_format]
-        files = paths
+        source = {"data_files": paths}
     try:
-        return datasets.load_dataset(builder, data_files=files, split=split, **options)
+        return datasets.load_dataset(builder, split=split, **source, **options)
     except datasets.exceptions.DatasetGenerationError as e:
         cause = e.__cause__ or e
         raise ValueError(f"data: {', '.join(paths)} could not be read as {data_format or 'data files'}: {cause}") from None
@@ -154,11 +156,11 @@ def load_pairs(
     """Read parallel pairs with ``datasets.load_dataset`` and map their columns (see :func:`pairs_from_dataset`).
 
     ``source``: one path or a list (or glob) of json/jsonl, csv, tsv, parquet or arrow files
-    (compressed too; format from the extension unless ``data_format`` says), or a folder written
-    by ``save_to_disk`` (``split`` picks from a ``DatasetDict``). Returns a ``datasets.Dataset``
-    with columns ``anchor``, ``target`` (and ``lang`` when known), every row validated; pass it
-    to :class:`~sara_kernels.hf.SARATrainer` as it is. ``datasets`` caches what it reads
-    (``HF_DATASETS_CACHE``) and notices when a file changes.
+    (compressed too; format from the extension unless ``data_format`` says), a folder of such
+    files, or a folder written by ``save_to_disk`` (``split`` picks from a ``DatasetDict``).
+    Returns a ``datasets.Dataset`` with columns ``anchor``, ``target`` (and ``lang`` when known),
+    every row validated; pass it to :class:`~sara_kernels.hf.SARATrainer` as it is. ``datasets``
+    caches what it reads (``HF_DATASETS_CACHE``) and notices when a file changes.
     """
     paths = [os.fspath(p) for p in ([source] if isinstance(source, (str, os.PathLike)) else source)]
     if not paths:
