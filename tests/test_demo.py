@@ -1,5 +1,5 @@
-"""The demo and analyze commands end to end (CPU, reference backend), the pseudo-language, and
-jsonl loading."""
+"""The demo and analyze commands end to end (CPU, reference backend) and the pseudo-language
+(loading pairs from files: tests/test_hf_data.py)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,14 @@ from sara_kernels.programs.cli import main  # noqa: E402
 
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+
+
+@pytest.fixture(autouse=True)
+def _datasets_cache(tmp_path, monkeypatch):
+    """What ``datasets`` caches when the commands read ``--data`` stays in the test's tmp dir."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets_cache"))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -56,25 +64,6 @@ def test_pseudo_lexicon_is_a_fixed_bijection_disjoint_from_english():
         assert sorted(lex[w] for w in content) == sorted(w for w in pair["target"].split() if w != "ko")
         ids = TOKENIZER(pair["anchor"] + " " + pair["target"])["input_ids"]
         assert TOKENIZER.unk_token_id not in ids
-
-
-def test_load_pairs_reports_the_bad_line(tmp_path):
-    good = tmp_path / "good.jsonl"
-    good.write_text('{"anchor": "the dog", "target": "x", "lang": "ps"}\n\n{"anchor": "a", "target": "b"}\n')
-    assert [p["anchor"] for p in D.load_pairs(good)] == ["the dog", "a"]
-    cases = {
-        '{"anchor": "a"}\n': r":1: missing key\(s\) \['target'\]",
-        '{"anchor": "a", "target": "b"}\n{"target": "b"}\n': r":2: missing key\(s\) \['anchor'\]",
-        '{"anchor": "", "target": "b"}\n': r":1: 'anchor' is an empty text",
-        '{"anchor": "a", "target": b}\n': r":1: not valid JSON",
-        '["a", "b"]\n': r":1: expected a dict",
-        "\n\n": r"no pairs found",
-    }
-    for i, (text, match) in enumerate(cases.items()):
-        path = tmp_path / f"bad{i}.jsonl"
-        path.write_text(text)
-        with pytest.raises((ValueError, TypeError), match=match):
-            D.load_pairs(path)
 
 
 # ---- analyze ------------------------------------------------------------------------------
@@ -125,26 +114,6 @@ def test_analyze_cli_matches_independent_computation(saved_model, tmp_path, caps
     assert result["topk_overlap"] == pytest.approx(torch.tensor(overlap).mean(0).tolist())
     assert result["by_lang"]["other"] == pytest.approx((js[0] / math.log(2)).tolist(), rel=1e-4)
     assert all(0.0 <= v <= 1.0 for v in result["js_normalized"])
-
-
-def test_analyze_bad_inputs(saved_model, tmp_path):
-    folder, _ = saved_model
-    data = tmp_path / "pairs.jsonl"
-    data.write_text('{"anchor": "the dog sees the cat", "translation": "x"}\n')
-    with pytest.raises(ValueError, match=r"pairs.jsonl:1: missing key\(s\) \['target'\]"):
-        main(["analyze", "--model", folder, "--data", str(data), "--out", str(tmp_path / "o"), "--no-progress"])
-    D.save_pairs(C.make_parallel_corpus(2), data)
-    with pytest.raises(FileNotFoundError, match="--model"):
-        main(["analyze", "--model", str(tmp_path / "nope"), "--data", str(data), "--no-progress"])
-
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    dense_dir = tmp_path / "dense"
-    Qwen3ForCausalLM(Qwen3Config(vocab_size=len(TOKENIZER), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=1, head_dim=16)).save_pretrained(dense_dir)
-    TOKENIZER.save_pretrained(dense_dir)
-    with pytest.raises(ValueError, match="router_logits"):
-        main(["analyze", "--model", str(dense_dir), "--data", str(data), "--out", str(tmp_path / "o"), "--no-progress"])
 
 
 # ---- demo -----------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 * :mod:`.capture`: finding the router modules and choosing layers; router-logit capture
   (:func:`capture_router_logits`, :func:`install_router_hooks`, :func:`find_routers`,
   :func:`select_layers`, :func:`resolve_layers_spec`, ...).
-* :mod:`.data`: parallel pairs (:func:`load_pairs`, :class:`PairDataset`, validation).
+* :mod:`.data`: parallel pairs (:func:`load_pairs` and :func:`pairs_from_dataset` with ``datasets``,
+  :class:`PairDataset`, validation).
 * :mod:`.collate`: pairs to batches (:class:`SARACollator`) and right padding.
 * :mod:`.routing`: running a model for its routing (pooled distributions of many texts).
 * :mod:`.priors`: cached anchor routing priors (:func:`extract_routing_priors`,
@@ -27,7 +28,7 @@ from .capture import (
     select_layers,
 )
 from .collate import SARACollator
-from .data import PairDataset, load_pairs, save_pairs, validate_pair
+from .data import PairDataset, load_pairs, pairs_from_dataset, save_pairs, validate_pair
 from .priors import RoutingPriors, extract_routing_priors, load_routing_priors
 
 _TRAINER_EXPORTS = ("SARATrainer", "SARATrainingArguments")
@@ -36,7 +37,7 @@ __all__ = [
     "SIGMOID_ROUTER_FAMILIES", "CapturedRouterLogits", "RouterHooks", "RouterInfo", "capture_router_logits",
     "default_score", "find_routers", "install_router_hooks", "resolve_layers_spec", "router_hooks_installed",
     "select_layers",
-    "SARACollator", "PairDataset", "load_pairs", "save_pairs", "validate_pair",
+    "SARACollator", "PairDataset", "load_pairs", "pairs_from_dataset", "save_pairs", "validate_pair",
     "RoutingPriors", "extract_routing_priors", "load_routing_priors", *_TRAINER_EXPORTS,
 ]
 

@@ -9,7 +9,8 @@ aligns) are compared by
   target's k most-used (k = the model's experts per token unless given), an interpretable
   "same experts?" view that JS averages away.
 
-``python -m sara_kernels analyze --model PATH --data pairs.jsonl`` prints the per-layer table
+``python -m sara_kernels analyze --model PATH --data pairs.jsonl`` (data and model options as
+for ``train``, :mod:`.arguments`) prints the per-layer table
 and writes ``routing_analysis.json`` and ``routing_heatmap.png`` (normalised JS per layer and
 language tag; target-minus-anchor expert usage per layer).
 """
@@ -20,14 +21,14 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..hf.data import load_pairs, validate_pair
-from ..hf.routing import pooled_routing
+from ..hf.data import validate_pair
+from ..hf.routing import pooled_routing, probe_routing
 from ..reference import js_divergence
-from .models import load_model_and_tokenizer
+from .arguments import DataArguments, ModelArguments, RoutingArguments, check_positive, parse_command
 
 LN2 = math.log(2.0)
 
@@ -210,29 +211,48 @@ def routing_report(
     )
 
 
-def run_analyze(
-    model_path: str,
-    data_path: str,
-    out_dir: str = "sara_analyze_out",
-    *,
-    layers="all",
-    score: Optional[str] = None,
-    temperature: float = 1.0,
-    top_k: Optional[int] = None,
-    batch_size: int = 8,
-    max_length: Optional[int] = None,
-    backend: str = "auto",
-    progress: bool = True,
-) -> RoutingReport:
-    """The ``analyze`` command: report on a saved model and a jsonl of pairs; writes JSON + PNG to ``out_dir``."""
-    pairs = load_pairs(data_path)
-    model, tokenizer = load_model_and_tokenizer(model_path)
-    report = routing_report(
-        model, tokenizer, pairs, layers=layers, score=score, temperature=temperature, top_k=top_k,
-        batch_size=batch_size, max_length=max_length, backend=backend, progress=progress,
-    )
+def write_analysis(report: RoutingReport, out_dir: str, model_path: str, data) -> None:
+    """``routing_analysis.json`` (``data``: the pair files) and ``routing_heatmap.png`` in ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "routing_analysis.json"), "w") as f:
-        json.dump({"model": os.fspath(model_path), "data": os.fspath(data_path), **report.to_dict()}, f, indent=2)
+        json.dump({"model": os.fspath(model_path), "data": data, **report.to_dict()}, f, indent=2)
     report.plot(os.path.join(out_dir, "routing_heatmap.png"), title=os.path.basename(os.path.normpath(model_path)))
-    return report
+
+
+@dataclass
+class AnalyzeArguments(RoutingArguments):
+    out: str = field(default="sara_analyze_out", metadata={"help": "Output folder (routing_analysis.json, routing_heatmap.png)."})
+    top_k: Optional[int] = field(default=None, metadata={"help": "Default: the model's experts per token."})
+    threads: Optional[int] = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive(self.top_k, "top_k")
+        check_positive(self.threads, "threads")
+
+
+def prepare(argv: list) -> Callable[[], int]:
+    """The ``analyze`` command: parse, load the pairs and the model, check it has MoE routers; returns the report's run."""
+    model_args, data_args, args = parse_command(
+        (ModelArguments, DataArguments, AnalyzeArguments), argv, "python -m sara_kernels analyze",
+        "Routing JS and top-k overlap between anchors and targets for a saved model (flags, or one YAML/JSON file).",
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pairs = data_args.load()
+    model, tokenizer = model_args.load()
+    probe_routing(model, args.layers, args.score)  # a model without MoE routers fails here, before any work
+
+    def run() -> int:
+        report = routing_report(
+            model, tokenizer, pairs, layers=args.layers, score=args.score, temperature=args.temperature,
+            top_k=args.top_k, batch_size=args.batch_size, max_length=args.max_length, backend=args.backend,
+            progress=not args.no_progress,
+        )
+        write_analysis(report, args.out, model_args.model, data_args.data[0] if len(data_args.data) == 1 else data_args.data)
+        print(f"routing agreement of {report.num_pairs} pairs ({report.score}; JS in nats, JS/ln2 in [0, 1]):")
+        print(report.table())
+        print(f"wrote {os.path.join(args.out, 'routing_analysis.json')} and {os.path.join(args.out, 'routing_heatmap.png')}")
+        return 0
+
+    return run

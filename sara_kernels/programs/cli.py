@@ -1,25 +1,54 @@
-"""Command line: ``python -m sara_kernels {demo, analyze, selftest} ...``.
+"""Command line: ``python -m sara_kernels {train, priors, analyze, demo, selftest} ...``.
 
+* ``train``: fine-tune a saved MoE model with LM + λ·SARA on parallel pairs (:mod:`.train`).
+* ``priors``: cache the anchors' routing for ``train --sara_priors`` (:mod:`.priors`).
+* ``analyze``: per-layer routing JS and top-k overlap between anchors and targets for a saved
+  model, table + ``routing_analysis.json`` + ``routing_heatmap.png`` in ``--out`` (:mod:`.analyze`).
 * ``demo``: baseline vs SARA fine-tuning of a tiny Qwen3-MoE on a synthetic parallel corpus
   (or ``--model``/``--data``), table + ``summary.json`` + ``summary.png`` in ``--out``.
-* ``analyze``: per-layer routing JS and top-k overlap between anchors and targets of a jsonl
-  for a saved model, table + ``routing_analysis.json`` + ``routing_heatmap.png`` in ``--out``.
 * ``selftest``: the installed kernels against the float64 reference (:mod:`.selftest`).
+
+``train``, ``priors`` and ``analyze`` parse their options with ``HfArgumentParser``
+(:mod:`.arguments`: flags or one YAML/JSON file) and share the model and data options.
+
+Errors: a user mistake (a bad option, a missing file, a wrong column, a model without MoE
+routers) is reported in one line on stderr with exit status 2 (usage) or 1, before any work
+starts. Only those expected error types are caught, and only while a command is prepared:
+anything raised while it runs keeps its traceback.
 
 Devices: ``demo`` and ``analyze`` run in one process on one device (``cuda:0`` when CUDA is
 available; choose the GPU with ``CUDA_VISIBLE_DEVICES``). On a machine with several GPUs the
-demo keeps transformers from wrapping the model in ``nn.DataParallel`` (see
-:func:`sara_kernels.programs.demo.single_device`); ``analyze`` places the model on a single device and
-does not use the Trainer.
+demo and ``train`` keep transformers from wrapping the model in ``nn.DataParallel`` (see
+:func:`sara_kernels.programs.demo.single_device`); ``analyze`` places the model on a single
+device (or as ``--device_map`` says) and does not use the Trainer.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
 import torch
+
+PROG = "python -m sara_kernels"
+# Commands parsed by HfArgumentParser: each module's prepare(argv) returns the run.
+PREPARED_COMMANDS = {
+    "train": "fine-tune a saved MoE model with SARA (see python -m sara_kernels train -h)",
+    "priors": "cache the anchors' routing priors for train --sara_priors (see python -m sara_kernels priors -h)",
+    "analyze": "routing JS / top-k overlap between anchor and target for a saved model (see python -m sara_kernels analyze -h)",
+}
+# What a user's mistake raises while a command is prepared (bad values and files, unreadable data,
+# a model without MoE routers); caught there only, so a bug while the command runs keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are raised, to be reported in one line, not printed with the whole usage."""
+
+    def error(self, message):
+        raise argparse.ArgumentError(None, message)
 
 
 def _positive_int(text: str) -> int:
@@ -41,13 +70,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sara_kernels", description="SARA routing alignment tools")
+    parser = _Parser(prog=PROG, description="SARA routing alignment tools")
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in PREPARED_COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
 
     demo = sub.add_parser("demo", help="baseline vs SARA fine-tuning, before/after routing JS per layer")
     demo.add_argument("--out", default="sara_demo_out", help="output folder (summary.json, summary.png)")
     demo.add_argument("--model", default=None, help="local checkpoint folder (default: tiny random Qwen3-MoE)")
-    demo.add_argument("--data", default=None, help='jsonl of {"anchor", "target", optional "lang"} (default: pseudo-language)')
+    demo.add_argument("--data", default=None, help='pairs file (jsonl of {"anchor", "target", optional "lang"}, '
+                                                   'or any format train reads; default: pseudo-language)')
     demo.add_argument("--quick", action="store_true", help="reduced size (seconds; used by the tests)")
     demo.add_argument("--steps", type=_positive_int, default=None, help="optimiser steps per run")
     demo.add_argument("--train-pairs", type=_positive_int, default=None, help="synthetic training pairs")
@@ -60,16 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     _add_common(demo)
 
-    analyze = sub.add_parser("analyze", help="routing JS / top-k overlap between anchor and target for a saved model")
-    analyze.add_argument("--model", required=True, help="local checkpoint folder (save_pretrained output)")
-    analyze.add_argument("--data", required=True, help='jsonl of {"anchor", "target", optional "lang"}')
-    analyze.add_argument("--out", default="sara_analyze_out", help="output folder (routing_analysis.json, routing_heatmap.png)")
-    analyze.add_argument("--score", default=None, choices=("softmax", "sigmoid"), help="default: the model family's")
-    analyze.add_argument("--temperature", type=float, default=1.0)
-    analyze.add_argument("--top-k", type=_positive_int, default=None, help="default: the model's experts per token")
-    analyze.add_argument("--batch-size", type=_positive_int, default=8)
-    _add_common(analyze)
-
     sub.add_parser("selftest", help="kernels vs float64 reference (see python -m sara_kernels selftest -h)", add_help=False)
     return parser
 
@@ -80,21 +102,41 @@ def main(argv=None) -> int:
         from .selftest import main as selftest_main
 
         return selftest_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    command = argv[0] if argv[:1] and argv[0] in (*PREPARED_COMMANDS, "demo") else None
+    try:
+        if command in PREPARED_COMMANDS:
+            run = importlib.import_module(f".{command}", __package__).prepare(argv[1:])
+        else:
+            run = _prepare_demo(build_parser().parse_args(argv))
+    except argparse.ArgumentError as e:
+        return _report(command, f"{e} (see --help)", status=2)
+    except USER_ERRORS as e:
+        return _report(command, str(e), status=1)
+    return run()
+
+
+def _report(command, message: str, status: int) -> int:
+    """The error in one line on stderr (messages may span lines); returns the exit status."""
+    print(f"{PROG}{' ' + command if command else ''}: error: {' '.join(message.split())}", file=sys.stderr)
+    return status
+
+
+def _prepare_demo(args):
+    from .demo import DemoConfig, run_demo, summary_table
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    elif args.command == "demo" and args.model is None and not torch.cuda.is_available():
+    elif args.model is None and not torch.cuda.is_available():
         torch.set_num_threads(1)
+    cfg = DemoConfig(
+        out_dir=args.out, model_path=args.model, data_path=args.data, quick=args.quick, steps=args.steps,
+        train_pairs=args.train_pairs, eval_pairs=args.eval_pairs, batch_size=args.batch_size,
+        learning_rate=args.lr, sara_weight=args.sara_weight, layers=args.layers, lm_on_anchor=not args.lm_target_only,
+        max_length=args.max_length, backend=args.backend, seed=args.seed, progress=not args.no_progress,
+    ).resolved()
 
-    if args.command == "demo":
-        from .demo import DemoConfig, run_demo, summary_table
-
-        summary = run_demo(DemoConfig(
-            out_dir=args.out, model_path=args.model, data_path=args.data, quick=args.quick, steps=args.steps,
-            train_pairs=args.train_pairs, eval_pairs=args.eval_pairs, batch_size=args.batch_size,
-            learning_rate=args.lr, sara_weight=args.sara_weight, layers=args.layers, lm_on_anchor=not args.lm_target_only,
-            max_length=args.max_length, backend=args.backend, seed=args.seed, progress=not args.no_progress,
-        ))
+    def run() -> int:
+        summary = run_demo(cfg)
         print(summary_table(summary))
         t = summary["timings"]
         print(f"\n{summary['model']} on {summary['device']}: baseline {t['train_baseline_s']:.1f} s, "
@@ -102,14 +144,4 @@ def main(argv=None) -> int:
         print(f"wrote {os.path.join(args.out, 'summary.json')} and {os.path.join(args.out, 'summary.png')}")
         return 0
 
-    from .analyze import run_analyze
-
-    report = run_analyze(
-        args.model, args.data, args.out, layers=args.layers, score=args.score, temperature=args.temperature,
-        top_k=args.top_k, batch_size=args.batch_size, max_length=args.max_length, backend=args.backend,
-        progress=not args.no_progress,
-    )
-    print(f"routing agreement of {report.num_pairs} pairs ({report.score}; JS in nats, JS/ln2 in [0, 1]):")
-    print(report.table())
-    print(f"wrote {os.path.join(args.out, 'routing_analysis.json')} and {os.path.join(args.out, 'routing_heatmap.png')}")
-    return 0
+    return run

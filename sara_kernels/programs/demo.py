@@ -305,7 +305,7 @@ def _pairs(cfg: DemoConfig):
     if cfg.data_path is None:
         pairs = make_parallel_corpus(cfg.train_pairs + cfg.eval_pairs, seed=cfg.seed)
         return pairs[: cfg.train_pairs], pairs[cfg.train_pairs :], False
-    pairs = load_pairs(cfg.data_path)
+    pairs = list(load_pairs(cfg.data_path))  # a demo-sized corpus, split by slicing below
     if len(pairs) < 10:  # too few to hold any out: report on the training pairs (flagged in the summary)
         return pairs, pairs, True
     n_eval = min(cfg.eval_pairs, max(1, len(pairs) // 10))
