@@ -15,6 +15,7 @@ from typing import Literal, Optional
 
 from transformers import HfArgumentParser
 
+from .._inputs import BACKENDS
 from ..hf.capture import resolve_layers_spec
 from ..hf.data import DATA_FORMATS, load_pairs
 from .models import load_model_and_tokenizer
@@ -114,8 +115,8 @@ class RoutingArguments:
     temperature: float = field(default=1.0, metadata={"help": "τ dividing the router logits."})
     max_length: Optional[int] = field(default=None, metadata={"help": "Truncate each side to this many tokens."})
     batch_size: int = field(default=8, metadata={"help": "Texts per forward."})
-    backend: Literal["auto", "triton", "reference"] = field(
-        default="auto", metadata={"help": "auto = Triton on CUDA, reference otherwise."}
+    backend: Literal["auto", "triton", "cuda", "reference"] = field(
+        default="auto", metadata={"help": "auto = Triton on CUDA, reference otherwise; cuda = the C++ extension."}
     )
     no_progress: bool = field(default=False, metadata={"help": "No progress bars."})
 
@@ -123,7 +124,7 @@ class RoutingArguments:
         self.layers = resolve_layers_spec(self.layers, "layers")
         if self.score is not None:
             _one_of(self.score, ("softmax", "sigmoid"), "score")
-        _one_of(self.backend, ("auto", "triton", "reference"), "backend")
+        _one_of(self.backend, BACKENDS, "backend")
         check_positive(self.max_length, "max_length")
         check_positive(self.batch_size, "batch_size")
 
