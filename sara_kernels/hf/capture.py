@@ -242,6 +242,33 @@ def _explicit_routers(model: nn.Module, routers) -> list[tuple[str, nn.Module]]:
     return picked
 
 
+def _is_megatron_topk_router(module: nn.Module) -> bool:
+    """Whether ``module`` runs Megatron-core's ``TopKRouter.forward``, which returns post-top-k
+    probabilities and a routing map rather than logits.
+
+    Matched by class name and module path, so megatron is never imported. A subclass that
+    overrides ``forward`` outside megatron (e.g. to return the logits) is not matched.
+    """
+    cls = type(module)
+    forward_module = getattr(getattr(cls, "forward", None), "__module__", None) or ""
+    return forward_module.startswith("megatron.") and any(
+        base.__name__ == "TopKRouter" and base.__module__.startswith("megatron.") for base in cls.__mro__
+    )
+
+
+def _refuse_post_topk_routers(entries) -> None:
+    for name, module, *_ in entries:
+        if _is_megatron_topk_router(module):
+            raise ValueError(
+                f"router {name!r} is a Megatron-core TopKRouter: it returns (probs, routing_map), the "
+                "routing probabilities after top-k selection (zero for unselected experts) and a boolean map, not "
+                "the router logits SARA aligns. Megatron computes the logits in TopKRouter.gating(), with no "
+                "submodule to hook: route them through one, e.g. a TopKRouter subclass with "
+                "self.logits = torch.nn.Identity() and gating(self, input) returning self.logits(super().gating(input)), "
+                "then pass routers=r'.*\\.router\\.logits'; or compute the logits yourself and pass them to sara_loss."
+            )
+
+
 def find_routers(model: nn.Module, *, routers: RoutersArg = None, output_index: Optional[int] = None) -> tuple:
     """The router modules :func:`capture_router_logits` hooks, as :class:`RouterInfo` in model order.
 
@@ -261,6 +288,10 @@ def find_routers(model: nn.Module, *, routers: RoutersArg = None, output_index: 
     that declares the recorder, so wrappers around it do not change the index. Otherwise
     routers are numbered 0, 1, ... in order of appearance: the order of ``routers`` when it
     is a list of modules, of ``model.named_modules()`` else.
+
+    A Megatron-core ``TopKRouter`` is refused with a ``ValueError`` that says what to hook
+    instead: it returns post-top-k probabilities and a routing map, and aligning those in
+    place of logits would train silently on the wrong distribution.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -275,6 +306,7 @@ def find_routers(model: nn.Module, *, routers: RoutersArg = None, output_index: 
     else:
         strict = output_index is not None
         entries = [(name, module, output_index, strict, name) for name, module in _explicit_routers(model, routers)]
+    _refuse_post_topk_routers(entries)
 
     parsed = [_layer_from_path(local) for *_, local in entries]
     if any(layer is None for layer in parsed):

@@ -1,0 +1,162 @@
+"""Every ```python block of README.md runs as printed.
+
+Convention (for whoever writes README snippets):
+
+* The blocks of one ``## `` section run in document order in one fresh namespace, in their own
+  Python process (CPU only, Hugging Face Hub offline, current directory a temporary folder), so
+  a section's first block sets up what the later ones use (a tiny random model, a tokenizer,
+  ``pairs``: see the start of the Hugging Face section). Blocks in list items may be indented.
+* A block that cannot run here (a signature listing, code that needs several processes or a
+  GPU) is marked by an HTML comment on the line right before its opening fence, with the
+  reason: ``<!-- not-run: needs one process per rank -->``. Keep these rare; a marker without
+  a reason, or one that is not followed by a ```python block, fails the test.
+
+A failing block is reported with its README line numbers (tracebacks point into README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+SECTION_TIMEOUT_S = 600
+
+_FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[^`\s]*)\s*$")
+_NOT_RUN = re.compile(r"^\s*<!--\s*not-run:(?P<reason>.*?)-->\s*$")
+_SECTION = re.compile(r"^## (?P<title>.+?)\s*$")
+
+
+@dataclass(frozen=True)
+class Block:
+    section: str
+    first_line: int  # 1-based README line of the block's first code line
+    code: str
+    not_run_reason: str | None
+
+
+def parse_readme(text: str) -> list[Block]:
+    """The ```python blocks of ``text`` with their section, position and not-run marker."""
+    lines = text.splitlines()
+    blocks, section, i = [], "(before the first section)", 0
+    while i < len(lines):
+        line = lines[i]
+        fence = _FENCE.match(line)
+        if fence is None:
+            heading = _SECTION.match(line)
+            if heading:
+                section = heading.group("title")
+            i += 1
+            continue
+        indent, lang = fence.group("indent"), fence.group("lang")
+        end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == "```"), None)
+        if end is None:
+            raise AssertionError(f"README.md:{i + 1}: code fence is never closed")
+        marker = _NOT_RUN.match(lines[i - 1]) if i > 0 else None
+        if marker is not None and lang != "python":
+            raise AssertionError(f"README.md:{i}: not-run marker before a ```{lang} block (only python runs)")
+        if lang == "python":
+            body = [ln[len(indent):] if ln.startswith(indent) else ln for ln in lines[i + 1 : end]]
+            reason = marker.group("reason").strip() if marker else None
+            if marker is not None and not reason:
+                raise AssertionError(f"README.md:{i}: not-run marker without a reason")
+            blocks.append(Block(section, i + 2, textwrap.dedent("\n".join(body)), reason))
+        i = end + 1
+    for number, line in enumerate(lines, 1):
+        if _NOT_RUN.match(line) and not (number < len(lines) and _FENCE.match(lines[number])):
+            raise AssertionError(f"README.md:{number}: not-run marker is not right before a code fence")
+    return blocks
+
+
+# Runs one section's blocks in order in one namespace; compiled with leading blank lines so that
+# tracebacks name the README line.
+_RUNNER = """
+import json, sys, traceback
+blocks = json.load(open(sys.argv[1]))
+namespace = {"__name__": "__main__"}
+for block in blocks:
+    source = "\\n" * (block["first_line"] - 1) + block["code"]
+    try:
+        exec(compile(source, "README.md", "exec"), namespace)
+    except BaseException:
+        end = block["first_line"] + block["code"].count("\\n")
+        print(f"README block at lines {block['first_line']}-{end} failed:", file=sys.stderr)
+        traceback.print_exc()
+        sys.exit(1)
+"""
+
+
+def _sections() -> dict[str, list[Block]]:
+    out: dict[str, list[Block]] = {}
+    for block in parse_readme(README.read_text()):
+        out.setdefault(block.section, []).append(block)
+    return out
+
+
+SECTIONS = _sections()
+
+
+def test_readme_has_runnable_snippets():
+    runnable = [b for blocks in SECTIONS.values() for b in blocks if b.not_run_reason is None]
+    assert len(runnable) >= 5, "the README's python snippets were not found (parser or README changed?)"
+
+
+@pytest.mark.parametrize("section", [s for s, bs in SECTIONS.items() if any(b.not_run_reason is None for b in bs)])
+def test_readme_section_runs(section, tmp_path):
+    blocks = [
+        {"first_line": b.first_line, "code": b.code} for b in SECTIONS[section] if b.not_run_reason is None
+    ]
+    blocks_file = tmp_path / "blocks.json"
+    blocks_file.write_text(json.dumps(blocks))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    proc = subprocess.run([sys.executable, "-c", _RUNNER, str(blocks_file)], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=SECTION_TIMEOUT_S)
+    if proc.returncode != 0:
+        pytest.fail(f"README section {section!r}:\n{proc.stderr[-6000:]}", pytrace=False)
+
+
+def test_parser_applies_the_convention():
+    text = textwrap.dedent(
+        """\
+        ## A
+        ```python
+        x = 1
+        ```
+        <!-- not-run: needs a GPU -->
+        ```python
+        y = 2
+        ```
+        ## B
+        - item:
+
+          ```python
+          if True:
+              z = 3
+          ```
+        ```bash
+        echo not python
+        ```
+        """
+    )
+    blocks = parse_readme(text)
+    assert [(b.section, b.first_line, b.not_run_reason) for b in blocks] == [
+        ("A", 3, None), ("A", 7, "needs a GPU"), ("B", 13, None)
+    ]
+    assert blocks[2].code == "if True:\n    z = 3"
+    with pytest.raises(AssertionError, match="without a reason"):
+        parse_readme("<!-- not-run: -->\n```python\nx = 1\n```\n")
+    with pytest.raises(AssertionError, match="not right before"):
+        parse_readme("<!-- not-run: stale -->\n\ntext\n")
+    with pytest.raises(AssertionError, match="never closed"):
+        parse_readme("```python\nx = 1\n")
