@@ -45,6 +45,7 @@ from typing import Optional
 
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import unwrap_peft_model
 
 from .._inputs import BACKENDS, SCORES
 from ..api import sara_loss
@@ -61,8 +62,10 @@ from .routing import forward_kwargs
 
 
 @dataclass
-class SARATrainingArguments(TrainingArguments):
-    """``TrainingArguments`` plus the SARA options (all prefixed ``sara_``, parseable by HfArgumentParser)."""
+class SARAOptions:
+    """The SARA options (all prefixed ``sara_``, parseable by HfArgumentParser), shared by
+    :class:`SARATrainingArguments` and ``SARASFTConfig`` (:mod:`sara_kernels.hf.trl`); a mixin
+    placed before the ``TrainingArguments`` subclass it extends."""
 
     sara_weight: float = field(default=1.0, metadata={"help": "λ: weight of the SARA loss added to the LM loss (0 = LM only)."})
     # str for HfArgumentParser; a list of ints is accepted too (normalised in __post_init__).
@@ -82,11 +85,6 @@ class SARATrainingArguments(TrainingArguments):
     )
     sara_lm_on_anchor: bool = field(default=False, metadata={"help": "Also train the LM on the anchor side."})
     sara_backend: str = field(default="auto", metadata={"help": "'auto' (Triton on CUDA), 'triton' or 'reference'."})
-    sara_max_length: Optional[int] = field(default=None, metadata={"help": "Truncate each side to this many tokens."})
-    remove_unused_columns: bool = field(
-        default=False,
-        metadata={"help": "Must stay False: the collator tokenises the raw 'anchor'/'target' columns."},
-    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -110,6 +108,20 @@ class SARATrainingArguments(TrainingArguments):
                 ) from None
         if self.sara_backend not in BACKENDS:
             raise ValueError(f"sara_backend must be one of {BACKENDS}, got {self.sara_backend!r}")
+
+
+@dataclass
+class SARATrainingArguments(SARAOptions, TrainingArguments):
+    """``TrainingArguments`` plus the SARA options (:class:`SARAOptions`)."""
+
+    sara_max_length: Optional[int] = field(default=None, metadata={"help": "Truncate each side to this many tokens."})
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Must stay False: the collator tokenises the raw 'anchor'/'target' columns."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.sara_max_length is not None and (not isinstance(self.sara_max_length, int) or self.sara_max_length < 1):
             raise ValueError(f"sara_max_length must be a positive int or None, got {self.sara_max_length!r}")
 
@@ -344,13 +356,14 @@ class SARATrainer(Trainer):
             raise ValueError("batch has no anchor rows and no routing priors were given: SARA needs one of them")
 
         unwrapped = self.accelerator.unwrap_model(model)
-        lm_kwargs = dict(inputs, **forward_kwargs(unwrapped, lm_head=True))
+        # A PEFT wrapper's forward hides the model's options (logits_to_keep) behind **kwargs; it passes them on.
+        lm_kwargs = dict(inputs, **forward_kwargs(unwrap_peft_model(unwrapped), lm_head=True))
         if self.model_accepts_loss_kwargs:
             # The model then returns its token *sum* (+ its aux term): each term is scaled below.
             lm_kwargs["num_items_in_batch"] = input_ids.new_ones(())
         # The anchor forward has no labels: LM-only flags (the Trainer's skip_logits) stay out of it.
         routing_kwargs = {k: v for k, v in inputs.items() if k not in _LM_ONLY_KWARGS}
-        routing_kwargs.update(forward_kwargs(unwrapped, lm_head=False))
+        routing_kwargs.update(forward_kwargs(unwrap_peft_model(unwrapped), lm_head=False))
         anchor_needs_grad = args.sara_lm_on_anchor or not args.sara_detach_anchor
         anchor_logits = anchor_mask = anchor_probs = None
         if use_sara and has_anchor and priors is None and not anchor_needs_grad:
