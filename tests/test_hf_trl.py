@@ -6,6 +6,7 @@ cannot do (packing) is refused."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -194,3 +195,13 @@ def test_refused_configurations_and_bad_datasets(tmp_path):
     with pytest.raises(ValueError, match="sara_layer_weights has 3 weights"):
         SARASFTTrainer(model=model, args=sgd_config(tmp_path, sara_layer_weights="1,2,3"), train_dataset=data,
                        processing_class=TOKENIZER)
+
+
+def test_readme_trl_snippet_runs(tmp_path, monkeypatch):
+    """The README's TRL section, as printed, with and without LoRA."""
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    snippet = readme.split("### TRL: `SARASFTTrainer`")[1].split("```python\n")[1].split("```")[0]
+    monkeypatch.chdir(tmp_path)  # output_dir="out"
+    namespace = {"model": tiny_moe(), "tokenizer": TOKENIZER, "pairs": pairs(8)}
+    exec(compile(snippet, "README.md (TRL)", "exec"), namespace)
+    assert namespace["train"].num_rows == 8 and (tmp_path / "out").is_dir()
