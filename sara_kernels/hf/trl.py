@@ -155,7 +155,8 @@ class SARASFTTrainer(SFTTrainer):
             eval_dataset = sft_pairs(eval_dataset, args.dataset_text_field, "eval_dataset")
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
-        self.data_collator = SARASFTCollator(self.data_collator, self._tokenizer, args.max_length)
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)  # a processor's tokenizer
+        self.data_collator = SARASFTCollator(self.data_collator, tokenizer, args.max_length)
         if args.sara_weight > 0:
             unwrapped = self.accelerator.unwrap_model(self.model)
             if args.torch_compile and not router_hooks_installed(unwrapped):
