@@ -132,6 +132,59 @@ def test_uneven_last_accumulation_is_a_mean_of_micro_batches(tmp_path):
     assert_updates_close(delta, expected)
 
 
+def test_models_router_aux_loss_is_counted_once_and_scaled_like_sara(tmp_path):
+    """output_router_logits=True: the model's own loss (which the LM term comes from) then holds
+    router_aux_loss_coef × aux_loss. The step must add it once, as coef × aux / k per
+    micro-batch (not × k, not twice), and lm_loss must log the LM part alone."""
+    coef = 2.0
+    base, data = tiny_moe(output_router_logits=True, router_aux_loss_coef=coef), pairs(8)
+    delta, trainer = train_delta(base, tmp_path, data, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                                 train_sampling_strategy="sequential")
+    model = copy.deepcopy(base)
+    aux_total = 0.0
+    for micro_batch in (data[:4], data[4:]):
+        targets = SARACollator(TOKENIZER, include_anchor=False)(micro_batch)
+        out = model(input_ids=targets["input_ids"], attention_mask=targets["attention_mask"], use_cache=False)
+        aux_total = aux_total + out.aux_loss
+    (coef * aux_total / 2).backward()
+    aux_update = {n: -(p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+    no_aux = expected_update(base, data, sara_weight=5.0)
+    assert_updates_close(delta, {n: no_aux[n] + aux_update[n] for n in no_aux})
+    gate = "model.layers.1.mlp.gate.weight"  # the aux term is far above the tolerance there
+    assert aux_update[gate].abs().max() > 100 * 2e-4 * no_aux[gate].abs().max()
+
+    _, trainer = train_delta(base, tmp_path, data)
+    entry = next(h for h in trainer.state.log_history if "sara_loss" in h)
+    with torch.no_grad():
+        lm, sara = manual_loss(copy.deepcopy(base), data, sara_weight=0.0)
+        targets = SARACollator(TOKENIZER, include_anchor=False)(data)
+        aux = base(input_ids=targets["input_ids"], attention_mask=targets["attention_mask"], use_cache=False).aux_loss
+    assert entry["lm_loss"] == pytest.approx(float(lm), rel=1e-4)
+    assert entry["loss"] == pytest.approx(float(lm) + 5.0 * float(sara) + coef * float(aux), rel=1e-4)
+
+
+def test_model_without_loss_kwargs_trains_on_its_mean_loss(tmp_path):
+    """A model that declares accepts_loss_kwargs = False (as some vision-language models do) gets
+    no num_items_in_batch: its loss is the micro-batch token mean, used as the LM term (k = 1:
+    equal to the oracle's); a micro-batch without LM tokens (mean = 0 / 0) contributes 0."""
+    from transformers import Qwen3MoeForCausalLM
+
+    class MeanLossQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
+        accepts_loss_kwargs = False
+
+    stock = tiny_moe()
+    base = MeanLossQwen3MoeForCausalLM(stock.config)
+    base.load_state_dict(stock.state_dict())
+    data = pairs(8)
+    delta, trainer = train_delta(base, tmp_path, data)
+    assert trainer.model_accepts_loss_kwargs is False
+    assert_updates_close(delta, expected_update(base, data, sara_weight=5.0))
+    delta, trainer = train_delta(base, tmp_path, data, sara_max_length=1, logging_nan_inf_filter=False)
+    entry = next(h for h in trainer.state.log_history if "sara_loss" in h)
+    assert entry["lm_loss"] == 0.0 and torch.isfinite(torch.tensor(entry["loss"]))
+    assert all(bool(torch.isfinite(d).all()) for d in delta.values())
+
+
 DDP_SCRIPT = textwrap.dedent(
     """
     import sys, torch

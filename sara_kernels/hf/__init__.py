@@ -12,6 +12,8 @@
 * :mod:`.trainer`: ``transformers.Trainer`` integration (:class:`SARATrainer`,
   :class:`SARATrainingArguments`), imported on first use so that ``import sara_kernels.hf``
   does not pull in ``transformers.Trainer`` and accelerate.
+* :mod:`.trl`: TRL integration (:class:`SARASFTTrainer`, :class:`SARASFTConfig`), imported on
+  first use (needs the ``trl`` extra).
 """
 
 from .capture import (
@@ -31,14 +33,15 @@ from .collate import SARACollator
 from .data import PairDataset, load_pairs, pairs_from_dataset, save_pairs, validate_pair
 from .priors import RoutingPriors, extract_routing_priors, load_routing_priors
 
-_TRAINER_EXPORTS = ("SARATrainer", "SARATrainingArguments")
+_TRAINER_EXPORTS = ("SARATrainer", "SARATrainingArguments", "SARAOptions")
+_TRL_EXPORTS = ("SARASFTTrainer", "SARASFTConfig")
 
 __all__ = [
     "SIGMOID_ROUTER_FAMILIES", "CapturedRouterLogits", "RouterHooks", "RouterInfo", "capture_router_logits",
     "default_score", "find_routers", "install_router_hooks", "resolve_layers_spec", "router_hooks_installed",
     "select_layers",
     "SARACollator", "PairDataset", "load_pairs", "pairs_from_dataset", "save_pairs", "validate_pair",
-    "RoutingPriors", "extract_routing_priors", "load_routing_priors", *_TRAINER_EXPORTS,
+    "RoutingPriors", "extract_routing_priors", "load_routing_priors", *_TRAINER_EXPORTS, *_TRL_EXPORTS,
 ]
 
 
@@ -47,4 +50,8 @@ def __getattr__(name):
         from . import trainer
 
         return getattr(trainer, name)
+    if name in _TRL_EXPORTS:
+        from . import trl
+
+        return getattr(trl, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

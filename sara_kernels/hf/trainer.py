@@ -17,6 +17,14 @@ on the anchor — the default), the anchor rows run in a separate ``torch.no_gra
 no anchor activations are stored and the backward pass covers B rows, not 2B. When the anchor
 needs gradient, all 2B rows run in one forward, so DDP sees a single forward per backward.
 
+**LM loss.** The target forward gets the ``labels`` and the LM loss is the one the model's
+forward returns, so whatever loss path the model has — transformers' own, a fused linear
+cross-entropy that never builds the ``[B, S, V]`` logits (Liger's ``use_liger_kernel``, TRL's) —
+is the one used. It is asked for the token *sum* (``num_items_in_batch=1``) when the model takes
+loss kwargs, else it is the micro-batch mean; the router aux loss that transformers' MoE models
+add to it (``router_aux_loss_coef × aux_loss``, when ``output_router_logits``) is taken out and
+scaled separately.
+
 **Scaling.** ``training_step`` divides a returned loss by the number of accumulation steps
 k unless the loss is "already scaled" (``model_accepts_loss_kwargs`` with
 ``num_items_in_batch``), and ``compute_loss`` multiplies it by the world size W when tokens are
@@ -37,6 +45,7 @@ from typing import Optional
 
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import unwrap_peft_model
 
 from .._inputs import BACKENDS, SCORES
 from ..api import sara_loss
@@ -53,8 +62,10 @@ from .routing import forward_kwargs
 
 
 @dataclass
-class SARATrainingArguments(TrainingArguments):
-    """``TrainingArguments`` plus the SARA options (all prefixed ``sara_``, parseable by HfArgumentParser)."""
+class SARAOptions:
+    """The SARA options (all prefixed ``sara_``, parseable by HfArgumentParser), shared by
+    :class:`SARATrainingArguments` and ``SARASFTConfig`` (:mod:`sara_kernels.hf.trl`); a mixin
+    placed before the ``TrainingArguments`` subclass it extends."""
 
     sara_weight: float = field(default=1.0, metadata={"help": "λ: weight of the SARA loss added to the LM loss (0 = LM only)."})
     # str for HfArgumentParser; a list of ints is accepted too (normalised in __post_init__).
@@ -73,12 +84,7 @@ class SARATrainingArguments(TrainingArguments):
         default=True, metadata={"help": "The anchor routing is a fixed target (no gradient through it)."}
     )
     sara_lm_on_anchor: bool = field(default=False, metadata={"help": "Also train the LM on the anchor side."})
-    sara_backend: str = field(default="auto", metadata={"help": "'auto' (Triton on CUDA), 'triton' or 'reference'."})
-    sara_max_length: Optional[int] = field(default=None, metadata={"help": "Truncate each side to this many tokens."})
-    remove_unused_columns: bool = field(
-        default=False,
-        metadata={"help": "Must stay False: the collator tokenises the raw 'anchor'/'target' columns."},
-    )
+    sara_backend: str = field(default="auto", metadata={"help": "'auto' (Triton on CUDA), 'triton', 'cuda' (the C++ extension) or 'reference'."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -102,6 +108,20 @@ class SARATrainingArguments(TrainingArguments):
                 ) from None
         if self.sara_backend not in BACKENDS:
             raise ValueError(f"sara_backend must be one of {BACKENDS}, got {self.sara_backend!r}")
+
+
+@dataclass
+class SARATrainingArguments(SARAOptions, TrainingArguments):
+    """``TrainingArguments`` plus the SARA options (:class:`SARAOptions`)."""
+
+    sara_max_length: Optional[int] = field(default=None, metadata={"help": "Truncate each side to this many tokens."})
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Must stay False: the collator tokenises the raw 'anchor'/'target' columns."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.sara_max_length is not None and (not isinstance(self.sara_max_length, int) or self.sara_max_length < 1):
             raise ValueError(f"sara_max_length must be a positive int or None, got {self.sara_max_length!r}")
 
@@ -134,6 +154,29 @@ def _trim(ids: torch.Tensor, mask: torch.Tensor, labels: Optional[torch.Tensor])
     cols = torch.nonzero(mask.any(dim=0))
     length = int(cols.max()) + 1 if cols.numel() else 1
     return ids[:, :length], mask[:, :length], None if labels is None else labels[:, :length]
+
+
+# Forward options that only concern the LM loss (Liger's ``skip_logits`` needs labels), kept out
+# of the label-free anchor forward.
+_LM_ONLY_KWARGS = ("skip_logits",)
+
+
+def _router_aux_coef(model) -> float:
+    """The coefficient with which the model adds its router aux loss to ``loss`` when given labels.
+
+    transformers' MoE causal LMs read it from ``router_aux_loss_coef`` (``aux_loss_coef`` for
+    JetMoE), on the config or its ``text_config`` for vision-language MoE models.
+    """
+    config = getattr(model, "config", None)
+    for cfg in (config, getattr(config, "text_config", None)):
+        for name in ("router_aux_loss_coef", "aux_loss_coef"):
+            value = getattr(cfg, name, None)
+            if value is not None:
+                return float(value)
+    raise ValueError(
+        "the model returns an aux_loss but its config has no router_aux_loss_coef: SARATrainer cannot tell its "
+        "part in the model's loss; set output_router_logits=False or give the config router_aux_loss_coef"
+    )
 
 
 class SARATrainer(Trainer):
@@ -180,11 +223,11 @@ class SARATrainer(Trainer):
             )
         if model is None:
             raise ValueError("model: SARATrainer needs a Mixture-of-Experts causal LM")
-        # compute_loss builds the LM term itself, so these Trainer options would be ignored silently.
+        # compute_loss composes the loss itself, so these Trainer options would be ignored silently.
         if args.label_smoothing_factor != 0:
             raise ValueError(
                 f"args.label_smoothing_factor must be 0 for SARATrainer (got {args.label_smoothing_factor}): "
-                "its LM term is the model's own loss_function"
+                "its LM term is the loss the model's forward returns"
             )
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("compute_loss_func: SARATrainer computes the loss itself (LM + sara_weight × SARA)")
@@ -297,6 +340,11 @@ class SARATrainer(Trainer):
         index = inputs.pop("sara_example_index")
         input_ids, attention_mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
         labels = inputs.pop("labels", None)
+        if labels is None:
+            raise ValueError(
+                "batch has no 'labels': SARATrainer runs the LM loss through the model's own loss path, which needs "
+                "them (SARACollator provides them; -100 everywhere trains SARA alone)"
+            )
         num_pairs, rows = index.shape[0], input_ids.shape[0]
         if rows not in (num_pairs, 2 * num_pairs):
             raise ValueError(f"batch has {rows} rows for {num_pairs} pairs; expected anchors + targets or targets only")
@@ -308,24 +356,29 @@ class SARATrainer(Trainer):
             raise ValueError("batch has no anchor rows and no routing priors were given: SARA needs one of them")
 
         unwrapped = self.accelerator.unwrap_model(model)
-        extra = dict(inputs, **forward_kwargs(unwrapped, lm_head=True))
+        # A PEFT wrapper's forward hides the model's options (logits_to_keep) behind **kwargs; it passes them on.
+        lm_kwargs = dict(inputs, **forward_kwargs(unwrap_peft_model(unwrapped), lm_head=True))
+        if self.model_accepts_loss_kwargs:
+            # The model then returns its token *sum* (+ its aux term): each term is scaled below.
+            lm_kwargs["num_items_in_batch"] = input_ids.new_ones(())
+        # The anchor forward has no labels: LM-only flags (the Trainer's skip_logits) stay out of it.
+        routing_kwargs = {k: v for k, v in inputs.items() if k not in _LM_ONLY_KWARGS}
+        routing_kwargs.update(forward_kwargs(unwrap_peft_model(unwrapped), lm_head=False))
         anchor_needs_grad = args.sara_lm_on_anchor or not args.sara_detach_anchor
         anchor_logits = anchor_mask = anchor_probs = None
         if use_sara and has_anchor and priors is None and not anchor_needs_grad:
             # Two forwards: a graph-free anchor pass, then the target pass (see module docstring).
             a_ids, a_mask, _ = _trim(input_ids[:num_pairs], attention_mask[:num_pairs], None)
-            t_ids, t_mask, t_labels = _trim(
-                input_ids[num_pairs:], attention_mask[num_pairs:], None if labels is None else labels[num_pairs:]
-            )
+            t_ids, t_mask, t_labels = _trim(input_ids[num_pairs:], attention_mask[num_pairs:], labels[num_pairs:])
             with torch.no_grad(), self._capture(unwrapped, True) as cap_a:
-                model(input_ids=a_ids, attention_mask=a_mask, **dict(inputs, **forward_kwargs(unwrapped, lm_head=False)))
+                model(input_ids=a_ids, attention_mask=a_mask, **routing_kwargs)
             with self._capture(unwrapped, True) as cap:
-                outputs = model(input_ids=t_ids, attention_mask=t_mask, **extra)
+                outputs = model(input_ids=t_ids, attention_mask=t_mask, labels=t_labels, **lm_kwargs)
             anchor_logits, anchor_mask = cap_a.logits, a_mask
             target_logits, target_mask, lm_labels = cap.logits, t_mask, t_labels
         else:
             with self._capture(unwrapped, use_sara) as cap:
-                outputs = model(input_ids=input_ids, attention_mask=attention_mask, **extra)
+                outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **lm_kwargs)
             lm_labels = labels
             if use_sara:
                 seq = input_ids.shape[1]
@@ -343,20 +396,27 @@ class SARATrainer(Trainer):
             anchor_probs = priors.gather(index, cap.layers).to(target_logits[0].device)
             anchor_logits = anchor_mask = None
 
-        # LM term: token sum over this micro-batch, normalised by the Trainer's count when given.
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        device = logits.device
-        if lm_labels is not None:
-            # Counted as the Trainer counts num_items_in_batch (shifted for causal LM losses).
-            counted = lm_labels[:, 1:] if getattr(self, "_loss_shifts_labels", True) else lm_labels
-            local_items = (counted != IGNORE_INDEX).sum()
-            lm_sum = unwrapped.loss_function(
-                logits, lm_labels, logits.shape[-1], num_items_in_batch=torch.ones((), device=device)
-            )
+        # LM term, from the model's own loss (so a fused linear-cross-entropy path never builds the
+        # [B, S, V] logits). With labels, transformers' MoE models add coef × aux_loss to it: taken
+        # out here, and scaled below like SARA (subtracting the same product makes its gradient
+        # through the LM term cancel exactly).
+        model_loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+        device = model_loss.device
+        aux = outputs.get("aux_loss") if isinstance(outputs, dict) else None
+        aux_term = None
+        if aux is not None:
+            aux_term = _router_aux_coef(unwrapped) * aux.to(device)
+            model_loss = model_loss - aux_term
+        # Counted as the Trainer counts num_items_in_batch (shifted for causal LM losses).
+        counted = lm_labels[:, 1:] if getattr(self, "_loss_shifts_labels", True) else lm_labels
+        local_items = (counted != IGNORE_INDEX).sum()
+        if self.model_accepts_loss_kwargs:
+            lm_sum = model_loss
+            lm_mean = lm_sum / local_items.clamp(min=1)
         else:
-            local_items = torch.zeros((), dtype=torch.long, device=device)
-            lm_sum = logits[..., :0].float().sum()  # 0 with a grad_fn (no NaN even if logits hold inf)
-        lm_mean = lm_sum / local_items.clamp(min=1)
+            # The model's mean over this micro-batch's tokens: NaN (0 / 0) when it has none.
+            lm_sum = None
+            lm_mean = torch.where(local_items > 0, model_loss, model_loss.new_zeros(()))
 
         if use_sara:
             sara, per_layer = sara_loss(
@@ -365,13 +425,9 @@ class SARATrainer(Trainer):
                 temperature=args.sara_temperature, score=cap.score, detach_anchor=args.sara_detach_anchor,
                 return_per_layer=True, backend=args.sara_backend,
             )
-            sara = sara.to(lm_sum.dtype)
+            sara = sara.to(lm_mean.dtype)
         else:
-            sara, per_layer = lm_sum.new_zeros(()), None
-
-        aux = outputs.get("aux_loss") if isinstance(outputs, dict) else None
-        aux_coef = getattr(getattr(unwrapped, "config", None), "router_aux_loss_coef", None)
-        aux_term = aux_coef * aux.to(device) if (aux is not None and aux_coef) else None
+            sara, per_layer = lm_mean.new_zeros(()), None
 
         if training:
             k = getattr(self, "current_gradient_accumulation_steps", None) or args.gradient_accumulation_steps
