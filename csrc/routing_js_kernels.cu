@@ -164,6 +164,24 @@ __device__ __forceinline__ void load_row(typename D::raw (&v)[EPT], const typena
   }
 }
 
+// The U rows of one lane in one loop iteration, rows r, r + kRowStep, ...: every row's validity
+// first (mask loads), then every row's logits, so all of them are in flight before any is used.
+template <class D, class Tile>
+__device__ __forceinline__ void load_rows(bool (&valid)[Tile::kUnroll], typename D::raw (&v)[Tile::kUnroll][Tile::kEpt],
+                                          const typename D::raw* x, int64_t row_stride, int64_t col_stride,
+                                          const Segments& seg, const Slice& sl, int b, int64_t r, int c0, int E,
+                                          bool vector_io) {
+#pragma unroll
+  for (int u = 0; u < Tile::kUnroll; ++u) {
+    const int64_t row = r + u * Tile::kRowStep;
+    valid[u] = row < sl.hi && token_valid(seg, b, row, sl.start);
+  }
+#pragma unroll
+  for (int u = 0; u < Tile::kUnroll; ++u) {
+    load_row<D, Tile::kEpt>(v[u], x + (r + u * Tile::kRowStep) * row_stride, c0, E, col_stride, valid[u], vector_io);
+  }
+}
+
 // Score s and slope h of one row (see _score_and_slope in the Triton kernels): invalid rows and
 // padded columns come out as s = h = 0. Softmax logits are scaled by log2(e)/τ, sigmoid by 1/τ.
 template <class D, int EPT, int G>
@@ -235,16 +253,7 @@ __global__ void __launch_bounds__(kThreads, Tile::kMinBlocks) pool_routing_fwd(L
   for (int64_t r0 = sl.lo; r0 < sl.hi; r0 += Tile::kRowsPerIteration) {
     bool valid[U];
     raw v[U][EPT];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t r = r0 + u * Tile::kRowStep + row_in;
-      valid[u] = r < sl.hi && token_valid(seg, b, r, sl.start);
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t r = r0 + u * Tile::kRowStep + row_in;
-      load_row<D, EPT>(v[u], x + r * row_stride, c0, E, col_stride, valid[u], shape.vector_io);
-    }
+    load_rows<D, Tile>(valid, v, x, row_stride, col_stride, seg, sl, b, r0 + row_in, c0, E, shape.vector_io);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       float s[EPT], h[EPT];
@@ -315,16 +324,7 @@ __global__ void __launch_bounds__(kThreads, Tile::kMinBlocks) pool_routing_bwd(L
   for (int64_t r0 = sl.lo; r0 < sl.hi; r0 += Tile::kRowsPerIteration) {
     bool valid[U];
     raw v[U][EPT];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t r = r0 + u * Tile::kRowStep + row_in;
-      valid[u] = r < sl.hi && token_valid(seg, b, r, sl.start);
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t r = r0 + u * Tile::kRowStep + row_in;
-      load_row<D, EPT>(v[u], x + r * row_stride, c0, E, col_stride, valid[u], shape.vector_io);
-    }
+    load_rows<D, Tile>(valid, v, x, row_stride, col_stride, seg, sl, b, r0 + row_in, c0, E, shape.vector_io);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t r = r0 + u * Tile::kRowStep + row_in;
