@@ -131,6 +131,22 @@ class SARATrainingArguments(SARAOptions, TrainingArguments):
 # --------------------------------------------------------------------------------------------
 
 
+def prepare_sara_model(model, args) -> None:
+    """What a trainer with SARA does to its (unwrapped) model when it is built, so that mistakes
+    fail there, with the capture's message, instead of at the first training step: router hooks
+    installed before the Trainer compiles the model (compiled code ignores hooks registered after
+    its first call), the selected layers found, one layer weight per selected layer."""
+    if args.torch_compile and not router_hooks_installed(model):
+        install_router_hooks(model)
+    probe = capture_router_logits(model, layers=args.sara_layers, score=args.sara_score)
+    weights = args.sara_layer_weights
+    if weights is not None and len(weights) != len(probe.layers):
+        raise ValueError(
+            f"sara_layer_weights has {len(weights)} weights but sara_layers={args.sara_layers!r} selects "
+            f"{len(probe.layers)} MoE layers (decoder layers {list(probe.layers)}): give one weight per layer"
+        )
+
+
 def _wrap_pairs(dataset, name: str):
     """Lists (and other map-style sequences of dicts) become a validated :class:`PairDataset`."""
     if dataset is None or isinstance(dataset, (PairDataset, torch.utils.data.IterableDataset)):
@@ -232,19 +248,7 @@ class SARATrainer(Trainer):
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("compute_loss_func: SARATrainer computes the loss itself (LM + sara_weight × SARA)")
         if args.sara_weight > 0:
-            if args.torch_compile and not router_hooks_installed(model):
-                # Compiled code ignores hooks registered after its first call: install them now,
-                # before the Trainer compiles the model.
-                install_router_hooks(model)
-            # Fails now, with the capture's message, for a non-MoE model or layers it lacks,
-            # instead of at the first training step.
-            probe = capture_router_logits(model, layers=args.sara_layers, score=args.sara_score)
-            weights = args.sara_layer_weights
-            if weights is not None and len(weights) != len(probe.layers):
-                raise ValueError(
-                    f"sara_layer_weights has {len(weights)} weights but sara_layers={args.sara_layers!r} selects "
-                    f"{len(probe.layers)} MoE layers (decoder layers {list(probe.layers)}): give one weight per layer"
-                )
+            prepare_sara_model(model, args)
         train_dataset = _wrap_pairs(train_dataset, "train_dataset")
         eval_dataset = _wrap_pairs(eval_dataset, "eval_dataset")
 

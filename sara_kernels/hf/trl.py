@@ -32,11 +32,11 @@ from transformers.trainer_utils import unwrap_peft_model
 from trl import SFTConfig, SFTTrainer
 
 from ..api import sara_loss
-from .capture import capture_router_logits, install_router_hooks, router_hooks_installed
+from .capture import capture_router_logits
 from .collate import SARACollator, pad_right, pad_token_id
 from .data import validate_pair
 from .routing import forward_kwargs
-from .trainer import SARAOptions
+from .trainer import SARAOptions, prepare_sara_model
 
 INDEX_COLUMN = "sara_example_index"
 _ANCHOR_IDS, _ANCHOR_MASK = "sara_anchor_input_ids", "sara_anchor_attention_mask"
@@ -158,18 +158,7 @@ class SARASFTTrainer(SFTTrainer):
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)  # a processor's tokenizer
         self.data_collator = SARASFTCollator(self.data_collator, tokenizer, args.max_length)
         if args.sara_weight > 0:
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            if args.torch_compile and not router_hooks_installed(unwrapped):
-                # Compiled code ignores hooks registered after its first call.
-                install_router_hooks(unwrapped)
-            # Fails now, with the capture's message, for a non-MoE model or layers it lacks.
-            probe = capture_router_logits(unwrapped, layers=args.sara_layers, score=args.sara_score)
-            weights = args.sara_layer_weights
-            if weights is not None and len(weights) != len(probe.layers):
-                raise ValueError(
-                    f"sara_layer_weights has {len(weights)} weights but sara_layers={args.sara_layers!r} selects "
-                    f"{len(probe.layers)} MoE layers (decoder layers {list(probe.layers)}): give one weight per layer"
-                )
+            prepare_sara_model(self.accelerator.unwrap_model(self.model), args)
 
     def _set_signature_columns_if_needed(self):
         """Keep the anchor and the index through ``remove_unused_columns``."""
