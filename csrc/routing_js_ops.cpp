@@ -327,22 +327,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sara_loss_fwd(
   return {loss, per_layer, ga, gt, stats, layer_coef};
 }
 
-// grad of one side of the pair: scale = ∂L/∂loss broadcast to [L, B], coefficients G, n_b in `count`.
-Tensor pair_side_bwd(const Side& side, const Segments& seg, const Tensor& coef, const Tensor& scale,
-                     const Tensor& layer_coef, const float* count, bool sigmoid, double temperature,
-                     cudaStream_t stream) {
+// The backward's coefficients ∂L/∂P = coef [L, B, E] (float32, any strides) and n_b at
+// count[b * count_stride]; without a scale (set by the pair backward) g = 1.
+PoolGrad pool_grad(const Tensor& coef, const float* count, int64_t count_stride, bool normalize) {
   PoolGrad g{};
   g.coef = coef.data_ptr<float>();
   g.coef_sl = coef.stride(0);
   g.coef_sb = coef.stride(1);
   g.coef_se = coef.stride(2);
+  g.count = count;
+  g.count_stride = count_stride;
+  g.normalize = normalize;
+  return g;
+}
+
+// grad of one side of the pair: scale = ∂L/∂loss broadcast to [L, B], coefficients G, n_b in `count`.
+Tensor pair_side_bwd(const Side& side, const Segments& seg, const Tensor& coef, const Tensor& scale,
+                     const Tensor& layer_coef, const float* count, bool sigmoid, double temperature,
+                     cudaStream_t stream) {
+  PoolGrad g = pool_grad(coef, count, 1, true);
   g.scale = scale.data_ptr<float>();
   g.scale_sl = scale.stride(0);
   g.scale_sb = scale.stride(1);
   g.layer_coef = layer_coef.data_ptr<float>();
-  g.count = count;
-  g.count_stride = 1;
-  g.normalize = true;
   return pool_bwd(side, seg, sigmoid, temperature, g, stream);
 }
 
@@ -411,15 +418,7 @@ Tensor routing_distribution_bwd(const Tensor& grad_probs, TensorList logits, con
   check_device(coef, logits[0], "grad_probs", "");
   check_device(count, logits[0], "count", "");
   const Tensor n = count.scalar_type() == at::kFloat ? count : count.to(at::kFloat);
-  PoolGrad g{};
-  g.coef = coef.data_ptr<float>();
-  g.coef_sl = coef.stride(0);
-  g.coef_sb = coef.stride(1);
-  g.coef_se = coef.stride(2);
-  g.count = n.data_ptr<float>();
-  g.count_stride = n.stride(0);
-  g.normalize = normalize;
-  return pool_bwd(side, seg, sigmoid, temperature, g, stream);
+  return pool_bwd(side, seg, sigmoid, temperature, pool_grad(coef, n.data_ptr<float>(), n.stride(0), normalize), stream);
 }
 
 // ---------------------------------------------------------------------------------------------
