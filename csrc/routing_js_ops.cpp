@@ -27,6 +27,15 @@
 
 #include "routing_js.h"
 
+// tests/test_cuda_emulation.py builds this file with SARA_KERNELS_EMULATED against a CPU stand-in
+// of CUDA (tests/cuda_emulation/), so that the ops' argument handling, launches and autograd run
+// on CPU tensors on machines without a GPU: the ops are then registered for the CPU.
+#ifdef SARA_KERNELS_EMULATED
+#define SARA_KERNELS_DEVICE CPU
+#else
+#define SARA_KERNELS_DEVICE CUDA
+#endif
+
 namespace sara {
 namespace {
 
@@ -37,6 +46,7 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 constexpr double kLog2e = 1.4426950408889634;
+constexpr c10::DeviceType kDeviceType = c10::DeviceType::SARA_KERNELS_DEVICE;
 
 void check_cuda(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "sara_kernels CUDA backend: ", what, " failed: ", cudaGetErrorString(err));
@@ -86,7 +96,7 @@ Side describe(TensorList logits, const char* name) {
     side.N = first.size(0);
     side.E = first.size(1);
   }
-  TORCH_CHECK(first.is_cuda(), name, ": the CUDA backend needs CUDA tensors, got ", first.device());
+  TORCH_CHECK(first.device().type() == kDeviceType, name, ": the CUDA backend needs ", kDeviceType, " tensors, got ", first.device());
   TORCH_CHECK(side.L >= 1, name, ": expected at least one layer");
   TORCH_CHECK(side.E >= 1 && side.E <= kMaxExperts, name, ": the CUDA backend supports 1 to ", kMaxExperts,
               " experts, got E = ", side.E);
@@ -141,7 +151,7 @@ Segments segments(const optional<Tensor>& mask, const optional<Tensor>& cu, cons
 
 int sm_count(int device) {
   static std::array<int, 64> cache{};
-  if (device >= static_cast<int>(cache.size())) device = 0;
+  if (device < 0 || device >= static_cast<int>(cache.size())) device = 0;
   if (cache[device] == 0) {
     check_cuda(cudaDeviceGetAttribute(&cache[device], cudaDevAttrMultiProcessorCount, device), "SM count");
   }
@@ -625,7 +635,7 @@ TORCH_LIBRARY_FRAGMENT(sara_kernels, m) {
       "Tensor count, str score, float temperature, bool normalize) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(sara_kernels, CUDA, m) {
+TORCH_LIBRARY_IMPL(sara_kernels, SARA_KERNELS_DEVICE, m) {
   m.impl("cuda_sara_loss", &sara::sara_loss_no_grad);
   m.impl("cuda_sara_loss_fwd", &sara::sara_loss_fwd);
   m.impl("cuda_sara_loss_bwd", &sara::sara_loss_bwd);
@@ -639,6 +649,15 @@ TORCH_LIBRARY_IMPL(sara_kernels, Autograd, m) {
   m.impl("cuda_routing_distribution", &sara::routing_distribution);
 }
 
-// Importing sara_kernels._C registers the ops above (static initialisers); the module itself is empty.
+// Importing sara_kernels._C registers the ops above (static initialisers); the module holds only
+// DEVICE_TYPE, the torch device type the ops take ("cuda", or "cpu" in the emulated build).
 static struct PyModuleDef sara_kernels_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&sara_kernels_c_module); }
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&sara_kernels_c_module);
+  const std::string device = c10::DeviceTypeName(sara::kDeviceType, /*lower_case=*/true);
+  if (module != nullptr && PyModule_AddStringConstant(module, "DEVICE_TYPE", device.c_str()) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

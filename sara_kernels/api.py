@@ -44,7 +44,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, num_
             raise ValueError(f"backend={backend!r} supports up to E = {MAX_EXPERTS} experts, got E = {num_experts}")
         if num_seqs > MAX_SEQS:
             raise ValueError(f"backend={backend!r} supports up to B = {MAX_SEQS} sequences per call, got B = {num_seqs}")
-        if device.type != "cuda" and not (backend == "triton" and routing_js.INTERPRET):
+        if not _FUSED[backend].runs_on(device):
             hint = (" (set TRITON_INTERPRET=1 before importing sara_kernels to run the kernels on the CPU)"
                     if backend == "triton" else "")
             raise ValueError(f"backend={backend!r} needs CUDA tensors, got tensors on {device}{hint}")

@@ -44,6 +44,12 @@ def available() -> bool:
     return _C is not None
 
 
+def runs_on(device: torch.device) -> bool:
+    """Whether the extension's ops take tensors on ``device``: CUDA tensors (the emulated build
+    that tests/test_cuda_emulation.py makes, with a CPU stand-in of CUDA, takes CPU tensors)."""
+    return _C is not None and device.type == _C.DEVICE_TYPE
+
+
 def require() -> None:
     if _C is None:
         raise CUDABackendUnavailable(f"backend='cuda' needs the compiled extension sara_kernels._C ({LOAD_ERROR}); "
@@ -73,8 +79,6 @@ def _register_fakes():
 
 if _C is not None:
     _register_fakes()
-    _LOSS = torch.ops.sara_kernels.cuda_sara_loss.default
-    _DISTRIBUTION = torch.ops.sara_kernels.cuda_routing_distribution.default
 
 
 def sara_loss(anchor, target: RoutingSide, anchor_probs, layer_weights, score: str, temperature: float,
@@ -85,8 +89,9 @@ def sara_loss(anchor, target: RoutingSide, anchor_probs, layer_weights, score: s
     if layer_weights is not None:
         layer_weights = layer_weights.detach()
     a_inputs, a_mask, a_cu = (list(anchor.inputs), anchor.mask, anchor.cu_seqlens) if anchor is not None else ([], None, None)
-    return _LOSS(a_inputs, list(target.inputs), a_mask, a_cu, target.mask, target.cu_seqlens, anchor_probs,
-                 layer_weights, score, temperature, detach_anchor, reduction)
+    op = torch.ops.sara_kernels.cuda_sara_loss.default
+    return op(a_inputs, list(target.inputs), a_mask, a_cu, target.mask, target.cu_seqlens, anchor_probs, layer_weights,
+              score, temperature, detach_anchor, reduction)
 
 
 def pooled_distribution(side: RoutingSide, score: str, temperature: float, group=None):
@@ -94,9 +99,10 @@ def pooled_distribution(side: RoutingSide, score: str, temperature: float, group
     returns this rank's sums, which are all-reduced (gradient passing through) and normalised
     here, as in :mod:`sara_kernels.distributed`."""
     inputs = list(side.inputs)
+    op = torch.ops.sara_kernels.cuda_routing_distribution.default
     if group is None:
-        return _DISTRIBUTION(inputs, side.mask, side.cu_seqlens, score, temperature, True)
-    sums, count = _DISTRIBUTION(inputs, side.mask, side.cu_seqlens, score, temperature, False)
+        return op(inputs, side.mask, side.cu_seqlens, score, temperature, True)
+    sums, count = op(inputs, side.mask, side.cu_seqlens, score, temperature, False)
     sums, count = all_reduce_sums_and_counts(sums, count, group)
     return sums / count.clamp(min=1.0)[None, :, None], count
 

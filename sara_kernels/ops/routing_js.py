@@ -437,6 +437,11 @@ def check_segments(cu_ptr, cu_stride, B, N, BLOCK: tl.constexpr):
 # Host side: tile table, plans and launches
 # ----------------------------------------------------------------------------------------
 
+def runs_on(device: torch.device) -> bool:
+    """Whether the kernels take tensors on ``device``: CUDA, or any device under the interpreter."""
+    return device.type == "cuda" or INTERPRET
+
+
 MAX_EXPERTS = 512  # one row of experts is one tile
 MAX_SEQS = 65535  # B is the second grid axis, which CUDA limits to 65535
 

@@ -1,28 +1,27 @@
 // A CPU stand-in for the parts of CUDA that csrc/routing_js_kernels.cu uses, so those kernels run
-// (slowly, at small shapes) on a machine without a GPU. Every thread of a block is a host thread;
-// blocks run one after another, so `__shared__` can be a function-local static.
+// (at small shapes) on a machine without a GPU. Every thread of a block is a fiber (ucontext) on
+// the calling host thread, switched cooperatively at barriers: far cheaper than an OS thread per
+// CUDA thread, and deterministic. Blocks run one after another, so `__shared__` can be a
+// function-local static.
 //
 // What it checks beyond the arithmetic: __syncthreads and warp shuffles are barriers, so a lane
 // that skips a shuffle its warp executes (divergent control flow, undefined behaviour on a GPU)
-// or a thread that skips a __syncthreads makes the others wait; after a timeout the launch
-// fails with cudaErrorLaunchFailure and says where. Reads and writes are plain host memory, so
+// or a thread that skips a __syncthreads leaves the others waiting forever: the scheduler sees
+// that no thread can move, fails the launch with cudaErrorLaunchFailure and says where. Reads and writes are plain host memory, so
 // the tests run the kernels on buffers sized exactly, where an out-of-bounds access is caught by
 // the bounds the tests check around them (guard values).
 #pragma once
 
 #include <algorithm>
-#include <atomic>
-#include <chrono>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <memory>
-#include <mutex>
 #include <stdexcept>
-#include <thread>
 #include <vector>
+
+#include <ucontext.h>
 
 #define __global__
 #define __device__
@@ -43,18 +42,27 @@ struct uint4 {
   unsigned x, y, z, w;
 };
 
-inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 threadIdx, blockIdx;  // set by the scheduler each time it resumes a thread
 inline dim3 blockDim, gridDim;
 
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorLaunchFailure = 719 };
 typedef struct CUstream_st* cudaStream_t;
-inline thread_local cudaError_t emulator_last_error = cudaSuccess;
+inline cudaError_t emulator_last_error = cudaSuccess;
 inline cudaError_t cudaGetLastError() {
   cudaError_t e = emulator_last_error;
   emulator_last_error = cudaSuccess;
   return e;
 }
 inline const char* cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ? "no error" : "emulated launch failure"; }
+
+// The host op asks for the SM count to size its grids: an emulated device has a few.
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+inline constexpr int kEmulatedSMs = 3;
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  if (attr != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
+  *value = kEmulatedSMs;
+  return cudaSuccess;
+}
 
 template <class T>
 inline T __ldg(const T* p) {
@@ -101,72 +109,113 @@ inline uint16_t __bfloat16_as_ushort(__nv_bfloat16 b) { return b.bits; }
 
 namespace emulator {
 
-struct Poisoned : std::runtime_error {
-  using std::runtime_error::runtime_error;
+// Threads wait for a barrier's generation to move; the last to arrive moves it.
+struct Barrier {
+  int expected = 0, arrived = 0;
+  long generation = 0;
 };
 
-// A barrier whose waits time out: a thread that never arrives fails the launch instead of hanging
-// it. Each barrier has its own lock, so a warp's shuffle wakes only that warp's threads.
-class Barrier {
- public:
-  explicit Barrier(int n) : n_(n) {}
-  void arrive_and_wait(const char* what, std::atomic<bool>& poisoned) {
-    std::unique_lock<std::mutex> lock(m_);
-    if (poisoned) throw Poisoned(what);
-    const long generation = generation_;
-    if (++count_ == n_) {
-      count_ = 0;
-      ++generation_;
-      cv_.notify_all();
-      return;
-    }
-    // Short slices: a launch poisoned at another barrier is noticed here too.
-    for (int slice = 0; slice < 200; ++slice) {
-      if (cv_.wait_for(lock, std::chrono::milliseconds(50), [&] { return generation_ != generation || poisoned; })) {
-        if (generation_ != generation) return;
-        throw Poisoned(what);
-      }
-    }
-    if (!poisoned.exchange(true)) std::fprintf(stderr, "emulator: %s: not every thread arrived (divergent control flow?)\n", what);
-    throw Poisoned(what);
-  }
-
- private:
-  std::mutex m_;
-  std::condition_variable cv_;
-  int n_;
-  int count_ = 0;
-  long generation_ = 0;
+struct Thread {
+  ucontext_t context;
+  char* stack = nullptr;
+  bool done = false;
+  const Barrier* waits_for = nullptr;  // resumable once waits_for->generation != seen
+  long seen = 0;
+  const char* where = nullptr;
 };
 
 struct Block {
-  explicit Block(int threads) : block(threads), shuffle(threads) {
-    for (int w = 0; w < (threads + 31) / 32; ++w) warps.emplace_back(std::make_unique<Barrier>(std::min(32, threads - 32 * w)));
+  explicit Block(int n) : threads(n), shuffle(n) {
+    block.expected = n;
+    for (int w = 0; w < (n + 31) / 32; ++w) warps.push_back(Barrier{std::min(32, n - 32 * w)});
+    // Stacks are kept from launch to launch: allocating them per launch costs more than a small kernel.
+    static std::vector<std::unique_ptr<char[]>> stacks;
+    while (stacks.size() < threads.size()) stacks.emplace_back(new char[kStackBytes]);
+    for (size_t i = 0; i < threads.size(); ++i) threads[i].stack = stacks[i].get();
   }
-  std::atomic<bool> poisoned{false};
+  static constexpr size_t kStackBytes = 128 * 1024;
+  std::vector<Thread> threads;
   Barrier block;
-  std::vector<std::unique_ptr<Barrier>> warps;
+  std::vector<Barrier> warps;
   std::vector<float> shuffle;
+  ucontext_t scheduler;
+  Thread* running = nullptr;
+  void (*body)(void*) = nullptr;  // runs the kernel for threadIdx/blockIdx
+  void* body_arg = nullptr;
 };
 
 inline Block* current = nullptr;
 
+inline void arrive(Barrier& b, const char* where) {
+  if (++b.arrived == b.expected) {
+    b.arrived = 0;
+    ++b.generation;
+    return;
+  }
+  Thread* self = current->running;
+  self->waits_for = &b;
+  self->seen = b.generation;
+  self->where = where;
+  swapcontext(&self->context, &current->scheduler);
+}
+
+inline void thread_entry() {
+  current->body(current->body_arg);
+  current->running->done = true;  // returning resumes the scheduler (uc_link)
+}
+
+// Runs one block to completion; false if its threads deadlock (a barrier some never reach).
+inline bool run_block(Block& b) {
+  for (auto& t : b.threads) {
+    getcontext(&t.context);
+    t.context.uc_stack.ss_sp = t.stack;
+    t.context.uc_stack.ss_size = Block::kStackBytes;
+    t.context.uc_link = &b.scheduler;
+    makecontext(&t.context, thread_entry, 0);
+    t.done = false;
+    t.waits_for = nullptr;
+  }
+  for (;;) {
+    bool all_done = true, moved = false;
+    for (size_t i = 0; i < b.threads.size(); ++i) {
+      Thread& t = b.threads[i];
+      if (t.done) continue;
+      all_done = false;
+      if (t.waits_for != nullptr && t.waits_for->generation == t.seen) continue;
+      t.waits_for = nullptr;
+      threadIdx = dim3(static_cast<unsigned>(i));
+      b.running = &t;
+      swapcontext(&b.scheduler, &t.context);
+      moved = true;
+    }
+    if (all_done) return true;
+    if (!moved) {
+      int waiting = 0, done = 0;
+      const char* where = "";
+      for (const auto& t : b.threads) {
+        if (t.done) ++done;
+        else { ++waiting; where = t.where; }
+      }
+      std::fprintf(stderr, "emulator: block (%u, %u, %u): %d threads wait at %s, %d have finished: "
+                   "not every thread arrived (divergent control flow?)\n",
+                   blockIdx.x, blockIdx.y, blockIdx.z, waiting, where, done);
+      return false;
+    }
+  }
+}
+
 }  // namespace emulator
 
-inline void __syncthreads() {
-  auto* b = emulator::current;
-  b->block.arrive_and_wait("__syncthreads", b->poisoned);
-}
+inline void __syncthreads() { emulator::arrive(emulator::current->block, "__syncthreads"); }
 
 inline float __shfl_xor_sync(unsigned mask, float v, int offset) {
   if (mask != 0xffffffffu) throw std::logic_error("emulator: only full-warp shuffles are emulated");
   auto* b = emulator::current;
   const int t = static_cast<int>(threadIdx.x), warp = t / 32, lane = t % 32;
-  auto& bar = *b->warps[warp];
   b->shuffle[t] = v;
-  bar.arrive_and_wait("__shfl_xor_sync", b->poisoned);
+  emulator::arrive(b->warps[warp], "__shfl_xor_sync");
   const float other = b->shuffle[warp * 32 + (lane ^ offset)];
-  bar.arrive_and_wait("__shfl_xor_sync", b->poisoned);
+  emulator::arrive(b->warps[warp], "__shfl_xor_sync");  // nobody overwrites a value before it is read
   return other;
 }
 
@@ -178,39 +227,28 @@ struct cudaLaunchConfig_t {
   unsigned numAttrs;
 };
 
-// Runs the blocks of the grid one after another on one host thread per CUDA thread (the same
-// threads for every block: creating them per block would dominate the run time). A barrier at the
-// end of each block keeps the next block from starting while the current one still runs.
+// Runs the blocks of the grid one after another, each thread of a block a fiber.
 template <class... Params, class... Args>
 cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(Params...), Args&&... args) {
   gridDim = config->gridDim;
   blockDim = config->blockDim;
-  const dim3 grid = gridDim;
   const int threads = static_cast<int>(blockDim.x * blockDim.y * blockDim.z);
   emulator::Block block(threads);
+  auto call = [&] { kernel(args...); };
+  block.body = [](void* f) { (*static_cast<decltype(call)*>(f))(); };
+  block.body_arg = &call;
   emulator::current = &block;
-  std::vector<std::thread> pool;
-  pool.reserve(threads);
-  for (int t = 0; t < threads; ++t) {
-    pool.emplace_back([&, t] {
-      threadIdx = dim3(static_cast<unsigned>(t));
-      try {
-        for (unsigned z = 0; z < grid.z; ++z) {
-          for (unsigned y = 0; y < grid.y; ++y) {
-            for (unsigned x = 0; x < grid.x; ++x) {
-              blockIdx = dim3(x, y, z);
-              kernel(args...);
-              block.block.arrive_and_wait("end of block", block.poisoned);
-            }
-          }
-        }
-      } catch (const emulator::Poisoned&) {
+  bool ok = true;
+  for (unsigned z = 0; ok && z < gridDim.z; ++z) {
+    for (unsigned y = 0; ok && y < gridDim.y; ++y) {
+      for (unsigned x = 0; ok && x < gridDim.x; ++x) {
+        blockIdx = dim3(x, y, z);
+        ok = emulator::run_block(block);
       }
-    });
+    }
   }
-  for (auto& th : pool) th.join();
   emulator::current = nullptr;
-  if (block.poisoned) {
+  if (!ok) {
     emulator_last_error = cudaErrorLaunchFailure;
     return cudaErrorLaunchFailure;
   }
