@@ -11,7 +11,9 @@
 // sara_kernels/ops/cuda.py) and the backward is traced like any other op.
 //
 // Arguments are validated by sara_kernels' Python API before they get here (with messages that
-// name the user's argument); the checks below guard direct calls of torch.ops.sara_kernels.*.
+// name the user's argument), except the per-layer checks of a tuple, which run here; the checks
+// raise ValueError / TypeError as the Python ones do (TORCH_CHECK_VALUE / _TYPE), and also guard
+// direct calls of torch.ops.sara_kernels.*.
 
 #include <Python.h>
 
@@ -65,12 +67,12 @@ Dtype kernel_dtype(at::ScalarType t, const char* name) {
     case at::kFloat: return Dtype::kFloat32;
     case at::kHalf: return Dtype::kFloat16;
     case at::kBFloat16: return Dtype::kBFloat16;
-    default: TORCH_CHECK(false, name, ": the CUDA backend takes float32, bfloat16 or float16 logits, got ", t);
+    default: TORCH_CHECK_TYPE(false, name, ": the CUDA backend takes float32, bfloat16 or float16 logits, got ", t);
   }
 }
 
 Side describe(TensorList logits, const char* name) {
-  TORCH_CHECK(!logits.empty(), name, ": expected at least one layer");
+  TORCH_CHECK_VALUE(!logits.empty(), name, ": expected at least one layer");
   const Tensor& first = logits[0];
   Side side{logits, logits.size() == 1 && first.dim() == 3, 0, 0, 0, kernel_dtype(first.scalar_type(), name)};
   if (side.stacked) {
@@ -83,30 +85,31 @@ Side describe(TensorList logits, const char* name) {
     side.L = static_cast<int64_t>(logits.size());
     for (size_t i = 0; i < logits.size(); ++i) {
       const Tensor& t = logits[i];
-      TORCH_CHECK(t.dim() == 2, name, "[", i, "]: expected a [N, E] tensor, got shape ", t.sizes());
-      TORCH_CHECK(t.device() == first.device(), name, "[", i, "] is on ", t.device(), ", ", name, "[0] on ",
-                  first.device(), ": all layers must share a device");
-      TORCH_CHECK(t.scalar_type() == first.scalar_type(), name, "[", i, "] has dtype ", t.scalar_type(), ", ", name,
-                  "[0] ", first.scalar_type(), ": all layers must share a dtype");
-      TORCH_CHECK(t.size(1) == first.size(1), name, "[", i, "] has E = ", t.size(1), " experts, ", name, "[0] has E = ",
-                  first.size(1), ": E must match across layers");
-      TORCH_CHECK(t.size(0) == first.size(0), name, "[", i, "] has N = ", t.size(0), " tokens, ", name, "[0] has N = ",
-                  first.size(0), ": N must match across layers");
+      TORCH_CHECK_VALUE(t.dim() == 2, name, "[", i, "]: expected a [N, E] tensor, got shape ", t.sizes());
+      TORCH_CHECK_VALUE(t.device() == first.device(), name, "[", i, "] is on ", t.device(), ", ", name, "[0] on ",
+                        first.device(), ": all layers must share a device");
+      TORCH_CHECK_TYPE(t.scalar_type() == first.scalar_type(), name, "[", i, "] has dtype ", t.scalar_type(), ", ",
+                       name, "[0] ", first.scalar_type(), ": all layers must share a dtype");
+      TORCH_CHECK_VALUE(t.size(1) == first.size(1), name, "[", i, "] has E = ", t.size(1), " experts, ", name,
+                        "[0] has E = ", first.size(1), ": E must match across layers");
+      TORCH_CHECK_VALUE(t.size(0) == first.size(0), name, "[", i, "] has N = ", t.size(0), " tokens, ", name,
+                        "[0] has N = ", first.size(0), ": N must match across layers");
     }
     side.N = first.size(0);
     side.E = first.size(1);
   }
-  TORCH_CHECK(first.device().type() == kDeviceType, name, ": the CUDA backend needs ", kDeviceType, " tensors, got ", first.device());
-  TORCH_CHECK(side.L >= 1, name, ": expected at least one layer");
-  TORCH_CHECK(side.E >= 1 && side.E <= kMaxExperts, name, ": the CUDA backend supports 1 to ", kMaxExperts,
-              " experts, got E = ", side.E);
+  TORCH_CHECK_VALUE(first.device().type() == kDeviceType, name, ": the CUDA backend needs ", kDeviceType,
+                    " tensors, got ", first.device());
+  TORCH_CHECK_VALUE(side.L >= 1, name, ": expected at least one layer");
+  TORCH_CHECK_VALUE(side.E >= 1 && side.E <= kMaxExperts, name, ": the CUDA backend supports 1 to ", kMaxExperts,
+                    " experts, got E = ", side.E);
   return side;
 }
 
 // Rows of a side -> sequences. `keep` holds a converted cu_seqlens alive for the launches.
 void check_device(const Tensor& t, const Tensor& logits, const char* name, const char* what) {
-  TORCH_CHECK(t.device() == logits.device(), name, what, " is on ", t.device(), " but the logits are on ",
-              logits.device());
+  TORCH_CHECK_VALUE(t.device() == logits.device(), name, what, " is on ", t.device(), " but the logits are on ",
+                    logits.device());
 }
 
 Segments segments(const optional<Tensor>& mask, const optional<Tensor>& cu, const Tensor& logits, int64_t num_tokens,
@@ -115,18 +118,18 @@ Segments segments(const optional<Tensor>& mask, const optional<Tensor>& cu, cons
   seg.num_tokens = num_tokens;
   seg.seq_len = num_tokens;
   seg.num_seqs = 1;
-  TORCH_CHECK(!(mask.has_value() && cu.has_value()), name, ": give a mask or cu_seqlens, not both");
+  TORCH_CHECK_VALUE(!(mask.has_value() && cu.has_value()), name, ": give a mask or cu_seqlens, not both");
   if (mask.has_value()) {
     const Tensor& m = *mask;
     check_device(m, logits, name, "_mask");
-    TORCH_CHECK(m.dim() == 2 && m.size(0) * m.size(1) == num_tokens && m.size(0) >= 1, name,
-                "_mask: expected [B, S] with B*S = N = ", num_tokens, ", got ", m.sizes());
+    TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) * m.size(1) == num_tokens && m.size(0) >= 1, name,
+                      "_mask: expected [B, S] with B*S = N = ", num_tokens, ", got ", m.sizes());
     seg.mask = m.data_ptr();
     seg.mask_sb = m.stride(0);
     seg.mask_ss = m.stride(1);
     seg.mask_bytes = static_cast<int>(m.element_size());
-    TORCH_CHECK(seg.mask_bytes == 1 || seg.mask_bytes == 2 || seg.mask_bytes == 4 || seg.mask_bytes == 8, name,
-                "_mask: unsupported dtype ", m.scalar_type());
+    TORCH_CHECK_TYPE(seg.mask_bytes == 1 || seg.mask_bytes == 2 || seg.mask_bytes == 4 || seg.mask_bytes == 8, name,
+                     "_mask: unsupported dtype ", m.scalar_type());
     const uint64_t all = seg.mask_bytes == 8 ? ~uint64_t{0} : (uint64_t{1} << (8 * seg.mask_bytes)) - 1;
     const uint64_t sign = uint64_t{1} << (8 * seg.mask_bytes - 1);
     // A float mask is valid where != 0, so -0.0 is not valid: ignore the sign bit.
@@ -137,15 +140,15 @@ Segments segments(const optional<Tensor>& mask, const optional<Tensor>& cu, cons
     keep = *cu;
     check_device(keep, logits, name, "_cu_seqlens");
     if (keep.scalar_type() != at::kInt && keep.scalar_type() != at::kLong) keep = keep.to(at::kLong);
-    TORCH_CHECK(keep.dim() == 1 && keep.numel() >= 2, name, "_cu_seqlens: expected [B+1] with B >= 1, got ",
-                keep.sizes());
+    TORCH_CHECK_VALUE(keep.dim() == 1 && keep.numel() >= 2, name, "_cu_seqlens: expected [B+1] with B >= 1, got ",
+                      keep.sizes());
     seg.cu = keep.data_ptr();
     seg.cu_stride = keep.stride(0);
     seg.cu_bytes = static_cast<int>(keep.element_size());
     seg.num_seqs = static_cast<int>(keep.numel() - 1);
   }
-  TORCH_CHECK(seg.num_seqs <= kMaxSeqs, name, ": the CUDA backend supports up to ", kMaxSeqs,
-              " sequences per call, got B = ", seg.num_seqs);
+  TORCH_CHECK_VALUE(seg.num_seqs <= kMaxSeqs, name, ": the CUDA backend supports up to ", kMaxSeqs,
+                    " sequences per call, got B = ", seg.num_seqs);
   return seg;
 }
 
@@ -211,14 +214,15 @@ void for_layer_groups(const Side& side, int splits, bool sigmoid, double tempera
 }
 
 bool is_sigmoid(c10::string_view score) {
-  TORCH_CHECK(score == "softmax" || score == "sigmoid", "score: expected 'softmax' or 'sigmoid', got '", score, "'");
+  TORCH_CHECK_VALUE(score == "softmax" || score == "sigmoid", "score: expected 'softmax' or 'sigmoid', got '", score,
+                    "'");
   return score == "sigmoid";
 }
 
 int64_t reduction_code(c10::string_view reduction) {
   if (reduction == "mean") return kMean;
   if (reduction == "sum") return kSum;
-  TORCH_CHECK(reduction == "none", "reduction: expected 'mean', 'sum' or 'none', got '", reduction, "'");
+  TORCH_CHECK_VALUE(reduction == "none", "reduction: expected 'mean', 'sum' or 'none', got '", reduction, "'");
   return kNone;
 }
 
@@ -262,7 +266,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sara_loss_fwd(
     const optional<Tensor>& target_cu_seqlens, const optional<Tensor>& anchor_probs,
     const optional<Tensor>& layer_weights, c10::string_view score, double temperature,
     c10::string_view reduction_name) {
-  TORCH_CHECK(temperature > 0, "temperature: expected > 0, got ", temperature);
+  TORCH_CHECK_VALUE(temperature > 0, "temperature: expected > 0, got ", temperature);
   const bool sigmoid = is_sigmoid(score);
   const int64_t reduction = reduction_code(reduction_name);
   const Side t = describe(target, "target_logits");
@@ -281,8 +285,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sara_loss_fwd(
   if (anchor_probs.has_value()) {
     priors = *anchor_probs;
     check_device(priors, target[0], "anchor_probs", "");
-    TORCH_CHECK(priors.dim() == 3 && priors.size(0) == L && priors.size(1) == B && priors.size(2) == E,
-                "anchor_probs: expected [L, B, E] = [", L, ", ", B, ", ", E, "], got ", priors.sizes());
+    TORCH_CHECK_VALUE(priors.dim() == 3 && priors.size(0) == L && priors.size(1) == B && priors.size(2) == E,
+                      "anchor_probs: expected [L, B, E] = [", L, ", ", B, ", ", E, "], got ", priors.sizes());
     if (priors.scalar_type() != at::kFloat) priors = priors.to(at::kFloat);
     pair.priors = priors.data_ptr<float>();
     pair.prior_sl = priors.stride(0);
@@ -292,8 +296,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sara_loss_fwd(
     const Side a = describe(anchor, "anchor_logits");
     check_device(anchor[0], target[0], "anchor_logits", "");
     const Segments a_seg = segments(anchor_mask, anchor_cu_seqlens, anchor[0], a.N, "anchor", a_cu);
-    TORCH_CHECK(a.L == L && a.E == E && a_seg.num_seqs == B,
-                "anchor and target sides must have the same L, E and number of sequences B");
+    TORCH_CHECK_VALUE(a.L == L && a.E == E && a_seg.num_seqs == B,
+                      "anchor and target sides must have the same L, E and number of sequences B");
     std::tie(a_partial, a_count) = pool_fwd(a, a_seg, sigmoid, temperature, stream);
     pair.a_partial = a_partial.data_ptr<float>();
     pair.a_count = a_count.data_ptr<float>();
@@ -318,8 +322,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sara_loss_fwd(
   if (layer_weights.has_value()) {
     weights = *layer_weights;
     check_device(weights, target[0], "layer_weights", "");
-    TORCH_CHECK(weights.dim() == 1 && weights.size(0) == L, "layer_weights: expected [L] = [", L, "], got ",
-                weights.sizes());
+    TORCH_CHECK_VALUE(weights.dim() == 1 && weights.size(0) == L, "layer_weights: expected [L] = [", L, "], got ",
+                      weights.sizes());
     if (weights.scalar_type() != at::kFloat && weights.scalar_type() != at::kDouble) weights = weights.to(at::kFloat);
     red.weights = weights.data_ptr();
     red.weights_f64 = weights.scalar_type() == at::kDouble;
@@ -377,7 +381,9 @@ std::tuple<Tensor, Tensor> sara_loss_bwd(const Tensor& grad_loss, TensorList anc
   Tensor t_cu, a_cu;
   const Segments t_seg = segments(target_mask, target_cu_seqlens, target[0], t.N, "target", t_cu);
   const int64_t B = t_seg.num_seqs;
-  for (const Tensor* x : {&grad_loss, &ga, &gt, &stats, &layer_coef}) check_device(*x, target[0], "sara_loss_bwd", " input");
+  for (const Tensor* x : {&grad_loss, &ga, &gt, &stats, &layer_coef}) {
+    check_device(*x, target[0], "sara_loss_bwd", " input");
+  }
   // A scalar upstream gradient becomes a [L, B] view with zero strides: no copy.
   Tensor scale = grad_loss.scalar_type() == at::kFloat ? grad_loss : grad_loss.to(at::kFloat);
   scale = scale.expand({t.L, B});
@@ -394,7 +400,7 @@ std::tuple<Tensor, Tensor> sara_loss_bwd(const Tensor& grad_loss, TensorList anc
 std::tuple<Tensor, Tensor> routing_distribution_fwd(TensorList logits, const optional<Tensor>& mask,
                                                     const optional<Tensor>& cu_seqlens, c10::string_view score,
                                                     double temperature, bool normalize) {
-  TORCH_CHECK(temperature > 0, "temperature: expected > 0, got ", temperature);
+  TORCH_CHECK_VALUE(temperature > 0, "temperature: expected > 0, got ", temperature);
   const bool sigmoid = is_sigmoid(score);
   const Side side = describe(logits, "logits");
   const c10::cuda::CUDAGuard guard(logits[0].device());
@@ -423,12 +429,13 @@ Tensor routing_distribution_bwd(const Tensor& grad_probs, TensorList logits, con
   Tensor cu;
   const Segments seg = segments(mask, cu_seqlens, logits[0], side.N, "routing", cu);
   const Tensor coef = grad_probs.scalar_type() == at::kFloat ? grad_probs : grad_probs.to(at::kFloat);
-  TORCH_CHECK(coef.dim() == 3 && coef.size(0) == side.L && coef.size(1) == seg.num_seqs && coef.size(2) == side.E,
-              "grad_probs: expected [L, B, E], got ", coef.sizes());
+  TORCH_CHECK_VALUE(coef.dim() == 3 && coef.size(0) == side.L && coef.size(1) == seg.num_seqs && coef.size(2) == side.E,
+                    "grad_probs: expected [L, B, E], got ", coef.sizes());
   check_device(coef, logits[0], "grad_probs", "");
   check_device(count, logits[0], "count", "");
   const Tensor n = count.scalar_type() == at::kFloat ? count : count.to(at::kFloat);
-  return pool_bwd(side, seg, sigmoid, temperature, pool_grad(coef, n.data_ptr<float>(), n.stride(0), normalize), stream);
+  const PoolGrad grad = pool_grad(coef, n.data_ptr<float>(), n.stride(0), normalize);
+  return pool_bwd(side, seg, sigmoid, temperature, grad, stream);
 }
 
 // ---------------------------------------------------------------------------------------------

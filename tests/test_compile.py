@@ -1,8 +1,9 @@
-"""torch.compile(fullgraph=True) of a step that calls sara_loss matches eager, on both backends.
+"""torch.compile(fullgraph=True) of a step that calls sara_loss matches eager, on every backend.
 
-On the CPU the Triton backend runs under the interpreter inside the registered custom op, so the
-op's schema, fake implementation and autograd registration are exercised here; tests/test_gpu.py
-repeats the compile test with real kernels.
+On the CPU the Triton backend runs under the interpreter inside the registered custom op and
+the CUDA backend as its emulated build (tests/conftest.py), so each op's schema, fake
+implementation and autograd registration are exercised here; tests/test_gpu.py repeats the
+compile test with real kernels.
 """
 
 from __future__ import annotations
@@ -40,7 +41,16 @@ def sara_step(model, anchor_hidden, target_hidden, anchor_mask, target_mask, bac
     )
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.fixture(params=["reference", "triton", "cuda"])
+def backend(request):
+    return request.getfixturevalue("cuda_backend") if request.param == "cuda" else request.param
+
+
+@pytest.fixture(params=["triton", "cuda"])
+def fused_backend(request):
+    return request.getfixturevalue("cuda_backend") if request.param == "cuda" else request.param
+
+
 def test_fullgraph_compile_matches_eager(backend):
     torch.manual_seed(0)
     torch._dynamo.reset()
@@ -64,7 +74,7 @@ def test_fullgraph_compile_matches_eager(backend):
         assert_grads_close(g, eg, torch.float32)
 
 
-def test_routing_distribution_fullgraph_compile_matches_eager():
+def test_routing_distribution_fullgraph_compile_matches_eager(fused_backend):
     torch.manual_seed(3)
     torch._dynamo.reset()
     model = TinyRouter().to(DEVICE)
@@ -75,7 +85,8 @@ def test_routing_distribution_fullgraph_compile_matches_eager():
     weights = torch.randn(3, B, 10, generator=gen).to(DEVICE)
 
     def step(hidden, mask):
-        probs = sara_kernels.routing_distribution(model(hidden), mask, score="sigmoid", temperature=1.3, backend="triton")
+        probs = sara_kernels.routing_distribution(model(hidden), mask, score="sigmoid", temperature=1.3,
+                                                   backend=fused_backend)
         return (probs * weights).sum()
 
     results = []
@@ -118,11 +129,66 @@ def test_custom_ops_pass_opcheck(reduction):
     torch.library.opcheck(routing_js.routing_distribution_bwd.op, grad_args, test_utils=OPCHECK_UTILS)
 
 
-def test_double_backward_is_refused():
+def test_cuda_ops_pass_opcheck(cuda_backend):
+    """The CUDA backend's ops: the halves (schema, fakes), and the differentiable ops (autograd
+    registered for the Autograd key)."""
+    anchor, target, mask, weights = _opcheck_inputs()
+    ops = torch.ops.sara_kernels
+    for reduction in ("mean", "none"):
+        fwd_args = (anchor, target, mask, None, mask, None, None, weights, "sigmoid", 1.0, reduction)
+        torch.library.opcheck(ops.cuda_sara_loss_fwd.default, fwd_args, test_utils=OPCHECK_UTILS)
+        _, _, ga, gt, stats, layer_coef = ops.cuda_sara_loss_fwd(*fwd_args)
+        grad = torch.randn(gt.shape[:2] if reduction == "none" else (), device=DEVICE)
+        bwd_args = (grad, anchor, target, mask, None, mask, None, ga, gt, stats, layer_coef, "sigmoid", 1.0, True)
+        torch.library.opcheck(ops.cuda_sara_loss_bwd.default, bwd_args, test_utils=OPCHECK_UTILS)
+    leaf = [target[0].detach().requires_grad_(True)]
+    loss_args = ([t.requires_grad_(True) for t in anchor], leaf, mask, None, mask, None, None, weights, "softmax", 0.8,
+                 False, "mean")
+    torch.library.opcheck(ops.cuda_sara_loss.default, loss_args, test_utils=(*OPCHECK_UTILS, "test_autograd_registration"))
+    for normalize in (True, False):
+        probs_args = (anchor, mask, None, "softmax", 0.8, normalize)
+        torch.library.opcheck(ops.cuda_routing_distribution.default, probs_args,
+                              test_utils=(*OPCHECK_UTILS, "test_autograd_registration"))
+        probs, count = ops.cuda_routing_distribution_fwd(*probs_args)
+        grad_args = (torch.randn_like(probs), anchor, mask, None, count, "softmax", 0.8, normalize)
+        torch.library.opcheck(ops.cuda_routing_distribution_bwd.default, grad_args, test_utils=OPCHECK_UTILS)
+
+
+def test_double_backward_is_refused(fused_backend):
     anchor, target, mask, _ = _opcheck_inputs()
     leaf = target[0].detach().requires_grad_(True)
-    loss = sara_kernels.sara_loss(anchor, leaf, mask, mask, backend="triton")
+    loss = sara_kernels.sara_loss(anchor, leaf, mask, mask, backend=fused_backend)
     (grad,) = torch.autograd.grad(loss, leaf, create_graph=False)
     assert grad.abs().sum() > 0
     with pytest.raises(RuntimeError, match="does not support double backward"):
-        torch.autograd.grad(sara_kernels.sara_loss(anchor, leaf, mask, mask, backend="triton"), leaf, create_graph=True)
+        torch.autograd.grad(sara_kernels.sara_loss(anchor, leaf, mask, mask, backend=fused_backend), leaf,
+                            create_graph=True)
+
+
+def test_compiled_autograd_matches_eager(fused_backend):
+    """A compiled step whose backward runs under compiled autograd (the backward graph traced
+    through the op's autograd node: Python for Triton, a C++ Function for CUDA)."""
+    torch.manual_seed(5)
+    torch._dynamo.reset()
+    model = TinyRouter().to(DEVICE)
+    B, S, H = 2, 5, 12
+    gen = torch.Generator().manual_seed(6)
+    anchor_hidden = torch.randn(B * S, H, generator=gen).to(DEVICE)
+    target_hidden = torch.randn(B * S, H, generator=gen).to(DEVICE)
+    masks = (ragged_mask(B, S, gen), ragged_mask(B, S, gen))
+
+    def train_step():
+        loss = sara_step(model, anchor_hidden, target_hidden, *masks, fused_backend)
+        loss.backward()
+        return loss.detach()
+
+    eager_loss = train_step()
+    eager_grads = [g.weight.grad.clone() for g in model.gates]
+    model.zero_grad()
+    torch._dynamo.utils.counters.clear()
+    with torch._dynamo.config.patch(compiled_autograd=True):
+        compiled_loss = torch.compile(train_step, backend="aot_eager")()
+    assert torch._dynamo.utils.counters["compiled_autograd"]["captures"] >= 1
+    torch.testing.assert_close(compiled_loss, eager_loss, **LOSS_TOL)
+    for g, eg in zip(model.gates, eager_grads):
+        assert_grads_close(g.weight.grad, eg, torch.float32)
