@@ -56,7 +56,14 @@ def emulated_cuda_extension(tmp_path_factory):
         pytest.skip("a GPU or the built CUDA extension is here: the emulated build would register the same ops")
     if CXX is None:
         pytest.skip("no C++ compiler to build the emulated CUDA backend")
-    library = build_emulated_extension(str(tmp_path_factory.mktemp("emulated_extension")))
+    return load_emulated_extension(build_emulated_extension(str(tmp_path_factory.mktemp("emulated_extension"))))
+
+
+def load_emulated_extension(library: str):
+    """Loads the emulated build (registering its ops and their fakes) without making it the
+    backend: ``cuda_backend`` (or a test's own monkeypatch of ``cuda._C``) does that."""
+    from sara_kernels.ops import cuda
+
     spec = importlib.util.spec_from_file_location("sara_kernels._C", library)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,7 +1,8 @@
 """Context parallelism on torch.distributed (gloo, 2 processes, CPU): each rank holds a share
 of every sequence's tokens; loss and gradients must equal one process that sees whole
 sequences, for every reduction, detach mode and priors, also when a rank holds no token of
-some sequence. The Triton backend runs under the interpreter (tests/conftest.py).
+some sequence. The Triton backend runs under the interpreter, the CUDA backend as its emulated
+build (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ CASES = [
     ("triton", "cu", "both", "none"),
     ("triton", "cu", "detach", "mean"),
 ]
+CUDA_CASES = [
+    ("cuda", "mask", "both", "sum"),
+    ("cuda", "cu", "priors", "mean"),
+    ("cuda", "cu", "both", "none"),
+]
 
 
 def _loss(side_a, side_t, mode, reduction, backend, group, priors=None):
@@ -83,12 +89,12 @@ def _loss(side_a, side_t, mode, reduction, backend, group, priors=None):
                                   **kwargs)
 
 
-def _check_rank(rank: int):
+def _check_rank(rank: int, cases, compiled_backend):
     import sara_kernels
     from sara_kernels.testing import LOSS_TOL, assert_grads_close
 
     group = dist.group.WORLD
-    for backend, seg, mode, reduction in CASES:
+    for backend, seg, mode, reduction in cases:
         logits, full, shares, rows = _full_inputs(seg)
         priors = sara_kernels.routing_distribution(logits["anchor"], **full["anchor"], score="sigmoid",
                                                    temperature=0.8, backend="reference")
@@ -111,10 +117,18 @@ def _check_rank(rank: int):
                                                   backend=backend, group=group)
         whole_probs = sara_kernels.routing_distribution(logits["target"], **full["target"], backend="reference")
         torch.testing.assert_close(probs, whole_probs, **LOSS_TOL, msg=where)
-    _check_compiled(rank, group)
+    _check_compiled(rank, group, compiled_backend)
 
 
-def _check_compiled(rank: int, group):
+def _check_rank_emulated_cuda(rank: int, library: str):
+    from conftest import load_emulated_extension
+    from sara_kernels.ops import cuda
+
+    cuda._C = load_emulated_extension(library)
+    _check_rank(rank, CUDA_CASES, "cuda")
+
+
+def _check_compiled(rank: int, group, backend):
     """fullgraph torch.compile of a step with the group's all-reduce (a functional collective)."""
     import sara_kernels
     from sara_kernels.testing import LOSS_TOL, assert_grads_close
@@ -123,7 +137,7 @@ def _check_compiled(rank: int, group):
     (za, seg_a), (zt, seg_t) = shares[rank]["anchor"], shares[rank]["target"]
 
     def step(za, zt):
-        return sara_kernels.sara_loss(za, zt, seg_a["mask"], seg_t["mask"], detach_anchor=False, backend="triton",
+        return sara_kernels.sara_loss(za, zt, seg_a["mask"], seg_t["mask"], detach_anchor=False, backend=backend,
                                       group=group)
 
     results = []
@@ -132,13 +146,19 @@ def _check_compiled(rank: int, group):
         loss = fn(a, t)
         results.append((loss.detach(), torch.autograd.grad(loss, [a, t])))
     (eager, eager_grads), (compiled, compiled_grads) = results
-    torch.testing.assert_close(compiled, eager, **LOSS_TOL, msg=f"rank {rank} compiled")
+    torch.testing.assert_close(compiled, eager, **LOSS_TOL, msg=f"rank {rank} {backend} compiled")
     for g, h in zip(compiled_grads, eager_grads):
         assert_grads_close(g, h.double(), torch.float32)
 
 
 def test_context_parallel_equals_whole_sequences():
-    run_ranks(_check_rank, WORLD)
+    run_ranks(_check_rank, WORLD, CASES, "triton")
+
+
+def test_context_parallel_cuda_backend(emulated_cuda_extension):
+    """The CUDA backend's path: this rank's unnormalised sums from the op, all-reduced and
+    normalised in Python (sara_kernels/ops/cuda.py), on the emulated build in each rank."""
+    run_ranks(_check_rank_emulated_cuda, WORLD, emulated_cuda_extension.__file__)
 
 
 def test_group_must_be_a_process_group():
