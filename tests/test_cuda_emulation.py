@@ -1,13 +1,15 @@
 """The CUDA backend's kernels (csrc/routing_js_kernels.cu) run on the CPU and checked against the
 float64 reference, on machines without a GPU.
 
-tests/cuda_emulation/emulator.h stands in for CUDA (one host thread per CUDA thread, barriers for
+tests/cuda_emulation/emulator.h stands in for CUDA (each CUDA thread a fiber, barriers for
 __syncthreads and warp shuffles, so divergent shuffles fail the launch); driver.cpp runs the
-kernels in the op's order (pool both sides, pair JS, reduce, pool backward). Both are compiled
-with the host compiler once per session. This executes the kernels' indexing, vector and scalar
-paths, lane groups, splits, layer groups, masks of every dtype, cu_seqlens, priors and every
-reduction; what it cannot show (timing, memory model, the host op in routing_js_ops.cpp, the
-real compiler) is left to tests/test_gpu.py on a GPU.
+kernels in the op's order (pool both sides, pair JS, reduce, pool backward) with launch
+parameters the host op does not vary (splits, layers per launch), executing the kernels'
+indexing, vector and scalar paths, lane groups, splits, layer groups, masks of every dtype,
+cu_seqlens, priors and every reduction. The host op itself (csrc/routing_js_ops.cpp) runs on the
+same stand-in through ``backend="cuda"`` in test_routing_js.py, test_compile.py,
+test_bad_inputs.py and test_context_parallel.py (the emulated build of tests/conftest.py). What
+neither can show (timing, the memory model, the real compiler) is left to tests/test_gpu.py.
 """
 
 from __future__ import annotations
