@@ -29,7 +29,7 @@
 
 #include "routing_js.h"
 
-// tests/test_cuda_emulation.py builds this file with SARA_KERNELS_EMULATED against a CPU stand-in
+// tests/conftest.py builds this file with SARA_KERNELS_EMULATED against a CPU stand-in
 // of CUDA (tests/cuda_emulation/), so that the ops' argument handling, launches and autograd run
 // on CPU tensors on machines without a GPU: the ops are then registered for the CPU.
 #ifdef SARA_KERNELS_EMULATED
