@@ -83,3 +83,9 @@ def cuda_backend(request, monkeypatch):
     else:
         monkeypatch.setattr(cuda, "_C", request.getfixturevalue("emulated_cuda_extension"))
     return "cuda"
+
+
+@pytest.fixture(params=["triton", "cuda"])
+def fused_backend(request):
+    """Each fused backend in turn: Triton (interpreted without a GPU) and the CUDA extension."""
+    return request.getfixturevalue("cuda_backend") if request.param == "cuda" else request.param

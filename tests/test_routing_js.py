@@ -1,6 +1,6 @@
 """The fused backends against the float64 PyTorch reference: loss, per-layer JS and gradients.
 
-Tests taking ``backend`` run for Triton and for the CUDA extension. Without a GPU the Triton
+Tests taking ``fused_backend`` run for Triton and for the CUDA extension. Without a GPU the Triton
 kernels run under the Triton interpreter and the CUDA backend as its emulated build on CPU
 tensors (tests/conftest.py), so shapes are small; with a GPU the same cases run the real kernels
 (the CUDA ones where the extension is built).
@@ -33,11 +33,6 @@ def fresh_plans():
     routing_js.clear_plans()
     yield
     routing_js.clear_plans()
-
-
-@pytest.fixture(params=["triton", "cuda"])
-def backend(request):
-    return request.getfixturevalue("cuda_backend") if request.param == "cuda" else "triton"
 
 
 def segmentation(kind, num_seqs, seq_len, gen, empty=()):
@@ -94,14 +89,14 @@ def _gen(seed):
 @pytest.mark.parametrize("seg_kind", ["none", "mask", "cu"])
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("detach_anchor", [True, False])
-def test_loss_and_grads_match_reference(num_experts, seg_kind, score, detach_anchor, backend):
+def test_loss_and_grads_match_reference(num_experts, seg_kind, score, detach_anchor, fused_backend):
     gen = _gen(num_experts * 7 + len(seg_kind) + len(score) + detach_anchor)
     L, B, S = 3, 3, 9
     mask_a, cu_a, n_a = segmentation(seg_kind, B, S, gen)
     mask_t, cu_t, n_t = segmentation(seg_kind, B, S + 2, gen)
     anchor = random_logits(L, n_a, num_experts, generator=gen)
     target = random_logits(L, n_t, num_experts, generator=gen)
-    out = run_both(backend, anchor, target, (mask_a, cu_a), (mask_t, cu_t), score=score, detach_anchor=detach_anchor,
+    out = run_both(fused_backend, anchor, target, (mask_a, cu_a), (mask_t, cu_t), score=score, detach_anchor=detach_anchor,
                    temperature=0.7)
     assert_matches(out, torch.float32)
 
@@ -109,33 +104,33 @@ def test_loss_and_grads_match_reference(num_experts, seg_kind, score, detach_anc
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("num_experts", [16, 60, 512])
 @pytest.mark.parametrize("seg_kind", ["mask", "cu"])
-def test_low_precision_inputs_match_reference_on_rounded_inputs(dtype, num_experts, seg_kind, backend):
+def test_low_precision_inputs_match_reference_on_rounded_inputs(dtype, num_experts, seg_kind, fused_backend):
     gen = _gen(11 + num_experts)
     L, B, S = 2, 2, 10
     mask_a, cu_a, n_a = segmentation(seg_kind, B, S, gen)
     mask_t, cu_t, n_t = segmentation(seg_kind, B, S, gen)
     anchor = random_logits(L, n_a, num_experts, dtype, generator=gen)
     target = random_logits(L, n_t, num_experts, dtype, generator=gen)
-    out = run_both(backend, anchor, target, (mask_a, cu_a), (mask_t, cu_t), dtype, detach_anchor=False)
+    out = run_both(fused_backend, anchor, target, (mask_a, cu_a), (mask_t, cu_t), dtype, detach_anchor=False)
     assert_matches(out, dtype)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("weights", [None, "list", "tensor"])
-def test_reductions_and_layer_weights(reduction, weights, backend):
+def test_reductions_and_layer_weights(reduction, weights, fused_backend):
     gen = _gen(3)
     L, B, S, E = 4, 3, 6, 16
     w = {None: None, "list": [0.5, 0.0, 2.0, 1.0], "tensor": torch.tensor([1.0, 3.0, 0.25, 0.5], device=DEVICE)}[weights]
     mask_a, mask_t = ragged_mask(B, S, gen), ragged_mask(B, S, gen, empty=(1,))
     anchor, target = random_logits(L, B * S, E, generator=gen), random_logits(L, B * S, E, generator=gen)
-    out = run_both(backend, anchor, target, (mask_a, None), (mask_t, None), reduction=reduction, layer_weights=w)
+    out = run_both(fused_backend, anchor, target, (mask_a, None), (mask_t, None), reduction=reduction, layer_weights=w)
     assert out["kernel"][0].shape == ((L, B) if reduction == "none" else ())
     assert_matches(out, torch.float32)
 
 
 @pytest.mark.parametrize("seg_kind", ["none", "mask", "cu"])
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
-def test_cached_priors_mode(seg_kind, score, backend):
+def test_cached_priors_mode(seg_kind, score, fused_backend):
     gen = _gen(5)
     L, B, S, E = 3, 4, 7, 24
     mask_t, cu_t, n_t = segmentation(seg_kind, B, S, gen, empty=(2,) if seg_kind != "none" else ())
@@ -144,11 +139,11 @@ def test_cached_priors_mode(seg_kind, score, backend):
     priors[0, 0, :3] = 0  # exact zeros in a prior: 0·log 0 terms
     priors[0, 0] /= priors[0, 0].sum()
     target = random_logits(L, n_t, E, generator=gen)
-    out = run_both(backend, None, target, (None, None), (mask_t, cu_t), anchor_probs=priors, score=score)
+    out = run_both(fused_backend, None, target, (None, None), (mask_t, cu_t), anchor_probs=priors, score=score)
     assert_matches(out, torch.float32)
 
 
-def test_stacked_and_strided_layers(backend):
+def test_stacked_and_strided_layers(fused_backend):
     """One [L, N, E] tensor, and per-layer views with non-unit strides, read in place."""
     gen = _gen(9)
     L, B, S, E = 3, 2, 8, 20
@@ -158,11 +153,11 @@ def test_stacked_and_strided_layers(backend):
     target = [wide[:, ::2], transposed.t(), stacked[0] * 0.5 + 1]
     mask = ragged_mask(B, S, gen)
     for anchor in (stacked, list(stacked.unbind(0))):
-        got = sara_kernels.sara_loss(anchor, target, mask, mask, backend=backend)
+        got = sara_kernels.sara_loss(anchor, target, mask, mask, backend=fused_backend)
         want = reference.sara_loss([t.double() for t in anchor], [t.double() for t in target], mask, mask)
         torch.testing.assert_close(got.double(), want, **LOSS_TOL)
     leaf = stacked.clone().requires_grad_(True)
-    loss = sara_kernels.sara_loss(stacked.flip(0), leaf, mask, mask, backend=backend)
+    loss = sara_kernels.sara_loss(stacked.flip(0), leaf, mask, mask, backend=fused_backend)
     (g,) = torch.autograd.grad(loss, leaf)
     ref_leaf = stacked.double().requires_grad_(True)
     (rg,) = torch.autograd.grad(reference.sara_loss(stacked.flip(0).double(), ref_leaf, mask, mask), ref_leaf)
@@ -184,7 +179,7 @@ def test_split_sequences_give_the_same_result(monkeypatch, splits):
     assert_matches(out, torch.float32)
 
 
-def test_minus_inf_logits_give_finite_loss_and_zero_gradients_where_probability_is_zero(backend):
+def test_minus_inf_logits_give_finite_loss_and_zero_gradients_where_probability_is_zero(fused_backend):
     gen = _gen(17)
     L, B, S, E = 2, 2, 6, 12
     mask = ragged_mask(B, S, gen)
@@ -194,20 +189,20 @@ def test_minus_inf_logits_give_finite_loss_and_zero_gradients_where_probability_
         z[::3, :4] = -math.inf  # some tokens with several masked experts
     anchor[0][:, 7] = -math.inf  # an expert only the target side routes to: P^a_e = 0 < P^t_e
     for score in ("softmax", "sigmoid"):
-        out = run_both(backend, anchor, target, (mask, None), (mask, None), detach_anchor=False, score=score)
+        out = run_both(fused_backend, anchor, target, (mask, None), (mask, None), detach_anchor=False, score=score)
         assert torch.isfinite(out["kernel"][0])
         assert_matches(out, torch.float32)
         for g in out["kernel"][2]:
             assert (g[:, 5] == 0).all()
 
 
-def test_empty_sequences_are_excluded(backend):
+def test_empty_sequences_are_excluded(fused_backend):
     gen = _gen(19)
     L, B, S, E = 2, 4, 5, 8
     mask_a = ragged_mask(B, S, gen, empty=(1,))
     mask_t = ragged_mask(B, S, gen, empty=(3,))
     anchor, target = random_logits(L, B * S, E, generator=gen), random_logits(L, B * S, E, generator=gen)
-    out = run_both(backend, anchor, target, (mask_a, None), (mask_t, None), detach_anchor=False, reduction="none")
+    out = run_both(fused_backend, anchor, target, (mask_a, None), (mask_t, None), detach_anchor=False, reduction="none")
     js = out["kernel"][0]
     assert (js[:, [1, 3]] == 0).all() and (js[:, [0, 2]] > 0).all()
     assert_matches(out, torch.float32)
@@ -217,54 +212,54 @@ def test_empty_sequences_are_excluded(backend):
 
 
 @pytest.mark.parametrize("seg_kind", ["mask", "cu"])
-def test_no_valid_pair_gives_zero_loss_and_zero_gradients(seg_kind, backend):
+def test_no_valid_pair_gives_zero_loss_and_zero_gradients(seg_kind, fused_backend):
     gen = _gen(23)
     L, B, S, E = 2, 2, 4, 8
     mask_a, cu_a, n = segmentation(seg_kind, B, S, gen, empty=(0,))
     mask_t, cu_t, _ = segmentation(seg_kind, B, S, gen, empty=(1,))
     anchor, target = as_leaves(random_logits(L, n, E, generator=gen)), as_leaves(random_logits(L, n, E, generator=gen))
     loss = sara_kernels.sara_loss(anchor, target, mask_a, mask_t, anchor_cu_seqlens=cu_a, target_cu_seqlens=cu_t,
-                                  detach_anchor=False, backend=backend)
+                                  detach_anchor=False, backend=fused_backend)
     assert loss.item() == 0.0
     for g in torch.autograd.grad(loss, anchor + target):
         assert (g == 0).all()
 
 
-def test_empty_side_without_tokens(backend):
+def test_empty_side_without_tokens(fused_backend):
     L, E = 2, 8
     anchor = random_logits(L, 5, E)
     target = [torch.empty(0, E, device=DEVICE, requires_grad=True) for _ in range(L)]
-    loss = sara_kernels.sara_loss(anchor, target, backend=backend)
+    loss = sara_kernels.sara_loss(anchor, target, backend=fused_backend)
     assert loss.item() == 0.0
     (g,) = torch.autograd.grad(loss, target[:1])
     assert g.shape == (0, E)
 
 
-def test_nan_in_valid_token_propagates_and_nan_in_padding_does_not(backend):
+def test_nan_in_valid_token_propagates_and_nan_in_padding_does_not(fused_backend):
     gen = _gen(29)
     L, B, S, E = 1, 2, 4, 8
     mask = ragged_mask(B, S, gen)
     mask[0, -1] = 0
     anchor, target = random_logits(L, B * S, E, generator=gen), random_logits(L, B * S, E, generator=gen)
-    clean = sara_kernels.sara_loss(anchor, target, mask, mask, backend=backend)
+    clean = sara_kernels.sara_loss(anchor, target, mask, mask, backend=fused_backend)
     padded = [t.clone() for t in target]
     padded[0][S - 1, 2] = math.nan  # token (0, S-1) is padding
-    assert sara_kernels.sara_loss(anchor, padded, mask, mask, backend=backend).item() == clean.item()
+    assert sara_kernels.sara_loss(anchor, padded, mask, mask, backend=fused_backend).item() == clean.item()
     poisoned = [t.clone() for t in target]
     poisoned[0][0, 2] = math.nan  # token (0, 0) is valid
-    assert math.isnan(sara_kernels.sara_loss(anchor, poisoned, mask, mask, backend=backend).item())
+    assert math.isnan(sara_kernels.sara_loss(anchor, poisoned, mask, mask, backend=fused_backend).item())
     assert math.isnan(reference.sara_loss(anchor, poisoned, mask, mask).item())
 
 
 @pytest.mark.parametrize("seg_kind", ["none", "mask", "cu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_routing_distribution_matches_reference(seg_kind, dtype, backend):
+def test_routing_distribution_matches_reference(seg_kind, dtype, fused_backend):
     gen = _gen(31)
     L, B, S, E = 3, 3, 6, 60
     mask, cu, n = segmentation(seg_kind, B, S, gen, empty=(1,) if seg_kind != "none" else ())
     logits = random_logits(L, n, E, dtype, generator=gen)
     leaves, ref_leaves = as_leaves(logits), as_float64_leaves(logits)
-    probs = sara_kernels.routing_distribution(leaves, mask, cu_seqlens=cu, score="sigmoid", temperature=1.3, backend=backend)
+    probs = sara_kernels.routing_distribution(leaves, mask, cu_seqlens=cu, score="sigmoid", temperature=1.3, backend=fused_backend)
     ref = reference.routing_distribution(ref_leaves, mask, cu_seqlens=cu, score="sigmoid", temperature=1.3)
     assert probs.dtype == torch.float32 and probs.shape == ref.shape
     torch.testing.assert_close(probs.double(), ref, **PROBS_TOL)
@@ -277,7 +272,7 @@ def test_routing_distribution_matches_reference(seg_kind, dtype, backend):
         assert_grads_close(g, rg, dtype)
 
 
-def test_deterministic_bitwise(backend):
+def test_deterministic_bitwise(fused_backend):
     gen = _gen(37)
     L, B, S, E = 3, 2, 16, 60
     mask = ragged_mask(B, S, gen)
@@ -285,7 +280,7 @@ def test_deterministic_bitwise(backend):
     results = []
     for _ in range(2):
         a, t = as_leaves(anchor), as_leaves(target)
-        loss = sara_kernels.sara_loss(a, t, mask, mask, detach_anchor=False, backend=backend)
+        loss = sara_kernels.sara_loss(a, t, mask, mask, detach_anchor=False, backend=fused_backend)
         results.append((loss.detach(), torch.autograd.grad(loss, a + t)))
     (l1, g1), (l2, g2) = results
     assert torch.equal(l1, l2)
