@@ -193,27 +193,43 @@ def test_emulated_kernels_match_float64_reference(emulated, spec):
         testing.assert_grads_close(g[valid], r[valid], spec.dtype)
 
 
-def test_a_divergent_shuffle_fails_the_launch(tmp_path):
-    """The emulator's own guard: a kernel where half of a warp skips a shuffle must fail, or the
-    tests above could not catch that bug in the real kernels."""
-    source = tmp_path / "divergent.cpp"
+KERNELS = {  # name: (kernel body over float v = threadIdx.x, block size, whether the launch must fail)
+    "shuffle skipped by half a warp": ("if (threadIdx.x < 16) v = __shfl_xor_sync(0xffffffffu, v, 1);", 32, True),
+    "__syncthreads skipped by a warp": ("if (threadIdx.x < 32) __syncthreads();", 64, True),
+    "every thread at each barrier": ("__syncthreads(); v = __shfl_xor_sync(0xffffffffu, v, 1); __syncthreads();", 64,
+                                     False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_divergent_barriers_fail_the_launch(tmp_path, name):
+    """The emulator's own guard: a kernel where some threads skip a shuffle or a __syncthreads the
+    others reach must fail, or the tests above could not catch that bug in the real kernels; the
+    same barriers reached by every thread must not."""
+    body, threads, fails = KERNELS[name]
+    source = tmp_path / "kernel.cpp"
     source.write_text(
         '#include "emulator.h"\n'
-        "__global__ void divergent(float* out) {\n"
+        "__global__ void kernel(float* out) {\n"
         "  float v = threadIdx.x;\n"
-        "  if (threadIdx.x < 16) v = __shfl_xor_sync(0xffffffffu, v, 1);\n"
+        f"  {body}\n"
         "  out[threadIdx.x] = v;\n"
         "}\n"
         "int main() {\n"
-        "  float out[32];\n"
+        f"  float out[{threads}];\n"
         "  cudaLaunchConfig_t c{};\n"
-        "  c.gridDim = dim3(1); c.blockDim = dim3(32);\n"
-        "  return cudaLaunchKernelEx(&c, divergent, static_cast<float*>(out)) == cudaErrorLaunchFailure ? 0 : 1;\n"
+        f"  c.gridDim = dim3(2); c.blockDim = dim3({threads});\n"
+        "  if (cudaLaunchKernelEx(&c, kernel, static_cast<float*>(out)) != cudaSuccess) return 3;\n"
+        f"  for (int t = 0; t < {threads}; ++t) if (out[t] != float(t ^ 1)) return 4;  // the shuffle's result\n"
+        "  return 0;\n"
         "}\n"
     )
-    exe = tmp_path / "divergent"
+    exe = tmp_path / "kernel"
     build = subprocess.run([CXX, "-std=c++20", "-pthread", "-I", HERE, str(source), "-o", str(exe)],
                            capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and "divergent control flow" in run.stderr
+    if fails:
+        assert run.returncode == 3 and "divergent control flow" in run.stderr, (run.returncode, run.stderr)
+    else:
+        assert run.returncode == 0, (run.returncode, run.stderr)
