@@ -81,10 +81,12 @@ run_stage gpu_tests "$(stage_limit 150 200)" "$PYTEST_NOTE" \
     "$PY" -m pytest tests -m gpu -v -rfEsx --durations=10 -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
 
 # The normal suite's kernel files (those calling the Triton backend), now at real compile.
-# Left out: test_gpu.py (the stage above) and test_aot_compile.py (compiles for fixed targets
-# without a device: the same on every machine, and the CPU suite runs it).
+# Left out: test_gpu.py (the stage above), and the files that compile for fixed targets or run an
+# emulation without a device, the same on every machine and run by the CPU suite:
+# test_aot_compile.py, test_cuda_build.py (nvcc for sm_80/sm_90), test_cuda_emulation.py.
+# The files kept run the CUDA backend too (the built extension, on the GPU).
 # Sharded over the machine's cores: the stage is dominated by Triton JIT compiles of the grid.
-KERNEL_FILES=$(grep -l -E 'backend="triton"|routing_js' tests/test_*.py | grep -v -x -E 'tests/test_(gpu|aot_compile)\.py' | tr '\n' ' ')
+KERNEL_FILES=$(grep -l -E 'backend="triton"|routing_js' tests/test_*.py | grep -v -x -E 'tests/test_(gpu|aot_compile|cuda_build|cuda_emulation)\.py' | tr '\n' ' ')
 SHARDS=$(( $(nproc) > 12 ? 12 : $(nproc) ))
 if [ -n "$KERNEL_FILES" ]; then
     run_stage kernel_tests "$(stage_limit 120 140)" 'tail -n 1 "$LOG"' \
