@@ -49,15 +49,21 @@ def test_fullgraph_compile_of_the_reference_matches_eager():
     check_compile_matches_eager("reference")
 
 
-def check_compile_matches_eager(backend):
-    torch.manual_seed(0)
+def router_and_pair(seed: int):
+    """(model, anchor_hidden, target_hidden, (anchor_mask, target_mask)) of a fresh TinyRouter
+    and 2 ragged sequences per side, after a dynamo reset."""
+    torch.manual_seed(seed)
     torch._dynamo.reset()
     model = TinyRouter().to(DEVICE)
     B, S, H = 2, 5, 12
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed + 1)
     anchor_hidden = torch.randn(B * S, H, generator=gen).to(DEVICE)
     target_hidden = torch.randn(B * S, H, generator=gen).to(DEVICE)
-    masks = (ragged_mask(B, S, gen), ragged_mask(B, S, gen))
+    return model, anchor_hidden, target_hidden, (ragged_mask(B, S, gen), ragged_mask(B, S, gen))
+
+
+def check_compile_matches_eager(backend):
+    model, anchor_hidden, target_hidden, masks = router_and_pair(0)
     results = []
     for compiled in (False, True):
         model.zero_grad()
@@ -166,14 +172,7 @@ def test_double_backward_is_refused(fused_backend):
 def test_compiled_autograd_matches_eager(fused_backend):
     """A compiled step whose backward runs under compiled autograd (the backward graph traced
     through the op's autograd node: Python for Triton, a C++ Function for CUDA)."""
-    torch.manual_seed(5)
-    torch._dynamo.reset()
-    model = TinyRouter().to(DEVICE)
-    B, S, H = 2, 5, 12
-    gen = torch.Generator().manual_seed(6)
-    anchor_hidden = torch.randn(B * S, H, generator=gen).to(DEVICE)
-    target_hidden = torch.randn(B * S, H, generator=gen).to(DEVICE)
-    masks = (ragged_mask(B, S, gen), ragged_mask(B, S, gen))
+    model, anchor_hidden, target_hidden, masks = router_and_pair(5)
 
     def train_step():
         loss = sara_step(model, anchor_hidden, target_hidden, *masks, fused_backend)

@@ -46,7 +46,7 @@ def available() -> bool:
 
 def runs_on(device: torch.device) -> bool:
     """Whether the extension's ops take tensors on ``device``: CUDA tensors (the emulated build
-    that tests/test_cuda_emulation.py makes, with a CPU stand-in of CUDA, takes CPU tensors)."""
+    that tests/conftest.py makes, with a CPU stand-in of CUDA, takes CPU tensors)."""
     return _C is not None and device.type == _C.DEVICE_TYPE
 
 
