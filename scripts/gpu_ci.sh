@@ -55,7 +55,6 @@ run_stage() {
     printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$(($(date +%s) - t0))" "$note" >>"$STAGES"
 }
 
-PYTEST_NOTE='grep -E "(passed|failed|error|skipped|no tests ran)" "$LOG" | tail -n 1 | tr -d "="'
 LAST_LINE_NOTE='tail -n 1 "$LOG"'
 
 run_stage env 30 "$LAST_LINE_NOTE" bash -c "
@@ -76,18 +75,20 @@ fi
 run_stage selftest "$(stage_limit 90 300)" "$LAST_LINE_NOTE" \
     "$PY" -m sara_kernels selftest
 
-# -v: one line per test as it finishes, so a stage cut by its time limit still says which ran and how.
-run_stage gpu_tests "$(stage_limit 150 200)" "$PYTEST_NOTE" \
-    "$PY" -m pytest tests -m gpu -v -rfEsx --durations=10 -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
+# Both test stages are sharded over the machine's cores (scripts/sharded_pytest.sh): they are
+# dominated by Triton JIT compiles, single-threaded per process (one process took 96 s for the
+# 35 GPU tests on an H200, before the CUDA backend doubled them). Each shard's log lists every
+# test as it finishes (-v), so a stage cut by its limit still says which ran and how.
+SHARDS=$(( $(nproc) > 12 ? 12 : $(nproc) ))
+run_stage gpu_tests "$(stage_limit 120 200)" 'tail -n 1 "$LOG"' \
+    bash scripts/sharded_pytest.sh "$SHARDS" "$OUT/gpu_tests" tests -m gpu -rs --durations=5
 
 # The normal suite's kernel files (those calling the Triton backend), now at real compile.
 # Left out: test_gpu.py (the stage above), and the files that compile for fixed targets or run an
 # emulation without a device, the same on every machine and run by the CPU suite:
 # test_aot_compile.py, test_cuda_build.py (nvcc for sm_80/sm_90), test_cuda_emulation.py.
 # The files kept run the CUDA backend too (the built extension, on the GPU).
-# Sharded over the machine's cores: the stage is dominated by Triton JIT compiles of the grid.
 KERNEL_FILES=$(grep -l -E 'backend="triton"|routing_js' tests/test_*.py | grep -v -x -E 'tests/test_(gpu|aot_compile|cuda_build|cuda_emulation)\.py' | tr '\n' ' ')
-SHARDS=$(( $(nproc) > 12 ? 12 : $(nproc) ))
 if [ -n "$KERNEL_FILES" ]; then
     run_stage kernel_tests "$(stage_limit 120 140)" 'tail -n 1 "$LOG"' \
         bash scripts/sharded_pytest.sh "$SHARDS" "$OUT/kernel_tests" $KERNEL_FILES -m "not gpu"
