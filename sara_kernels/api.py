@@ -14,9 +14,9 @@ from typing import Optional
 import torch
 
 from . import reference
-from ._inputs import check_options, layer_weight_tensor, routing_side
+from ._inputs import RoutingSide, check_options, layer_weight_tensor, routing_side
 from .distributed import check_group
-from .ops import cuda, routing_js
+from .ops import backend_choice, cuda, routing_js
 
 # The fused backends; both handle the same dtypes, expert counts (E <= 512: one row of experts is
 # one tile) and batch sizes (B <= 65535: the second grid axis).
@@ -25,16 +25,21 @@ _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_EXPERTS, MAX_SEQS = routing_js.MAX_EXPERTS, routing_js.MAX_SEQS
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, num_experts: int, num_seqs: int = 1) -> str:
-    """The backend that runs: ``backend`` itself after checking it can, or what ``"auto"`` picks.
+def resolve_backend(backend: str, side: RoutingSide) -> str:
+    """The backend that runs on ``side``'s logits: ``backend`` itself after checking it can, or
+    what ``"auto"`` picks.
 
-    ``"auto"``: Triton for CUDA tensors of a shape and dtype it handles, the reference otherwise.
-    The CUDA extension is opt-in (``backend="cuda"``) until a GPU run of benchmarks/bench_sara.py
-    has measured it against Triton: auto then picks whichever the measurements show is faster.
+    ``"auto"``: the reference for CPU tensors and for dtypes or shapes the fused backends do not
+    handle; on CUDA, Triton, or when the CUDA extension is built too, whichever of the two the
+    benchmarks measured faster on this GPU architecture and shape (:mod:`.ops.backend_choice`).
     """
+    device, dtype, num_experts, num_seqs = side.device, side.dtype, side.num_experts, side.num_seqs
     if backend == "auto":
-        usable = device.type == "cuda" and dtype in _FUSED_DTYPES and num_experts <= MAX_EXPERTS and num_seqs <= MAX_SEQS
-        return "triton" if usable else "reference"
+        if not (device.type == "cuda" and dtype in _FUSED_DTYPES and num_experts <= MAX_EXPERTS and num_seqs <= MAX_SEQS):
+            return "reference"
+        if not cuda.runs_on(device):
+            return "triton"
+        return backend_choice.faster_fused_backend(device, num_experts)
     if backend in _FUSED:
         if backend == "cuda":
             cuda.require()
@@ -86,8 +91,9 @@ def sara_loss(
         detach_anchor: the anchor is a fixed target and gets no gradient (default).
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` ([L, B]).
         return_per_layer: also return the detached per-layer mean JS [L] for logging.
-        backend: ``"auto"`` (Triton on CUDA, reference on CPU) | ``"triton"`` | ``"cuda"`` (the C++
-            extension, when built) | ``"reference"``.
+        backend: ``"auto"`` (on CUDA the fused backend measured faster, see :func:`resolve_backend`;
+            the reference on CPU) | ``"triton"`` | ``"cuda"`` (the C++ extension, when built) |
+            ``"reference"``.
         group: context parallelism: a ``torch.distributed`` process group whose ranks each hold a
             share of every sequence's tokens (the same B sequences, masks/cu_seqlens describing
             the local tokens). Per-sequence sums and token counts are all-reduced once in the
@@ -105,7 +111,7 @@ def sara_loss(
         layers_checked_natively=backend == "cuda",
     )
     weights = layer_weight_tensor(layer_weights, target.num_layers, target.device)
-    backend = resolve_backend(backend, target.device, target.dtype, target.num_experts, target.num_seqs)
+    backend = resolve_backend(backend, target)
     if group is not None or backend == "reference":
         # Context parallel: the reduction over the group sits between pooling and JS, so a fused
         # backend pools with its kernels and the small [L, B, E] rest runs in PyTorch.
@@ -138,7 +144,7 @@ def routing_distribution(
     check_options(temperature, score, None, backend)
     check_group(group)
     side = routing_side(logits, mask, cu_seqlens, "routing", layers_checked_natively=backend == "cuda")
-    backend = resolve_backend(backend, side.device, side.dtype, side.num_experts, side.num_seqs)
+    backend = resolve_backend(backend, side)
     if backend == "reference":
         return reference.pooled_distribution(side, score, temperature, group)[0]
     return _FUSED[backend].routing_distribution(side, score, float(temperature), group)

@@ -102,12 +102,6 @@ def test_backend_cuda_without_the_extension_says_how_to_build_it():
         sara_kernels.routing_distribution(logits, backend="cuda")
 
 
-def test_auto_does_not_pick_the_unmeasured_cuda_backend():
-    """auto stays on the measured Triton backend until a GPU run compares the two (api docstring)."""
-    resolve = sara_kernels.api.resolve_backend
-    assert resolve("auto", torch.device("cuda"), torch.bfloat16, 128, 8) == "triton"
-
-
 @pytest.mark.skipif(not cuda.available(), reason="needs the built CUDA extension")
 def test_cuda_backend_rejects_cpu_tensors_and_float64():
     logits = [torch.randn(12, 8) for _ in range(2)]

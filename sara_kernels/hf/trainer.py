@@ -84,7 +84,7 @@ class SARAOptions:
         default=True, metadata={"help": "The anchor routing is a fixed target (no gradient through it)."}
     )
     sara_lm_on_anchor: bool = field(default=False, metadata={"help": "Also train the LM on the anchor side."})
-    sara_backend: str = field(default="auto", metadata={"help": "'auto' (Triton on CUDA), 'triton', 'cuda' (the C++ extension) or 'reference'."})
+    sara_backend: str = field(default="auto", metadata={"help": "'auto' (on CUDA the fused backend measured faster, see sara_kernels.ops.backend_choice), 'triton', 'cuda' (the C++ extension) or 'reference'."})
 
     def __post_init__(self):
         super().__post_init__()

@@ -116,7 +116,7 @@ class RoutingArguments:
     max_length: Optional[int] = field(default=None, metadata={"help": "Truncate each side to this many tokens."})
     batch_size: int = field(default=8, metadata={"help": "Texts per forward."})
     backend: Literal["auto", "triton", "cuda", "reference"] = field(
-        default="auto", metadata={"help": "auto = Triton on CUDA, reference otherwise; cuda = the C++ extension."}
+        default="auto", metadata={"help": "auto = the fused backend measured faster on CUDA (Triton until the C++ extension is measured), reference otherwise; cuda = the C++ extension."}
     )
     no_progress: bool = field(default=False, metadata={"help": "No progress bars."})
 

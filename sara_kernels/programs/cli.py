@@ -64,7 +64,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", default="all", help="MoE layers: 'all', 'middle' or comma-separated decoder indices")
     p.add_argument("--max-length", type=_positive_int, default=None, help="truncate each side to this many tokens")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="SARA backend: auto = Triton on CUDA, reference otherwise; cuda = the C++ extension")
+                   help="SARA backend: auto = the fused backend measured faster on CUDA, reference otherwise; cuda = the C++ extension")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (default: 1 for the built-in tiny model on CPU, whose matrices are too "
                         "small for threads to pay off, torch's choice otherwise)")

@@ -1,0 +1,54 @@
+"""Which fused backend ``backend="auto"`` runs when both can: the one that benchmarks/bench_sara.py
+measured faster on that GPU architecture, at the measured expert count nearest to the call's.
+
+``MEASURED`` maps a compute capability ("9.0") to expert counts ``E -> (backend, triton ms, cuda
+ms)``: the fwd+bwd wall time per call (median, L2-cold, tuple inputs) of the two contenders in
+one run, summed over every shape and mode measured at that E. It is written by
+``python benchmarks/choose_auto.py RESULTS.json... --write`` from bench_sara runs and committed
+with those results (benchmarks/results/); never by hand. An architecture with no measurement
+runs Triton, the backend measured first.
+
+Why the expert count: E sets the tile sizes, the register budget and the work per token of both
+backends' kernels, and it is fixed for a model, so under torch.compile the choice never depends
+on a dimension that varies from step to step. The token count moves both backends' times the same
+way (traffic), while their difference in host cost per call is fixed; choose_auto.py says when
+the winner at one E changes with the token count, which this table would then hide.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# --- written by benchmarks/choose_auto.py: begin ---
+MEASURED: dict = {}
+# --- written by benchmarks/choose_auto.py: end ---
+
+
+@torch.compiler.assume_constant_result
+def capability(device: torch.device) -> str:
+    """"major.minor" of a CUDA device; a constant for torch.compile (read once, while tracing)."""
+    props = torch.cuda.get_device_properties(device)
+    return f"{props.major}.{props.minor}"
+
+
+def _further(a, b, c, d) -> bool:
+    """Whether a/b is further from 1 than c/d on a log scale (positive integers). Integer
+    arithmetic only, so it also traces with symbolic sizes."""
+    return max(a, b) * min(c, d) > max(c, d) * min(a, b)
+
+
+def nearest_measured(measured_experts, experts: int) -> int:
+    """The measured expert count closest to ``experts`` by ratio (the smaller one on a tie)."""
+    best = None
+    for e in sorted(measured_experts):
+        if best is None or _further(best, experts, e, experts):
+            best = e
+    return best
+
+
+def faster_fused_backend(device: torch.device, experts: int) -> str:
+    """"triton" or "cuda" for a call with ``experts`` experts on ``device`` (a CUDA device)."""
+    measured = MEASURED.get(capability(device))
+    if not measured:
+        return "triton"
+    return measured[nearest_measured(measured, experts)][0]
