@@ -106,6 +106,11 @@ run_stage bench_overhead "$(stage_limit 60 5)" 'grep -qE "^triton " "$LOG" || { 
         echo "--- bench_sara targets (48 layers × 128 experts × ≥16k tokens per side, bf16) ---"
         grep -E '^- .*\]: (MET|NOT MET|NOT MEASURED)' "$OUT/bench_sara/summary.md" | head -n 20
     fi
+    if [ -f "$OUT/bench_sara/results.json" ]; then
+        # What backend="auto" would run per expert count (record it with choose_auto.py --write).
+        echo "--- auto: triton vs cuda, fwd+bwd (benchmarks/choose_auto.py) ---"
+        "$PY" benchmarks/choose_auto.py "$OUT/bench_sara/results.json" 2>&1 | grep -E "^  " | head -n 12
+    fi
     if [ -f "$OUT/bench_overhead/overhead.md" ]; then
         echo "--- SARA overhead in a Qwen3-MoE step ---"
         sed -n '/^```$/,/^```$/p' "$OUT/bench_overhead/overhead.md" | grep -v '^```$'
