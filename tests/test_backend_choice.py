@@ -5,7 +5,6 @@ written by benchmarks/choose_auto.py)."""
 import importlib.util
 import json
 import os
-import types
 
 import pytest
 import torch
@@ -29,7 +28,7 @@ def side(device="cuda", dtype=torch.bfloat16, layers=48, experts=128, tokens=163
 def hopper_with_extension(monkeypatch):
     """A CUDA device of compute capability 9.0 on which the CUDA extension runs."""
     monkeypatch.setattr(cuda, "runs_on", lambda device: device.type == "cuda")
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(major=9, minor=0))
+    monkeypatch.setattr(backend_choice, "capability", lambda device: "9.0")
 
 
 def test_auto_is_reference_on_cpu_and_for_unsupported_inputs_and_triton_on_cuda():
@@ -69,8 +68,8 @@ def test_nearest_measured_is_the_nearest_ratio():
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_the_choice_compiles_without_a_graph_break_and_follows_the_expert_count(hopper_with_extension, monkeypatch,
                                                                                 dynamic):
-    """Under torch.compile the capability is read once while tracing and the lookup is integer
-    arithmetic, so symbolic sizes (dynamic=True) trace too."""
+    """The lookup is integer arithmetic on constants and sizes, so symbolic sizes (dynamic=True)
+    trace too. (The real ``capability`` needs a GPU: tests/test_gpu.py compiles backend="auto".)"""
     monkeypatch.setattr(backend_choice, "MEASURED", {"9.0": {128: ("cuda", 3.7, 0.5), 512: ("triton", 2.0, 2.5)}})
     device = torch.device("cuda")
 

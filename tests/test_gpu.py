@@ -272,10 +272,10 @@ def test_cuda_graph_capture_of_forward_and_backward(segmentation, backend):
     assert all(torch.equal(g, h) for g, h in zip(graph_grads, eager_grads))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, "auto"])
 def test_torch_compile_fullgraph(backend):
     """sara_loss inside a function compiled with fullgraph=True (no graph breaks): same loss and
-    gradients as eager."""
+    gradients as eager. ``auto`` traces its choice too (the device's compute capability)."""
     gen = torch.Generator(device=DEVICE).manual_seed(17)
     L, B, S, E = 4, 4, 512, 64
     anchor = [torch.randn(B * S, E, generator=gen, device=DEVICE, dtype=torch.bfloat16) for _ in range(L)]

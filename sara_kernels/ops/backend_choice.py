@@ -24,9 +24,9 @@ MEASURED: dict = {}
 # --- written by benchmarks/choose_auto.py: end ---
 
 
-@torch.compiler.assume_constant_result
 def capability(device: torch.device) -> str:
-    """"major.minor" of a CUDA device; a constant for torch.compile (read once, while tracing)."""
+    """"major.minor" of a CUDA device. torch.compile folds it to a constant while tracing
+    (dynamo constant-folds ``get_device_properties`` and treats its result as a constant)."""
     props = torch.cuda.get_device_properties(device)
     return f"{props.major}.{props.minor}"
 
