@@ -121,7 +121,7 @@ def _check_rank(rank: int, cases, compiled_backend):
 
 
 def _check_rank_emulated_cuda(rank: int, library: str):
-    from conftest import load_emulated_extension
+    from cuda_emulation.extension import load_emulated_extension
     from sara_kernels.ops import cuda
 
     cuda._C = load_emulated_extension(library)
