@@ -31,7 +31,8 @@ def resolve_backend(backend: str, side: RoutingSide) -> str:
 
     ``"auto"``: the reference for CPU tensors and for dtypes or shapes the fused backends do not
     handle; on CUDA, Triton, or when the CUDA extension is built too, whichever of the two the
-    benchmarks measured faster on this GPU architecture and shape (:mod:`.ops.backend_choice`).
+    benchmarks measured faster on this GPU architecture at the nearest measured expert count
+    (:mod:`.ops.backend_choice`).
     """
     device, dtype, num_experts, num_seqs = side.device, side.dtype, side.num_experts, side.num_seqs
     if backend == "auto":
