@@ -46,7 +46,8 @@ def resources(name: str, experts: int, sigmoid: bool, dtype: str, arch: int):
     spills = int(re.search(r"(\d+) bytes spill stores", text).group(1))
     warps = meta["num_warps"]
     blocks = REGISTERS_PER_SM // (regs * 32 * warps)  # an upper bound: ignores allocation granularity
-    return dict(regs=regs, spills=spills, block_n=meta["BLOCK_N"], warps=warps, warps_per_sm=blocks * warps)
+    return dict(regs=regs, spills=spills, block_n=meta["BLOCK_N"], stages=meta["STAGES"], warps=warps,
+                warps_per_sm=blocks * warps, shared=compiled.metadata.shared)
 
 
 def main():
@@ -57,14 +58,15 @@ def main():
     if routing_js.INTERPRET:
         parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
     print(f"sm_{args.arch}, {args.dtype} logits, mask segmentation, vector loads on; ptxas {ptxas_path(args.arch)}")
-    print(f"{'kernel':17s} {'E':>4s} {'score':8s} {'BLOCK_N':>7s} {'warps':>5s} {'regs':>5s} {'spills':>6s} {'warps/SM':>8s}")
+    print(f"{'kernel':17s} {'E':>4s} {'score':8s} {'BLOCK_N':>7s} {'stages':>6s} {'warps':>5s} {'regs':>5s} {'spills':>6s} "
+          f"{'warps/SM':>8s} {'smem B':>6s}")
     for name in ("pool_routing_fwd", "pool_routing_bwd"):
         for experts in (8, 16, 64, 128, 256, 512):
             for sigmoid in (False, True):
                 r = resources(name, experts, sigmoid, args.dtype, args.arch)
                 score = "sigmoid" if sigmoid else "softmax"
-                print(f"{name:17s} {experts:4d} {score:8s} {r['block_n']:7d} {r['warps']:5d} {r['regs']:5d} "
-                      f"{r['spills']:6d} {r['warps_per_sm']:8d}")
+                print(f"{name:17s} {experts:4d} {score:8s} {r['block_n']:7d} {r['stages']:6d} {r['warps']:5d} {r['regs']:5d} "
+                      f"{r['spills']:6d} {r['warps_per_sm']:8d} {r['shared']:6d}")
 
 
 if __name__ == "__main__":

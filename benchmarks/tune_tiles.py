@@ -4,7 +4,8 @@
     TRITON_INTERPRET=1 python benchmarks/tune_tiles.py --device cpu --tiny --out /tmp/t   # logic check
 
 For each real-model router shape (48×128, 58×256 sigmoid, 48×512, 32×8, 16×64; bf16, tuple of
-L [N, E] tensors, 512-token sequences, all valid) and each candidate (num_warps, BLOCK_N), the
+L [N, E] tensors, 512-token sequences, all valid; ``--models`` picks some) and each candidate
+(num_warps, BLOCK_N, STAGES: the row loop unpipelined or software-pipelined over 3 stages), the
 forward kernel (``pool_routing_fwd``, both sides' logits read once) and the backward kernel
 (``pool_routing_bwd``, the target read again and its gradient written) are timed on the GPU's
 own timeline (torch.profiler), L2-cold (inputs rotated over copies), and reported as a fraction
@@ -38,18 +39,20 @@ SHAPES = [  # (name, layers, experts, score, tokens per side)
 ]
 ELEMENTS_PER_THREAD = (16, 32, 64)
 WARPS = (4, 8)
+STAGES = (1, 3)
 SEQ_LEN = 512
 
 
 def candidates(experts: int) -> list:
-    """(num_warps, BLOCK_N) pairs: a tile of ELEMENTS_PER_THREAD fp32 values per thread."""
+    """(num_warps, BLOCK_N, STAGES): a tile of ELEMENTS_PER_THREAD fp32 values per thread, each
+    with every STAGES."""
     block_e = routing_js.tile_config(experts)["BLOCK_E"]
     out = []
     for warps in WARPS:
         for per_thread in ELEMENTS_PER_THREAD:
             block_n = per_thread * 32 * warps // block_e
             if 1 <= block_n <= 256:
-                out.append((warps, block_n))
+                out += [(warps, block_n, stages) for stages in STAGES]
     return sorted(set(out))
 
 
@@ -73,7 +76,7 @@ def kernel_ms(device, call, kernel: str, copies: int, reps: int) -> float:
     return total_us / 1e3 / reps
 
 
-def measure_shape(name, layers, experts, score, tokens, device, l2_bytes, copy_gbps, reps, tiny) -> list:
+def measure_shape(name, layers, experts, score, tokens, device, l2_bytes, copy_gbps, reps, tiny, stages_only) -> list:
     dtype = torch.bfloat16
     seqs = max(1, tokens // SEQ_LEN)
     seq_len = tokens // seqs
@@ -88,8 +91,12 @@ def measure_shape(name, layers, experts, score, tokens, device, l2_bytes, copy_g
     default = routing_js.tile_config(experts)
     rows = []
     original = routing_js.tile_config
-    for warps, block_n in candidates(experts):
-        routing_js.tile_config = lambda e, w=warps, n=block_n: dict(original(e), num_warps=w, BLOCK_N=n)
+    tiles = candidates(experts)
+    if stages_only:
+        tiles = [t for t in tiles if t[:2] == (default["num_warps"], default["BLOCK_N"])]
+    for warps, block_n, stages in tiles:
+        routing_js.tile_config = lambda e, w=warps, n=block_n, st=stages: dict(original(e), num_warps=w, BLOCK_N=n,
+                                                                               STAGES=st)
         routing_js.clear_plans()
         try:
             def fwd(i, _):
@@ -108,17 +115,20 @@ def measure_shape(name, layers, experts, score, tokens, device, l2_bytes, copy_g
             routing_js.tile_config = original
             routing_js.clear_plans()
         row = dict(model=name, layers=layers, experts=experts, score=score, tokens=tokens, warps=warps, block_n=block_n,
-                   table=(warps, block_n) == (default["num_warps"], default["BLOCK_N"]), compile_s=round(compile_s, 2))
+                   stages=stages, table=(warps, block_n, stages) == (default["num_warps"], default["BLOCK_N"],
+                                                                     default["STAGES"]),
+                   compile_s=round(compile_s, 2))
         for pass_name, ms, nbytes in (("fwd", ms_fwd, 2 * side_bytes), ("bwd", ms_bwd, 2 * side_bytes)):
             row[f"{pass_name}_ms"] = round(ms, 4)
             row[f"{pass_name}_bw"] = round(nbytes / (ms * 1e-3) / 1e9 / copy_gbps, 3)
         rows.append(row)
-        print(f"  warps={warps} BLOCK_N={block_n}: fwd {row['fwd_ms']} ms ({row['fwd_bw']:.2f}), "
+        print(f"  warps={warps} BLOCK_N={block_n} STAGES={stages}: fwd {row['fwd_ms']} ms ({row['fwd_bw']:.2f}), "
               f"bwd {row['bwd_ms']} ms ({row['bwd_bw']:.2f}){'  <- table' if row['table'] else ''}", flush=True)
     return rows
 
 
-COLUMNS = [("model", "model"), ("E", "experts"), ("warps", "warps"), ("BLOCK_N", "block_n"), ("table", "table"),
+COLUMNS = [("model", "model"), ("E", "experts"), ("warps", "warps"), ("BLOCK_N", "block_n"), ("stages", "stages"),
+           ("table", "table"),
            ("fwd ms", "fwd_ms"), ("fwd bw", "fwd_bw"), ("bwd ms", "bwd_ms"), ("bwd bw", "bwd_bw")]
 
 
@@ -129,6 +139,9 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU logic check")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--time-budget", type=float, default=150.0, help="seconds; shapes not started by then are skipped")
+    p.add_argument("--models", nargs="+", choices=[shape[0] for shape in SHAPES], help="only these shapes")
+    p.add_argument("--stages-only", action="store_true",
+                   help="only the table's num_warps and BLOCK_N, with each STAGES (pipelining on vs off)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     problem = device_problem(device, args.tiny, " (TRITON_INTERPRET=1)")
@@ -140,14 +153,17 @@ def main(argv=None) -> int:
     bandwidth = copy_bandwidth(device, l2_bytes)
     env = environment(device)
     print(f"{env['card']}: copy bandwidth {bandwidth['gbps']:.0f} GB/s, triton {triton.__version__}")
-    shapes = [(n, min(l, 2), e, s, 64) for n, l, e, s, _ in SHAPES[:2]] if args.tiny else SHAPES
+    shapes = [shape for shape in SHAPES if not args.models or shape[0] in args.models]
+    if args.tiny:
+        shapes = [(n, min(l, 2), e, s, 64) for n, l, e, s, _ in shapes[:2]]
     rows, skipped, start = [], [], time.perf_counter()
     for shape in shapes:
         if time.perf_counter() - start > args.time_budget:
             skipped.append(shape[0])
             continue
         print(f"{shape[0]}: L={shape[1]} E={shape[2]} {shape[3]} N={shape[4]}/side", flush=True)
-        rows += measure_shape(*shape, device, l2_bytes, bandwidth["gbps"], 2 if args.tiny else args.reps, args.tiny)
+        rows += measure_shape(*shape, device, l2_bytes, bandwidth["gbps"], 2 if args.tiny else args.reps, args.tiny,
+                              args.stages_only)
         write_json(os.path.join(args.out, "tiles.json"), dict(environment=env, copy_bandwidth=bandwidth, rows=rows,
                                                               skipped=skipped))
     table = format_table(rows, COLUMNS)

@@ -4,6 +4,10 @@
 #
 #   bash scripts/gpu_profile.sh OUTDIR [LIMIT_S]
 #
+# First, for at most 60 s, benchmarks/tune_tiles.py --stages-only: the pooling kernels at the tile
+# table's tile with the row loop pipelined and not (STAGES 3 vs 1), same run, at the two shapes
+# below (OUTDIR/tiles/tiles.md).
+#
 # Why: bench_sara gives each pooling kernel's fraction of copy bandwidth; when that is below the
 # target, ncu says why (DRAM throughput vs peak, achieved occupancy, registers, warp stall reasons:
 # waiting on memory vs on instructions). One profiled fwd+bwd step per backend and shape, after
@@ -26,6 +30,10 @@ START=$(date +%s)
 SECTIONS=(SpeedOfLight MemoryWorkloadAnalysis Occupancy LaunchStats WarpStateStats SchedulerStats)
 BACKENDS=$("$PY" -c 'from sara_kernels.ops import cuda; print("triton cuda" if cuda.available() else "triton")')
 FAILED=0
+timeout --kill-after=10 $((LIMIT_S / 2 < 60 ? LIMIT_S / 2 : 60)) "$PY" benchmarks/tune_tiles.py --stages-only \
+    --models Qwen3-30B-A3B Qwen3-Next-80B-A3B --time-budget 25 --out "$OUT/tiles" >"$OUT/tiles.log" 2>&1 || FAILED=1
+grep -E 'STAGES|bandwidth' "$OUT/tiles.log" | head -n 8
+echo "tiles: $(($(date +%s) - START)) s"
 # model tokens: the headline shape, then the largest E (most registers per thread).
 for shape in "Qwen3-30B-A3B 16384" "Qwen3-Next-80B-A3B 8192"; do
     read -r model tokens <<<"$shape"

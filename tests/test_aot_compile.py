@@ -54,13 +54,16 @@ def pooling_cases():
         # E = 17, 30, 60, 128: E_MULT = gcd(E, 8) = 1, 2, 4, 8.
         grid += [("mask", score, e, "bf16", "i64", vec, False, extra)
                  for score in ("softmax", "sigmoid") for e in (17, 30, 60, 128) for vec in (0, aot.VECTOR_WIDTH["bf16"])]
+        # The row loop without software pipelining where the table pipelines it (tune_tiles.py's contender).
+        grid += [("mask", score, e, "bf16", "i64", aot.VECTOR_WIDTH["bf16"], True, dict(extra, STAGES=1))
+                 for score in ("softmax", "sigmoid") for e in (128, 512)]
         if name == "pool_routing_bwd":
             grid += [(seg, "softmax", 128, "bf16", "i64", vec, table, dict(PAIR=False))
                      for seg in ("mask", "cu") for vec in (0, aot.VECTOR_WIDTH["bf16"]) for table in (False, True)]
         for seg, score, e, dtype, mask_dtype, vec, table, more in grid:
             has_mask, use_cu = SEGMENTATIONS[seg]
             meta = dict(E_MULT=math.gcd(e, 8), HAS_MASK=has_mask, USE_CU=use_cu, SIGMOID=score == "sigmoid", TABLE=table, VEC=vec,
-                        **more, **routing_js.tile_config(e))
+                        **{**routing_js.tile_config(e), **more})
             yield name, meta, dtype, mask_dtype, f"{name} seg={seg} score={score} E={e} dtype={dtype} VEC={vec} {more}"
 
 

@@ -70,6 +70,31 @@ def test_matches_float64_reference(experts, dtype, backend):
     _assert_passed(selftest.check_kernel(case, LARGE, backend, DEVICE, seed=index))
 
 
+@pytest.fixture
+def tile_stages(monkeypatch):
+    """Sets the STAGES of Triton's tile table for one test, with the launch plans rebuilt around it."""
+    original = routing_js.tile_config
+
+    def set_stages(stages: int):
+        monkeypatch.setattr(routing_js, "tile_config", lambda e: dict(original(e), STAGES=stages))
+        routing_js.clear_plans()
+
+    yield set_stages
+    routing_js.clear_plans()
+
+
+@pytest.mark.parametrize("stages", [1, 3])
+@pytest.mark.parametrize("experts", [128, 512])
+def test_triton_row_loop_with_and_without_pipelining(experts, stages, tile_stages):
+    """Both row loops ``tile_config`` can pick from 128 experts: plain loads (STAGES = 1) and
+    asynchronous copies through shared memory (STAGES = 3), with ragged masks and with cu_seqlens
+    (an empty sequence on each side), against the float64 reference."""
+    tile_stages(stages)
+    for index, (segmentation, score) in enumerate([("mask", "softmax"), ("cu_seqlens", "sigmoid")]):
+        case = selftest.Case(experts=experts, segmentation=segmentation, score=score, dtype=torch.bfloat16, anchor="both")
+        _assert_passed(selftest.check_kernel(case, LARGE, "triton", DEVICE, seed=40 + index))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("anchor", ["detached", "both"])

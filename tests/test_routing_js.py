@@ -173,7 +173,7 @@ def test_split_sequences_give_the_same_result(monkeypatch, splits):
     mask = ragged_mask(B, S, gen)
     cu = packed_cu_seqlens(B, B * S, gen)
     anchor, target = random_logits(L, B * S, E, generator=gen), random_logits(L, B * S, E, generator=gen)
-    monkeypatch.setattr(routing_js, "tile_config", lambda e: dict(BLOCK_N=4, BLOCK_E=16, num_warps=4, enable_fp_fusion=True))
+    monkeypatch.setattr(routing_js, "tile_config", lambda e: dict(BLOCK_N=4, BLOCK_E=16, STAGES=1, num_warps=4, enable_fp_fusion=True))
     monkeypatch.setattr(routing_js, "num_splits", lambda *args: splits)
     out = run_both("triton", anchor, target, (mask, None), (None, cu), detach_anchor=False, score="sigmoid")
     assert_matches(out, torch.float32)

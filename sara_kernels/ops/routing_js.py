@@ -185,7 +185,7 @@ def pool_routing_fwd(
     partial_ptr, count_ptr,
     L, B, N, S, E_DIV, inv_tau, SPLITS,
     E_MULT: tl.constexpr, HAS_MASK: tl.constexpr, USE_CU: tl.constexpr, SIGMOID: tl.constexpr, TABLE: tl.constexpr,
-    VEC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+    VEC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, STAGES: tl.constexpr,
 ):
     """partial[l, b, split, :] = Σ s over the valid rows of slice ``split`` of sequence b;
     count[b, split] = their number (written by the l = 0 programs only).
@@ -205,7 +205,7 @@ def pool_routing_fwd(
     zscale = _logit_scale(inv_tau, SIGMOID)
     acc = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     count = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for r0 in range(lo, hi, BLOCK_N):
+    for r0 in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
         rows = r0 + tl.arange(0, BLOCK_N).to(tl.int64)
         row_ok = rows < hi
         valid = _token_validity(b, rows, row_ok, start, mask_ptr, mask_sb, mask_ss, HAS_MASK)
@@ -360,7 +360,7 @@ def pool_routing_bwd(
     grad_ptr,
     L, B, N, S, E_DIV, inv_tau, SPLITS,
     E_MULT: tl.constexpr, HAS_MASK: tl.constexpr, USE_CU: tl.constexpr, SIGMOID: tl.constexpr, TABLE: tl.constexpr,
-    VEC: tl.constexpr, PAIR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+    VEC: tl.constexpr, PAIR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, STAGES: tl.constexpr,
 ):
     """grad[l, n, :] = c · h ⊙ (G − ⟨s, G⟩) for the rows of one slice, G = coef[l, b, :],
     c = g / (τ n_b) with g = scale[l, b] · k_l (PAIR) or 1 (``routing_distribution``); rows that
@@ -383,7 +383,7 @@ def pool_routing_bwd(
     zscale = _logit_scale(inv_tau, SIGMOID)
     # grad is allocated by the launcher (16-byte aligned); saying so lets its rows be stored as vectors.
     g_ptr = tl.multiple_of(grad_ptr + l.to(tl.int64) * N * E, 16)
-    for r0 in range(lo, hi, BLOCK_N):
+    for r0 in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
         rows = r0 + tl.arange(0, BLOCK_N).to(tl.int64)
         row_ok = rows < hi
         valid = _token_validity(b, rows, row_ok, start, mask_ptr, mask_sb, mask_ss, HAS_MASK)
@@ -456,11 +456,22 @@ def tile_config(num_experts: int) -> dict:
     benchmarks/results/2026-11-27-H200-tiles/); the forward's register accumulator then also
     stays small. FP fusion is named explicitly so every Triton version compiles the same
     arithmetic (3.9 warns when it is left to its default).
+
+    STAGES software-pipelines the row loop (``tl.range(num_stages=STAGES)``): the tiles are
+    copied to shared memory asynchronously (``cp.async``), and with 3 stages the next tile is in
+    flight while the current one is computed. The H200 profile showed both pooling kernels
+    latency-bound (the same logits per second whatever they write), each warp alternating a load
+    and the compute that waits on it. 2 stages gives no overlap (the loop waits for every copy at
+    its top), 3 costs ptxas ≤ 80 registers for softmax at E = 128 (Triton 3.6 and 3.9; 24 warps per
+    SM instead of 32) and up to ~110 at E = 512, and at E ≤ 64 (4 warps, larger tiles) 110–170
+    registers, so it is used from 128 experts only. Chosen from the SASS without a GPU
+    (benchmarks/results/kernel_resources_sm90_bf16.txt); ``tune_tiles.py`` measures 1 against 3.
     """
     block_e = max(16, triton.next_power_of_2(num_experts))  # ≥ 16: fewer variants to compile, no tiny layouts
     num_warps = 8 if block_e >= 128 else 4
     block_n = max(1, min(256, 4096 // block_e))
-    return dict(BLOCK_N=block_n, BLOCK_E=block_e, num_warps=num_warps, enable_fp_fusion=True)
+    stages = 3 if block_e >= 128 else 1
+    return dict(BLOCK_N=block_n, BLOCK_E=block_e, STAGES=stages, num_warps=num_warps, enable_fp_fusion=True)
 
 
 def pair_config(num_experts: int) -> dict:
