@@ -43,7 +43,7 @@ SIGNATURES = {
 }
 # Elements per 16-byte vector, the VEC that routing_js.vector_width picks for each logits dtype.
 VECTOR_WIDTH = {"fp32": 4, "bf16": 8, "fp16": 8}
-_OPTIONS = ("num_warps", "enable_fp_fusion", "debug")
+_OPTIONS = ("num_warps", "maxnreg", "enable_fp_fusion", "debug")
 
 
 def compile_kernel(name: str, arch: int, meta: dict, dtype: str = "bf16", mask_dtype: str = "i64"):

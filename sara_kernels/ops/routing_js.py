@@ -462,16 +462,21 @@ def tile_config(num_experts: int) -> dict:
     flight while the current one is computed. The H200 profile showed both pooling kernels
     latency-bound (the same logits per second whatever they write), each warp alternating a load
     and the compute that waits on it. 2 stages gives no overlap (the loop waits for every copy at
-    its top), 3 costs ptxas ≤ 80 registers for softmax at E = 128 (Triton 3.6 and 3.9; 24 warps per
-    SM instead of 32) and up to ~110 at E = 512, and at E ≤ 64 (4 warps, larger tiles) 110–170
-    registers, so it is used from 128 experts only. Chosen from the SASS without a GPU
+    its top). Left to itself, ptxas gives the 3-stage loop 80–115 registers per thread (16–24
+    warps per SM instead of 32), so ``maxnreg`` holds it to 64, where 8-warp programs still fit
+    4 per SM: no spills up to E = 256, and at E = 512 8–20 bytes, one or two local loads per
+    iteration (the data in flight sits in shared memory, not in registers). At E ≤ 64 (4 warps, larger tiles) the loop would need
+    110–170 registers, so it stays unpipelined there. Chosen from ptxas and the SASS without a GPU
     (benchmarks/results/kernel_resources_sm90_bf16.txt); ``tune_tiles.py`` measures 1 against 3.
     """
     block_e = max(16, triton.next_power_of_2(num_experts))  # ≥ 16: fewer variants to compile, no tiny layouts
     num_warps = 8 if block_e >= 128 else 4
     block_n = max(1, min(256, 4096 // block_e))
-    stages = 3 if block_e >= 128 else 1
-    return dict(BLOCK_N=block_n, BLOCK_E=block_e, STAGES=stages, num_warps=num_warps, enable_fp_fusion=True)
+    if block_e >= 128:
+        pipelining = dict(STAGES=3, maxnreg=64)
+    else:
+        pipelining = dict(STAGES=1)
+    return dict(BLOCK_N=block_n, BLOCK_E=block_e, **pipelining, num_warps=num_warps, enable_fp_fusion=True)
 
 
 def pair_config(num_experts: int) -> dict:
