@@ -5,7 +5,8 @@
 
 For each real-model router shape (48×128, 58×256 sigmoid, 48×512, 32×8, 16×64; bf16, tuple of
 L [N, E] tensors, 512-token sequences, all valid; ``--models`` picks some) and each candidate
-(num_warps, BLOCK_N, STAGES: the row loop unpipelined or software-pipelined over 3 stages), the
+(num_warps, BLOCK_N, and the row loop: unpipelined, or software-pipelined over 3 stages with
+ptxas's register count capped at 64 or left free), the
 forward kernel (``pool_routing_fwd``, both sides' logits read once) and the backward kernel
 (``pool_routing_bwd``, the target read again and its gradient written) are timed on the GPU's
 own timeline (torch.profiler), L2-cold (inputs rotated over copies), and reported as a fraction
@@ -39,21 +40,22 @@ SHAPES = [  # (name, layers, experts, score, tokens per side)
 ]
 ELEMENTS_PER_THREAD = (16, 32, 64)
 WARPS = (4, 8)
-STAGES = (1, 3)
+# (STAGES, maxnreg): the loop as measured before pipelining, and pipelined with and without the cap.
+PIPELINES = ((1, None), (3, 64), (3, None))
 SEQ_LEN = 512
 
 
 def candidates(experts: int) -> list:
-    """(num_warps, BLOCK_N, STAGES): a tile of ELEMENTS_PER_THREAD fp32 values per thread, each
-    with every STAGES."""
+    """(num_warps, BLOCK_N, STAGES, maxnreg): a tile of ELEMENTS_PER_THREAD fp32 values per
+    thread, each with every PIPELINES entry."""
     block_e = routing_js.tile_config(experts)["BLOCK_E"]
     out = []
     for warps in WARPS:
         for per_thread in ELEMENTS_PER_THREAD:
             block_n = per_thread * 32 * warps // block_e
             if 1 <= block_n <= 256:
-                out += [(warps, block_n, stages) for stages in STAGES]
-    return sorted(set(out))
+                out += [(warps, block_n, *pipeline) for pipeline in PIPELINES]
+    return sorted(set(out), key=lambda c: (c[0], c[1], c[2], c[3] or 0))
 
 
 def kernel_ms(device, call, kernel: str, copies: int, reps: int) -> float:
@@ -94,9 +96,11 @@ def measure_shape(name, layers, experts, score, tokens, device, l2_bytes, copy_g
     tiles = candidates(experts)
     if stages_only:
         tiles = [t for t in tiles if t[:2] == (default["num_warps"], default["BLOCK_N"])]
-    for warps, block_n, stages in tiles:
-        routing_js.tile_config = lambda e, w=warps, n=block_n, st=stages: dict(original(e), num_warps=w, BLOCK_N=n,
-                                                                               STAGES=st)
+    for warps, block_n, stages, maxnreg in tiles:
+        tile = dict(default, num_warps=warps, BLOCK_N=block_n, STAGES=stages, maxnreg=maxnreg)
+        if maxnreg is None:
+            del tile["maxnreg"]
+        routing_js.tile_config = lambda e, tile=tile: dict(tile)  # a fresh dict per call, as tile_config returns
         routing_js.clear_plans()
         try:
             def fwd(i, _):
@@ -115,19 +119,18 @@ def measure_shape(name, layers, experts, score, tokens, device, l2_bytes, copy_g
             routing_js.tile_config = original
             routing_js.clear_plans()
         row = dict(model=name, layers=layers, experts=experts, score=score, tokens=tokens, warps=warps, block_n=block_n,
-                   stages=stages, table=(warps, block_n, stages) == (default["num_warps"], default["BLOCK_N"],
-                                                                     default["STAGES"]),
+                   stages=stages, maxnreg=maxnreg, table=tile == default,
                    compile_s=round(compile_s, 2))
         for pass_name, ms, nbytes in (("fwd", ms_fwd, 2 * side_bytes), ("bwd", ms_bwd, 2 * side_bytes)):
             row[f"{pass_name}_ms"] = round(ms, 4)
             row[f"{pass_name}_bw"] = round(nbytes / (ms * 1e-3) / 1e9 / copy_gbps, 3)
         rows.append(row)
-        print(f"  warps={warps} BLOCK_N={block_n} STAGES={stages}: fwd {row['fwd_ms']} ms ({row['fwd_bw']:.2f}), "
+        print(f"  warps={warps} BLOCK_N={block_n} STAGES={stages} maxnreg={maxnreg}: fwd {row['fwd_ms']} ms ({row['fwd_bw']:.2f}), "
               f"bwd {row['bwd_ms']} ms ({row['bwd_bw']:.2f}){'  <- table' if row['table'] else ''}", flush=True)
     return rows
 
 
-COLUMNS = [("model", "model"), ("E", "experts"), ("warps", "warps"), ("BLOCK_N", "block_n"), ("stages", "stages"),
+COLUMNS = [("model", "model"), ("E", "experts"), ("warps", "warps"), ("BLOCK_N", "block_n"), ("stages", "stages"), ("maxnreg", "maxnreg"),
            ("table", "table"),
            ("fwd ms", "fwd_ms"), ("fwd bw", "fwd_bw"), ("bwd ms", "bwd_ms"), ("bwd bw", "bwd_bw")]
 
@@ -141,7 +144,7 @@ def main(argv=None) -> int:
     p.add_argument("--time-budget", type=float, default=150.0, help="seconds; shapes not started by then are skipped")
     p.add_argument("--models", nargs="+", choices=[shape[0] for shape in SHAPES], help="only these shapes")
     p.add_argument("--stages-only", action="store_true",
-                   help="only the table's num_warps and BLOCK_N, with each STAGES (pipelining on vs off)")
+                   help="only the table's num_warps and BLOCK_N, with each row loop (pipelining on vs off)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     problem = device_problem(device, args.tiny, " (TRITON_INTERPRET=1)")

@@ -5,8 +5,8 @@
 #   bash scripts/gpu_profile.sh OUTDIR [LIMIT_S]
 #
 # First, for at most 60 s, benchmarks/tune_tiles.py --stages-only: the pooling kernels at the tile
-# table's tile with the row loop pipelined and not (STAGES 3 vs 1), same run, at the two shapes
-# below (OUTDIR/tiles/tiles.md).
+# table's tile with each row loop (unpipelined; 3 stages with and without the 64-register cap),
+# same run, at the two shapes below (OUTDIR/tiles/tiles.md).
 #
 # Why: bench_sara gives each pooling kernel's fraction of copy bandwidth; when that is below the
 # target, ncu says why (DRAM throughput vs peak, achieved occupancy, registers, warp stall reasons:

@@ -467,7 +467,8 @@ def tile_config(num_experts: int) -> dict:
     4 per SM: no spills up to E = 256, and at E = 512 8–20 bytes, one or two local loads per
     iteration (the data in flight sits in shared memory, not in registers). At E ≤ 64 (4 warps, larger tiles) the loop would need
     110–170 registers, so it stays unpipelined there. Chosen from ptxas and the SASS without a GPU
-    (benchmarks/results/kernel_resources_sm90_bf16.txt); ``tune_tiles.py`` measures 1 against 3.
+    (benchmarks/results/kernel_resources_sm90_bf16.txt); ``tune_tiles.py`` measures the unpipelined
+    loop against 3 stages with and without the cap.
     """
     block_e = max(16, triton.next_power_of_2(num_experts))  # ≥ 16: fewer variants to compile, no tiny layouts
     num_warps = 8 if block_e >= 128 else 4
