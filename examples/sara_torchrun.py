@@ -10,6 +10,7 @@ rank so that the step's gradient is λ × the mean SARA loss whatever the number
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 
@@ -20,11 +21,7 @@ from sara_kernels.programs.corpus import build_word_tokenizer, make_parallel_cor
 from sara_kernels.programs.demo import build_tiny_model
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=int, default=2)
-    args = parser.parse_args()
+def train(args) -> None:
     torch.set_num_threads(1)
     tokenizer = build_word_tokenizer()
     model = build_tiny_model(tokenizer, seed=0)
@@ -41,7 +38,18 @@ def main() -> None:
         last = [h for h in trainer.state.log_history if "sara_loss" in h][-1]
         with open(os.path.join(args.out, "final_loss.json"), "w") as f:
             json.dump({"world_size": trainer.args.world_size, **last}, f)
-    if torch.distributed.is_initialized():  # an orderly exit: gloo threads alive at exit abort the process
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=2)
+    train(parser.parse_args())
+    # An orderly exit: the DDP model (which holds the process group) is freed first, on return from
+    # train(), then the group itself. Freed the other way round, at interpreter exit, gloo's
+    # threads can hang or abort the process.
+    gc.collect()
+    if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 

@@ -187,7 +187,7 @@ def test_model_without_loss_kwargs_trains_on_its_mean_loss(tmp_path):
 
 DDP_SCRIPT = textwrap.dedent(
     """
-    import sys, torch
+    import gc, sys, torch
     sys.path.insert(0, {tests!r})
     torch.set_num_threads(1)
     from hf_train_helpers import tiny_moe, pairs, train_delta
@@ -197,7 +197,10 @@ DDP_SCRIPT = textwrap.dedent(
     if trainer.args.process_index == 0:
         assert trainer.args.world_size == 2, trainer.args.world_size
         torch.save(delta, {out!r})
-    # An orderly teardown: gloo's threads still running at interpreter exit abort the process.
+    # An orderly teardown (as in examples/sara_torchrun.py): the DDP model, which holds the process
+    # group, is freed before the group; freed after it, at interpreter exit, gloo can hang or abort.
+    del trainer
+    gc.collect()
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
