@@ -194,7 +194,10 @@ __device__ __forceinline__ void score_row(const typename D::raw (&v)[EPT], int c
     float sum = 0.f;
 #pragma unroll
     for (int j = 0; j < EPT; ++j) {
-      s[j] = 1.f / (1.f + __expf(-z[j]));  // σ(−∞) = 0 for padding
+      // Fast division (one reciprocal and a multiply, like Triton's sigmoid), not IEEE division,
+      // whose fix-up path costs a compare and a branch per element. The denominator is ≥ 1; where
+      // it overflows (z ≤ −88, padding's −∞) the quotient is 0, as σ is there in fp32.
+      s[j] = __fdividef(1.f, 1.f + __expf(-z[j]));
       sum += s[j];
     }
     // Shuffles run on every lane (rows of one warp differ in validity), the select after them.
@@ -203,7 +206,7 @@ __device__ __forceinline__ void score_row(const typename D::raw (&v)[EPT], int c
 #pragma unroll
     for (int j = 0; j < EPT; ++j) {
       s[j] *= inv;
-      h[j] = s[j] / (1.f + __expf(z[j]));  // s ⊙ σ(−z)
+      h[j] = __fdividef(s[j], 1.f + __expf(z[j]));  // s ⊙ σ(−z)
     }
   } else {
     float m = -INFINITY;
