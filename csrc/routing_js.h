@@ -49,10 +49,14 @@ struct PoolShape {
   int num_layers;        // layers in this launch (<= kMaxLayersPerLaunch)
   int num_experts;
   int splits;            // slices per sequence (gridDim.z)
-  float logit_scale;     // 1/τ (sigmoid) or log2(e)/τ (softmax: one ex2 per logit)
+  float logit_scale;     // log2(e)/τ: see logit_scale()
   bool sigmoid;
   bool vector_io;        // every layer 16-byte aligned, unit column stride, row stride a multiple of 16 bytes
 };
+
+// What the pooling kernels multiply the logits by, for both scores: log2(e)/τ, so that every
+// exponential they take (softmax's, and the sigmoid's e^{±z/τ}) is a single ex2.
+inline float logit_scale(double temperature) { return static_cast<float>(1.4426950408889634 / temperature); }
 
 // Backward of the pooling: ∂L/∂z = c · h ⊙ (G − ⟨s, G⟩), G = coef[l, b, :],
 // c = g / (τ n_b) (normalize) or g / τ, g = scale[l, b] · layer_coef[l] (scale given) or 1.

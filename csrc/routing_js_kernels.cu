@@ -101,6 +101,19 @@ __device__ float block_sum(float v, float* red) {
   return total;
 }
 
+// 2^x as one MUFU.EX2 (ex2.approx.ftz). exp2f and __expf add a range check and two multiplies
+// per call to return results below 2^-126 as denormals; here such a value (a probability under
+// 1.2e-38) may be 0 instead, as with Triton's exp2. The CPU emulation takes exp2f.
+__device__ __forceinline__ float fast_exp2(float x) {
+#ifdef __CUDA_ARCH__
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
+
 __device__ __forceinline__ int64_t load_index(const void* p, int64_t i, int bytes) {
   return bytes == 8 ? static_cast<const int64_t*>(p)[i] : static_cast<int64_t>(static_cast<const int32_t*>(p)[i]);
 }
@@ -183,7 +196,8 @@ __device__ __forceinline__ void load_rows(bool (&valid)[Tile::kUnroll], typename
 }
 
 // Score s and slope h of one row (see _score_and_slope in the Triton kernels): invalid rows and
-// padded columns come out as s = h = 0. Softmax logits are scaled by log2(e)/τ, sigmoid by 1/τ.
+// padded columns come out as s = h = 0. The logits are scaled by log2(e)/τ (logit_scale), so
+// σ(z/τ) = 1/(1 + 2^−z') and e^{z/τ} = 2^z' for the scaled z'.
 template <class D, int EPT, int G>
 __device__ __forceinline__ void score_row(const typename D::raw (&v)[EPT], int c0, int E, bool valid, float scale,
                                           bool sigmoid, float (&s)[EPT], float (&h)[EPT]) {
@@ -197,7 +211,7 @@ __device__ __forceinline__ void score_row(const typename D::raw (&v)[EPT], int c
       // Fast division (one reciprocal and a multiply, like Triton's sigmoid), not IEEE division,
       // whose fix-up path costs a compare and a branch per element. The denominator is ≥ 1; where
       // it overflows (z ≤ −88, padding's −∞) the quotient is 0, as σ is there in fp32.
-      s[j] = __fdividef(1.f, 1.f + __expf(-z[j]));
+      s[j] = __fdividef(1.f, 1.f + fast_exp2(-z[j]));
       sum += s[j];
     }
     // Shuffles run on every lane (rows of one warp differ in validity), the select after them.
@@ -206,7 +220,7 @@ __device__ __forceinline__ void score_row(const typename D::raw (&v)[EPT], int c
 #pragma unroll
     for (int j = 0; j < EPT; ++j) {
       s[j] *= inv;
-      h[j] = __fdividef(s[j], 1.f + __expf(z[j]));  // s ⊙ σ(−z)
+      h[j] = __fdividef(s[j], 1.f + fast_exp2(z[j]));  // s ⊙ σ(−z)
     }
   } else {
     float m = -INFINITY;
@@ -218,7 +232,7 @@ __device__ __forceinline__ void score_row(const typename D::raw (&v)[EPT], int c
     float sum = 0.f;
 #pragma unroll
     for (int j = 0; j < EPT; ++j) {
-      s[j] = exp2f(z[j] - m);  // one ex2.approx per logit (what exp2f compiles to)
+      s[j] = fast_exp2(z[j] - m);
       sum += s[j];
     }
     const float total = group_sum<G>(sum);

@@ -47,7 +47,6 @@ using c10::optional;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-constexpr double kLog2e = 1.4426950408889634;
 constexpr c10::DeviceType kDeviceType = c10::DeviceType::SARA_KERNELS_DEVICE;
 
 void check_cuda(cudaError_t err, const char* what) {
@@ -182,7 +181,7 @@ void for_layer_groups(const Side& side, int splits, bool sigmoid, double tempera
   shape.num_experts = static_cast<int>(side.E);
   shape.splits = splits;
   shape.sigmoid = sigmoid;
-  shape.logit_scale = static_cast<float>((sigmoid ? 1.0 : kLog2e) / temperature);
+  shape.logit_scale = logit_scale(temperature);
   for (int64_t l0 = 0; l0 < side.L; l0 += kMaxLayersPerLaunch) {
     const int count = static_cast<int>(std::min<int64_t>(kMaxLayersPerLaunch, side.L - l0));
     LayerTable table;

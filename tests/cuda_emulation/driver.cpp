@@ -62,7 +62,7 @@ int for_groups(const EmuCase& c, const EmuSide& s, F&& f) {
   shape.num_experts = c.num_experts;
   shape.splits = s.splits;
   shape.sigmoid = c.sigmoid != 0;
-  shape.logit_scale = static_cast<float>((c.sigmoid ? 1.0 : 1.4426950408889634) / c.temperature);
+  shape.logit_scale = sara::logit_scale(c.temperature);
   const int64_t elem = element_size(c.dtype);
   for (int l0 = 0; l0 < c.num_layers; l0 += c.layers_per_launch) {
     const int count = std::min(c.layers_per_launch, c.num_layers - l0);
