@@ -68,11 +68,10 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _logit_scale(inv_tau, SIGMOID: tl.constexpr):
-    """What the loaded logits are multiplied by: 1/τ, and log2(e)/τ for softmax, whose
-    exponential is then one ex2 per element (exp would multiply by log2(e) again)."""
-    if SIGMOID:
-        return inv_tau
+def _logit_scale(inv_tau):
+    """What the loaded logits are multiplied by, for both scores: log2(e)/τ, so that every
+    exponential (softmax's, and the sigmoid's e^{±z/τ}) is one ex2 (exp would multiply by
+    log2(e) again)."""
     return inv_tau * LOG2E
 
 
@@ -84,12 +83,16 @@ def _score_and_slope(z, valid, SIGMOID: tl.constexpr):
     Padded lanes and invalid rows hold −inf. For softmax, an invalid row's maximum is taken as 0
     (so exp2 gives 0, not NaN) and its reciprocal of the sum as 0: validity costs one select per
     row, not per element, and the per-element work is subtract, ex2, add, multiply.
+
+    The sigmoid is written with exp2 on the scaled z' = z·log2(e)/τ, σ(z/τ) = 1/(1 + 2^−z'), not
+    with ``tl.sigmoid``, whose exp compiles to an ex2 that keeps denormal results (a range check
+    and two multiplies around each); ``tl.exp2`` flushes them (values under 1.2e-38) to 0.
     """
     if SIGMOID:
-        sig = tl.sigmoid(z)
+        sig = 1.0 / (1.0 + tl.exp2(-z))  # σ(−∞) = 0 for padding
         s = sig * (1.0 / tl.sum(sig, axis=1))[:, None]  # one reciprocal per row, not per element
         s = tl.where(valid[:, None], s, 0.0)
-        h = s * tl.sigmoid(-z)
+        h = s / (1.0 + tl.exp2(z))  # s ⊙ σ(−z)
     else:
         row_max = tl.where(valid, tl.max(z, axis=1), 0.0)
         e = tl.exp2(z - row_max[:, None])
@@ -202,7 +205,7 @@ def pool_routing_fwd(
     cols = tl.arange(0, BLOCK_E)
     col_ok = cols < E
     x_ptr, row_stride, col_stride = _layer_logits(table_ptr, x0_ptr, stride_l, stride_n, stride_e, l, L, TABLE, VEC)
-    zscale = _logit_scale(inv_tau, SIGMOID)
+    zscale = _logit_scale(inv_tau)
     acc = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     count = tl.zeros([BLOCK_N], dtype=tl.float32)
     for r0 in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
@@ -380,7 +383,7 @@ def pool_routing_bwd(
         g = tl.load(scale_ptr + l.to(tl.int64) * scale_sl + b.to(tl.int64) * scale_sb).to(tl.float32)
         c = c * g * tl.load(layer_coef_ptr + l)
     x_ptr, row_stride, col_stride = _layer_logits(table_ptr, x0_ptr, stride_l, stride_n, stride_e, l, L, TABLE, VEC)
-    zscale = _logit_scale(inv_tau, SIGMOID)
+    zscale = _logit_scale(inv_tau)
     # grad is allocated by the launcher (16-byte aligned); saying so lets its rows be stored as vectors.
     g_ptr = tl.multiple_of(grad_ptr + l.to(tl.int64) * N * E, 16)
     for r0 in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
