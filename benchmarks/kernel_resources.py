@@ -11,7 +11,6 @@ destroy. ptxas reports both for a target architecture without a device, so the t
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import subprocess
@@ -29,8 +28,8 @@ def ptxas_path(arch: int) -> str:
 
 
 def resources(name: str, experts: int, sigmoid: bool, dtype: str, arch: int):
-    meta = dict(E_MULT=math.gcd(experts, 8), HAS_MASK=True, USE_CU=False, SIGMOID=sigmoid, TABLE=True,
-                VEC=aot.VECTOR_WIDTH[dtype], **routing_js.tile_config(experts))
+    meta = dict(HAS_MASK=True, USE_CU=False, SIGMOID=sigmoid, TABLE=True, VEC=aot.VECTOR_WIDTH[dtype],
+                **routing_js.expert_constexprs(experts))
     if name == "pool_routing_bwd":
         meta["PAIR"] = True
     compiled = aot.compile_kernel(name, arch, meta, dtype)

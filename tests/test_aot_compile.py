@@ -14,7 +14,6 @@ so this file then re-runs itself in a fresh process with ``TRITON_INTERPRET=0``.
 
 from __future__ import annotations
 
-import math
 import multiprocessing
 import os
 import re
@@ -51,9 +50,11 @@ def pooling_cases():
         ]
         grid += [("mask", "softmax", 128, dtype, "i1", vec, True, extra)
                  for dtype in ("fp32", "fp16") for vec in (0, aot.VECTOR_WIDTH[dtype])]
-        # E = 17, 30, 60, 128: E_MULT = gcd(E, 8) = 1, 2, 4, 8.
+        # E = 17, 30, 60, 128: E_MULT = gcd(E, 8) = 1, 2, 4, 8; 100 and 384: E short of the tile
+        # (EVEN_E off) in the pipelined loop.
         grid += [("mask", score, e, "bf16", "i64", vec, False, extra)
-                 for score in ("softmax", "sigmoid") for e in (17, 30, 60, 128) for vec in (0, aot.VECTOR_WIDTH["bf16"])]
+                 for score in ("softmax", "sigmoid") for e in (17, 30, 60, 100, 128, 384)
+                 for vec in (0, aot.VECTOR_WIDTH["bf16"])]
         # The row loop without software pipelining where the table pipelines it (tune_tiles.py's contender).
         grid += [("mask", score, e, "bf16", "i64", aot.VECTOR_WIDTH["bf16"], True, dict(extra, STAGES=1))
                  for score in ("softmax", "sigmoid") for e in (128, 512)]
@@ -62,8 +63,8 @@ def pooling_cases():
                      for seg in ("mask", "cu") for vec in (0, aot.VECTOR_WIDTH["bf16"]) for table in (False, True)]
         for seg, score, e, dtype, mask_dtype, vec, table, more in grid:
             has_mask, use_cu = SEGMENTATIONS[seg]
-            meta = dict(E_MULT=math.gcd(e, 8), HAS_MASK=has_mask, USE_CU=use_cu, SIGMOID=score == "sigmoid", TABLE=table, VEC=vec,
-                        **{**routing_js.tile_config(e), **more})
+            meta = dict(HAS_MASK=has_mask, USE_CU=use_cu, SIGMOID=score == "sigmoid", TABLE=table, VEC=vec,
+                        **{**routing_js.expert_constexprs(e), **more})
             yield name, meta, dtype, mask_dtype, f"{name} seg={seg} score={score} E={e} dtype={dtype} VEC={vec} {more}"
 
 

@@ -179,9 +179,10 @@ def test_split_sequences_give_the_same_result(monkeypatch, splits):
     assert_matches(out, torch.float32)
 
 
-def test_minus_inf_logits_give_finite_loss_and_zero_gradients_where_probability_is_zero(fused_backend):
+@pytest.mark.parametrize("E", [12, 16], ids=["E_short_of_tile", "E_fills_tile"])
+def test_minus_inf_logits_give_finite_loss_and_zero_gradients_where_probability_is_zero(fused_backend, E):
     gen = _gen(17)
-    L, B, S, E = 2, 2, 6, 12
+    L, B, S = 2, 2, 6
     mask = ragged_mask(B, S, gen)
     anchor, target = random_logits(L, B * S, E, generator=gen), random_logits(L, B * S, E, generator=gen)
     for z in anchor + target:

@@ -80,9 +80,10 @@ def _score_and_slope(z, valid, SIGMOID: tl.constexpr):
     """Routing score s and slope h (∂s_e/∂z_j = h_j (δ_ej − s_e) / τ) of one tile, from z scaled
     by ``_logit_scale``; rows that are not valid tokens come out as s = h = 0.
 
-    Padded lanes and invalid rows hold −inf. For softmax, an invalid row's maximum is taken as 0
-    (so exp2 gives 0, not NaN) and its reciprocal of the sum as 0: validity costs one select per
-    row, not per element, and the per-element work is subtract, ex2, add, multiply.
+    Padded columns hold −inf and rows that are not valid tokens 0 (``_load_logits_tile``), so
+    every row's exponentials are finite and validity costs one select per row, not per element:
+    the reciprocal of an invalid row's sum is taken as 0. For softmax the per-element work is then
+    subtract, ex2, multiply, add.
 
     The sigmoid is written with exp2 on the scaled z' = z·log2(e)/τ, σ(z/τ) = 1/(1 + 2^−z'), not
     with ``tl.sigmoid``, whose exp compiles to an ex2 that keeps denormal results (a range check
@@ -90,12 +91,10 @@ def _score_and_slope(z, valid, SIGMOID: tl.constexpr):
     """
     if SIGMOID:
         sig = 1.0 / (1.0 + tl.exp2(-z))  # σ(−∞) = 0 for padding
-        s = sig * (1.0 / tl.sum(sig, axis=1))[:, None]  # one reciprocal per row, not per element
-        s = tl.where(valid[:, None], s, 0.0)
+        s = sig * tl.where(valid, 1.0 / tl.sum(sig, axis=1), 0.0)[:, None]
         h = s / (1.0 + tl.exp2(z))  # s ⊙ σ(−z)
     else:
-        row_max = tl.where(valid, tl.max(z, axis=1), 0.0)
-        e = tl.exp2(z - row_max[:, None])
+        e = tl.exp2(z - tl.max(z, axis=1)[:, None])
         s = e * tl.where(valid, 1.0 / tl.sum(e, axis=1), 0.0)[:, None]
         h = s
     return s, h
@@ -154,14 +153,28 @@ def _layer_logits(table_ptr, x0_ptr, stride_l, stride_n, stride_e, l, L, TABLE: 
 
 
 @triton.jit
-def _load_logits_tile(x_ptr, stride_n, stride_e, rows, cols, col_ok, valid, scale, VEC: tl.constexpr):
-    """[BLOCK_N, BLOCK_E] fp32 tile of z·scale; invalid rows and padded columns are −inf."""
+def _expert_columns(E, BLOCK_E: tl.constexpr, EVEN_E: tl.constexpr):
+    """Column indices of a tile and which of them are experts. With EVEN_E (E = BLOCK_E) all are,
+    as a compile-time constant: loads and stores then carry a per-row mask only."""
+    cols = tl.arange(0, BLOCK_E)
+    if EVEN_E:
+        return cols, tl.full([BLOCK_E], 1, tl.int1)
+    return cols, cols < E
+
+
+@triton.jit
+def _load_logits_tile(x_ptr, stride_n, stride_e, rows, cols, col_ok, valid, scale, VEC: tl.constexpr,
+                      EVEN_E: tl.constexpr):
+    """[BLOCK_N, BLOCK_E] fp32 tile of z·scale: 0 in rows that are not valid tokens (what a
+    masked asynchronous copy fills in, so no per-element select), −inf in padded columns."""
     if VEC > 0:
         offs = rows[:, None] * stride_n + cols[None, :]
     else:
         offs = rows[:, None] * stride_n + cols[None, :].to(tl.int64) * stride_e
-    z = tl.load(x_ptr + offs, mask=valid[:, None] & col_ok[None, :], other=float("-inf"))
-    return z.to(tl.float32) * scale
+    z = tl.load(x_ptr + offs, mask=valid[:, None] & col_ok[None, :], other=0.0).to(tl.float32) * scale
+    if not EVEN_E:
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+    return z
 
 
 @triton.jit
@@ -187,7 +200,7 @@ def pool_routing_fwd(
     table_ptr, x0_ptr, stride_l, stride_n, stride_e, mask_ptr, mask_sb, mask_ss, cu_ptr, cu_stride,
     partial_ptr, count_ptr,
     L, B, N, S, E_DIV, inv_tau, SPLITS,
-    E_MULT: tl.constexpr, HAS_MASK: tl.constexpr, USE_CU: tl.constexpr, SIGMOID: tl.constexpr, TABLE: tl.constexpr,
+    E_MULT: tl.constexpr, EVEN_E: tl.constexpr, HAS_MASK: tl.constexpr, USE_CU: tl.constexpr, SIGMOID: tl.constexpr, TABLE: tl.constexpr,
     VEC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, STAGES: tl.constexpr,
 ):
     """partial[l, b, split, :] = Σ s over the valid rows of slice ``split`` of sequence b;
@@ -202,8 +215,7 @@ def pool_routing_fwd(
     split = tl.program_id(2)
     E = E_DIV * E_MULT  # E_MULT = gcd(E, 8): lets the compiler prove vector alignment of rows
     start, lo, hi = _sequence_slice(b, split, cu_ptr, cu_stride, N, S, SPLITS, USE_CU, BLOCK_N)
-    cols = tl.arange(0, BLOCK_E)
-    col_ok = cols < E
+    cols, col_ok = _expert_columns(E, BLOCK_E, EVEN_E)
     x_ptr, row_stride, col_stride = _layer_logits(table_ptr, x0_ptr, stride_l, stride_n, stride_e, l, L, TABLE, VEC)
     zscale = _logit_scale(inv_tau)
     acc = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
@@ -212,7 +224,7 @@ def pool_routing_fwd(
         rows = r0 + tl.arange(0, BLOCK_N).to(tl.int64)
         row_ok = rows < hi
         valid = _token_validity(b, rows, row_ok, start, mask_ptr, mask_sb, mask_ss, HAS_MASK)
-        z = _load_logits_tile(x_ptr, row_stride, col_stride, rows, cols, col_ok, valid, zscale, VEC)
+        z = _load_logits_tile(x_ptr, row_stride, col_stride, rows, cols, col_ok, valid, zscale, VEC, EVEN_E)
         s, _ = _score_and_slope(z, valid, SIGMOID)
         acc += s
         count += valid.to(tl.float32)
@@ -362,7 +374,7 @@ def pool_routing_bwd(
     coef_ptr, coef_sl, coef_sb, coef_se, scale_ptr, scale_sl, scale_sb, layer_coef_ptr, count_ptr, count_stride,
     grad_ptr,
     L, B, N, S, E_DIV, inv_tau, SPLITS,
-    E_MULT: tl.constexpr, HAS_MASK: tl.constexpr, USE_CU: tl.constexpr, SIGMOID: tl.constexpr, TABLE: tl.constexpr,
+    E_MULT: tl.constexpr, EVEN_E: tl.constexpr, HAS_MASK: tl.constexpr, USE_CU: tl.constexpr, SIGMOID: tl.constexpr, TABLE: tl.constexpr,
     VEC: tl.constexpr, PAIR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, STAGES: tl.constexpr,
 ):
     """grad[l, n, :] = c · h ⊙ (G − ⟨s, G⟩) for the rows of one slice, G = coef[l, b, :],
@@ -373,8 +385,7 @@ def pool_routing_bwd(
     split = tl.program_id(2)
     E = E_DIV * E_MULT  # E_MULT = gcd(E, 8): lets the compiler prove vector alignment of rows
     start, lo, hi = _sequence_slice(b, split, cu_ptr, cu_stride, N, S, SPLITS, USE_CU, BLOCK_N)
-    cols = tl.arange(0, BLOCK_E)
-    col_ok = cols < E
+    cols, col_ok = _expert_columns(E, BLOCK_E, EVEN_E)
     coef_offs = l.to(tl.int64) * coef_sl + b.to(tl.int64) * coef_sb + cols.to(tl.int64) * coef_se
     coef = tl.load(coef_ptr + coef_offs, mask=col_ok, other=0.0).to(tl.float32)
     n = tl.load(count_ptr + b * count_stride)
@@ -390,7 +401,7 @@ def pool_routing_bwd(
         rows = r0 + tl.arange(0, BLOCK_N).to(tl.int64)
         row_ok = rows < hi
         valid = _token_validity(b, rows, row_ok, start, mask_ptr, mask_sb, mask_ss, HAS_MASK)
-        z = _load_logits_tile(x_ptr, row_stride, col_stride, rows, cols, col_ok, valid, zscale, VEC)
+        z = _load_logits_tile(x_ptr, row_stride, col_stride, rows, cols, col_ok, valid, zscale, VEC, EVEN_E)
         s, h = _score_and_slope(z, valid, SIGMOID)
         centred = coef[None, :] - tl.sum(s * coef[None, :], axis=1)[:, None]
         dz = c * h * centred  # h = 0 on rows that are not valid tokens
@@ -481,6 +492,14 @@ def tile_config(num_experts: int) -> dict:
     else:
         pipelining = dict(STAGES=1)
     return dict(BLOCK_N=block_n, BLOCK_E=block_e, **pipelining, num_warps=num_warps, enable_fp_fusion=True)
+
+
+def expert_constexprs(num_experts: int) -> dict:
+    """The pooling kernels' constexprs that follow from E alone: the tile table's, E_MULT =
+    gcd(E, 8) (rows provably vector-aligned) and EVEN_E (E fills the tile: no column mask)."""
+    meta = tile_config(num_experts)
+    meta.update(E_MULT=math.gcd(num_experts, 8), EVEN_E=num_experts == meta["BLOCK_E"])
+    return meta
 
 
 def pair_config(num_experts: int) -> dict:
@@ -637,13 +656,12 @@ def side_plan(logits, mask, cu, score: str, temperature: float, vec: int, device
            temperature, device)
     plan = _PLANS.get(key)
     if plan is None:
-        meta = tile_config(E)
+        meta = expert_constexprs(E)
         splits = num_splits(N, B, L, device, meta["BLOCK_N"])
-        e_mult = math.gcd(E, 8)
-        meta.update(E_MULT=e_mult, HAS_MASK=mask is not None, USE_CU=cu is not None, SIGMOID=score == "sigmoid",
-                    TABLE=not stacked, VEC=vec)
-        plan = _PLANS[key] = SidePlan((L, B, splits), (L, B, N, S, E // e_mult, 1.0 / temperature, splits), meta,
-                                      mask_strides, cu_stride, E)
+        meta.update(HAS_MASK=mask is not None, USE_CU=cu is not None, SIGMOID=score == "sigmoid", TABLE=not stacked,
+                    VEC=vec)
+        plan = _PLANS[key] = SidePlan((L, B, splits), (L, B, N, S, E // meta["E_MULT"], 1.0 / temperature, splits),
+                                      meta, mask_strides, cu_stride, E)
     return plan
 
 
