@@ -76,25 +76,27 @@ def _logit_scale(inv_tau):
 
 
 @triton.jit
-def _score_and_slope(z, valid, SIGMOID: tl.constexpr):
-    """Routing score s and slope h (∂s_e/∂z_j = h_j (δ_ej − s_e) / τ) of one tile, from z scaled
-    by ``_logit_scale``; rows that are not valid tokens come out as s = h = 0.
+def _score_and_slope(z, valid, scale, SIGMOID: tl.constexpr):
+    """Routing score s and slope h (∂s_e/∂z_j = h_j (δ_ej − s_e) / τ) of one tile of logits z,
+    scaled here by ``_logit_scale``; rows that are not valid tokens come out as s = h = 0.
 
     Padded columns hold −inf and rows that are not valid tokens 0 (``_load_logits_tile``), so
     every row's exponentials are finite and validity costs one select per row, not per element:
-    the reciprocal of an invalid row's sum is taken as 0. For softmax the per-element work is then
-    subtract, ex2, multiply, add.
+    the reciprocal of an invalid row's sum is taken as 0. For softmax the row maximum is taken on
+    the unscaled logits (scale > 0), so that scaling and subtracting it is one fused multiply-add
+    per element; the per-element work is then fma, ex2, multiply, add.
 
     The sigmoid is written with exp2 on the scaled z' = z·log2(e)/τ, σ(z/τ) = 1/(1 + 2^−z'), not
     with ``tl.sigmoid``, whose exp compiles to an ex2 that keeps denormal results (a range check
     and two multiplies around each); ``tl.exp2`` flushes them (values under 1.2e-38) to 0.
     """
     if SIGMOID:
+        z = z * scale
         sig = 1.0 / (1.0 + tl.exp2(-z))  # σ(−∞) = 0 for padding
         s = sig * tl.where(valid, 1.0 / tl.sum(sig, axis=1), 0.0)[:, None]
         h = s / (1.0 + tl.exp2(z))  # s ⊙ σ(−z)
     else:
-        e = tl.exp2(z - tl.max(z, axis=1)[:, None])
+        e = tl.exp2(z * scale - (tl.max(z, axis=1) * scale)[:, None])
         s = e * tl.where(valid, 1.0 / tl.sum(e, axis=1), 0.0)[:, None]
         h = s
     return s, h
@@ -163,15 +165,15 @@ def _expert_columns(E, BLOCK_E: tl.constexpr, EVEN_E: tl.constexpr):
 
 
 @triton.jit
-def _load_logits_tile(x_ptr, stride_n, stride_e, rows, cols, col_ok, valid, scale, VEC: tl.constexpr,
+def _load_logits_tile(x_ptr, stride_n, stride_e, rows, cols, col_ok, valid, VEC: tl.constexpr,
                       EVEN_E: tl.constexpr):
-    """[BLOCK_N, BLOCK_E] fp32 tile of z·scale: 0 in rows that are not valid tokens (what a
+    """[BLOCK_N, BLOCK_E] fp32 tile of logits: 0 in rows that are not valid tokens (what a
     masked asynchronous copy fills in, so no per-element select), −inf in padded columns."""
     if VEC > 0:
         offs = rows[:, None] * stride_n + cols[None, :]
     else:
         offs = rows[:, None] * stride_n + cols[None, :].to(tl.int64) * stride_e
-    z = tl.load(x_ptr + offs, mask=valid[:, None] & col_ok[None, :], other=0.0).to(tl.float32) * scale
+    z = tl.load(x_ptr + offs, mask=valid[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
     if not EVEN_E:
         z = tl.where(col_ok[None, :], z, float("-inf"))
     return z
@@ -224,8 +226,8 @@ def pool_routing_fwd(
         rows = r0 + tl.arange(0, BLOCK_N).to(tl.int64)
         row_ok = rows < hi
         valid = _token_validity(b, rows, row_ok, start, mask_ptr, mask_sb, mask_ss, HAS_MASK)
-        z = _load_logits_tile(x_ptr, row_stride, col_stride, rows, cols, col_ok, valid, zscale, VEC, EVEN_E)
-        s, _ = _score_and_slope(z, valid, SIGMOID)
+        z = _load_logits_tile(x_ptr, row_stride, col_stride, rows, cols, col_ok, valid, VEC, EVEN_E)
+        s, _ = _score_and_slope(z, valid, zscale, SIGMOID)
         acc += s
         count += valid.to(tl.float32)
     slot = (l * B + b) * SPLITS + split
@@ -401,8 +403,8 @@ def pool_routing_bwd(
         rows = r0 + tl.arange(0, BLOCK_N).to(tl.int64)
         row_ok = rows < hi
         valid = _token_validity(b, rows, row_ok, start, mask_ptr, mask_sb, mask_ss, HAS_MASK)
-        z = _load_logits_tile(x_ptr, row_stride, col_stride, rows, cols, col_ok, valid, zscale, VEC, EVEN_E)
-        s, h = _score_and_slope(z, valid, SIGMOID)
+        z = _load_logits_tile(x_ptr, row_stride, col_stride, rows, cols, col_ok, valid, VEC, EVEN_E)
+        s, h = _score_and_slope(z, valid, zscale, SIGMOID)
         centred = coef[None, :] - tl.sum(s * coef[None, :], axis=1)[:, None]
         dz = c * h * centred  # h = 0 on rows that are not valid tokens
         tl.store(g_ptr + rows[:, None] * E + cols[None, :], dz.to(g_ptr.dtype.element_ty),
