@@ -125,13 +125,14 @@ def measure_shape(name, layers, experts, score, tokens, device, l2_bytes, copy_g
             row[f"{pass_name}_ms"] = round(ms, 4)
             row[f"{pass_name}_bw"] = round(nbytes / (ms * 1e-3) / 1e9 / copy_gbps, 3)
         rows.append(row)
-        print(f"  warps={warps} BLOCK_N={block_n} STAGES={stages} maxnreg={maxnreg}: fwd {row['fwd_ms']} ms ({row['fwd_bw']:.2f}), "
-              f"bwd {row['bwd_ms']} ms ({row['bwd_bw']:.2f}){'  <- table' if row['table'] else ''}", flush=True)
+        print(f"  warps={warps} BLOCK_N={block_n} STAGES={stages} maxnreg={maxnreg}: "
+              f"fwd {row['fwd_ms']} ms ({row['fwd_bw']:.2f}), bwd {row['bwd_ms']} ms ({row['bwd_bw']:.2f})"
+              f"{'  <- table' if row['table'] else ''}", flush=True)
     return rows
 
 
-COLUMNS = [("model", "model"), ("E", "experts"), ("warps", "warps"), ("BLOCK_N", "block_n"), ("stages", "stages"), ("maxnreg", "maxnreg"),
-           ("table", "table"),
+COLUMNS = [("model", "model"), ("E", "experts"), ("warps", "warps"), ("BLOCK_N", "block_n"), ("stages", "stages"),
+           ("maxnreg", "maxnreg"), ("table", "table"),
            ("fwd ms", "fwd_ms"), ("fwd bw", "fwd_bw"), ("bwd ms", "bwd_ms"), ("bwd bw", "bwd_bw")]
 
 

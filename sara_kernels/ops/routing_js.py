@@ -202,8 +202,9 @@ def pool_routing_fwd(
     table_ptr, x0_ptr, stride_l, stride_n, stride_e, mask_ptr, mask_sb, mask_ss, cu_ptr, cu_stride,
     partial_ptr, count_ptr,
     L, B, N, S, E_DIV, inv_tau, SPLITS,
-    E_MULT: tl.constexpr, EVEN_E: tl.constexpr, HAS_MASK: tl.constexpr, USE_CU: tl.constexpr, SIGMOID: tl.constexpr, TABLE: tl.constexpr,
-    VEC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, STAGES: tl.constexpr,
+    E_MULT: tl.constexpr, EVEN_E: tl.constexpr, HAS_MASK: tl.constexpr, USE_CU: tl.constexpr,
+    SIGMOID: tl.constexpr, TABLE: tl.constexpr, VEC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, STAGES: tl.constexpr,
 ):
     """partial[l, b, split, :] = Σ s over the valid rows of slice ``split`` of sequence b;
     count[b, split] = their number (written by the l = 0 programs only).
@@ -376,8 +377,9 @@ def pool_routing_bwd(
     coef_ptr, coef_sl, coef_sb, coef_se, scale_ptr, scale_sl, scale_sb, layer_coef_ptr, count_ptr, count_stride,
     grad_ptr,
     L, B, N, S, E_DIV, inv_tau, SPLITS,
-    E_MULT: tl.constexpr, EVEN_E: tl.constexpr, HAS_MASK: tl.constexpr, USE_CU: tl.constexpr, SIGMOID: tl.constexpr, TABLE: tl.constexpr,
-    VEC: tl.constexpr, PAIR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, STAGES: tl.constexpr,
+    E_MULT: tl.constexpr, EVEN_E: tl.constexpr, HAS_MASK: tl.constexpr, USE_CU: tl.constexpr,
+    SIGMOID: tl.constexpr, TABLE: tl.constexpr, VEC: tl.constexpr, PAIR: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, STAGES: tl.constexpr,
 ):
     """grad[l, n, :] = c · h ⊙ (G − ⟨s, G⟩) for the rows of one slice, G = coef[l, b, :],
     c = g / (τ n_b) with g = scale[l, b] · k_l (PAIR) or 1 (``routing_distribution``); rows that
@@ -481,10 +483,10 @@ def tile_config(num_experts: int) -> dict:
     its top). Left to itself, ptxas gives the 3-stage loop 80–115 registers per thread (16–24
     warps per SM instead of 32), so ``maxnreg`` holds it to 64, where 8-warp programs still fit
     4 per SM: no spills up to E = 256, and at E = 512 8–20 bytes, one or two local loads per
-    iteration (the data in flight sits in shared memory, not in registers). At E ≤ 64 (4 warps, larger tiles) the loop would need
-    110–170 registers, so it stays unpipelined there. Chosen from ptxas and the SASS without a GPU
-    (benchmarks/results/kernel_resources_sm90_bf16.txt); ``tune_tiles.py`` measures the unpipelined
-    loop against 3 stages with and without the cap.
+    iteration (the data in flight sits in shared memory, not in registers). At E ≤ 64 (4 warps,
+    larger tiles) the loop would need 110–170 registers, so it stays unpipelined there. Chosen
+    from ptxas and the SASS without a GPU (benchmarks/results/kernel_resources_sm90_bf16.txt);
+    ``tune_tiles.py`` measures the unpipelined loop against 3 stages with and without the cap.
     """
     block_e = max(16, triton.next_power_of_2(num_experts))  # ≥ 16: fewer variants to compile, no tiny layouts
     num_warps = 8 if block_e >= 128 else 4
