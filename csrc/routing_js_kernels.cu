@@ -195,7 +195,7 @@ __device__ __forceinline__ void load_rows(bool (&valid)[Tile::kUnroll], typename
   }
 }
 
-// Score s and slope h of one row (see _score_and_slope in the Triton kernels): invalid rows and
+// Score s and slope h of one row (see _score_parts in the Triton kernels): invalid rows and
 // padded columns come out as s = h = 0. The logits are scaled by log2(e)/τ (logit_scale), so
 // σ(z/τ) = 1/(1 + 2^−z') and e^{z/τ} = 2^z' for the scaled z'.
 template <class D, int EPT, int G>

@@ -76,15 +76,17 @@ def _logit_scale(inv_tau):
 
 
 @triton.jit
-def _score_and_slope(z, valid, scale, SIGMOID: tl.constexpr):
-    """Routing score s and slope h (∂s_e/∂z_j = h_j (δ_ej − s_e) / τ) of one tile of logits z,
-    scaled here by ``_logit_scale``; rows that are not valid tokens come out as s = h = 0.
+def _score_parts(z, valid, scale, SIGMOID: tl.constexpr):
+    """The routing score of one tile of logits z (scaled here by ``_logit_scale``) in factors:
+    s = u ⊙ r (u per element, r per row) and its slope h = s ⊙ q (∂s_e/∂z_j = h_j (δ_ej − s_e) / τ),
+    q = σ(−z/τ) for the sigmoid and 1 for softmax. Rows that are not valid
+    tokens get r = 0, so s = h = 0 there. Kept apart because the backward folds r and its own
+    per-row factors into one multiplier per row instead of scaling every element twice.
 
     Padded columns hold −inf and rows that are not valid tokens 0 (``_load_logits_tile``), so
     every row's exponentials are finite and validity costs one select per row, not per element:
-    the reciprocal of an invalid row's sum is taken as 0. For softmax the row maximum is taken on
-    the unscaled logits (scale > 0), so that scaling and subtracting it is one fused multiply-add
-    per element; the per-element work is then fma, ex2, multiply, add.
+    an invalid row's r is taken as 0. For softmax the row maximum is taken on the unscaled logits
+    (scale > 0), so that scaling and subtracting it is one fused multiply-add per element.
 
     The sigmoid is written with exp2 on the scaled z' = z·log2(e)/τ, σ(z/τ) = 1/(1 + 2^−z'), not
     with ``tl.sigmoid``, whose exp compiles to an ex2 that keeps denormal results (a range check
@@ -92,14 +94,13 @@ def _score_and_slope(z, valid, scale, SIGMOID: tl.constexpr):
     """
     if SIGMOID:
         z = z * scale
-        sig = 1.0 / (1.0 + tl.exp2(-z))  # σ(−∞) = 0 for padding
-        s = sig * tl.where(valid, 1.0 / tl.sum(sig, axis=1), 0.0)[:, None]
-        h = s / (1.0 + tl.exp2(z))  # s ⊙ σ(−z)
+        u = 1.0 / (1.0 + tl.exp2(-z))  # σ(−∞) = 0 for padding
+        q = 1.0 / (1.0 + tl.exp2(z))
     else:
-        e = tl.exp2(z * scale - (tl.max(z, axis=1) * scale)[:, None])
-        s = e * tl.where(valid, 1.0 / tl.sum(e, axis=1), 0.0)[:, None]
-        h = s
-    return s, h
+        u = tl.exp2(z * scale - (tl.max(z, axis=1) * scale)[:, None])
+        q = 1.0
+    r = tl.where(valid, 1.0 / tl.sum(u, axis=1), 0.0)
+    return u, r, q
 
 
 @triton.jit
@@ -228,8 +229,8 @@ def pool_routing_fwd(
         row_ok = rows < hi
         valid = _token_validity(b, rows, row_ok, start, mask_ptr, mask_sb, mask_ss, HAS_MASK)
         z = _load_logits_tile(x_ptr, row_stride, col_stride, rows, cols, col_ok, valid, VEC, EVEN_E)
-        s, _ = _score_and_slope(z, valid, zscale, SIGMOID)
-        acc += s
+        u, r, _ = _score_parts(z, valid, zscale, SIGMOID)
+        acc += u * r[:, None]
         count += valid.to(tl.float32)
     slot = (l * B + b) * SPLITS + split
     tl.store(partial_ptr + slot.to(tl.int64) * E + cols, tl.sum(acc, axis=0), mask=col_ok)
@@ -406,9 +407,14 @@ def pool_routing_bwd(
         row_ok = rows < hi
         valid = _token_validity(b, rows, row_ok, start, mask_ptr, mask_sb, mask_ss, HAS_MASK)
         z = _load_logits_tile(x_ptr, row_stride, col_stride, rows, cols, col_ok, valid, VEC, EVEN_E)
-        s, h = _score_and_slope(z, valid, zscale, SIGMOID)
-        centred = coef[None, :] - tl.sum(s * coef[None, :], axis=1)[:, None]
-        dz = c * h * centred  # h = 0 on rows that are not valid tokens
+        u, r, q = _score_parts(z, valid, zscale, SIGMOID)
+        # c·h ⊙ (G − ⟨s, G⟩) = u ⊙ q ⊙ (G·k − d) with k = c·r and d = k·r·⟨u, G⟩ per row: one
+        # fused multiply-add and one multiply per element (r = 0 on rows that are not valid tokens).
+        k = c * r
+        d = k * r * tl.sum(u * coef[None, :], axis=1)
+        dz = u * (coef[None, :] * k[:, None] - d[:, None])
+        if SIGMOID:
+            dz = dz * q
         tl.store(g_ptr + rows[:, None] * E + cols[None, :], dz.to(g_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
@@ -482,7 +488,7 @@ def tile_config(num_experts: int) -> dict:
     and the compute that waits on it. 2 stages gives no overlap (the loop waits for every copy at
     its top). Left to itself, ptxas gives the 3-stage loop 80–115 registers per thread (16–24
     warps per SM instead of 32), so ``maxnreg`` holds it to 64, where 8-warp programs still fit
-    4 per SM: no spills up to E = 256, and at E = 512 8–20 bytes, one or two local loads per
+    4 per SM: no spills up to E = 256, and at E = 512 8–28 bytes, one or two local loads per
     iteration (the data in flight sits in shared memory, not in registers). At E ≤ 64 (4 warps,
     larger tiles) the loop would need 110–170 registers, so it stays unpipelined there. Chosen
     from ptxas and the SASS without a GPU (benchmarks/results/kernel_resources_sm90_bf16.txt);
