@@ -210,7 +210,7 @@ __device__ __forceinline__ void score_row(const typename D::raw (&v)[EPT], int c
     for (int j = 0; j < EPT; ++j) {
       // Fast division (one reciprocal and a multiply, like Triton's sigmoid), not IEEE division,
       // whose fix-up path costs a compare and a branch per element. The denominator is ≥ 1; where
-      // it overflows (z ≤ −88, padding's −∞) the quotient is 0, as σ is there in fp32.
+      // it overflows (z/τ ≤ −88, padding's −∞) the quotient is 0, as σ is there in fp32.
       s[j] = __fdividef(1.f, 1.f + fast_exp2(-z[j]));
       sum += s[j];
     }

@@ -78,7 +78,6 @@ inline uint32_t __float_as_uint(float f) {
   std::memcpy(&u, &f, 4);
   return u;
 }
-inline float __expf(float x) { return std::exp(x); }
 // The device's __fdividef returns 0 for 2^126 < |y| < 2^128; here that range divides exactly,
 // which differs from 0 by less than 2^-126 |x|.
 inline float __fdividef(float x, float y) { return x / y; }
