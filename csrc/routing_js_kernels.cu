@@ -114,6 +114,18 @@ __device__ __forceinline__ float fast_exp2(float x) {
 #endif
 }
 
+// 1/x as one MUFU.RCP (rcp.approx.ftz, ≤ 1 ulp); 1.f / x is IEEE division (a fix-up path per
+// call) and __fdividef adds a multiply. The CPU emulation divides.
+__device__ __forceinline__ float fast_rcp(float x) {
+#ifdef __CUDA_ARCH__
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return 1.f / x;
+#endif
+}
+
 __device__ __forceinline__ int64_t load_index(const void* p, int64_t i, int bytes) {
   return bytes == 8 ? static_cast<const int64_t*>(p)[i] : static_cast<int64_t>(static_cast<const int32_t*>(p)[i]);
 }
@@ -197,51 +209,48 @@ __device__ __forceinline__ void load_rows(bool (&valid)[Tile::kUnroll], typename
 
 // Score s and slope h of one row (see _score_parts in the Triton kernels): invalid rows and
 // padded columns come out as s = h = 0. The logits are scaled by log2(e)/τ (logit_scale), so
-// σ(z/τ) = 1/(1 + 2^−z') and e^{z/τ} = 2^z' for the scaled z'.
+// e^{z/τ} = 2^z' for the scaled z'. Both scores subtract the row maximum; the sigmoid's shift
+// m = min(max z', 0) gives t = 2^{m−z'}, u = 1/(2^m + t) = σ(z/τ)·2^{−m} ≤ 1 (≥ ½ for the largest
+// logit, so no 0/0 where every σ(z/τ) underflows) and σ(−z/τ) = t·u: one exponential and one
+// reciprocal per element. Where t overflows (−∞ logits, padding) u = 0 and σ(−z/τ) is taken from
+// min(t, 2^126), finite, so h = 0.
 template <class D, int EPT, int G>
 __device__ __forceinline__ void score_row(const typename D::raw (&v)[EPT], int c0, int E, bool valid, float scale,
                                           bool sigmoid, float (&s)[EPT], float (&h)[EPT]) {
   float z[EPT];
 #pragma unroll
   for (int j = 0; j < EPT; ++j) z[j] = (valid && c0 + j < E) ? D::load(v[j]) * scale : -INFINITY;
+  float m = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < EPT; ++j) m = fmaxf(m, z[j]);
+  // An invalid row is all −∞: its max is taken as 0 so exp2 gives 0, not NaN.
+  const float row_max = group_max<G>(m);
+  m = valid ? row_max : 0.f;
+  float sum = 0.f;
   if (sigmoid) {
-    float sum = 0.f;
+    m = fminf(m, 0.f);
+    const float shift = fast_exp2(m);
 #pragma unroll
     for (int j = 0; j < EPT; ++j) {
-      // Fast division (one reciprocal and a multiply, like Triton's sigmoid), not IEEE division,
-      // whose fix-up path costs a compare and a branch per element. The denominator is ≥ 1; where
-      // it overflows (z/τ ≤ −88, padding's −∞) the quotient is 0, as σ is there in fp32.
-      s[j] = __fdividef(1.f, 1.f + fast_exp2(-z[j]));
+      const float t = fast_exp2(m - z[j]);
+      s[j] = fast_rcp(shift + t);
+      h[j] = fminf(t, 0x1p126f) * s[j];  // h holds h/s = σ(−z/τ) until s is normalised
       sum += s[j];
     }
-    // Shuffles run on every lane (rows of one warp differ in validity), the select after them.
-    const float total = group_sum<G>(sum);
-    const float inv = valid ? 1.f / total : 0.f;
-#pragma unroll
-    for (int j = 0; j < EPT; ++j) {
-      s[j] *= inv;
-      h[j] = __fdividef(s[j], 1.f + fast_exp2(z[j]));  // s ⊙ σ(−z)
-    }
   } else {
-    float m = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < EPT; ++j) m = fmaxf(m, z[j]);
-    // An invalid row is all −∞: its max is taken as 0 so exp2 gives 0, not NaN.
-    const float row_max = group_max<G>(m);
-    m = valid ? row_max : 0.f;
-    float sum = 0.f;
 #pragma unroll
     for (int j = 0; j < EPT; ++j) {
       s[j] = fast_exp2(z[j] - m);
+      h[j] = 1.f;  // h/s = 1 (written this way, ptxas keeps the backward free of spills at 64 registers)
       sum += s[j];
     }
-    const float total = group_sum<G>(sum);
-    const float inv = valid ? 1.f / total : 0.f;
+  }
+  const float total = group_sum<G>(sum);
+  const float inv = valid ? fast_rcp(total) : 0.f;
 #pragma unroll
-    for (int j = 0; j < EPT; ++j) {
-      s[j] *= inv;
-      h[j] = s[j];
-    }
+  for (int j = 0; j < EPT; ++j) {
+    s[j] *= inv;
+    h[j] *= s[j];
   }
 }
 

@@ -41,8 +41,9 @@ def routing_scores(logits: torch.Tensor, score: str = "softmax", temperature: fl
     z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     if score == "softmax":
         return torch.softmax(z, dim=-1)
-    sig = torch.sigmoid(z)
-    return sig / sig.sum(dim=-1, keepdim=True)
+    # σ/Σσ as the softmax of log σ: the same quotient, but no 0/0 where every σ(z/τ) of a row
+    # underflows (z/τ ≲ −88 in float32, −745 in float64).
+    return torch.softmax(torch.nn.functional.logsigmoid(z), dim=-1)
 
 
 def sequence_membership(side: RoutingSide) -> torch.Tensor:

@@ -66,6 +66,31 @@ def test_reference_gradcheck(score, seg):
     assert torch.autograd.gradcheck(fn, anchor + target, eps=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_reference_in_float32_on_logits_far_below_zero(score):
+    """Every z/τ of some tokens near −300: σ(z/τ) underflows in float32, and σ/Σσ computed as such
+    would be 0/0; the float32 reference must agree with the float64 one there (τ = 0.5 keeps z/τ
+    exact, so only the score's own arithmetic differs)."""
+    gen = torch.Generator().manual_seed(3)
+    L, B, S, E = 2, 2, 4, 6
+    anchor = testing.random_logits(L, B * S, E, generator=gen)
+    target = testing.random_logits(L, B * S, E, generator=gen)
+    for z in anchor + target:
+        z[1::2] -= 150.0  # in float32 first: both runs see the same rounded logits
+    mask = torch.ones(B, S, dtype=torch.int64)
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        a = [z.to(dtype).requires_grad_() for z in anchor]
+        t = [z.to(dtype).requires_grad_() for z in target]
+        loss = reference.sara_loss(a, t, mask, mask, score=score, temperature=0.5, detach_anchor=False)
+        results[dtype] = (loss, torch.autograd.grad(loss, a + t))
+    loss32, grads32 = results[torch.float32]
+    loss64, grads64 = results[torch.float64]
+    torch.testing.assert_close(loss32.double(), loss64, **testing.LOSS_TOL)
+    for g32, g64 in zip(grads32, grads64):
+        testing.assert_grads_close(g32, g64, torch.float32)
+
+
 def test_reference_js_properties():
     torch.manual_seed(1)
     p = torch.softmax(torch.randn(6, 9, dtype=torch.float64), -1)

@@ -197,6 +197,33 @@ def test_minus_inf_logits_give_finite_loss_and_zero_gradients_where_probability_
             assert (g[:, 5] == 0).all()
 
 
+@pytest.mark.parametrize("E", [12, 16], ids=["E_short_of_tile", "E_fills_tile"])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_tokens_whose_every_logit_is_far_below_zero_match_reference(fused_backend, score, E):
+    """Tokens with every z/τ near −170, where σ(z/τ) underflows in float32: the sigmoid score's
+    normalisation σ/Σσ must not become 0/0 (it did before the kernels shifted it by the row
+    maximum). Logits of that size carry fp32 rounding of their own (z/τ is not exact), so the
+    gradients are held to twice PyTorch's float32 error, as in the random configurations."""
+    gen = _gen(29)
+    L, B, S = 2, 2, 6
+    mask = ragged_mask(B, S, gen)
+    anchor, target = random_logits(L, B * S, E, generator=gen), random_logits(L, B * S, E, generator=gen)
+    for z in anchor + target:
+        z[::2] -= 120.0
+    results = {}
+    for name, precision in (("kernel", None), ("fp32", torch.float32), ("fp64", torch.float64)):
+        a = [z.detach().to(precision or z.dtype).to(DEVICE).requires_grad_() for z in anchor]
+        t = [z.detach().to(precision or z.dtype).to(DEVICE).requires_grad_() for z in target]
+        fn = reference.sara_loss if precision else functools.partial(sara_kernels.sara_loss, backend=fused_backend)
+        loss = fn(a, t, mask, mask, score=score, temperature=0.7, detach_anchor=False)
+        results[name] = (loss, torch.autograd.grad(loss, a + t))
+    loss, grads = results["kernel"]
+    torch.testing.assert_close(loss.double(), results["fp64"][0], **LOSS_TOL)
+    for g, g32, g64 in zip(grads, results["fp32"][1], results["fp64"][1]):
+        assert torch.isfinite(g).all() and torch.isfinite(g32).all()
+        assert_grads_close(g, g64, torch.float32, fp32_baseline=g32)
+
+
 def test_empty_sequences_are_excluded(fused_backend):
     gen = _gen(19)
     L, B, S, E = 2, 4, 5, 8

@@ -65,6 +65,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 LOG2E = tl.constexpr(1.4426950408889634)
+TWO_POW_126 = tl.constexpr(2.0**126)  # bounds the sigmoid's t where it overflows: t·u is then 0, not ∞·0
 
 
 @triton.jit
@@ -73,6 +74,20 @@ def _logit_scale(inv_tau):
     exponential (softmax's, and the sigmoid's e^{±z/τ}) is one ex2 (exp would multiply by
     log2(e) again)."""
     return inv_tau * LOG2E
+
+
+if INTERPRET:
+    @triton.jit
+    def _approx_rcp(x):
+        return 1.0 / x
+else:
+    @triton.jit
+    def _approx_rcp(x):
+        """1/x as one MUFU.RCP (``rcp.approx.ftz``, ≤ 1 ulp). Triton's ``/`` on fp32 is div.full,
+        which adds a range test, a select and two multiplies for denominators beyond 2^126; the
+        interpreter (above), which runs no PTX, divides."""
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
 
 
 @triton.jit
@@ -85,17 +100,21 @@ def _score_parts(z, valid, scale, SIGMOID: tl.constexpr):
 
     Padded columns hold −inf and rows that are not valid tokens 0 (``_load_logits_tile``), so
     every row's exponentials are finite and validity costs one select per row, not per element:
-    an invalid row's r is taken as 0. For softmax the row maximum is taken on the unscaled logits
-    (scale > 0), so that scaling and subtracting it is one fused multiply-add per element.
+    an invalid row's r is taken as 0. The row maximum is taken on the unscaled logits (scale > 0),
+    so that scaling and subtracting it is one fused multiply-add per element.
 
-    The sigmoid is written with exp2 on the scaled z' = z·log2(e)/τ, σ(z/τ) = 1/(1 + 2^−z'), not
-    with ``tl.sigmoid``, whose exp compiles to an ex2 that keeps denormal results (a range check
-    and two multiplies around each); ``tl.exp2`` flushes them (values under 1.2e-38) to 0.
+    The sigmoid score is shifted like softmax, with z' = z·log2(e)/τ and m = min(max_e z', 0) per
+    row: t = 2^{m − z'}, u = 1/(2^m + t) = σ(z/τ)·2^{−m} and q = σ(−z/τ) = t·u. The shift cancels
+    in s, keeps u ≤ 1 with u ≥ ½ for the largest logit (so Σu ≥ ½: no 0/0 where every σ(z/τ)
+    underflows, at z/τ ≲ −88, which unshifted gave NaN), and costs one exponential and one
+    reciprocal per element where σ(z/τ) and σ(−z/τ) took two of each. Where t overflows (−∞
+    logits, padding) u = 0 exactly and q is taken from min(t, 2^126), finite, so h = u·q = 0.
     """
     if SIGMOID:
-        z = z * scale
-        u = 1.0 / (1.0 + tl.exp2(-z))  # σ(−∞) = 0 for padding
-        q = 1.0 / (1.0 + tl.exp2(z))
+        m = tl.minimum(tl.max(z, axis=1), 0.0) * scale
+        t = tl.exp2(m[:, None] - z * scale)
+        u = _approx_rcp(tl.exp2(m)[:, None] + t)
+        q = tl.minimum(t, TWO_POW_126) * u
     else:
         u = tl.exp2(z * scale - (tl.max(z, axis=1) * scale)[:, None])
         q = 1.0
