@@ -507,10 +507,10 @@ def tile_config(num_experts: int) -> dict:
     and the compute that waits on it. 2 stages gives no overlap (the loop waits for every copy at
     its top). Left to itself, ptxas gives the 3-stage loop 80–115 registers per thread (16–24
     warps per SM instead of 32), so ``maxnreg`` holds it to 64, where 8-warp programs still fit
-    4 per SM: no spills up to E = 256, and at E = 512 8–28 bytes, one or two local loads per
-    iteration (5–9, L1 hits, in the sigmoid backward; the data in flight sits in shared memory,
-    not in registers). At E ≤ 64 (4 warps,
-    larger tiles) the loop would need 110–170 registers, so it stays unpipelined there. Chosen
+    4 per SM: no spills up to E = 256, and at E = 512 up to 20 bytes, one or two local loads
+    per iteration (5–8, L1 hits, in the sigmoid backward; the data in flight sits in shared
+    memory, not in registers). At E ≤ 64 (4 warps, larger tiles) the loop would need 110–170
+    registers, so it stays unpipelined there. Chosen
     from ptxas and the SASS without a GPU (benchmarks/results/kernel_resources_sm90_bf16.txt);
     ``tune_tiles.py`` measures the unpipelined loop against 3 stages with and without the cap.
     """
