@@ -35,6 +35,7 @@ def free_port() -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, errors, check, args):
+    import gc
     import traceback
 
     import torch.distributed as dist
@@ -46,6 +47,10 @@ def _rank_main(rank: int, world: int, port: int, errors, check, args):
     except BaseException:
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
     finally:
+        # What the check built on the group (a DDP reducer, FSDP2's mesh) may sit in reference
+        # cycles; freed by the collector at exit, after the group is gone, its threads abort the
+        # process ("terminate called without an active exception"), so free it while the group lives.
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
