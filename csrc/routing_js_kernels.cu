@@ -383,8 +383,11 @@ __global__ void __launch_bounds__(kThreads, Tile::kMinBlocks) pool_routing_bwd(L
   }
 }
 
-// G = ½ log(p/m), 0 where p = 0 (then s = 0 on every token, so G never matters there).
-__device__ __forceinline__ float half_log_ratio(float p, float m) { return p == 0.f ? 0.f : 0.5f * logf(p / m); }
+// G = ½ log(p/M) with M = total/2, 0 where p = 0 (then s = 0 on every token, so G never matters
+// there); p/M as 2p/total, since ½·total rounds to 0 where both P sit at the smallest subnormals.
+__device__ __forceinline__ float half_log_ratio(float p, float total) {
+  return p == 0.f ? 0.f : 0.5f * logf((p + p) / total);
+}
 
 // One warp per (l, b).
 __global__ void __launch_bounds__(32) pair_js_fwd(PairArgs a) {
@@ -411,9 +414,9 @@ __global__ void __launch_bounds__(32) pair_js_fwd(PairArgs a) {
       for (int s = 0; s < a.a_splits; ++s) pa += a.a_partial[(lb * a.a_splits + s) * E + c];
       pa /= fmaxf(n_a, 1.f);
     }
-    const float m = 0.5f * (pa + pt);
-    const float ga = valid ? half_log_ratio(pa, m) : 0.f;
-    const float gt = valid ? half_log_ratio(pt, m) : 0.f;
+    const float total = pa + pt;
+    const float ga = valid ? half_log_ratio(pa, total) : 0.f;
+    const float gt = valid ? half_log_ratio(pt, total) : 0.f;
     js += pa * ga + pt * gt;  // Σ_e ½ P log(P/M) = Σ_e P G; NaN in P stays NaN
     a.ga[lb * E + c] = ga;
     a.gt[lb * E + c] = gt;

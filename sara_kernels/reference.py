@@ -83,19 +83,27 @@ def pooled_distribution(side: RoutingSide, score: str, temperature: float, group
     return sums / counts.clamp(min=1).to(sums.dtype)[None, :, None], counts
 
 
-def _kl_to_mixture(p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Σ_e p_e log(p_e / m_e) with 0·log 0 = 0; NaN in p propagates."""
+def _kl_to_mixture(p: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Σ_e p_e log(p_e / m_e) with m = total/2 and 0·log 0 = 0; NaN in p propagates.
+
+    p/m is taken as 2p/total: where both distributions sit at the smallest subnormals, ½·total
+    rounds to 0 and p/m would make the divergence infinite. The value of log(2p/total) comes
+    from the quotient (accurate where p ≈ m, where log(2p) − log(total) cancels), its derivatives
+    from log(2p) − log(total): the quotient's own pass through 2p/total², which overflows where
+    total is subnormal and turns the gradient into NaN."""
     zero = p == 0
     one = torch.ones((), dtype=p.dtype, device=p.device)
-    # The masked branch divides 1/1 so neither the value nor its gradient can be NaN.
-    ratio = torch.where(zero, one, p) / torch.where(zero, one, m)
-    return torch.where(zero, torch.zeros_like(p), p * torch.log(ratio)).sum(dim=-1)
+    # The masked branch takes 1 and 1, so neither the value nor its gradient can be NaN.
+    p, total = torch.where(zero, one, p), torch.where(zero, one, total)
+    log_diff = torch.log(2 * p) - torch.log(total)
+    log_ratio = torch.log(2 * p / total).detach() + (log_diff - log_diff.detach())
+    return torch.where(zero, torch.zeros_like(p), p * log_ratio).sum(dim=-1)
 
 
 def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Symmetric Jensen-Shannon divergence over the last dimension, natural log."""
-    m = 0.5 * (p + q)
-    return 0.5 * (_kl_to_mixture(p, m) + _kl_to_mixture(q, m))
+    total = p + q
+    return 0.5 * (_kl_to_mixture(p, total) + _kl_to_mixture(q, total))
 
 
 def reduce_pair_js(js: torch.Tensor, pair_valid: torch.Tensor, layer_weights: Optional[torch.Tensor], reduction: str):

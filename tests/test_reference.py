@@ -91,6 +91,32 @@ def test_reference_in_float32_on_logits_far_below_zero(score):
         testing.assert_grads_close(g32, g64, torch.float32)
 
 
+def test_reference_in_float32_with_subnormal_pooled_probabilities():
+    """P subnormal on both sides for one expert: ½(P^a + P^t) rounds to 0 at the smallest
+    subnormals (the divergence was inf), and the quotient's derivative through total² overflowed
+    (the gradient was NaN). The float32 reference must stay finite and agree with float64."""
+    gen = torch.Generator().manual_seed(4)
+    L, B, S, E = 2, 2, 4, 6
+    tiny = torch.finfo(torch.float32).smallest_normal * 2.0**-23
+    priors = torch.softmax(torch.randn(L, B, E, generator=gen), dim=-1)
+    priors[..., 2] = tiny
+    target = testing.random_logits(L, B * S, E, generator=gen)
+    for z in target:
+        z[:, 2] = z.max() - 100.0 - torch.rand(B * S, generator=gen)  # a subnormal softmax in float32
+    mask = torch.ones(B, S, dtype=torch.int64)
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        t = [z.to(dtype).requires_grad_() for z in target]
+        loss = reference.sara_loss(None, t, None, mask, anchor_probs=priors.to(dtype))
+        results[dtype] = (loss, torch.autograd.grad(loss, t))
+    (loss32, grads32), (loss64, grads64) = results[torch.float32], results[torch.float64]
+    assert torch.isfinite(loss32)
+    torch.testing.assert_close(loss32.double(), loss64, **testing.LOSS_TOL)
+    for g32, g64 in zip(grads32, grads64):
+        assert torch.isfinite(g32).all()
+        testing.assert_grads_close(g32, g64, torch.float32)
+
+
 def test_reference_js_properties():
     torch.manual_seed(1)
     p = torch.softmax(torch.randn(6, 9, dtype=torch.float64), -1)

@@ -143,6 +143,27 @@ def test_cached_priors_mode(seg_kind, score, fused_backend):
     assert_matches(out, torch.float32)
 
 
+def test_subnormal_pooled_probabilities_give_a_finite_divergence(fused_backend):
+    """An expert whose P is subnormal on both sides: M = ½(P^a + P^t) rounds to 0 at the smallest
+    subnormals, and P·log(P/M) was then infinite (loss inf). The prior holds 2^-149 for expert 3,
+    which the target never routes to (−∞), and 3·2^-149 for expert 4, whose target logits sit
+    100 nats below the rest (a subnormal softmax on the CPU; flushed to 0 on a GPU)."""
+    gen = _gen(31)
+    L, B, S, E = 2, 2, 5, 16
+    tiny = torch.finfo(torch.float32).smallest_normal * 2.0**-23
+    priors = torch.softmax(torch.randn(L, B, E, generator=gen), dim=-1)
+    priors[..., 3], priors[..., 4] = tiny, 3 * tiny
+    priors = priors.to(DEVICE)
+    target = random_logits(L, B * S, E, generator=gen)
+    for z in target:
+        z[:, 3] = -math.inf
+        z[:, 4] = z.max() - 100.0 - torch.rand(B * S, generator=gen).to(z)
+    mask = ragged_mask(B, S, gen)
+    out = run_both(fused_backend, None, target, (None, None), (mask, None), anchor_probs=priors)
+    assert torch.isfinite(out["kernel"][0]).all()
+    assert_matches(out, torch.float32)
+
+
 def test_stacked_and_strided_layers(fused_backend):
     """One [L, N, E] tensor, and per-layer views with non-unit strides, read in place."""
     gen = _gen(9)

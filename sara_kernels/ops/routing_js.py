@@ -277,10 +277,12 @@ def _pooled(partial_ptr, count_ptr, l, b, B, E, SPLITS, cols, col_ok):
 
 
 @triton.jit
-def _half_log_ratio(p, m):
-    """G = ½ log(p/m), 0 where p = 0 (its s is 0 on every token, so G never matters there)."""
+def _half_log_ratio(p, total):
+    """G = ½ log(p/M) with M = total/2, 0 where p = 0 (its s is 0 on every token, so G never matters
+    there). p/M is taken as 2p/total: where both sides' P sit at the smallest subnormals, ½·total
+    rounds to 0 and p/M would be ∞ (an infinite divergence from valid input)."""
     zero = p == 0.0
-    return tl.where(zero, 0.0, 0.5 * tl.log(tl.where(zero, 1.0, p) / tl.where(zero, 1.0, m)))
+    return tl.where(zero, 0.0, 0.5 * tl.log(tl.where(zero, 1.0, p + p) / tl.where(zero, 1.0, total)))
 
 
 _PAIR_RUNTIME_ARGS = ["a_partial_ptr", "a_count_ptr", "t_partial_ptr", "t_count_ptr", "prior_ptr", "prior_sl",
@@ -310,9 +312,9 @@ def pair_js_fwd(
     else:
         pa, n_a = _pooled(a_partial_ptr, a_count_ptr, l, b, B, E, A_SPLITS, cols, col_ok)
     valid = (n_a > 0.0) & (n_t > 0.0)
-    m = 0.5 * (pa + pt)
-    ga = tl.where(valid, _half_log_ratio(pa, m), 0.0)
-    gt = tl.where(valid, _half_log_ratio(pt, m), 0.0)
+    total = pa + pt
+    ga = tl.where(valid, _half_log_ratio(pa, total), 0.0)
+    gt = tl.where(valid, _half_log_ratio(pt, total), 0.0)
     # Σ_e ½ P_e log(P_e/M_e) = Σ_e P_e G_e; P = 0 gives 0 (0·log 0 = 0), NaN in P stays NaN.
     js = tl.sum(pa * ga + pt * gt, axis=0)
     offs = (l * B + b).to(tl.int64) * E + cols
