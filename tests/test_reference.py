@@ -64,6 +64,8 @@ def test_reference_gradcheck(score, seg):
                                    detach_anchor=False, reduction="none", **kwargs)
 
     assert torch.autograd.gradcheck(fn, anchor + target, eps=1e-6, atol=1e-8)
+    # Second derivatives too: the fused backends refuse double backward and point to this one.
+    assert torch.autograd.gradgradcheck(fn, anchor + target, eps=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
