@@ -101,28 +101,33 @@ __device__ float block_sum(float v, float* red) {
   return total;
 }
 
+#ifndef __CUDA_ARCH__
+// The CPU emulation's stand-in for .ftz: a subnormal operand or result becomes a signed zero.
+inline float flush_subnormal(float x) { return std::fabs(x) < 0x1p-126f ? std::copysign(0.f, x) : x; }
+#endif
+
 // 2^x as one MUFU.EX2 (ex2.approx.ftz). exp2f and __expf add a range check and two multiplies
 // per call to return results below 2^-126 as denormals; here such a value (a probability under
-// 1.2e-38) may be 0 instead, as with Triton's exp2. The CPU emulation takes exp2f.
+// 1.2e-38) is 0 instead, as with Triton's exp2. The CPU emulation takes exp2f and flushes.
 __device__ __forceinline__ float fast_exp2(float x) {
 #ifdef __CUDA_ARCH__
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 #else
-  return exp2f(x);
+  return flush_subnormal(exp2f(x));
 #endif
 }
 
 // 1/x as one MUFU.RCP (rcp.approx.ftz, ≤ 1 ulp); 1.f / x is IEEE division (a fix-up path per
-// call) and __fdividef adds a multiply. The CPU emulation divides.
+// call) and __fdividef adds a multiply. The CPU emulation divides and flushes.
 __device__ __forceinline__ float fast_rcp(float x) {
 #ifdef __CUDA_ARCH__
   float y;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 #else
-  return 1.f / x;
+  return flush_subnormal(1.f / flush_subnormal(x));
 #endif
 }
 
