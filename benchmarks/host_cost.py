@@ -9,10 +9,12 @@ What is timed, per backend and input form (a tuple of L [N, E] leaves, or one [L
 Beside them, the "floor" row: forward + grad of a trivial ``autograd.Function`` over the same
 leaves, i.e. what PyTorch's own engine costs for a loss of L inputs whatever the op does.
 
-- triton: the Python path with the interpreter off and every kernel launch replaced by a no-op
-  (argument checks, launch plans, pointer tables, output allocation, autograd). Not included:
-  Triton's compiled launcher itself, and the pinned-memory copy of a new pointer table (the
-  table cache hits in a loop over the same tensors, as in training).
+- triton: the Python path with the interpreter off, up to and including ``routing_js.launch``'s
+  lookup of the compiled kernel (argument checks, launch plans, pointer tables, output
+  allocation, the specialisation key of every launch, autograd); every lookup finds a compiled
+  kernel whose launcher does nothing. Not included: Triton's compiled launcher itself, and the
+  pinned-memory copy of a new pointer table (the table cache hits in a loop over the same
+  tensors, as in training).
 - cuda: csrc/ built against the CPU stand-in of CUDA (tests/cuda_emulation) with kernel launches
   skipped: the C++ argument handling, launch planning, dispatcher and autograd, on CPU tensors.
   Not included: the CUDA driver's launch cost (a few µs per launch on a real GPU).
@@ -44,9 +46,22 @@ from sara_kernels.ops import cuda, routing_js  # noqa: E402
 from sara_kernels.programs.table import format_table  # noqa: E402
 
 
+class _CompiledNothing:
+    """Stands in for every compiled kernel: ``compiled[grid](*args)`` returns at once."""
+
+    def __getitem__(self, grid):
+        return lambda *args: None
+
+
+class _EveryKernelCompiled(dict):
+    def get(self, key, default=None):
+        return _CompiledNothing(), ()
+
+
 def stub_triton_launches():
-    """The Triton backend on CPU tensors, kernels not run: its Python host path alone."""
-    routing_js.launch = lambda kernel, grid, args, meta, device: None
+    """The Triton backend on CPU tensors, kernels not run: its Python host path alone, through
+    ``launch`` (its key and lookup), with the compiled launchers replaced by no-ops."""
+    routing_js._COMPILED = _EveryKernelCompiled()
     routing_js.runs_on = lambda device: True
 
 

@@ -574,9 +574,10 @@ def launch(kernel, grid, args: tuple, meta: dict, device: torch.device):
         kernel[grid](*args, **meta)
         return
     # Triton types an int argument i32 when it fits, i64 otherwise: that choice is in the key too.
+    # Runtime arguments are tensors, ints and floats only (a list comprehension over type() is
+    # the cheapest form: this runs on every launch).
     key = (kernel, device, tuple(meta.items()),
-           tuple(a.dtype if isinstance(a, torch.Tensor) else _INT32_MIN <= a <= _INT32_MAX
-                 for a in args if type(a) is not float))
+           tuple([_INT32_MIN <= a <= _INT32_MAX if type(a) is int else a.dtype for a in args if type(a) is not float]))
     hit = _COMPILED.get(key)
     if hit is None:
         compiled = kernel[grid](*args, **meta)
