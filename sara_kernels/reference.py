@@ -89,8 +89,8 @@ def _kl_to_mixture(p: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     p/m is taken as 2p/total: where both distributions sit at the smallest subnormals, ½·total
     rounds to 0 and p/m would make the divergence infinite. The value of log(2p/total) comes
     from the quotient (accurate where p ≈ m, where log(2p) − log(total) cancels), its derivatives
-    from log(2p) − log(total): the quotient's own pass through 2p/total², which overflows where
-    total is subnormal and turns the gradient into NaN."""
+    from log(2p) − log(total): the quotient's own derivative passes through 2p/total², which
+    overflows where total is subnormal and turns the gradient into NaN."""
     zero = p == 0
     one = torch.ones((), dtype=p.dtype, device=p.device)
     # The masked branch takes 1 and 1, so neither the value nor its gradient can be NaN.
