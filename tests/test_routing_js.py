@@ -67,6 +67,22 @@ def run_both(backend, anchor, target, seg_a, seg_t, dtype=torch.float32, anchor_
     return out
 
 
+def kernel_and_reference_runs(backend, anchor, target, *args, upstream=None, anchor_grads=True, **options):
+    """{"kernel", "fp32", "fp64"}: (loss, gradients) of the fused backend on the logits as given and
+    of the reference on the same values in float32 and float64 (PyTorch's own float32 error is the
+    yardstick where the problem is ill-conditioned). Gradients of the loss, or of Σ loss·upstream."""
+    results = {}
+    for name, precision in (("kernel", None), ("fp32", torch.float32), ("fp64", torch.float64)):
+        a = [z.detach().to(DEVICE, precision or z.dtype).requires_grad_() for z in anchor]
+        t = [z.detach().to(DEVICE, precision or z.dtype).requires_grad_() for z in target]
+        fn = reference.sara_loss if precision else functools.partial(sara_kernels.sara_loss, backend=backend)
+        loss = fn(a, t, *args, **options)
+        wanted = t + (a if anchor_grads else [])
+        scalar = loss if upstream is None else (loss.double() * upstream).sum()
+        results[name] = (loss, torch.autograd.grad(scalar, wanted))
+    return results
+
+
 def assert_matches(out, dtype):
     loss, per_layer, grads = out["kernel"]
     ref_loss, ref_per_layer, ref_grads = out["reference"]
@@ -231,13 +247,8 @@ def test_tokens_whose_every_logit_is_far_below_zero_match_reference(fused_backen
     anchor, target = random_logits(L, B * S, E, generator=gen), random_logits(L, B * S, E, generator=gen)
     for z in anchor + target:
         z[::2] -= 120.0
-    results = {}
-    for name, precision in (("kernel", None), ("fp32", torch.float32), ("fp64", torch.float64)):
-        a = [z.detach().to(precision or z.dtype).to(DEVICE).requires_grad_() for z in anchor]
-        t = [z.detach().to(precision or z.dtype).to(DEVICE).requires_grad_() for z in target]
-        fn = reference.sara_loss if precision else functools.partial(sara_kernels.sara_loss, backend=fused_backend)
-        loss = fn(a, t, mask, mask, score=score, temperature=0.7, detach_anchor=False)
-        results[name] = (loss, torch.autograd.grad(loss, a + t))
+    results = kernel_and_reference_runs(fused_backend, anchor, target, mask, mask, score=score, temperature=0.7,
+                                        detach_anchor=False)
     loss, grads = results["kernel"]
     torch.testing.assert_close(loss.double(), results["fp64"][0], **LOSS_TOL)
     for g, g32, g64 in zip(grads, results["fp32"][1], results["fp64"][1]):
@@ -409,21 +420,13 @@ def test_random_configurations_match_reference(monkeypatch, seed):
     options = dict(anchor_mask=mask_a, target_mask=mask_t, anchor_cu_seqlens=cu_a, target_cu_seqlens=cu_t,
                    score=score, temperature=tau, detach_anchor=detach, reduction="none")
     cotangent = torch.randn(L, 1 if seg_kind == "none" else B, dtype=torch.float64, device=DEVICE)
-    results = {}
-    for name, precision in (("triton", None), ("fp32", torch.float32), ("fp64", torch.float64)):
-        a = [z.detach().to(precision or dtype).requires_grad_() for z in anchor]
-        t = [z.detach().to(precision or dtype).requires_grad_() for z in target]
-        fn = reference.sara_loss if precision else functools.partial(sara_kernels.sara_loss, backend="triton")
-        js = fn(a, t, **options)
-        wanted = t + ([] if detach else a)
-        results[name] = (js, torch.autograd.grad((js.double() * cotangent).sum(), wanted))
-    js, grads = results["triton"]
+    results = kernel_and_reference_runs("triton", anchor, target, upstream=cotangent, anchor_grads=not detach,
+                                        **options)
+    js, grads = results["kernel"]
     torch.testing.assert_close(js.double(), results["fp64"][0], **LOSS_TOL)
     for g, g32, g64 in zip(grads, results["fp32"][1], results["fp64"][1]):
         assert torch.isfinite(g).all()
         assert_grads_close(g, g64, dtype, fp32_baseline=g32)
-
-
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -441,13 +444,8 @@ def test_extreme_logits_give_a_finite_loss_and_gradients(fused_backend, seed):
     score = rng.choice(["softmax", "sigmoid"])
     anchor = [spread * torch.randn(N, E) + offset for _ in range(L)]
     target = [spread * torch.randn(N, E) + offset for _ in range(L)]
-    results = {}
-    for name, precision in (("kernel", None), ("fp32", torch.float32), ("fp64", torch.float64)):
-        a = [z.to(precision or torch.float32).to(DEVICE).requires_grad_() for z in anchor]
-        t = [z.to(precision or torch.float32).to(DEVICE).requires_grad_() for z in target]
-        fn = reference.sara_loss if precision else functools.partial(sara_kernels.sara_loss, backend=fused_backend)
-        loss = fn(a, t, score=score, temperature=tau, detach_anchor=False)
-        results[name] = (loss, torch.autograd.grad(loss, a + t))
+    results = kernel_and_reference_runs(fused_backend, anchor, target, score=score, temperature=tau,
+                                        detach_anchor=False)
     for name in ("kernel", "fp32"):
         loss, grads = results[name]
         assert torch.isfinite(loss), name
