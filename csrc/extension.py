@@ -1,5 +1,5 @@
 """How the CUDA backend (``sara_kernels._C``) is built: the one description that ``setup.py`` (the
-real build) and ``tests/test_cuda_build.py`` (a compile-only check on machines without a GPU)
+real build) and ``tests/ops/test_cuda_build.py`` (a compile-only check on machines without a GPU)
 both read, so the check compiles exactly what a user's install compiles.
 
 The kernels (``routing_js_kernels.cu``) include no torch header: they compile in seconds with

@@ -5,26 +5,25 @@ in :mod:`sara_kernels.testing` (one table for the tests, the GPU tests and the s
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
 from sara_kernels import testing
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 random_logits = functools.partial(testing.random_logits, device=DEVICE)
 ragged_mask = functools.partial(testing.ragged_mask, device=DEVICE)
 packed_cu_seqlens = functools.partial(testing.packed_cu_seqlens, device=DEVICE)
 
-
 def as_float64_leaves(layers):
     """float64 copies of the (rounded) inputs that require grad: the reference's inputs."""
     return [t.detach().double().requires_grad_(True) for t in layers]
 
-
 def as_leaves(layers):
     return [t.detach().clone().requires_grad_(True) for t in layers]
-
 
 def free_port() -> int:
     import socket
@@ -32,7 +31,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
 
 def _rank_main(rank: int, world: int, port: int, errors, check, args):
     import gc
@@ -53,7 +51,6 @@ def _rank_main(rank: int, world: int, port: int, errors, check, args):
         gc.collect()
         dist.barrier()
         dist.destroy_process_group()
-
 
 def run_ranks(check, world: int, *args, timeout: float = 240.0):
     """``check(rank, *args)`` in ``world`` spawned processes joined in a gloo group (CPU), each
@@ -79,12 +76,11 @@ def run_ranks(check, world: int, *args, timeout: float = 240.0):
     assert not messages, "\n".join(messages)
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
 
-
 def torchrun(script_and_args: list, cwd: str, timeout: float = 240.0):
     """``torchrun --nproc_per_node 2 <script_and_args>`` on this machine's CPU (gloo), in its own
     session: on a timeout the whole process group (the launcher and its ranks) is killed, so a
     hung rank fails the test instead of outliving it. Returns the CompletedProcess."""
-    import os
+
     import signal
     import subprocess
     import sys
@@ -109,10 +105,8 @@ def torchrun(script_and_args: list, cwd: str, timeout: float = 240.0):
         raise AssertionError(f"torchrun did not finish within {timeout:.0f} s:\n{out[-3000:]}{err[-3000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
-
 def _descendants(pid: int) -> list:
     """Every process below ``pid`` (Linux /proc), children before their own children."""
-    import os
 
     children = {}
     for entry in os.listdir("/proc"):

@@ -16,7 +16,7 @@ and output index: no per-family table to keep up to date), or from an explicit `
 argument for MoE code outside transformers, and names each by its true decoder-layer index,
 parsed from the module path (``model.layers.3.mlp.gate`` -> 3).
 
-Training-time behaviour (each decision below is tested in ``tests/test_hf_capture.py``):
+Training-time behaviour (each decision below is tested in ``tests/hf/test_capture.py``):
 
 * Activation checkpointing with ``use_reentrant=False`` re-runs the layers inside backward;
   a call made while autograd executes a backward pass is a recomputation and is not recorded,

@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of the ``routing_js`` kernels for a GPU target, without a GPU.
 
 ``triton.compile`` with a ``GPUTarget`` needs the kernel's argument types spelled out; they are
-written once, here, for the CI compile check (tests/test_aot_compile.py) and the register
+written once, here, for the CI compile check (tests/ops/test_aot_compile.py) and the register
 report (benchmarks/kernel_resources.py). The logits' and mask's element types vary per call.
 """
 

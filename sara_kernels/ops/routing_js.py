@@ -210,7 +210,7 @@ def _token_validity(b, rows, row_ok, start, mask_ptr, mask_sb, mask_ss, HAS_MASK
 # Every runtime argument is excluded from Triton's value and alignment specialisation: a
 # training run whose batch shapes vary compiles each kernel once per plan, a compiled binary is
 # valid for any value of these arguments (which is what lets the host launch it directly), and
-# what is compiled ahead of time without a GPU (tests/test_aot_compile.py) is what runs.
+# what is compiled ahead of time without a GPU (tests/ops/test_aot_compile.py) is what runs.
 # Divisibility that matters for vector loads and stores is stated by hints instead (VEC, the
 # launcher's own buffers, E = E_DIV · E_MULT with E_MULT = gcd(E, 8) a constexpr).
 _POOL_RUNTIME_ARGS = ["table_ptr", "x0_ptr", "stride_l", "stride_n", "stride_e", "mask_ptr", "mask_sb", "mask_ss",

@@ -1,6 +1,6 @@
 // Runs the CUDA kernels of csrc/routing_js_kernels.cu on the CPU (see emulator.h) through the same
 // sequence of launches as the host op (csrc/routing_js_ops.cpp): pool both sides, pair JS, reduce,
-// pool backward. A C API for ctypes; tests/test_cuda_emulation.py builds inputs, calls it and
+// pool backward. A C API for ctypes; tests/ops/test_cuda_emulation.py builds inputs, calls it and
 // compares with the float64 reference.
 #include "../../csrc/routing_js_kernels.cu"
 

@@ -9,7 +9,7 @@ indexing, vector and scalar paths, lane groups, splits, layer groups, masks of e
 cu_seqlens, priors and every reduction. The host op itself (csrc/routing_js_ops.cpp) runs on the
 same stand-in through ``backend="cuda"`` in test_routing_js.py, test_compile.py,
 test_bad_inputs.py and test_context_parallel.py (the emulated build of tests/conftest.py). What
-neither can show (timing, the memory model, the real compiler) is left to tests/test_gpu.py.
+neither can show (timing, the memory model, the real compiler) is left to tests/gpu/test_gpu.py.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 from sara_kernels import reference, testing
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO as ROOT  # noqa: E402
 HERE = os.path.join(ROOT, "tests", "cuda_emulation")
 CXX = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
 

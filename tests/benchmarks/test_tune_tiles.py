@@ -13,7 +13,7 @@ import torch
 
 from sara_kernels.ops import routing_js
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO as ROOT  # noqa: E402
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import tune_tiles  # noqa: E402

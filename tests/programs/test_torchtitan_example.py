@@ -16,7 +16,7 @@ from sara_kernels.hf import capture_router_logits
 
 from hf_train_helpers import one_thread
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "torchtitan_style.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "torchtitan_style.py"
 
 _single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 

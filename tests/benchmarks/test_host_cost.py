@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO as ROOT  # noqa: E402
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="host_cost.py is the no-GPU measurement (bench_sara.py on a GPU)")

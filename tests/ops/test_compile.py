@@ -2,7 +2,7 @@
 
 On the CPU the Triton backend runs under the interpreter inside the registered custom op and
 the CUDA backend as its emulated build (tests/conftest.py), so each op's schema, fake
-implementation and autograd registration are exercised here; tests/test_gpu.py repeats the
+implementation and autograd registration are exercised here; tests/gpu/test_gpu.py repeats the
 compile test with real kernels.
 """
 

@@ -15,6 +15,7 @@ pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 from hf_train_helpers import TOKENIZER, assert_updates_close, one_thread, pairs, tiny_moe  # noqa: E402
+from helpers import REPO  # noqa: E402
 
 from sara_kernels import reference  # noqa: E402
 from sara_kernels.hf import SARACollator, SARASFTConfig, SARASFTTrainer  # noqa: E402
@@ -199,7 +200,7 @@ def test_refused_configurations_and_bad_datasets(tmp_path):
 
 def test_readme_trl_snippet_runs(tmp_path, monkeypatch):
     """The README's TRL section, as printed, with and without LoRA."""
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    readme = open(os.path.join(REPO, "README.md")).read()
     snippet = readme.split("### TRL: `SARASFTTrainer`")[1].split("```python\n")[1].split("```")[0]
     monkeypatch.chdir(tmp_path)  # output_dir="out"
     namespace = {"model": tiny_moe(), "tokenizer": TOKENIZER, "pairs": pairs(8)}

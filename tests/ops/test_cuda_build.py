@@ -5,7 +5,7 @@ Nothing compiled here runs. The kernels are compiled with this machine's nvcc fo
 architecture in csrc/extension.py's CHECK_ARCHS, with ptxas reporting resources (a spill in a
 pooling kernel is a failure: their loops are what streams the logits). The host code is
 compiled (syntax and types, no object file) against the installed torch's headers, exactly the
-sources and flags setup.py builds. The GPU tests of the backend itself are in tests/test_gpu.py.
+sources and flags setup.py builds. The GPU tests of the backend itself are in tests/gpu/test_gpu.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch.utils import cpp_extension
 import sara_kernels
 from sara_kernels.ops import cuda
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO as ROOT  # noqa: E402
 NVCC = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if "CUDA_HOME" in os.environ else None)
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="no nvcc on this machine: the CUDA sources cannot be compiled here")
 

@@ -15,7 +15,7 @@ from sara_kernels._inputs import RoutingSide
 from sara_kernels.api import resolve_backend
 from sara_kernels.ops import backend_choice, cuda
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO as ROOT  # noqa: E402
 
 
 def side(device="cuda", dtype=torch.bfloat16, layers=48, experts=128, tokens=16384, seqs=32):
@@ -69,7 +69,7 @@ def test_nearest_measured_is_the_nearest_ratio():
 def test_the_choice_compiles_without_a_graph_break_and_follows_the_expert_count(hopper_with_extension, monkeypatch,
                                                                                 dynamic):
     """The lookup is integer arithmetic on constants and sizes, so symbolic sizes (dynamic=True)
-    trace too. (The real ``capability`` needs a GPU: tests/test_gpu.py compiles backend="auto".)"""
+    trace too. (The real ``capability`` needs a GPU: tests/gpu/test_gpu.py compiles backend="auto".)"""
     monkeypatch.setattr(backend_choice, "MEASURED", {"9.0": {128: ("cuda", 3.7, 0.5), 512: ("triton", 2.0, 2.5)}})
     device = torch.device("cuda")
 

@@ -1,5 +1,5 @@
 """The demo and analyze commands end to end (CPU, reference backend) and the pseudo-language
-(loading pairs from files: tests/test_hf_data.py)."""
+(loading pairs from files: tests/hf/test_data.py)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def _datasets_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets_cache"))
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO  # noqa: E402
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -31,7 +31,7 @@ from sara_kernels.hf import SARACollator, SARATrainer  # noqa: E402
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO  # noqa: E402
 
 
 # ---- collator -------------------------------------------------------------------------------
