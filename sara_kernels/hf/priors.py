@@ -31,7 +31,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .capture import resolve_layers_spec
+from ..layer_selection import resolve_layers_spec
 from .data import anchors_fingerprint, validate_pair
 from .routing import pooled_routing, probe_routing
 

@@ -11,7 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..api import routing_distribution
-from .capture import capture_router_logits, resolve_layers_spec
+from ..layer_selection import resolve_layers_spec
+from .capture import capture_router_logits
 from .collate import SARACollator, pad_right, pad_token_id
 
 

@@ -31,15 +31,13 @@ k unless the loss is "already scaled" (``model_accepts_loss_kwargs`` with
 averaged across devices. A term added to a token-normalised LM loss (as transformers does with
 its MoE aux loss) is therefore never divided by k and is multiplied by W. ``SARATrainer`` sets
 ``loss_is_scaled_for_ga = True`` and scales each term itself: the LM term exactly as the
-Trainer would, the SARA term (and the model's aux loss) as ``λ · SARA / k`` on every rank, so
-after DDP's gradient averaging the step's gradient is ``λ ×`` the mean per-micro-batch SARA
-loss, independent of k and W.
+Trainer would, the SARA term (and the model's aux loss) as ``λ · SARA / k`` on every rank
+(:mod:`sara_kernels.hf.term`, shared with ``SARASFTTrainer``), so after DDP's gradient averaging
+the step's gradient is ``λ ×`` the mean per-micro-batch SARA loss, independent of k and W.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -47,67 +45,20 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import unwrap_peft_model
 
-from .._inputs import BACKENDS, SCORES
-from ..api import sara_loss
-from .capture import capture_router_logits, install_router_hooks, resolve_layers_spec, router_hooks_installed
+from ..term import SARAOptions, SARATerm
+from .capture import CapturedRouterLogits
 from .collate import IGNORE_INDEX, SARACollator
 from .data import PairDataset, anchors_fingerprint
 from .priors import RoutingPriors, load_routing_priors
 from .routing import forward_kwargs
+from .term import SARATermMixin, prepare_sara_model
+
+__all__ = ["SARAOptions", "SARATrainer", "SARATrainingArguments", "prepare_sara_model"]
 
 
 # --------------------------------------------------------------------------------------------
 # Arguments
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SARAOptions:
-    """The SARA options (all prefixed ``sara_``, parseable by HfArgumentParser), shared by
-    :class:`SARATrainingArguments` and ``SARASFTConfig`` (:mod:`sara_kernels.hf.trl`); a mixin
-    placed before the ``TrainingArguments`` subclass it extends."""
-
-    sara_weight: float = field(default=1.0, metadata={"help": "λ: weight of the SARA loss added to the LM loss (0 = LM only)."})
-    # str for HfArgumentParser; a list of ints is accepted too (normalised in __post_init__).
-    sara_layers: str = field(
-        default="all",
-        metadata={"help": "MoE layers to align: 'all', 'middle', or comma-separated decoder-layer indices."},
-    )
-    sara_score: Optional[str] = field(
-        default=None, metadata={"help": "Routing score: 'softmax' or 'sigmoid'; default: the model family's."}
-    )
-    sara_temperature: float = field(default=1.0, metadata={"help": "τ dividing the router logits before scoring."})
-    sara_layer_weights: Optional[str] = field(
-        default=None, metadata={"help": "Per-layer weights w_l (comma-separated or a list); default equal."}
-    )
-    sara_detach_anchor: bool = field(
-        default=True, metadata={"help": "The anchor routing is a fixed target (no gradient through it)."}
-    )
-    sara_lm_on_anchor: bool = field(default=False, metadata={"help": "Also train the LM on the anchor side."})
-    sara_backend: str = field(default="auto", metadata={"help": "'auto' (on CUDA the fused backend measured faster, see sara_kernels.ops.backend_choice), 'triton', 'cuda' (the C++ extension) or 'reference'."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if isinstance(self.sara_weight, bool) or not isinstance(self.sara_weight, (int, float)) or not (
-            self.sara_weight >= 0 and math.isfinite(self.sara_weight)
-        ):
-            raise ValueError(f"sara_weight must be a finite number >= 0, got {self.sara_weight!r}")
-        self.sara_layers = resolve_layers_spec(self.sara_layers, "sara_layers")
-        if self.sara_score is not None and self.sara_score not in SCORES:
-            raise ValueError(f"sara_score must be one of {SCORES} or None, got {self.sara_score!r}")
-        if isinstance(self.sara_temperature, bool) or not isinstance(self.sara_temperature, (int, float)) or not (
-            self.sara_temperature > 0 and math.isfinite(self.sara_temperature)
-        ):
-            raise ValueError(f"sara_temperature must be a finite number > 0, got {self.sara_temperature!r}")
-        if isinstance(self.sara_layer_weights, str):
-            try:
-                self.sara_layer_weights = [float(x) for x in self.sara_layer_weights.split(",") if x.strip()]
-            except ValueError:
-                raise ValueError(
-                    f"sara_layer_weights: expected comma-separated numbers, got {self.sara_layer_weights!r}"
-                ) from None
-        if self.sara_backend not in BACKENDS:
-            raise ValueError(f"sara_backend must be one of {BACKENDS}, got {self.sara_backend!r}")
 
 
 @dataclass
@@ -129,22 +80,6 @@ class SARATrainingArguments(SARAOptions, TrainingArguments):
 # --------------------------------------------------------------------------------------------
 # Trainer
 # --------------------------------------------------------------------------------------------
-
-
-def prepare_sara_model(model, args) -> None:
-    """What a trainer with SARA does to its (unwrapped) model when it is built, so that mistakes
-    fail there, with the capture's message, instead of at the first training step: router hooks
-    installed before the Trainer compiles the model (compiled code ignores hooks registered after
-    its first call), the selected layers found, one layer weight per selected layer."""
-    if args.torch_compile and not router_hooks_installed(model):
-        install_router_hooks(model)
-    probe = capture_router_logits(model, layers=args.sara_layers, score=args.sara_score)
-    weights = args.sara_layer_weights
-    if weights is not None and len(weights) != len(probe.layers):
-        raise ValueError(
-            f"sara_layer_weights has {len(weights)} weights but sara_layers={args.sara_layers!r} selects "
-            f"{len(probe.layers)} MoE layers (decoder layers {list(probe.layers)}): give one weight per layer"
-        )
 
 
 def _wrap_pairs(dataset, name: str):
@@ -195,7 +130,65 @@ def _router_aux_coef(model) -> float:
     )
 
 
-class SARATrainer(Trainer):
+@dataclass
+class _PairBatch:
+    """A :class:`SARACollator` batch taken apart: rows ``[0, num_pairs)`` anchors when
+    ``has_anchor``, then the targets; ``extra`` holds the remaining forward inputs."""
+
+    index: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    extra: dict
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.index.shape[0])
+
+    @property
+    def has_anchor(self) -> bool:
+        return self.input_ids.shape[0] == 2 * self.num_pairs
+
+    @classmethod
+    def from_inputs(cls, inputs) -> "_PairBatch":
+        extra = dict(inputs)
+        if "sara_example_index" not in extra:
+            raise ValueError(
+                "batch has no 'sara_example_index': SARATrainer needs batches from SARACollator "
+                f"(got keys {sorted(extra)})"
+            )
+        if extra.get("labels") is None:
+            raise ValueError(
+                "batch has no 'labels': SARATrainer runs the LM loss through the model's own loss path, which needs "
+                "them (SARACollator provides them; -100 everywhere trains SARA alone)"
+            )
+        batch = cls(index=extra.pop("sara_example_index"), input_ids=extra.pop("input_ids"),
+                    attention_mask=extra.pop("attention_mask"), labels=extra.pop("labels"), extra=extra)
+        rows = batch.input_ids.shape[0]
+        if rows not in (batch.num_pairs, 2 * batch.num_pairs):
+            raise ValueError(
+                f"batch has {rows} rows for {batch.num_pairs} pairs; expected anchors + targets or targets only"
+            )
+        return batch
+
+    def side(self, anchor: bool):
+        """(input_ids, attention_mask, labels) of the anchor or the target rows, trailing padding dropped."""
+        rows = slice(0, self.num_pairs) if anchor else slice(self.input_ids.shape[0] - self.num_pairs, None)
+        return _trim(self.input_ids[rows], self.attention_mask[rows], self.labels[rows])
+
+
+@dataclass
+class _Routing:
+    """What the SARA term is computed from: the target capture, the anchor logits (None with
+    priors) and ``sara_loss``'s side arguments (masks or ``anchor_probs``)."""
+
+    target: CapturedRouterLogits
+    anchor_logits: Optional[tuple]
+    target_logits: tuple
+    sides: dict
+
+
+class SARATrainer(SARATermMixin, Trainer):
     """``Trainer`` that adds ``sara_weight`` × SARA to the LM loss on parallel pairs.
 
     Args (beyond ``Trainer``'s):
@@ -272,7 +265,6 @@ class SARATrainer(Trainer):
                 eval_collator = SARACollator(processing_class, max_length=args.sara_max_length, include_anchor=True)
         self._eval_collator = eval_collator
         self.routing_priors: Optional[RoutingPriors] = routing_priors
-        self._sara_metrics: dict = {}
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
 
@@ -327,160 +319,111 @@ class SARATrainer(Trainer):
 
     # ---- loss -----------------------------------------------------------------------------
 
-    def _capture(self, model, enabled: bool):
-        if not enabled:
-            return contextlib.nullcontext(None)
-        return capture_router_logits(model, layers=self.args.sara_layers, score=self.args.sara_score)
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """LM + λ·SARA for one micro-batch, already scaled for accumulation and world size."""
-        args = self.args
-        inputs = dict(inputs)
-        if "sara_example_index" not in inputs:
-            raise ValueError(
-                "batch has no 'sara_example_index': SARATrainer needs batches from SARACollator "
-                f"(got keys {sorted(inputs)})"
-            )
-        index = inputs.pop("sara_example_index")
-        input_ids, attention_mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
-        labels = inputs.pop("labels", None)
-        if labels is None:
-            raise ValueError(
-                "batch has no 'labels': SARATrainer runs the LM loss through the model's own loss path, which needs "
-                "them (SARACollator provides them; -100 everywhere trains SARA alone)"
-            )
-        num_pairs, rows = index.shape[0], input_ids.shape[0]
-        if rows not in (num_pairs, 2 * num_pairs):
-            raise ValueError(f"batch has {rows} rows for {num_pairs} pairs; expected anchors + targets or targets only")
-        has_anchor = rows == 2 * num_pairs
+        batch = _PairBatch.from_inputs(inputs)
         training = model.training
-        priors = self.routing_priors if training else None
-        use_sara = args.sara_weight > 0 and (has_anchor or priors is not None)
-        if args.sara_weight > 0 and training and not use_sara:
+        use_sara = self._uses_sara(batch, training)
+        outputs, lm_labels, routing = self._forward(model, batch, use_sara)
+        lm_mean, lm_step, aux_term = self._lm_terms(model, outputs, lm_labels, training, num_items_in_batch)
+        term = self._sara_from(routing, batch.index, training) if use_sara else None
+        scale = self._sara_step_scale(training, num_items_in_batch)
+        loss = lm_step
+        if term is not None:
+            loss = loss + (self.args.sara_weight * scale) * term.loss.to(lm_mean.dtype)
+        if aux_term is not None:
+            loss = loss + scale * aux_term
+        self._sara_record(training, {"lm_loss": lm_mean, **(term.metrics() if term is not None else {})})
+        return (loss, outputs) if return_outputs else loss
+
+    def _uses_sara(self, batch: _PairBatch, training: bool) -> bool:
+        """Whether this micro-batch gets a SARA term: anchors in the batch, or priors in training."""
+        if self.args.sara_weight == 0:
+            return False
+        if batch.has_anchor or (training and self.routing_priors is not None):
+            return True
+        if training:
             raise ValueError("batch has no anchor rows and no routing priors were given: SARA needs one of them")
+        return False
 
-        unwrapped = self.accelerator.unwrap_model(model)
-        # A PEFT wrapper's forward hides the model's options (logits_to_keep) behind **kwargs; it passes them on.
-        lm_kwargs = dict(inputs, **forward_kwargs(unwrap_peft_model(unwrapped), lm_head=True))
+    def _forward(self, model, batch: _PairBatch, use_sara: bool):
+        """Run the model on the batch: (outputs, the labels of its LM loss, the routing SARA needs or None).
+
+        Two forwards when the anchor needs no gradient (a graph-free anchor pass, then the target
+        pass, see the module docstring), else one over all rows.
+        """
+        args = self.args
+        unwrapped = unwrap_peft_model(self.accelerator.unwrap_model(model))
+        lm_kwargs = dict(batch.extra, **forward_kwargs(unwrapped, lm_head=True))
         if self.model_accepts_loss_kwargs:
-            # The model then returns its token *sum* (+ its aux term): each term is scaled below.
-            lm_kwargs["num_items_in_batch"] = input_ids.new_ones(())
-        # The anchor forward has no labels: LM-only flags (the Trainer's skip_logits) stay out of it.
-        routing_kwargs = {k: v for k, v in inputs.items() if k not in _LM_ONLY_KWARGS}
-        routing_kwargs.update(forward_kwargs(unwrap_peft_model(unwrapped), lm_head=False))
+            # The model then returns its token *sum* (+ its aux term): each term is scaled in compute_loss.
+            lm_kwargs["num_items_in_batch"] = batch.input_ids.new_ones(())
         anchor_needs_grad = args.sara_lm_on_anchor or not args.sara_detach_anchor
-        anchor_logits = anchor_mask = anchor_probs = None
-        if use_sara and has_anchor and priors is None and not anchor_needs_grad:
-            # Two forwards: a graph-free anchor pass, then the target pass (see module docstring).
-            a_ids, a_mask, _ = _trim(input_ids[:num_pairs], attention_mask[:num_pairs], None)
-            t_ids, t_mask, t_labels = _trim(input_ids[num_pairs:], attention_mask[num_pairs:], labels[num_pairs:])
-            with torch.no_grad(), self._capture(unwrapped, True) as cap_a:
-                model(input_ids=a_ids, attention_mask=a_mask, **routing_kwargs)
-            with self._capture(unwrapped, True) as cap:
+        priors = self.routing_priors if model.training else None
+        if use_sara and batch.has_anchor and priors is None and not anchor_needs_grad:
+            a_ids, a_mask, _ = batch.side(anchor=True)
+            t_ids, t_mask, t_labels = batch.side(anchor=False)
+            # The anchor forward has no labels: LM-only flags (the Trainer's skip_logits) stay out of it.
+            routing_inputs = {k: v for k, v in batch.extra.items() if k not in _LM_ONLY_KWARGS}
+            anchor = self._sara_anchor_routing(model, input_ids=a_ids, attention_mask=a_mask, **routing_inputs)
+            with self._sara_capture(model) as target:
                 outputs = model(input_ids=t_ids, attention_mask=t_mask, labels=t_labels, **lm_kwargs)
-            anchor_logits, anchor_mask = cap_a.logits, a_mask
-            target_logits, target_mask, lm_labels = cap.logits, t_mask, t_labels
-        else:
-            with self._capture(unwrapped, use_sara) as cap:
-                outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **lm_kwargs)
-            lm_labels = labels
-            if use_sara:
-                seq = input_ids.shape[1]
-                if has_anchor:
-                    anchor_logits = tuple(z[: num_pairs * seq] for z in cap.logits)
-                    target_logits = tuple(z[num_pairs * seq :] for z in cap.logits)
-                    anchor_mask, target_mask = attention_mask[:num_pairs], attention_mask[num_pairs:]
-                else:
-                    target_logits, target_mask = cap.logits, attention_mask
-        if use_sara and priors is not None:
-            num_experts = int(target_logits[0].shape[-1])
-            priors.check_against(cap.layers, num_experts, cap.score)
-            # gather() validates the indices on the host (a device-to-host copy of B ints per step):
-            # an index of -1 (an example without "index") must be a clear error, not a wrong prior.
-            anchor_probs = priors.gather(index, cap.layers).to(target_logits[0].device)
-            anchor_logits = anchor_mask = None
+            routing = _Routing(target, anchor.logits, target.logits, dict(anchor_mask=a_mask, target_mask=t_mask))
+            return outputs, t_labels, routing
+        with self._sara_capture(model, use_sara) as captured:
+            outputs = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
+                            **lm_kwargs)
+        if not use_sara:
+            return outputs, batch.labels, None
+        mask = batch.attention_mask
+        if not batch.has_anchor:
+            return outputs, batch.labels, _Routing(captured, None, captured.logits, dict(target_mask=mask))
+        split = batch.num_pairs * batch.input_ids.shape[1]
+        routing = _Routing(captured, tuple(z[:split] for z in captured.logits), tuple(z[split:] for z in captured.logits),
+                           dict(anchor_mask=mask[: batch.num_pairs], target_mask=mask[batch.num_pairs :]))
+        return outputs, batch.labels, routing
 
-        # LM term, from the model's own loss (so a fused linear-cross-entropy path never builds the
-        # [B, S, V] logits). With labels, transformers' MoE models add coef × aux_loss to it: taken
-        # out here, and scaled below like SARA (subtracting the same product makes its gradient
-        # through the LM term cancel exactly).
+    def _lm_terms(self, model, outputs, lm_labels, training: bool, num_items_in_batch):
+        """(LM mean of this micro-batch, the LM term of the step's loss, the model's aux term or None).
+
+        The LM term comes from the model's own loss (so a fused linear-cross-entropy path never
+        builds the [B, S, V] logits). With labels, transformers' MoE models add coef × aux_loss to
+        it: taken out here, and scaled like SARA in compute_loss (subtracting the same product
+        makes its gradient through the LM term cancel exactly).
+        """
         model_loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
-        device = model_loss.device
         aux = outputs.get("aux_loss") if isinstance(outputs, dict) else None
         aux_term = None
         if aux is not None:
-            aux_term = _router_aux_coef(unwrapped) * aux.to(device)
+            aux_term = _router_aux_coef(self.accelerator.unwrap_model(model)) * aux.to(model_loss.device)
             model_loss = model_loss - aux_term
         # Counted as the Trainer counts num_items_in_batch (shifted for causal LM losses).
         counted = lm_labels[:, 1:] if getattr(self, "_loss_shifts_labels", True) else lm_labels
         local_items = (counted != IGNORE_INDEX).sum()
         if self.model_accepts_loss_kwargs:
-            lm_sum = model_loss
-            lm_mean = lm_sum / local_items.clamp(min=1)
+            lm_mean = model_loss / local_items.clamp(min=1)  # model_loss is the token sum
         else:
             # The model's mean over this micro-batch's tokens: NaN (0 / 0) when it has none.
-            lm_sum = None
             lm_mean = torch.where(local_items > 0, model_loss, model_loss.new_zeros(()))
-
-        if use_sara:
-            sara, per_layer = sara_loss(
-                anchor_logits, target_logits, anchor_mask, target_mask,
-                anchor_probs=anchor_probs, layer_weights=args.sara_layer_weights,
-                temperature=args.sara_temperature, score=cap.score, detach_anchor=args.sara_detach_anchor,
-                return_per_layer=True, backend=args.sara_backend,
-            )
-            sara = sara.to(lm_mean.dtype)
+        if training and num_items_in_batch is not None:
+            # 0 tokens (e.g. one-token targets): the sum is 0 then, and 0 / 0 would be NaN.
+            items = num_items_in_batch.clamp(min=1) if torch.is_tensor(num_items_in_batch) else max(num_items_in_batch, 1)
+            lm_step = model_loss / items
+            if self.args.average_tokens_across_devices:
+                lm_step = lm_step * (self.accelerator.num_processes // self.get_tp_size())
         else:
-            sara, per_layer = lm_mean.new_zeros(()), None
+            lm_step = lm_mean * self._sara_step_scale(training, num_items_in_batch)
+        return lm_mean, lm_step, aux_term
 
-        if training:
-            k = getattr(self, "current_gradient_accumulation_steps", None) or args.gradient_accumulation_steps
-            if num_items_in_batch is not None:
-                # 0 tokens (e.g. one-token targets): lm_sum is 0 then, and 0 / 0 would be NaN.
-                items = num_items_in_batch.clamp(min=1) if torch.is_tensor(num_items_in_batch) else max(num_items_in_batch, 1)
-                lm = lm_sum / items
-                if args.average_tokens_across_devices:
-                    lm = lm * (self.accelerator.num_processes // self.get_tp_size())
-            else:
-                lm = lm_mean / k
-            loss = lm + (args.sara_weight / k) * sara
-            if aux_term is not None:
-                loss = loss + aux_term / k
-        else:
-            loss = lm_mean + args.sara_weight * sara + (aux_term if aux_term is not None else 0.0)
-
-        self._record(training, lm_mean, sara if use_sara else None, per_layer, cap.layers if use_sara else ())
-        return (loss, outputs) if return_outputs else loss
-
-    # ---- logging --------------------------------------------------------------------------
-
-    def _record(self, training, lm_mean, sara, per_layer, layers):
-        mode = "train" if training else "eval"
-        names = ["lm_loss"]
-        values = [lm_mean.detach().float().reshape(1)]
-        if sara is not None:
-            names.append("sara_loss")
-            values.append(sara.detach().float().reshape(1))
-            names += [f"sara_js/layer_{i}" for i in layers]
-            values.append(per_layer.detach().float().reshape(-1))
-        row = torch.cat([v.to(values[0].device) for v in values])
-        current = self._sara_metrics.get(mode)
-        if current is None or current[0] != names:
-            self._sara_metrics[mode] = [names, row, 1]
-        else:
-            current[1] = current[1] + row
-            current[2] += 1
-
-    def log(self, logs: dict, start_time: Optional[float] = None) -> None:
-        """Add the SARA metrics accumulated since the last log (averaged over micro-batches and ranks)."""
-        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
-        entry = self._sara_metrics.pop(mode, None)
-        if entry is not None:
-            names, total, count = entry
-            values = total / count
-            if self.accelerator.num_processes > 1:
-                values = self.accelerator.reduce(values, reduction="mean")
-            prefix = "eval_" if mode == "eval" else ""
-            # In place: evaluate() returns the same dict it logs, so eval_sara_* reach its caller too.
-            logs.update({prefix + n: float(v) for n, v in zip(names, values.tolist())})
-        super().log(logs, start_time)
+    def _sara_from(self, routing: _Routing, index: torch.Tensor, training: bool) -> SARATerm:
+        """The SARA term on live anchors, or in training with priors on the cached anchor routing."""
+        sides = routing.sides
+        anchor_logits = routing.anchor_logits
+        if training and self.routing_priors is not None:
+            target = routing.target
+            self.routing_priors.check_against(target.layers, int(routing.target_logits[0].shape[-1]), target.score)
+            # gather() validates the indices on the host (a device-to-host copy of B ints per step):
+            # an index of -1 (an example without "index") must be a clear error, not a wrong prior.
+            probs = self.routing_priors.gather(index, target.layers).to(routing.target_logits[0].device)
+            anchor_logits, sides = None, dict(target_mask=sides["target_mask"], anchor_probs=probs)
+        return self._sara_term(routing.target, anchor_logits, routing.target_logits, **sides)

@@ -28,15 +28,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
-from transformers.trainer_utils import unwrap_peft_model
 from trl import SFTConfig, SFTTrainer
 
-from ..api import sara_loss
-from .capture import capture_router_logits
+from ..term import SARAOptions
 from .collate import SARACollator, pad_right, pad_token_id
 from .data import validate_pair
-from .routing import forward_kwargs
-from .trainer import SARAOptions, prepare_sara_model
+from .term import SARATermMixin, prepare_sara_model
 
 INDEX_COLUMN = "sara_example_index"
 _ANCHOR_IDS, _ANCHOR_MASK = "sara_anchor_input_ids", "sara_anchor_attention_mask"
@@ -44,7 +41,7 @@ _ANCHOR_IDS, _ANCHOR_MASK = "sara_anchor_input_ids", "sara_anchor_attention_mask
 
 @dataclass
 class SARASFTConfig(SARAOptions, SFTConfig):
-    """TRL's ``SFTConfig`` plus the SARA options (:class:`~sara_kernels.hf.trainer.SARAOptions`).
+    """TRL's ``SFTConfig`` plus the SARA options (:class:`~sara_kernels.term.SARAOptions`).
 
     The anchor is truncated to ``max_length``, like the target. ``sara_lm_on_anchor`` and
     ``sara_detach_anchor=False`` are not supported here (use :class:`SARATrainer`).
@@ -124,18 +121,16 @@ class SARASFTCollator:
         return batch
 
 
-class SARASFTTrainer(SFTTrainer):
+class SARASFTTrainer(SARATermMixin, SFTTrainer):
     """TRL's ``SFTTrainer`` that adds ``sara_weight`` × SARA to its loss (see the module docstring).
 
     Args: those of ``SFTTrainer``, with ``args`` a :class:`SARASFTConfig` and ``train_dataset`` /
     ``eval_dataset`` pairs (a ``datasets.Dataset`` or a list of dicts with ``anchor`` and
     ``target``). ``peft_config`` works as in TRL.
 
-    Scaling: the SARA term is added to TRL's loss as ``λ · SARA / k`` when that loss is already
-    normalised over the accumulated batch (k = accumulation steps), else as ``λ · SARA`` (the
-    Trainer divides the sum by k), on every rank, so the step's gradient is ``λ ×`` the mean
-    per-micro-batch SARA loss, independent of k and the number of processes — as in
-    :class:`~sara_kernels.hf.trainer.SARATrainer`.
+    Scaling and metrics are those of :class:`~sara_kernels.hf.trainer.SARATrainer`
+    (:mod:`sara_kernels.hf.term`): the step's gradient is ``λ ×`` the mean per-micro-batch SARA
+    loss, independent of the accumulation steps and the number of processes.
     """
 
     def __init__(self, model=None, args: Optional[SARASFTConfig] = None, data_collator=None, train_dataset=None,
@@ -184,37 +179,15 @@ class SARASFTTrainer(SFTTrainer):
         if args.sara_weight == 0:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-        unwrapped = self.accelerator.unwrap_model(model)
-        routing_kwargs = forward_kwargs(unwrap_peft_model(unwrapped), lm_head=False)
-        layers, score = args.sara_layers, args.sara_score
-        with torch.no_grad(), capture_router_logits(unwrapped, layers=layers, score=score) as anchor:
-            model(input_ids=anchor_ids, attention_mask=anchor_mask, **routing_kwargs)
-        with capture_router_logits(unwrapped, layers=layers, score=score) as target:
+        anchor = self._sara_anchor_routing(model, input_ids=anchor_ids, attention_mask=anchor_mask)
+        with self._sara_capture(model) as target:
             # TRL's return_outputs=True runs a second forward for the logits: taken outside the capture.
             loss = super().compute_loss(model, inputs, False, num_items_in_batch)
-        sara, per_layer = sara_loss(
-            anchor.logits, target.logits, anchor_mask, inputs["attention_mask"],
-            layer_weights=args.sara_layer_weights, temperature=args.sara_temperature, score=target.score,
-            detach_anchor=True, return_per_layer=True, backend=args.sara_backend,
-        )
-        sara = sara.to(loss.dtype)
-        if model.training:
-            scaled = self.loss_is_scaled_for_ga
-            if scaled is None:  # the Trainer's own rule (training_step)
-                scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
-                    self.compute_loss_func is not None
-                )
-            steps = self.current_gradient_accumulation_steps if scaled else 1
-            loss = loss + (args.sara_weight / steps) * sara
-        else:
-            loss = loss + args.sara_weight * sara
-
-        mode = "train" if model.training else "eval"
-        values = self.accelerator.gather_for_metrics(torch.cat([sara.detach().reshape(1), per_layer.detach()])[None])
-        values = values.float().mean(dim=0).tolist()
-        self._metrics[mode]["sara_loss"].append(values[0])
-        for layer, value in zip(target.layers, values[1:]):
-            self._metrics[mode][f"sara_js/layer_{layer}"].append(value)
+        term = self._sara_term(target, anchor.logits, target.logits, anchor_mask=anchor_mask,
+                               target_mask=inputs["attention_mask"])
+        scale = self._sara_step_scale(model.training, num_items_in_batch)
+        loss = loss + (args.sara_weight * scale) * term.loss.to(loss.dtype)
+        self._sara_record(model.training, term.metrics())
 
         if return_outputs:
             with torch.no_grad():

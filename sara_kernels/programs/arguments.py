@@ -16,7 +16,7 @@ from typing import Literal, Optional
 from transformers import HfArgumentParser
 
 from .._inputs import BACKENDS
-from ..hf.capture import resolve_layers_spec
+from ..layer_selection import resolve_layers_spec
 from ..hf.data import DATA_FORMATS, load_pairs
 from .models import load_model_and_tokenizer
 

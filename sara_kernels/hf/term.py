@@ -1,0 +1,101 @@
+"""The SARA term of a ``transformers.Trainer`` step, shared by :class:`~sara_kernels.hf.SARATrainer`
+and :class:`~sara_kernels.hf.SARASFTTrainer`: router capture, the anchor's routing forward, the
+scaling under gradient accumulation and data parallelism, and the logged metrics. The options,
+the loss call and the metric names are the framework-neutral :mod:`sara_kernels.term`.
+
+**Scaling.** Each micro-batch adds ``λ · SARA / k`` (k = gradient-accumulation steps of this
+optimiser step) on every rank, so after DDP's gradient averaging the step's gradient is ``λ ×``
+the mean per-micro-batch SARA loss, independent of k and of the world size W. The Trainer's
+``training_step`` divides the loss ``compute_loss`` returns by k unless that loss is "already
+scaled" (``loss_is_scaled_for_ga``, or its own rule when that is None), so the factor given to
+SARA here is ``1 / k`` when the Trainer will not divide and ``1`` when it will. The term is added
+after the Trainer's ``compute_loss`` multiplies its token-averaged LM loss by W, so it is never
+multiplied by W.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from transformers.trainer_utils import unwrap_peft_model
+
+from ..term import MetricsAccumulator, SARATerm, check_layer_weights, sara_term
+from .capture import CapturedRouterLogits, capture_router_logits, install_router_hooks, router_hooks_installed
+from .routing import forward_kwargs
+
+
+def prepare_sara_model(model, args) -> None:
+    """What a trainer with SARA does to its (unwrapped) model when it is built, so that mistakes
+    fail there, with the capture's message, instead of at the first training step: router hooks
+    installed before the Trainer compiles the model (compiled code ignores hooks registered after
+    its first call), the selected layers found, one layer weight per selected layer."""
+    if args.torch_compile and not router_hooks_installed(model):
+        install_router_hooks(model)
+    probe = capture_router_logits(model, layers=args.sara_layers, score=args.sara_score)
+    check_layer_weights(args, probe.layers)
+
+
+class SARATermMixin:
+    """The SARA pieces of a Trainer subclass's ``compute_loss``; placed before the Trainer class.
+
+    ``self.args`` holds the :class:`~sara_kernels.term.SARAOptions`. The subclass runs the
+    forwards inside :meth:`_sara_capture` blocks (or :meth:`_sara_anchor_routing`), then calls
+    :meth:`_sara_term`, adds ``args.sara_weight * _sara_step_scale(...) * term.loss`` to its loss
+    and records the term's metrics with :meth:`_sara_record`; :meth:`log` adds them to the logs.
+    """
+
+    def _sara_capture(self, model, enabled: bool = True):
+        """A capture block on the unwrapped ``model`` (a null context yielding None when not ``enabled``)."""
+        if not enabled:
+            return contextlib.nullcontext(None)
+        return capture_router_logits(self.accelerator.unwrap_model(model), layers=self.args.sara_layers,
+                                     score=self.args.sara_score)
+
+    def _sara_anchor_routing(self, model, **inputs) -> CapturedRouterLogits:
+        """The router logits of a graph-free forward of the anchor rows (no vocabulary projection)."""
+        # A PEFT wrapper's forward hides the model's options (logits_to_keep) behind **kwargs; it passes them on.
+        inputs.update(forward_kwargs(unwrap_peft_model(self.accelerator.unwrap_model(model)), lm_head=False))
+        with torch.no_grad(), self._sara_capture(model) as captured:
+            model(**inputs)
+        return captured
+
+    def _sara_term(self, target: CapturedRouterLogits, anchor_logits, target_logits, **sides) -> SARATerm:
+        """:func:`~sara_kernels.term.sara_term` on the layers and score of the ``target`` capture
+        (``target_logits``: its logits or the target rows of them); ``sides``: the masks,
+        ``cu_seqlens`` or ``anchor_probs`` as ``sara_loss`` takes them."""
+        return sara_term(self.args, anchor_logits, target_logits, layers=target.layers, score=target.score, **sides)
+
+    def _sara_step_scale(self, training: bool, num_items_in_batch=None) -> float:
+        """The factor of a per-micro-batch mean term in the loss ``compute_loss`` returns (module docstring)."""
+        if not training:
+            return 1.0
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:  # the Trainer's own rule in training_step
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None
+            )
+        if not scaled:
+            return 1.0
+        steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+        return 1.0 / steps
+
+    def _sara_record(self, training: bool, metrics: dict) -> None:
+        """Keep one micro-batch's metrics (device tensors) until the next :meth:`log`."""
+        if not hasattr(self, "_sara_metrics"):
+            self._sara_metrics = MetricsAccumulator()
+        self._sara_metrics.add("train" if training else "eval", metrics)
+
+    def log(self, logs: dict, start_time: Optional[float] = None) -> None:
+        """Add the SARA metrics recorded since the last log (averaged over micro-batches and ranks)."""
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        recorded = self._sara_metrics.pop(mode) if hasattr(self, "_sara_metrics") else None
+        if recorded is not None:
+            names, values = recorded
+            if self.accelerator.num_processes > 1:
+                values = self.accelerator.reduce(values, reduction="mean")
+            prefix = "eval_" if mode == "eval" else ""
+            # In place: evaluate() returns the same dict it logs, so eval_sara_* reach its caller too.
+            logs.update({prefix + n: float(v) for n, v in zip(names, values.tolist())})
+        super().log(logs, start_time)

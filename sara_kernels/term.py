@@ -1,0 +1,152 @@
+"""The SARA term of a training step, framework-neutral: its options, the loss call and its metrics.
+
+What every integration shares — the Hugging Face trainers (:mod:`sara_kernels.hf.term` adds the
+router capture and the Trainer's scaling) and the Megatron path (which computes SARA inside the
+router and scales it with its own aux-loss machinery):
+
+* :class:`SARAOptions`: the ``sara_*`` options, validated once here. A dataclass usable on its own
+  (``SARAOptions(sara_weight=0.1, sara_layers="middle")``) or as a mixin placed before a
+  ``TrainingArguments`` subclass, whose own ``__post_init__`` then runs first.
+* :func:`sara_term`: ``sara_loss`` called with the options, returning a :class:`SARATerm` (the
+  unweighted loss, its per-layer values, the decoder-layer indices) whose :meth:`SARATerm.metrics`
+  are the logged names (``sara_loss``, ``sara_js/layer_{i}``).
+* :class:`MetricsAccumulator`: the per-micro-batch metrics summed until the next log.
+
+Layer selection ("all" / "middle" / indices) is :mod:`sara_kernels.layer_selection`. How the
+weighted term ``sara_weight × loss`` is scaled for gradient accumulation and data parallelism is
+the integration's job, because it depends on what its framework does to the loss it is handed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from ._inputs import BACKENDS, SCORES
+from .api import sara_loss
+from .layer_selection import resolve_layers_spec
+
+__all__ = ["SARAOptions", "SARATerm", "MetricsAccumulator", "check_layer_weights", "sara_term"]
+
+
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+@dataclass
+class SARAOptions:
+    """The SARA options (all prefixed ``sara_``, parseable by HfArgumentParser), shared by
+    :class:`~sara_kernels.hf.SARATrainingArguments`, :class:`~sara_kernels.hf.SARASFTConfig` and
+    the Megatron integration."""
+
+    sara_weight: float = field(default=1.0, metadata={"help": "λ: weight of the SARA loss added to the LM loss (0 = LM only)."})
+    # str for HfArgumentParser; a list of ints is accepted too (normalised in __post_init__).
+    sara_layers: str = field(
+        default="all",
+        metadata={"help": "MoE layers to align: 'all', 'middle', or comma-separated decoder-layer indices."},
+    )
+    sara_score: Optional[str] = field(
+        default=None, metadata={"help": "Routing score: 'softmax' or 'sigmoid'; default: the model family's."}
+    )
+    sara_temperature: float = field(default=1.0, metadata={"help": "τ dividing the router logits before scoring."})
+    sara_layer_weights: Optional[str] = field(
+        default=None, metadata={"help": "Per-layer weights w_l (comma-separated or a list); default equal."}
+    )
+    sara_detach_anchor: bool = field(
+        default=True, metadata={"help": "The anchor routing is a fixed target (no gradient through it)."}
+    )
+    sara_lm_on_anchor: bool = field(default=False, metadata={"help": "Also train the LM on the anchor side."})
+    sara_backend: str = field(default="auto", metadata={"help": "'auto' (on CUDA the fused backend measured faster, see sara_kernels.ops.backend_choice), 'triton', 'cuda' (the C++ extension) or 'reference'."})
+
+    def __post_init__(self):
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:  # as a mixin: the TrainingArguments checks run first
+            parent()
+        if not (_is_number(self.sara_weight) and self.sara_weight >= 0):
+            raise ValueError(f"sara_weight must be a finite number >= 0, got {self.sara_weight!r}")
+        self.sara_layers = resolve_layers_spec(self.sara_layers, "sara_layers")
+        if self.sara_score is not None and self.sara_score not in SCORES:
+            raise ValueError(f"sara_score must be one of {SCORES} or None, got {self.sara_score!r}")
+        if not (_is_number(self.sara_temperature) and self.sara_temperature > 0):
+            raise ValueError(f"sara_temperature must be a finite number > 0, got {self.sara_temperature!r}")
+        if isinstance(self.sara_layer_weights, str):
+            try:
+                self.sara_layer_weights = [float(x) for x in self.sara_layer_weights.split(",") if x.strip()]
+            except ValueError:
+                raise ValueError(
+                    f"sara_layer_weights: expected comma-separated numbers, got {self.sara_layer_weights!r}"
+                ) from None
+        if self.sara_backend not in BACKENDS:
+            raise ValueError(f"sara_backend must be one of {BACKENDS}, got {self.sara_backend!r}")
+
+
+def check_layer_weights(options: SARAOptions, layers: Sequence[int]) -> None:
+    """One ``sara_layer_weights`` entry per selected MoE layer (``layers``: their decoder indices)."""
+    weights = options.sara_layer_weights
+    if weights is not None and len(weights) != len(layers):
+        raise ValueError(
+            f"sara_layer_weights has {len(weights)} weights but sara_layers={options.sara_layers!r} selects "
+            f"{len(layers)} MoE layers (decoder layers {list(layers)}): give one weight per layer"
+        )
+
+
+@dataclass(frozen=True)
+class SARATerm:
+    """One micro-batch's SARA: ``loss`` (unweighted, a scalar with autograd history), ``per_layer``
+    ([L] JS per layer, the mean over pairs) and ``layers`` (their decoder-layer indices)."""
+
+    loss: torch.Tensor
+    per_layer: torch.Tensor
+    layers: tuple
+
+    def metrics(self) -> dict:
+        """The logged values (detached): ``sara_loss`` and ``sara_js/layer_{i}``."""
+        per_layer = self.per_layer.detach().float().reshape(-1)
+        return {"sara_loss": self.loss.detach().float(),
+                **{f"sara_js/layer_{layer}": per_layer[j] for j, layer in enumerate(self.layers)}}
+
+
+def sara_term(options: SARAOptions, anchor_logits, target_logits, *, layers: Sequence[int], score: str,
+              anchor_mask=None, target_mask=None, anchor_cu_seqlens=None, target_cu_seqlens=None,
+              anchor_probs=None, group=None) -> SARATerm:
+    """:func:`~sara_kernels.sara_loss` with the options' temperature, layer weights, anchor
+    detaching and backend, on the routing of the selected ``layers`` (decoder indices, one per
+    logits tensor or prior row) scored with ``score``; the sides take ``sara_loss``'s arguments."""
+    loss, per_layer = sara_loss(
+        anchor_logits, target_logits, anchor_mask, target_mask,
+        anchor_cu_seqlens=anchor_cu_seqlens, target_cu_seqlens=target_cu_seqlens, anchor_probs=anchor_probs,
+        layer_weights=options.sara_layer_weights, temperature=options.sara_temperature, score=score,
+        detach_anchor=options.sara_detach_anchor, return_per_layer=True, backend=options.sara_backend, group=group,
+    )
+    return SARATerm(loss=loss, per_layer=per_layer, layers=tuple(layers))
+
+
+class MetricsAccumulator:
+    """Named scalar metrics summed per mode (``"train"`` / ``"eval"``) over the micro-batches
+    since the last :meth:`pop`; kept on the device so that recording never syncs with the host."""
+
+    def __init__(self):
+        self._entries: dict = {}
+
+    def add(self, mode: str, metrics: dict) -> None:
+        """Add one micro-batch's values; a new set of names restarts the mode's sums."""
+        names = list(metrics)
+        values = [torch.as_tensor(v).detach().float().reshape(1) for v in metrics.values()]
+        row = torch.cat([v.to(values[0].device) for v in values])
+        current = self._entries.get(mode)
+        if current is None or current[0] != names:
+            self._entries[mode] = [names, row, 1]
+        else:
+            current[1] = current[1] + row
+            current[2] += 1
+
+    def pop(self, mode: str):
+        """(names, [len(names)] tensor of means over the recorded micro-batches), or None."""
+        entry = self._entries.pop(mode, None)
+        if entry is None:
+            return None
+        names, total, count = entry
+        return names, total / count
