@@ -8,7 +8,7 @@
   :class:`PairDataset`, validation).
 * :mod:`.collate`: pairs to batches (:class:`SARACollator`) and right padding.
 * :mod:`.routing`: running a model for its routing (pooled distributions of many texts).
-* :mod:`.priors`: cached anchor routing priors (:func:`extract_routing_priors`,
+* :mod:`.priors`: cached anchor routing priors (:func:`extract_routing_priors`, :func:`save_routing_priors`,
   :func:`load_routing_priors`, :class:`RoutingPriors`).
 * :mod:`.term`: the SARA term of a Trainer step (capture, scaling, metrics) that both trainers
   use; its options (:class:`SARAOptions`) and loss call are :mod:`sara_kernels.term`.
@@ -24,7 +24,7 @@ from ..term import SARAOptions
 from .capture import CapturedRouterLogits, RouterHooks, capture_router_logits, install_router_hooks, router_hooks_installed
 from .collate import SARACollator
 from .data import PairDataset, load_pairs, pairs_from_dataset, save_pairs, validate_pair
-from .priors import RoutingPriors, extract_routing_priors, load_routing_priors
+from .priors import RoutingPriors, extract_routing_priors, load_routing_priors, save_routing_priors
 from .routers import SIGMOID_ROUTER_FAMILIES, RouterInfo, default_score, find_routers
 
 _TRAINER_EXPORTS = ("SARATrainer", "SARATrainingArguments")
@@ -35,7 +35,8 @@ __all__ = [
     "default_score", "find_routers", "install_router_hooks", "resolve_layers_spec", "router_hooks_installed",
     "select_layers",
     "SARACollator", "PairDataset", "load_pairs", "pairs_from_dataset", "save_pairs", "validate_pair",
-    "RoutingPriors", "extract_routing_priors", "load_routing_priors", "SARAOptions", *_TRAINER_EXPORTS, *_TRL_EXPORTS,
+    "RoutingPriors", "extract_routing_priors", "load_routing_priors", "save_routing_priors", "SARAOptions",
+    *_TRAINER_EXPORTS, *_TRL_EXPORTS,
 ]
 
 

@@ -169,25 +169,31 @@ def extract_routing_priors(
         fingerprint=anchors_fingerprint([pairs[i] for i in range(len(pairs))]),
         max_length=max_length,
     )
-    metadata = {
-        "format": FORMAT,
-        "version": VERSION,
-        "model_name_or_path": name,
-        "model_type": model_type,
-        "layers": json.dumps(list(found_layers)),
-        "num_experts": str(priors.num_experts),
-        "score": found_score,
-        "temperature": repr(float(temperature)),
-        "num_examples": str(priors.num_examples),
-        "anchors_sha256": priors.fingerprint,
-        "max_length": json.dumps(max_length),
-    }
     if rank == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        save_file({"priors": priors.probs}, os.fspath(path), metadata=metadata)
+        save_routing_priors(priors, path)
     if world > 1:
         dist.barrier()  # no rank may read the file before it is written
     return priors
+
+
+def save_routing_priors(priors: RoutingPriors, path: str | os.PathLike) -> None:
+    """Write ``priors`` to ``path`` in the file format of the module docstring (one writer for
+    every framework's extraction)."""
+    metadata = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_name_or_path": priors.model_name_or_path,
+        "model_type": priors.model_type,
+        "layers": json.dumps([int(i) for i in priors.layers]),
+        "num_experts": str(priors.num_experts),
+        "score": priors.score,
+        "temperature": repr(float(priors.temperature)),
+        "num_examples": str(priors.num_examples),
+        "anchors_sha256": priors.fingerprint,
+        "max_length": json.dumps(priors.max_length),
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file({"priors": priors.probs.contiguous()}, os.fspath(path), metadata=metadata)
 
 
 def _gather_shards(mine: list, shard, num_examples: int, world: int):

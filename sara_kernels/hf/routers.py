@@ -212,7 +212,9 @@ def _refuse_post_topk_routers(entries) -> None:
                 f"router {name!r} is a Megatron-core TopKRouter: it returns (probs, routing_map), the "
                 "routing probabilities after top-k selection (zero for unselected experts) and a boolean map, not "
                 "the router logits SARA aligns. Megatron computes the logits in TopKRouter.gating(), with no "
-                "submodule to hook: route them through one, e.g. a TopKRouter subclass with "
+                "submodule to hook. For training on Megatron-core use sara_kernels.megatron: with_sara(layer_spec, "
+                "coeff=...) puts SARA inside the router through the layer spec (pip install 'sara-kernels[megatron]'). "
+                "To capture here instead, route the logits through a submodule, e.g. a TopKRouter subclass with "
                 "self.logits = torch.nn.Identity() and gating(self, input) returning self.logits(super().gating(input)), "
                 "then pass routers=r'.*\\.router\\.logits'; or compute the logits yourself and pass them to sara_loss."
             )

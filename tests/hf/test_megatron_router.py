@@ -1,8 +1,9 @@
 """Megatron-core's TopKRouter returns post-top-k probabilities, not logits: the capture refuses it.
 
-megatron is not installed in CI, so a stand-in with the same class name, module path and
-interface (a ``weight`` parameter, ``gating()`` computing the logits, ``forward`` returning
-``(probs, routing_map)``) is defined in a namespace named like megatron's module.
+The refusal is checked without megatron-core (the real one is tested in tests/megatron/): a
+stand-in with the same class name, module path and interface (a ``weight`` parameter,
+``gating()`` computing the logits, ``forward`` returning ``(probs, routing_map)``) is defined
+in a namespace named like megatron's module.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def test_megatron_topk_router_is_refused_with_what_to_hook(how):
         assert "'layers.0.mlp.router' is a Megatron-core TopKRouter" in message
         assert "(probs, routing_map)" in message and "not" in message and "logits" in message
         assert "gating()" in message and "torch.nn.Identity()" in message and "sara_loss" in message
+        assert "sara_kernels.megatron" in message and "with_sara(layer_spec" in message
 
 
 class RouterWithLogitsModule(TopKRouter):

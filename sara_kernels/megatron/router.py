@@ -1,0 +1,407 @@
+"""SARA inside Megatron-core's router: a ``TopKRouter`` subclass placed through the layer spec.
+
+Megatron computes each MoE layer's logits in ``TopKRouter.gating`` (a method, no submodule a
+hook could reach) and hands them to ``routing``, which attaches the z-loss and the
+load-balancing losses to the routing tensors with ``MoEAuxLossAutoScaler``. :class:`SARARouter`
+overrides ``routing`` to do the same with the layer's SARA term, computed from the pre-top-k
+logits: the term's gradient enters backward through the router's own output, so it is right
+per pipeline stage, and the schedule's scale (loss scale x CP size / number of micro-batches, or
+the per-token rule) applies to it exactly as to Megatron's own aux losses. The user's loss
+function does not change.
+
+What a router cannot know about the micro-batch (which sequences are anchors and targets, the
+dataset index of each target for cached priors, packed-sequence boundaries) is given around the
+model call by :class:`sara_batch`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import numbers
+import os
+from typing import Optional, Sequence, Union
+
+import torch
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_to_aux_losses_tracker
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from .._inputs import BACKENDS
+from ..api import sara_loss
+from ..hf.capture import select_layers
+from ..hf.priors import RoutingPriors, load_routing_priors
+
+__all__ = ["SARAOptions", "SARARouter", "with_sara", "sara_batch", "moe_layer_indices", "TRACKER_NAME"]
+
+#: Name of the per-layer SARA value in Megatron's aux-loss tracker (next to ``load_balancing_loss``).
+TRACKER_NAME = "sara_loss"
+
+
+@dataclasses.dataclass(frozen=True)
+class SARAOptions:
+    """What :func:`with_sara` binds into every router of the spec.
+
+    ``coeff``: weight of SARA in the training objective; the selected layers' terms add up to
+    ``coeff * sara_loss(all selected layers)`` per micro-batch (mean over layers and pairs).
+    ``layers``: ``"all"``, ``"middle"`` or 0-based decoder-layer indices (Megatron's
+    ``layer_number - 1``) among the MoE layers. ``priors``: cached anchor priors (a
+    :class:`~sara_kernels.hf.RoutingPriors`); ``None`` for live anchors. ``temperature``,
+    ``backend``: as in :func:`sara_kernels.sara_loss`; the score is the router's
+    ``moe_router_score_function``.
+    """
+
+    coeff: float
+    layers: Union[str, tuple] = "middle"
+    priors: Optional[RoutingPriors] = None
+    temperature: float = 1.0
+    backend: str = "auto"
+
+    def __post_init__(self):
+        for name in ("coeff", "temperature"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {self.backend!r}")
+        if self.priors is not None and not isinstance(self.priors, RoutingPriors):
+            raise TypeError(f"priors: expected RoutingPriors, a priors file path or None, got {type(self.priors).__name__}")
+        if not (self.layers in ("all", "middle") or isinstance(self.layers, tuple)):
+            raise ValueError(f"layers: expected 'all', 'middle' or decoder-layer indices, got {self.layers!r}")
+
+
+def moe_layer_indices(config) -> tuple:
+    """0-based decoder-layer indices of the MoE layers, from ``config.moe_layer_freq`` (the rule
+    Megatron's own aux-loss logging counts MoE layers with)."""
+    freq, num_layers = config.moe_layer_freq, config.num_layers
+    if isinstance(freq, int):
+        return tuple(i for i in range(num_layers) if i % freq == 0)
+    return tuple(i for i, is_moe in enumerate(freq) if is_moe)
+
+
+class SARARouter(TopKRouter):
+    """Megatron's ``TopKRouter`` that also attaches SARA for the selected layers.
+
+    Built by the spec :func:`with_sara` returns (``functools.partial(SARARouter, sara=options)``
+    in ``MoESubmodules.router``). Routing itself is unchanged. In training with grad enabled a
+    selected layer needs an open :class:`sara_batch`; in eval, or under ``torch.no_grad()``,
+    it routes exactly as ``TopKRouter`` (Megatron skips its aux losses there too).
+    """
+
+    def __init__(self, config, pg_collection=None, *, sara: SARAOptions):
+        super().__init__(config=config, pg_collection=pg_collection)
+        if not isinstance(sara, SARAOptions):
+            raise TypeError(f"sara: expected SARAOptions, got {type(sara).__name__}")
+        if config.moe_router_score_function not in ("softmax", "sigmoid"):
+            raise ValueError(
+                f"moe_router_score_function={config.moe_router_score_function!r}: SARA scores logits with "
+                "'softmax' or 'sigmoid' (normalised)"
+            )
+        if config.recompute_granularity == "full" or (
+            config.recompute_granularity == "selective" and "moe" in (config.recompute_modules or ())
+        ):
+            raise ValueError(
+                "SARARouter does not support activation recomputation of MoE layers (recompute_granularity='full' or "
+                "'moe' in recompute_modules): the recomputed router runs in backward, outside the micro-batch's "
+                "sara_batch; recompute other modules (e.g. recompute_modules=['core_attn'])"
+            )
+        self.sara = sara
+        self.sara_score = config.moe_router_score_function
+        self.sara_layers = select_layers(moe_layer_indices(config), list(sara.layers) if isinstance(sara.layers, tuple) else sara.layers)
+        if sara.priors is not None:
+            sara.priors.check_against(self.sara_layers, config.num_moe_experts, self.sara_score)
+            if float(sara.priors.temperature) != float(sara.temperature):
+                raise ValueError(
+                    f"the priors were computed with temperature={sara.priors.temperature}, SARA uses "
+                    f"temperature={sara.temperature}"
+                )
+        self._layer_priors = None  # [num_examples, E] of this layer, on the logits' device
+
+    @property
+    def sara_layer(self) -> Optional[int]:
+        """This router's 0-based decoder-layer index when SARA is applied here, else ``None``."""
+        if self.layer_number is None:
+            return None
+        layer = self.layer_number - 1
+        return layer if layer in self.sara_layers else None
+
+    def _sara_group(self):
+        # With sequence parallelism each TP rank holds a share of every sequence's tokens, as
+        # each CP rank does; without it the TP ranks hold the same tokens.
+        group = self.tp_cp_group if self.config.sequence_parallel else self.cp_group
+        return group if group is not None and group.size() > 1 else None
+
+    def _priors_of_layer(self, device):
+        if self._layer_priors is None or self._layer_priors.device != device:
+            priors = self.sara.priors
+            row = priors.layers.index(self.sara_layer)
+            self._layer_priors = priors.probs[:, row, :].to(device=device, dtype=torch.float32)
+        return self._layer_priors
+
+    def sara_term(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]):
+        """(this layer's share of ``coeff * sara_loss``, the layer's mean JS) for logits [s, b, E]."""
+        batch = sara_batch.current(self.layer_number)
+        group = self._sara_group()
+        seq_len, num_cols, num_experts = logits.shape
+        if batch.packed:
+            if num_cols != 1:
+                raise ValueError(f"packed sequences need logits [t, 1, E] (qkv_format 'thd'), got {tuple(logits.shape)}")
+            if group is not None:
+                raise NotImplementedError(
+                    "SARA on packed sequences with context or sequence parallelism is not supported: the local token "
+                    "layout of each packed sequence is not known to the router"
+                )
+            flat = logits.view(seq_len, num_experts)
+            target_rows, target_cu = batch.packed_side("target", seq_len, logits.device)
+            target = dict(target_logits=[flat.index_select(0, target_rows)], target_cu_seqlens=target_cu)
+        else:
+            valid = (~padding_mask.bool()) if padding_mask is not None else None
+            target_cols = batch.columns("target", num_cols, logits.device)
+            target = dict(
+                target_logits=[logits.index_select(1, target_cols).transpose(0, 1).reshape(-1, num_experts)],
+                target_mask=_side_mask(valid, target_cols, seq_len),
+            )
+        if batch.example_index is not None:
+            if self.sara.priors is None:
+                raise ValueError("sara_batch(example_index=...) needs cached priors: with_sara(spec, priors=...)")
+            index = batch.example_index.to(logits.device)
+            _check_example_index(index, self.sara.priors.num_examples)
+            anchor = dict(anchor_logits=None, anchor_probs=self._priors_of_layer(logits.device).index_select(0, index)[None])
+        elif batch.packed:
+            anchor_rows, anchor_cu = batch.packed_side("anchor", seq_len, logits.device)
+            anchor = dict(anchor_logits=[flat.index_select(0, anchor_rows)], anchor_cu_seqlens=anchor_cu)
+        else:
+            anchor_cols = batch.columns("anchor", num_cols, logits.device)
+            anchor = dict(
+                anchor_logits=[logits.index_select(1, anchor_cols).transpose(0, 1).reshape(-1, num_experts)],
+                anchor_mask=_side_mask(valid, anchor_cols, seq_len),
+            )
+        loss, per_layer = sara_loss(
+            **anchor, **target, score=self.sara_score, temperature=self.sara.temperature, detach_anchor=True,
+            return_per_layer=True, backend=self.sara.backend, group=group,
+        )
+        return loss * (self.sara.coeff / len(self.sara_layers)), per_layer[0]
+
+    def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """SARA attached to the logits (as Megatron attaches its z-loss), then ``TopKRouter.routing``."""
+        if self.sara_layer is not None and self.training and torch.is_grad_enabled():
+            term, layer_js = self.sara_term(logits, padding_mask)
+            if self.calculate_per_token_loss:
+                # Megatron then divides every gradient by the global token count, so aux losses
+                # are multiplied by the local one (as its z-loss and load-balancing loss are).
+                num_tokens = (~padding_mask.bool()).sum() if padding_mask is not None else logits.shape[0] * logits.shape[1]
+                term = term * num_tokens
+            logits = MoEAuxLossAutoScaler.apply(logits, term)
+            num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
+            save_to_aux_losses_tracker(TRACKER_NAME, layer_js, self.layer_number, num_layers, avg_group=self.tp_dp_cp_group)
+        return super().routing(logits, padding_mask=padding_mask)
+
+
+def _side_mask(valid: Optional[torch.Tensor], cols: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[P, s] validity of the selected columns (all valid without a padding mask)."""
+    if valid is None:
+        return torch.ones(cols.numel(), seq_len, dtype=torch.bool, device=cols.device)
+    return valid.index_select(1, cols).transpose(0, 1)
+
+
+def _check_example_index(index: torch.Tensor, num_examples: int) -> None:
+    if index.device.type == "cpu":
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= num_examples):
+            raise ValueError(f"sara_batch example_index: values must lie in [0, {num_examples}) (the cached priors' rows)")
+    else:
+        torch._assert_async(
+            ((index >= 0) & (index < num_examples)).all(),
+            f"sara_batch example_index: values must lie in [0, {num_examples})",
+        )
+
+
+def _index_tensor(value, arg: str) -> Optional[torch.Tensor]:
+    if value is None:
+        return None
+    tensor = torch.as_tensor(value)
+    if tensor.dim() != 1 or tensor.numel() == 0 or tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
+        raise ValueError(f"sara_batch {arg}: expected a non-empty 1-D sequence of integer indices, got {value!r}")
+    return tensor.long()
+
+
+class sara_batch:
+    """The SARA layout of one micro-batch, open around its model call.
+
+    >>> with sara_batch(anchor=[0, 1], target=[2, 3]):        # live anchors in the micro-batch
+    ...     output = model(tokens, position_ids, attention_mask, labels=labels)
+    >>> with sara_batch(example_index=batch["index"]):         # cached priors of each target
+    ...     output = model(...)
+
+    Sequences are the micro-batch's columns (``[b, s]`` input, ``[s, b]`` inside Megatron), or,
+    with ``packed_seq_params``, the packed sequences of ``cu_seqlens_q`` (tokens at
+    ``cu_seqlens_q_padded`` offsets when it is given).
+
+    Args:
+        anchor: sequence indices of the anchors (live mode; detached, no gradient).
+        target: sequence indices of the targets, paired with ``anchor`` / ``example_index``
+            element by element; default: every sequence (priors mode only).
+        example_index: dataset index of each target, the row of its cached prior.
+        packed_seq_params: Megatron's ``PackedSeqParams`` of the micro-batch, or ``None``.
+
+    Exactly one of ``anchor`` and ``example_index``. Blocks nest (the innermost is used).
+    Packed boundaries are read to the host once per block (one device sync for GPU tensors).
+    """
+
+    _open: list = []
+
+    def __init__(self, *, anchor=None, target=None, example_index=None, packed_seq_params=None):
+        if (anchor is None) == (example_index is None):
+            raise ValueError("sara_batch: give exactly one of anchor= (live anchors) and example_index= (cached priors)")
+        if anchor is not None and target is None:
+            raise ValueError("sara_batch: anchor= needs target=, the sequences each anchor is paired with")
+        self.anchor = _index_tensor(anchor, "anchor")
+        self.target = _index_tensor(target, "target")
+        self.example_index = _index_tensor(example_index, "example_index")
+        paired = self.anchor if self.anchor is not None else self.example_index
+        if self.target is not None and self.target.numel() != paired.numel():
+            name = "anchor" if self.anchor is not None else "example_index"
+            raise ValueError(f"sara_batch: {name} has {paired.numel()} entries but target has {self.target.numel()}")
+        self.packed = packed_seq_params is not None
+        self._starts = self._lengths = None
+        if self.packed:
+            cu = packed_seq_params.cu_seqlens_q
+            if cu is None:
+                raise ValueError("sara_batch packed_seq_params: cu_seqlens_q is None")
+            cu = cu.detach().to("cpu", torch.long)
+            padded = packed_seq_params.cu_seqlens_q_padded
+            starts = (padded.detach().to("cpu", torch.long) if padded is not None else cu)[:-1]
+            self._starts, self._lengths = starts.tolist(), (cu[1:] - cu[:-1]).tolist()
+        self._cache: dict = {}
+
+    @classmethod
+    def current(cls, layer_number=None) -> "sara_batch":
+        if not cls._open:
+            where = f"layer {layer_number - 1} " if layer_number is not None else ""
+            raise RuntimeError(
+                f"SARA router of {where}ran in training without a sara_batch: wrap each micro-batch's model call in "
+                "`with sara_kernels.megatron.sara_batch(...)` (in forward_step), or call model.eval() / torch.no_grad()"
+            )
+        return cls._open[-1]
+
+    def __enter__(self):
+        sara_batch._open.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        sara_batch._open.remove(self)
+        return None
+
+    def _sequences(self, side: str, num_seqs: int) -> torch.Tensor:
+        seqs = getattr(self, side)
+        if seqs is None:  # priors mode, default targets
+            seqs = torch.arange(num_seqs)
+        if seqs.numel() and (int(seqs.min()) < 0 or int(seqs.max()) >= num_seqs):
+            raise ValueError(f"sara_batch {side}: indices must lie in [0, {num_seqs}), the micro-batch's sequences")
+        if self.example_index is not None and seqs.numel() != self.example_index.numel():
+            raise ValueError(
+                f"sara_batch: example_index has {self.example_index.numel()} entries but the micro-batch has {seqs.numel()} "
+                "target sequences; pass target= to say which sequences they are"
+            )
+        return seqs
+
+    def columns(self, side: str, num_cols: int, device) -> torch.Tensor:
+        """Batch columns of ``side`` ([s, b] layout), on ``device``."""
+        key = (side, num_cols, device)
+        if key not in self._cache:
+            self._cache[key] = self._sequences(side, num_cols).to(device)
+        return self._cache[key]
+
+    def packed_side(self, side: str, num_tokens: int, device):
+        """(token rows [T], cu_seqlens [P+1]) of ``side``'s packed sequences, on ``device``."""
+        key = (side, num_tokens, device)
+        if key not in self._cache:
+            seqs = self._sequences(side, len(self._lengths)).tolist()
+            ends = [self._starts[i] + self._lengths[i] for i in seqs]
+            if max(ends) > num_tokens:
+                raise ValueError(f"sara_batch packed_seq_params: sequences reach token {max(ends)}, the pack has {num_tokens}")
+            rows = torch.cat([torch.arange(self._starts[i], end) for i, end in zip(seqs, ends)])
+            cu = torch.tensor([0] + [self._lengths[i] for i in seqs]).cumsum(0)
+            self._cache[key] = (rows.to(device), cu.to(device=device, dtype=torch.int32))
+        return self._cache[key]
+
+
+def _is_moe_layer(module) -> bool:
+    return isinstance(module, type) and issubclass(module, MoELayer)
+
+
+def _with_router(submodules: MoESubmodules, builder) -> MoESubmodules:
+    current = submodules.router
+    current_class = current.func if isinstance(current, functools.partial) else current
+    if isinstance(current_class, type) and issubclass(current_class, SARARouter):
+        raise ValueError("with_sara: this spec's MoE layers already use a SARARouter (with_sara applied twice)")
+    if current_class is not TopKRouter:
+        raise ValueError(
+            f"with_sara: the spec's router is {getattr(current_class, '__name__', current_class)!r}, not Megatron's "
+            "TopKRouter; make a class deriving from both SARARouter and it, and pass router_class="
+        )
+    return dataclasses.replace(submodules, router=builder)
+
+
+def _transform(node, builder, found: list):
+    """``node`` with every MoE layer's router replaced by ``builder`` (new objects, ``node`` untouched)."""
+    if isinstance(node, ModuleSpec):
+        if _is_moe_layer(node.module) and isinstance(node.submodules, MoESubmodules):
+            found.append(node)
+            return dataclasses.replace(node, submodules=_with_router(node.submodules, builder))
+        return dataclasses.replace(node, submodules=_transform(node.submodules, builder, found))
+    if isinstance(node, functools.partial):  # megatron-core >= 0.19 builds layers as partials
+        keywords = dict(node.keywords)
+        if _is_moe_layer(node.func) and isinstance(keywords.get("submodules"), MoESubmodules):
+            found.append(node)
+            keywords["submodules"] = _with_router(keywords["submodules"], builder)
+        else:
+            keywords = {k: _transform(v, builder, found) for k, v in keywords.items()}
+        return functools.partial(node.func, *node.args, **keywords)
+    if isinstance(node, (list, tuple)):
+        return type(node)(_transform(item, builder, found) for item in node)
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        changes = {f.name: _transform(getattr(node, f.name), builder, found) for f in dataclasses.fields(node) if f.init}
+        return dataclasses.replace(node, **changes)
+    return node
+
+
+def with_sara(
+    spec,
+    *,
+    coeff: float,
+    layers: Union[str, Sequence[int]] = "middle",
+    priors: Union[None, RoutingPriors, str, os.PathLike] = None,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    router_class: type = SARARouter,
+):
+    """A copy of a Megatron layer or block spec whose MoE layers route with :class:`SARARouter`.
+
+    ``spec``: what ``GPTModel(transformer_layer_spec=...)`` takes: a layer ``ModuleSpec``
+    (``get_gpt_layer_local_spec(num_experts=...)``, ``get_gpt_layer_with_transformer_engine_spec``),
+    a block spec (``get_gpt_decoder_block_spec``), or the ``functools.partial`` form of
+    megatron-core 0.19. ``priors``: a :class:`~sara_kernels.hf.RoutingPriors` or a priors file
+    (see :func:`~sara_kernels.megatron.extract_routing_priors`); ``None`` for live anchors.
+    ``router_class``: a :class:`SARARouter` subclass (e.g. one combined with your own router).
+    The other options are those of :class:`SARAOptions`.
+    """
+    if not (isinstance(router_class, type) and issubclass(router_class, SARARouter)):
+        raise TypeError(f"router_class: expected a subclass of SARARouter, got {router_class!r}")
+    if isinstance(priors, (str, os.PathLike)):
+        priors = load_routing_priors(priors)
+    if not isinstance(layers, str):
+        try:
+            layers = tuple(layers)
+        except TypeError:
+            raise ValueError(f"layers: expected 'all', 'middle' or decoder-layer indices, got {layers!r}") from None
+    options = SARAOptions(coeff=coeff, layers=layers, priors=priors, temperature=temperature, backend=backend)
+    found: list = []
+    out = _transform(spec, functools.partial(router_class, sara=options), found)
+    if not found:
+        raise ValueError(
+            "with_sara: the spec has no MoELayer (with MoESubmodules): build it with num_experts= "
+            "(e.g. get_gpt_layer_local_spec(num_experts=8))"
+        )
+    return out

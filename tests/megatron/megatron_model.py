@@ -1,0 +1,155 @@
+"""A tiny Megatron-core GPTModel with SARA in its spec, on the CPU (gloo), and the expected SARA
+loss written independently of the router: from the logits the router's gating returned,
+sliced per side as sara_loss documents it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+import pytest
+import torch
+
+megatron = pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install 'sara-kernels[megatron]')")
+
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.models.gpt import GPTModel  # noqa: E402
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
+from megatron.core.transformer.moe.moe_utils import (  # noqa: E402
+    MoEAuxLossAutoScaler,
+    clear_aux_losses_tracker,
+    get_moe_layer_wise_logging_tracker,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
+
+from helpers import REPO  # noqa: E402
+
+sys.path.insert(0, os.path.join(REPO, "examples"))
+from megatron_cpu import CPUGatingSARARouter, with_sdpa_attention  # noqa: E402
+
+from sara_kernels import sara_loss  # noqa: E402
+from sara_kernels.megatron import TRACKER_NAME, with_sara  # noqa: E402
+
+NUM_LAYERS, HIDDEN, EXPERTS, VOCAB, MAX_LEN = 4, 16, 6, 40, 16
+
+
+class RecordingRouter(CPUGatingSARARouter):
+    """Keeps every logits tensor its gating returned, with its autograd history."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.recorded = []
+
+    def gating(self, input):
+        logits = super().gating(input)
+        self.recorded.append(logits)
+        return logits
+
+
+def init_parallel(seed: int = 0) -> None:
+    """Megatron's parallel state on the default group (tp = pp = 1: every rank is data parallel)."""
+    parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)
+    reset_megatron_state()
+
+
+def reset_megatron_state() -> None:
+    """Aux-loss scale 1 (the shape the schedule copies into) and an empty aux-loss tracker."""
+    MoEAuxLossAutoScaler.main_loss_backward_scale = torch.ones(1)
+    get_moe_layer_wise_logging_tracker().clear()
+
+
+def tiny_config(**overrides) -> TransformerConfig:
+    options = dict(
+        num_layers=NUM_LAYERS, hidden_size=HIDDEN, num_attention_heads=2, ffn_hidden_size=32, moe_ffn_hidden_size=32,
+        num_moe_experts=EXPERTS, moe_router_topk=2, moe_token_dispatcher_type="allgather", moe_aux_loss_coeff=0.0,
+        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
+        params_dtype=torch.float32,
+    )
+    options.update(overrides)
+    return TransformerConfig(**options)
+
+
+def tiny_model(seed: int = 0, *, coeff: float = 0.7, layers="middle", priors=None, router_class=RecordingRouter,
+               **config_overrides) -> GPTModel:
+    torch.manual_seed(seed)
+    spec = with_sara(with_sdpa_attention(get_gpt_layer_local_spec(num_experts=EXPERTS)), coeff=coeff, layers=layers,
+                     priors=priors, router_class=router_class)
+    model = GPTModel(config=tiny_config(**config_overrides), transformer_layer_spec=spec, vocab_size=VOCAB,
+                     max_sequence_length=MAX_LEN, position_embedding_type="learned_absolute")
+    model.train()
+    return model
+
+
+def routers(model) -> list:
+    return [layer.mlp.router for layer in model.decoder.layers]
+
+
+def sara_layers(model) -> list:
+    return [r for r in routers(model) if r.sara_layer is not None]
+
+
+def random_batch(num_seqs: int, seq_len: int, seed: int, lengths: Optional[list] = None):
+    """(tokens [b, s], position_ids, padding_mask [b, s], True = padding) with ragged lengths."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (num_seqs, seq_len), generator=g)
+    if lengths is None:
+        lengths = torch.randint(1, seq_len + 1, (num_seqs,), generator=g).tolist()
+    padding = torch.arange(seq_len)[None, :] >= torch.tensor(lengths)[:, None]
+    positions = torch.arange(seq_len).expand(num_seqs, -1)
+    return tokens, positions, padding
+
+
+def clean_forward(model, *args, **kwargs):
+    """The model's forward in eval mode, where no router attaches anything: the logits it records
+    carry a graph without MoEAuxLossAutoScaler nodes, which would add every lower layer's attached
+    term to any gradient that passes through them, so gradients of an expected loss built on them
+    are independent of what the routers attach (no dropout or jitter here: same values as training)."""
+    model.eval()
+    try:
+        return model(*args, **kwargs)
+    finally:
+        model.train()
+
+
+def expected_sara_padded(model, padding, anchor=None, target=None, anchor_probs=None):
+    """coeff * sara_loss over the SARA layers from the last recorded logits [s, b, E] (float64
+    reference), and its per-layer values."""
+    logits = [r.recorded[-1].double() for r in sara_layers(model)]
+    valid = ~padding  # [b, s]
+    if target is None:
+        target = list(range(valid.shape[0]))
+    side = lambda z, cols: z.transpose(0, 1)[cols].reshape(-1, z.shape[-1])  # noqa: E731
+    kwargs = dict(target_logits=[side(z, target) for z in logits], target_mask=valid[target])
+    if anchor_probs is None:
+        kwargs.update(anchor_logits=[side(z, anchor) for z in logits], anchor_mask=valid[anchor])
+    else:
+        kwargs.update(anchor_logits=None, anchor_probs=anchor_probs.double())
+    coeff = sara_layers(model)[0].sara.coeff
+    loss, per_layer = sara_loss(**kwargs, score=model.config.moe_router_score_function, backend="reference",
+                                return_per_layer=True)
+    return coeff * loss, per_layer
+
+
+def tracked_sara(model) -> torch.Tensor:
+    """The per-layer values the routers saved in Megatron's aux-loss tracker, SARA layers only."""
+    values = get_moe_layer_wise_logging_tracker()[TRACKER_NAME]["values"]
+    return values[[r.layer_number - 1 for r in sara_layers(model)]]
+
+
+def grads_of(model) -> dict:
+    return {name: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for name, p in model.named_parameters()}
+
+
+def sara_only_backward(output: torch.Tensor) -> None:
+    """Backward through the model with the LM loss weighted 0: the gradients are SARA's alone."""
+    (output.float().sum() * 0.0).backward()
+
+
+__all__ = [
+    "clear_aux_losses_tracker", "init_parallel", "reset_megatron_state", "tiny_config", "tiny_model", "routers",
+    "sara_layers", "random_batch", "expected_sara_padded", "tracked_sara", "grads_of", "sara_only_backward",
+    "RecordingRouter", "parallel_state", "clean_forward",
+]

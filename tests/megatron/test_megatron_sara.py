@@ -1,0 +1,254 @@
+"""sara_kernels.megatron on the real megatron-core (CPU, one gloo process): a GPTModel with SARA in
+its spec attaches coeff * sara_loss of the captured pre-top-k logits (value and gradients of
+every parameter), for live anchors and cached priors, padded and packed micro-batches, under
+Megatron's micro-batch schedule; priors extraction; the spec transform; bad input."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_model import (
+    EXPERTS,
+    RecordingRouter,
+    expected_sara_padded,
+    grads_of,
+    init_parallel,
+    parallel_state,
+    clean_forward,
+    random_batch,
+    reset_megatron_state,
+    routers,
+    sara_layers,
+    sara_only_backward,
+    tiny_model,
+    tracked_sara,
+)
+
+from helpers import free_port
+from hf_train_helpers import one_thread
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.transformer.moe.router import TopKRouter
+from sara_kernels import sara_loss
+from sara_kernels.hf import RoutingPriors, load_routing_priors
+from sara_kernels.megatron import SARARouter, extract_routing_priors, sara_batch, with_sara
+
+_single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def gloo_world_of_one():
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    init_parallel()
+    yield
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(autouse=True)
+def fresh_megatron_state():
+    reset_megatron_state()
+    yield
+    reset_megatron_state()
+
+
+def assert_grads_equal(model, output, expected_loss):
+    """Backward of ``output`` with the LM loss weighted 0 gives every parameter the gradient of
+    ``expected_loss`` (built on a clean_forward's logits)."""
+    expected = torch.autograd.grad(expected_loss, list(model.parameters()), allow_unused=True)
+    sara_only_backward(output)
+    got = grads_of(model)
+    for (name, _), want in zip(model.named_parameters(), expected):
+        want = torch.zeros_like(got[name]) if want is None else want.float()
+        torch.testing.assert_close(got[name], want, rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    return got
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_live_anchors_padded_loss_and_every_gradient_equal_sara_loss(score):
+    model = tiny_model(moe_router_score_function=score)
+    assert [r.sara_layer for r in routers(model)] == [None, 1, 2, None]  # "middle" of 4 MoE layers
+    tokens, positions, padding = random_batch(6, 9, seed=1)
+    anchor, target = [0, 4, 2], [3, 1, 5]
+    with sara_batch(anchor=anchor, target=target):
+        output = model(tokens, positions, None, labels=tokens, padding_mask=padding)
+    tracked = tracked_sara(model).clone()
+    clean_forward(model, tokens, positions, None, padding_mask=padding)
+    expected, per_layer = expected_sara_padded(model, padding, anchor=anchor, target=target)
+    assert expected.item() > 1e-6  # random routers: the anchors' routing differs from the targets'
+    got = assert_grads_equal(model, output, expected)
+    # SARA's gradient reaches the routers of the aligned layers and everything below them.
+    for router in sara_layers(model):
+        assert got[f"decoder.layers.{router.layer_number - 1}.mlp.router.weight"].abs().sum() > 0
+    assert got["decoder.layers.3.mlp.router.weight"].abs().sum() == 0  # above the last SARA layer
+    torch.testing.assert_close(tracked, per_layer.float(), rtol=1e-4, atol=1e-8)
+
+
+def test_cached_priors_by_example_index_and_extraction(tmp_path):
+    model = tiny_model(seed=2, layers="all")
+    anchors = [torch.randint(0, 40, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 9, 3, 7, 6)]
+    path = tmp_path / "priors.safetensors"
+    priors = extract_routing_priors(model, anchors, path, batch_size=2)
+    assert model.training  # restored
+    assert priors.probs.shape == (5, 4, EXPERTS) and priors.layers == (0, 1, 2, 3)
+    loaded = load_routing_priors(path)
+    torch.testing.assert_close(loaded.probs, priors.probs)
+    assert loaded.score == "softmax" and loaded.model_type == "megatron-core"
+    # Anchor 1 alone, by a plain eval forward: its pooled routing is the file's row 1.
+    model.eval()
+    for r in routers(model):
+        r.recorded.clear()
+    with torch.no_grad():
+        ids = torch.tensor([anchors[1]])
+        model(ids, torch.arange(ids.shape[1])[None], None)
+    pooled = torch.stack([torch.softmax(r.recorded[-1][:, 0].double(), -1).mean(0) for r in routers(model)])
+    torch.testing.assert_close(priors.probs[1].double(), pooled, rtol=1e-5, atol=1e-7)
+
+    model = tiny_model(seed=3, layers=[1, 3], priors=path)
+    tokens, positions, padding = random_batch(3, 8, seed=4)
+    example_index = torch.tensor([4, 0, 1])
+    with sara_batch(example_index=example_index):
+        output = model(tokens, positions, None, labels=tokens, padding_mask=padding)
+    tracked = tracked_sara(model).clone()
+    clean_forward(model, tokens, positions, None, padding_mask=padding)
+    anchor_probs = loaded.gather(example_index, layers=[1, 3])
+    expected, per_layer = expected_sara_padded(model, padding, anchor_probs=anchor_probs)
+    assert_grads_equal(model, output, expected)
+    torch.testing.assert_close(tracked, per_layer.float(), rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_packed_sequences_live_anchors(padded):
+    model = tiny_model(seed=5, layers=[2])
+    lengths = [4, 1, 6, 3]
+    starts = [0, 4, 5, 11] if not padded else [0, 6, 8, 16]  # padded: each sequence starts at its padded offset
+    total = starts[-1] + lengths[-1] + (2 if padded else 0)
+    cu = torch.tensor([0, 4, 5, 11, 14], dtype=torch.int32)
+    cu_padded = torch.tensor(starts + [total], dtype=torch.int32) if padded else None
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_padded,
+                             cu_seqlens_kv_padded=cu_padded, max_seqlen_q=6, max_seqlen_kv=6)
+    tokens = torch.randint(0, 40, (1, total), generator=torch.Generator().manual_seed(6))
+    positions = torch.cat([torch.arange(n) for n in [s1 - s0 for s0, s1 in zip(starts, starts[1:] + [total])]])[None]
+    anchor, target = [2, 0], [1, 3]
+    with sara_batch(anchor=anchor, target=target, packed_seq_params=params):
+        output = model(tokens, positions, None, labels=tokens, packed_seq_params=params)
+    clean_forward(model, tokens, positions, None, packed_seq_params=params)
+    (router,) = sara_layers(model)
+    flat = router.recorded[-1].double()[:, 0]  # [t, E]
+    side = lambda seqs: torch.cat([flat[starts[i] : starts[i] + lengths[i]] for i in seqs])  # noqa: E731
+    side_cu = lambda seqs: torch.tensor([0] + [lengths[i] for i in seqs]).cumsum(0)  # noqa: E731
+    expected = router.sara.coeff * sara_loss(
+        [side(anchor)], [side(target)], anchor_cu_seqlens=side_cu(anchor), target_cu_seqlens=side_cu(target),
+        backend="reference",
+    )
+    assert expected.item() > 1e-6
+    assert_grads_equal(model, output, expected)
+
+
+def _forward_step(batches, data_iterator, model):
+    index = next(data_iterator)
+    tokens, positions, padding = batches[index]
+    with sara_batch(anchor=[0, 1], target=[2, 3]):
+        output = model(tokens, positions, None, labels=tokens, padding_mask=padding)
+    # The LM loss weighted 0: the gradients are SARA's, scaled by the schedule.
+    return output, lambda out: (out.float().sum() * 0.0, {"lm": out.detach().float().mean()})
+
+
+def test_micro_batch_scale_is_megatrons_aux_loss_rule():
+    # forward_backward_no_pipelining is a loop of these two over the micro-batches; it cannot run
+    # on a CPU only because it allocates its token counter with device="cuda".
+    from megatron.core.enums import ModelType
+    from megatron.core.pipeline_parallel.schedules import backward_step, forward_step
+
+    num_micro_batches = 3
+    batches = [random_batch(4, 7, seed=10 + i) for i in range(num_micro_batches)]
+    model = tiny_model(seed=7)
+    data = iter(range(num_micro_batches))
+    for i in range(num_micro_batches):
+        output, _ = forward_step(
+            functools.partial(_forward_step, batches), data, model, num_micro_batches, None, [], model.config,
+            cp_group_size=1, is_first_microbatch=i == 0, current_microbatch=i,
+        )
+        # the schedule's rule: aux losses are scaled by loss_scale * cp / num_micro_batches
+        assert float(MoEAuxLossAutoScaler.main_loss_backward_scale) == pytest.approx(1.0 / num_micro_batches)
+        backward_step(None, output, None, ModelType.encoder_or_decoder, model.config)
+    scheduled = grads_of(model)
+    # The tracker sums the micro-batches (Megatron's logging then multiplies by 1 / num_micro_batches).
+    tracked = tracked_sara(model).clone()
+    expected_loss, expected_tracked = 0.0, 0.0
+    for tokens, positions, padding in batches:
+        clean_forward(model, tokens, positions, None, padding_mask=padding)
+        loss, per_layer = expected_sara_padded(model, padding, anchor=[0, 1], target=[2, 3])
+        expected_loss, expected_tracked = expected_loss + loss, expected_tracked + per_layer
+    params = list(model.parameters())
+    expected = torch.autograd.grad(expected_loss / num_micro_batches, params, allow_unused=True)
+    for (name, p), want in zip(model.named_parameters(), expected):
+        want = torch.zeros_like(p) if want is None else want.float()
+        torch.testing.assert_close(scheduled[name], want, rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    assert any(g.abs().sum() > 0 for g in scheduled.values())
+    torch.testing.assert_close(tracked, expected_tracked.float(), rtol=1e-4, atol=1e-8)
+
+
+def test_eval_and_no_grad_route_without_sara_batch_and_training_needs_one():
+    model = tiny_model(seed=8)
+    tokens, positions, padding = random_batch(2, 5, seed=9)
+    with torch.no_grad():
+        model(tokens, positions, None)
+    model.eval()
+    model(tokens, positions, None)
+    model.train()
+    with pytest.raises(RuntimeError, match=r"layer 1 ran in training without a sara_batch"):
+        model(tokens, positions, None)
+
+
+def test_sara_batch_rejects_bad_layouts():
+    with pytest.raises(ValueError, match="exactly one of anchor= .* and example_index="):
+        sara_batch(target=[0])
+    with pytest.raises(ValueError, match="anchor= needs target="):
+        sara_batch(anchor=[0])
+    with pytest.raises(ValueError, match="anchor has 2 entries but target has 1"):
+        sara_batch(anchor=[0, 1], target=[2])
+    with pytest.raises(ValueError, match="example_index: expected a non-empty 1-D sequence of integer"):
+        sara_batch(example_index=[0.5])
+    model = tiny_model(seed=8)
+    tokens, positions, padding = random_batch(2, 5, seed=9)
+    with pytest.raises(ValueError, match=r"target: indices must lie in \[0, 2\)"):
+        with sara_batch(anchor=[0], target=[2]):
+            model(tokens, positions, None)
+    with pytest.raises(ValueError, match="needs cached priors"):
+        with sara_batch(example_index=[0, 1]):
+            model(tokens, positions, None)
+
+
+def test_spec_transform_shapes_and_refusals():
+    spec = get_gpt_layer_local_spec(num_experts=EXPERTS)
+    sara_spec = with_sara(spec, coeff=0.1)
+    builder = sara_spec.submodules.mlp.submodules.router
+    assert builder.func is SARARouter and builder.keywords["sara"].coeff == 0.1
+    assert spec.submodules.mlp.submodules.router is TopKRouter  # the input spec is not modified
+    # megatron-core 0.19 builds the MoE layer as functools.partial(MoELayer, submodules=...).
+    partial_spec = functools.partial(MoELayer, submodules=MoESubmodules(experts=None, router=TopKRouter))
+    blocks = with_sara([partial_spec, get_gpt_layer_local_spec()], coeff=0.2, layers=[0], router_class=RecordingRouter)
+    assert blocks[0].func is MoELayer and blocks[0].keywords["submodules"].router.func is RecordingRouter
+    with pytest.raises(ValueError, match="has no MoELayer"):
+        with_sara(get_gpt_layer_local_spec(), coeff=0.1)
+    with pytest.raises(ValueError, match="applied twice"):
+        with_sara(sara_spec, coeff=0.1)
+    with pytest.raises(ValueError, match="coeff: expected a finite number > 0"):
+        with_sara(spec, coeff=0.0)
+    with pytest.raises(TypeError, match="router_class: expected a subclass of SARARouter"):
+        with_sara(spec, coeff=0.1, router_class=TopKRouter)
+    with pytest.raises(ValueError, match=r"\[7\] are not MoE layers"):
+        tiny_model(layers=[1, 7])
+    priors = RoutingPriors(probs=torch.full((2, 1, EXPERTS + 1), 1.0 / (EXPERTS + 1)), layers=(1,), score="softmax",
+                           temperature=1.0)
+    with pytest.raises(ValueError, match="E = 7 experts"):
+        tiny_model(layers=[1], priors=priors)
+    with pytest.raises(ValueError, match="activation recomputation"):
+        tiny_model(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
