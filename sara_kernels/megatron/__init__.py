@@ -1,6 +1,6 @@
 """Megatron-core integration of SARA (the ``[megatron]`` extra; ``import sara_kernels`` never imports it).
 
-* :mod:`.router`: :func:`with_sara` (a layer/block spec whose MoE layers use :class:`SARARouter`,
+* :mod:`.router`: :func:`with_sara` (options: :class:`sara_kernels.term.SARAOptions`; a layer/block spec whose MoE layers use :class:`SARARouter`,
   which attaches each selected layer's SARA term with ``MoEAuxLossAutoScaler`` and logs it in
   Megatron's aux-loss tracker as ``"sara_loss"``) and :class:`sara_batch` (the micro-batch's
   anchors/targets, example indices, packed sequences).
@@ -16,7 +16,8 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     ) from err
 
 from .priors import extract_routing_priors
-from .router import TRACKER_NAME, SARAOptions, SARARouter, moe_layer_indices, sara_batch, with_sara
+from ..term import SARAOptions
+from .router import TRACKER_NAME, SARARouter, moe_layer_indices, sara_batch, with_sara
 
 __all__ = [
     "with_sara", "sara_batch", "SARARouter", "SARAOptions", "moe_layer_indices", "TRACKER_NAME",

@@ -16,9 +16,9 @@ import torch
 from megatron.core.transformer.moe.router import TopKRouter
 
 from ..api import routing_distribution
-from ..hf.capture import select_layers
 from ..hf.data import anchors_fingerprint
 from ..hf.priors import RoutingPriors, save_routing_priors
+from ..layer_selection import resolve_layers_spec, select_layers
 from .router import moe_layer_indices
 
 __all__ = ["extract_routing_priors"]
@@ -74,7 +74,7 @@ def extract_routing_priors(
     token_ids = [_token_ids(a, i) for i, a in enumerate(anchors)]
     routers = _routers(model)
     config = next(iter(routers.values())).config
-    chosen = select_layers(sorted(routers), list(layers) if not isinstance(layers, str) else layers)
+    chosen = select_layers(sorted(routers), resolve_layers_spec(layers))
     missing = [layer for layer in chosen if layer not in moe_layer_indices(config)]
     if missing:
         raise ValueError(f"layers {missing} have routers but are not MoE layers by config.moe_layer_freq")

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import numbers
 import os
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
@@ -29,47 +27,14 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_t
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from .._inputs import BACKENDS
-from ..api import sara_loss
-from ..hf.capture import select_layers
 from ..hf.priors import RoutingPriors, load_routing_priors
+from ..layer_selection import select_layers
+from ..term import SARAOptions, check_layer_weights, sara_term
 
-__all__ = ["SARAOptions", "SARARouter", "with_sara", "sara_batch", "moe_layer_indices", "TRACKER_NAME"]
+__all__ = ["SARARouter", "with_sara", "sara_batch", "moe_layer_indices", "TRACKER_NAME"]
 
 #: Name of the per-layer SARA value in Megatron's aux-loss tracker (next to ``load_balancing_loss``).
 TRACKER_NAME = "sara_loss"
-
-
-@dataclasses.dataclass(frozen=True)
-class SARAOptions:
-    """What :func:`with_sara` binds into every router of the spec.
-
-    ``coeff``: weight of SARA in the training objective; the selected layers' terms add up to
-    ``coeff * sara_loss(all selected layers)`` per micro-batch (mean over layers and pairs).
-    ``layers``: ``"all"``, ``"middle"`` or 0-based decoder-layer indices (Megatron's
-    ``layer_number - 1``) among the MoE layers. ``priors``: cached anchor priors (a
-    :class:`~sara_kernels.hf.RoutingPriors`); ``None`` for live anchors. ``temperature``,
-    ``backend``: as in :func:`sara_kernels.sara_loss`; the score is the router's
-    ``moe_router_score_function``.
-    """
-
-    coeff: float
-    layers: Union[str, tuple] = "middle"
-    priors: Optional[RoutingPriors] = None
-    temperature: float = 1.0
-    backend: str = "auto"
-
-    def __post_init__(self):
-        for name in ("coeff", "temperature"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {BACKENDS}, got {self.backend!r}")
-        if self.priors is not None and not isinstance(self.priors, RoutingPriors):
-            raise TypeError(f"priors: expected RoutingPriors, a priors file path or None, got {type(self.priors).__name__}")
-        if not (self.layers in ("all", "middle") or isinstance(self.layers, tuple)):
-            raise ValueError(f"layers: expected 'all', 'middle' or decoder-layer indices, got {self.layers!r}")
 
 
 def moe_layer_indices(config) -> tuple:
@@ -84,20 +49,28 @@ def moe_layer_indices(config) -> tuple:
 class SARARouter(TopKRouter):
     """Megatron's ``TopKRouter`` that also attaches SARA for the selected layers.
 
-    Built by the spec :func:`with_sara` returns (``functools.partial(SARARouter, sara=options)``
-    in ``MoESubmodules.router``). Routing itself is unchanged. In training with grad enabled a
+    Built by the spec :func:`with_sara` returns (``functools.partial(SARARouter, sara=options,
+    priors=priors)`` in ``MoESubmodules.router``). Routing itself is unchanged. In training with grad enabled a
     selected layer needs an open :class:`sara_batch`; in eval, or under ``torch.no_grad()``,
     it routes exactly as ``TopKRouter`` (Megatron skips its aux losses there too).
     """
 
-    def __init__(self, config, pg_collection=None, *, sara: SARAOptions):
+    def __init__(self, config, pg_collection=None, *, sara: SARAOptions, priors: Optional[RoutingPriors] = None):
         super().__init__(config=config, pg_collection=pg_collection)
         if not isinstance(sara, SARAOptions):
-            raise TypeError(f"sara: expected SARAOptions, got {type(sara).__name__}")
-        if config.moe_router_score_function not in ("softmax", "sigmoid"):
+            raise TypeError(f"sara: expected sara_kernels.term.SARAOptions, got {type(sara).__name__}")
+        score = config.moe_router_score_function
+        if score not in ("softmax", "sigmoid"):
+            raise ValueError(f"moe_router_score_function={score!r}: SARA scores logits with 'softmax' or 'sigmoid' (normalised)")
+        if sara.sara_score is not None and sara.sara_score != score:
             raise ValueError(
-                f"moe_router_score_function={config.moe_router_score_function!r}: SARA scores logits with "
-                "'softmax' or 'sigmoid' (normalised)"
+                f"sara_score={sara.sara_score!r} but the router scores with moe_router_score_function={score!r}: "
+                "SARA follows the router (leave sara_score=None)"
+            )
+        if sara.sara_lm_on_anchor:
+            raise ValueError(
+                "sara_lm_on_anchor has no meaning here: the LM loss is your loss_func's (mask the anchor rows in "
+                "loss_mask to keep the LM off them)"
             )
         if config.recompute_granularity == "full" or (
             config.recompute_granularity == "selective" and "moe" in (config.recompute_modules or ())
@@ -108,15 +81,23 @@ class SARARouter(TopKRouter):
                 "sara_batch; recompute other modules (e.g. recompute_modules=['core_attn'])"
             )
         self.sara = sara
-        self.sara_score = config.moe_router_score_function
-        self.sara_layers = select_layers(moe_layer_indices(config), list(sara.layers) if isinstance(sara.layers, tuple) else sara.layers)
-        if sara.priors is not None:
-            sara.priors.check_against(self.sara_layers, config.num_moe_experts, self.sara_score)
-            if float(sara.priors.temperature) != float(sara.temperature):
+        self.sara_score = score
+        self.sara_layers = select_layers(moe_layer_indices(config), sara.sara_layers)
+        check_layer_weights(sara, self.sara_layers)
+        weights = sara.sara_layer_weights or [1.0] * len(self.sara_layers)
+        # Each layer's share of the weighted mean over layers sara_loss takes.
+        self._layer_share = {layer: sara.sara_weight * w / sum(weights) for layer, w in zip(self.sara_layers, weights)}
+        self._layer_options = dataclasses.replace(sara, sara_layer_weights=None)
+        if priors is not None:
+            if not isinstance(priors, RoutingPriors):
+                raise TypeError(f"priors: expected RoutingPriors or None, got {type(priors).__name__}")
+            priors.check_against(self.sara_layers, config.num_moe_experts, score)
+            if float(priors.temperature) != float(sara.sara_temperature):
                 raise ValueError(
-                    f"the priors were computed with temperature={sara.priors.temperature}, SARA uses "
-                    f"temperature={sara.temperature}"
+                    f"the priors were computed with temperature={priors.temperature}, SARA uses "
+                    f"sara_temperature={sara.sara_temperature}"
                 )
+        self.priors = priors
         self._layer_priors = None  # [num_examples, E] of this layer, on the logits' device
 
     @property
@@ -135,13 +116,13 @@ class SARARouter(TopKRouter):
 
     def _priors_of_layer(self, device):
         if self._layer_priors is None or self._layer_priors.device != device:
-            priors = self.sara.priors
+            priors = self.priors
             row = priors.layers.index(self.sara_layer)
             self._layer_priors = priors.probs[:, row, :].to(device=device, dtype=torch.float32)
         return self._layer_priors
 
     def sara_term(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]):
-        """(this layer's share of ``coeff * sara_loss``, the layer's mean JS) for logits [s, b, E]."""
+        """(this layer's share of ``sara_weight * sara_loss``, the layer's mean JS) for logits [s, b, E]."""
         batch = sara_batch.current(self.layer_number)
         group = self._sara_group()
         seq_len, num_cols, num_experts = logits.shape
@@ -164,10 +145,10 @@ class SARARouter(TopKRouter):
                 target_mask=_side_mask(valid, target_cols, seq_len),
             )
         if batch.example_index is not None:
-            if self.sara.priors is None:
-                raise ValueError("sara_batch(example_index=...) needs cached priors: with_sara(spec, priors=...)")
+            if self.priors is None:
+                raise ValueError("sara_batch(example_index=...) needs cached priors: with_sara(spec, options, priors=...)")
             index = batch.example_index.to(logits.device)
-            _check_example_index(index, self.sara.priors.num_examples)
+            _check_example_index(index, self.priors.num_examples)
             anchor = dict(anchor_logits=None, anchor_probs=self._priors_of_layer(logits.device).index_select(0, index)[None])
         elif batch.packed:
             anchor_rows, anchor_cu = batch.packed_side("anchor", seq_len, logits.device)
@@ -178,15 +159,13 @@ class SARARouter(TopKRouter):
                 anchor_logits=[logits.index_select(1, anchor_cols).transpose(0, 1).reshape(-1, num_experts)],
                 anchor_mask=_side_mask(valid, anchor_cols, seq_len),
             )
-        loss, per_layer = sara_loss(
-            **anchor, **target, score=self.sara_score, temperature=self.sara.temperature, detach_anchor=True,
-            return_per_layer=True, backend=self.sara.backend, group=group,
-        )
-        return loss * (self.sara.coeff / len(self.sara_layers)), per_layer[0]
+        term = sara_term(self._layer_options, **anchor, **target, layers=(self.sara_layer,), score=self.sara_score,
+                         group=group)
+        return term.loss * self._layer_share[self.sara_layer], term.per_layer[0]
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         """SARA attached to the logits (as Megatron attaches its z-loss), then ``TopKRouter.routing``."""
-        if self.sara_layer is not None and self.training and torch.is_grad_enabled():
+        if self.sara_layer is not None and self.sara.sara_weight > 0 and self.training and torch.is_grad_enabled():
             term, layer_js = self.sara_term(logits, padding_mask)
             if self.calculate_per_token_loss:
                 # Megatron then divides every gradient by the global token count, so aux losses
@@ -369,12 +348,9 @@ def _transform(node, builder, found: list):
 
 def with_sara(
     spec,
+    options: SARAOptions,
     *,
-    coeff: float,
-    layers: Union[str, Sequence[int]] = "middle",
     priors: Union[None, RoutingPriors, str, os.PathLike] = None,
-    temperature: float = 1.0,
-    backend: str = "auto",
     router_class: type = SARARouter,
 ):
     """A copy of a Megatron layer or block spec whose MoE layers route with :class:`SARARouter`.
@@ -382,23 +358,22 @@ def with_sara(
     ``spec``: what ``GPTModel(transformer_layer_spec=...)`` takes: a layer ``ModuleSpec``
     (``get_gpt_layer_local_spec(num_experts=...)``, ``get_gpt_layer_with_transformer_engine_spec``),
     a block spec (``get_gpt_decoder_block_spec``), or the ``functools.partial`` form of
-    megatron-core 0.19. ``priors``: a :class:`~sara_kernels.hf.RoutingPriors` or a priors file
-    (see :func:`~sara_kernels.megatron.extract_routing_priors`); ``None`` for live anchors.
+    megatron-core 0.19. ``options``: :class:`sara_kernels.term.SARAOptions`; per micro-batch the
+    selected layers add ``sara_weight * sara_loss`` (weighted mean over the layers, mean over the
+    pairs); ``sara_layers`` counts 0-based decoder layers (Megatron's ``layer_number - 1``);
+    the score is the router's ``moe_router_score_function``. ``priors``: a
+    :class:`~sara_kernels.hf.RoutingPriors` or a priors file (see
+    :func:`~sara_kernels.megatron.extract_routing_priors`); ``None`` for live anchors.
     ``router_class``: a :class:`SARARouter` subclass (e.g. one combined with your own router).
-    The other options are those of :class:`SARAOptions`.
     """
+    if not isinstance(options, SARAOptions):
+        raise TypeError(f"options: expected sara_kernels.term.SARAOptions, got {type(options).__name__}")
     if not (isinstance(router_class, type) and issubclass(router_class, SARARouter)):
         raise TypeError(f"router_class: expected a subclass of SARARouter, got {router_class!r}")
     if isinstance(priors, (str, os.PathLike)):
         priors = load_routing_priors(priors)
-    if not isinstance(layers, str):
-        try:
-            layers = tuple(layers)
-        except TypeError:
-            raise ValueError(f"layers: expected 'all', 'middle' or decoder-layer indices, got {layers!r}") from None
-    options = SARAOptions(coeff=coeff, layers=layers, priors=priors, temperature=temperature, backend=backend)
     found: list = []
-    out = _transform(spec, functools.partial(router_class, sara=options), found)
+    out = _transform(spec, functools.partial(router_class, sara=options, priors=priors), found)
     if not found:
         raise ValueError(
             "with_sara: the spec has no MoELayer (with MoESubmodules): build it with num_experts= "

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(REPO, "examples"))
 from megatron_cpu import CPUGatingSARARouter, with_sdpa_attention  # noqa: E402
 
 from sara_kernels import sara_loss  # noqa: E402
-from sara_kernels.megatron import TRACKER_NAME, with_sara  # noqa: E402
+from sara_kernels.megatron import TRACKER_NAME, SARAOptions, with_sara  # noqa: E402
 
 NUM_LAYERS, HIDDEN, EXPERTS, VOCAB, MAX_LEN = 4, 16, 6, 40, 16
 
@@ -72,11 +72,12 @@ def tiny_config(**overrides) -> TransformerConfig:
     return TransformerConfig(**options)
 
 
-def tiny_model(seed: int = 0, *, coeff: float = 0.7, layers="middle", priors=None, router_class=RecordingRouter,
-               **config_overrides) -> GPTModel:
+def tiny_model(seed: int = 0, *, weight: float = 0.7, layers="middle", priors=None, router_class=RecordingRouter,
+               layer_weights=None, **config_overrides) -> GPTModel:
     torch.manual_seed(seed)
-    spec = with_sara(with_sdpa_attention(get_gpt_layer_local_spec(num_experts=EXPERTS)), coeff=coeff, layers=layers,
-                     priors=priors, router_class=router_class)
+    options = SARAOptions(sara_weight=weight, sara_layers=layers, sara_layer_weights=layer_weights)
+    spec = with_sara(with_sdpa_attention(get_gpt_layer_local_spec(num_experts=EXPERTS)), options, priors=priors,
+                     router_class=router_class)
     model = GPTModel(config=tiny_config(**config_overrides), transformer_layer_spec=spec, vocab_size=VOCAB,
                      max_sequence_length=MAX_LEN, position_embedding_type="learned_absolute")
     model.train()
@@ -115,7 +116,7 @@ def clean_forward(model, *args, **kwargs):
 
 
 def expected_sara_padded(model, padding, anchor=None, target=None, anchor_probs=None):
-    """coeff * sara_loss over the SARA layers from the last recorded logits [s, b, E] (float64
+    """sara_weight * sara_loss over the SARA layers from the last recorded logits [s, b, E] (float64
     reference), and its per-layer values."""
     logits = [r.recorded[-1].double() for r in sara_layers(model)]
     valid = ~padding  # [b, s]
@@ -127,10 +128,10 @@ def expected_sara_padded(model, padding, anchor=None, target=None, anchor_probs=
         kwargs.update(anchor_logits=[side(z, anchor) for z in logits], anchor_mask=valid[anchor])
     else:
         kwargs.update(anchor_logits=None, anchor_probs=anchor_probs.double())
-    coeff = sara_layers(model)[0].sara.coeff
+    options = sara_layers(model)[0].sara
     loss, per_layer = sara_loss(**kwargs, score=model.config.moe_router_score_function, backend="reference",
-                                return_per_layer=True)
-    return coeff * loss, per_layer
+                                layer_weights=options.sara_layer_weights, return_per_layer=True)
+    return options.sara_weight * loss, per_layer
 
 
 def tracked_sara(model) -> torch.Tensor:

@@ -24,12 +24,15 @@ from megatron_model import (
     routers,
     sara_layers,
     sara_only_backward,
+    tiny_config,
     tiny_model,
     tracked_sara,
 )
+from megatron_cpu import with_sdpa_attention
 
 from helpers import free_port
 from hf_train_helpers import one_thread
+from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
@@ -37,7 +40,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.moe.router import TopKRouter
 from sara_kernels import sara_loss
 from sara_kernels.hf import RoutingPriors, load_routing_priors
-from sara_kernels.megatron import SARARouter, extract_routing_priors, sara_batch, with_sara
+from sara_kernels.megatron import SARAOptions, SARARouter, extract_routing_priors, sara_batch, with_sara
 
 _single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
@@ -72,7 +75,8 @@ def assert_grads_equal(model, output, expected_loss):
 
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 def test_live_anchors_padded_loss_and_every_gradient_equal_sara_loss(score):
-    model = tiny_model(moe_router_score_function=score)
+    layer_weights = [0.3, 1.2] if score == "sigmoid" else None
+    model = tiny_model(moe_router_score_function=score, layer_weights=layer_weights)
     assert [r.sara_layer for r in routers(model)] == [None, 1, 2, None]  # "middle" of 4 MoE layers
     tokens, positions, padding = random_batch(6, 9, seed=1)
     anchor, target = [0, 4, 2], [3, 1, 5]
@@ -143,7 +147,7 @@ def test_packed_sequences_live_anchors(padded):
     flat = router.recorded[-1].double()[:, 0]  # [t, E]
     side = lambda seqs: torch.cat([flat[starts[i] : starts[i] + lengths[i]] for i in seqs])  # noqa: E731
     side_cu = lambda seqs: torch.tensor([0] + [lengths[i] for i in seqs]).cumsum(0)  # noqa: E731
-    expected = router.sara.coeff * sara_loss(
+    expected = router.sara.sara_weight * sara_loss(
         [side(anchor)], [side(target)], anchor_cu_seqlens=side_cu(anchor), target_cu_seqlens=side_cu(target),
         backend="reference",
     )
@@ -228,27 +232,33 @@ def test_sara_batch_rejects_bad_layouts():
 
 def test_spec_transform_shapes_and_refusals():
     spec = get_gpt_layer_local_spec(num_experts=EXPERTS)
-    sara_spec = with_sara(spec, coeff=0.1)
+    options = SARAOptions(sara_weight=0.1, sara_layers="middle")
+    sara_spec = with_sara(spec, options)
     builder = sara_spec.submodules.mlp.submodules.router
-    assert builder.func is SARARouter and builder.keywords["sara"].coeff == 0.1
+    assert builder.func is SARARouter and builder.keywords["sara"] is options and builder.keywords["priors"] is None
     assert spec.submodules.mlp.submodules.router is TopKRouter  # the input spec is not modified
     # megatron-core 0.19 builds the MoE layer as functools.partial(MoELayer, submodules=...).
     partial_spec = functools.partial(MoELayer, submodules=MoESubmodules(experts=None, router=TopKRouter))
-    blocks = with_sara([partial_spec, get_gpt_layer_local_spec()], coeff=0.2, layers=[0], router_class=RecordingRouter)
+    blocks = with_sara([partial_spec, get_gpt_layer_local_spec()], options, router_class=RecordingRouter)
     assert blocks[0].func is MoELayer and blocks[0].keywords["submodules"].router.func is RecordingRouter
     with pytest.raises(ValueError, match="has no MoELayer"):
-        with_sara(get_gpt_layer_local_spec(), coeff=0.1)
+        with_sara(get_gpt_layer_local_spec(), options)
     with pytest.raises(ValueError, match="applied twice"):
-        with_sara(sara_spec, coeff=0.1)
-    with pytest.raises(ValueError, match="coeff: expected a finite number > 0"):
-        with_sara(spec, coeff=0.0)
+        with_sara(sara_spec, options)
+    with pytest.raises(TypeError, match="options: expected sara_kernels.term.SARAOptions"):
+        with_sara(spec, {"sara_weight": 0.1})
     with pytest.raises(TypeError, match="router_class: expected a subclass of SARARouter"):
-        with_sara(spec, coeff=0.1, router_class=TopKRouter)
+        with_sara(spec, options, router_class=TopKRouter)
     with pytest.raises(ValueError, match=r"\[7\] are not MoE layers"):
         tiny_model(layers=[1, 7])
+    with pytest.raises(ValueError, match="sara_layer_weights has 1 weights but"):
+        tiny_model(layers="middle", layer_weights=[1.0])
     priors = RoutingPriors(probs=torch.full((2, 1, EXPERTS + 1), 1.0 / (EXPERTS + 1)), layers=(1,), score="softmax",
                            temperature=1.0)
     with pytest.raises(ValueError, match="E = 7 experts"):
         tiny_model(layers=[1], priors=priors)
     with pytest.raises(ValueError, match="activation recomputation"):
         tiny_model(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    sigmoid_spec = with_sara(with_sdpa_attention(spec), SARAOptions(sara_score="sigmoid"), router_class=RecordingRouter)
+    with pytest.raises(ValueError, match="SARA follows the router"):  # checked when the routers are built
+        GPTModel(config=tiny_config(), transformer_layer_spec=sigmoid_spec, vocab_size=40, max_sequence_length=16)
