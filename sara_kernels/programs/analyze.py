@@ -23,12 +23,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-import torch
-
-from ..hf.data import validate_pair
-from ..hf.routing import pooled_routing, probe_routing
-from ..reference import js_divergence
-from .arguments import DataArguments, ModelArguments, RoutingArguments, check_positive, parse_command
+from .arguments import DataArguments, ModelArguments, ProgressArguments, RoutingArguments, check_positive, parse_command
 
 LN2 = math.log(2.0)
 
@@ -95,6 +90,7 @@ class RoutingReport:
 
     def plot(self, path: str | os.PathLike, title: str = "routing agreement, anchor vs target") -> None:
         """Heatmaps: normalised JS (layer × language tag) and expert-usage shift (layer × expert)."""
+        import torch
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
@@ -148,6 +144,10 @@ def compare_distributions(
     langs: Optional[Sequence[Optional[str]]] = None,
 ) -> RoutingReport:
     """Build a :class:`RoutingReport` from pooled distributions [num_pairs, L, E] of both sides."""
+    import torch
+
+    from ..reference import js_divergence
+
     if p_anchor.shape != p_target.shape or p_anchor.dim() != 3:
         raise ValueError(f"expected two [num_pairs, L, E] tensors of one shape, got {tuple(p_anchor.shape)} and {tuple(p_target.shape)}")
     num_pairs, num_layers, num_experts = p_anchor.shape
@@ -197,6 +197,9 @@ def routing_report(
 
     Runs the model (eval mode, no grad) over both sides, tokenised as in training.
     """
+    from ..hf.data import validate_pair
+    from ..hf.routing import pooled_routing
+
     if len(pairs) == 0:
         raise ValueError("pairs: no examples to analyse")
     for i in range(len(pairs)):
@@ -233,10 +236,14 @@ class AnalyzeArguments(RoutingArguments):
 
 def prepare(argv: list) -> Callable[[], int]:
     """The ``analyze`` command: parse, load the pairs and the model, check it has MoE routers; returns the report's run."""
-    model_args, data_args, args = parse_command(
-        (ModelArguments, DataArguments, AnalyzeArguments), argv, "python -m sara_kernels analyze",
+    model_args, data_args, args, progress = parse_command(
+        (ModelArguments, DataArguments, AnalyzeArguments, ProgressArguments), argv, "python -m sara_kernels analyze",
         "Routing JS and top-k overlap between anchors and targets for a saved model (flags, or one YAML/JSON file).",
     )
+    import torch
+
+    from ..hf.routing import probe_routing
+
     if args.threads:
         torch.set_num_threads(args.threads)
     pairs = data_args.load()
@@ -247,7 +254,7 @@ def prepare(argv: list) -> Callable[[], int]:
         report = routing_report(
             model, tokenizer, pairs, layers=args.layers, score=args.score, temperature=args.temperature,
             top_k=args.top_k, batch_size=args.batch_size, max_length=args.max_length, backend=args.backend,
-            progress=not args.no_progress,
+            progress=progress.enabled,
         )
         write_analysis(report, args.out, model_args.model, data_args.data[0] if len(data_args.data) == 1 else data_args.data)
         print(f"routing agreement of {report.num_pairs} pairs ({report.score}; JS in nats, JS/ln2 in [0, 1]):")

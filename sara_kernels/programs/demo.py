@@ -31,23 +31,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Optional
 
-import torch
-from tqdm.auto import tqdm
-from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM, TrainerCallback
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-from ..hf.collate import IGNORE_INDEX, SARACollator
-from ..hf.data import load_pairs
-from ..hf.routing import eval_mode, forward_kwargs, model_device
-from ..hf.trainer import SARATrainer, SARATrainingArguments
-from .analyze import routing_report
-from .models import load_model_and_tokenizer
-from .table import format_table
+from .arguments import DataArguments, ModelArguments, ProgressArguments, SaraArguments, check_positive, parse_command
 from .corpus import build_word_tokenizer, make_parallel_corpus
+from .table import format_table
 
+PROG = "python -m sara_kernels demo"
 SIZES = {
     # train pairs, held-out pairs, optimiser steps, pairs per batch
     "default": dict(train_pairs=1024, eval_pairs=128, steps=250, batch_size=16),
@@ -97,6 +88,8 @@ class DemoConfig:
 
 def tiny_qwen3_moe_config(tokenizer, *, hidden_size=64, num_layers=4, num_experts=8, top_k=2):
     """A Qwen3-MoE config small enough to train in seconds on a CPU (every layer is MoE)."""
+    from transformers import Qwen3MoeConfig
+
     return Qwen3MoeConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -120,6 +113,9 @@ def tiny_qwen3_moe_config(tokenizer, *, hidden_size=64, num_layers=4, num_expert
 
 def build_tiny_model(tokenizer, seed: int = 0, **config_kwargs):
     """Random-init tiny Qwen3-MoE, identical for equal seeds (the global RNG is restored after)."""
+    import torch
+    from transformers import Qwen3MoeForCausalLM
+
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
@@ -131,6 +127,11 @@ def build_tiny_model(tokenizer, seed: int = 0, **config_kwargs):
 
 def target_lm_loss(model, tokenizer, pairs, *, batch_size: int = 16, max_length: Optional[int] = None) -> float:
     """Mean next-token cross-entropy on the target sides of ``pairs`` (eval mode, no grad)."""
+    import torch
+
+    from ..hf.collate import IGNORE_INDEX, SARACollator
+    from ..hf.routing import eval_mode, forward_kwargs, model_device
+
     collate = SARACollator(tokenizer, max_length=max_length, include_anchor=False)
     device = model_device(model)
     total, count = 0.0, 0
@@ -148,6 +149,9 @@ def target_lm_loss(model, tokenizer, pairs, *, batch_size: int = 16, max_length:
 
 
 def _progress_callback(name: str, enabled: bool):
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
     class TqdmProgress(TrainerCallback):
         """One bar per run with the latest losses; replaces Trainer's dict printing."""
 
@@ -190,6 +194,10 @@ def single_device(args):
 
 def training_args(name: str, cfg: DemoConfig, sara_weight: float):
     """The SARATrainingArguments of one demo run (single device unless launched distributed)."""
+    import torch
+
+    from ..hf.trainer import SARATrainingArguments
+
     args = SARATrainingArguments(
         output_dir=os.path.join(cfg.out_dir, f"trainer_{name}"),
         per_device_train_batch_size=cfg.batch_size,
@@ -216,6 +224,10 @@ def training_args(name: str, cfg: DemoConfig, sara_weight: float):
 
 def fine_tune(name, model, tokenizer, train_pairs, cfg: DemoConfig, sara_weight: float) -> list:
     """Fine-tune ``model`` in place with SARATrainer; returns the Trainer's log history."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from ..hf.trainer import SARATrainer
+
     args = training_args(name, cfg, sara_weight)
     trainer = SARATrainer(model=model, args=args, train_dataset=train_pairs, processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)
@@ -226,6 +238,8 @@ def fine_tune(name, model, tokenizer, train_pairs, cfg: DemoConfig, sara_weight:
 
 
 def _measure(model, tokenizer, eval_pairs, cfg: DemoConfig) -> dict:
+    from .analyze import routing_report
+
     report = routing_report(model, tokenizer, eval_pairs, layers=cfg.layers, batch_size=cfg.batch_size,
                             max_length=cfg.max_length, backend=cfg.backend, progress=False)
     return {"routing": report.to_dict(),
@@ -283,15 +297,20 @@ def plot_summary(summary: dict, path: str) -> None:
     for name in ("baseline", "sara"):
         history = [h for h in summary["log_history"][name] if "lm_loss" in h]
         ax3.plot([h["step"] for h in history], [h["lm_loss"] for h in history], label=f"{name} LM loss")
+    curves = list(ax3.get_lines())
     sara_hist = [h for h in summary["log_history"]["sara"] if "sara_loss" in h]
     if sara_hist:
         twin = ax3.twinx()
-        twin.plot([h["step"] for h in sara_hist], [h["sara_loss"] for h in sara_hist], color="tab:red", ls="--", label="SARA loss (JS)")
+        curves += twin.plot([h["step"] for h in sara_hist], [h["sara_loss"] for h in sara_hist], color="tab:red", ls="--",
+                            label="sara SARA loss (JS, right axis)")
         twin.set_ylabel("SARA loss", color="tab:red")
     ax3.set_xlabel("step")
     ax3.set_title("training")
-    ax3.legend(fontsize=8, loc="upper right")
-    fig.suptitle(f"SARA demo: {summary['model']}, {summary['sizes']['train_pairs']} train pairs, {summary['sizes']['steps']} steps")
+    ax3.legend(curves, [c.get_label() for c in curves], fontsize=8, loc="upper right")  # both axes' curves
+    title = f"SARA demo: {summary['model']}, {summary['sizes']['train_pairs']} train pairs, {summary['sizes']['steps']} steps"
+    if summary["config"].get("quick"):
+        title += " (--quick: a smoke test, too short to show the effect)"
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -301,19 +320,29 @@ def plot_summary(summary: dict, path: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _pairs(cfg: DemoConfig):
-    if cfg.data_path is None:
+def _pairs(cfg: DemoConfig, pairs: Optional[list]):
+    if pairs is None and cfg.data_path is None:
         pairs = make_parallel_corpus(cfg.train_pairs + cfg.eval_pairs, seed=cfg.seed)
         return pairs[: cfg.train_pairs], pairs[cfg.train_pairs :], False
-    pairs = list(load_pairs(cfg.data_path))  # a demo-sized corpus, split by slicing below
+    if pairs is None:
+        pairs = list(DataArguments(data=[cfg.data_path]).load())  # a demo-sized corpus, split by slicing below
     if len(pairs) < 10:  # too few to hold any out: report on the training pairs (flagged in the summary)
         return pairs, pairs, True
     n_eval = min(cfg.eval_pairs, max(1, len(pairs) // 10))
     return pairs[: len(pairs) - n_eval], pairs[len(pairs) - n_eval :], False
 
 
-def run_demo(cfg: Optional[DemoConfig] = None, **overrides) -> dict:
-    """Run the demo; returns the summary (also written to ``out_dir/summary.json`` with ``summary.png``)."""
+def run_demo(
+    cfg: Optional[DemoConfig] = None, *, pairs: Optional[list] = None, load_model: Optional[Callable] = None, **overrides
+) -> dict:
+    """Run the demo; returns the summary (also written to ``out_dir/summary.json`` with ``summary.png``).
+
+    ``pairs`` (dicts as :func:`sara_kernels.hf.load_pairs` yields them) replace reading
+    ``cfg.data_path``; ``load_model`` (called once per run, returns (model, tokenizer)) replaces
+    loading ``cfg.model_path``: the command line passes what it read with its own options.
+    """
+    import torch
+
     if cfg is None:
         cfg = DemoConfig(**overrides)
     elif overrides:
@@ -321,9 +350,11 @@ def run_demo(cfg: Optional[DemoConfig] = None, **overrides) -> dict:
     cfg = cfg.resolved()
     os.makedirs(cfg.out_dir, exist_ok=True)
     t0 = time.perf_counter()
-    train_pairs, eval_pairs, eval_on_train = _pairs(cfg)
+    train_pairs, eval_pairs, eval_on_train = _pairs(cfg, pairs)
+    if load_model is None and cfg.model_path is not None:
+        load_model = ModelArguments(model=os.fspath(cfg.model_path)).load
 
-    if cfg.model_path is None:
+    if load_model is None:
         tokenizer = build_word_tokenizer()
         model_name = "tiny Qwen3-MoE (random init)"
 
@@ -332,11 +363,11 @@ def run_demo(cfg: Optional[DemoConfig] = None, **overrides) -> dict:
             return model.to("cuda") if torch.cuda.is_available() else model
     else:
         tokenizer = None
-        model_name = os.fspath(cfg.model_path)
+        model_name = os.fspath(cfg.model_path or "the given model")
 
         def fresh_model():  # reloaded rather than copied: one model in memory at a time
             nonlocal tokenizer
-            model, tokenizer = load_model_and_tokenizer(cfg.model_path)
+            model, tokenizer = load_model()
             return model
 
     timings = {}
@@ -374,3 +405,96 @@ def run_demo(cfg: Optional[DemoConfig] = None, **overrides) -> dict:
         json.dump(summary, f, indent=2, default=str)  # config paths may be PathLike
     plot_summary(summary, os.path.join(cfg.out_dir, "summary.png"))
     return summary
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DemoModelArguments(ModelArguments):
+    required: ClassVar[bool] = False
+    model: Optional[str] = field(
+        default=None, metadata={"help": "Local checkpoint folder (save_pretrained output); default: a tiny random Qwen3-MoE."}
+    )
+
+
+@dataclass
+class DemoDataArguments(DataArguments):
+    required: ClassVar[bool] = False
+    data: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Pair files or a save_to_disk folder, read as train reads them (same column and language "
+                          "options); default: the pseudo-language corpus."},
+    )
+
+
+@dataclass
+class DemoArguments(SaraArguments):
+    """The demo's own options (sizes default to those of SIZES, --quick's when given)."""
+
+    out: str = field(default="sara_demo_out", metadata={"help": "Output folder (summary.json, summary.png)."})
+    quick: bool = field(
+        default=False,
+        metadata={"help": "A smoke test in seconds (what the tests run): too short for SARA to change the routing "
+                          "(top-k overlap stays near 1 in both runs); the full demo shows the effect."},
+    )
+    steps: Optional[int] = field(default=None, metadata={"help": "Optimiser steps per run."})
+    train_pairs: Optional[int] = field(default=None, metadata={"help": "Synthetic training pairs."})
+    eval_pairs: Optional[int] = field(default=None, metadata={"help": "Held-out pairs for the measurements."})
+    batch_size: Optional[int] = field(default=None, metadata={"help": "Pairs per batch."})
+    lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate."})
+    sara_weight: float = field(default=1.0, metadata={"help": "λ of the SARA run."})
+    lm_target_only: bool = field(
+        default=False, metadata={"help": "LM loss on the target side only (default: both sides, see sara_kernels.programs.demo)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the initialisation, the corpus and the batches."})
+    threads: Optional[int] = field(
+        default=None,
+        metadata={"help": "torch CPU threads (default: 1 for the built-in tiny model on CPU, whose matrices are too small "
+                          "for threads to pay off, torch's choice otherwise)."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("steps", "train_pairs", "eval_pairs", "batch_size", "threads"):
+            check_positive(getattr(self, name), name)
+
+
+def prepare(argv: list) -> Callable[[], int]:
+    """Parse, read the data and load the model (where user errors surface); returns the two runs."""
+    model_args, data_args, args, progress = parse_command(
+        (DemoModelArguments, DemoDataArguments, DemoArguments, ProgressArguments), argv, PROG,
+        "Baseline vs SARA fine-tuning from one initialisation, routing before and after (flags, or one YAML/JSON file).",
+    )
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif model_args.model is None and not torch.cuda.is_available():
+        torch.set_num_threads(1)
+    cfg = DemoConfig(
+        out_dir=args.out, model_path=model_args.model, data_path=", ".join(data_args.data) or None, quick=args.quick,
+        steps=args.steps, train_pairs=args.train_pairs, eval_pairs=args.eval_pairs, batch_size=args.batch_size,
+        learning_rate=args.lr, sara_weight=args.sara_weight, layers=args.layers, lm_on_anchor=not args.lm_target_only,
+        max_length=args.max_length, backend=args.backend, seed=args.seed, progress=progress.enabled,
+    ).resolved()
+    pairs = list(data_args.load()) if data_args.data else None
+    load_model = None
+    if model_args.model is not None:
+        loaded = [model_args.load()]  # the first run uses this model; the second loads it afresh
+
+        def load_model():
+            return loaded.pop() if loaded else model_args.load()
+
+    def run() -> int:
+        summary = run_demo(cfg, pairs=pairs, load_model=load_model)
+        print(summary_table(summary))
+        t = summary["timings"]
+        print(f"\n{summary['model']} on {summary['device']}: baseline {t['train_baseline_s']:.1f} s, "
+              f"SARA {t['train_sara_s']:.1f} s, total {t['total_s']:.1f} s")
+        print(f"wrote {os.path.join(args.out, 'summary.json')} and {os.path.join(args.out, 'summary.png')}")
+        return 0
+
+    return run

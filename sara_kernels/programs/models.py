@@ -6,8 +6,6 @@ import json
 import os
 from typing import Optional
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 def load_model_and_tokenizer(
@@ -27,6 +25,9 @@ def load_model_and_tokenizer(
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--model: {path} is not a directory with a saved model (save_pretrained output)")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     options = dict(local_files_only=True, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, **options)
     if dtype is not None:

@@ -15,9 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..hf.priors import extract_routing_priors
-from ..hf.routing import probe_routing
-from .arguments import DataArguments, ModelArguments, RoutingArguments, parse_command
+from .arguments import DataArguments, ModelArguments, ProgressArguments, RoutingArguments, parse_command
 
 PROG = "python -m sara_kernels priors"
 
@@ -29,8 +27,8 @@ class PriorsArguments(RoutingArguments):
 
 def prepare(argv: list) -> Callable[[], int]:
     """Parse, load the data and the model, and check it has MoE routers; returns the extraction."""
-    model_args, data_args, args = parse_command(
-        (ModelArguments, DataArguments, PriorsArguments), argv, PROG,
+    model_args, data_args, args, progress = parse_command(
+        (ModelArguments, DataArguments, PriorsArguments, ProgressArguments), argv, PROG,
         "Extract the anchors' routing priors of a saved MoE model for `train --sara_priors` (flags, or one YAML/JSON file).",
     )
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -40,6 +38,9 @@ def prepare(argv: list) -> Callable[[], int]:
             f"priors runs as one process (WORLD_SIZE={world_size}): start it with python, not torchrun "
             "(--device_map auto spreads a model too large for one GPU over several)"
         )
+    from ..hf.priors import extract_routing_priors
+    from ..hf.routing import probe_routing
+
     pairs = data_args.load()
     model, tokenizer = model_args.load()
     probe_routing(model, args.layers, args.score)  # a model without MoE routers fails here, before any work
@@ -47,7 +48,7 @@ def prepare(argv: list) -> Callable[[], int]:
     def run() -> int:
         priors = extract_routing_priors(
             model, pairs, tokenizer, args.out, layers=args.layers, score=args.score, temperature=args.temperature,
-            batch_size=args.batch_size, max_length=args.max_length, backend=args.backend, progress=not args.no_progress,
+            batch_size=args.batch_size, max_length=args.max_length, backend=args.backend, progress=progress.enabled,
         )
         print(f"wrote the routing priors of {priors.num_examples} anchors (decoder layers {list(priors.layers)}, "
               f"{priors.num_experts} experts, {priors.score}, max_length {priors.max_length}) to {args.out}")

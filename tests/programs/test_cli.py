@@ -134,20 +134,28 @@ def dense_dir(tmp_path_factory):
     return str(folder)
 
 
-@pytest.mark.parametrize("command", ["train", "priors", "analyze"])
+@pytest.mark.parametrize("command", ["train", "priors", "analyze", "demo"])
 def test_user_mistakes_are_one_line_without_traceback(command, model_dir, dense_dir, data, tmp_path, capsys):
     out = ["--output_dir", str(tmp_path / "o"), *QUIET] if command == "train" else ["--out", str(tmp_path / "o")]
+    opus = tmp_path / "opus.jsonl"
+    opus.write_text("".join(json.dumps({"translation": {"en": p["anchor"], "sw": p["target"]}}) + "\n" for p in pairs(4)))
     cases = [
         (["--model", model_dir, "--data", str(tmp_path / "missing.jsonl")], 1, "data: no such file or folder: .*missing.jsonl"),
         (["--model", model_dir, "--data", data, "--anchor_column", "english"], 1,
          r"anchor_column: no column 'english' in .*pairs.jsonl; available columns: \['anchor', 'target', 'lang'\]"),
-        (["--model", dense_dir, "--data", data], 1, "router_logits"),
+        (["--model", dense_dir, "--data", data], 1, "Qwen3ForCausalLM without MoE routers that record router_logits"),
+        (["--model", model_dir, "--data", str(opus)], 1,
+         r"anchor_column: no column 'anchor' in .*opus.jsonl; available columns: \['translation.en', 'translation.sw'\]"),
         (["--model", str(tmp_path / "nope"), "--data", data], 1, "nope is not a directory with a saved model"),
         (["--model", model_dir, "--data", data, "--bogus", "3"], 2, r"unrecognized arguments: --bogus 3"),
         (["--model", model_dir, "--data", data, "--dtype", "float8"], 2, r"argument --dtype: invalid choice: 'float8'"),
-        (["--data", data], 1, r"model: give the checkpoint folder"),
         ([str(tmp_path / "missing.yaml")], 1, r"config file not found"),
     ]
+    if command != "demo":  # the demo has a model of its own
+        cases.append((["--data", data], 1, r"model: give the checkpoint folder"))
+    if command != "train":  # train's is --sara_max_length
+        cases.append((["--model", model_dir, "--data", data, "--max_length", "0"], 1,
+                      "max_length must be a positive integer, got 0"))
     import re
 
     for argv, status, match in cases:
@@ -158,6 +166,34 @@ def test_user_mistakes_are_one_line_without_traceback(command, model_dir, dense_
         assert len(lines) == 1, captured.err
         assert lines[0].startswith(f"python -m sara_kernels {command}: error: ") and re.search(match, lines[0]), lines[0]
         assert "Traceback" not in captured.err and captured.out == ""
+        assert "routers=" not in lines[0]  # the Python API's argument: the command line has no such option
+    assert not (tmp_path / "o").exists()  # nothing was written, not even an empty output folder
+
+
+def test_yaml_float_without_a_dot_is_one_line(model_dir, data, tmp_path, capsys):
+    config = tmp_path / "train.yaml"
+    config.write_text(f"model: {model_dir}\ndata: {data}\noutput_dir: {tmp_path / 'o'}\nlearning_rate: 1e-5\n")
+    assert main(["train", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "learning_rate: YAML reads 1e-5 as a string, not a number" in err and "'learning_rate: 1.0e-05'" in err
+
+
+def test_a_failed_train_leaves_no_empty_output_folder(model_dir, data, tmp_path, monkeypatch):
+    from sara_kernels.hf import SARATrainer
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(SARATrainer, "train", broken)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _train(model_dir, data, tmp_path / "runs" / "sara")
+    assert not (tmp_path / "runs").exists()  # both folders were created by the run, and both were empty
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _train(model_dir, data, kept)
+    assert kept.is_dir()  # the user's own folder stays
 
 
 def test_priors_refuses_a_distributed_launch(model_dir, data, tmp_path, monkeypatch, capsys):
