@@ -20,6 +20,7 @@ import re
 import sys
 from collections import defaultdict
 
+from sara_kernels import backends
 from sara_kernels.ops import backend_choice
 from sara_kernels.programs.table import format_table
 
@@ -32,12 +33,12 @@ def compared_rows(results: dict) -> list:
     """One row per (layers, experts, tokens, mode) of a results.json where both backends ran."""
     times = defaultdict(dict)
     for row in results["rows"]:
-        if (row.get("status") == "ok" and row.get("pass_name") == "fwd+bwd" and row["contender"] in ("triton", "cuda")
+        if (row.get("status") == "ok" and row.get("pass_name") == "fwd+bwd" and row["contender"] in backends.FUSED
                 and row.get("input_form", "tuple") == "tuple"):
             times[(row["layers"], row["experts"], row["tokens"], row["mode"])][row["contender"]] = row["median_ms"]
     return [dict(layers=l, experts=e, tokens=n, mode=m, triton_ms=t["triton"], cuda_ms=t["cuda"],
                  cuda_speedup=round(t["triton"] / t["cuda"], 3), faster="cuda" if t["cuda"] < t["triton"] else "triton")
-            for (l, e, n, m), t in sorted(times.items()) if len(t) == 2]
+            for (l, e, n, m), t in sorted(times.items()) if len(t) == len(backends.FUSED)]
 
 
 def choices(rows: list) -> dict:

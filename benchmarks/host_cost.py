@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import sara_kernels  # noqa: E402
 from cuda_emulation.extension import build_emulated_extension, load_emulated_extension  # noqa: E402
+from sara_kernels import backends  # noqa: E402
 from sara_kernels.ops import cuda, routing_js  # noqa: E402
 from sara_kernels.programs.table import format_table  # noqa: E402
 
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=512, help="tokens per side (only allocation sizes depend on it)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--reps", type=int, default=500)
-    p.add_argument("--backends", nargs="*", default=["triton", "cuda"], choices=["triton", "cuda"])
+    p.add_argument("--backends", nargs="*", default=list(backends.FUSED), choices=backends.FUSED)
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
     if torch.cuda.is_available():

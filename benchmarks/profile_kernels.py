@@ -20,10 +20,12 @@ import torch
 from sara_cases import MODEL_BY_NAME, make_case, make_inputs
 from sara_contenders import loss_function
 
+from sara_kernels import backends
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backend", choices=["triton", "cuda"], required=True)
+    p.add_argument("--backend", choices=backends.FUSED, required=True)
     p.add_argument("--model", default="Qwen3-30B-A3B", choices=list(MODEL_BY_NAME))
     p.add_argument("--tokens", type=int, default=16384, help="tokens per side")
     p.add_argument("--mode", default="detach", choices=["detach", "both", "priors"])

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 
 import sara_kernels
-from sara_kernels.ops import cuda, routing_js
+from sara_kernels import backends
 
 from sara_cases import Case
 
@@ -44,26 +44,29 @@ class Contender:
 
 
 # The fused ops, whose kernels the profiler breaks down.
-FUSED = ("triton", "cuda")
+FUSED = backends.FUSED
 
-# name -> (input form stacked?, builder(case, variant)). torch.compile gets the stacked form: with
-# tuples of 48 tensors its compile did not finish in 100 s on an H200 (54 s stacked).
-CONTENDERS = {
-    "triton": (False, lambda case, variant: loss_function(case, "triton")),
-    "reference": (False, lambda case, variant: loss_function(case, "reference")),
-    "compile": (True, _compiled_reference),
-    "cuda": (False, lambda case, variant: loss_function(case, "cuda")),
-}
+
+def _backend(name: str):
+    return lambda case, variant: loss_function(case, name)
+
+
+# name -> (input form stacked?, builder(case, variant)): every backend of the registry, and the
+# reference under torch.compile. torch.compile gets the stacked form: with tuples of 48 tensors
+# its compile did not finish in 100 s on an H200 (54 s stacked).
+CONTENDERS = {**{name: (False, _backend(name)) for name in backends.NAMES}, "compile": (True, _compiled_reference)}
 
 
 def skip_reason(name: str, device: torch.device) -> Optional[str]:
-    if name == "cuda":
-        if not cuda.available():
-            return f"CUDA extension not built ({cuda.LOAD_ERROR})"
-        if device.type != "cuda":
-            return "needs a CUDA device"
-    if name == "triton" and device.type != "cuda" and not routing_js.INTERPRET:
-        return "needs a CUDA device or TRITON_INTERPRET=1"
+    entry = backends.REGISTRY.get(name)
+    if entry is None:  # torch.compile of the reference runs anywhere
+        return None
+    try:
+        entry.module.require()
+    except RuntimeError as e:
+        return str(e)
+    if not entry.runs_on(device):
+        return f"does not run on {device.type} tensors{entry.device_hint}"
     return None
 
 

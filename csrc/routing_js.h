@@ -108,6 +108,20 @@ struct ReduceArgs {
 // Rows one block covers per loop iteration (the slice granularity the host plans splits with).
 int pool_rows_per_iteration(Dtype dtype, int num_experts);
 
+// Slices per sequence: enough blocks for ~4 waves on sm_count SMs, never slices shorter than 4
+// iterations of rows_per_iteration rows. The rule of sara_kernels/ops/contract.py num_splits
+// (tests/ops/test_contract.py compares the two on a grid).
+inline int split_rule(int64_t num_tokens, int64_t num_seqs, int64_t num_layers, int64_t sm_count,
+                      int64_t rows_per_iteration) {
+  const int64_t programs = num_layers * num_seqs;
+  const int64_t wanted = (4 * sm_count + programs - 1) / programs;
+  const int64_t rows_per_seq = (num_tokens + num_seqs - 1) / num_seqs;
+  const int64_t useful = (rows_per_seq + 4 * rows_per_iteration - 1) / (4 * rows_per_iteration);
+  int64_t splits = wanted < useful ? wanted : useful;
+  splits = splits < 1024 ? splits : 1024;
+  return static_cast<int>(splits > 1 ? splits : 1);
+}
+
 cudaError_t launch_pool_routing_fwd(const LayerTable& table, const Segments& seg, const PoolShape& shape,
                                     float* partial, float* count, cudaStream_t stream);
 cudaError_t launch_pool_routing_bwd(const LayerTable& table, const Segments& seg, const PoolShape& shape,

@@ -160,15 +160,9 @@ int sm_count(int device) {
   return cache[device];
 }
 
-// Slices per sequence: enough blocks for ~4 waves, never slices shorter than 4 block iterations
-// (the rule of num_splits in the Triton backend).
 int num_splits(const Side& side, const Segments& seg, int device) {
-  const int64_t rows = pool_rows_per_iteration(side.dtype, static_cast<int>(side.E));
-  const int64_t programs = side.L * seg.num_seqs;
-  const int64_t wanted = (4 * sm_count(device) + programs - 1) / programs;
-  const int64_t rows_per_seq = (side.N + seg.num_seqs - 1) / seg.num_seqs;
-  const int64_t useful = (rows_per_seq + 4 * rows - 1) / (4 * rows);
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({wanted, useful, 1024})));
+  return split_rule(side.N, seg.num_seqs, side.L, sm_count(device),
+                    pool_rows_per_iteration(side.dtype, static_cast<int>(side.E)));
 }
 
 // Launches f(table, shape) once per group of kMaxLayersPerLaunch layers.

@@ -15,11 +15,13 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from . import backends
+
 Logits = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 SCORES = ("softmax", "sigmoid")
 REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "triton", "cuda", "reference")
+BACKENDS = backends.CHOICES
 
 
 class RoutingSide(NamedTuple):

@@ -3,26 +3,52 @@
 They validate the arguments, pick the backend and hand over to the reference (the
 specification, :mod:`sara_kernels.reference`) or to a fused op: the Triton kernels
 (:mod:`sara_kernels.ops.routing_js`) or the CUDA C++ extension (:mod:`sara_kernels.ops.cuda`),
-which both also fold the final reduction into their kernels.
+which both also fold the final reduction into their kernels. The backends are those of the
+registry :mod:`sara_kernels.backends`.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-from . import reference
+from . import backends, distributed, reference
 from ._inputs import RoutingSide, check_options, layer_weight_tensor, routing_side
 from .distributed import check_group
-from .ops import backend_choice, cuda, routing_js
+from .ops import backend_choice
 
-# The fused backends; both handle the same dtypes, expert counts (E <= 512: one row of experts is
-# one tile) and batch sizes (B <= 65535: the second grid axis).
-_FUSED = {"triton": routing_js, "cuda": cuda}
-_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MAX_EXPERTS, MAX_SEQS = routing_js.MAX_EXPERTS, routing_js.MAX_SEQS
+
+
+class _Resolved(NamedTuple):
+    """A registry entry with its module imported and its limits read once: the checks below run per call."""
+
+    entry: backends.Backend
+    module: object
+    dtypes: Optional[tuple]
+    max_experts: Optional[int]
+    max_seqs: Optional[int]
+
+    def handles(self, dtype, num_experts: int, num_seqs: int) -> bool:
+        return ((self.dtypes is None or dtype in self.dtypes)
+                and (self.max_experts is None or num_experts <= self.max_experts)
+                and (self.max_seqs is None or num_seqs <= self.max_seqs))
+
+
+def _resolve(entry: backends.Backend) -> _Resolved:
+    module = entry.module
+    return _Resolved(entry, module, module.DTYPES, module.MAX_EXPERTS, module.MAX_SEQS)
+
+
+_BACKENDS = {name: _resolve(entry) for name, entry in backends.REGISTRY.items()}
+_AUTO_CANDIDATES = tuple(_BACKENDS[name] for name in backends.FUSED)
+_CHECKS_LAYERS = frozenset(name for name, entry in backends.REGISTRY.items() if entry.checks_layers)
+
+
+def _dtype_names(dtypes) -> str:
+    names = [str(d).removeprefix("torch.") for d in dtypes]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
 
 
 def resolve_backend(backend: str, side: RoutingSide) -> str:
@@ -30,30 +56,30 @@ def resolve_backend(backend: str, side: RoutingSide) -> str:
     what ``"auto"`` picks.
 
     ``"auto"``: the reference for CPU tensors and for dtypes or shapes the fused backends do not
-    handle; on CUDA, Triton, or when the CUDA extension is built too, whichever of the two the
-    benchmarks measured faster on this GPU architecture at the nearest measured expert count
-    (:mod:`.ops.backend_choice`).
+    handle; on CUDA the one fused backend that runs there, or of several (Triton and the CUDA
+    extension, when built), whichever the benchmarks measured faster on this GPU architecture at
+    the nearest measured expert count (:mod:`.ops.backend_choice`).
     """
     device, dtype, num_experts, num_seqs = side.device, side.dtype, side.num_experts, side.num_seqs
     if backend == "auto":
-        if not (device.type == "cuda" and dtype in _FUSED_DTYPES and num_experts <= MAX_EXPERTS and num_seqs <= MAX_SEQS):
+        if device.type != "cuda":
             return "reference"
-        if not cuda.runs_on(device):
-            return "triton"
-        return backend_choice.faster_fused_backend(device, num_experts)
-    if backend in _FUSED:
-        if backend == "cuda":
-            cuda.require()
-        if dtype not in _FUSED_DTYPES:
-            raise TypeError(f"backend={backend!r} takes float32, bfloat16 or float16 logits, got {dtype}; use backend='reference'")
-        if num_experts > MAX_EXPERTS:
-            raise ValueError(f"backend={backend!r} supports up to E = {MAX_EXPERTS} experts, got E = {num_experts}")
-        if num_seqs > MAX_SEQS:
-            raise ValueError(f"backend={backend!r} supports up to B = {MAX_SEQS} sequences per call, got B = {num_seqs}")
-        if not _FUSED[backend].runs_on(device):
-            hint = (" (set TRITON_INTERPRET=1 before importing sara_kernels to run the kernels on the CPU)"
-                    if backend == "triton" else "")
-            raise ValueError(f"backend={backend!r} needs CUDA tensors, got tensors on {device}{hint}")
+        candidates = [b.entry.name for b in _AUTO_CANDIDATES
+                      if b.handles(dtype, num_experts, num_seqs) and b.module.runs_on(device)]
+        if len(candidates) > 1:
+            return backend_choice.faster_fused_backend(device, num_experts)
+        return candidates[0] if candidates else "reference"
+    b = _BACKENDS[backend]
+    b.module.require()
+    if b.dtypes is not None and dtype not in b.dtypes:
+        raise TypeError(f"backend={backend!r} takes {_dtype_names(b.dtypes)} logits, got {dtype}; "
+                        "use backend='reference'")
+    if b.max_experts is not None and num_experts > b.max_experts:
+        raise ValueError(f"backend={backend!r} supports up to E = {b.max_experts} experts, got E = {num_experts}")
+    if b.max_seqs is not None and num_seqs > b.max_seqs:
+        raise ValueError(f"backend={backend!r} supports up to B = {b.max_seqs} sequences per call, got B = {num_seqs}")
+    if not b.module.runs_on(device):
+        raise ValueError(f"backend={backend!r} needs CUDA tensors, got tensors on {device}{b.entry.device_hint}")
     return backend
 
 
@@ -107,22 +133,24 @@ def sara_loss(
     """
     check_options(temperature, score, reduction, backend)
     check_group(group)
+    temperature = float(temperature)  # as every backend takes it, down to the kernels' 1/τ
     anchor, target, priors = reference.prepare_pair(
         anchor_logits, target_logits, anchor_mask, target_mask, anchor_cu_seqlens, target_cu_seqlens, anchor_probs,
-        layers_checked_natively=backend == "cuda",
+        layers_checked_natively=backend in _CHECKS_LAYERS,
     )
     weights = layer_weight_tensor(layer_weights, target.num_layers, target.device)
     backend = resolve_backend(backend, target)
-    if group is not None or backend == "reference":
+    entry, module = _BACKENDS[backend][:2]
+    if group is not None or not entry.fused:
         # Context parallel: the reduction over the group sits between pooling and JS, so a fused
         # backend pools with its kernels and the small [L, B, E] rest runs in PyTorch.
-        module = _FUSED.get(backend, reference)
-        pool = functools.partial(module.pooled_distribution, score=score, temperature=float(temperature), group=group)
+        pool = functools.partial(distributed.pooled_distribution, module.pooled_distribution, score=score,
+                                 temperature=temperature, group=group)
         js, valid = reference.pair_js(anchor, target, priors, score, temperature, detach_anchor, pool)
         loss, per_layer = reference.reduce_pair_js(js, valid, weights, reduction)
     else:
-        loss, per_layer = _FUSED[backend].sara_loss(
-            anchor, target, priors, weights, score, float(temperature), bool(detach_anchor), reduction
+        loss, per_layer = module.sara_loss(
+            anchor, target, priors, weights, score, temperature, bool(detach_anchor), reduction
         )
     return (loss, per_layer) if return_per_layer else loss
 
@@ -144,11 +172,10 @@ def routing_distribution(
     """
     check_options(temperature, score, None, backend)
     check_group(group)
-    side = routing_side(logits, mask, cu_seqlens, "routing", layers_checked_natively=backend == "cuda")
-    backend = resolve_backend(backend, side)
-    if backend == "reference":
-        return reference.pooled_distribution(side, score, temperature, group)[0]
-    return _FUSED[backend].routing_distribution(side, score, float(temperature), group)
+    temperature = float(temperature)
+    side = routing_side(logits, mask, cu_seqlens, "routing", layers_checked_natively=backend in _CHECKS_LAYERS)
+    module = _BACKENDS[resolve_backend(backend, side)].module
+    return distributed.pooled_distribution(module.pooled_distribution, side, score, temperature, group)[0]
 
 
 class SARALoss(torch.nn.Module):

@@ -49,3 +49,14 @@ def all_reduce_sums_and_counts(sums: torch.Tensor, counts: torch.Tensor, group):
     reduced = _AllReduceSum.apply(flat, group)
     return reduced[: sums.numel()].view(sums.shape), reduced[sums.numel() :].detach()
 
+
+
+def pooled_distribution(pool, side, score: str, temperature: float, group=None):
+    """(P [L, B, E], n_b [B]) of whole sequences, with autograd into this rank's logits: ``pool``
+    is a backend's ``pooled_distribution`` (:mod:`sara_kernels.backends`), run on this rank's share
+    of the tokens for the sums, which one all-reduce completes before normalising."""
+    if group is None:
+        return pool(side, score, temperature)
+    sums, counts = pool(side, score, temperature, False)
+    sums, counts = all_reduce_sums_and_counts(sums, counts, group)
+    return sums / counts.clamp(min=1)[None, :, None], counts

@@ -33,7 +33,23 @@ from ._inputs import (
     layer_weight_tensor,
     routing_side,
 )
-from .distributed import all_reduce_sums_and_counts, check_group
+from . import distributed
+from .distributed import check_group
+
+
+DTYPES = MAX_EXPERTS = MAX_SEQS = None  # every floating dtype, any E and B (see sara_kernels.backends)
+
+
+def available() -> bool:
+    return True
+
+
+def require() -> None:
+    """Nothing to check: the reference is plain PyTorch."""
+
+
+def runs_on(device: torch.device) -> bool:
+    return True
 
 
 def routing_scores(logits: torch.Tensor, score: str = "softmax", temperature: float = 1.0) -> torch.Tensor:
@@ -73,13 +89,12 @@ def pooled_sums(side: RoutingSide, score: str, temperature: float):
     return torch.stack(sums), member.sum(dim=1)
 
 
-def pooled_distribution(side: RoutingSide, score: str, temperature: float, group=None):
-    """(P [L, B, E], n_b [B]); P is 0 for a sequence with no valid token. With a process
-    ``group`` the side holds this rank's share of each sequence's tokens, and sums and counts
-    are reduced over the group (:mod:`sara_kernels.distributed`)."""
+def pooled_distribution(side: RoutingSide, score: str, temperature: float, normalize: bool = True):
+    """(P [L, B, E], n_b [B]); P is 0 for a sequence with no valid token. Without ``normalize``
+    the sums n_b·P (what context parallelism all-reduces, :mod:`sara_kernels.distributed`)."""
     sums, counts = pooled_sums(side, score, temperature)
-    if group is not None:
-        sums, counts = all_reduce_sums_and_counts(sums, counts, group)
+    if not normalize:
+        return sums, counts
     return sums / counts.clamp(min=1).to(sums.dtype)[None, :, None], counts
 
 
@@ -137,7 +152,7 @@ def routing_distribution(
     check_options(temperature, score, None, "reference")
     check_group(group)
     side = routing_side(logits, mask, cu_seqlens, "routing")
-    return pooled_distribution(side, score, temperature, group)[0]
+    return distributed.pooled_distribution(pooled_distribution, side, score, temperature, group)[0]
 
 
 def pair_js(anchor: Optional[RoutingSide], target: RoutingSide, anchor_probs, score, temperature, detach_anchor,
@@ -184,7 +199,8 @@ def sara_loss(
         anchor_logits, target_logits, anchor_mask, target_mask, anchor_cu_seqlens, target_cu_seqlens, anchor_probs
     )
     weights = layer_weight_tensor(layer_weights, target.num_layers, target.device)
-    pool = functools.partial(pooled_distribution, score=score, temperature=temperature, group=group)
+    pool = functools.partial(distributed.pooled_distribution, pooled_distribution, score=score,
+                             temperature=temperature, group=group)
     js, valid = pair_js(anchor, target, priors, score, temperature, detach_anchor, pool)
     loss, per_layer = reduce_pair_js(js, valid, weights, reduction)
     return (loss, per_layer) if return_per_layer else loss

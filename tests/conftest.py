@@ -14,6 +14,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from cuda_emulation.extension import CXX, build_emulated_extension, load_emulated_extension  # noqa: E402
+from sara_kernels import backends  # noqa: E402
+
+# The fixture that makes a backend usable in a test, for the backends that need one.
+_SET_UP = {"cuda": "cuda_backend"}
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +46,20 @@ def cuda_backend(request, monkeypatch):
     return "cuda"
 
 
-@pytest.fixture(params=["triton", "cuda"])
+def _usable(request, name: str) -> str:
+    if name in _SET_UP:
+        return request.getfixturevalue(_SET_UP[name])
+    return name
+
+
+@pytest.fixture(params=backends.FUSED)
 def fused_backend(request):
-    """Each fused backend in turn: Triton (interpreted without a GPU) and the CUDA extension."""
-    return request.getfixturevalue("cuda_backend") if request.param == "cuda" else request.param
+    """Each fused backend of the registry in turn: Triton (interpreted without a GPU) and the CUDA
+    extension (its emulated build without one)."""
+    return _usable(request, request.param)
+
+
+@pytest.fixture(params=backends.NAMES)
+def any_backend(request):
+    """Each backend of the registry in turn, the reference included."""
+    return _usable(request, request.param)

@@ -1,8 +1,8 @@
 """The CUDA C++ backend (``csrc/``): the same fused op as :mod:`sara_kernels.ops.routing_js`, with
 argument handling, launch planning and autograd in C++ (``torch.ops.sara_kernels.cuda_*``), so a
 call costs microseconds of CPU. Same kernels structure, same math, same results up to float32
-rounding; this module only loads the extension, registers the shapes torch.compile needs and
-makes the calls.
+rounding; the ops' schemas and shapes are :mod:`sara_kernels.ops.contract`'s. This module only
+loads the extension, registers the shapes torch.compile needs and makes the calls.
 
 The extension is optional: it is built by ``pip install --no-build-isolation -e .`` where torch
 has CUDA and a CUDA toolkit is present (see setup.py). Without it ``backend="cuda"`` raises
@@ -16,8 +16,8 @@ import importlib
 import torch
 
 from .._inputs import RoutingSide
-from ..distributed import all_reduce_sums_and_counts
-from . import routing_js
+from . import contract
+from .contract import DTYPES, MAX_EXPERTS, MAX_SEQS  # noqa: F401  (what this backend takes: the contract's)
 
 BUILD_HINT = (
     "build it on a machine with a CUDA toolkit (nvcc) and a CUDA build of PyTorch: "
@@ -57,24 +57,10 @@ def require() -> None:
 
 
 def _register_fakes():
-    """Shapes for torch.compile. The halves take the arguments of the Triton backend's custom ops,
-    so they share those ops' fake implementations."""
+    """Shapes for torch.compile: the contract's, the same as the Triton backend's ops."""
     ops = torch.ops.sara_kernels
-    torch.library.register_fake(ops.cuda_sara_loss_fwd.default)(routing_js._sara_fwd_fake)
-    torch.library.register_fake(ops.cuda_sara_loss_bwd.default)(routing_js._sara_bwd_fake)
-    torch.library.register_fake(ops.cuda_routing_distribution_fwd.default)(routing_js._distribution_fwd_fake)
-    torch.library.register_fake(ops.cuda_routing_distribution.default)(routing_js._distribution_fwd_fake)
-
-    @torch.library.register_fake(ops.cuda_sara_loss.default)
-    def _loss_fake(anchor, target, anchor_mask, anchor_cu_seqlens, target_mask, target_cu_seqlens, anchor_probs,
-                   layer_weights, score, temperature, detach_anchor, reduction):
-        return routing_js._sara_fwd_fake(anchor, target, anchor_mask, anchor_cu_seqlens, target_mask,
-                                         target_cu_seqlens, anchor_probs, layer_weights, score, temperature,
-                                         reduction)[:2]
-
-    @torch.library.register_fake(ops.cuda_routing_distribution_bwd.default)
-    def _distribution_bwd_fake(grad_probs, logits, mask, cu_seqlens, count, score, temperature, normalize):
-        return routing_js._distribution_bwd_fake(grad_probs, logits, mask, cu_seqlens, count, score, temperature)
+    for name, fake in (*contract.FAKES.items(), *contract.CUDA_AUTOGRAD_FAKES.items()):
+        torch.library.register_fake(getattr(ops, f"cuda_{name}").default)(fake)
 
 
 if _C is not None:
@@ -94,18 +80,8 @@ def sara_loss(anchor, target: RoutingSide, anchor_probs, layer_weights, score: s
               score, temperature, detach_anchor, reduction)
 
 
-def pooled_distribution(side: RoutingSide, score: str, temperature: float, group=None):
-    """(P [L, B, E], n_b [B]) with autograd into the logits. With a process ``group`` the op
-    returns this rank's sums, which are all-reduced (gradient passing through) and normalised
-    here, as in :mod:`sara_kernels.distributed`."""
-    inputs = list(side.inputs)
+def pooled_distribution(side: RoutingSide, score: str, temperature: float, normalize: bool = True):
+    """(P [L, B, E], n_b [B]) with autograd into the logits; the sums n_b·P without ``normalize``
+    (what context parallelism all-reduces, :mod:`sara_kernels.distributed`)."""
     op = torch.ops.sara_kernels.cuda_routing_distribution.default
-    if group is None:
-        return op(inputs, side.mask, side.cu_seqlens, score, temperature, True)
-    sums, count = op(inputs, side.mask, side.cu_seqlens, score, temperature, False)
-    sums, count = all_reduce_sums_and_counts(sums, count, group)
-    return sums / count.clamp(min=1.0)[None, :, None], count
-
-
-def routing_distribution(side: RoutingSide, score: str, temperature: float, group=None):
-    return pooled_distribution(side, score, temperature, group)[0]
+    return op(list(side.inputs), side.mask, side.cu_seqlens, score, temperature, normalize)

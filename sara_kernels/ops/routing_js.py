@@ -58,7 +58,8 @@ import triton
 import triton.language as tl
 
 from .._inputs import RoutingSide, host_to_device
-from ..distributed import all_reduce_sums_and_counts
+from . import contract
+from .contract import DTYPES, MAX_EXPERTS, MAX_SEQS  # noqa: F401  (what this backend takes: the contract's)
 
 # Read once: triton.jit decides at decoration time whether kernels run in the interpreter.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -482,13 +483,17 @@ def check_segments(cu_ptr, cu_stride, B, N, BLOCK: tl.constexpr):
 # Host side: tile table, plans and launches
 # ----------------------------------------------------------------------------------------
 
+def available() -> bool:
+    return True
+
+
+def require() -> None:
+    """Nothing to check: Triton is a dependency of the package."""
+
+
 def runs_on(device: torch.device) -> bool:
     """Whether the kernels take tensors on ``device``: CUDA, or any device under the interpreter."""
     return device.type == "cuda" or INTERPRET
-
-
-MAX_EXPERTS = 512  # one row of experts is one tile
-MAX_SEQS = 65535  # B is the second grid axis, which CUDA limits to 65535
 
 
 def tile_config(num_experts: int) -> dict:
@@ -548,15 +553,13 @@ _SM_COUNT = {}
 
 
 def num_splits(num_tokens: int, num_seqs: int, num_layers: int, device: torch.device, block_n: int) -> int:
-    """How many slices each sequence is cut into: enough programs for ~4 waves on the device,
-    but never slices shorter than 4 tiles (the partials would cost more than they save)."""
+    """Slices per sequence (:func:`contract.num_splits`, a tile of ``block_n`` rows per iteration);
+    one off CUDA, where the interpreter runs the programs one after another."""
     if device.type != "cuda":
         return 1
     if device not in _SM_COUNT:
         _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    wanted = triton.cdiv(4 * _SM_COUNT[device], num_layers * num_seqs)
-    rows_per_seq = triton.cdiv(num_tokens, num_seqs)
-    return max(1, min(wanted, triton.cdiv(rows_per_seq, 4 * block_n), 1024))
+    return contract.num_splits(num_tokens, num_seqs, num_layers, _SM_COUNT[device], block_n)
 
 
 # Compiled kernels by (kernel, device, constexprs, argument types): see the module docstring.
@@ -675,7 +678,9 @@ class SidePlan(NamedTuple):
     num_experts: int
 
 
-_PLANS = {}
+# Bounded like _TABLES: a run whose batch shapes vary without end would otherwise grow it forever.
+_PLANS: "OrderedDict[tuple, SidePlan]" = OrderedDict()
+_PLAN_CACHE_SIZE = 256
 
 
 def side_plan(logits, mask, cu, score: str, temperature: float, vec: int, device: torch.device) -> SidePlan:
@@ -683,7 +688,7 @@ def side_plan(logits, mask, cu, score: str, temperature: float, vec: int, device
     first = logits if stacked else logits[0]
     L = first.shape[0] if stacked else len(logits)
     N, E = first.shape[-2:]
-    B = _num_seqs(mask, cu)
+    B = contract.num_seqs(mask, cu)
     S = mask.shape[1] if mask is not None else N
     mask_strides = mask.stride() if mask is not None else (0, 0)
     cu_stride = cu.stride(0) if cu is not None else 0
@@ -697,6 +702,8 @@ def side_plan(logits, mask, cu, score: str, temperature: float, vec: int, device
                     VEC=vec)
         plan = _PLANS[key] = SidePlan((L, B, splits), (L, B, N, S, E // meta["E_MULT"], 1.0 / temperature, splits),
                                       meta, mask_strides, cu_stride, E)
+        if len(_PLANS) > _PLAN_CACHE_SIZE:
+            _PLANS.popitem(last=False)
     return plan
 
 
@@ -762,33 +769,21 @@ def _unpack(logits: List[torch.Tensor]):
     return logits[0] if len(logits) == 1 and logits[0].dim() == 3 else logits
 
 
-def _num_seqs(mask, cu) -> int:
-    if mask is not None:
-        return mask.shape[0]
-    return cu.shape[0] - 1 if cu is not None else 1
-
-
-def _shape(logits) -> tuple:
-    """(L, N, E) of a side given as a list of [N, E] tensors or as [one [L, N, E] tensor]."""
-    first = logits[0]
-    return tuple(first.shape) if first.dim() == 3 else (len(logits), *first.shape)
-
-
 # ----------------------------------------------------------------------------------------
 # The op: torch.library custom ops for torch.compile, called directly in eager mode
 # ----------------------------------------------------------------------------------------
 
 
-def _op(name: str, fake):
-    """Register ``fn`` as the custom op ``sara_kernels::name`` (opaque to torch.compile, with a
-    shape-only ``fake``) and return a function that calls the op while compiling and ``fn``
-    itself otherwise: a dispatcher round trip costs tens of microseconds per eager call.
-    Why custom ops and not triton_op + wrap_triton: the launchers read data pointers to build
-    the layer table, which the FakeTensors of a trace do not have."""
+def _op(name: str):
+    """Register ``fn`` as the custom op ``sara_kernels::name`` with the contract's schema and fake
+    implementation (opaque to torch.compile) and return a function that calls the op while
+    compiling and ``fn`` itself otherwise: a dispatcher round trip costs tens of microseconds per
+    eager call. Why custom ops and not triton_op + wrap_triton: the launchers read data pointers
+    to build the layer table, which the FakeTensors of a trace do not have."""
 
     def register(fn):
-        op = torch.library.custom_op(f"sara_kernels::{name}", fn, mutates_args=())
-        op.register_fake(fake)
+        op = torch.library.custom_op(f"sara_kernels::{name}", fn, mutates_args=(), schema=contract.SCHEMAS[name])
+        op.register_fake(contract.FAKES[name])
 
         @functools.wraps(fn)
         def call(*args):
@@ -800,16 +795,7 @@ def _op(name: str, fake):
     return register
 
 
-def _sara_fwd_fake(anchor, target, anchor_mask, anchor_cu_seqlens, target_mask, target_cu_seqlens, anchor_probs,
-                   layer_weights, score, temperature, reduction):
-    L, _, E = _shape(target)
-    B = _num_seqs(target_mask, target_cu_seqlens)
-    new = functools.partial(target[0].new_empty, dtype=torch.float32)
-    loss = new((L, B)) if reduction == "none" else new(())
-    return loss, new(L), new((L, B, E)), new((L, B, E)), new((3, B)), new(L)
-
-
-@_op("sara_loss_fwd", _sara_fwd_fake)
+@_op("sara_loss_fwd")
 def sara_loss_fwd(
     anchor: List[torch.Tensor], target: List[torch.Tensor],
     anchor_mask: Optional[torch.Tensor], anchor_cu_seqlens: Optional[torch.Tensor],
@@ -847,14 +833,7 @@ def sara_loss_fwd(
     return loss, per_layer, ga, gt, stats, layer_coef
 
 
-def _sara_bwd_fake(grad_loss, anchor, target, anchor_mask, anchor_cu_seqlens, target_mask, target_cu_seqlens,
-                   ga, gt, stats, layer_coef, score, temperature, anchor_grad):
-    grad_t = target[0].new_empty(_shape(target))
-    grad_a = anchor[0].new_empty(_shape(anchor)) if anchor_grad else grad_loss.new_empty(0)
-    return grad_a, grad_t
-
-
-@_op("sara_loss_bwd", _sara_bwd_fake)
+@_op("sara_loss_bwd")
 def sara_loss_bwd(
     grad_loss: torch.Tensor, anchor: List[torch.Tensor], target: List[torch.Tensor],
     anchor_mask: Optional[torch.Tensor], anchor_cu_seqlens: Optional[torch.Tensor],
@@ -873,13 +852,7 @@ def sara_loss_bwd(
     return grad_a, grad_t
 
 
-def _distribution_fwd_fake(logits, mask, cu_seqlens, score, temperature, normalize):
-    L, _, E = _shape(logits)
-    B = _num_seqs(mask, cu_seqlens)
-    return logits[0].new_empty((L, B, E), dtype=torch.float32), logits[0].new_empty(B, dtype=torch.float32)
-
-
-@_op("routing_distribution_fwd", _distribution_fwd_fake)
+@_op("routing_distribution_fwd")
 def routing_distribution_fwd(
     logits: List[torch.Tensor], mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
     score: str, temperature: float, normalize: bool,
@@ -895,16 +868,15 @@ def routing_distribution_fwd(
     return probs, total
 
 
-def _distribution_bwd_fake(grad_probs, logits, mask, cu_seqlens, count, score, temperature):
-    return logits[0].new_empty(_shape(logits))
-
-
-@_op("routing_distribution_bwd", _distribution_bwd_fake)
+@_op("routing_distribution_bwd")
 def routing_distribution_bwd(
     grad_probs: torch.Tensor, logits: List[torch.Tensor], mask: Optional[torch.Tensor],
-    cu_seqlens: Optional[torch.Tensor], count: torch.Tensor, score: str, temperature: float,
+    cu_seqlens: Optional[torch.Tensor], count: torch.Tensor, score: str, temperature: float, normalize: bool,
 ) -> torch.Tensor:
-    """∂/∂logits [L, N, E] for an upstream gradient [L, B, E] of P."""
+    """∂/∂logits [L, N, E] for an upstream gradient [L, B, E] of P (of the sums without ``normalize``:
+    the kernel's division by n_b then divides by one)."""
+    if not normalize:
+        count = torch.ones((), dtype=torch.float32, device=count.device).expand(count.shape[0])
     return pool_bwd(_unpack(logits), mask, cu_seqlens, grad_probs, None, None, count, score, temperature,
                     logits[0].device)
 
@@ -922,23 +894,36 @@ def _no_double_backward():
                            "use backend='reference'")
 
 
+class LossOptions(NamedTuple):
+    """The constants of one ``SARALossFunction`` call (a NamedTuple: built on every call)."""
+
+    num_anchor: int  # tensors of the anchor side in ``logits`` (0 with priors)
+    anchor_stacked: bool
+    target_stacked: bool
+    score: str
+    temperature: float
+    detach_anchor: bool
+    reduction: str
+
+
 class SARALossFunction(torch.autograd.Function):
     """The one autograd definition of the fused loss, eager and compiled alike: forward and
     backward call the custom ops above (the ops themselves in eager mode, see ``_op``). Only
     tensors and constants cross it, so torch.compile traces it whole."""
 
     @staticmethod
-    def forward(ctx, options, anchor_probs, layer_weights, a_mask, a_cu, t_mask, t_cu, *logits):
-        num_anchor, _, _, score, temperature, detach_anchor, reduction = options
+    def forward(ctx, options: LossOptions, anchor_probs, layer_weights, a_mask, a_cu, t_mask, t_cu, *logits):
+        num_anchor = options.num_anchor
         anchor, target = list(logits[:num_anchor]), list(logits[num_anchor:])
         loss, per_layer, ga, gt, stats, layer_coef = sara_loss_fwd(
-            anchor, target, a_mask, a_cu, t_mask, t_cu, anchor_probs, layer_weights, score, temperature, reduction,
+            anchor, target, a_mask, a_cu, t_mask, t_cu, anchor_probs, layer_weights, options.score,
+            options.temperature, options.reduction,
         )
         ctx.options = options
         # The logits the backward reads are saved (not only referenced) so that autograd's version
         # check catches an in-place change before the backward recomputes the scores from them.
         # A detached anchor is never read again: saving it would only cost time per layer.
-        read_back = logits if not detach_anchor else target
+        read_back = logits if not options.detach_anchor else target
         ctx.save_for_backward(ga, gt, stats, layer_coef, a_mask, a_cu, t_mask, t_cu, *read_back)
         ctx.mark_non_differentiable(per_layer)
         ctx.set_materialize_grads(False)  # no zero-filled gradient for per_layer: one kernel less per step
@@ -947,19 +932,20 @@ class SARALossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_per_layer):
         _no_double_backward()
-        num_anchor, anchor_stacked, target_stacked, score, temperature, detach_anchor, _ = ctx.options
+        options = ctx.options
+        num_anchor = options.num_anchor
         if grad_loss is None:  # only the non-differentiable per_layer was used
             return (None,) * len(ctx.needs_input_grad)
         ga, gt, stats, layer_coef, a_mask, a_cu, t_mask, t_cu, *logits = ctx.saved_tensors
-        saved_anchor = 0 if detach_anchor else num_anchor
+        saved_anchor = 0 if options.detach_anchor else num_anchor
         anchor, target = logits[:saved_anchor], logits[saved_anchor:]
         anchor_grad = saved_anchor > 0 and any(ctx.needs_input_grad[7 : 7 + num_anchor])
         grad_a, grad_t = sara_loss_bwd(
-            grad_loss, anchor, target, a_mask, a_cu, t_mask, t_cu, ga, gt, stats, layer_coef, score, temperature,
-            anchor_grad,
+            grad_loss, anchor, target, a_mask, a_cu, t_mask, t_cu, ga, gt, stats, layer_coef, options.score,
+            options.temperature, anchor_grad,
         )
-        grads_a = _side_grads(grad_a, anchor_stacked) if anchor_grad else (None,) * num_anchor
-        return (None,) * 7 + (*grads_a, *_side_grads(grad_t, target_stacked))
+        grads_a = _side_grads(grad_a, options.anchor_stacked) if anchor_grad else (None,) * num_anchor
+        return (None,) * 7 + (*grads_a, *_side_grads(grad_t, options.target_stacked))
 
 
 def sara_loss(anchor: Optional[RoutingSide], target: RoutingSide, anchor_probs, layer_weights,
@@ -970,27 +956,30 @@ def sara_loss(anchor: Optional[RoutingSide], target: RoutingSide, anchor_probs, 
     if layer_weights is not None:
         layer_weights = layer_weights.detach()
     anchor_inputs = anchor.inputs if anchor is not None else ()
-    options = (len(anchor_inputs), anchor is not None and anchor.stacked, target.stacked,
-               score, temperature, detach_anchor, reduction)
+    options = LossOptions(len(anchor_inputs), anchor is not None and anchor.stacked, target.stacked,
+                          score, temperature, detach_anchor, reduction)
     a_mask, a_cu = (anchor.mask, anchor.cu_seqlens) if anchor is not None else (None, None)
     return SARALossFunction.apply(options, anchor_probs, layer_weights, a_mask, a_cu, target.mask,
                                   target.cu_seqlens, *anchor_inputs, *target.inputs)
 
 
+class DistributionOptions(NamedTuple):
+    """The constants of one ``RoutingDistributionFunction`` call."""
+
+    stacked: bool
+    score: str
+    temperature: float
+    normalize: bool
+
+
 class RoutingDistributionFunction(torch.autograd.Function):
-    """(P [L, B, E] float32, n_b [B]) of one side, with autograd into the logits; same
-    structure as ``SARALossFunction``. With a process ``group`` the side holds this rank's
-    share of each sequence's tokens: the sums and counts are reduced over the group before
-    normalising, and the backward, which needs only P's gradient and the global n_b, runs
-    without communication (:mod:`sara_kernels.distributed`)."""
+    """(P [L, B, E] float32, n_b [B]) of one side, or the sums n_b·P without ``normalize``, with
+    autograd into the logits; same structure as ``SARALossFunction``."""
 
     @staticmethod
-    def forward(ctx, options, mask, cu_seqlens, *logits):
-        stacked, score, temperature, group = options
-        probs, count = routing_distribution_fwd(list(logits), mask, cu_seqlens, score, temperature, group is None)
-        if group is not None:
-            sums, count = all_reduce_sums_and_counts(probs, count, group)
-            probs = sums / count.clamp(min=1.0)[None, :, None]
+    def forward(ctx, options: DistributionOptions, mask, cu_seqlens, *logits):
+        probs, count = routing_distribution_fwd(list(logits), mask, cu_seqlens, options.score, options.temperature,
+                                                options.normalize)
         ctx.options = options
         ctx.save_for_backward(count, mask, cu_seqlens, *logits)  # logits: for the in-place version check
         ctx.mark_non_differentiable(count)
@@ -1000,19 +989,17 @@ class RoutingDistributionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_probs, _grad_count):
         _no_double_backward()
-        stacked, score, temperature, _ = ctx.options
+        options = ctx.options
         count, mask, cu_seqlens, *logits = ctx.saved_tensors
         if grad_probs is None:
             return (None,) * len(ctx.needs_input_grad)
-        grad = routing_distribution_bwd(grad_probs, logits, mask, cu_seqlens, count, score, temperature)
-        return (None, None, None, *_side_grads(grad, stacked))
+        grad = routing_distribution_bwd(grad_probs, logits, mask, cu_seqlens, count, options.score,
+                                        options.temperature, options.normalize)
+        return (None, None, None, *_side_grads(grad, options.stacked))
 
 
-def pooled_distribution(side: RoutingSide, score: str, temperature: float, group=None):
-    """(P [L, B, E], n_b [B]) with autograd into the logits (the pooling step of ``pair_js``)."""
-    options = (side.stacked, score, temperature, group)
+def pooled_distribution(side: RoutingSide, score: str, temperature: float, normalize: bool = True):
+    """(P [L, B, E], n_b [B]) with autograd into the logits; the sums n_b·P without ``normalize``
+    (what context parallelism all-reduces, :mod:`sara_kernels.distributed`)."""
+    options = DistributionOptions(side.stacked, score, temperature, normalize)
     return RoutingDistributionFunction.apply(options, side.mask, side.cu_seqlens, *side.inputs)
-
-
-def routing_distribution(side: RoutingSide, score: str, temperature: float, group=None):
-    return pooled_distribution(side, score, temperature, group)[0]

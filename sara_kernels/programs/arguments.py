@@ -21,6 +21,8 @@ from typing import ClassVar, Literal, Optional
 
 from transformers import HfArgumentParser
 
+from ..backends import CHOICES as BACKEND_CHOICES
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -134,16 +136,15 @@ class SaraArguments:
 
     layers: str = field(default="all", metadata={"help": "MoE layers: 'all', 'middle' or comma-separated decoder indices."})
     max_length: Optional[int] = field(default=None, metadata={"help": "Truncate each side to this many tokens."})
-    backend: Literal["auto", "triton", "cuda", "reference"] = field(
+    backend: Literal[BACKEND_CHOICES] = field(
         default="auto", metadata={"help": "auto = the fused backend measured faster on CUDA (Triton until the C++ extension is measured), reference otherwise; cuda = the C++ extension."}
     )
 
     def __post_init__(self):
-        from .._inputs import BACKENDS
         from ..layer_selection import resolve_layers_spec
 
         self.layers = resolve_layers_spec(self.layers, "layers")
-        _one_of(self.backend, BACKENDS, "backend")
+        _one_of(self.backend, BACKEND_CHOICES, "backend")
         check_positive(self.max_length, "max_length")
 
 

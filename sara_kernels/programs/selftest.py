@@ -35,8 +35,7 @@ from typing import Optional
 import torch
 import triton
 
-from .. import api, reference
-from .._inputs import BACKENDS
+from .. import api, backends, reference
 from ..ops import cuda, routing_js
 from ..testing import (
     GRAD_TOL,
@@ -306,7 +305,7 @@ def check_reference(case: Case, shape: Shape, seed: int) -> CheckResult:
 def kernel_backends() -> list:
     """Every fused backend this installation offers: ``triton``, and ``cuda`` when the C++
     extension is built."""
-    return [b for b in BACKENDS if b not in ("auto", "reference") and (b != "cuda" or cuda.available())]
+    return backends.available_fused()
 
 
 def backends_line() -> str:

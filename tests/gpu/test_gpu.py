@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import sara_kernels
-from sara_kernels import reference, testing
+from sara_kernels import backends, reference, testing
 from sara_kernels.programs import selftest
 from sara_kernels.ops import cuda, routing_js
 
@@ -36,10 +36,19 @@ DEVICE = "cuda"
 LARGE = selftest.Shape(layers=6, seqs=8, seq_len=1000)
 EXPERTS = [8, 16, 60, 64, 128, 256, 384, 512]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-BACKENDS = [
-    "triton",
-    pytest.param("cuda", marks=pytest.mark.skipif(not cuda.available(), reason=f"CUDA extension not built: {cuda.BUILD_HINT}")),
-]
+
+
+def _unavailable(name: str) -> str:
+    """Why backend ``name`` cannot run in this process ("" when it can)."""
+    try:
+        backends.REGISTRY[name].module.require()
+    except RuntimeError as e:
+        return str(e)
+    return ""
+
+
+BACKENDS = [pytest.param(name, marks=pytest.mark.skipif(bool(_unavailable(name)), reason=_unavailable(name)))
+            for name in backends.FUSED]
 
 
 def _assert_passed(result: selftest.CheckResult):

@@ -23,14 +23,14 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-from sara_kernels.ops import aot, routing_js
+from sara_kernels.ops import aot, contract, routing_js
 
 
 compiled_here = pytest.mark.skipif(routing_js.INTERPRET, reason="kernels are interpreted in this process")
 
 ARCHS = (80, 90)
 # One E per tile configuration the launcher can pick for E in 1..512.
-TILE_EXPERTS = sorted({routing_js.tile_config(e)["BLOCK_E"]: e for e in range(1, routing_js.MAX_EXPERTS + 1)}.values())
+TILE_EXPERTS = sorted({routing_js.tile_config(e)["BLOCK_E"]: e for e in range(1, contract.MAX_EXPERTS + 1)}.values())
 SEGMENTATIONS = {"none": (False, False), "mask": (True, False), "cu": (False, True)}
 
 
@@ -117,7 +117,7 @@ def test_small_kernels_compile_for_every_configuration(arch):
 
 def test_every_tile_configuration_is_covered():
     seen = {tuple(sorted(routing_js.tile_config(e).items())) for e in TILE_EXPERTS}
-    every = {tuple(sorted(routing_js.tile_config(e).items())) for e in range(1, routing_js.MAX_EXPERTS + 1)}
+    every = {tuple(sorted(routing_js.tile_config(e).items())) for e in range(1, contract.MAX_EXPERTS + 1)}
     assert seen == every and len(TILE_EXPERTS) == len(every)
 
 

@@ -126,11 +126,12 @@ def test_custom_ops_pass_opcheck(reduction):
     grad = torch.randn(gt.shape[:2] if reduction == "none" else (), device=DEVICE)
     bwd_args = (grad, anchor, target, mask, None, mask, None, ga, gt, stats, layer_coef, "sigmoid", 1.0, True)
     torch.library.opcheck(routing_js.sara_loss_bwd.op, bwd_args, test_utils=OPCHECK_UTILS)
-    probs_args = (anchor, mask, None, "softmax", 0.8, True)
-    torch.library.opcheck(routing_js.routing_distribution_fwd.op, probs_args, test_utils=OPCHECK_UTILS)
-    probs, count = routing_js.routing_distribution_fwd(*probs_args)
-    grad_args = (torch.randn_like(probs), anchor, mask, None, count, "softmax", 0.8)
-    torch.library.opcheck(routing_js.routing_distribution_bwd.op, grad_args, test_utils=OPCHECK_UTILS)
+    for normalize in (True, False):
+        probs_args = (anchor, mask, None, "softmax", 0.8, normalize)
+        torch.library.opcheck(routing_js.routing_distribution_fwd.op, probs_args, test_utils=OPCHECK_UTILS)
+        probs, count = routing_js.routing_distribution_fwd(*probs_args)
+        grad_args = (torch.randn_like(probs), anchor, mask, None, count, "softmax", 0.8, normalize)
+        torch.library.opcheck(routing_js.routing_distribution_bwd.op, grad_args, test_utils=OPCHECK_UTILS)
 
 
 def test_cuda_ops_pass_opcheck(cuda_backend):

@@ -1,0 +1,58 @@
+"""The backends: one registry that every list of backend names derives from.
+
+A backend is its module plus an entry here. The module provides ``available()``,
+``runs_on(device)``, ``require()`` (raises, saying what is missing, when not available), what it
+takes (``DTYPES``: the logits dtypes, None for every floating dtype; ``MAX_EXPERTS``, ``MAX_SEQS``:
+None for no limit) and the entry points on validated sides
+(:class:`sara_kernels._inputs.RoutingSide`)::
+
+    sara_loss(anchor, target, anchor_probs, layer_weights, score, temperature, detach_anchor, reduction)
+        -> (loss, detached per-layer mean JS [L])
+    pooled_distribution(side, score, temperature, normalize=True)
+        -> (P [L, B, E], n_b [B]) with autograd into the logits; the sums n_b·P without ``normalize``
+
+(``routing_distribution`` is ``pooled_distribution``'s P, and context parallelism pools the sums
+through :mod:`sara_kernels.distributed`, for every backend alike.)
+
+Nothing is imported here: the names (what the command line offers before it imports torch) cost
+nothing, and a backend's module is imported when its entry is first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import NamedTuple
+
+
+class Backend(NamedTuple):
+    name: str
+    module_name: str
+    fused: bool  # kernels of its own (a candidate of backend="auto" on CUDA), not the PyTorch reference
+    checks_layers: bool = False  # checks every layer of a tuple itself (see _inputs.routing_side)
+    device_hint: str = ""  # appended to the error for tensors on a device it does not run on
+
+    @property
+    def module(self):
+        return importlib.import_module(self.module_name)
+
+    def available(self) -> bool:
+        return self.module.available()
+
+    def runs_on(self, device) -> bool:
+        return self.module.runs_on(device)
+
+
+REGISTRY = {
+    "triton": Backend("triton", "sara_kernels.ops.routing_js", fused=True,
+                      device_hint=" (set TRITON_INTERPRET=1 before importing sara_kernels to run the kernels on the CPU)"),
+    "cuda": Backend("cuda", "sara_kernels.ops.cuda", fused=True, checks_layers=True),
+    "reference": Backend("reference", "sara_kernels.reference", fused=False),
+}
+NAMES = tuple(REGISTRY)
+FUSED = tuple(name for name, backend in REGISTRY.items() if backend.fused)
+CHOICES = ("auto", *NAMES)  # what ``backend=`` accepts
+
+
+def available_fused() -> list:
+    """The fused backends usable in this process (the extension built, for ``"cuda"``)."""
+    return [name for name in FUSED if REGISTRY[name].available()]
