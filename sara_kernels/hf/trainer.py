@@ -9,7 +9,10 @@ Loss per micro-batch (what the gradients see, summed over an optimiser step):
 ``[0, B)`` are anchors, rows ``[B, 2B)`` their targets (or only the B targets when the anchor
 is not needed: cached priors, or ``sara_weight == 0``), right-padded, with ``labels`` = -100 on
 anchor rows unless ``lm_on_anchor``. Because ``labels`` covers every row the LM is trained on,
-the Trainer's own token count (``num_items_in_batch``) is right in every mode.
+the Trainer's own token count (``num_items_in_batch``) is right in every mode. With
+``sara_packing`` the same sequences, in the same order, are packed into one row without padding
+(see :mod:`~sara_kernels.hf.collate`), and SARA pairs sequence b of the targets with sequence b
+of the anchors through per-side ``cu_seqlens``: loss and gradients equal the padded step's.
 
 **One or two forwards.** When the anchor needs no gradient (``detach_anchor=True`` and no LM
 on the anchor — the default), the anchor rows run in a separate ``torch.no_grad()`` forward
@@ -66,6 +69,10 @@ class SARATrainingArguments(SARAOptions, TrainingArguments):
     """``TrainingArguments`` plus the SARA options (:class:`SARAOptions`)."""
 
     sara_max_length: Optional[int] = field(default=None, metadata={"help": "Truncate each side to this many tokens."})
+    sara_packing: bool = field(
+        default=False,
+        metadata={"help": "Pack each batch into one row without padding (position_ids restart per sequence)."},
+    )
     remove_unused_columns: bool = field(
         default=False,
         metadata={"help": "Must stay False: the collator tokenises the raw 'anchor'/'target' columns."},
@@ -132,22 +139,29 @@ def _router_aux_coef(model) -> float:
 
 @dataclass
 class _PairBatch:
-    """A :class:`SARACollator` batch taken apart: rows ``[0, num_pairs)`` anchors when
-    ``has_anchor``, then the targets; ``extra`` holds the remaining forward inputs."""
+    """A :class:`SARACollator` batch taken apart. Padded: rows ``[0, num_pairs)`` are the anchors
+    when ``has_anchor``, then the targets. Packed (``cu_seqlens`` given): one row whose sequences
+    are, in that order, the anchors and the targets. ``extra`` holds the other forward inputs."""
 
     index: torch.Tensor
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
     labels: torch.Tensor
     extra: dict
+    attention_mask: Optional[torch.Tensor] = None  # padded
+    position_ids: Optional[torch.Tensor] = None  # packed
+    cu_seqlens: Optional[torch.Tensor] = None  # packed
 
     @property
     def num_pairs(self) -> int:
         return int(self.index.shape[0])
 
     @property
+    def num_sequences(self) -> int:
+        return self.cu_seqlens.shape[0] - 1 if self.cu_seqlens is not None else self.input_ids.shape[0]
+
+    @property
     def has_anchor(self) -> bool:
-        return self.input_ids.shape[0] == 2 * self.num_pairs
+        return self.num_sequences == 2 * self.num_pairs
 
     @classmethod
     def from_inputs(cls, inputs) -> "_PairBatch":
@@ -162,25 +176,68 @@ class _PairBatch:
                 "batch has no 'labels': SARATrainer runs the LM loss through the model's own loss path, which needs "
                 "them (SARACollator provides them; -100 everywhere trains SARA alone)"
             )
-        batch = cls(index=extra.pop("sara_example_index"), input_ids=extra.pop("input_ids"),
-                    attention_mask=extra.pop("attention_mask"), labels=extra.pop("labels"), extra=extra)
-        rows = batch.input_ids.shape[0]
-        if rows not in (batch.num_pairs, 2 * batch.num_pairs):
+        batch = cls(index=extra.pop("sara_example_index"), input_ids=extra.pop("input_ids"), labels=extra.pop("labels"),
+                    extra=extra, cu_seqlens=extra.pop("sara_cu_seqlens", None))
+        if batch.cu_seqlens is None:
+            batch.attention_mask = extra.pop("attention_mask")
+            what = "rows"
+        else:
+            if "attention_mask" in extra or "position_ids" not in extra or batch.input_ids.shape[0] != 1:
+                raise ValueError(
+                    "packed batch (with 'sara_cu_seqlens'): expected one row of input_ids with 'position_ids' and no "
+                    f"'attention_mask' (SARACollator(packing=True)), got keys {sorted(inputs)} and input_ids of shape "
+                    f"{tuple(batch.input_ids.shape)}"
+                )
+            batch.position_ids = extra.pop("position_ids")
+            what = "packed sequences"
+        if batch.num_sequences not in (batch.num_pairs, 2 * batch.num_pairs):
             raise ValueError(
-                f"batch has {rows} rows for {batch.num_pairs} pairs; expected anchors + targets or targets only"
+                f"batch has {batch.num_sequences} {what} for {batch.num_pairs} pairs; expected anchors + targets or "
+                "targets only"
             )
         return batch
 
+    def whole(self):
+        """(forward inputs, labels) of the whole batch."""
+        layout = {"attention_mask": self.attention_mask} if self.cu_seqlens is None else {"position_ids": self.position_ids}
+        return {"input_ids": self.input_ids, **layout}, self.labels
+
     def side(self, anchor: bool):
-        """(input_ids, attention_mask, labels) of the anchor or the target rows, trailing padding dropped."""
-        rows = slice(0, self.num_pairs) if anchor else slice(self.input_ids.shape[0] - self.num_pairs, None)
-        return _trim(self.input_ids[rows], self.attention_mask[rows], self.labels[rows])
+        """(forward inputs, labels, ``sara_loss`` side arguments) of the anchor or the target sequences.
+
+        Padded: their rows, trailing padding dropped. Packed: their tokens, and ``cu_seqlens``
+        relative to them; finding the split reads one boundary on the host (a sync per step).
+        """
+        if self.cu_seqlens is None:
+            rows = slice(0, self.num_pairs) if anchor else slice(self.num_sequences - self.num_pairs, None)
+            ids, mask, labels = _trim(self.input_ids[rows], self.attention_mask[rows], self.labels[rows])
+            return {"input_ids": ids, "attention_mask": mask}, labels, {"mask": mask}
+        first = 0 if anchor else self.num_sequences - self.num_pairs
+        cu = self.cu_seqlens[first : first + self.num_pairs + 1]
+        start, end = (int(x) for x in cu[[0, -1]].tolist())
+        tokens = slice(start, end)
+        inputs = {"input_ids": self.input_ids[:, tokens], "position_ids": self.position_ids[:, tokens]}
+        return inputs, self.labels[:, tokens], {"cu_seqlens": cu - cu[0]}
+
+    def split(self, logits: tuple):
+        """(anchor logits, target logits, ``sara_loss`` side arguments) of router logits over the whole batch."""
+        if not self.has_anchor:
+            sides = {"target_mask": self.attention_mask} if self.cu_seqlens is None else {"target_cu_seqlens": self.cu_seqlens}
+            return None, logits, sides
+        if self.cu_seqlens is None:
+            split = self.num_pairs * self.input_ids.shape[1]
+            sides = {"anchor_mask": self.attention_mask[: self.num_pairs], "target_mask": self.attention_mask[self.num_pairs :]}
+        else:
+            cu = self.cu_seqlens
+            split = int(cu[self.num_pairs])
+            sides = {"anchor_cu_seqlens": cu[: self.num_pairs + 1], "target_cu_seqlens": cu[self.num_pairs :] - split}
+        return tuple(z[:split] for z in logits), tuple(z[split:] for z in logits), sides
 
 
 @dataclass
 class _Routing:
-    """What the SARA term is computed from: the target capture, the anchor logits (None with
-    priors) and ``sara_loss``'s side arguments (masks or ``anchor_probs``)."""
+    """What the SARA term is computed from: the target capture, the anchor logits (None without
+    anchor rows) and ``sara_loss``'s side arguments (masks or ``cu_seqlens``)."""
 
     target: CapturedRouterLogits
     anchor_logits: Optional[tuple]
@@ -259,10 +316,12 @@ class SARATrainer(SARATermMixin, Trainer):
                 max_length=args.sara_max_length,
                 include_anchor=args.sara_lm_on_anchor or (args.sara_weight > 0 and routing_priors is None),
                 lm_on_anchor=args.sara_lm_on_anchor,
+                packing=args.sara_packing,
             )
             if args.sara_weight > 0 and not data_collator.include_anchor:
                 # Priors cover the training pairs only: evaluation measures SARA on live anchors.
-                eval_collator = SARACollator(processing_class, max_length=args.sara_max_length, include_anchor=True)
+                eval_collator = SARACollator(processing_class, max_length=args.sara_max_length, include_anchor=True,
+                                             packing=args.sara_packing)
         self._eval_collator = eval_collator
         self.routing_priors: Optional[RoutingPriors] = routing_priors
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
@@ -361,27 +420,22 @@ class SARATrainer(SARATermMixin, Trainer):
         anchor_needs_grad = args.sara_lm_on_anchor or not args.sara_detach_anchor
         priors = self.routing_priors if model.training else None
         if use_sara and batch.has_anchor and priors is None and not anchor_needs_grad:
-            a_ids, a_mask, _ = batch.side(anchor=True)
-            t_ids, t_mask, t_labels = batch.side(anchor=False)
+            anchor_inputs, _, anchor_side = batch.side(anchor=True)
+            target_inputs, target_labels, target_side = batch.side(anchor=False)
             # The anchor forward has no labels: LM-only flags (the Trainer's skip_logits) stay out of it.
             routing_inputs = {k: v for k, v in batch.extra.items() if k not in _LM_ONLY_KWARGS}
-            anchor = self._sara_anchor_routing(model, input_ids=a_ids, attention_mask=a_mask, **routing_inputs)
+            anchor = self._sara_anchor_routing(model, **anchor_inputs, **routing_inputs)
             with self._sara_capture(model) as target:
-                outputs = model(input_ids=t_ids, attention_mask=t_mask, labels=t_labels, **lm_kwargs)
-            routing = _Routing(target, anchor.logits, target.logits, dict(anchor_mask=a_mask, target_mask=t_mask))
-            return outputs, t_labels, routing
+                outputs = model(**target_inputs, labels=target_labels, **lm_kwargs)
+            sides = {f"anchor_{k}": v for k, v in anchor_side.items()}
+            sides.update({f"target_{k}": v for k, v in target_side.items()})
+            return outputs, target_labels, _Routing(target, anchor.logits, target.logits, sides)
+        inputs, labels = batch.whole()
         with self._sara_capture(model, use_sara) as captured:
-            outputs = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
-                            **lm_kwargs)
+            outputs = model(**inputs, labels=labels, **lm_kwargs)
         if not use_sara:
-            return outputs, batch.labels, None
-        mask = batch.attention_mask
-        if not batch.has_anchor:
-            return outputs, batch.labels, _Routing(captured, None, captured.logits, dict(target_mask=mask))
-        split = batch.num_pairs * batch.input_ids.shape[1]
-        routing = _Routing(captured, tuple(z[:split] for z in captured.logits), tuple(z[split:] for z in captured.logits),
-                           dict(anchor_mask=mask[: batch.num_pairs], target_mask=mask[batch.num_pairs :]))
-        return outputs, batch.labels, routing
+            return outputs, labels, None
+        return outputs, labels, _Routing(captured, *batch.split(captured.logits))
 
     def _lm_terms(self, model, outputs, lm_labels, training: bool, num_items_in_batch):
         """(LM mean of this micro-batch, the LM term of the step's loss, the model's aux term or None).
@@ -425,5 +479,6 @@ class SARATrainer(SARATermMixin, Trainer):
             # gather() validates the indices on the host (a device-to-host copy of B ints per step):
             # an index of -1 (an example without "index") must be a clear error, not a wrong prior.
             probs = self.routing_priors.gather(index, target.layers).to(routing.target_logits[0].device)
-            anchor_logits, sides = None, dict(target_mask=sides["target_mask"], anchor_probs=probs)
+            sides = {k: v for k, v in sides.items() if k.startswith("target_")}
+            anchor_logits, sides = None, dict(sides, anchor_probs=probs)
         return self._sara_term(routing.target, anchor_logits, routing.target_logits, **sides)

@@ -18,8 +18,13 @@ router logits are captured; they are tokenised as :class:`~sara_kernels.hf.colla
 tokenises a side, truncated to ``max_length``. Logged besides TRL's metrics: ``sara_loss`` and
 ``sara_js/layer_{i}``.
 
-Packing and padding-free batches are refused: SARA pools each target sequence's routing and
-compares it with its own anchor, which needs one pair per row.
+**Padding-free and packed batches** (TRL's ``padding_free=True``, and ``packing=True`` with the
+``"bfd"`` strategy, which TRL runs padding-free): the anchors of the batch are packed as well
+(:func:`~sara_kernels.hf.collate.pack_sequences`), and SARA pairs target sequence b with anchor
+sequence b through per-side ``cu_seqlens``. With packing, a packed row holds several pairs'
+targets; each token carries the row of its pair in a table of (anchor, index) the trainer keeps,
+so the collator finds each sequence's anchor. ``"wrapped"`` and ``"bfd_split"`` packing cut
+sequences apart (a target would then be pooled in pieces) and are refused.
 """
 
 from __future__ import annotations
@@ -31,12 +36,16 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from ..term import SARAOptions
-from .collate import SARACollator, pad_right, pad_token_id
+from .collate import SARACollator, pack_sequences, pad_right, pad_token_id
 from .data import validate_pair
 from .term import SARATermMixin, prepare_sara_model
 
 INDEX_COLUMN = "sara_example_index"
 _ANCHOR_IDS, _ANCHOR_MASK = "sara_anchor_input_ids", "sara_anchor_attention_mask"
+# Padding-free batches: the packed anchors' positions and both sides' sequence boundaries.
+_ANCHOR_POSITIONS, _ANCHOR_CU, _TARGET_CU = "sara_anchor_position_ids", "sara_anchor_cu_seqlens", "sara_target_cu_seqlens"
+# Packed datasets: per token, the row of its pair in SARASFTTrainer's table of packed pairs.
+PAIR_ROW_COLUMN = "sara_pair_row"
 
 
 @dataclass
@@ -53,12 +62,16 @@ class SARASFTConfig(SARAOptions, SFTConfig):
             raise ValueError("sara_lm_on_anchor=True is not supported by SARASFTTrainer (use SARATrainer)")
         if not self.sara_detach_anchor:
             raise ValueError("sara_detach_anchor=False is not supported by SARASFTTrainer (use SARATrainer)")
-        for name in ("packing", "eval_packing", "padding_free"):
-            if getattr(self, name):
-                raise ValueError(
-                    f"{name}=True is not supported with SARA: SARA compares each target sequence's pooled routing "
-                    "with its own anchor's, which needs one pair per row (no packed or padding-free batches)"
-                )
+        if (self.packing or self.eval_packing) and self.packing_strategy != "bfd":
+            raise ValueError(
+                f"packing_strategy={self.packing_strategy!r} is not supported with SARA: it cuts sequences apart, and "
+                "SARA pools each whole target sequence to compare it with its anchor; use packing_strategy='bfd'"
+            )
+        if (self.padding_free or self.packing or self.eval_packing) and self.pad_to_multiple_of:
+            raise ValueError(
+                f"pad_to_multiple_of={self.pad_to_multiple_of} is not supported with SARA in padding-free batches: "
+                "the padding would be read as extra sequences; leave it None"
+            )
 
 
 def sft_pairs(dataset, text_field: str = "text", name: str = "train_dataset"):
@@ -99,25 +112,47 @@ def sft_pairs(dataset, text_field: str = "text", name: str = "train_dataset"):
 
 @dataclass
 class SARASFTCollator:
-    """TRL's collator for the targets, plus the anchors (right-padded) and each pair's index.
+    """TRL's collator for the targets, plus the anchors and each pair's index.
 
     Args:
         lm_collator: the collator of the target rows (TRL's ``DataCollatorForLanguageModeling``).
         tokenizer: tokenises the anchors as :class:`SARACollator` does.
         max_length: anchor truncation (TRL's ``max_length``).
+        padding_free: the targets come flattened into one row (TRL's padding-free collator): the
+            anchors are packed too, and both sides get ``cu_seqlens``; else anchors are right-padded.
+        packed_pairs: the (anchor, index) table that packed datasets' ``sara_pair_row`` points into.
     """
 
     lm_collator: Callable
     tokenizer: Any
     max_length: Optional[int] = None
+    padding_free: bool = False
+    packed_pairs: Optional[list] = None
 
     def __call__(self, examples):
+        if PAIR_ROW_COLUMN in examples[0]:  # packed rows: one pair per sequence, seq_lengths long each
+            pairs, lengths = [], []
+            for e in examples:
+                start = 0
+                for length in e["seq_lengths"]:
+                    pairs.append(self.packed_pairs[e[PAIR_ROW_COLUMN][start]])
+                    lengths.append(length)
+                    start += length
+        else:
+            pairs = [(e["anchor"], e[INDEX_COLUMN]) for e in examples]
+            lengths = [len(e["input_ids"]) for e in examples]
         encoder = SARACollator(self.tokenizer, max_length=self.max_length)
-        anchors = [encoder.encode(e["anchor"], f"example {e[INDEX_COLUMN]}: anchor") for e in examples]
-        batch = dict(self.lm_collator([{k: v for k, v in e.items() if k not in ("anchor", INDEX_COLUMN)}
-                                       for e in examples]))
-        batch[_ANCHOR_IDS], batch[_ANCHOR_MASK] = pad_right(anchors, pad_token_id(self.tokenizer))
-        batch[INDEX_COLUMN] = torch.tensor([int(e[INDEX_COLUMN]) for e in examples], dtype=torch.long)
+        anchors = [encoder.encode(anchor, f"example {index}: anchor") for anchor, index in pairs]
+        ours = ("anchor", INDEX_COLUMN, PAIR_ROW_COLUMN)
+        batch = dict(self.lm_collator([{k: v for k, v in e.items() if k not in ours} for e in examples]))
+        if self.padding_free:
+            batch[_ANCHOR_IDS], batch[_ANCHOR_POSITIONS], batch[_ANCHOR_CU] = pack_sequences(anchors)
+            target_cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+            target_cu[1:] = torch.tensor(lengths).cumsum(0)
+            batch[_TARGET_CU] = target_cu
+        else:
+            batch[_ANCHOR_IDS], batch[_ANCHOR_MASK] = pad_right(anchors, pad_token_id(self.tokenizer))
+        batch[INDEX_COLUMN] = torch.tensor([int(index) for _, index in pairs], dtype=torch.long)
         return batch
 
 
@@ -142,6 +177,8 @@ class SARASFTTrainer(SARATermMixin, SFTTrainer):
             )
         if train_dataset is None:
             raise ValueError("train_dataset: SARASFTTrainer needs the parallel pairs")
+        # Filled by _prepare_dataset for packed datasets (called from SFTTrainer.__init__ and evaluate).
+        self._sara_packed_pairs: list = []
         train_dataset = sft_pairs(train_dataset, args.dataset_text_field, "train_dataset")
         if isinstance(eval_dataset, dict):
             eval_dataset = {k: sft_pairs(v, args.dataset_text_field, f"eval_dataset[{k!r}]")
@@ -151,14 +188,32 @@ class SARASFTTrainer(SARATermMixin, SFTTrainer):
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)  # a processor's tokenizer
-        self.data_collator = SARASFTCollator(self.data_collator, tokenizer, args.max_length)
+        self.data_collator = SARASFTCollator(self.data_collator, tokenizer, args.max_length,
+                                             padding_free=self.padding_free, packed_pairs=self._sara_packed_pairs)
         if args.sara_weight > 0:
             prepare_sara_model(self.accelerator.unwrap_model(self.model), args)
 
     def _set_signature_columns_if_needed(self):
         """Keep the anchor and the index through ``remove_unused_columns``."""
         super()._set_signature_columns_if_needed()
-        self._signature_columns = [*self._signature_columns, "anchor", INDEX_COLUMN]
+        self._signature_columns = [*self._signature_columns, "anchor", INDEX_COLUMN, PAIR_ROW_COLUMN]
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        """TRL's preparation; packing is done here instead, so that each token keeps the row of its
+        pair (TRL's packing keeps only ``input_ids`` and ``labels``)."""
+        dataset = super()._prepare_dataset(dataset, processing_class, args, False, formatting_func, dataset_name)
+        if not packing:
+            return dataset
+        from trl.data_utils import pack_dataset
+
+        if args.max_length is None:
+            raise ValueError("max_length: packing needs it (the length of a packed row); set max_length")
+        offset = len(self._sara_packed_pairs)
+        self._sara_packed_pairs.extend(zip(dataset["anchor"], dataset[INDEX_COLUMN]))
+        dataset = dataset.map(lambda e, i: {PAIR_ROW_COLUMN: [offset + i] * len(e["input_ids"])}, with_indices=True,
+                              desc=f"SARA pair rows ({dataset_name})")
+        dataset = dataset.select_columns(["input_ids", "labels", PAIR_ROW_COLUMN])
+        return pack_dataset(dataset, args.max_length, args.packing_strategy, {"desc": f"Packing {dataset_name} dataset"})
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """A pairs dataset passed here is converted like those given to ``__init__``."""
@@ -175,16 +230,21 @@ class SARASFTTrainer(SARATermMixin, SFTTrainer):
                 f"batch has no anchors: SARASFTTrainer needs batches from SARASFTCollator (got keys {sorted(inputs)})"
             )
         inputs.pop(INDEX_COLUMN)
-        anchor_ids, anchor_mask = inputs.pop(_ANCHOR_IDS), inputs.pop(_ANCHOR_MASK)
+        anchor_inputs = {"input_ids": inputs.pop(_ANCHOR_IDS)}
+        if _ANCHOR_CU in inputs:  # padding-free
+            anchor_inputs["position_ids"] = inputs.pop(_ANCHOR_POSITIONS)
+            sides = {"anchor_cu_seqlens": inputs.pop(_ANCHOR_CU), "target_cu_seqlens": inputs.pop(_TARGET_CU)}
+        else:
+            anchor_inputs["attention_mask"] = inputs.pop(_ANCHOR_MASK)
+            sides = {"anchor_mask": anchor_inputs["attention_mask"], "target_mask": inputs["attention_mask"]}
         if args.sara_weight == 0:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-        anchor = self._sara_anchor_routing(model, input_ids=anchor_ids, attention_mask=anchor_mask)
+        anchor = self._sara_anchor_routing(model, **anchor_inputs)
         with self._sara_capture(model) as target:
             # TRL's return_outputs=True runs a second forward for the logits: taken outside the capture.
             loss = super().compute_loss(model, inputs, False, num_items_in_batch)
-        term = self._sara_term(target, anchor.logits, target.logits, anchor_mask=anchor_mask,
-                               target_mask=inputs["attention_mask"])
+        term = self._sara_term(target, anchor.logits, target.logits, **sides)
         scale = self._sara_step_scale(model.training, num_items_in_batch)
         loss = loss + (args.sara_weight * scale) * term.loss.to(loss.dtype)
         self._sara_record(model.training, term.metrics())
