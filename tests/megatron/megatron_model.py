@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(REPO, "examples"))
 from megatron_cpu import CPUGatingSARARouter, with_sdpa_attention  # noqa: E402
 
 from sara_kernels import sara_loss  # noqa: E402
-from sara_kernels.megatron import TRACKER_NAME, SARAOptions, with_sara  # noqa: E402
+from sara_kernels.megatron import TRACKER_NAME, SARAOptions, sara_batch, with_sara  # noqa: E402
 
 NUM_LAYERS, HIDDEN, EXPERTS, VOCAB, MAX_LEN = 4, 16, 6, 40, 16
 

@@ -1,0 +1,54 @@
+"""examples/megatron_sara.py runs exactly as the README's Megatron-core section prints it."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install 'sara-kernels[megatron]')")
+
+from helpers import REPO, free_port  # noqa: E402
+
+
+def _readme_commands() -> list:
+    text = (Path(REPO) / "README.md").read_text()
+    section = text.split("## Megatron-core (`sara_kernels.megatron`)", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^python (examples/megatron_sara\.py.*)$", section, re.M)
+
+
+COMMANDS = _readme_commands()
+
+
+def test_the_readme_prints_both_commands():
+    assert len(COMMANDS) == 2 and "--priors" in COMMANDS[1]
+
+
+def _run(command: str, cwd: Path) -> str:
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()),
+               PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]), PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, *command.split()], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    steps = int(re.search(r"--steps (\d+)", command).group(1))
+    assert len(re.findall(r"^step +\d+ +lm ", proc.stdout, re.M)) == steps, proc.stdout
+    return proc.stdout
+
+
+def _sara_of_step(stdout: str, step: int) -> str:
+    return re.search(rf"^step +{step} .*(sara/layer \[[^]]*\])", stdout, re.M).group(1)
+
+
+def test_example_runs_as_printed(tmp_path):
+    os.symlink(os.path.join(REPO, "examples"), tmp_path / "examples")  # the README's paths, from a scratch folder
+    live, cached = (_run(command, tmp_path) for command in COMMANDS)
+    first, last = map(float, re.search(r"first step (\S+), last step (\S+)", live).groups())
+    assert last < first / 2, live  # SARA pulls the targets' routing towards the anchors'
+    assert "priors (8, 4, 8) for layers [0, 1, 2, 3]" in cached and (tmp_path / "priors.safetensors").exists()
+    # The priors are the untrained model's anchor routing: before the first update, SARA against
+    # them equals SARA against the live anchors.
+    assert _sara_of_step(cached, 0) == _sara_of_step(live, 0)

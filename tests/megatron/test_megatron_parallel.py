@@ -1,0 +1,101 @@
+"""sara_kernels.megatron on 2 gloo processes (CPU): data parallel equals one process on the whole
+batch, and context parallel (a router whose ranks hold Megatron's sequence chunks) equals the
+whole sequences. One spawn runs both, bounded in time."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import megatron_model as mm
+from helpers import run_ranks
+
+
+def _whole_batch():
+    """4 pairs (anchor i, target 4 + i) of ragged sequences."""
+    return mm.random_batch(8, 7, seed=21)
+
+
+def _check_data_parallel(rank: int):
+    tokens, positions, padding = _whole_batch()
+    mine = [2 * rank, 2 * rank + 1, 4 + 2 * rank, 4 + 2 * rank + 1]  # this rank's 2 pairs
+    model = mm.tiny_model(seed=11)
+    with mm.sara_batch(anchor=[0, 1], target=[2, 3]):
+        output = model(tokens[mine], positions[mine], None, labels=tokens[mine], padding_mask=padding[mine])
+    mm.sara_only_backward(output)
+    for p in model.parameters():  # what Megatron's DDP does with the gradients: the mean over DP
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+    tracked = mm.tracked_sara(model).clone()
+    dist.all_reduce(tracked)
+    tracked /= dist.get_world_size()
+    mm.reset_megatron_state()
+
+    whole = mm.tiny_model(seed=11)
+    with mm.sara_batch(anchor=[0, 1, 2, 3], target=[4, 5, 6, 7]):
+        output = whole(tokens, positions, None, labels=tokens, padding_mask=padding)
+    mm.sara_only_backward(output)
+    expected = mm.grads_of(whole)
+    for name, grad in mm.grads_of(model).items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    assert any(g.abs().sum() > 0 for g in expected.values())
+    torch.testing.assert_close(tracked, mm.tracked_sara(whole), rtol=1e-4, atol=1e-8)
+    mm.reset_megatron_state()
+
+
+def _cp_chunks(seq_len: int, cp: int, rank: int) -> torch.Tensor:
+    """Megatron's load-balanced context-parallel split: 2 * cp chunks, rank r holds r and 2cp-1-r."""
+    chunk = seq_len // (2 * cp)
+    return torch.cat([torch.arange(i * chunk, (i + 1) * chunk) for i in (rank, 2 * cp - 1 - rank)])
+
+
+def _check_context_parallel(rank: int):
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from sara_kernels import sara_loss
+
+    mm.parallel_state.destroy_model_parallel()
+    mm.parallel_state.initialize_model_parallel(1, 1, context_parallel_size=2)
+    mm.reset_megatron_state()
+    torch.manual_seed(13)
+    config = mm.tiny_config(context_parallel_size=2)
+    router = mm.RecordingRouter(config, pg_collection=get_default_pg_collection(), sara=mm.SARAOptions(sara_weight=0.6, sara_layers="middle"))
+    router.set_layer_number(2)  # decoder layer 1: in the middle of 4 MoE layers
+    router.train()
+    assert router._sara_group() is not None and router._sara_group().size() == 2
+    seq_len, num_cols = 8, 4
+    g = torch.Generator().manual_seed(14)
+    hidden = torch.randn(seq_len, num_cols, mm.HIDDEN, generator=g)  # the same whole sequences on both ranks
+    padding = torch.arange(seq_len)[:, None] >= torch.tensor([8, 3, 6, 1])[None, :]  # [s, b], True = padding
+    local = _cp_chunks(seq_len, 2, rank)
+    with mm.sara_batch(anchor=[0, 1], target=[2, 3]):
+        probs, _ = router(hidden[local], padding[local])
+    (probs.sum() * 0.0).backward()
+    grad = router.weight.grad.clone()
+    # Megatron scales aux losses by cp and averages gradients over dp x cp: the sum over CP ranks.
+    dist.all_reduce(grad)
+    weight = router.weight.detach().double().requires_grad_(True)
+    logits = torch.nn.functional.linear(hidden.double(), weight).transpose(0, 1)  # [b, s, E]
+    valid = ~padding.T
+    expected, per_layer = sara_loss([logits[[0, 1]].reshape(-1, mm.EXPERTS)], [logits[[2, 3]].reshape(-1, mm.EXPERTS)],
+                                    valid[[0, 1]], valid[[2, 3]], backend="reference", return_per_layer=True)
+    (expected * 0.6 / 2).backward()  # this layer's share: weight / 2 selected layers
+    torch.testing.assert_close(grad, weight.grad.float(), rtol=1e-4, atol=1e-8)
+    assert weight.grad.abs().sum() > 0
+    tracked = mm.get_moe_layer_wise_logging_tracker()[mm.TRACKER_NAME]["values"][1]
+    torch.testing.assert_close(tracked, per_layer[0].float(), rtol=1e-4, atol=1e-8)  # every rank: whole sequences
+
+
+def _check(rank: int):
+    torch.set_num_threads(1)
+    mm.init_parallel()
+    try:
+        _check_data_parallel(rank)
+        _check_context_parallel(rank)
+    finally:
+        mm.parallel_state.destroy_model_parallel()
+
+
+def test_two_data_parallel_ranks_equal_one_process_and_context_parallel_equals_whole_sequences():
+    run_ranks(_check, 2, timeout=240)
