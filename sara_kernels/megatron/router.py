@@ -134,31 +134,27 @@ class SARARouter(TopKRouter):
                     "SARA on packed sequences with context or sequence parallelism is not supported: the local token "
                     "layout of each packed sequence is not known to the router"
                 )
-            flat = logits.view(seq_len, num_experts)
-            target_rows, target_cu = batch.packed_side("target", seq_len, logits.device)
-            target = dict(target_logits=[flat.index_select(0, target_rows)], target_cu_seqlens=target_cu)
-        else:
-            valid = (~padding_mask.bool()) if padding_mask is not None else None
-            target_cols = batch.columns("target", num_cols, logits.device)
-            target = dict(
-                target_logits=[logits.index_select(1, target_cols).transpose(0, 1).reshape(-1, num_experts)],
-                target_mask=_side_mask(valid, target_cols, seq_len),
-            )
+        valid = (~padding_mask.bool()) if padding_mask is not None and not batch.packed else None
+
+        def side(name: str) -> dict:
+            """sara_loss's arguments for one side: its logits [N, E] and mask or cu_seqlens."""
+            if batch.packed:
+                rows, cu = batch.packed_side(name, seq_len, logits.device)
+                return {f"{name}_logits": [logits.view(seq_len, num_experts).index_select(0, rows)],
+                        f"{name}_cu_seqlens": cu}
+            cols = batch.columns(name, num_cols, logits.device)
+            return {f"{name}_logits": [logits.index_select(1, cols).transpose(0, 1).reshape(-1, num_experts)],
+                    f"{name}_mask": _side_mask(valid, cols, seq_len)}
+
         if batch.example_index is not None:
             if self.priors is None:
                 raise ValueError("sara_batch(example_index=...) needs cached priors: with_sara(spec, options, priors=...)")
             index = batch.example_index.to(logits.device)
             _check_example_index(index, self.priors.num_examples)
             anchor = dict(anchor_logits=None, anchor_probs=self._priors_of_layer(logits.device).index_select(0, index)[None])
-        elif batch.packed:
-            anchor_rows, anchor_cu = batch.packed_side("anchor", seq_len, logits.device)
-            anchor = dict(anchor_logits=[flat.index_select(0, anchor_rows)], anchor_cu_seqlens=anchor_cu)
         else:
-            anchor_cols = batch.columns("anchor", num_cols, logits.device)
-            anchor = dict(
-                anchor_logits=[logits.index_select(1, anchor_cols).transpose(0, 1).reshape(-1, num_experts)],
-                anchor_mask=_side_mask(valid, anchor_cols, seq_len),
-            )
+            anchor = side("anchor")
+        target = side("target")
         term = sara_term(self._layer_options, **anchor, **target, layers=(self.sara_layer,), score=self.sara_score,
                          group=group)
         return term.loss * self._layer_share[self.sara_layer], term.per_layer[0]

@@ -94,6 +94,19 @@ def test_live_anchors_padded_loss_and_every_gradient_equal_sara_loss(score):
     torch.testing.assert_close(tracked, per_layer.float(), rtol=1e-4, atol=1e-8)
 
 
+def test_per_token_loss_scales_by_the_local_valid_tokens_as_megatrons_aux_losses():
+    # With calculate_per_token_loss Megatron divides every gradient by the global token count, so its
+    # routers multiply aux losses by the micro-batch's valid tokens; SARA follows the same rule.
+    model = tiny_model(seed=12, calculate_per_token_loss=True)
+    tokens, positions, padding = random_batch(4, 6, seed=13)
+    with sara_batch(anchor=[0, 1], target=[2, 3]):
+        output = model(tokens, positions, None, labels=tokens, padding_mask=padding)
+    clean_forward(model, tokens, positions, None, padding_mask=padding)
+    expected, _ = expected_sara_padded(model, padding, anchor=[0, 1], target=[2, 3])
+    assert 0 < int((~padding).sum()) < padding.numel()
+    assert_grads_equal(model, output, expected * int((~padding).sum()))
+
+
 def test_cached_priors_by_example_index_and_extraction(tmp_path):
     model = tiny_model(seed=2, layers="all")
     anchors = [torch.randint(0, 40, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 9, 3, 7, 6)]
