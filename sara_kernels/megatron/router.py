@@ -307,8 +307,8 @@ def _is_moe_layer(module) -> bool:
 
 
 def _with_router(submodules: MoESubmodules, builder) -> MoESubmodules:
-    current = submodules.router
-    current_class = current.func if isinstance(current, functools.partial) else current
+    current = submodules.router  # a class, or a partial / ModuleSpec of one
+    current_class = current.func if isinstance(current, functools.partial) else getattr(current, "module", current)
     if isinstance(current_class, type) and issubclass(current_class, SARARouter):
         raise ValueError("with_sara: this spec's MoE layers already use a SARARouter (with_sara applied twice)")
     if current_class is not TopKRouter:

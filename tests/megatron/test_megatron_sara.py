@@ -38,6 +38,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.spec_utils import ModuleSpec
 from sara_kernels import sara_loss
 from sara_kernels.hf import RoutingPriors, load_routing_priors
 from sara_kernels.megatron import SARAOptions, SARARouter, extract_routing_priors, sara_batch, with_sara
@@ -254,6 +255,8 @@ def test_spec_transform_shapes_and_refusals():
     partial_spec = functools.partial(MoELayer, submodules=MoESubmodules(experts=None, router=TopKRouter))
     blocks = with_sara([partial_spec, get_gpt_layer_local_spec()], options, router_class=RecordingRouter)
     assert blocks[0].func is MoELayer and blocks[0].keywords["submodules"].router.func is RecordingRouter
+    as_spec = with_sara(ModuleSpec(module=MoELayer, submodules=MoESubmodules(router=ModuleSpec(module=TopKRouter))), options)
+    assert as_spec.submodules.router.func is SARARouter
     with pytest.raises(ValueError, match="has no MoELayer"):
         with_sara(get_gpt_layer_local_spec(), options)
     with pytest.raises(ValueError, match="applied twice"):
