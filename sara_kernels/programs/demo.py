@@ -495,6 +495,8 @@ def prepare(argv: list) -> Callable[[], int]:
         print(f"\n{summary['model']} on {summary['device']}: baseline {t['train_baseline_s']:.1f} s, "
               f"SARA {t['train_sara_s']:.1f} s, total {t['total_s']:.1f} s")
         print(f"wrote {os.path.join(args.out, 'summary.json')} and {os.path.join(args.out, 'summary.png')}")
+        if cfg.quick:
+            print("--quick is a smoke test: too short for SARA to change the routing; run without it to see the effect")
         return 0
 
     return run

@@ -124,7 +124,7 @@ def test_demo_cli_quick_end_to_end(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sara_kernels", "demo", "--quick", "--out", str(out)],
                           cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "routing JS/ln2" in proc.stdout and "LM loss" in proc.stdout
+    assert "routing JS/ln2" in proc.stdout and "LM loss" in proc.stdout and "--quick is a smoke test" in proc.stdout
     # stderr is a pipe, not a terminal: no progress bar (each redraw would be a carriage-return line)
     assert "\r" not in proc.stderr and "it/s" not in proc.stderr, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

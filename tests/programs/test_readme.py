@@ -15,8 +15,9 @@ Convention (for whoever writes README snippets):
 * The command-line blocks run in document order in one temporary folder holding what they name:
   ``./my-moe`` (a tiny MoE saved with ``save_pretrained``), ``opus.jsonl`` (pairs in the
   ``{"translation": {"en": ..., "sw": ...}}`` layout) and ``pairs.jsonl`` (``anchor``/``target``
-  pairs); ``python`` is this interpreter, CPU only, offline. The one change made to them: step
-  counts (``--max_steps N``, ``--steps N``, ``max_steps: N``) become 2. A block that needs what a
+  pairs); ``python`` is this interpreter, CPU only, offline. The changes made to them: step
+  counts (``--max_steps N``, ``--steps N``, ``max_steps: N``) become 2, and ``bash scripts/sara.sh``
+  (which sets up ``.venv``, then runs ``python -m sara_kernels``) runs as ``python -m sara_kernels``. A block that needs what a
   test cannot give (several processes, a GPU) takes the same not-run marker.
 
 A failing block is reported with its README line numbers (tracebacks point into README.md).
@@ -210,11 +211,15 @@ def commands(code: str) -> list[str]:
     return out
 
 
+SARA_SH = "bash scripts/sara.sh "  # sets up .venv, then runs `python -m sara_kernels` with its arguments
+PACKAGE_COMMANDS = ("python -m sara_kernels ", SARA_SH)
+
+
 def is_command_block(block: Block) -> bool:
     """A bash block of the package's commands (and files they read written by ``cat > FILE <<END``)."""
     lines = commands(block.code)
-    return (block.lang == "bash" and block.not_run_reason is None and any(l.startswith("python -m sara_kernels ") for l in lines)
-            and all(l.startswith(("python -m sara_kernels ", "cat > ")) for l in lines))
+    return (block.lang == "bash" and block.not_run_reason is None and any(l.startswith(PACKAGE_COMMANDS) for l in lines)
+            and all(l.startswith((*PACKAGE_COMMANDS, "cat > ")) for l in lines))
 
 
 COMMAND_BLOCKS = [b for b in BLOCKS if is_command_block(b)]
@@ -225,7 +230,9 @@ _STEPS = (
 
 
 def shortened(code: str) -> str:
-    """``code`` with every step count set to 2 (the only change made to a README command)."""
+    """``code`` with every step count set to 2, and ``scripts/sara.sh`` run as what it runs once the
+    ``.venv`` is set up (the test's interpreter is): the only changes made to a README command."""
+    code = re.sub(rf"^(\s*){re.escape(SARA_SH)}", r"\g<1>python -m sara_kernels ", code, flags=re.M)
     for pattern, replacement in _STEPS:
         code = pattern.sub(replacement, code)
     return code
@@ -237,12 +244,15 @@ def test_command_blocks_are_recognised():
     assert commands(block.code) == ["python -m sara_kernels train --a \\", "cat > c.yaml <<'YAML'", "python -m sara_kernels train c.yaml"]
     assert is_command_block(block)
     assert not is_command_block(Block("s", 1, "pip install -e .\npython -m sara_kernels selftest", None, "bash"))
+    assert is_command_block(Block("s", 1, "bash scripts/sara.sh demo --model m", None, "bash"))
+    assert not is_command_block(Block("s", 1, "bash scripts/sara.sh demo\nbash scripts/test.sh", None, "bash"))
     assert not is_command_block(Block("s", 1, "python -m sara_kernels demo", "needs a GPU", "bash"))
 
 
 def test_shortened_changes_only_step_counts():
-    code = "python -m sara_kernels train --max_steps 1000 --sara_max_length 64\nmax_steps: 300\ndemo --steps=200"
-    assert shortened(code) == "python -m sara_kernels train --max_steps 2 --sara_max_length 64\nmax_steps: 2\ndemo --steps=2"
+    code = "python -m sara_kernels train --max_steps 1000 --sara_max_length 64\nmax_steps: 300\nbash scripts/sara.sh demo --steps=200"
+    assert shortened(code) == ("python -m sara_kernels train --max_steps 2 --sara_max_length 64\nmax_steps: 2\n"
+                               "python -m sara_kernels demo --steps=2")
 
 
 @pytest.fixture
