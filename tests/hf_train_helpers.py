@@ -17,6 +17,7 @@ from sara_kernels import reference
 from sara_kernels.programs.corpus import build_word_tokenizer, make_parallel_corpus
 
 TOKENIZER = build_word_tokenizer()
+LAMBDA = 5.0  # the SARA weight of the one-step tests: large, so SARA moves the routers far beyond rounding
 
 
 def tiny_moe(seed=0, *, num_experts=4, num_layers=3, mlp_only_layers=(0,), tokenizer=TOKENIZER, **overrides):
@@ -48,10 +49,34 @@ def sgd_args(tmp_path, **overrides):
         output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=8, gradient_accumulation_steps=1,
         max_steps=1, learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
         weight_decay=0.0, warmup_steps=0, report_to="none", save_strategy="no", logging_steps=1,
-        disable_tqdm=True, use_cpu=True, dataloader_pin_memory=False, sara_weight=5.0, seed=0,
+        disable_tqdm=True, use_cpu=True, dataloader_pin_memory=False, sara_weight=LAMBDA, seed=0,
     )
     kwargs.update(overrides)
     return SARATrainingArguments(**kwargs)
+
+
+def sft_sgd_config(tmp_path, config_class=None, **overrides):
+    """One plain-SGD step of TRL in float32 (Δθ = -lr · grad exactly; TRL defaults to bf16), TRL's aux
+    loss off; ``config_class`` defaults to SARASFTConfig (with sara_weight = LAMBDA)."""
+    from sara_kernels.hf import SARASFTConfig
+
+    config_class = config_class or SARASFTConfig
+    kwargs = dict(
+        output_dir=str(tmp_path / "sft"), per_device_train_batch_size=8, gradient_accumulation_steps=1, max_steps=1,
+        learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,
+        warmup_steps=0, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, use_cpu=True,
+        dataloader_pin_memory=False, seed=0, router_aux_loss_coef=0.0, max_length=64, bf16=False,  # exact oracle
+    )
+    if config_class is SARASFTConfig:
+        kwargs["sara_weight"] = LAMBDA
+    kwargs.update(overrides)
+    return config_class(**kwargs)
+
+
+def updates(base, model):
+    """Each parameter of ``model`` minus the same parameter of ``base``."""
+    before = dict(base.named_parameters())
+    return {n: p.detach() - before[n].detach() for n, p in model.named_parameters()}
 
 
 def train_delta(base, tmp_path, data, **overrides):
@@ -63,8 +88,7 @@ def train_delta(base, tmp_path, data, **overrides):
     trainer = SARATrainer(model=model, args=sgd_args(tmp_path, **overrides), train_dataset=data,
                           processing_class=TOKENIZER, routing_priors=priors)
     trainer.train()
-    before = dict(base.named_parameters())
-    return {n: (p.detach() - before[n].detach()) for n, p in model.named_parameters()}, trainer
+    return updates(base, model), trainer
 
 
 def _encode(text):

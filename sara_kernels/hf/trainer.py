@@ -50,6 +50,7 @@ from transformers.trainer_utils import unwrap_peft_model
 
 from ..term import SARAOptions, SARATerm
 from .capture import CapturedRouterLogits
+from .checkpoint import SARACheckpointing
 from .collate import IGNORE_INDEX, SARACollator
 from .data import PairDataset, anchors_fingerprint
 from .priors import RoutingPriors, load_routing_priors
@@ -245,7 +246,7 @@ class _Routing:
     sides: dict
 
 
-class SARATrainer(SARATermMixin, Trainer):
+class SARATrainer(SARACheckpointing, SARATermMixin, Trainer):
     """``Trainer`` that adds ``sara_weight`` × SARA to the LM loss on parallel pairs.
 
     Args (beyond ``Trainer``'s):

@@ -33,9 +33,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.trainer_utils import unwrap_peft_model
 from trl import SFTConfig, SFTTrainer
 
 from ..term import SARAOptions
+from .checkpoint import SARACheckpointing
 from .collate import SARACollator, pack_sequences, pad_right, pad_token_id
 from .data import validate_pair
 from .term import SARATermMixin, prepare_sara_model
@@ -156,7 +159,7 @@ class SARASFTCollator:
         return batch
 
 
-class SARASFTTrainer(SARATermMixin, SFTTrainer):
+class SARASFTTrainer(SARACheckpointing, SARATermMixin, SFTTrainer):
     """TRL's ``SFTTrainer`` that adds ``sara_weight`` × SARA to its loss (see the module docstring).
 
     Args: those of ``SFTTrainer``, with ``args`` a :class:`SARASFTConfig` and ``train_dataset`` /
@@ -240,7 +243,14 @@ class SARASFTTrainer(SARATermMixin, SFTTrainer):
         if args.sara_weight == 0:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-        anchor = self._sara_anchor_routing(model, **anchor_inputs)
+        anchor_model = model
+        if is_deepspeed_zero3_enabled():
+            # TRL's fused LM head reads lm_head.weight outside the module and gathers it only when ZeRO-3 has not
+            # fetched it already; an anchor forward through lm_head puts it in ZeRO-3's prefetch trace, which then
+            # fetches it early and frees it before TRL's backward reads it (an empty weight). The anchor's routing
+            # needs no head: it runs through the decoder alone.
+            anchor_model = unwrap_peft_model(self.accelerator.unwrap_model(model)).get_decoder()
+        anchor = self._sara_anchor_routing(anchor_model, **anchor_inputs)
         with self._sara_capture(model) as target:
             # TRL's return_outputs=True runs a second forward for the logits: taken outside the capture.
             loss = super().compute_loss(model, inputs, False, num_items_in_batch)

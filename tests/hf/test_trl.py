@@ -14,35 +14,14 @@ import torch
 pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from hf_train_helpers import TOKENIZER, assert_updates_close, one_thread, pairs, tiny_moe  # noqa: E402
+from hf_train_helpers import LAMBDA, TOKENIZER, assert_updates_close, one_thread, pairs, tiny_moe  # noqa: E402
+from hf_train_helpers import sft_sgd_config as sgd_config, updates  # noqa: E402
 from helpers import REPO  # noqa: E402
 
 from sara_kernels import reference  # noqa: E402
 from sara_kernels.hf import SARACollator, SARASFTConfig, SARASFTTrainer  # noqa: E402
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
-
-LAMBDA = 5.0
-
-
-def sgd_config(tmp_path, config_class=SARASFTConfig, **overrides):
-    """One plain-SGD step in float32 (Δθ = -lr · grad exactly; TRL defaults to bf16), TRL's aux loss off."""
-    kwargs = dict(
-        output_dir=str(tmp_path / "sft"), per_device_train_batch_size=8, gradient_accumulation_steps=1, max_steps=1,
-        learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,
-        warmup_steps=0, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, use_cpu=True,
-        dataloader_pin_memory=False, seed=0, router_aux_loss_coef=0.0, max_length=64, bf16=False,  # exact oracle
-    )
-    if config_class is SARASFTConfig:
-        kwargs["sara_weight"] = LAMBDA
-    kwargs.update(overrides)
-    return config_class(**kwargs)
-
-
-def updates(base, model):
-    before = dict(base.named_parameters())
-    return {n: p.detach() - before[n].detach() for n, p in model.named_parameters()}
-
 
 def pooled_routing(model, ids):
     out = model(input_ids=torch.tensor([ids]), output_router_logits=True, use_cache=False)

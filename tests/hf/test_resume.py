@@ -1,0 +1,166 @@
+"""Resuming after a pre-emption (fp32, CPU, fixed seeds): a run stopped at step 3 of 5 (AdamW, a
+warm-up and decay schedule, clipping, 2 accumulated micro-batches, a new epoch every 2 steps) and
+restarted with ``resume_from_checkpoint`` logs the same losses and SARA metrics for steps 4-5 as
+the run that was never stopped, and ends with the same weights: SARATrainer with live anchors and
+with cached priors, SARASFTTrainer, and ``python -m sara_kernels train --resume_from_checkpoint``.
+A checkpoint trained with other priors or another layer set is refused, naming the change."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+
+from transformers import TrainerCallback  # noqa: E402
+
+from hf_train_helpers import TOKENIZER, one_thread, pairs, sft_sgd_config, sgd_args, tiny_moe  # noqa: E402
+
+from sara_kernels.hf import SARATrainer, extract_routing_priors, save_pairs  # noqa: E402
+from sara_kernels.hf.checkpoint import STATE_FILE  # noqa: E402
+
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+
+STEPS, STOP = 5, 3
+PAIRS = 8
+SCHEDULE = dict(max_steps=STEPS, per_device_train_batch_size=2, gradient_accumulation_steps=2, optim="adamw_torch",
+                learning_rate=3e-2, lr_scheduler_type="linear", warmup_steps=2, max_grad_norm=1.0, weight_decay=0.01)
+LOGGED = ("loss", "grad_norm", "learning_rate", "lm_loss", "sara_loss")
+
+
+class StopAt(TrainerCallback):
+    """A pre-emption right after optimiser step ``step``, once its checkpoint is written."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+def sara_trainer(out, priors=None, **overrides):
+    args = sgd_args(out.parent, output_dir=str(out), **{**SCHEDULE, **overrides})
+    return SARATrainer(model=tiny_moe(), args=args, train_dataset=pairs(PAIRS), processing_class=TOKENIZER,
+                       routing_priors=priors)
+
+
+def sft_trainer(out, **overrides):
+    from sara_kernels.hf import SARASFTTrainer
+
+    args = sft_sgd_config(out.parent, output_dir=str(out), **{**SCHEDULE, **overrides})
+    return SARASFTTrainer(model=tiny_moe(), args=args, train_dataset=datasets.Dataset.from_list(pairs(PAIRS)),
+                          processing_class=TOKENIZER)
+
+
+def step_logs(trainer) -> dict:
+    """global step -> the logged values of that step (losses, SARA metrics, schedule)."""
+    return {e["step"]: {k: v for k, v in e.items() if k in LOGGED or k.startswith("sara_js/")}
+            for e in trainer.state.log_history if "loss" in e}
+
+
+def assert_resume_continues_the_run(make, tmp_path):
+    full = make(tmp_path / "full")
+    full.train()
+    stopped = make(tmp_path / "run")
+    stopped.add_callback(StopAt(STOP))
+    stopped.train()
+    assert stopped.state.global_step == STOP and (tmp_path / "run" / f"checkpoint-{STOP}" / STATE_FILE).exists()
+    resumed = make(tmp_path / "run")
+    resumed.train(resume_from_checkpoint=True)  # the last checkpoint in output_dir, as after a restart
+
+    want, got = step_logs(full), step_logs(resumed)
+    assert sorted(got) == list(range(1, STEPS + 1)) and {"sara_loss", "sara_js/layer_1"} <= want[STEPS].keys()
+    for step in range(STOP + 1, STEPS + 1):
+        assert got[step].keys() == want[step].keys(), step
+        for key, value in want[step].items():
+            assert got[step][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (step, key)
+    # The compared values move from step to step: equal logs are not equal by construction.
+    assert want[STOP + 1]["loss"] != want[STEPS]["loss"] and want[STOP + 1]["sara_loss"] != want[STEPS]["sara_loss"]
+    final = dict(full.model.named_parameters())
+    for name, p in resumed.model.named_parameters():
+        torch.testing.assert_close(p, final[name], rtol=1e-6, atol=1e-8, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.fixture
+def priors_file(tmp_path):
+    path = tmp_path / "priors.safetensors"
+    extract_routing_priors(tiny_moe(), pairs(PAIRS), TOKENIZER, path, progress=False)
+    return str(path)
+
+
+def test_sara_trainer_resumes_as_if_uninterrupted_with_live_anchors(tmp_path):
+    assert_resume_continues_the_run(sara_trainer, tmp_path)
+
+
+def test_sara_trainer_resumes_as_if_uninterrupted_with_priors(tmp_path, priors_file):
+    assert_resume_continues_the_run(lambda out: sara_trainer(out, priors=priors_file), tmp_path)
+
+
+def test_sft_trainer_resumes_as_if_uninterrupted(tmp_path):
+    assert_resume_continues_the_run(sft_trainer, tmp_path)
+
+
+@pytest.fixture
+def stopped_run(tmp_path, priors_file):
+    """A run with priors stopped at step 1 (its checkpoint in tmp_path/run/checkpoint-1)."""
+    trainer = sara_trainer(tmp_path / "run", priors=priors_file)
+    trainer.add_callback(StopAt(1))
+    trainer.train()
+    return tmp_path / "run"
+
+
+def test_resume_refuses_other_priors(stopped_run, tmp_path):
+    other = tmp_path / "other_priors.safetensors"
+    extract_routing_priors(tiny_moe(seed=1), pairs(PAIRS), TOKENIZER, other, progress=False)
+    trainer = sara_trainer(stopped_run, priors=str(other))
+    with pytest.raises(ValueError, match=r"other SARA settings: routing_priors changed \(values_sha256 "):
+        trainer.train(resume_from_checkpoint=True)
+    with pytest.raises(ValueError, match="trained with cached priors, now live anchors"):
+        sara_trainer(stopped_run).train(resume_from_checkpoint=str(stopped_run / "checkpoint-1"))
+
+
+def test_resume_refuses_another_layer_set(stopped_run, tmp_path):
+    trainer = sara_trainer(stopped_run, sara_layers="2")
+    with pytest.raises(ValueError, match=r"sara_layers \[1, 2\] -> \[2\]"):
+        trainer.train(resume_from_checkpoint=True)
+
+
+def test_checkpoint_of_a_plain_trainer_resumes_with_a_warning(stopped_run):
+    checkpoint = stopped_run / "checkpoint-1"
+    (checkpoint / STATE_FILE).unlink()
+    trainer = sara_trainer(stopped_run, priors=str(stopped_run.parent / "priors.safetensors"), max_steps=2)
+    with pytest.warns(UserWarning, match=f"has no {STATE_FILE}"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.state.global_step == 2
+
+
+def test_train_command_resumes_from_a_checkpoint(tmp_path):
+    from sara_kernels.programs.cli import main
+
+    model_dir = tmp_path / "model"
+    tiny_moe().save_pretrained(model_dir)
+    TOKENIZER.save_pretrained(model_dir)
+    data = tmp_path / "pairs.jsonl"
+    save_pairs(pairs(PAIRS), data)
+
+    def train(out, *extra):
+        argv = ["train", "--model", str(model_dir), "--data", str(data), "--output_dir", str(out),
+                "--max_steps", "4", "--per_device_train_batch_size", "4", "--learning_rate", "0.03",
+                "--lr_scheduler_type", "linear", "--save_strategy", "steps", "--save_steps", "2",
+                "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true",
+                "--dataloader_pin_memory", "false", "--sara_weight", "5", *extra]
+        assert main(argv) == 0
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        return {e["step"]: {k: v for k, v in e.items() if k in LOGGED or k.startswith("sara_js/")}
+                for e in history if "loss" in e}
+
+    full = train(tmp_path / "full")
+    resumed = train(tmp_path / "resumed", "--resume_from_checkpoint", str(tmp_path / "full" / "checkpoint-2"))
+    assert sorted(resumed) == [1, 2, 3, 4] and "sara_loss" in full[4]
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-9), step
