@@ -240,7 +240,10 @@ def pairs_from_dataset(
         dataset = dataset.flatten()  # nested fields become "column.field" columns
     for key, column in wanted.items():
         if column not in dataset.column_names:
-            raise ValueError(f"{key}_column: no column {column!r} in {source}; available columns: {dataset.column_names}")
+            codes = [c[len(translation_column) + 1 :] for c in dataset.column_names if c.startswith(f"{translation_column}.")]
+            hint = (f" (the translation layout, with language codes {codes}: give anchor_lang and target_lang)"
+                    if codes and anchor_lang is None else "")
+            raise ValueError(f"{key}_column: no column {column!r} in {source}; available columns: {dataset.column_names}{hint}")
         _check_column_type(dataset, column, key, source)
     dataset = dataset.select_columns(list(wanted.values())).rename_columns({c: k for k, c in wanted.items() if c != k})
     if "lang" not in wanted and target_lang is not None:

@@ -145,7 +145,8 @@ def test_user_mistakes_are_one_line_without_traceback(command, model_dir, dense_
          r"anchor_column: no column 'english' in .*pairs.jsonl; available columns: \['anchor', 'target', 'lang'\]"),
         (["--model", dense_dir, "--data", data], 1, "Qwen3ForCausalLM without MoE routers that record router_logits"),
         (["--model", model_dir, "--data", str(opus)], 1,
-         r"anchor_column: no column 'anchor' in .*opus.jsonl; available columns: \['translation.en', 'translation.sw'\]"),
+         r"anchor_column: no column 'anchor' in .*opus.jsonl; available columns: \['translation.en', 'translation.sw'\] "
+         r"\(the translation layout, with language codes \['en', 'sw'\]: give anchor_lang and target_lang\)"),
         (["--model", str(tmp_path / "nope"), "--data", data], 1, "nope is not a directory with a saved model"),
         (["--model", model_dir, "--data", data, "--bogus", "3"], 2, r"unrecognized arguments: --bogus 3"),
         (["--model", model_dir, "--data", data, "--dtype", "float8"], 2, r"argument --dtype: invalid choice: 'float8'"),
