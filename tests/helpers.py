@@ -1,6 +1,7 @@
 """Test-suite glue: the device the tests run on, leaves for autograd, and the shared input
-builders of :mod:`sara_kernels.testing` placed on that device. Tolerances and the oracle live
-in :mod:`sara_kernels.testing` (one table for the tests, the GPU tests and the selftest)."""
+builders of :mod:`sara_kernels.testing` placed on that device. Tolerances, the oracle, the cases
+and the comparison harness live in :mod:`sara_kernels.testing` (one home for the tests, the GPU
+tests, the selftest and the benchmarks)."""
 
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ with split sequences, CUDA-graph capture and torch.compile tracing. Each test ru
 backend: ``triton``, and ``cuda`` (the C++ extension, skipped with a reason when it is not
 built). Every test is marked
 ``gpu`` and skipped with a reason on a machine without CUDA (there tests/conftest.py turns on
-the interpreter, which these tests must never use). Accuracy is judged with the tolerances
-of :mod:`sara_kernels.programs.selftest` (float64 reference on the same rounded inputs). No test here
+the interpreter, which these tests must never use). Accuracy is judged by the checks
+and tolerances of :mod:`sara_kernels.testing` (float64 reference on the same rounded inputs). No test here
 asserts anything about time.
 """
 
@@ -23,7 +23,6 @@ import torch
 
 import sara_kernels
 from sara_kernels import backends, reference, testing
-from sara_kernels.programs import selftest
 from sara_kernels.ops import cuda, routing_js
 
 pytestmark = [
@@ -33,7 +32,7 @@ pytestmark = [
 ]
 
 DEVICE = "cuda"
-LARGE = selftest.Shape(layers=6, seqs=8, seq_len=1000)
+LARGE = testing.Shape(layers=6, seqs=8, seq_len=1000)
 EXPERTS = [8, 16, 60, 64, 128, 256, 384, 512]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
@@ -51,32 +50,19 @@ BACKENDS = [pytest.param(name, marks=pytest.mark.skipif(bool(_unavailable(name))
             for name in backends.FUSED]
 
 
-def _assert_passed(result: selftest.CheckResult):
-    assert result.passed, selftest.results_table([result])
-
-
-def _rotating_case(index: int, experts: int, dtype: torch.dtype) -> selftest.Case:
-    """Segmentation, score, anchor mode and layout rotate with the index so the grid meets each."""
-    return selftest.Case(
-        experts=experts,
-        segmentation=("mask", "cu_seqlens")[index % 2],
-        score=("softmax", "sigmoid")[(index // 2) % 2],
-        dtype=dtype,
-        anchor=("detached", "both", "priors")[index % 3],
-        layout=("tuple", "stacked")[(index // 3) % 2],
-        temperature=(1.0, 0.7)[(index // 4) % 2],
-    )
+def _assert_passed(result: testing.CheckResult):
+    assert result.passed, result.describe()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: selftest.DTYPE_NAMES[d])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: testing.DTYPE_NAMES[d])
 @pytest.mark.parametrize("experts", EXPERTS)
 def test_matches_float64_reference(experts, dtype, backend):
     """JS [L, B] and gradients at 6 layers × 8 ragged sequences (~8k rows per side), with an
     empty sequence on each side, against the float64 reference on the same rounded inputs."""
     index = EXPERTS.index(experts) + len(EXPERTS) * DTYPES.index(dtype)
-    case = _rotating_case(index, experts, dtype)
-    _assert_passed(selftest.check_kernel(case, LARGE, backend, DEVICE, seed=index))
+    case = testing.rotating_case(index, experts, dtype)
+    _assert_passed(testing.check_kernel(case, LARGE, backend, DEVICE, seed=index))
 
 
 @pytest.fixture
@@ -100,8 +86,8 @@ def test_triton_row_loop_with_and_without_pipelining(experts, stages, tile_stage
     (an empty sequence on each side), against the float64 reference."""
     tile_stages(stages)
     for index, (segmentation, score) in enumerate([("mask", "softmax"), ("cu_seqlens", "sigmoid")]):
-        case = selftest.Case(experts=experts, segmentation=segmentation, score=score, dtype=torch.bfloat16, anchor="both")
-        _assert_passed(selftest.check_kernel(case, LARGE, "triton", DEVICE, seed=40 + index))
+        case = testing.Case(experts=experts, segmentation=segmentation, score=score, dtype=torch.bfloat16, anchor="both")
+        _assert_passed(testing.check_kernel(case, LARGE, "triton", DEVICE, seed=40 + index))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -111,10 +97,9 @@ def test_minus_inf_logits(score, anchor, backend):
     """An expert at −inf in layer 0 on both sides (P_e = 0: the 0·log 0 terms) and tokens with
     −inf experts: the result is finite, matches the reference, and the disabled expert's
     gradient is exactly zero."""
-    case = selftest.Case(experts=60, segmentation="mask", score=score, dtype=torch.bfloat16, anchor=anchor, minus_inf=True)
-    _assert_passed(selftest.check_kernel(case, LARGE, backend, DEVICE, seed=3))
-    inputs, _ = selftest.make_inputs(case, LARGE, DEVICE, seed=3)
-    js, grads = selftest.evaluate(inputs, case, backend)
+    case = testing.Case(experts=60, segmentation="mask", score=score, dtype=torch.bfloat16, anchor=anchor, minus_inf=True)
+    _assert_passed(testing.check_kernel(case, LARGE, backend, DEVICE, seed=3))
+    js, grads = testing.evaluate(testing.make_inputs(case, LARGE, DEVICE, seed=3), case, backend)
     assert torch.isfinite(js).all()
     assert (grads[0][:, 3] == 0).all()  # grads[0]: layer 0 of the target (tuple layout)
 
@@ -178,7 +163,7 @@ def test_cuda_matches_triton(segmentation, score):
     target = [torch.randn(B * S, E, generator=gen, device=DEVICE, dtype=torch.bfloat16) for _ in range(L)]
     lengths = torch.tensor([S, 700, 0, 1, 450], device=DEVICE)
     if segmentation == "mask":
-        mask = (torch.arange(S, device=DEVICE)[None, :] < lengths[:, None]).long()
+        mask = testing.padding_mask(lengths, S, DEVICE)
         seg = dict(anchor_mask=mask, target_mask=mask)
     else:
         cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).int()
@@ -204,7 +189,7 @@ def test_routing_distribution_matches_reference(backend):
     gen = torch.Generator(device=DEVICE).manual_seed(23)
     L, B, S, E = 4, 3, 1500, 60
     logits = torch.randn(L, B * S, E, generator=gen, device=DEVICE, dtype=torch.bfloat16)
-    mask = (torch.arange(S, device=DEVICE)[None, :] < torch.tensor([S, 0, 333], device=DEVICE)[:, None]).long()
+    mask = testing.padding_mask([S, 0, 333], S, DEVICE)
     weight = torch.randn(L, B, E, generator=gen, device=DEVICE, dtype=torch.float64)
     x = logits.clone().requires_grad_()
     probs = sara_kernels.routing_distribution(x, mask, score="sigmoid", temperature=0.9, backend=backend)
@@ -296,7 +281,7 @@ def test_cuda_graph_capture_of_forward_and_backward(segmentation, backend):
     static_a = [t.requires_grad_() for t in fresh()]
     static_t = [t.requires_grad_() for t in fresh()]
     if segmentation == "mask":
-        mask = (torch.arange(S, device=DEVICE)[None, :] < torch.tensor([S, 700, 1, 300], device=DEVICE)[:, None]).long()
+        mask = testing.padding_mask([S, 700, 1, 300], S, DEVICE)
         seg = dict(anchor_mask=mask, target_mask=mask)
     else:
         cu = torch.tensor([0, 1000, 1000, 3000, B * S], dtype=torch.int32, device=DEVICE)
@@ -335,7 +320,7 @@ def test_torch_compile_fullgraph(backend):
     L, B, S, E = 4, 4, 512, 64
     anchor = [torch.randn(B * S, E, generator=gen, device=DEVICE, dtype=torch.bfloat16) for _ in range(L)]
     target = [torch.randn(B * S, E, generator=gen, device=DEVICE, dtype=torch.bfloat16) for _ in range(L)]
-    mask = (torch.arange(S, device=DEVICE)[None, :] < torch.tensor([S, 100, 0, 400], device=DEVICE)[:, None]).long()
+    mask = testing.padding_mask([S, 100, 0, 400], S, DEVICE)
 
     def loss_fn(a, t, m):
         return sara_kernels.sara_loss(a, t, m, m, detach_anchor=False, backend=backend)

@@ -45,7 +45,7 @@ class Side(ctypes.Structure):
     ]
 
 
-class Case(ctypes.Structure):
+class Launch(ctypes.Structure):
     _fields_ = [
         ("dtype", ctypes.c_int), ("num_layers", ctypes.c_int), ("num_experts", ctypes.c_int), ("num_seqs", ctypes.c_int),
         ("sigmoid", ctypes.c_int), ("reduction", ctypes.c_int), ("layers_per_launch", ctypes.c_int),
@@ -63,36 +63,48 @@ def emulated(tmp_path_factory):
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     dll = ctypes.CDLL(str(lib))
-    dll.sara_emu_run.argtypes = [ctypes.POINTER(Case)]
+    dll.sara_emu_run.argtypes = [ctypes.POINTER(Launch)]
     return dll
 
 
-@dataclass
+@dataclass(frozen=True)
 class Spec:
-    dtype: torch.dtype
-    experts: int
-    segmentation: str  # mask:<dtype> | cu:<dtype> | none
-    score: str
-    anchor: str  # detached | both | priors
+    """One emulated run: the op's configuration and what the host op chooses or passes through
+    (index dtypes, reduction, layer weights, splits, layers per launch, storage)."""
+
+    case: testing.Case  # τ = 0.7 throughout
+    index_dtype: str  # of the mask or the cu_seqlens
     reduction: str
     weights: str  # none | f32 | f64
     splits: int
     layers_per_launch: int
-    layout: str  # contiguous | strided (column stride 2) | padded (row stride E + 3)
+    storage: str  # contiguous | strided (column stride 2) | padded (row stride E + 3)
+
+    @property
+    def label(self) -> str:
+        return (f"{self.case.label} {self.index_dtype} {self.reduction} w{self.weights} x{self.splits} "
+                f"g{self.layers_per_launch} {self.storage}")
+
+
+def spec(dtype, experts, segmentation, score, anchor, *launch) -> Spec:
+    """A row of the grid: ``segmentation`` is "kind:index dtype" or "none"."""
+    kind, _, index_dtype = segmentation.partition(":")
+    case = testing.Case(experts=experts, segmentation=kind, score=score, dtype=dtype, anchor=anchor, temperature=0.7)
+    return Spec(case, index_dtype, *launch)
 
 
 SPECS = [
-    Spec(torch.float32, 8, "mask:int64", "softmax", "detached", "mean", "none", 1, 128, "contiguous"),
-    Spec(torch.bfloat16, 128, "cu:int32", "softmax", "both", "mean", "f64", 3, 1, "contiguous"),
-    Spec(torch.float16, 60, "mask:bool", "sigmoid", "both", "sum", "f32", 2, 2, "padded"),
-    Spec(torch.bfloat16, 5, "mask:float32", "softmax", "priors", "none", "none", 1, 128, "strided"),
-    Spec(torch.float32, 256, "cu:int64", "sigmoid", "detached", "none", "f64", 2, 128, "contiguous"),
-    Spec(torch.bfloat16, 512, "mask:int64", "softmax", "both", "sum", "none", 1, 2, "contiguous"),
-    Spec(torch.float32, 512, "none", "sigmoid", "both", "mean", "f32", 3, 128, "contiguous"),
-    Spec(torch.float16, 16, "mask:int32", "softmax", "detached", "mean", "none", 2, 1, "contiguous"),
-    Spec(torch.bfloat16, 64, "cu:int32", "sigmoid", "priors", "mean", "f64", 1, 128, "padded"),
-    Spec(torch.float32, 128, "mask:float32", "softmax", "both", "none", "none", 2, 128, "strided"),
-    Spec(torch.float16, 200, "none", "softmax", "detached", "sum", "none", 1, 128, "contiguous"),
+    spec(torch.float32, 8, "mask:int64", "softmax", "detached", "mean", "none", 1, 128, "contiguous"),
+    spec(torch.bfloat16, 128, "cu_seqlens:int32", "softmax", "both", "mean", "f64", 3, 1, "contiguous"),
+    spec(torch.float16, 60, "mask:bool", "sigmoid", "both", "sum", "f32", 2, 2, "padded"),
+    spec(torch.bfloat16, 5, "mask:float32", "softmax", "priors", "none", "none", 1, 128, "strided"),
+    spec(torch.float32, 256, "cu_seqlens:int64", "sigmoid", "detached", "none", "f64", 2, 128, "contiguous"),
+    spec(torch.bfloat16, 512, "mask:int64", "softmax", "both", "sum", "none", 1, 2, "contiguous"),
+    spec(torch.float32, 512, "none", "sigmoid", "both", "mean", "f32", 3, 128, "contiguous"),
+    spec(torch.float16, 16, "mask:int32", "softmax", "detached", "mean", "none", 2, 1, "contiguous"),
+    spec(torch.bfloat16, 64, "cu_seqlens:int32", "sigmoid", "priors", "mean", "f64", 1, 128, "padded"),
+    spec(torch.float32, 128, "mask:float32", "softmax", "both", "none", "none", 2, 128, "strided"),
+    spec(torch.float16, 200, "none", "softmax", "detached", "sum", "none", 1, 128, "contiguous"),
 ]
 
 
@@ -110,17 +122,19 @@ def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.contiguous()
 
 
-def _segmentation(spec: Spec, B: int, S: int, gen):
-    kind, _, dtype = spec.segmentation.partition(":")
-    if kind == "none":
-        return 1, None, None
-    if kind == "mask":
-        mask = testing.ragged_mask(B, S, generator=gen, empty=(1,))
-        if dtype == "float32":
+def _segmentation(spec: Spec, B: int, S: int, gen) -> testing.Segmentation:
+    """B sequences of S rows (a mask's sequence 1 or packed sequence 2 empty), indices in the
+    spec's dtype; a float mask holds weights in [0.5, 1.5) and −0 for padding."""
+    kind = spec.case.segmentation
+    side = testing.segmentation(kind, B, S, gen, empty={"mask": (1,), "cu_seqlens": (2,)}.get(kind, ()), num_tokens=B * S)
+    if side.mask is not None:
+        mask = side.mask
+        if spec.index_dtype == "float32":
             mask = torch.where(mask.bool(), torch.rand(B, S, generator=gen) + 0.5, -torch.zeros(B, S))
-        return B, mask.to(getattr(torch, dtype)), None
-    cu = testing.packed_cu_seqlens(B, B * S, generator=gen, empty=(2,))
-    return B, None, cu.to(getattr(torch, dtype))
+        return testing.Segmentation(mask.to(getattr(torch, spec.index_dtype)), None, B * S)
+    if side.cu_seqlens is not None:
+        return testing.Segmentation(None, side.cu_seqlens.to(getattr(torch, spec.index_dtype)), B * S)
+    return side
 
 
 def _side(x: torch.Tensor, mask, cu, splits: int, grad) -> Side:
@@ -134,63 +148,55 @@ def _side(x: torch.Tensor, mask, cu, splits: int, grad) -> Side:
     return side
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.dtype}-E{s.experts}-{s.segmentation}-{s.score}-{s.anchor}-"
-                                                      f"{s.reduction}-w{s.weights}-x{s.splits}-g{s.layers_per_launch}-{s.layout}")
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.label.replace(" ", "-"))
 def test_emulated_kernels_match_float64_reference(emulated, spec):
-    gen = torch.Generator().manual_seed(spec.experts * 7 + spec.splits)
-    L, B, S, E, tau = 3, 4, 37, spec.experts, 0.7
-    num_seqs, mask, cu = _segmentation(spec, B, S, gen)
-    N = B * S
+    case = spec.case
+    gen = torch.Generator().manual_seed(case.experts * 7 + spec.splits)
+    L, B, S, E, tau = 3, 4, 37, case.experts, case.temperature
+    side = _segmentation(spec, B, S, gen)
+    num_seqs, mask, cu, N = side.num_seqs, side.mask, side.cu_seqlens, side.num_tokens
     raw_t = torch.cat(testing.random_logits(L, N, E, generator=gen)).view(L, N, E)
     raw_a = torch.cat(testing.random_logits(L, N, E, generator=gen)).view(L, N, E)
     raw_t[0, :, min(3, E - 1)] = float("-inf")  # an expert disabled on every token of layer 0
     if mask is not None:
         raw_t[:, ~mask.reshape(-1).bool()] = float("nan")  # padding must never leak
-    target = _layout(raw_t.to(spec.dtype), spec.layout)
-    anchor = _layout(raw_a.to(spec.dtype), spec.layout)
-    priors = reference.routing_distribution(list(raw_a.double()), mask, cu_seqlens=cu).float() if spec.anchor == "priors" else None
+    target = _layout(raw_t.to(case.dtype), spec.storage)
+    anchor = _layout(raw_a.to(case.dtype), spec.storage)
+    priors = reference.routing_distribution(list(raw_a.double()), mask, cu_seqlens=cu).float() if case.anchor == "priors" else None
     weights = None
     if spec.weights != "none":
         weights = (torch.rand(L, generator=gen) + 0.2).to(torch.float64 if spec.weights == "f64" else torch.float32)
     upstream = torch.rand(L, num_seqs, generator=gen) + 0.5 if spec.reduction == "none" else torch.tensor([1.3])
 
-    grad_t = torch.full((L, N, E), float("nan"), dtype=spec.dtype)  # every entry must be written
-    grad_a = torch.full((L, N, E), float("nan"), dtype=spec.dtype) if spec.anchor == "both" else None
+    grad_t = torch.full((L, N, E), float("nan"), dtype=case.dtype)  # every entry must be written
+    grad_a = torch.full((L, N, E), float("nan"), dtype=case.dtype) if case.anchor == "both" else None
     loss = torch.full((L * num_seqs,) if spec.reduction == "none" else (1,), float("nan"))
     per_layer, stats = torch.full((L,), float("nan")), torch.full((3 * num_seqs,), float("nan"))
-    case = Case(dtype=DTYPES[spec.dtype], num_layers=L, num_experts=E, num_seqs=num_seqs,
-                sigmoid=int(spec.score == "sigmoid"), reduction=REDUCTIONS[spec.reduction],
-                layers_per_launch=spec.layers_per_launch, temperature=tau,
-                priors=priors.data_ptr() if priors is not None else None,
-                weights=weights.data_ptr() if weights is not None else None,
-                weights_f64=int(weights is not None and weights.dtype == torch.float64), grad_loss=upstream.data_ptr(),
-                anchor=_side(anchor, mask, cu, spec.splits, grad_a), target=_side(target, mask, cu, spec.splits, grad_t),
-                loss=loss.data_ptr(), per_layer=per_layer.data_ptr(), stats=stats.data_ptr())
-    assert emulated.sara_emu_run(ctypes.byref(case)) == 0
+    launch = Launch(dtype=DTYPES[case.dtype], num_layers=L, num_experts=E, num_seqs=num_seqs,
+                  sigmoid=int(case.score == "sigmoid"), reduction=REDUCTIONS[spec.reduction],
+                  layers_per_launch=spec.layers_per_launch, temperature=tau,
+                  priors=priors.data_ptr() if priors is not None else None,
+                  weights=weights.data_ptr() if weights is not None else None,
+                  weights_f64=int(weights is not None and weights.dtype == torch.float64), grad_loss=upstream.data_ptr(),
+                  anchor=_side(anchor, mask, cu, spec.splits, grad_a), target=_side(target, mask, cu, spec.splits, grad_t),
+                  loss=loss.data_ptr(), per_layer=per_layer.data_ptr(), stats=stats.data_ptr())
+    assert emulated.sara_emu_run(ctypes.byref(launch)) == 0
 
-    ref_t = [t.double().requires_grad_() for t in target.unbind(0)]
-    ref_a = [a.double().requires_grad_(spec.anchor == "both") for a in anchor.unbind(0)]
-    seg = dict(target_mask=mask, target_cu_seqlens=cu)
-    if spec.anchor != "priors":
-        seg.update(anchor_mask=mask, anchor_cu_seqlens=cu)
-    ref_loss, ref_per_layer = reference.sara_loss(
-        None if priors is not None else ref_a, ref_t, anchor_probs=priors, layer_weights=weights,
-        temperature=tau, score=spec.score, detach_anchor=spec.anchor != "both", reduction=spec.reduction,
-        return_per_layer=True, **seg,
+    want = testing.run(
+        "reference", None if priors is not None else list(anchor.unbind(0)), list(target.unbind(0)),
+        None if priors is not None else side, side, precision=torch.float64,
+        upstream=upstream.double().view(L, num_seqs) if spec.reduction == "none" else upstream.double().view(()),
+        anchor_probs=priors, layer_weights=weights, temperature=tau, score=case.score,
+        detach_anchor=case.anchor != "both", reduction=spec.reduction,
     )
-    wrt = ref_t + (ref_a if spec.anchor == "both" else [])
-    ref_grads = torch.autograd.grad(ref_loss, wrt, upstream.double().view_as(ref_loss) if spec.reduction == "none"
-                                    else torch.tensor(1.3, dtype=torch.float64))
-    torch.testing.assert_close(loss.double().view_as(ref_loss), ref_loss.detach(), **testing.JS_TOL["short"])
-    torch.testing.assert_close(per_layer.double(), ref_per_layer, **testing.JS_TOL["short"])
-    got = list(grad_t.unbind(0)) + (list(grad_a.unbind(0)) if grad_a is not None else [])
-    assert all(bool(torch.isfinite(g).all()) for g in got), "a gradient entry was not written or is not finite"
+    got = testing.Run(loss.view_as(want.loss), per_layer,
+                      list(grad_t.unbind(0)) + (list(grad_a.unbind(0)) if grad_a is not None else []))
     # Padding rows: exactly 0 from the kernels (the reference's are NaN there: autograd through
     # softmax of NaN padding); every other row against the reference.
-    valid = testing.membership(N, mask, cu).any(dim=0)
-    for g, r in zip(got, ref_grads):
+    valid = side.membership().any(dim=0)
+    testing.assert_matches_reference(got, want, case.dtype, rows=valid)
+    for g in got.grads:
         assert bool((g[~valid] == 0).all())
-        testing.assert_grads_close(g[valid], r[valid], spec.dtype)
 
 
 KERNELS = {  # name: (kernel body over float v = threadIdx.x, block size, whether the launch must fail)

@@ -16,12 +16,12 @@ import pytest
 import torch
 
 import sara_kernels
-from sara_kernels import reference
+from sara_kernels import reference, testing
 from sara_kernels.ops import routing_js
 
-from sara_kernels.testing import LOSS_TOL, PROBS_TOL, assert_grads_close
+from sara_kernels.testing import LOSS_TOL, PROBS_TOL, assert_backend_matches_reference, assert_grads_close, run
 
-from helpers import DEVICE, as_float64_leaves, as_leaves, packed_cu_seqlens, ragged_mask, random_logits
+from helpers import DEVICE, as_float64_leaves, as_leaves, ragged_mask, random_logits
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy on padded −inf rows
 
@@ -35,65 +35,13 @@ def fresh_plans():
     routing_js.clear_plans()
 
 
-def segmentation(kind, num_seqs, seq_len, gen, empty=()):
-    """(mask, cu_seqlens, N) of one side for a segmentation kind."""
-    if kind == "mask":
-        return ragged_mask(num_seqs, seq_len, gen, empty), None, num_seqs * seq_len
-    if kind == "cu":
-        n = num_seqs * seq_len - 3  # packed: not a multiple of anything
-        return None, packed_cu_seqlens(num_seqs, n, gen, empty), n
-    return None, None, seq_len + 2
+segmentation = functools.partial(testing.segmentation, device=DEVICE)
 
 
-def run_both(backend, anchor, target, seg_a, seg_t, dtype=torch.float32, anchor_probs=None, **options):
-    """Loss, per-layer JS and gradients from a fused backend ("kernel") and the float64 reference."""
-    (mask_a, cu_a), (mask_t, cu_t) = seg_a, seg_t
-    detach = options.get("detach_anchor", True)
-    out = {}
-    for name in ("kernel", "reference"):
-        leaves = as_leaves if name == "kernel" else as_float64_leaves
-        t_in = leaves(target)
-        a_in = None if anchor is None else leaves(anchor)
-        probs = anchor_probs if (anchor_probs is None or name == "kernel") else anchor_probs.double()
-        fn = functools.partial(sara_kernels.sara_loss, backend=backend) if name == "kernel" else reference.sara_loss
-        loss, per_layer = fn(
-            a_in, t_in, mask_a, mask_t, anchor_cu_seqlens=cu_a, target_cu_seqlens=cu_t,
-            anchor_probs=probs, return_per_layer=True, **options,
-        )
-        wanted = t_in + (a_in if (a_in is not None and not detach) else [])
-        upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-        grads = torch.autograd.grad((loss * upstream.to(loss)).sum(), wanted, allow_unused=True)
-        out[name] = (loss, per_layer, grads)
-    return out
-
-
-def kernel_and_reference_runs(backend, anchor, target, *args, upstream=None, anchor_grads=True, **options):
-    """{"kernel", "fp32", "fp64"}: (loss, gradients) of the fused backend on the logits as given and
-    of the reference on the same values in float32 and float64 (PyTorch's own float32 error is the
-    yardstick where the problem is ill-conditioned). Gradients of the loss, or of Σ loss·upstream."""
-    results = {}
-    for name, precision in (("kernel", None), ("fp32", torch.float32), ("fp64", torch.float64)):
-        a = [z.detach().to(DEVICE, precision or z.dtype).requires_grad_() for z in anchor]
-        t = [z.detach().to(DEVICE, precision or z.dtype).requires_grad_() for z in target]
-        fn = reference.sara_loss if precision else functools.partial(sara_kernels.sara_loss, backend=backend)
-        loss = fn(a, t, *args, **options)
-        wanted = t + (a if anchor_grads else [])
-        scalar = loss if upstream is None else (loss.double() * upstream).sum()
-        results[name] = (loss, torch.autograd.grad(scalar, wanted))
-    return results
-
-
-def assert_matches(out, dtype):
-    loss, per_layer, grads = out["kernel"]
-    ref_loss, ref_per_layer, ref_grads = out["reference"]
-    assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss.double(), ref_loss, **LOSS_TOL)
-    torch.testing.assert_close(per_layer.double(), ref_per_layer, **LOSS_TOL)
-    assert len(grads) == len(ref_grads)
-    for g, rg in zip(grads, ref_grads):
-        assert g is not None and g.dtype == dtype
-        assert torch.isfinite(g).all()
-        assert_grads_close(g, rg, dtype)
+def check(backend, anchor, target, anchor_side=None, target_side=None, **options):
+    """The backend against the float64 reference (:func:`sara_kernels.testing.assert_matches_reference`)
+    on a random cotangent of the loss, so that every (layer, sequence) term's gradient counts."""
+    return assert_backend_matches_reference(backend, anchor, target, anchor_side, target_side, upstream_seed=7, **options)
 
 
 def _gen(seed):
@@ -102,33 +50,28 @@ def _gen(seed):
 
 
 @pytest.mark.parametrize("num_experts", [1, 8, 60, 128, 384])
-@pytest.mark.parametrize("seg_kind", ["none", "mask", "cu"])
+@pytest.mark.parametrize("seg_kind", testing.SEGMENTATIONS)
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("detach_anchor", [True, False])
 def test_loss_and_grads_match_reference(num_experts, seg_kind, score, detach_anchor, fused_backend):
     gen = _gen(num_experts * 7 + len(seg_kind) + len(score) + detach_anchor)
     L, B, S = 3, 3, 9
-    mask_a, cu_a, n_a = segmentation(seg_kind, B, S, gen)
-    mask_t, cu_t, n_t = segmentation(seg_kind, B, S + 2, gen)
-    anchor = random_logits(L, n_a, num_experts, generator=gen)
-    target = random_logits(L, n_t, num_experts, generator=gen)
-    out = run_both(fused_backend, anchor, target, (mask_a, cu_a), (mask_t, cu_t), score=score, detach_anchor=detach_anchor,
-                   temperature=0.7)
-    assert_matches(out, torch.float32)
+    side_a, side_t = segmentation(seg_kind, B, S, gen), segmentation(seg_kind, B, S + 2, gen)
+    anchor = random_logits(L, side_a.num_tokens, num_experts, generator=gen)
+    target = random_logits(L, side_t.num_tokens, num_experts, generator=gen)
+    check(fused_backend, anchor, target, side_a, side_t, score=score, detach_anchor=detach_anchor, temperature=0.7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("num_experts", [16, 60, 512])
-@pytest.mark.parametrize("seg_kind", ["mask", "cu"])
+@pytest.mark.parametrize("seg_kind", ["mask", "cu_seqlens"])
 def test_low_precision_inputs_match_reference_on_rounded_inputs(dtype, num_experts, seg_kind, fused_backend):
     gen = _gen(11 + num_experts)
     L, B, S = 2, 2, 10
-    mask_a, cu_a, n_a = segmentation(seg_kind, B, S, gen)
-    mask_t, cu_t, n_t = segmentation(seg_kind, B, S, gen)
-    anchor = random_logits(L, n_a, num_experts, dtype, generator=gen)
-    target = random_logits(L, n_t, num_experts, dtype, generator=gen)
-    out = run_both(fused_backend, anchor, target, (mask_a, cu_a), (mask_t, cu_t), dtype, detach_anchor=False)
-    assert_matches(out, dtype)
+    side_a, side_t = segmentation(seg_kind, B, S, gen), segmentation(seg_kind, B, S, gen)
+    anchor = random_logits(L, side_a.num_tokens, num_experts, dtype, generator=gen)
+    target = random_logits(L, side_t.num_tokens, num_experts, dtype, generator=gen)
+    check(fused_backend, anchor, target, side_a, side_t, detach_anchor=False)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -137,26 +80,23 @@ def test_reductions_and_layer_weights(reduction, weights, fused_backend):
     gen = _gen(3)
     L, B, S, E = 4, 3, 6, 16
     w = {None: None, "list": [0.5, 0.0, 2.0, 1.0], "tensor": torch.tensor([1.0, 3.0, 0.25, 0.5], device=DEVICE)}[weights]
-    mask_a, mask_t = ragged_mask(B, S, gen), ragged_mask(B, S, gen, empty=(1,))
+    side_a, side_t = segmentation("mask", B, S, gen), segmentation("mask", B, S, gen, empty=(1,))
     anchor, target = random_logits(L, B * S, E, generator=gen), random_logits(L, B * S, E, generator=gen)
-    out = run_both(fused_backend, anchor, target, (mask_a, None), (mask_t, None), reduction=reduction, layer_weights=w)
-    assert out["kernel"][0].shape == ((L, B) if reduction == "none" else ())
-    assert_matches(out, torch.float32)
+    runs = check(fused_backend, anchor, target, side_a, side_t, reduction=reduction, layer_weights=w)
+    assert runs["kernel"].loss.shape == ((L, B) if reduction == "none" else ())
 
 
-@pytest.mark.parametrize("seg_kind", ["none", "mask", "cu"])
+@pytest.mark.parametrize("seg_kind", testing.SEGMENTATIONS)
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 def test_cached_priors_mode(seg_kind, score, fused_backend):
     gen = _gen(5)
     L, B, S, E = 3, 4, 7, 24
-    mask_t, cu_t, n_t = segmentation(seg_kind, B, S, gen, empty=(2,) if seg_kind != "none" else ())
-    b = 1 if seg_kind == "none" else B
-    priors = torch.softmax(torch.randn(L, b, E, generator=gen), dim=-1).to(DEVICE)
+    side_t = segmentation(seg_kind, B, S, gen, empty=(2,) if seg_kind != "none" else ())
+    priors = torch.softmax(torch.randn(L, side_t.num_seqs, E, generator=gen), dim=-1).to(DEVICE)
     priors[0, 0, :3] = 0  # exact zeros in a prior: 0·log 0 terms
     priors[0, 0] /= priors[0, 0].sum()
-    target = random_logits(L, n_t, E, generator=gen)
-    out = run_both(fused_backend, None, target, (None, None), (mask_t, cu_t), anchor_probs=priors, score=score)
-    assert_matches(out, torch.float32)
+    target = random_logits(L, side_t.num_tokens, E, generator=gen)
+    check(fused_backend, None, target, target_side=side_t, anchor_probs=priors, score=score)
 
 
 def test_subnormal_pooled_probabilities_give_a_finite_divergence(fused_backend):
@@ -174,10 +114,8 @@ def test_subnormal_pooled_probabilities_give_a_finite_divergence(fused_backend):
     for z in target:
         z[:, 3] = -math.inf
         z[:, 4] = z.max() - 100.0 - torch.rand(B * S, generator=gen).to(z)
-    mask = ragged_mask(B, S, gen)
-    out = run_both(fused_backend, None, target, (None, None), (mask, None), anchor_probs=priors)
-    assert torch.isfinite(out["kernel"][0]).all()
-    assert_matches(out, torch.float32)
+    runs = check(fused_backend, None, target, target_side=segmentation("mask", B, S, gen), anchor_probs=priors)
+    assert torch.isfinite(runs["kernel"].loss).all()
 
 
 def test_stacked_and_strided_layers(fused_backend):
@@ -207,30 +145,28 @@ def test_split_sequences_give_the_same_result(monkeypatch, splits):
     """Cutting sequences into slices (as on a GPU with few sequences) changes nothing beyond rounding."""
     gen = _gen(13)
     L, B, S, E = 2, 2, 40, 16
-    mask = ragged_mask(B, S, gen)
-    cu = packed_cu_seqlens(B, B * S, gen)
+    side_a = segmentation("mask", B, S, gen)
+    side_t = segmentation("cu_seqlens", B, S, gen, num_tokens=B * S)
     anchor, target = random_logits(L, B * S, E, generator=gen), random_logits(L, B * S, E, generator=gen)
     monkeypatch.setattr(routing_js, "tile_config", lambda e: dict(BLOCK_N=4, BLOCK_E=16, STAGES=1, num_warps=4, enable_fp_fusion=True))
     monkeypatch.setattr(routing_js, "num_splits", lambda *args: splits)
-    out = run_both("triton", anchor, target, (mask, None), (None, cu), detach_anchor=False, score="sigmoid")
-    assert_matches(out, torch.float32)
+    check("triton", anchor, target, side_a, side_t, detach_anchor=False, score="sigmoid")
 
 
 @pytest.mark.parametrize("E", [12, 16], ids=["E_short_of_tile", "E_fills_tile"])
 def test_minus_inf_logits_give_finite_loss_and_zero_gradients_where_probability_is_zero(fused_backend, E):
     gen = _gen(17)
     L, B, S = 2, 2, 6
-    mask = ragged_mask(B, S, gen)
+    side = segmentation("mask", B, S, gen)
     anchor, target = random_logits(L, B * S, E, generator=gen), random_logits(L, B * S, E, generator=gen)
     for z in anchor + target:
         z[:, 5] = -math.inf  # an expert masked out everywhere
         z[::3, :4] = -math.inf  # some tokens with several masked experts
     anchor[0][:, 7] = -math.inf  # an expert only the target side routes to: P^a_e = 0 < P^t_e
     for score in ("softmax", "sigmoid"):
-        out = run_both(fused_backend, anchor, target, (mask, None), (mask, None), detach_anchor=False, score=score)
-        assert torch.isfinite(out["kernel"][0])
-        assert_matches(out, torch.float32)
-        for g in out["kernel"][2]:
+        runs = check(fused_backend, anchor, target, side, side, detach_anchor=False, score=score)
+        assert torch.isfinite(runs["kernel"].loss)
+        for g in runs["kernel"].grads:
             assert (g[:, 5] == 0).all()
 
 
@@ -243,43 +179,35 @@ def test_tokens_whose_every_logit_is_far_below_zero_match_reference(fused_backen
     gradients are held to twice PyTorch's float32 error, as in the random configurations."""
     gen = _gen(29)
     L, B, S = 2, 2, 6
-    mask = ragged_mask(B, S, gen)
+    side = segmentation("mask", B, S, gen)
     anchor, target = random_logits(L, B * S, E, generator=gen), random_logits(L, B * S, E, generator=gen)
     for z in anchor + target:
         z[::2] -= 120.0
-    results = kernel_and_reference_runs(fused_backend, anchor, target, mask, mask, score=score, temperature=0.7,
-                                        detach_anchor=False)
-    loss, grads = results["kernel"]
-    torch.testing.assert_close(loss.double(), results["fp64"][0], **LOSS_TOL)
-    for g, g32, g64 in zip(grads, results["fp32"][1], results["fp64"][1]):
-        assert torch.isfinite(g).all() and torch.isfinite(g32).all()
-        assert_grads_close(g, g64, torch.float32, fp32_baseline=g32)
+    assert_backend_matches_reference(fused_backend, anchor, target, side, side, fp32_baseline=True, score=score,
+                                     temperature=0.7, detach_anchor=False)
 
 
 def test_empty_sequences_are_excluded(fused_backend):
     gen = _gen(19)
     L, B, S, E = 2, 4, 5, 8
-    mask_a = ragged_mask(B, S, gen, empty=(1,))
-    mask_t = ragged_mask(B, S, gen, empty=(3,))
+    side_a, side_t = segmentation("mask", B, S, gen, empty=(1,)), segmentation("mask", B, S, gen, empty=(3,))
     anchor, target = random_logits(L, B * S, E, generator=gen), random_logits(L, B * S, E, generator=gen)
-    out = run_both(fused_backend, anchor, target, (mask_a, None), (mask_t, None), detach_anchor=False, reduction="none")
-    js = out["kernel"][0]
+    runs = check(fused_backend, anchor, target, side_a, side_t, detach_anchor=False, reduction="none")
+    js = runs["kernel"].loss
     assert (js[:, [1, 3]] == 0).all() and (js[:, [0, 2]] > 0).all()
-    assert_matches(out, torch.float32)
-    grads = out["kernel"][2]
-    for g in grads:  # the excluded pairs' tokens get exactly zero gradient
+    for g in runs["kernel"].grads:  # the excluded pairs' tokens get exactly zero gradient
         assert (g.view(B, S, E)[[1, 3]] == 0).all()
 
 
-@pytest.mark.parametrize("seg_kind", ["mask", "cu"])
+@pytest.mark.parametrize("seg_kind", ["mask", "cu_seqlens"])
 def test_no_valid_pair_gives_zero_loss_and_zero_gradients(seg_kind, fused_backend):
     gen = _gen(23)
     L, B, S, E = 2, 2, 4, 8
-    mask_a, cu_a, n = segmentation(seg_kind, B, S, gen, empty=(0,))
-    mask_t, cu_t, _ = segmentation(seg_kind, B, S, gen, empty=(1,))
+    side_a, side_t = segmentation(seg_kind, B, S, gen, empty=(0,)), segmentation(seg_kind, B, S, gen, empty=(1,))
+    n = side_a.num_tokens
     anchor, target = as_leaves(random_logits(L, n, E, generator=gen)), as_leaves(random_logits(L, n, E, generator=gen))
-    loss = sara_kernels.sara_loss(anchor, target, mask_a, mask_t, anchor_cu_seqlens=cu_a, target_cu_seqlens=cu_t,
-                                  detach_anchor=False, backend=fused_backend)
+    loss = sara_kernels.sara_loss(anchor, target, side_a.mask, side_t.mask, anchor_cu_seqlens=side_a.cu_seqlens,
+                                  target_cu_seqlens=side_t.cu_seqlens, detach_anchor=False, backend=fused_backend)
     assert loss.item() == 0.0
     for g in torch.autograd.grad(loss, anchor + target):
         assert (g == 0).all()
@@ -311,13 +239,14 @@ def test_nan_in_valid_token_propagates_and_nan_in_padding_does_not(fused_backend
     assert math.isnan(reference.sara_loss(anchor, poisoned, mask, mask).item())
 
 
-@pytest.mark.parametrize("seg_kind", ["none", "mask", "cu"])
+@pytest.mark.parametrize("seg_kind", testing.SEGMENTATIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_routing_distribution_matches_reference(seg_kind, dtype, fused_backend):
     gen = _gen(31)
     L, B, S, E = 3, 3, 6, 60
-    mask, cu, n = segmentation(seg_kind, B, S, gen, empty=(1,) if seg_kind != "none" else ())
-    logits = random_logits(L, n, E, dtype, generator=gen)
+    side = segmentation(seg_kind, B, S, gen, empty=(1,) if seg_kind != "none" else ())
+    mask, cu = side.mask, side.cu_seqlens
+    logits = random_logits(L, side.num_tokens, E, dtype, generator=gen)
     leaves, ref_leaves = as_leaves(logits), as_float64_leaves(logits)
     probs = sara_kernels.routing_distribution(leaves, mask, cu_seqlens=cu, score="sigmoid", temperature=1.3, backend=fused_backend)
     ref = reference.routing_distribution(ref_leaves, mask, cu_seqlens=cu, score="sigmoid", temperature=1.3)
@@ -385,18 +314,6 @@ def test_in_place_change_of_the_logits_before_backward_is_an_error():
         loss.backward()
 
 
-def _random_side(rng, seg_kind, num_seqs, seq_len):
-    """(num_tokens, mask, cu_seqlens) with random raggedness, empty sequences included."""
-    if seg_kind == "mask":
-        keep = rng.random()
-        return num_seqs * seq_len, (torch.rand(num_seqs, seq_len) < keep).long().to(DEVICE), None
-    if seg_kind == "cu":
-        n = rng.randint(0, 3 * num_seqs * seq_len)
-        cuts = sorted(rng.randint(0, n) for _ in range(num_seqs - 1))
-        return n, None, torch.tensor([0, *cuts, n], device=DEVICE)
-    return rng.randint(0, 20), None, None
-
-
 @pytest.mark.parametrize("seed", range(24))
 def test_random_configurations_match_reference(monkeypatch, seed):
     """Random shapes (odd E, empty sides, forced split counts), scores, sharp and flat
@@ -408,25 +325,19 @@ def test_random_configurations_match_reference(monkeypatch, seed):
     torch.manual_seed(seed)
     L, E, B, S = rng.randint(1, 4), rng.choice([2, 3, 17, 31, 100, 129, 255, 300, 512]), rng.randint(1, 6), rng.randint(1, 9)
     score, tau, detach = rng.choice(["softmax", "sigmoid"]), rng.choice([0.3, 1.0, 2.5]), rng.random() < 0.5
-    seg_kind, dtype = rng.choice(["mask", "cu", "none"]), rng.choice([torch.float32, torch.bfloat16, torch.float16])
+    seg_kind = rng.choice(["mask", "cu_seqlens", "none"])
+    dtype = rng.choice([torch.float32, torch.bfloat16, torch.float16])
     monkeypatch.setattr(routing_js, "num_splits", lambda *args, k=rng.choice([1, 2, 3, 7]): k)
-    n_a, mask_a, cu_a = _random_side(rng, seg_kind, B, S)
-    n_t, mask_t, cu_t = _random_side(rng, seg_kind, B, S)
-    anchor = [(3 * torch.randn(n_a, E)).to(dtype).to(DEVICE) for _ in range(L)]
-    target = [(3 * torch.randn(n_t, E)).to(dtype).to(DEVICE) for _ in range(L)]
+    side_a = testing.random_segmentation(rng, seg_kind, B, S, DEVICE)
+    side_t = testing.random_segmentation(rng, seg_kind, B, S, DEVICE)
+    anchor = [(3 * torch.randn(side_a.num_tokens, E)).to(dtype).to(DEVICE) for _ in range(L)]
+    target = [(3 * torch.randn(side_t.num_tokens, E)).to(dtype).to(DEVICE) for _ in range(L)]
     if E > 2 and rng.random() < 0.3:
         for z in anchor + target:
             z[:, 1] = -math.inf
-    options = dict(anchor_mask=mask_a, target_mask=mask_t, anchor_cu_seqlens=cu_a, target_cu_seqlens=cu_t,
-                   score=score, temperature=tau, detach_anchor=detach, reduction="none")
     cotangent = torch.randn(L, 1 if seg_kind == "none" else B, dtype=torch.float64, device=DEVICE)
-    results = kernel_and_reference_runs("triton", anchor, target, upstream=cotangent, anchor_grads=not detach,
-                                        **options)
-    js, grads = results["kernel"]
-    torch.testing.assert_close(js.double(), results["fp64"][0], **LOSS_TOL)
-    for g, g32, g64 in zip(grads, results["fp32"][1], results["fp64"][1]):
-        assert torch.isfinite(g).all()
-        assert_grads_close(g, g64, dtype, fp32_baseline=g32)
+    assert_backend_matches_reference("triton", anchor, target, side_a, side_t, fp32_baseline=True, upstream=cotangent,
+                                     score=score, temperature=tau, detach_anchor=detach, reduction="none")
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -442,15 +353,15 @@ def test_extreme_logits_give_a_finite_loss_and_gradients(fused_backend, seed):
     L, N, E = 2, rng.randint(2, 12), rng.choice([3, 8, 17, 64, 128])
     tau, spread, offset = rng.choice([0.05, 0.3, 1.0]), rng.choice([10.0, 50.0, 200.0]), rng.choice([0.0, -100.0, 50.0])
     score = rng.choice(["softmax", "sigmoid"])
-    anchor = [spread * torch.randn(N, E) + offset for _ in range(L)]
-    target = [spread * torch.randn(N, E) + offset for _ in range(L)]
-    results = kernel_and_reference_runs(fused_backend, anchor, target, score=score, temperature=tau,
-                                        detach_anchor=False)
+    anchor = [(spread * torch.randn(N, E) + offset).to(DEVICE) for _ in range(L)]
+    target = [(spread * torch.randn(N, E) + offset).to(DEVICE) for _ in range(L)]
+    runs = {name: run(backend, anchor, target, precision=precision, score=score, temperature=tau, detach_anchor=False)
+            for name, backend, precision in (("kernel", fused_backend, None), ("fp32", "reference", torch.float32),
+                                             ("fp64", "reference", torch.float64))}
     for name in ("kernel", "fp32"):
-        loss, grads = results[name]
-        assert torch.isfinite(loss), name
-        assert all(torch.isfinite(g).all() for g in grads), name
-    torch.testing.assert_close(results["kernel"][0].double(), results["fp64"][0], **LOSS_TOL)
+        assert torch.isfinite(runs[name].loss), name
+        assert all(torch.isfinite(g).all() for g in runs[name].grads), name
+    torch.testing.assert_close(runs["kernel"].loss.double(), runs["fp64"].loss, **LOSS_TOL)
 
 KERNELS = ("pool_routing_fwd", "pool_routing_bwd", "pair_js_fwd", "reduce_pair_loss", "pooled_routing_fwd", "check_segments")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sara_kernels import reference
+from sara_kernels import reference, testing
 from sara_kernels.programs import selftest
 from sara_kernels.ops import routing_js
 
@@ -17,13 +17,13 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpr
 
 
 def test_reference_matches_independent_numpy_on_the_whole_grid():
-    for seed, case in enumerate(selftest.case_grid()):
-        result = selftest.check_reference(case, selftest.TINY_SHAPE, seed)
+    for seed, case in enumerate(testing.case_grid()):
+        result = testing.check_reference(case, selftest.TINY_SHAPE, seed)
         assert result.passed, (case.label, result.error, result.js_err, result.grad_err)
 
 
 def test_grid_covers_every_option():
-    cases = selftest.case_grid()
+    cases = testing.case_grid()
     for field, wanted in [
         ("experts", {8, 60, 128}),
         ("segmentation", {"none", "mask", "cu_seqlens"}),
@@ -34,7 +34,7 @@ def test_grid_covers_every_option():
         ("minus_inf", {True, False}),
     ]:
         assert {getattr(c, field) for c in cases} == wanted, field
-        assert {getattr(c, field) for c in selftest.case_grid(quick=True)} == wanted, f"quick grid misses a {field}"
+        assert {getattr(c, field) for c in testing.case_grid(quick=True)} == wanted, f"quick grid misses a {field}"
 
 
 def test_checks_pass_on_the_cpu():
