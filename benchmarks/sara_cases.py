@@ -1,4 +1,6 @@
-"""Benchmark cases of bench_sara.py: real-model router shapes, sweeps, inputs and minimum traffic."""
+"""Benchmark cases of bench_sara.py: real-model router shapes, sweeps, inputs and minimum traffic.
+
+The inputs are built with :mod:`sara_kernels.testing`'s builders (logits, masks), as the tests'."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from sara_kernels import reference
+from sara_kernels import reference, testing
 
 
 @dataclass(frozen=True)
@@ -183,10 +185,10 @@ def make_inputs(case: Case, device: torch.device, copies: int) -> CaseInputs:
     dtype = DTYPES[case.dtype]
 
     def side():
-        return tuple(torch.randn(case.tokens, case.experts, device=device, dtype=dtype).mul_(2).requires_grad_()
-                     for _ in range(case.layers))
+        return tuple(z.requires_grad_() for z in testing.random_logits(case.layers, case.tokens, case.experts, dtype,
+                                                                       device=device))
 
-    mask = torch.ones(case.seqs, case.seq_len, dtype=torch.int64, device=device)
+    mask = testing.padding_mask([case.seq_len] * case.seqs, case.seq_len, device)  # every sequence full
     anchors, targets, priors = [], [], []
     for _ in range(copies):
         if case.mode == "priors":
