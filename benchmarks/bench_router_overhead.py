@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 import sara_kernels
-from sara_kernels.ops import cuda, routing_js
+from sara_kernels.ops import cuda
+from sara_kernels.ops.triton import kernels as triton_kernels
 
 from sara_kernels.programs.table import format_table
 
@@ -129,7 +130,7 @@ def make_step(model, optimizer, batch, variant: str):
 def available_variants(device) -> tuple:
     """(variants to run, notes on the ones left out)."""
     variants, notes = ["none", "reference"], {}
-    if device.type == "cuda" or routing_js.INTERPRET:
+    if device.type == "cuda" or triton_kernels.INTERPRET:
         variants.append("triton")
     else:
         notes["triton"] = "needs a CUDA device or TRITON_INTERPRET=1"

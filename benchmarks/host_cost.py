@@ -9,7 +9,7 @@ What is timed, per backend and input form (a tuple of L [N, E] leaves, or one [L
 Beside them, the "floor" row: forward + grad of a trivial ``autograd.Function`` over the same
 leaves, i.e. what PyTorch's own engine costs for a loss of L inputs whatever the op does.
 
-- triton: the Python path with the interpreter off, up to and including ``routing_js.launch``'s
+- triton: the Python path with the interpreter off, up to and including ``sara_kernels.ops.triton.host.launch``'s
   lookup of the compiled kernel (argument checks, launch plans, pointer tables, output
   allocation, the specialisation key of every launch, autograd); every lookup finds a compiled
   kernel whose launcher does nothing. Not included: Triton's compiled launcher itself, and the
@@ -43,7 +43,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import sara_kernels  # noqa: E402
 from cuda_emulation.extension import build_emulated_extension, load_emulated_extension  # noqa: E402
 from sara_kernels import backends  # noqa: E402
-from sara_kernels.ops import cuda, routing_js  # noqa: E402
+from sara_kernels.ops import cuda  # noqa: E402
+from sara_kernels.ops import triton as triton_backend  # noqa: E402
+from sara_kernels.ops.triton import host as triton_host  # noqa: E402
 from sara_kernels.programs.table import format_table  # noqa: E402
 
 
@@ -62,8 +64,8 @@ class _EveryKernelCompiled(dict):
 def stub_triton_launches():
     """The Triton backend on CPU tensors, kernels not run: its Python host path alone, through
     ``launch`` (its key and lookup), with the compiled launchers replaced by no-ops."""
-    routing_js._COMPILED = _EveryKernelCompiled()
-    routing_js.runs_on = lambda device: True
+    triton_host._COMPILED = _EveryKernelCompiled()
+    triton_backend.runs_on = lambda device: True
 
 
 def load_cuda_without_kernels(out_dir: str):

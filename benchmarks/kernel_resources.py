@@ -5,7 +5,7 @@
 Why: the kernels are memory-bound, so what decides their speed on a card is how many bytes each
 SM keeps in flight, which the register count bounds (65536 registers per SM) and spills
 destroy. ptxas reports both for a target architecture without a device, so the tile table
-(``routing_js.tile_config``) can be sanity-checked on a CPU machine before GPU time is spent.
+(``triton_host.tile_config``) can be sanity-checked on a CPU machine before GPU time is spent.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import re
 import subprocess
 import tempfile
 
-from sara_kernels.ops import aot, routing_js
+from sara_kernels.ops import aot
+from sara_kernels.ops.triton import host as triton_host
+from sara_kernels.ops.triton import kernels as triton_kernels
 
 REGISTERS_PER_SM = 65536
 
@@ -29,7 +31,7 @@ def ptxas_path(arch: int) -> str:
 
 def resources(name: str, experts: int, sigmoid: bool, dtype: str, arch: int):
     meta = dict(HAS_MASK=True, USE_CU=False, SIGMOID=sigmoid, TABLE=True, VEC=aot.VECTOR_WIDTH[dtype],
-                **routing_js.expert_constexprs(experts))
+                **triton_host.expert_constexprs(experts))
     if name == "pool_routing_bwd":
         meta["PAIR"] = True
     compiled = aot.compile_kernel(name, arch, meta, dtype)
@@ -54,7 +56,7 @@ def main():
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     args = parser.parse_args()
-    if routing_js.INTERPRET:
+    if triton_kernels.INTERPRET:
         parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
     print(f"sm_{args.arch}, {args.dtype} logits, mask segmentation, vector loads on; ptxas {ptxas_path(args.arch)}")
     print(f"{'kernel':17s} {'E':>4s} {'score':8s} {'BLOCK_N':>7s} {'stages':>6s} {'warps':>5s} {'regs':>5s} {'spills':>6s} "

@@ -24,7 +24,7 @@ import time
 import torch
 import triton
 
-from sara_kernels.ops import routing_js
+from sara_kernels.ops.triton import host as triton_host
 
 from sara_kernels.programs.table import format_table
 
@@ -48,7 +48,7 @@ SEQ_LEN = 512
 def candidates(experts: int) -> list:
     """(num_warps, BLOCK_N, STAGES, maxnreg): a tile of ELEMENTS_PER_THREAD fp32 values per
     thread, each with every PIPELINES entry."""
-    block_e = routing_js.tile_config(experts)["BLOCK_E"]
+    block_e = triton_host.tile_config(experts)["BLOCK_E"]
     out = []
     for warps in WARPS:
         for per_thread in ELEMENTS_PER_THREAD:
@@ -90,9 +90,9 @@ def measure_shape(name, layers, experts, score, tokens, device, l2_bytes, copy_g
     scale = torch.ones((), device=device)
     layer_coef = torch.full((layers,), 1e-3, device=device)
     count = torch.full((seqs,), float(seq_len), device=device)
-    default = routing_js.tile_config(experts)
+    default = triton_host.tile_config(experts)
     rows = []
-    original = routing_js.tile_config
+    original = triton_host.tile_config
     tiles = candidates(experts)
     if stages_only:
         tiles = [t for t in tiles if t[:2] == (default["num_warps"], default["BLOCK_N"])]
@@ -100,15 +100,15 @@ def measure_shape(name, layers, experts, score, tokens, device, l2_bytes, copy_g
         tile = dict(default, num_warps=warps, BLOCK_N=block_n, STAGES=stages, maxnreg=maxnreg)
         if maxnreg is None:
             del tile["maxnreg"]
-        routing_js.tile_config = lambda e, tile=tile: dict(tile)  # a fresh dict per call, as tile_config returns
-        routing_js.clear_plans()
+        triton_host.tile_config = lambda e, tile=tile: dict(tile)  # a fresh dict per call, as tile_config returns
+        triton_host.clear_plans()
         try:
             def fwd(i, _):
-                routing_js.pool_fwd(sides[2 * i], mask, None, score, 1.0, device)
-                routing_js.pool_fwd(sides[2 * i + 1], mask, None, score, 1.0, device)
+                triton_host.pool_fwd(sides[2 * i], mask, None, score, 1.0, device)
+                triton_host.pool_fwd(sides[2 * i + 1], mask, None, score, 1.0, device)
 
             def bwd(i, _):
-                routing_js.pool_bwd(sides[2 * i + 1], mask, None, coef, scale, layer_coef, count, score, 1.0, device)
+                triton_host.pool_bwd(sides[2 * i + 1], mask, None, coef, scale, layer_coef, count, score, 1.0, device)
 
             start = time.perf_counter()
             fwd(0, None), bwd(0, None)
@@ -116,8 +116,8 @@ def measure_shape(name, layers, experts, score, tokens, device, l2_bytes, copy_g
             ms_fwd = kernel_ms(device, fwd, "pool_routing_fwd", copies, reps)
             ms_bwd = kernel_ms(device, bwd, "pool_routing_bwd", copies, reps)
         finally:
-            routing_js.tile_config = original
-            routing_js.clear_plans()
+            triton_host.tile_config = original
+            triton_host.clear_plans()
         row = dict(model=name, layers=layers, experts=experts, score=score, tokens=tokens, warps=warps, block_n=block_n,
                    stages=stages, maxnreg=maxnreg, table=tile == default,
                    compile_s=round(compile_s, 2))

@@ -2,7 +2,7 @@
 
 They validate the arguments, pick the backend and hand over to the reference (the
 specification, :mod:`sara_kernels.reference`) or to a fused op: the Triton kernels
-(:mod:`sara_kernels.ops.routing_js`) or the CUDA C++ extension (:mod:`sara_kernels.ops.cuda`),
+(:mod:`sara_kernels.ops.triton`) or the CUDA C++ extension (:mod:`sara_kernels.ops.cuda`),
 which both also fold the final reduction into their kernels. The backends are those of the
 registry :mod:`sara_kernels.backends`.
 """

@@ -43,7 +43,7 @@ class Backend(NamedTuple):
 
 
 REGISTRY = {
-    "triton": Backend("triton", "sara_kernels.ops.routing_js", fused=True,
+    "triton": Backend("triton", "sara_kernels.ops.triton", fused=True,
                       device_hint=" (set TRITON_INTERPRET=1 before importing sara_kernels to run the kernels on the CPU)"),
     "cuda": Backend("cuda", "sara_kernels.ops.cuda", fused=True, checks_layers=True),
     "reference": Backend("reference", "sara_kernels.reference", fused=False),

@@ -1,6 +1,6 @@
 r"""Pure-PyTorch reference of the SARA loss: the executable specification.
 
-Symbols (the Triton kernels in :mod:`sara_kernels.ops.routing_js` use the same ones):
+Symbols (the Triton kernels in :mod:`sara_kernels.ops.triton.kernels` use the same ones):
 
 * z ∈ R^E: one token's router logits in one layer, τ the temperature.
 * s(z): the token's routing score, ``softmax(z / τ)`` or, for ``score="sigmoid"``,

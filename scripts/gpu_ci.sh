@@ -88,7 +88,7 @@ run_stage gpu_tests "$(stage_limit 120 200)" 'tail -n 1 "$LOG"' \
 # emulation without a device, the same on every machine and run by the CPU suite:
 # test_aot_compile.py, test_cuda_build.py (nvcc for sm_80/sm_90), test_cuda_emulation.py.
 # The files kept run the CUDA backend too (the built extension, on the GPU).
-KERNEL_FILES=$(grep -l -E 'backend="triton"|routing_js' tests/*/test_*.py | grep -v -x -E 'tests/(gpu/test_gpu|ops/test_(aot_compile|cuda_build|cuda_emulation))\.py' | tr '\n' ' ')
+KERNEL_FILES=$(grep -l -E 'backend="triton"|routing_js|ops\.triton|triton_(host|kernels|ops)' tests/*/test_*.py | grep -v -x -E 'tests/(gpu/test_gpu|ops/test_(aot_compile|cuda_build|cuda_emulation))\.py' | tr '\n' ' ')
 if [ -n "$KERNEL_FILES" ]; then
     run_stage kernel_tests "$(stage_limit 120 140)" 'tail -n 1 "$LOG"' \
         bash scripts/sharded_pytest.sh "$SHARDS" "$OUT/kernel_tests" $KERNEL_FILES -m "not gpu"

@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of the ``routing_js`` kernels for a GPU target, without a GPU.
+"""Ahead-of-time compilation of the Triton backend's kernels (:mod:`.triton.kernels`) for a GPU target, without a GPU.
 
 ``triton.compile`` with a ``GPUTarget`` needs the kernel's argument types spelled out; they are
 written once, here, for the CI compile check (tests/ops/test_aot_compile.py) and the register
@@ -11,7 +11,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import routing_js
+from .triton import kernels
 
 _LAYOUT_ARGS = {
     "table_ptr": "*i64", "stride_l": "i64", "stride_n": "i64", "stride_e": "i64",
@@ -41,17 +41,17 @@ SIGNATURES = {
     },
     "check_segments": {"cu_ptr": "*i32", "cu_stride": "i64", "B": "i32", "N": "i64"},
 }
-# Elements per 16-byte vector, the VEC that routing_js.vector_width picks for each logits dtype.
+# Elements per 16-byte vector, the VEC that triton.host.vector_width picks for each logits dtype.
 VECTOR_WIDTH = {"fp32": 4, "bf16": 8, "fp16": 8}
 _OPTIONS = ("num_warps", "maxnreg", "enable_fp_fusion", "debug")
 
 
 def compile_kernel(name: str, arch: int, meta: dict, dtype: str = "bf16", mask_dtype: str = "i64"):
-    """Compile kernel ``name`` of routing_js for sm_``arch``; ``meta`` holds its constexprs and
+    """Compile kernel ``name`` of :mod:`.triton.kernels` for sm_``arch``; ``meta`` holds its constexprs and
     launch options as the launchers pass them (``tile_config`` / ``pair_config`` included)."""
-    if routing_js.INTERPRET:
+    if kernels.INTERPRET:
         raise RuntimeError("TRITON_INTERPRET=1: the kernels are interpreted in this process and cannot be compiled")
-    kernel = getattr(routing_js, name)
+    kernel = getattr(kernels, name)
     constexprs = dict(meta)
     options = {k: constexprs.pop(k) for k in _OPTIONS if k in constexprs}
     if kernel.debug:

@@ -1,4 +1,4 @@
-"""The CUDA C++ backend (``csrc/``): the same fused op as :mod:`sara_kernels.ops.routing_js`, with
+"""The CUDA C++ backend (``csrc/``): the same fused op as :mod:`sara_kernels.ops.triton`, with
 argument handling, launch planning and autograd in C++ (``torch.ops.sara_kernels.cuda_*``), so a
 call costs microseconds of CPU. Same kernels structure, same math, same results up to float32
 rounding; the ops' schemas and shapes are :mod:`sara_kernels.ops.contract`'s. This module only

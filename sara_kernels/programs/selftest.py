@@ -33,7 +33,8 @@ import torch
 import triton
 
 from .. import backends
-from ..ops import cuda, routing_js
+from ..ops import cuda
+from ..ops.triton import kernels as triton_kernels
 from ..testing import Shape, case_grid, check_kernel, check_reference
 from .table import format_table
 
@@ -58,7 +59,7 @@ def plan(device: torch.device):
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return GPU_SHAPE, kernel_backends(), f"CUDA device {name}: kernels vs float64 reference"
-    if routing_js.INTERPRET:
+    if triton_kernels.INTERPRET:
         return TINY_SHAPE, ["triton"], "no GPU; TRITON_INTERPRET=1: kernels under the Triton interpreter, tiny shapes"
     return TINY_SHAPE, [], (
         "NO GPU: the kernels cannot run here, so they are NOT checked. Only the reference is checked "

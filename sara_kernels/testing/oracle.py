@@ -44,7 +44,7 @@ def numpy_scores(z: np.ndarray, score: str, temperature: float):
 
 def numpy_pair_js(anchor, target, member_a, member_t, priors, upstream, score, temperature, anchor_grads):
     """Independent float64 NumPy evaluation of JS [L, B] (0 for pairs with an empty side) and the
-    closed-form gradients of Σ upstream·JS (formula in :mod:`sara_kernels.ops.routing_js`), one
+    closed-form gradients of Σ upstream·JS (formula in :mod:`sara_kernels.ops.triton.kernels`), one
     token loop at a time. ``anchor``/``target``: [L, N, E]; ``member_*``: bool [B, N];
     ``priors`` [L, B, E] replaces the anchor when ``anchor`` is None.
 

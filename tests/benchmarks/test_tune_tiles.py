@@ -1,4 +1,4 @@
-"""benchmarks/tune_tiles.py, the evidence behind ``routing_js.tile_config``, checked for logic on the
+"""benchmarks/tune_tiles.py, the evidence behind ``triton_host.tile_config``, checked for logic on the
 CPU (interpreted kernels, tiny shapes; timings are reported, never asserted): what it sweeps, and
 that ``--stages-only`` (the same-run A/B of scripts/gpu_profile.sh) times the table's tile with each
 row loop: unpipelined, pipelined with and without the register cap."""
@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from sara_kernels.ops import routing_js
+from sara_kernels.ops.triton import host as triton_host
 
 from helpers import REPO as ROOT  # noqa: E402
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -21,7 +21,7 @@ import tune_tiles  # noqa: E402
 
 @pytest.mark.parametrize("experts", [8, 64, 128, 512])
 def test_candidates_hold_the_table_tile_and_each_row_loop(experts):
-    table = routing_js.tile_config(experts)
+    table = triton_host.tile_config(experts)
     found = tune_tiles.candidates(experts)
     assert (table["num_warps"], table["BLOCK_N"], table["STAGES"], table.get("maxnreg")) in found
     tiles = {c[:2] for c in found}
@@ -36,7 +36,7 @@ def test_stages_only_times_the_table_tile_with_each_row_loop(tmp_path):
                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     rows = json.loads((tmp_path / "tiles.json").read_text())["rows"]
-    table = routing_js.tile_config(128)
+    table = triton_host.tile_config(128)
     assert {(r["stages"], r["maxnreg"]) for r in rows} == set(tune_tiles.PIPELINES)
     assert all((r["warps"], r["block_n"]) == (table["num_warps"], table["BLOCK_N"]) for r in rows)
     assert [r["table"] for r in rows] == [(r["stages"], r["maxnreg"]) == (table["STAGES"], table.get("maxnreg"))

@@ -23,12 +23,14 @@ import torch
 
 import sara_kernels
 from sara_kernels import backends, reference, testing
-from sara_kernels.ops import cuda, routing_js
+from sara_kernels.ops import cuda
+from sara_kernels.ops.triton import host as triton_host
+from sara_kernels.ops.triton import kernels as triton_kernels
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(routing_js.INTERPRET, reason="GPU tests compile the real kernels: unset TRITON_INTERPRET"),
+    pytest.mark.skipif(triton_kernels.INTERPRET, reason="GPU tests compile the real kernels: unset TRITON_INTERPRET"),
 ]
 
 DEVICE = "cuda"
@@ -68,14 +70,14 @@ def test_matches_float64_reference(experts, dtype, backend):
 @pytest.fixture
 def tile_stages(monkeypatch):
     """Sets the STAGES of Triton's tile table for one test, with the launch plans rebuilt around it."""
-    original = routing_js.tile_config
+    original = triton_host.tile_config
 
     def set_stages(stages: int):
-        monkeypatch.setattr(routing_js, "tile_config", lambda e: dict(original(e), STAGES=stages))
-        routing_js.clear_plans()
+        monkeypatch.setattr(triton_host, "tile_config", lambda e: dict(original(e), STAGES=stages))
+        triton_host.clear_plans()
 
     yield set_stages
-    routing_js.clear_plans()
+    triton_host.clear_plans()
 
 
 @pytest.mark.parametrize("stages", [1, 3])

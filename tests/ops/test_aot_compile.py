@@ -23,14 +23,16 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-from sara_kernels.ops import aot, contract, routing_js
+from sara_kernels.ops import aot, contract
+from sara_kernels.ops.triton import host as triton_host
+from sara_kernels.ops.triton import kernels as triton_kernels
 
 
-compiled_here = pytest.mark.skipif(routing_js.INTERPRET, reason="kernels are interpreted in this process")
+compiled_here = pytest.mark.skipif(triton_kernels.INTERPRET, reason="kernels are interpreted in this process")
 
 ARCHS = (80, 90)
 # One E per tile configuration the launcher can pick for E in 1..512.
-TILE_EXPERTS = sorted({routing_js.tile_config(e)["BLOCK_E"]: e for e in range(1, contract.MAX_EXPERTS + 1)}.values())
+TILE_EXPERTS = sorted({triton_host.tile_config(e)["BLOCK_E"]: e for e in range(1, contract.MAX_EXPERTS + 1)}.values())
 SEGMENTATIONS = {"none": (False, False), "mask": (True, False), "cu": (False, True)}
 
 
@@ -64,7 +66,7 @@ def pooling_cases():
         for seg, score, e, dtype, mask_dtype, vec, table, more in grid:
             has_mask, use_cu = SEGMENTATIONS[seg]
             meta = dict(HAS_MASK=has_mask, USE_CU=use_cu, SIGMOID=score == "sigmoid", TABLE=table, VEC=vec,
-                        **{**routing_js.expert_constexprs(e), **more})
+                        **{**triton_host.expert_constexprs(e), **more})
             yield name, meta, dtype, mask_dtype, f"{name} seg={seg} score={score} E={e} dtype={dtype} VEC={vec} {more}"
 
 
@@ -73,16 +75,16 @@ def small_kernel_cases():
     pooled_routing_fwd (tile) and check_segments."""
     for e in TILE_EXPERTS:
         for priors in (False, True):
-            meta = dict(PRIORS=priors, **routing_js.pair_config(e))
+            meta = dict(PRIORS=priors, **triton_host.pair_config(e))
             yield "pair_js_fwd", meta, "bf16", "i64", f"pair_js_fwd priors={priors} E={e}"
         for normalize in (False, True):
-            meta = dict(NORMALIZE=normalize, **routing_js.pair_config(e))
+            meta = dict(NORMALIZE=normalize, **triton_host.pair_config(e))
             yield "pooled_routing_fwd", meta, "bf16", "i64", f"pooled_routing_fwd normalize={normalize} E={e}"
     for weights in (False, True):
-        for reduction, code in routing_js.REDUCTIONS.items():
-            meta = dict(HAS_WEIGHTS=weights, REDUCTION=code, **routing_js.REDUCE_CONFIG)
+        for reduction, code in triton_kernels.REDUCTIONS.items():
+            meta = dict(HAS_WEIGHTS=weights, REDUCTION=code, **triton_host.REDUCE_CONFIG)
             yield "reduce_pair_loss", meta, "bf16", "i64", f"reduce_pair_loss weights={weights} {reduction}"
-    yield "check_segments", dict(routing_js.CHECK_CONFIG), "bf16", "i64", "check_segments"
+    yield "check_segments", dict(triton_host.CHECK_CONFIG), "bf16", "i64", "check_segments"
 
 
 def _compile_case(case, arch):
@@ -116,12 +118,12 @@ def test_small_kernels_compile_for_every_configuration(arch):
 
 
 def test_every_tile_configuration_is_covered():
-    seen = {tuple(sorted(routing_js.tile_config(e).items())) for e in TILE_EXPERTS}
-    every = {tuple(sorted(routing_js.tile_config(e).items())) for e in range(1, contract.MAX_EXPERTS + 1)}
+    seen = {tuple(sorted(triton_host.tile_config(e).items())) for e in TILE_EXPERTS}
+    every = {tuple(sorted(triton_host.tile_config(e).items())) for e in range(1, contract.MAX_EXPERTS + 1)}
     assert seen == every and len(TILE_EXPERTS) == len(every)
 
 
-@pytest.mark.skipif(not routing_js.INTERPRET, reason="the compile tests run directly in this process")
+@pytest.mark.skipif(not triton_kernels.INTERPRET, reason="the compile tests run directly in this process")
 def test_compile_in_a_process_without_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="0")
     result = subprocess.run(

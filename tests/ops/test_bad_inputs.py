@@ -7,7 +7,7 @@ import torch
 
 import sara_kernels
 from sara_kernels import reference
-from sara_kernels.ops import routing_js
+from sara_kernels.ops.triton import kernels as triton_kernels
 
 L, B, S, E = 2, 2, 3, 8
 
@@ -86,7 +86,7 @@ def test_devices_must_match():
 
 
 def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
-    monkeypatch.setattr(routing_js, "INTERPRET", False)
+    monkeypatch.setattr(triton_kernels, "INTERPRET", False)
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         sara_kernels.sara_loss(logits(), logits(), backend="triton")
 

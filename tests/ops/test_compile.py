@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import sara_kernels
-from sara_kernels.ops import routing_js
+from sara_kernels.ops.triton import autograd as triton_ops
 
 from sara_kernels.testing import LOSS_TOL, assert_grads_close
 
@@ -121,17 +121,17 @@ def _opcheck_inputs():
 def test_custom_ops_pass_opcheck(reduction):
     anchor, target, mask, weights = _opcheck_inputs()
     fwd_args = (anchor, target, mask, None, mask, None, None, weights, "sigmoid", 1.0, reduction)
-    torch.library.opcheck(routing_js.sara_loss_fwd.op, fwd_args, test_utils=OPCHECK_UTILS)
-    _, _, ga, gt, stats, layer_coef = routing_js.sara_loss_fwd(*fwd_args)
+    torch.library.opcheck(triton_ops.sara_loss_fwd.op, fwd_args, test_utils=OPCHECK_UTILS)
+    _, _, ga, gt, stats, layer_coef = triton_ops.sara_loss_fwd(*fwd_args)
     grad = torch.randn(gt.shape[:2] if reduction == "none" else (), device=DEVICE)
     bwd_args = (grad, anchor, target, mask, None, mask, None, ga, gt, stats, layer_coef, "sigmoid", 1.0, True)
-    torch.library.opcheck(routing_js.sara_loss_bwd.op, bwd_args, test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(triton_ops.sara_loss_bwd.op, bwd_args, test_utils=OPCHECK_UTILS)
     for normalize in (True, False):
         probs_args = (anchor, mask, None, "softmax", 0.8, normalize)
-        torch.library.opcheck(routing_js.routing_distribution_fwd.op, probs_args, test_utils=OPCHECK_UTILS)
-        probs, count = routing_js.routing_distribution_fwd(*probs_args)
+        torch.library.opcheck(triton_ops.routing_distribution_fwd.op, probs_args, test_utils=OPCHECK_UTILS)
+        probs, count = triton_ops.routing_distribution_fwd(*probs_args)
         grad_args = (torch.randn_like(probs), anchor, mask, None, count, "softmax", 0.8, normalize)
-        torch.library.opcheck(routing_js.routing_distribution_bwd.op, grad_args, test_utils=OPCHECK_UTILS)
+        torch.library.opcheck(triton_ops.routing_distribution_bwd.op, grad_args, test_utils=OPCHECK_UTILS)
 
 
 def test_cuda_ops_pass_opcheck(cuda_backend):

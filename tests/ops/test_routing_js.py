@@ -17,7 +17,8 @@ import torch
 
 import sara_kernels
 from sara_kernels import reference, testing
-from sara_kernels.ops import routing_js
+from sara_kernels.ops.triton import host as triton_host
+from sara_kernels.ops.triton import kernels as triton_kernels
 
 from sara_kernels.testing import LOSS_TOL, PROBS_TOL, assert_backend_matches_reference, assert_grads_close, run
 
@@ -30,9 +31,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpr
 def fresh_plans():
     """Launch plans are cached per shape; tests that patch the tile table or the split count
     must not see (or leave behind) plans made with other values."""
-    routing_js.clear_plans()
+    triton_host.clear_plans()
     yield
-    routing_js.clear_plans()
+    triton_host.clear_plans()
 
 
 segmentation = functools.partial(testing.segmentation, device=DEVICE)
@@ -148,8 +149,8 @@ def test_split_sequences_give_the_same_result(monkeypatch, splits):
     side_a = segmentation("mask", B, S, gen)
     side_t = segmentation("cu_seqlens", B, S, gen, num_tokens=B * S)
     anchor, target = random_logits(L, B * S, E, generator=gen), random_logits(L, B * S, E, generator=gen)
-    monkeypatch.setattr(routing_js, "tile_config", lambda e: dict(BLOCK_N=4, BLOCK_E=16, STAGES=1, num_warps=4, enable_fp_fusion=True))
-    monkeypatch.setattr(routing_js, "num_splits", lambda *args: splits)
+    monkeypatch.setattr(triton_host, "tile_config", lambda e: dict(BLOCK_N=4, BLOCK_E=16, STAGES=1, num_warps=4, enable_fp_fusion=True))
+    monkeypatch.setattr(triton_host, "num_splits", lambda *args: splits)
     check("triton", anchor, target, side_a, side_t, detach_anchor=False, score="sigmoid")
 
 
@@ -288,7 +289,7 @@ def test_module_form_matches_function():
 
 def test_vector_width_only_when_every_layer_allows_aligned_vector_loads():
     def vec(logits):
-        return routing_js.layer_addressing(logits, torch.device("cpu"))[1]
+        return triton_host.layer_addressing(logits, torch.device("cpu"))[1]
 
     x = torch.randn(8, 32)
     assert vec([x, x.clone()]) == 4
@@ -327,7 +328,7 @@ def test_random_configurations_match_reference(monkeypatch, seed):
     score, tau, detach = rng.choice(["softmax", "sigmoid"]), rng.choice([0.3, 1.0, 2.5]), rng.random() < 0.5
     seg_kind = rng.choice(["mask", "cu_seqlens", "none"])
     dtype = rng.choice([torch.float32, torch.bfloat16, torch.float16])
-    monkeypatch.setattr(routing_js, "num_splits", lambda *args, k=rng.choice([1, 2, 3, 7]): k)
+    monkeypatch.setattr(triton_host, "num_splits", lambda *args, k=rng.choice([1, 2, 3, 7]): k)
     side_a = testing.random_segmentation(rng, seg_kind, B, S, DEVICE)
     side_t = testing.random_segmentation(rng, seg_kind, B, S, DEVICE)
     anchor = [(3 * torch.randn(side_a.num_tokens, E)).to(dtype).to(DEVICE) for _ in range(L)]
@@ -370,7 +371,7 @@ KERNELS = ("pool_routing_fwd", "pool_routing_bwd", "pair_js_fwd", "reduce_pair_l
 def test_constexprs_come_last_in_every_kernel(name):
     """``launch`` passes the compiled launcher the runtime arguments followed by the constexpr
     values: that is the signature order only if no runtime argument follows a constexpr."""
-    params = inspect.signature(getattr(routing_js, name).fn).parameters.values()
+    params = inspect.signature(getattr(triton_kernels, name).fn).parameters.values()
     kinds = ["constexpr" in str(p.annotation) for p in params]
     assert any(kinds) and kinds == sorted(kinds), f"{name}: a runtime argument follows a constexpr"
 
@@ -409,20 +410,20 @@ def test_launch_goes_through_the_compiled_launcher_after_the_first_call(monkeypa
     specialisation compiles through ``kernel[grid]``, later ones call the compiled kernel with a
     three-axis grid and the constexpr values appended; a new dtype or an int that needs 64 bits
     is a new specialisation."""
-    monkeypatch.setattr(routing_js, "INTERPRET", False)
-    monkeypatch.setattr(routing_js, "_COMPILED", {})
+    monkeypatch.setattr(triton_host, "INTERPRET", False)
+    monkeypatch.setattr(triton_host, "_COMPILED", {})
     kernel, device = _FakeKernel(), torch.device("cpu")
     x = torch.zeros(4)
     meta = dict(BLOCK=16, num_warps=4)
-    routing_js.launch(kernel, (3, 2), (x, 5), meta, device)
-    routing_js.launch(kernel, (3, 2), (x, 7), meta, device)
-    routing_js.launch(kernel, (1,), (x, 7), meta, device)
+    triton_host.launch(kernel, (3, 2), (x, 5), meta, device)
+    triton_host.launch(kernel, (3, 2), (x, 7), meta, device)
+    triton_host.launch(kernel, (1,), (x, 7), meta, device)
     assert kernel.calls == [
         ("jit", (3, 2), (x, 5), meta),
         ("compiled", (3, 2, 1), (x, 7, 16)),
         ("compiled", (1, 1, 1), (x, 7, 16)),
     ]
-    routing_js.launch(kernel, (1,), (x.double(), 7), meta, device)  # another pointer type
-    routing_js.launch(kernel, (1,), (x, 2**40), meta, device)  # an i64 argument
-    routing_js.launch(kernel, (1,), (x, 7), dict(meta, BLOCK=32), device)  # another constexpr
+    triton_host.launch(kernel, (1,), (x.double(), 7), meta, device)  # another pointer type
+    triton_host.launch(kernel, (1,), (x, 2**40), meta, device)  # an i64 argument
+    triton_host.launch(kernel, (1,), (x, 7), dict(meta, BLOCK=32), device)  # another constexpr
     assert [c[0] for c in kernel.calls[3:]] == ["jit", "jit", "jit"]

@@ -11,7 +11,7 @@ import torch
 
 from sara_kernels import reference, testing
 from sara_kernels.programs import selftest
-from sara_kernels.ops import routing_js
+from sara_kernels.ops.triton import kernels as triton_kernels
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy on padded −inf rows
 
@@ -41,7 +41,7 @@ def test_checks_pass_on_the_cpu():
     results = selftest.run_checks("cpu", quick=True, log=lambda *_: None)
     assert results and all(r.passed for r in results), selftest.results_table(results)
     kernel_checks = [r for r in results if r.check != "reference vs NumPy"]
-    if routing_js.INTERPRET:
+    if triton_kernels.INTERPRET:
         assert kernel_checks and all(r.deterministic for r in kernel_checks)
     else:
         assert not kernel_checks
@@ -63,7 +63,7 @@ def test_a_wrong_result_fails_with_exit_code_one(monkeypatch, capsys):
 
 
 def test_without_gpu_or_interpreter_it_says_the_kernels_are_not_checked(monkeypatch, capsys):
-    monkeypatch.setattr(routing_js, "INTERPRET", False)
+    monkeypatch.setattr(triton_kernels, "INTERPRET", False)
     results = selftest.run_checks("cpu", log=print)
     assert results and all(r.check == "reference vs NumPy" and r.passed for r in results)
     assert "NO GPU" in capsys.readouterr().out

@@ -1,0 +1,255 @@
+"""The Triton backend's custom ops (torch.library, with the contract's schemas and fakes) and
+its autograd Functions; ``sara_loss`` and ``pooled_distribution`` are the backend's entry points."""
+
+from __future__ import annotations
+
+import functools
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+
+from ..._inputs import RoutingSide
+from .. import contract
+from .host import REDUCE_CONFIG, _placeholder, launch, pair_config, pool_bwd, pool_fwd
+from .kernels import REDUCTIONS, pair_js_fwd, pooled_routing_fwd, reduce_pair_loss
+
+
+def _unpack(logits: List[torch.Tensor]):
+    """The kernels' view of a side's logits: the [L, N, E] tensor itself when given as one."""
+    return logits[0] if len(logits) == 1 and logits[0].dim() == 3 else logits
+
+
+# ----------------------------------------------------------------------------------------
+# The op: torch.library custom ops for torch.compile, called directly in eager mode
+# ----------------------------------------------------------------------------------------
+
+
+def _op(name: str):
+    """Register ``fn`` as the custom op ``sara_kernels::name`` with the contract's schema and fake
+    implementation (opaque to torch.compile) and return a function that calls the op while
+    compiling and ``fn`` itself otherwise: a dispatcher round trip costs tens of microseconds per
+    eager call. Why custom ops and not triton_op + wrap_triton: the launchers read data pointers
+    to build the layer table, which the FakeTensors of a trace do not have."""
+
+    def register(fn):
+        op = torch.library.custom_op(f"sara_kernels::{name}", fn, mutates_args=(), schema=contract.SCHEMAS[name])
+        op.register_fake(contract.FAKES[name])
+
+        @functools.wraps(fn)
+        def call(*args):
+            return op(*args) if torch.compiler.is_compiling() else fn(*args)
+
+        call.op = op
+        return call
+
+    return register
+
+
+@_op("sara_loss_fwd")
+def sara_loss_fwd(
+    anchor: List[torch.Tensor], target: List[torch.Tensor],
+    anchor_mask: Optional[torch.Tensor], anchor_cu_seqlens: Optional[torch.Tensor],
+    target_mask: Optional[torch.Tensor], target_cu_seqlens: Optional[torch.Tensor],
+    anchor_probs: Optional[torch.Tensor], layer_weights: Optional[torch.Tensor],
+    score: str, temperature: float, reduction: str,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, per-layer mean JS [L], G^a, G^t [L, B, E], stats [3, B] = (n^a, n^t, valid), k [L]).
+
+    A side is a list of [N, E] tensors or a one-element list holding one [L, N, E] tensor;
+    ``anchor`` is empty with priors (``anchor_probs`` [L, B, E]). loss is [L, B] for "none".
+    """
+    device = target[0].device
+    t_logits = _unpack(target)
+    t_partial, t_count = pool_fwd(t_logits, target_mask, target_cu_seqlens, score, temperature, device)
+    if anchor_probs is None:
+        a_partial, a_count = pool_fwd(_unpack(anchor), anchor_mask, anchor_cu_seqlens, score, temperature, device)
+        priors, prior_strides = _placeholder(device), (0, 0, 0)
+    else:
+        a_partial, a_count = t_partial, t_count
+        priors, prior_strides = anchor_probs, anchor_probs.stride()
+    L, B, _, E = t_partial.shape
+    new = functools.partial(torch.empty, dtype=torch.float32, device=device)
+    js, ga, gt, stats = new((L, B)), new((L, B, E)), new((L, B, E)), new((3, B))
+    launch(pair_js_fwd, (L, B),
+           (a_partial, a_count, t_partial, t_count, priors, *prior_strides, js, ga, gt, stats,
+            B, E, a_partial.shape[2], t_partial.shape[2]),
+           {"PRIORS": anchor_probs is not None, **pair_config(E)}, device)
+    per_layer, layer_coef = new(L), new(L)
+    loss = js if reduction == "none" else new(())
+    launch(reduce_pair_loss, (1,),
+           (js, stats, layer_weights if layer_weights is not None else _placeholder(device), loss, per_layer,
+            layer_coef, L, B),
+           {"HAS_WEIGHTS": layer_weights is not None, "REDUCTION": REDUCTIONS[reduction], **REDUCE_CONFIG}, device)
+    return loss, per_layer, ga, gt, stats, layer_coef
+
+
+@_op("sara_loss_bwd")
+def sara_loss_bwd(
+    grad_loss: torch.Tensor, anchor: List[torch.Tensor], target: List[torch.Tensor],
+    anchor_mask: Optional[torch.Tensor], anchor_cu_seqlens: Optional[torch.Tensor],
+    target_mask: Optional[torch.Tensor], target_cu_seqlens: Optional[torch.Tensor],
+    ga: torch.Tensor, gt: torch.Tensor, stats: torch.Tensor, layer_coef: torch.Tensor,
+    score: str, temperature: float, anchor_grad: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(∂/∂anchor [L, N_a, E] or an empty tensor, ∂/∂target [L, N_t, E]) in the logits' dtype."""
+    device = target[0].device
+    grad_t = pool_bwd(_unpack(target), target_mask, target_cu_seqlens, gt, grad_loss, layer_coef, stats[1],
+                      score, temperature, device)
+    if not anchor_grad:
+        return grad_loss.new_empty(0), grad_t
+    grad_a = pool_bwd(_unpack(anchor), anchor_mask, anchor_cu_seqlens, ga, grad_loss, layer_coef, stats[0],
+                      score, temperature, device)
+    return grad_a, grad_t
+
+
+@_op("routing_distribution_fwd")
+def routing_distribution_fwd(
+    logits: List[torch.Tensor], mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+    score: str, temperature: float, normalize: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(P [L, B, E], n_b [B]), float32; without ``normalize`` the sums n_b·P instead of P."""
+    device = logits[0].device
+    partial, count = pool_fwd(_unpack(logits), mask, cu_seqlens, score, temperature, device)
+    L, B, splits, E = partial.shape
+    probs = torch.empty((L, B, E), dtype=torch.float32, device=device)
+    total = torch.empty(B, dtype=torch.float32, device=device)
+    launch(pooled_routing_fwd, (L, B), (partial, count, probs, total, B, E, splits),
+           {"NORMALIZE": normalize, **pair_config(E)}, device)
+    return probs, total
+
+
+@_op("routing_distribution_bwd")
+def routing_distribution_bwd(
+    grad_probs: torch.Tensor, logits: List[torch.Tensor], mask: Optional[torch.Tensor],
+    cu_seqlens: Optional[torch.Tensor], count: torch.Tensor, score: str, temperature: float, normalize: bool,
+) -> torch.Tensor:
+    """∂/∂logits [L, N, E] for an upstream gradient [L, B, E] of P (of the sums without ``normalize``:
+    the kernel's division by n_b then divides by one)."""
+    if not normalize:
+        count = torch.ones((), dtype=torch.float32, device=count.device).expand(count.shape[0])
+    return pool_bwd(_unpack(logits), mask, cu_seqlens, grad_probs, None, None, count, score, temperature,
+                    logits[0].device)
+
+
+def _side_grads(grad: torch.Tensor, stacked: bool):
+    """The gradient in the form the side was given: the [L, N, E] buffer or its per-layer views."""
+    return (grad,) if stacked else grad.unbind(0)
+
+
+def _no_double_backward():
+    # The backward launches kernels that autograd cannot see through: a second derivative would
+    # silently come out as zero, so ask for it to fail instead.
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError("sara_kernels: the Triton backend does not support double backward (create_graph=True); "
+                           "use backend='reference'")
+
+
+class LossOptions(NamedTuple):
+    """The constants of one ``SARALossFunction`` call (a NamedTuple: built on every call)."""
+
+    num_anchor: int  # tensors of the anchor side in ``logits`` (0 with priors)
+    anchor_stacked: bool
+    target_stacked: bool
+    score: str
+    temperature: float
+    detach_anchor: bool
+    reduction: str
+
+
+class SARALossFunction(torch.autograd.Function):
+    """The one autograd definition of the fused loss, eager and compiled alike: forward and
+    backward call the custom ops above (the ops themselves in eager mode, see ``_op``). Only
+    tensors and constants cross it, so torch.compile traces it whole."""
+
+    @staticmethod
+    def forward(ctx, options: LossOptions, anchor_probs, layer_weights, a_mask, a_cu, t_mask, t_cu, *logits):
+        num_anchor = options.num_anchor
+        anchor, target = list(logits[:num_anchor]), list(logits[num_anchor:])
+        loss, per_layer, ga, gt, stats, layer_coef = sara_loss_fwd(
+            anchor, target, a_mask, a_cu, t_mask, t_cu, anchor_probs, layer_weights, options.score,
+            options.temperature, options.reduction,
+        )
+        ctx.options = options
+        # The logits the backward reads are saved (not only referenced) so that autograd's version
+        # check catches an in-place change before the backward recomputes the scores from them.
+        # A detached anchor is never read again: saving it would only cost time per layer.
+        read_back = logits if not options.detach_anchor else target
+        ctx.save_for_backward(ga, gt, stats, layer_coef, a_mask, a_cu, t_mask, t_cu, *read_back)
+        ctx.mark_non_differentiable(per_layer)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for per_layer: one kernel less per step
+        return loss, per_layer
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_per_layer):
+        _no_double_backward()
+        options = ctx.options
+        num_anchor = options.num_anchor
+        if grad_loss is None:  # only the non-differentiable per_layer was used
+            return (None,) * len(ctx.needs_input_grad)
+        ga, gt, stats, layer_coef, a_mask, a_cu, t_mask, t_cu, *logits = ctx.saved_tensors
+        saved_anchor = 0 if options.detach_anchor else num_anchor
+        anchor, target = logits[:saved_anchor], logits[saved_anchor:]
+        anchor_grad = saved_anchor > 0 and any(ctx.needs_input_grad[7 : 7 + num_anchor])
+        grad_a, grad_t = sara_loss_bwd(
+            grad_loss, anchor, target, a_mask, a_cu, t_mask, t_cu, ga, gt, stats, layer_coef, options.score,
+            options.temperature, anchor_grad,
+        )
+        grads_a = _side_grads(grad_a, options.anchor_stacked) if anchor_grad else (None,) * num_anchor
+        return (None,) * 7 + (*grads_a, *_side_grads(grad_t, options.target_stacked))
+
+
+def sara_loss(anchor: Optional[RoutingSide], target: RoutingSide, anchor_probs, layer_weights,
+              score: str, temperature: float, detach_anchor: bool, reduction: str):
+    """(loss, detached per-layer mean JS [L]) with autograd into the logits."""
+    if anchor_probs is not None:
+        anchor_probs = anchor_probs.detach()
+    if layer_weights is not None:
+        layer_weights = layer_weights.detach()
+    anchor_inputs = anchor.inputs if anchor is not None else ()
+    options = LossOptions(len(anchor_inputs), anchor is not None and anchor.stacked, target.stacked,
+                          score, temperature, detach_anchor, reduction)
+    a_mask, a_cu = (anchor.mask, anchor.cu_seqlens) if anchor is not None else (None, None)
+    return SARALossFunction.apply(options, anchor_probs, layer_weights, a_mask, a_cu, target.mask,
+                                  target.cu_seqlens, *anchor_inputs, *target.inputs)
+
+
+class DistributionOptions(NamedTuple):
+    """The constants of one ``RoutingDistributionFunction`` call."""
+
+    stacked: bool
+    score: str
+    temperature: float
+    normalize: bool
+
+
+class RoutingDistributionFunction(torch.autograd.Function):
+    """(P [L, B, E] float32, n_b [B]) of one side, or the sums n_b·P without ``normalize``, with
+    autograd into the logits; same structure as ``SARALossFunction``."""
+
+    @staticmethod
+    def forward(ctx, options: DistributionOptions, mask, cu_seqlens, *logits):
+        probs, count = routing_distribution_fwd(list(logits), mask, cu_seqlens, options.score, options.temperature,
+                                                options.normalize)
+        ctx.options = options
+        ctx.save_for_backward(count, mask, cu_seqlens, *logits)  # logits: for the in-place version check
+        ctx.mark_non_differentiable(count)
+        ctx.set_materialize_grads(False)
+        return probs, count
+
+    @staticmethod
+    def backward(ctx, grad_probs, _grad_count):
+        _no_double_backward()
+        options = ctx.options
+        count, mask, cu_seqlens, *logits = ctx.saved_tensors
+        if grad_probs is None:
+            return (None,) * len(ctx.needs_input_grad)
+        grad = routing_distribution_bwd(grad_probs, logits, mask, cu_seqlens, count, options.score,
+                                        options.temperature, options.normalize)
+        return (None, None, None, *_side_grads(grad, options.stacked))
+
+
+def pooled_distribution(side: RoutingSide, score: str, temperature: float, normalize: bool = True):
+    """(P [L, B, E], n_b [B]) with autograd into the logits; the sums n_b·P without ``normalize``
+    (what context parallelism all-reduces, :mod:`sara_kernels.distributed`)."""
+    options = DistributionOptions(side.stacked, score, temperature, normalize)
+    return RoutingDistributionFunction.apply(options, side.mask, side.cu_seqlens, *side.inputs)
