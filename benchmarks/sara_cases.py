@@ -10,7 +10,8 @@ from typing import Optional
 
 import torch
 
-from sara_kernels import reference, testing
+import sara_kernels
+from sara_kernels import testing
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,7 @@ def make_inputs(case: Case, device: torch.device, copies: int) -> CaseInputs:
     for _ in range(copies):
         if case.mode == "priors":
             with torch.no_grad():
-                priors.append(reference.routing_distribution(side(), mask, score=case.score).float())
+                priors.append(sara_kernels.routing_distribution(side(), mask, score=case.score, backend="reference").float())
             anchors.append(None)
         else:
             anchors.append(side())

@@ -217,6 +217,25 @@ def check_pair(anchor: RoutingSide, target: RoutingSide):
         )
 
 
+def prepare_pair(anchor_logits, target_logits, anchor_mask, target_mask, anchor_cu_seqlens, target_cu_seqlens, anchor_probs,
+                 layers_checked_natively: bool = False):
+    """Validate both sides; returns (anchor side or None in priors mode, target side, priors or None).
+    ``layers_checked_natively``: see :func:`routing_side`."""
+    target = routing_side(target_logits, target_mask, target_cu_seqlens, "target", layers_checked_natively)
+    if anchor_probs is not None:
+        if anchor_logits is not None:
+            raise ValueError("give either anchor_logits or anchor_probs (cached priors), not both")
+        if anchor_mask is not None or anchor_cu_seqlens is not None:
+            raise ValueError("anchor_mask/anchor_cu_seqlens describe anchor logits; with anchor_probs leave them None")
+        check_priors(anchor_probs, target)
+        return None, target, anchor_probs
+    if anchor_logits is None:
+        raise ValueError("anchor_logits is None: give anchor logits or cached priors via anchor_probs")
+    anchor = routing_side(anchor_logits, anchor_mask, anchor_cu_seqlens, "anchor", layers_checked_natively)
+    check_pair(anchor, target)
+    return anchor, target, None
+
+
 def check_priors(anchor_probs, target: RoutingSide):
     if not isinstance(anchor_probs, torch.Tensor):
         raise TypeError(f"anchor_probs: expected a [L, B, E] tensor, got {type(anchor_probs).__name__}")

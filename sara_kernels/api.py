@@ -9,13 +9,12 @@ registry :mod:`sara_kernels.backends`.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Optional
 
 import torch
 
-from . import backends, distributed, reference
-from ._inputs import RoutingSide, check_options, layer_weight_tensor, routing_side
+from . import backends, distributed
+from ._inputs import RoutingSide, check_options, layer_weight_tensor, prepare_pair, routing_side
 from .distributed import check_group
 from .ops import backend_choice
 
@@ -134,24 +133,21 @@ def sara_loss(
     check_options(temperature, score, reduction, backend)
     check_group(group)
     temperature = float(temperature)  # as every backend takes it, down to the kernels' 1/τ
-    anchor, target, priors = reference.prepare_pair(
+    anchor, target, priors = prepare_pair(
         anchor_logits, target_logits, anchor_mask, target_mask, anchor_cu_seqlens, target_cu_seqlens, anchor_probs,
         layers_checked_natively=backend in _CHECKS_LAYERS,
     )
     weights = layer_weight_tensor(layer_weights, target.num_layers, target.device)
     backend = resolve_backend(backend, target)
-    entry, module = _BACKENDS[backend][:2]
-    if group is not None or not entry.fused:
+    module = _BACKENDS[backend].module
+    if group is None:
+        loss, per_layer = module.sara_loss(anchor, target, priors, weights, score, temperature, bool(detach_anchor),
+                                           reduction)
+    else:
         # Context parallel: the reduction over the group sits between pooling and JS, so a fused
         # backend pools with its kernels and the small [L, B, E] rest runs in PyTorch.
-        pool = functools.partial(distributed.pooled_distribution, module.pooled_distribution, score=score,
-                                 temperature=temperature, group=group)
-        js, valid = reference.pair_js(anchor, target, priors, score, temperature, detach_anchor, pool)
-        loss, per_layer = reference.reduce_pair_js(js, valid, weights, reduction)
-    else:
-        loss, per_layer = module.sara_loss(
-            anchor, target, priors, weights, score, temperature, bool(detach_anchor), reduction
-        )
+        loss, per_layer = distributed.sara_loss(module.pooled_distribution, anchor, target, priors, weights, score,
+                                                temperature, bool(detach_anchor), reduction, group)
     return (loss, per_layer) if return_per_layer else loss
 
 

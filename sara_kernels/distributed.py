@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import _functional_collectives as funcol
 
+from . import reference
+
 
 def check_group(group) -> None:
     if group is None:
@@ -60,3 +62,13 @@ def pooled_distribution(pool, side, score: str, temperature: float, group=None):
     sums, counts = pool(side, score, temperature, False)
     sums, counts = all_reduce_sums_and_counts(sums, counts, group)
     return sums / counts.clamp(min=1)[None, :, None], counts
+
+
+def sara_loss(pool, anchor, target, anchor_probs, layer_weights, score: str, temperature: float, detach_anchor: bool,
+              reduction: str, group):
+    """(loss, detached per-layer mean JS [L]) of whole sequences from this rank's share of their
+    tokens: each side pooled with ``pool`` over the group, then the reference's [L, B, E] rest."""
+    pooled_a = pooled_distribution(pool, anchor, score, temperature, group) if anchor is not None else None
+    pooled_t = pooled_distribution(pool, target, score, temperature, group)
+    js, valid = reference.pair_js(pooled_a, pooled_t, anchor_probs, detach_anchor)
+    return reference.reduce_pair_js(js, valid, layer_weights, reduction)

@@ -19,22 +19,11 @@ float32 (float64 logits stay float64, which is how the tests build their ground 
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 
-from ._inputs import (
-    RoutingSide,
-    check_cu_seqlens_values,
-    check_options,
-    check_pair,
-    check_priors,
-    layer_weight_tensor,
-    routing_side,
-)
-from . import distributed
-from .distributed import check_group
+from ._inputs import RoutingSide, check_cu_seqlens_values
 
 
 DTYPES = MAX_EXPERTS = MAX_SEQS = None  # every floating dtype, any E and B (see sara_kernels.backends)
@@ -139,87 +128,26 @@ def reduce_pair_js(js: torch.Tensor, pair_valid: torch.Tensor, layer_weights: Op
     return loss, per_layer.detach()
 
 
-def routing_distribution(
-    logits,
-    mask: Optional[torch.Tensor] = None,
-    *,
-    cu_seqlens: Optional[torch.Tensor] = None,
-    score: str = "softmax",
-    temperature: float = 1.0,
-    group=None,
-) -> torch.Tensor:
-    """Pooled routing distribution P [L, B, E] (zeros for a sequence with no valid token)."""
-    check_options(temperature, score, None, "reference")
-    check_group(group)
-    side = routing_side(logits, mask, cu_seqlens, "routing")
-    return distributed.pooled_distribution(pooled_distribution, side, score, temperature, group)[0]
-
-
-def pair_js(anchor: Optional[RoutingSide], target: RoutingSide, anchor_probs, score, temperature, detach_anchor,
-            pool=None):
-    """(JS [L, B] with 0 for invalid pairs, pair validity [B] bool).
-
-    ``pool(side) -> (P, n)`` pools one side; default :func:`pooled_distribution` (the context
-    parallel Triton path passes its fused, group-reduced pooling)."""
-    if pool is None:
-        pool = functools.partial(pooled_distribution, score=score, temperature=temperature)
-    p_t, n_t = pool(target)
-    if anchor is None:
+def pair_js(pooled_anchor, pooled_target, anchor_probs: Optional[torch.Tensor], detach_anchor: bool):
+    """(JS [L, B] with 0 for invalid pairs, pair validity [B] bool) from each side's pooled
+    (P [L, B, E], n_b [B]); ``pooled_anchor`` is None with priors ``anchor_probs`` [L, B, E]."""
+    p_t, n_t = pooled_target
+    if pooled_anchor is None:
         p_a, valid = anchor_probs.to(p_t.dtype), n_t > 0
     else:
-        p_a, n_a = pool(anchor)
+        p_a, n_a = pooled_anchor
         valid = (n_a > 0) & (n_t > 0)
-    if detach_anchor or anchor is None:
+    if detach_anchor or pooled_anchor is None:
         p_a = p_a.detach()
     js = js_divergence(p_a, p_t)
     return torch.where(valid[None, :], js, torch.zeros_like(js)), valid
 
 
-def sara_loss(
-    anchor_logits,
-    target_logits,
-    anchor_mask: Optional[torch.Tensor] = None,
-    target_mask: Optional[torch.Tensor] = None,
-    *,
-    anchor_cu_seqlens: Optional[torch.Tensor] = None,
-    target_cu_seqlens: Optional[torch.Tensor] = None,
-    anchor_probs: Optional[torch.Tensor] = None,
-    layer_weights=None,
-    temperature: float = 1.0,
-    score: str = "softmax",
-    detach_anchor: bool = True,
-    reduction: str = "mean",
-    return_per_layer: bool = False,
-    group=None,
-):
-    """Reference SARA loss; same arguments as :func:`sara_kernels.sara_loss` without ``backend``."""
-    check_options(temperature, score, reduction, "reference")
-    check_group(group)
-    anchor, target, priors = prepare_pair(
-        anchor_logits, target_logits, anchor_mask, target_mask, anchor_cu_seqlens, target_cu_seqlens, anchor_probs
-    )
-    weights = layer_weight_tensor(layer_weights, target.num_layers, target.device)
-    pool = functools.partial(distributed.pooled_distribution, pooled_distribution, score=score,
-                             temperature=temperature, group=group)
-    js, valid = pair_js(anchor, target, priors, score, temperature, detach_anchor, pool)
-    loss, per_layer = reduce_pair_js(js, valid, weights, reduction)
-    return (loss, per_layer) if return_per_layer else loss
-
-
-def prepare_pair(anchor_logits, target_logits, anchor_mask, target_mask, anchor_cu_seqlens, target_cu_seqlens, anchor_probs,
-                 layers_checked_natively: bool = False):
-    """Validate both sides; returns (anchor side or None in priors mode, target side, priors or None).
-    ``layers_checked_natively``: see :func:`sara_kernels._inputs.routing_side`."""
-    target = routing_side(target_logits, target_mask, target_cu_seqlens, "target", layers_checked_natively)
-    if anchor_probs is not None:
-        if anchor_logits is not None:
-            raise ValueError("give either anchor_logits or anchor_probs (cached priors), not both")
-        if anchor_mask is not None or anchor_cu_seqlens is not None:
-            raise ValueError("anchor_mask/anchor_cu_seqlens describe anchor logits; with anchor_probs leave them None")
-        check_priors(anchor_probs, target)
-        return None, target, anchor_probs
-    if anchor_logits is None:
-        raise ValueError("anchor_logits is None: give anchor logits or cached priors via anchor_probs")
-    anchor = routing_side(anchor_logits, anchor_mask, anchor_cu_seqlens, "anchor", layers_checked_natively)
-    check_pair(anchor, target)
-    return anchor, target, None
+def sara_loss(anchor: Optional[RoutingSide], target: RoutingSide, anchor_probs: Optional[torch.Tensor],
+              layer_weights: Optional[torch.Tensor], score: str, temperature: float, detach_anchor: bool,
+              reduction: str):
+    """(loss, detached per-layer mean JS [L]) of validated sides (the backend entry point of
+    :mod:`sara_kernels.backends`; users call :func:`sara_kernels.sara_loss`)."""
+    pooled_a = pooled_distribution(anchor, score, temperature) if anchor is not None else None
+    js, valid = pair_js(pooled_a, pooled_distribution(target, score, temperature), anchor_probs, detach_anchor)
+    return reduce_pair_js(js, valid, layer_weights, reduction)

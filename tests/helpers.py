@@ -10,6 +10,7 @@ import os
 
 import torch
 
+import sara_kernels
 from sara_kernels import testing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
@@ -18,6 +19,10 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 random_logits = functools.partial(testing.random_logits, device=DEVICE)
 ragged_mask = functools.partial(testing.ragged_mask, device=DEVICE)
 packed_cu_seqlens = functools.partial(testing.packed_cu_seqlens, device=DEVICE)
+
+# The public API on the reference backend: the ground truth the tests compare with.
+reference_loss = functools.partial(sara_kernels.sara_loss, backend="reference")
+reference_distribution = functools.partial(sara_kernels.routing_distribution, backend="reference")
 
 def as_float64_leaves(layers):
     """float64 copies of the (rounded) inputs that require grad: the reference's inputs."""

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .. import reference
+from .. import api
 from .oracle import membership
 
 # ---------------------------------------------------------------------------------------------
@@ -239,8 +239,8 @@ def make_inputs(case: Case, shape: Shape, device, seed: int, dtype: Optional[tor
     anchor = case_logits(case, shape.layers, anchor_side.membership(), gen, dtype)
     priors = None
     if case.anchor == "priors":
-        priors = reference.routing_distribution(anchor.double(), anchor_side.mask, cu_seqlens=anchor_side.cu_seqlens,
-                                                score=case.score, temperature=case.temperature).float()
+        priors = api.routing_distribution(anchor.double(), anchor_side.mask, cu_seqlens=anchor_side.cu_seqlens,
+                                          score=case.score, temperature=case.temperature, backend="reference").float()
         priors[0, :, 0] = 0.0  # exact zeros in a prior (0·log 0 terms)
         priors[0] /= priors[0].sum(dim=-1, keepdim=True)
     # ∂JS/∂z is O(1 / (n_b·E)): at real sizes fp16 gradients would fall into the subnormal range

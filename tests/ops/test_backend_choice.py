@@ -10,12 +10,11 @@ import pytest
 import torch
 
 import sara_kernels
-from sara_kernels import reference
 from sara_kernels._inputs import RoutingSide
 from sara_kernels.api import resolve_backend
 from sara_kernels.ops import backend_choice, cuda
 
-from helpers import REPO as ROOT  # noqa: E402
+from helpers import reference_loss, REPO as ROOT  # noqa: E402
 
 
 def side(device="cuda", dtype=torch.bfloat16, layers=48, experts=128, tokens=16384, seqs=32):
@@ -39,7 +38,7 @@ def test_auto_is_reference_on_cpu_and_for_unsupported_inputs_and_triton_on_cuda(
     assert resolve_backend("auto", side()) == ("triton" if not cuda.runs_on(torch.device("cuda")) else
                                                backend_choice.faster_fused_backend(torch.device("cuda"), 128))
     logits, target = [torch.randn(6, 8)], [torch.randn(4, 8)]
-    assert torch.equal(sara_kernels.sara_loss(logits, target), reference.sara_loss(logits, target))
+    assert torch.equal(sara_kernels.sara_loss(logits, target), reference_loss(logits, target))
 
 
 def test_auto_picks_the_winner_measured_at_the_nearest_expert_count(hopper_with_extension, monkeypatch):

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from sara_kernels import reference, testing
+from sara_kernels import testing
 
-from helpers import REPO as ROOT  # noqa: E402
+from helpers import reference_distribution, REPO as ROOT  # noqa: E402
 HERE = os.path.join(ROOT, "tests", "cuda_emulation")
 CXX = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
 
@@ -162,7 +162,7 @@ def test_emulated_kernels_match_float64_reference(emulated, spec):
         raw_t[:, ~mask.reshape(-1).bool()] = float("nan")  # padding must never leak
     target = _layout(raw_t.to(case.dtype), spec.storage)
     anchor = _layout(raw_a.to(case.dtype), spec.storage)
-    priors = reference.routing_distribution(list(raw_a.double()), mask, cu_seqlens=cu).float() if case.anchor == "priors" else None
+    priors = reference_distribution(list(raw_a.double()), mask, cu_seqlens=cu).float() if case.anchor == "priors" else None
     weights = None
     if spec.weights != "none":
         weights = (torch.rand(L, generator=gen) + 0.2).to(torch.float64 if spec.weights == "f64" else torch.float32)

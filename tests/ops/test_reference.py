@@ -11,6 +11,8 @@ import torch
 
 from sara_kernels import reference, testing
 
+from helpers import reference_loss  # noqa: E402
+
 
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -34,7 +36,7 @@ def test_reference_matches_independent_numpy_computation(score, reduction):
         expected = float(np.sum(np.array(weights) * js.sum(1) / valid.sum()) / np.sum(weights))
     else:
         expected = float(np.sum(np.array(weights)[:, None] * js))
-    got = reference.sara_loss(
+    got = reference_loss(
         [torch.from_numpy(a) for a in anchor], [torch.from_numpy(t) for t in target],
         torch.from_numpy(mask_a), torch.from_numpy(mask_t),
         score=score, temperature=0.8, layer_weights=weights, reduction=reduction,
@@ -60,7 +62,7 @@ def test_reference_gradcheck(score, seg):
         kwargs = dict(anchor_cu_seqlens=cu, target_cu_seqlens=cu)
 
     def fn(*tensors):
-        return reference.sara_loss(list(tensors[:L]), list(tensors[L:]), *args, score=score, temperature=0.9,
+        return reference_loss(list(tensors[:L]), list(tensors[L:]), *args, score=score, temperature=0.9,
                                    detach_anchor=False, reduction="none", **kwargs)
 
     assert torch.autograd.gradcheck(fn, anchor + target, eps=1e-6, atol=1e-8)
@@ -84,7 +86,7 @@ def test_reference_in_float32_on_logits_far_below_zero(score):
     for dtype in (torch.float32, torch.float64):
         a = [z.to(dtype).requires_grad_() for z in anchor]
         t = [z.to(dtype).requires_grad_() for z in target]
-        loss = reference.sara_loss(a, t, mask, mask, score=score, temperature=0.5, detach_anchor=False)
+        loss = reference_loss(a, t, mask, mask, score=score, temperature=0.5, detach_anchor=False)
         results[dtype] = (loss, torch.autograd.grad(loss, a + t))
     loss32, grads32 = results[torch.float32]
     loss64, grads64 = results[torch.float64]
@@ -109,7 +111,7 @@ def test_reference_in_float32_with_subnormal_pooled_probabilities():
     results = {}
     for dtype in (torch.float32, torch.float64):
         t = [z.to(dtype).requires_grad_() for z in target]
-        loss = reference.sara_loss(None, t, None, mask, anchor_probs=priors.to(dtype))
+        loss = reference_loss(None, t, None, mask, anchor_probs=priors.to(dtype))
         results[dtype] = (loss, torch.autograd.grad(loss, t))
     (loss32, grads32), (loss64, grads64) = results[torch.float32], results[torch.float64]
     assert torch.isfinite(loss32)
@@ -137,7 +139,7 @@ def test_reference_gradient_is_finite_with_zero_probabilities():
     logits[:, 2] = -math.inf
     a = logits.clone().requires_grad_(True)
     t = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
-    loss = reference.sara_loss([a], [t], detach_anchor=False)
+    loss = reference_loss([a], [t], detach_anchor=False)
     ga, gt = torch.autograd.grad(loss, [a, t])
     assert torch.isfinite(loss) and torch.isfinite(ga).all() and torch.isfinite(gt).all()
     assert (ga[:, 2] == 0).all()

@@ -16,13 +16,13 @@ import pytest
 import torch
 
 import sara_kernels
-from sara_kernels import reference, testing
+from sara_kernels import testing
 from sara_kernels.ops.triton import host as triton_host
 from sara_kernels.ops.triton import kernels as triton_kernels
 
 from sara_kernels.testing import LOSS_TOL, PROBS_TOL, assert_backend_matches_reference, assert_grads_close, run
 
-from helpers import DEVICE, as_float64_leaves, as_leaves, ragged_mask, random_logits
+from helpers import DEVICE, as_float64_leaves, as_leaves, ragged_mask, random_logits, reference_distribution, reference_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy on padded −inf rows
 
@@ -130,13 +130,13 @@ def test_stacked_and_strided_layers(fused_backend):
     mask = ragged_mask(B, S, gen)
     for anchor in (stacked, list(stacked.unbind(0))):
         got = sara_kernels.sara_loss(anchor, target, mask, mask, backend=fused_backend)
-        want = reference.sara_loss([t.double() for t in anchor], [t.double() for t in target], mask, mask)
+        want = reference_loss([t.double() for t in anchor], [t.double() for t in target], mask, mask)
         torch.testing.assert_close(got.double(), want, **LOSS_TOL)
     leaf = stacked.clone().requires_grad_(True)
     loss = sara_kernels.sara_loss(stacked.flip(0), leaf, mask, mask, backend=fused_backend)
     (g,) = torch.autograd.grad(loss, leaf)
     ref_leaf = stacked.double().requires_grad_(True)
-    (rg,) = torch.autograd.grad(reference.sara_loss(stacked.flip(0).double(), ref_leaf, mask, mask), ref_leaf)
+    (rg,) = torch.autograd.grad(reference_loss(stacked.flip(0).double(), ref_leaf, mask, mask), ref_leaf)
     assert g.shape == (L, B * S, E)
     assert_grads_close(g, rg, torch.float32)
 
@@ -237,7 +237,7 @@ def test_nan_in_valid_token_propagates_and_nan_in_padding_does_not(fused_backend
     poisoned = [t.clone() for t in target]
     poisoned[0][0, 2] = math.nan  # token (0, 0) is valid
     assert math.isnan(sara_kernels.sara_loss(anchor, poisoned, mask, mask, backend=fused_backend).item())
-    assert math.isnan(reference.sara_loss(anchor, poisoned, mask, mask).item())
+    assert math.isnan(reference_loss(anchor, poisoned, mask, mask).item())
 
 
 @pytest.mark.parametrize("seg_kind", testing.SEGMENTATIONS)
@@ -250,7 +250,7 @@ def test_routing_distribution_matches_reference(seg_kind, dtype, fused_backend):
     logits = random_logits(L, side.num_tokens, E, dtype, generator=gen)
     leaves, ref_leaves = as_leaves(logits), as_float64_leaves(logits)
     probs = sara_kernels.routing_distribution(leaves, mask, cu_seqlens=cu, score="sigmoid", temperature=1.3, backend=fused_backend)
-    ref = reference.routing_distribution(ref_leaves, mask, cu_seqlens=cu, score="sigmoid", temperature=1.3)
+    ref = reference_distribution(ref_leaves, mask, cu_seqlens=cu, score="sigmoid", temperature=1.3)
     assert probs.dtype == torch.float32 and probs.shape == ref.shape
     torch.testing.assert_close(probs.double(), ref, **PROBS_TOL)
     if seg_kind != "none":
