@@ -90,9 +90,11 @@ def _layer_tensors(logits: Logits, arg: str, layers_checked_natively: bool = Fal
         raise ValueError(f"{arg}: expected at least one layer, got an empty {type(logits).__name__}")
     # logits[0] is always checked here: the C++ op reads a one-element list of an [L, N, E] tensor
     # as the stacked form, which a tuple of layers must not be mistaken for.
-    if torch.compiler.is_compiling() or logits[0].dim() != 2 or not (layers_checked_natively or _uniform(logits)):
+    first = logits[0]
+    if (torch.compiler.is_compiling() or not isinstance(first, torch.Tensor) or first.dim() != 2
+            or not (layers_checked_natively or _uniform(logits))):
         _check_layers(logits, arg)
-    _check_first(logits[0], arg)
+    _check_first(first, arg)
     return tuple(logits), False
 
 

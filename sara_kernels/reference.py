@@ -71,9 +71,11 @@ def pooled_sums(side: RoutingSide, score: str, temperature: float):
     token_valid = member.any(dim=0)
     sums = []
     for z in side.layers:
+        # Padding may hold anything (NaN, ±inf): replaced before the score, so that neither the
+        # sums nor the score's backward (NaN from a NaN row, even where its output is dropped)
+        # see it, and its gradient is exactly 0.
+        z = torch.where(token_valid[:, None], z, torch.zeros((), dtype=z.dtype, device=z.device))
         s = routing_scores(z, score, temperature)
-        # where, not a product: padding may hold anything (NaN included) and must not leak.
-        s = torch.where(token_valid[:, None], s, torch.zeros((), dtype=s.dtype, device=s.device))
         sums.append(member.to(s.dtype) @ s)
     return torch.stack(sums), member.sum(dim=1)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,6 +38,8 @@ BAD = {
         dict(anchor_cu_seqlens=torch.tensor([0, 6]), target_cu_seqlens=torch.tensor([0, 2, 6])), ValueError, "B = 1 sequences",
     ),
     "mask and cu": (dict(anchor_mask=MASK, anchor_cu_seqlens=torch.tensor([0, 6])), ValueError, "either anchor_mask or anchor_cu_seqlens"),
+    "numpy logits": (dict(target_logits=np.zeros((B * S, E), np.float32)), TypeError, "target_logits: expected a tuple/list.*got ndarray"),
+    "numpy layers": (dict(anchor_logits=[np.zeros((B * S, E), np.float32)] * L), TypeError, r"anchor_logits\[0\]: expected a tensor, got ndarray"),
     "integer logits": (dict(anchor_logits=[torch.ones(B * S, E, dtype=torch.long)] * L), TypeError, "must be floating point"),
     "dtype across layers": (dict(target_logits=[torch.randn(B * S, E), torch.randn(B * S, E).double()]), TypeError, "must share a dtype"),
     "2-D tensor": (dict(anchor_logits=torch.randn(B * S, E)), ValueError, "or one \\[L, N, E\\] tensor"),
