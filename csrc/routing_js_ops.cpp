@@ -79,8 +79,9 @@ Side describe(TensorList logits, const char* name) {
     side.N = first.size(1);
     side.E = first.size(2);
   } else {
-    // The Python API leaves these per-layer checks of a tuple to this loop (they cost ~0.75 µs
-    // per layer in Python), so the messages are those of sara_kernels/_inputs.py's _check_layers.
+    // The Python API leaves these per-layer checks of a tuple to this loop (a Python loop costs
+    // far more per layer; benchmarks/host_cost.py measures it), so the messages are those of
+    // sara_kernels/_inputs.py's _check_layers.
     side.L = static_cast<int64_t>(logits.size());
     for (size_t i = 0; i < logits.size(); ++i) {
       const Tensor& t = logits[i];

@@ -70,7 +70,8 @@ def _uniform(layers) -> bool:
 def _layer_tensors(logits: Logits, arg: str, layers_checked_natively: bool = False):
     """(the side's input tensors, whether they are one stacked [L, N, E] tensor), after the
     structural checks. ``layers_checked_natively``: the CUDA C++ op checks every layer of a tuple
-    itself (with the same messages) for a fraction of the ~0.75 µs per layer it costs here."""
+    itself (with the same messages) for a fraction of what a Python loop costs per layer
+    (benchmarks/host_cost.py measures it)."""
     if isinstance(logits, torch.Tensor):
         if logits.dim() != 3:
             raise ValueError(
