@@ -1,5 +1,5 @@
 """sara_kernels.megatron on the real megatron-core (CPU, one gloo process): a GPTModel with SARA in
-its spec attaches coeff * sara_loss of the captured pre-top-k logits (value and gradients of
+its spec attaches sara_weight * sara_loss of the captured pre-top-k logits (value and gradients of
 every parameter), for live anchors and cached priors, padded and packed micro-batches, under
 Megatron's micro-batch schedule; priors extraction; the spec transform; bad input."""
 
@@ -141,10 +141,22 @@ def test_cached_priors_by_example_index_and_extraction(tmp_path):
     torch.testing.assert_close(tracked, per_layer.float(), rtol=1e-4, atol=1e-8)
 
 
+@pytest.mark.parametrize("anchors", ["live", "priors"])
 @pytest.mark.parametrize("padded", [False, True])
-def test_packed_sequences_live_anchors(padded):
-    model = tiny_model(seed=5, layers=[2])
+def test_packed_sequences(padded, anchors):
     lengths = [4, 1, 6, 3]
+    if anchors == "live":
+        model = tiny_model(seed=5, layers=[2])
+        anchor, target = [2, 0], [1, 3]
+        layout = dict(anchor=anchor, target=target)
+    else:
+        # Cached priors of 5 examples; the pack's 4 sequences are the targets (the default), each
+        # paired with the prior of its example index.
+        probs = torch.softmax(torch.randn(5, 1, EXPERTS, generator=torch.Generator().manual_seed(7)), -1)
+        priors = RoutingPriors(probs=probs, layers=(2,), score="softmax", temperature=1.0)
+        model = tiny_model(seed=5, layers=[2], priors=priors)
+        example_index, target = torch.tensor([3, 0, 4, 3]), [0, 1, 2, 3]
+        layout = dict(example_index=example_index)
     starts = [0, 4, 5, 11] if not padded else [0, 6, 8, 16]  # padded: each sequence starts at its padded offset
     total = starts[-1] + lengths[-1] + (2 if padded else 0)
     cu = torch.tensor([0, 4, 5, 11, 14], dtype=torch.int32)
@@ -153,20 +165,24 @@ def test_packed_sequences_live_anchors(padded):
                              cu_seqlens_kv_padded=cu_padded, max_seqlen_q=6, max_seqlen_kv=6)
     tokens = torch.randint(0, 40, (1, total), generator=torch.Generator().manual_seed(6))
     positions = torch.cat([torch.arange(n) for n in [s1 - s0 for s0, s1 in zip(starts, starts[1:] + [total])]])[None]
-    anchor, target = [2, 0], [1, 3]
-    with sara_batch(anchor=anchor, target=target, packed_seq_params=params):
+    with sara_batch(**layout, packed_seq_params=params):
         output = model(tokens, positions, None, labels=tokens, packed_seq_params=params)
+    tracked = tracked_sara(model).clone()
     clean_forward(model, tokens, positions, None, packed_seq_params=params)
     (router,) = sara_layers(model)
     flat = router.recorded[-1].double()[:, 0]  # [t, E]
     side = lambda seqs: torch.cat([flat[starts[i] : starts[i] + lengths[i]] for i in seqs])  # noqa: E731
     side_cu = lambda seqs: torch.tensor([0] + [lengths[i] for i in seqs]).cumsum(0)  # noqa: E731
-    expected = router.sara.sara_weight * sara_loss(
-        [side(anchor)], [side(target)], anchor_cu_seqlens=side_cu(anchor), target_cu_seqlens=side_cu(target),
-        backend="reference",
-    )
+    if anchors == "live":
+        anchor_side = dict(anchor_logits=[side(anchor)], anchor_cu_seqlens=side_cu(anchor))
+    else:
+        anchor_side = dict(anchor_logits=None, anchor_probs=priors.gather(example_index).double())
+    loss, per_layer = sara_loss(**anchor_side, target_logits=[side(target)], target_cu_seqlens=side_cu(target),
+                                backend="reference", return_per_layer=True)
+    expected = router.sara.sara_weight * loss
     assert expected.item() > 1e-6
     assert_grads_equal(model, output, expected)
+    torch.testing.assert_close(tracked, per_layer.float(), rtol=1e-4, atol=1e-8)
 
 
 def _forward_step(batches, data_iterator, model):
