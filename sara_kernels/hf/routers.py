@@ -138,6 +138,9 @@ def _hf_routers(model: nn.Module) -> list[tuple[str, nn.Module, Optional[int], s
                     found[id(module)] = (sub_name, module, index, local)
                     break
     if not declared:
+        # A Megatron model declares no recorder; say why its routers cannot be captured rather
+        # than pointing to routers=, which would only reach the same refusal.
+        _refuse_post_topk_routers([(name, module) for name, module in model.named_modules()])
         raise ValueError(
             f"{type(model).__name__} declares no 'router_logits' OutputRecorder in _can_record_outputs: "
             "expected a transformers (>= 5) Mixture-of-Experts model such as Qwen3MoeForCausalLM. "
@@ -213,7 +216,8 @@ def _refuse_post_topk_routers(entries) -> None:
                 "routing probabilities after top-k selection (zero for unselected experts) and a boolean map, not "
                 "the router logits SARA aligns. Megatron computes the logits in TopKRouter.gating(), with no "
                 "submodule to hook. For training on Megatron-core use sara_kernels.megatron: with_sara(layer_spec, "
-                "coeff=...) puts SARA inside the router through the layer spec (pip install 'sara-kernels[megatron]'). "
+                "SARAOptions(sara_weight=...)) puts SARA inside the router through the layer spec, with sara_batch(...) "
+                "around each micro-batch's model call (pip install 'sara-kernels[megatron]'). "
                 "To capture here instead, route the logits through a submodule, e.g. a TopKRouter subclass with "
                 "self.logits = torch.nn.Identity() and gating(self, input) returning self.logits(super().gating(input)), "
                 "then pass routers=r'.*\\.router\\.logits'; or compute the logits yourself and pass them to sara_loss."

@@ -1,7 +1,7 @@
 """Megatron-core's TopKRouter returns post-top-k probabilities, not logits: the capture refuses it.
 
-The refusal is checked without megatron-core (the real one is tested in tests/megatron/): a
-stand-in with the same class name, module path and interface (a ``weight`` parameter,
+Here the refusal is checked without megatron-core (on a real GPTModel in
+tests/megatron/test_megatron_sara.py): a stand-in with the same class name, module path and interface (a ``weight`` parameter,
 ``gating()`` computing the logits, ``forward`` returning ``(probs, routing_map)``) is defined
 in a namespace named like megatron's module.
 """
@@ -94,7 +94,18 @@ def test_megatron_topk_router_is_refused_with_what_to_hook(how):
         assert "'layers.0.mlp.router' is a Megatron-core TopKRouter" in message
         assert "(probs, routing_map)" in message and "not" in message and "logits" in message
         assert "gating()" in message and "torch.nn.Identity()" in message and "sara_loss" in message
-        assert "sara_kernels.megatron" in message and "with_sara(layer_spec" in message
+        # with_sara's real signature: (spec, options: SARAOptions, ...), there is no coeff argument
+        assert "sara_kernels.megatron: with_sara(layer_spec, SARAOptions(sara_weight=...))" in message
+        assert "sara_batch(" in message and "coeff" not in message
+
+
+def test_model_without_recorders_is_refused_at_its_megatron_router():
+    # routers=None on a model declaring no recorder: the refusal names the Megatron router rather
+    # than sending the user to routers=, which would only reach the same refusal.
+    with pytest.raises(ValueError, match=r"'layers\.0\.mlp\.router' is a Megatron-core TopKRouter.*with_sara"):
+        capture_router_logits(Decoder(TopKRouter))
+    with pytest.raises(ValueError, match="declares no 'router_logits' OutputRecorder"):
+        capture_router_logits(Decoder(RouterReturningLogits))
 
 
 class RouterWithLogitsModule(TopKRouter):

@@ -40,7 +40,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 from sara_kernels import sara_loss
-from sara_kernels.hf import RoutingPriors, load_routing_priors
+from sara_kernels.hf import RoutingPriors, capture_router_logits, load_routing_priors
 from sara_kernels.megatron import SARAOptions, SARARouter, extract_routing_priors, sara_batch, with_sara
 
 _single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
@@ -183,6 +183,24 @@ def test_packed_sequences(padded, anchors):
     assert expected.item() > 1e-6
     assert_grads_equal(model, output, expected)
     torch.testing.assert_close(tracked, per_layer.float(), rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("routers_arg", [None, TopKRouter, r"decoder\.layers\.\d+\.mlp\.router"])
+def test_capture_refuses_megatrons_router_and_points_to_with_sara(routers_arg):
+    # A plain GPTModel (Megatron's own TopKRouter): the forward-hook capture of the Hugging Face
+    # path would see (probs, routing_map) after top-k, not logits, so it must refuse before any hook.
+    spec = with_sdpa_attention(get_gpt_layer_local_spec(num_experts=EXPERTS))
+    model = GPTModel(config=tiny_config(), transformer_layer_spec=spec, vocab_size=40, max_sequence_length=16)
+    assert type(model.decoder.layers[0].mlp.router) is TopKRouter
+    with pytest.raises(ValueError) as err:
+        capture_router_logits(model, routers=routers_arg)
+    message = str(err.value)
+    assert "router 'decoder.layers.0.mlp.router' is a Megatron-core TopKRouter" in message
+    assert "sara_kernels.megatron: with_sara(layer_spec, SARAOptions(sara_weight=...))" in message
+    assert "sara_batch(" in message and "coeff" not in message and "\n" not in message
+    # The message's with_sara call is the real signature: it accepts the model's spec.
+    assert with_sara(spec, SARAOptions(sara_weight=0.1)).submodules.mlp.submodules.router.func is SARARouter
+    assert not any(module._forward_hooks for module in model.modules())
 
 
 def _forward_step(batches, data_iterator, model):
