@@ -34,6 +34,8 @@ from ..term import SARAOptions, check_layer_weights, sara_term
 __all__ = ["SARARouter", "with_sara", "sara_batch", "moe_layer_indices", "TRACKER_NAME"]
 
 #: Name of the per-layer SARA value in Megatron's aux-loss tracker (next to ``load_balancing_loss``).
+#: List it in the ``track_names`` given to ``track_moe_metrics``: Megatron reduces only the listed
+#: names across pipeline stages and data-parallel ranks before logging.
 TRACKER_NAME = "sara_loss"
 
 

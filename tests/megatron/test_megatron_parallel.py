@@ -1,6 +1,7 @@
 """sara_kernels.megatron on 2 gloo processes (CPU): data parallel equals one process on the whole
-batch, and context parallel (a router whose ranks hold Megatron's sequence chunks) equals the
-whole sequences. One spawn runs both, bounded in time."""
+batch (gradients, and the SARA value Megatron's track_moe_metrics logs), and context parallel (a
+router whose ranks hold Megatron's sequence chunks) equals the whole sequences. One spawn runs
+both, bounded in time."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch.distributed as dist
 
 import megatron_model as mm
 from helpers import run_ranks
+from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 
 
 def _whole_batch():
@@ -30,6 +32,10 @@ def _check_data_parallel(rank: int):
     tracked = mm.tracked_sara(model).clone()
     dist.all_reduce(tracked)
     tracked /= dist.get_world_size()
+    # Megatron's own step logging averages SARA over the data-parallel ranks once its name is in track_names.
+    logged = {}
+    track_moe_metrics(loss_scale=1.0, iteration=1, total_loss_dict=logged, track_names=[mm.TRACKER_NAME],
+                      num_layers=model.config.num_layers, moe_layer_freq=model.config.moe_layer_freq)
     mm.reset_megatron_state()
 
     whole = mm.tiny_model(seed=11)
@@ -41,6 +47,8 @@ def _check_data_parallel(rank: int):
         torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
     assert any(g.abs().sum() > 0 for g in expected.values())
     torch.testing.assert_close(tracked, mm.tracked_sara(whole), rtol=1e-4, atol=1e-8)
+    num_moe_layers = len(mm.routers(whole))
+    torch.testing.assert_close(logged[mm.TRACKER_NAME], mm.tracked_sara(whole).sum() / num_moe_layers, rtol=1e-4, atol=1e-8)
     mm.reset_megatron_state()
 
 

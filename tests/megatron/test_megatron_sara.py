@@ -41,7 +41,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 from sara_kernels import sara_loss
 from sara_kernels.hf import RoutingPriors, capture_router_logits, load_routing_priors
-from sara_kernels.megatron import SARAOptions, SARARouter, extract_routing_priors, sara_batch, with_sara
+from sara_kernels.megatron import TRACKER_NAME, SARAOptions, SARARouter, extract_routing_priors, sara_batch, with_sara
 
 _single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
@@ -201,6 +201,31 @@ def test_capture_refuses_megatrons_router_and_points_to_with_sara(routers_arg):
     # The message's with_sara call is the real signature: it accepts the model's spec.
     assert with_sara(spec, SARAOptions(sara_weight=0.1)).submodules.mlp.submodules.router.func is SARARouter
     assert not any(module._forward_hooks for module in model.modules())
+
+
+def test_megatrons_track_moe_metrics_logs_sara_next_to_load_balancing_loss():
+    # What Megatron's training log does once per step: reduce the names in track_names across
+    # ranks and put each tracked loss, summed over layers / number of MoE layers, in total_loss_dict.
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker, track_moe_metrics
+
+    model = tiny_model(seed=14, moe_aux_loss_coeff=0.01)
+    tokens, positions, padding = random_batch(4, 6, seed=15)
+    with sara_batch(anchor=[0, 1], target=[2, 3]):
+        output = model(tokens, positions, None, labels=tokens, padding_mask=padding)
+    sara_only_backward(output)
+    clean_forward(model, tokens, positions, None, padding_mask=padding)
+    _, per_layer = expected_sara_padded(model, padding, anchor=[0, 1], target=[2, 3])
+    config, total_loss_dict = model.config, {}
+    track_moe_metrics(loss_scale=1.0, iteration=1, total_loss_dict=total_loss_dict,
+                      track_names=["load_balancing_loss", TRACKER_NAME], num_layers=config.num_layers,
+                      moe_layer_freq=config.moe_layer_freq, mtp_num_layers=config.mtp_num_layers)
+    assert TRACKER_NAME == "sara_loss" and set(total_loss_dict) == {"load_balancing_loss", TRACKER_NAME}
+    assert total_loss_dict["load_balancing_loss"] > 0
+    # Megatron's mean over MoE layers counts every MoE layer (4), SARA's or not.
+    torch.testing.assert_close(total_loss_dict[TRACKER_NAME], per_layer.sum().float() / len(routers(model)),
+                               rtol=1e-4, atol=1e-8)
+    assert per_layer.sum() > 1e-6
+    assert not get_moe_layer_wise_logging_tracker()[TRACKER_NAME]["values"].any()  # cleared for the next step
 
 
 def _forward_step(batches, data_iterator, model):
