@@ -161,6 +161,9 @@ class SARALossFunction(torch.autograd.Function):
     backward call the custom ops above (the ops themselves in eager mode, see ``_op``). Only
     tensors and constants cross it, so torch.compile traces it whole."""
 
+    # forward's arguments before ``*logits`` (options … t_cu): none of them gets a gradient.
+    NUM_LEADING_ARGS = 7
+
     @staticmethod
     def forward(ctx, options: LossOptions, anchor_probs, layer_weights, a_mask, a_cu, t_mask, t_cu, *logits):
         num_anchor = options.num_anchor
@@ -189,13 +192,14 @@ class SARALossFunction(torch.autograd.Function):
         ga, gt, stats, layer_coef, a_mask, a_cu, t_mask, t_cu, *logits = ctx.saved_tensors
         saved_anchor = 0 if options.detach_anchor else num_anchor
         anchor, target = logits[:saved_anchor], logits[saved_anchor:]
-        anchor_grad = saved_anchor > 0 and any(ctx.needs_input_grad[7 : 7 + num_anchor])
+        first_logit = SARALossFunction.NUM_LEADING_ARGS
+        anchor_grad = saved_anchor > 0 and any(ctx.needs_input_grad[first_logit : first_logit + num_anchor])
         grad_a, grad_t = sara_loss_bwd(
             grad_loss, anchor, target, a_mask, a_cu, t_mask, t_cu, ga, gt, stats, layer_coef, options.score,
             options.temperature, anchor_grad,
         )
         grads_a = _side_grads(grad_a, options.anchor_stacked) if anchor_grad else (None,) * num_anchor
-        return (None,) * 7 + (*grads_a, *_side_grads(grad_t, options.target_stacked))
+        return (None,) * first_logit + (*grads_a, *_side_grads(grad_t, options.target_stacked))
 
 
 def sara_loss(anchor: Optional[RoutingSide], target: RoutingSide, anchor_probs, layer_weights,

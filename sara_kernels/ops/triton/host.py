@@ -184,11 +184,24 @@ def layer_addressing(logits, device: torch.device):
     return (layer_table(ptrs, strides, device), logits[0], 0, 0, 0), vec
 
 
+class LaunchSizes(NamedTuple):
+    """The scalar arguments that end both pooling kernels' argument lists, in their order
+    (``L, B, N, S, E_DIV, inv_tau, SPLITS``): launches pass them as ``*sizes``."""
+
+    num_layers: int
+    num_seqs: int
+    num_tokens: int
+    seq_len: int  # S: the mask's row length (N without a mask)
+    experts_div: int  # E / E_MULT
+    inv_temperature: float
+    splits: int
+
+
 class SidePlan(NamedTuple):
     """What the pooling launches of one side need beyond the per-call tensors: planned once per shape."""
 
     grid: tuple  # (L, B, splits)
-    sizes: tuple  # (L, B, N, S, E / E_MULT, 1/τ, splits)
+    sizes: LaunchSizes
     meta: dict  # constexprs and launch options of pool_routing_fwd (bwd adds PAIR)
     mask_strides: tuple  # (stride_b, stride_s), zeros without a mask
     cu_stride: int
@@ -217,8 +230,8 @@ def side_plan(logits, mask, cu, score: str, temperature: float, vec: int, device
         splits = num_splits(N, B, L, device, meta["BLOCK_N"])
         meta.update(HAS_MASK=mask is not None, USE_CU=cu is not None, SIGMOID=score == "sigmoid", TABLE=not stacked,
                     VEC=vec)
-        plan = _PLANS[key] = SidePlan((L, B, splits), (L, B, N, S, E // meta["E_MULT"], 1.0 / temperature, splits),
-                                      meta, mask_strides, cu_stride, E)
+        sizes = LaunchSizes(L, B, N, S, E // meta["E_MULT"], 1.0 / temperature, splits)
+        plan = _PLANS[key] = SidePlan((L, B, splits), sizes, meta, mask_strides, cu_stride, E)
         if len(_PLANS) > _PLAN_CACHE_SIZE:
             _PLANS.popitem(last=False)
     return plan
@@ -251,7 +264,7 @@ def pool_fwd(logits, mask, cu, score: str, temperature: float, device: torch.dev
     L, B, splits = plan.grid
     partial = torch.empty((L, B, splits, plan.num_experts), dtype=torch.float32, device=device)
     count = torch.empty((B, splits), dtype=torch.float32, device=device)
-    _check_segments(cu, plan.sizes[2], device)
+    _check_segments(cu, plan.sizes.num_tokens, device)
     args = (*addressing, *_segments(plan, mask, cu, device), partial, count, *plan.sizes)
     launch(pool_routing_fwd, plan.grid, args, plan.meta, device)
     return partial, count
@@ -263,7 +276,7 @@ def pool_bwd(logits, mask, cu, coef, scale, layer_coef, count, score: str, tempe
     (``scale`` None), and n_b = count[b]."""
     addressing, vec = layer_addressing(logits, device)
     plan = side_plan(logits, mask, cu, score, temperature, vec, device)
-    L, B, N = plan.sizes[:3]
+    L, B, N = plan.sizes.num_layers, plan.sizes.num_seqs, plan.sizes.num_tokens
     grad = torch.empty((L, N, plan.num_experts), dtype=addressing[1].dtype, device=device)
     pair = scale is not None
     if pair:
