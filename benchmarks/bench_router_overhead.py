@@ -1,5 +1,5 @@
 """What SARA costs inside a training step: a transformers Qwen3-MoE step with no alignment
-loss, with the eager reference SARA loss, and with the fused Triton SARA loss.
+loss, with the eager reference SARA loss, and with each fused SARA loss that runs on the device.
 
     python benchmarks/bench_router_overhead.py --out results/overhead            # GPU
     python benchmarks/bench_router_overhead.py --quick --out results/overhead    # gpu_ci
@@ -32,9 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import sara_kernels
-from sara_kernels.ops import cuda
-from sara_kernels.ops.triton import kernels as triton_kernels
-
+from sara_kernels.backends import REGISTRY
 from sara_kernels.programs.table import format_table
 
 from common import (
@@ -48,6 +46,7 @@ from common import (
     write_csv,
     write_json,
 )
+from sara_contenders import skip_reason
 
 SARA_WEIGHT = 0.1  # λ of loss = LM loss + aux loss + λ·SARA (the value does not change the cost)
 
@@ -112,7 +111,7 @@ def sara_term(outputs, attention_mask, backend: str):
 
 
 def make_step(model, optimizer, batch, variant: str):
-    """One optimizer step; ``variant`` is "none" (no SARA) or the SARA backend: "reference" | "triton" | "cuda"."""
+    """One optimizer step; ``variant`` is "none" (no SARA) or the SARA backend (a name of the registry)."""
 
     def step(*_):
         outputs = model(**batch, output_router_logits=True)
@@ -128,16 +127,16 @@ def make_step(model, optimizer, batch, variant: str):
 
 
 def available_variants(device) -> tuple:
-    """(variants to run, notes on the ones left out)."""
-    variants, notes = ["none", "reference"], {}
-    if device.type == "cuda" or triton_kernels.INTERPRET:
-        variants.append("triton")
-    else:
-        notes["triton"] = "needs a CUDA device or TRITON_INTERPRET=1"
-    if device.type == "cuda" and cuda.available():
-        variants.append("cuda")
-    else:
-        notes["cuda"] = "needs a CUDA device and the built CUDA extension"
+    """(variants to run, notes on the ones left out): "none", then every backend of the registry
+    that runs on ``device``, the reference (which runs anywhere) before the fused ones; a note
+    says why each other backend is left out."""
+    variants, notes = ["none"], {}
+    for name in sorted(REGISTRY, key=lambda name: REGISTRY[name].fused):
+        reason = skip_reason(name, device)
+        if reason:
+            notes[name] = reason
+        else:
+            variants.append(name)
     return variants, notes
 
 

@@ -1,0 +1,36 @@
+"""benchmarks/bench_router_overhead.py times every backend of the registry that runs on the device,
+the reference before the fused ones, and says why each other backend is left out."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+from sara_kernels.ops.triton import kernels as triton_kernels
+
+from helpers import REPO
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+
+import bench_router_overhead  # noqa: E402
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the view from a machine without a GPU")
+
+
+def test_left_out_backends_say_why(monkeypatch):
+    monkeypatch.setattr(triton_kernels, "INTERPRET", False)
+    variants, notes = bench_router_overhead.available_variants(CPU)
+    assert variants == ["none", "reference"]
+    assert set(notes) == {"triton", "cuda"}
+    assert "TRITON_INTERPRET=1" in notes["triton"] and "sara_kernels._C" in notes["cuda"]
+
+
+def test_interpreted_triton_runs_on_the_cpu():
+    variants, notes = bench_router_overhead.available_variants(CPU)
+    assert variants == ["none", "reference", "triton"] and set(notes) == {"cuda"}
+
+
+def test_a_backend_that_runs_here_is_a_variant(cuda_backend):
+    """The emulated CUDA build takes CPU tensors (tests/conftest.py)."""
+    assert bench_router_overhead.available_variants(CPU) == (["none", "reference", "triton", "cuda"], {})
