@@ -33,8 +33,6 @@ import torch
 import triton
 
 from .. import backends
-from ..ops import cuda
-from ..ops.triton import kernels as triton_kernels
 from ..testing import Shape, case_grid, check_kernel, check_reference
 from .table import format_table
 
@@ -42,28 +40,38 @@ GPU_SHAPE = Shape(layers=4, seqs=6, seq_len=200)
 TINY_SHAPE = Shape(layers=2, seqs=3, seq_len=8)  # the Triton interpreter: seconds, not minutes
 
 
-def kernel_backends() -> list:
-    """Every fused backend this installation offers: ``triton``, and ``cuda`` when the C++
-    extension is built."""
-    return backends.available_fused()
+def kernel_backends(device: torch.device) -> list:
+    """Every fused backend this installation offers that runs on ``device``: on a GPU ``triton``,
+    and ``cuda`` when the C++ extension is built; on the CPU those that run there (``triton``
+    under the interpreter)."""
+    return [name for name in backends.available_fused() if backends.REGISTRY[name].runs_on(device)]
+
+
+def _availability(entry: backends.Backend) -> str:
+    try:
+        entry.module.require()
+    except RuntimeError as e:  # the backend's own words on what is missing (for cuda: how to build it)
+        return f"NOT available ({e})"
+    return "available"
 
 
 def backends_line() -> str:
-    """Which backends are installed, and why the CUDA extension is not, for the report's header."""
-    built = "built" if cuda.available() else f"NOT built ({cuda.LOAD_ERROR}); {cuda.BUILD_HINT}"
-    return f"backends: triton (Triton {triton.__version__}); cuda (C++ extension {built}); reference"
+    """Which backends are installed, and why any other is not, for the report's header."""
+    return "backends: " + "; ".join(f"{name} {_availability(entry)}" for name, entry in backends.REGISTRY.items())
 
 
 def plan(device: torch.device):
     """(shape, kernel backends to check, a line saying what is checked and why)."""
+    kernels = kernel_backends(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        return GPU_SHAPE, kernel_backends(), f"CUDA device {name}: kernels vs float64 reference"
-    if triton_kernels.INTERPRET:
-        return TINY_SHAPE, ["triton"], "no GPU; TRITON_INTERPRET=1: kernels under the Triton interpreter, tiny shapes"
+        return GPU_SHAPE, kernels, f"CUDA device {name}: kernels vs float64 reference"
+    if kernels:
+        return TINY_SHAPE, kernels, f"no GPU: the kernels that run on the CPU ({', '.join(kernels)}), tiny shapes"
+    hints = "".join(backends.REGISTRY[name].device_hint for name in backends.FUSED)
     return TINY_SHAPE, [], (
-        "NO GPU: the kernels cannot run here, so they are NOT checked. Only the reference is checked "
-        "against an independent NumPy computation. (Set TRITON_INTERPRET=1 to run the kernels on the CPU.)"
+        f"NO GPU: the kernels cannot run here, so they are NOT checked{hints}. Only the reference is checked "
+        "against an independent NumPy computation."
     )
 
 

@@ -11,6 +11,7 @@ import torch
 
 from sara_kernels import reference, testing
 from sara_kernels.programs import selftest
+from sara_kernels.ops import cuda
 from sara_kernels.ops.triton import kernels as triton_kernels
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy on padded −inf rows
@@ -67,3 +68,10 @@ def test_without_gpu_or_interpreter_it_says_the_kernels_are_not_checked(monkeypa
     results = selftest.run_checks("cpu", log=print)
     assert results and all(r.check == "reference vs NumPy" and r.passed for r in results)
     assert "NO GPU" in capsys.readouterr().out
+
+
+def test_the_header_names_every_backend_and_how_to_build_a_missing_extension(monkeypatch):
+    monkeypatch.setattr(cuda, "_C", None)
+    line = selftest.backends_line()
+    assert line.startswith("backends: triton available; cuda NOT available (") and cuda.BUILD_HINT in line
+    assert line.endswith("; reference available")
