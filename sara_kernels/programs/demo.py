@@ -274,8 +274,12 @@ def summary_table(summary: dict) -> str:
     ])
 
 
-def plot_summary(summary: dict, path: str) -> None:
-    """Three panels: per-layer JS/ln2 per stage, top-k overlap per stage, training LM loss curves."""
+def plot_summary(summary: dict, path: Optional[str] = None):
+    """Three panels: per-layer JS/ln2 per stage, top-k overlap per stage, training LM loss curves.
+
+    Returns the matplotlib ``Figure`` (so that tests can inspect it), and saves it to ``path`` when
+    one is given (the demo passes ``out_dir/summary.png``).
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -312,7 +316,9 @@ def plot_summary(summary: dict, path: str) -> None:
         title += " (--quick: a smoke test, too short to show the effect)"
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
 
 
 # --------------------------------------------------------------------------------------------

@@ -142,6 +142,34 @@ def test_demo_cli_quick_end_to_end(tmp_path):
     assert results["baseline"]["target_lm_loss"] < results["init"]["target_lm_loss"]
 
 
+def _synthetic_summary():
+    """The fields plot_summary reads, as run_demo writes them: 2 layers, 3 logged steps per run."""
+    routing = {"layers": [1, 2], "top_k": 2, "js_normalized": [0.3, 0.2], "topk_overlap": [0.4, 0.6]}
+    history = {
+        "baseline": [{"step": s, "lm_loss": 4.0 - s} for s in (1, 2, 3)] + [{"step": 3, "train_runtime": 1.0}],
+        "sara": [{"step": s, "lm_loss": 4.0 - s, "sara_loss": 0.1 / s} for s in (1, 2, 3)],
+    }
+    return {"model": "synthetic", "sizes": {"train_pairs": 8, "steps": 3}, "config": {"quick": False},
+            "results": {s: {"routing": routing} for s in ("init", "baseline", "sara")}, "log_history": history}
+
+
+def test_demo_plot_has_a_legend_entry_for_every_curve(tmp_path):
+    """Every bar series and line, on every axes (the SARA-loss curve is on a twin y axis of the training
+    panel, whose legend is drawn by the primary axes), has a real label shown in some legend."""
+    from sara_kernels.programs.demo import plot_summary
+
+    fig = plot_summary(_synthetic_summary(), str(tmp_path / "summary.png"))
+    assert (tmp_path / "summary.png").read_bytes()[:8] == PNG_MAGIC
+    shown = {t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()}
+    drawn = [artist.get_label() for ax in fig.axes for artist in (*ax.get_lines(), *ax.containers)]
+    assert len(fig.axes) == 4 and len(drawn) == 3 + 3 + 3  # bars per stage on 2 panels; 2 LM + 1 SARA curve
+    # An unlabelled artist gets a "_child<n>" label, which a legend built from explicit labels would show
+    # as is: so require real labels, and name the three training curves the figure exists to compare.
+    assert not [label for label in drawn if label.startswith("_")], drawn
+    assert set(drawn) <= shown, set(drawn) - shown
+    assert {"baseline LM loss", "sara LM loss", "sara SARA loss (JS, right axis)"} <= shown
+
+
 def test_demo_with_model_and_data_paths(saved_model, tmp_path):
     from sara_kernels.programs.demo import DemoConfig, run_demo, summary_table
 
