@@ -8,11 +8,14 @@ import pytest
 import torch
 
 import sara_kernels
-from sara_kernels import testing
+from sara_kernels import backends, testing
 
 from helpers import DEVICE, random_logits  # noqa: E402
 
 L, B, S, E = 2, 3, 5, 6
+# conftest's any_backend runs each registry name; "auto" is added here (what backend= accepts), since it
+# is the default a user gets and dispatches on its own (to the reference off CUDA, a fused backend on it).
+every_choice = pytest.mark.parametrize("any_backend", backends.CHOICES, indirect=True)
 
 
 def _padded_mask(gen):
@@ -41,6 +44,7 @@ def _loss_and_grads(backend, anchor, target, segments, score):
     return loss, grads
 
 
+@every_choice
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("anchor_form", ["mask", "cu_seqlens"])
 def test_nan_and_inf_padding_give_zero_gradient_and_the_clean_loss(any_backend, anchor_form, score):
@@ -72,6 +76,7 @@ def test_nan_and_inf_padding_give_zero_gradient_and_the_clean_loss(any_backend, 
         torch.testing.assert_close(grad.double(), clean, rtol=1e-4, atol=1e-6)
 
 
+@every_choice
 def test_nan_padding_gives_zero_gradient_through_routing_distribution(any_backend):
     gen = torch.Generator().manual_seed(7)
     mask = _padded_mask(gen)
