@@ -4,6 +4,9 @@ tmp dir, a few pairs, 2 training steps; config files; and the one-line errors of
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ import torch
 pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
+from helpers import REPO  # noqa: E402
 from hf_train_helpers import TOKENIZER, one_thread, pairs, tiny_moe  # noqa: E402
 
 from sara_kernels.hf import load_routing_priors, save_pairs  # noqa: E402
@@ -235,3 +239,31 @@ def test_model_options_reach_from_pretrained(model_dir, data, tmp_path, monkeypa
     assert seen["dtype"] == "float32" and seen["device_map"] == {"": "cpu"} and seen["trust_remote_code"] is True
     assert "JS/ln2" in capsys.readouterr().out
     assert (tmp_path / "a" / "routing_analysis.json").exists()
+
+
+# Runs ``python -m sara_kernels CMD -h`` for each command in turn in one fresh interpreter (one start-up
+# for all three: the modules imported only grow, so a clean set at the end of each holds for each alone),
+# and prints, after each, which of the heavy modules are loaded.
+_HELP_IMPORTS = """
+import runpy, sys
+for command in sys.argv[1:]:
+    sys.argv = ["sara_kernels", command, "-h"]
+    try:
+        runpy.run_module("sara_kernels", run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        assert e.code in (0, None), (command, e.code)
+    print("HEAVY", command, sorted(m for m in ("torch", "transformers.trainer") if m in sys.modules))
+"""
+
+
+def test_help_of_priors_analyze_demo_imports_neither_torch_nor_the_trainer(tmp_path):
+    """-h of these commands answers without importing torch or transformers' Trainer (seconds of start-up
+    each); train's -h needs SARATrainingArguments, a TrainingArguments subclass, so it is not checked."""
+    commands = ["priors", "analyze", "demo"]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-c", _HELP_IMPORTS, *commands], cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("usage: python -m sara_kernels") == len(commands), proc.stdout[-3000:]  # help was printed
+    heavy = [line.split(" ", 2)[1:] for line in proc.stdout.splitlines() if line.startswith("HEAVY ")]
+    assert heavy == [[command, "[]"] for command in commands], heavy
