@@ -254,14 +254,36 @@ def check_priors(anchor_probs, target: RoutingSide):
         raise ValueError(f"anchor_probs is on {anchor_probs.device} but target_logits are on {target.device}")
 
 
-def check_options(temperature, score: str, reduction: Optional[str], backend: str):
+def check_temperature(value, name: str = "temperature", *, option: bool = False):
+    """τ, which divides the logits: a real number (not a bool), finite and > 0.
+
+    ``option=True`` for the integrations' settings (SARAOptions, extract_routing_priors): their
+    errors have always been a ValueError worded "<name> must be ...", which users and tests match.
+    """
     # The float test first: isinstance against the numbers ABC costs microseconds on every call.
-    if type(temperature) is not float and (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)):
-        raise TypeError(f"temperature: expected a positive number, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature: expected a finite number > 0, got {temperature}")
-    if score not in SCORES:
-        raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
+    real = type(value) is float or (not isinstance(value, bool) and isinstance(value, numbers.Real))
+    if real and math.isfinite(value) and value > 0:
+        return
+    if option:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if not real:
+        raise TypeError(f"{name}: expected a positive number, got {type(value).__name__}")
+    raise ValueError(f"{name}: expected a finite number > 0, got {value}")
+
+
+def check_score(value, name: str = "score", *, option: bool = False):
+    """One of ``SCORES``; with ``option=True`` (SARAOptions, the capture) also None, the model
+    family's own score, and the error worded as those settings' errors always were."""
+    if value in SCORES or (option and value is None):
+        return
+    if option:
+        raise ValueError(f"{name} must be one of {SCORES} or None, got {value!r}")
+    raise ValueError(f"{name}: expected one of {SCORES}, got {value!r}")
+
+
+def check_options(temperature, score: str, reduction: Optional[str], backend: str):
+    check_temperature(temperature)
+    check_score(score)
     if reduction is not None and reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
     if backend not in BACKENDS:

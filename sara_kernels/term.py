@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._inputs import BACKENDS, SCORES
+from ._inputs import BACKENDS, check_score, check_temperature
 from .api import sara_loss
 from .layer_selection import resolve_layers_spec
 
@@ -68,10 +68,8 @@ class SARAOptions:
         if not (_is_number(self.sara_weight) and self.sara_weight >= 0):
             raise ValueError(f"sara_weight must be a finite number >= 0, got {self.sara_weight!r}")
         self.sara_layers = resolve_layers_spec(self.sara_layers, "sara_layers")
-        if self.sara_score is not None and self.sara_score not in SCORES:
-            raise ValueError(f"sara_score must be one of {SCORES} or None, got {self.sara_score!r}")
-        if not (_is_number(self.sara_temperature) and self.sara_temperature > 0):
-            raise ValueError(f"sara_temperature must be a finite number > 0, got {self.sara_temperature!r}")
+        check_score(self.sara_score, "sara_score", option=True)
+        check_temperature(self.sara_temperature, "sara_temperature", option=True)
         if isinstance(self.sara_layer_weights, str):
             try:
                 self.sara_layer_weights = [float(x) for x in self.sara_layer_weights.split(",") if x.strip()]

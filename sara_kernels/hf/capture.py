@@ -44,7 +44,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .._inputs import SCORES
+from .._inputs import check_score
 from ..layer_selection import LayersArg, select_layers
 from .routers import RouterInfo, RoutersArg, default_score, find_routers, unwrap_compiled
 
@@ -359,8 +359,7 @@ class capture_router_logits:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if score is not None and score not in SCORES:
-            raise ValueError(f"score must be one of {SCORES} or None, got {score!r}")
+        check_score(score, option=True)
         self._model = unwrap_compiled(model)
         self._persistent = _PERSISTENT.get(self._model)
         if self._persistent is not None:

@@ -21,7 +21,6 @@ is fixed by the tokenizer: extract with the tokenizer you train with.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -31,6 +30,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .._inputs import check_temperature
 from ..layer_selection import resolve_layers_spec
 from .data import anchors_fingerprint, validate_pair
 from .routing import pooled_routing, probe_routing
@@ -139,10 +139,7 @@ def extract_routing_priors(
     the file exists. The result equals a single-process extraction.
     """
     # Checked before the first forward, not left to routing_distribution, so bad input costs no model call.
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-        temperature > 0 and math.isfinite(temperature)
-    ):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    check_temperature(temperature, option=True)
     if len(pairs) == 0:
         raise ValueError("pairs: no examples to extract priors from")
     for i in range(len(pairs)):
