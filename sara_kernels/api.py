@@ -19,7 +19,6 @@ from .distributed import check_group
 from .ops import backend_choice
 
 
-
 class _Resolved(NamedTuple):
     """A registry entry with its module imported and its limits read once: the checks below run per call."""
 

@@ -52,7 +52,6 @@ def all_reduce_sums_and_counts(sums: torch.Tensor, counts: torch.Tensor, group):
     return reduced[: sums.numel()].view(sums.shape), reduced[sums.numel() :].detach()
 
 
-
 def pooled_distribution(pool, side, score: str, temperature: float, group=None):
     """(P [L, B, E], n_b [B]) of whole sequences, with autograd into this rank's logits: ``pool``
     is a backend's ``pooled_distribution`` (:mod:`sara_kernels.backends`), run on this rank's share
