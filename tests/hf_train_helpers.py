@@ -41,6 +41,16 @@ def pairs(n=8, seed=3):
     return make_parallel_corpus(n, seed=seed)
 
 
+# What the resume tests compare step by step, besides the per-layer sara_js/* metrics.
+LOGGED = ("loss", "grad_norm", "learning_rate", "lm_loss", "sara_loss")
+
+
+def step_logs(log_history) -> dict:
+    """global step -> the logged values of that step (losses, SARA metrics, schedule)."""
+    return {e["step"]: {k: v for k, v in e.items() if k in LOGGED or k.startswith("sara_js/")}
+            for e in log_history if "loss" in e}
+
+
 def sgd_args(tmp_path, **overrides):
     """One plain-SGD step, no clipping/decay/schedule: Δθ = -lr · grad exactly."""
     from sara_kernels.hf.trainer import SARATrainingArguments

@@ -2,12 +2,11 @@
 warm-up and decay schedule, clipping, 2 accumulated micro-batches, a new epoch every 2 steps) and
 restarted with ``resume_from_checkpoint`` logs the same losses and SARA metrics for steps 4-5 as
 the run that was never stopped, and ends with the same weights: SARATrainer with live anchors and
-with cached priors, SARASFTTrainer, and ``python -m sara_kernels train --resume_from_checkpoint``.
-A checkpoint trained with other priors or another layer set is refused, naming the change."""
+with cached priors, and SARASFTTrainer (``python -m sara_kernels train --resume_from_checkpoint``:
+tests/programs/test_train_resume.py). A checkpoint trained with other priors or another layer set
+is refused, naming the change."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
@@ -17,9 +16,9 @@ datasets = pytest.importorskip("datasets")
 
 from transformers import TrainerCallback  # noqa: E402
 
-from hf_train_helpers import TOKENIZER, one_thread, pairs, sft_sgd_config, sgd_args, tiny_moe  # noqa: E402
+from hf_train_helpers import TOKENIZER, one_thread, pairs, sft_sgd_config, sgd_args, step_logs, tiny_moe  # noqa: E402
 
-from sara_kernels.hf import SARATrainer, extract_routing_priors, save_pairs  # noqa: E402
+from sara_kernels.hf import SARATrainer, extract_routing_priors  # noqa: E402
 from sara_kernels.hf.checkpoint import STATE_FILE  # noqa: E402
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
@@ -28,7 +27,6 @@ STEPS, STOP = 5, 3
 PAIRS = 8
 SCHEDULE = dict(max_steps=STEPS, per_device_train_batch_size=2, gradient_accumulation_steps=2, optim="adamw_torch",
                 learning_rate=3e-2, lr_scheduler_type="linear", warmup_steps=2, max_grad_norm=1.0, weight_decay=0.01)
-LOGGED = ("loss", "grad_norm", "learning_rate", "lm_loss", "sara_loss")
 
 
 class StopAt(TrainerCallback):
@@ -57,12 +55,6 @@ def sft_trainer(out, **overrides):
                           processing_class=TOKENIZER)
 
 
-def step_logs(trainer) -> dict:
-    """global step -> the logged values of that step (losses, SARA metrics, schedule)."""
-    return {e["step"]: {k: v for k, v in e.items() if k in LOGGED or k.startswith("sara_js/")}
-            for e in trainer.state.log_history if "loss" in e}
-
-
 def assert_resume_continues_the_run(make, tmp_path):
     full = make(tmp_path / "full")
     full.train()
@@ -73,7 +65,7 @@ def assert_resume_continues_the_run(make, tmp_path):
     resumed = make(tmp_path / "run")
     resumed.train(resume_from_checkpoint=True)  # the last checkpoint in output_dir, as after a restart
 
-    want, got = step_logs(full), step_logs(resumed)
+    want, got = step_logs(full.state.log_history), step_logs(resumed.state.log_history)
     assert sorted(got) == list(range(1, STEPS + 1)) and {"sara_loss", "sara_js/layer_1"} <= want[STEPS].keys()
     for step in range(STOP + 1, STEPS + 1):
         assert got[step].keys() == want[step].keys(), step
@@ -138,29 +130,3 @@ def test_checkpoint_of_a_plain_trainer_resumes_with_a_warning(stopped_run):
         trainer.train(resume_from_checkpoint=str(checkpoint))
     assert trainer.state.global_step == 2
 
-
-def test_train_command_resumes_from_a_checkpoint(tmp_path):
-    from sara_kernels.programs.cli import main
-
-    model_dir = tmp_path / "model"
-    tiny_moe().save_pretrained(model_dir)
-    TOKENIZER.save_pretrained(model_dir)
-    data = tmp_path / "pairs.jsonl"
-    save_pairs(pairs(PAIRS), data)
-
-    def train(out, *extra):
-        argv = ["train", "--model", str(model_dir), "--data", str(data), "--output_dir", str(out),
-                "--max_steps", "4", "--per_device_train_batch_size", "4", "--learning_rate", "0.03",
-                "--lr_scheduler_type", "linear", "--save_strategy", "steps", "--save_steps", "2",
-                "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true",
-                "--dataloader_pin_memory", "false", "--sara_weight", "5", *extra]
-        assert main(argv) == 0
-        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-        return {e["step"]: {k: v for k, v in e.items() if k in LOGGED or k.startswith("sara_js/")}
-                for e in history if "loss" in e}
-
-    full = train(tmp_path / "full")
-    resumed = train(tmp_path / "resumed", "--resume_from_checkpoint", str(tmp_path / "full" / "checkpoint-2"))
-    assert sorted(resumed) == [1, 2, 3, 4] and "sara_loss" in full[4]
-    for step in (3, 4):
-        assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-9), step
