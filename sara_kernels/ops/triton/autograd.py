@@ -156,13 +156,15 @@ class LossOptions(NamedTuple):
     reduction: str
 
 
+# SARALossFunction.forward's arguments before ``*logits`` (options … t_cu): none gets a gradient.
+# A module constant, not a class attribute: Dynamo cannot read an autograd.Function's attributes.
+_LOSS_LEADING_ARGS = 7
+
+
 class SARALossFunction(torch.autograd.Function):
     """The one autograd definition of the fused loss, eager and compiled alike: forward and
     backward call the custom ops above (the ops themselves in eager mode, see ``_op``). Only
     tensors and constants cross it, so torch.compile traces it whole."""
-
-    # forward's arguments before ``*logits`` (options … t_cu): none of them gets a gradient.
-    NUM_LEADING_ARGS = 7
 
     @staticmethod
     def forward(ctx, options: LossOptions, anchor_probs, layer_weights, a_mask, a_cu, t_mask, t_cu, *logits):
@@ -192,7 +194,7 @@ class SARALossFunction(torch.autograd.Function):
         ga, gt, stats, layer_coef, a_mask, a_cu, t_mask, t_cu, *logits = ctx.saved_tensors
         saved_anchor = 0 if options.detach_anchor else num_anchor
         anchor, target = logits[:saved_anchor], logits[saved_anchor:]
-        first_logit = SARALossFunction.NUM_LEADING_ARGS
+        first_logit = _LOSS_LEADING_ARGS
         anchor_grad = saved_anchor > 0 and any(ctx.needs_input_grad[first_logit : first_logit + num_anchor])
         grad_a, grad_t = sara_loss_bwd(
             grad_loss, anchor, target, a_mask, a_cu, t_mask, t_cu, ga, gt, stats, layer_coef, options.score,
