@@ -11,6 +11,12 @@ from sara_cases import BACKEND_THRESHOLDS, MODES, TARGETS
 from sara_contenders import CONTENDERS, FUSED
 from sara_measure import PASSES, kernel_pass, significant
 
+# The summary's columns follow CONTENDERS: a new contender gets its own without an edit here.
+BASELINE = "triton"  # what every other contender is compared with (sara_measure's triton_speedup)
+OTHER_FUSED = [c for c in CONTENDERS if c in FUSED and c != BASELINE]  # timed in full, × how much faster than it
+UNFUSED = [c for c in CONTENDERS if c not in FUSED]  # median only, × how much faster the baseline is
+SHORT = {"reference": "ref"}  # header abbreviations, as in the committed results
+
 
 def _kernel_bw(row) -> dict:
     """{"fwd": fraction of copy bandwidth, "bwd": ...} of a fused row's pooling kernels."""
@@ -39,8 +45,8 @@ def evaluate_targets(rows: list) -> list:
         best_compile = next((r for r in case_rows if r.get("best_compile_mode")), None)
         for backend in FUSED:
             fused = next((r for r in case_rows if r["contender"] == backend), None)
-            if fused is None and backend != "triton":
-                continue  # the CUDA op is optional: no rows, no targets
+            if fused is None and backend != BASELINE:
+                continue  # the other fused ops are optional: no rows, no targets
             kernel_bw = _kernel_bw(fused)
             values = {
                 "fwd_kernel_bw": kernel_bw.get("fwd"),
@@ -86,17 +92,26 @@ def target_lines(targets: list) -> list:
 
 SUMMARY_COLUMNS = [
     ("model", "model"), ("L", "layers"), ("E", "experts"), ("N/side", "tokens"), ("mode", "mode"),
-    ("triton ms p20/50/80", "triton_ms"), ("bw frac", "bw_fraction"), ("cpu ms/call", "triton_cpu"),
+    (f"{BASELINE} ms p20/50/80", f"{BASELINE}_ms"), ("bw frac", "bw_fraction"), ("cpu ms/call", f"{BASELINE}_cpu"),
     ("fwd kern bw", "fwd_kernel_bw"), ("bwd kern bw", "bwd_kernel_bw"),
-    ("ref ms", "reference_ms"), ("×ref", "vs_reference"), ("compile ms", "compile_ms"), ("×compile", "vs_compile"),
-    ("compile s", "compile_s"), ("ws MB", "triton_ws"), ("ref ws MB", "reference_ws"),
-    ("cuda ms p20/50/80", "cuda_ms"), ("cuda cpu ms", "cuda_cpu"), ("cuda fwd/bwd kern bw", "cuda_kernel_bw"),
-    ("cuda ×triton", "cuda_vs_triton"),
+    *[column for c in UNFUSED for column in ((f"{SHORT.get(c, c)} ms", f"{c}_ms"), (f"×{SHORT.get(c, c)}", f"vs_{c}"))],
+    ("compile s", "compile_s"), ("ws MB", f"{BASELINE}_ws"), ("ref ws MB", "reference_ws"),
+    *[column for c in OTHER_FUSED for column in (
+        (f"{c} ms p20/50/80", f"{c}_ms"), (f"{c} cpu ms", f"{c}_cpu"), (f"{c} fwd/bwd kern bw", f"{c}_kernel_bw"),
+        (f"{c} ×{BASELINE}", f"{c}_vs_{BASELINE}"))],
 ]
 
 
+def _percentiles(row) -> str:
+    return f"{row['p20_ms']:.3g}/{row['median_ms']:.3g}/{row['p80_ms']:.3g}"
+
+
+def _cpu(row):
+    return None if row.get("cpu_ms_per_call") is None else f"{row['cpu_ms_per_call']:.3g}"
+
+
 def summary_rows(rows: list, pass_name: str = "fwd+bwd") -> list:
-    """One line per case: Triton vs the contenders for one pass."""
+    """One line per case: the baseline (Triton) vs every other contender for one pass."""
     out = []
     keys = []
     for r in rows:
@@ -108,29 +123,27 @@ def summary_rows(rows: list, pass_name: str = "fwd+bwd") -> list:
               and r.get("status") == "ok"]
         first = next(r for r in rows if (r["model"], r["tokens"], r["mode"]) == key)
         get = {c: next((r for r in rs if r["contender"] == c and (c != "compile" or r.get("best_compile_mode"))), None)
-               for c in ("triton", "reference", "compile", "cuda")}
+               for c in CONTENDERS}
         line = dict(model=first["model"], layers=first["layers"], experts=first["experts"], tokens=first["tokens"], mode=first["mode"])
-        if get["triton"]:
-            t = get["triton"]
-            line.update(triton_ms=f"{t['p20_ms']:.3g}/{t['median_ms']:.3g}/{t['p80_ms']:.3g}",
-                        bw_fraction=f"{t['bw_fraction']:.3g}", triton_ws=t.get("workspace_mb"),
-                        triton_cpu=None if t.get("cpu_ms_per_call") is None else f"{t['cpu_ms_per_call']:.3g}")
-            for pass_name, fraction in _kernel_bw(t).items():
+        base = get[BASELINE]
+        if base:
+            line.update({f"{BASELINE}_ms": _percentiles(base), "bw_fraction": f"{base['bw_fraction']:.3g}",
+                         f"{BASELINE}_ws": base.get("workspace_mb"), f"{BASELINE}_cpu": _cpu(base)})
+            for kernel, fraction in _kernel_bw(base).items():
                 if fraction is not None:
-                    line[f"{pass_name}_kernel_bw"] = f"{fraction:.3g}"
-        if get["cuda"]:
-            c = get["cuda"]
-            bw = _kernel_bw(c)
-            line.update(cuda_ms=f"{c['p20_ms']:.3g}/{c['median_ms']:.3g}/{c['p80_ms']:.3g}",
-                        cuda_cpu=None if c.get("cpu_ms_per_call") is None else f"{c['cpu_ms_per_call']:.3g}",
-                        cuda_kernel_bw="/".join("-" if bw.get(p) is None else f"{bw[p]:.3g}" for p in ("fwd", "bwd")),
-                        cuda_vs_triton=_speedup(get["triton"], c))
-        if get["compile"]:
-            line["compile_s"] = get["compile"].get("first_call_s")
-        for c, col in (("reference", "vs_reference"), ("compile", "vs_compile")):
+                    line[f"{kernel}_kernel_bw"] = f"{fraction:.3g}"
+        for c in OTHER_FUSED:
+            if get[c]:
+                bw = _kernel_bw(get[c])
+                line.update({f"{c}_ms": _percentiles(get[c]), f"{c}_cpu": _cpu(get[c]),
+                             f"{c}_kernel_bw": "/".join("-" if bw.get(p) is None else f"{bw[p]:.3g}" for p in ("fwd", "bwd")),
+                             f"{c}_vs_{BASELINE}": _speedup(base, get[c])})
+        for c in UNFUSED:
             if get[c]:
                 line[f"{c}_ms"] = f"{get[c]['median_ms']:.3g}"
-                line[col] = get[c].get("triton_speedup")
+                line[f"vs_{c}"] = get[c].get("triton_speedup")
+        if get["compile"]:
+            line["compile_s"] = get["compile"].get("first_call_s")
         if get["reference"]:
             line["reference_ws"] = get["reference"].get("workspace_mb")
         out.append(line)
