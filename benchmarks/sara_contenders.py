@@ -37,7 +37,7 @@ def _compiled_reference(case: Case, mode: str) -> Callable:
 
 @dataclass
 class Contender:
-    name: str  # triton | reference | compile | cuda
+    name: str  # a key of CONTENDERS
     variant: str  # torch.compile mode, else ""
     build: Callable[[], Callable]  # returns the loss function; may raise (a bad compile mode)
     stacked: bool = False  # inputs as one [L, N, E] tensor per side instead of a tuple of L [N, E]
@@ -52,8 +52,9 @@ def _backend(name: str):
 
 
 # name -> (input form stacked?, builder(case, variant)): every backend of the registry, and the
-# reference under torch.compile. torch.compile gets the stacked form: with tuples of 48 tensors
-# its compile did not finish in 100 s on an H200 (54 s stacked).
+# reference under torch.compile. torch.compile gets the stacked form because compiling over a
+# tuple of L tensors per side took much longer than over one stacked tensor, too long for a
+# sweep; each run's compile times are in benchmarks/results/ (the summaries' "compile s").
 CONTENDERS = {**{name: (False, _backend(name)) for name in backends.NAMES}, "compile": (True, _compiled_reference)}
 
 
