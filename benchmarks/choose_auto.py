@@ -1,11 +1,11 @@
-"""What ``backend="auto"`` picks between the two fused backends, from bench_sara.py's measurements.
+"""What ``backend="auto"`` picks between the fused backends, from bench_sara.py's measurements.
 
     python benchmarks/choose_auto.py OUT/bench_sara/results.json [more results.json ...]   # show
     python benchmarks/choose_auto.py OUT/bench_sara/results.json --write                  # and record
 
-Every shape and mode at which one run measured the fwd+bwd of both the "triton" and the "cuda"
-contender (tuple inputs) is listed with both wall times; per expert count the times are summed
-and the faster backend is the choice. ``--write`` records the choices as ``MEASURED`` in
+Every shape and mode at which one run measured the fwd+bwd (tuple inputs) of every fused
+contender of that run is listed with their wall times; per expert count the times are summed and
+the fastest backend is the choice. ``--write`` records the choices as ``MEASURED`` in
 sara_kernels/ops/backend_choice.py for that run's GPU architecture (replacing what that
 architecture had). A line says where the winner at one expert count changes with the shape.
 Commit the rewritten file with the results it came from.
@@ -30,24 +30,36 @@ END = "# --- written by benchmarks/choose_auto.py: end ---\n"
 
 
 def compared_rows(results: dict) -> list:
-    """One row per (layers, experts, tokens, mode) of a results.json where both backends ran."""
+    """One row per (layers, experts, tokens, mode) of a results.json at which every fused backend
+    measured in that run ran (at least two): ``<backend>_ms`` each, ``<backend>_speedup`` over the
+    registry's first, and the fastest."""
     times = defaultdict(dict)
     for row in results["rows"]:
         if (row.get("status") == "ok" and row.get("pass_name") == "fwd+bwd" and row["contender"] in backends.FUSED
                 and row.get("input_form", "tuple") == "tuple"):
             times[(row["layers"], row["experts"], row["tokens"], row["mode"])][row["contender"]] = row["median_ms"]
-    return [dict(layers=l, experts=e, tokens=n, mode=m, triton_ms=t["triton"], cuda_ms=t["cuda"],
-                 cuda_speedup=round(t["triton"] / t["cuda"], 3), faster="cuda" if t["cuda"] < t["triton"] else "triton")
-            for (l, e, n, m), t in sorted(times.items()) if len(t) == len(backends.FUSED)]
+    # Only shapes every one of them ran: a sum per expert count must add the same shapes for each.
+    measured = [name for name in backends.FUSED if any(name in t for t in times.values())]
+    if len(measured) < 2:
+        return []
+    first, rows = measured[0], []
+    for (l, e, n, m), t in sorted(times.items()):
+        if len(t) == len(measured):
+            rows.append(dict(layers=l, experts=e, tokens=n, mode=m, **{f"{b}_ms": t[b] for b in measured},
+                             **{f"{b}_speedup": round(t[first] / t[b], 3) for b in measured[1:]},
+                             faster=min(measured, key=t.get)))
+    return rows
 
 
 def choices(rows: list) -> dict:
-    """{E: (faster backend, triton ms, cuda ms)}, the times summed over the rows at that E."""
-    sums = defaultdict(lambda: [0.0, 0.0])
+    """{E: (fastest backend, {backend: ms})}, the times summed over the rows at that E (a tie goes to
+    the backend listed first in the registry)."""
+    sums = defaultdict(lambda: defaultdict(float))
     for r in rows:
-        sums[r["experts"]][0] += r["triton_ms"]
-        sums[r["experts"]][1] += r["cuda_ms"]
-    return {e: ("cuda" if c < t else "triton", round(t, 4), round(c, 4)) for e, (t, c) in sorted(sums.items())}
+        for name in backends.FUSED:
+            if f"{name}_ms" in r:
+                sums[r["experts"]][name] += r[f"{name}_ms"]
+    return {e: (min(t, key=t.get), {name: round(ms, 4) for name, ms in t.items()}) for e, t in sorted(sums.items())}
 
 
 def mixed(rows: list) -> list:
@@ -89,12 +101,13 @@ def main(argv=None) -> int:
         arch, rows = architecture(results), compared_rows(results)
         print(f"{path}: {results['meta']['environment'].get('card', '?')} (compute capability {arch})")
         if not rows:
-            print("  no shape with the fwd+bwd of both triton and cuda measured")
+            print("  no shape with the fwd+bwd of two or more fused backends measured")
             continue
         print(format_table(rows, [(k, k) for k in rows[0]]))
         measured[arch], found = choices(rows), True
-        for e, (winner, triton, cuda) in measured[arch].items():
-            print(f"  E = {e}: auto runs {winner} (sum of fwd+bwd: triton {triton} ms, cuda {cuda} ms)")
+        for e, (winner, times) in measured[arch].items():
+            summed = ", ".join(f"{name} {ms} ms" for name, ms in times.items())
+            print(f"  E = {e}: auto runs {winner} (sum of fwd+bwd: {summed})")
         for e in mixed(rows):
             print(f"  E = {e}: the faster backend depends on the shape or mode; auto takes the faster in sum")
     if not found:

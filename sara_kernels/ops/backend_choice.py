@@ -1,16 +1,16 @@
-"""Which fused backend ``backend="auto"`` runs when both can: the one that benchmarks/bench_sara.py
-measured faster on that GPU architecture, at the measured expert count nearest to the call's.
+"""Which fused backend ``backend="auto"`` runs when several can: the one that benchmarks/bench_sara.py
+measured fastest on that GPU architecture, at the measured expert count nearest to the call's.
 
-``MEASURED`` maps a compute capability ("9.0") to expert counts ``E -> (backend, triton ms, cuda
-ms)``: the fwd+bwd wall time per call (median, L2-cold, tuple inputs) of the two contenders in
-one run, summed over every shape and mode measured at that E. It is written by
+``MEASURED`` maps a compute capability ("9.0") to expert counts ``E -> (backend, {backend: ms})``:
+the fastest, and the fwd+bwd wall time per call (median, L2-cold, tuple inputs) of each fused
+contender in one run, summed over every shape and mode measured at that E. It is written by
 ``python benchmarks/choose_auto.py RESULTS.json... --write`` from bench_sara runs and committed
 with those results (benchmarks/results/); never by hand. An architecture with no measurement
-runs Triton, the backend measured first.
+runs the registry's first fused backend (Triton, the backend measured first).
 
-Why the expert count: E sets the tile sizes, the register budget and the work per token of both
+Why the expert count: E sets the tile sizes, the register budget and the work per token of the
 backends' kernels, and it is fixed for a model, so under torch.compile the choice never depends
-on a dimension that varies from step to step. The token count moves both backends' times the same
+on a dimension that varies from step to step. The token count moves the backends' times the same
 way (traffic), while their difference in host cost per call is fixed; choose_auto.py says when
 the winner at one E changes with the token count, which this table would then hide.
 """
@@ -18,6 +18,8 @@ the winner at one E changes with the token count, which this table would then hi
 from __future__ import annotations
 
 import torch
+
+from .. import backends
 
 # --- written by benchmarks/choose_auto.py: begin ---
 MEASURED: dict = {}
@@ -47,8 +49,8 @@ def nearest_measured(measured_experts, experts: int) -> int:
 
 
 def faster_fused_backend(device: torch.device, experts: int) -> str:
-    """"triton" or "cuda" for a call with ``experts`` experts on ``device`` (a CUDA device)."""
+    """The fused backend for a call with ``experts`` experts on ``device`` (a CUDA device)."""
     measured = MEASURED.get(capability(device))
     if not measured:
-        return "triton"
+        return backends.FUSED[0]
     return measured[nearest_measured(measured, experts)][0]

@@ -42,8 +42,9 @@ def test_auto_is_reference_on_cpu_and_for_unsupported_inputs_and_triton_on_cuda(
 
 
 def test_auto_picks_the_winner_measured_at_the_nearest_expert_count(hopper_with_extension, monkeypatch):
-    monkeypatch.setattr(backend_choice, "MEASURED", {"9.0": {8: ("cuda", 1.5, 0.2), 128: ("cuda", 3.7, 0.5),
-                                                             512: ("triton", 2.0, 2.5)}})
+    monkeypatch.setattr(backend_choice, "MEASURED", {"9.0": {8: ("cuda", dict(triton=1.5, cuda=0.2)),
+                                                             128: ("cuda", dict(triton=3.7, cuda=0.5)),
+                                                             512: ("triton", dict(triton=2.0, cuda=2.5))}})
     assert resolve_backend("auto", side()) == "cuda"
     assert resolve_backend("auto", side(experts=512, tokens=65536)) == "triton"
     assert resolve_backend("auto", side(experts=384)) == "triton"  # ratio 4/3 to 512, 3 to 128
@@ -53,7 +54,7 @@ def test_auto_picks_the_winner_measured_at_the_nearest_expert_count(hopper_with_
 
 
 def test_auto_runs_triton_on_an_architecture_never_measured(hopper_with_extension, monkeypatch):
-    monkeypatch.setattr(backend_choice, "MEASURED", {"8.0": {128: ("cuda", 1.9, 0.3)}})
+    monkeypatch.setattr(backend_choice, "MEASURED", {"8.0": {128: ("cuda", dict(triton=1.9, cuda=0.3))}})
     assert resolve_backend("auto", side()) == "triton"
 
 
@@ -69,7 +70,8 @@ def test_the_choice_compiles_without_a_graph_break_and_follows_the_expert_count(
                                                                                 dynamic):
     """The lookup is integer arithmetic on constants and sizes, so symbolic sizes (dynamic=True)
     trace too. (The real ``capability`` needs a GPU: tests/gpu/test_gpu.py compiles backend="auto".)"""
-    monkeypatch.setattr(backend_choice, "MEASURED", {"9.0": {128: ("cuda", 3.7, 0.5), 512: ("triton", 2.0, 2.5)}})
+    monkeypatch.setattr(backend_choice, "MEASURED", {"9.0": {128: ("cuda", dict(triton=3.7, cuda=0.5)),
+                                                     512: ("triton", dict(triton=2.0, cuda=2.5))}})
     device = torch.device("cuda")
 
     def step(x):
@@ -107,18 +109,18 @@ def test_choose_auto_sums_the_shapes_both_backends_ran_per_expert_count_and_writ
     rows = choose_auto.compared_rows(results)
     assert [(r["experts"], r["tokens"], r["mode"], r["faster"]) for r in rows] == [
         (8, 16384, "detach", "cuda"), (128, 16384, "both", "triton"), (128, 16384, "detach", "cuda")]
-    assert choose_auto.choices(rows) == {8: ("cuda", 3.0, 1.0), 128: ("cuda", 4.5, 4.0)}
+    assert choose_auto.choices(rows) == {8: ("cuda", dict(triton=3.0, cuda=1.0)), 128: ("cuda", dict(triton=4.5, cuda=4.0))}
     assert choose_auto.mixed(rows) == [128]
 
     copy = tmp_path / "backend_choice.py"
     copy.write_text(open(backend_choice.__file__).read())
-    measured = {"9.0": choose_auto.choices(rows), "8.0": {8: ("triton", 1.0, 1.5)}}
+    measured = {"9.0": choose_auto.choices(rows), "8.0": {8: ("triton", dict(triton=1.0, cuda=1.5))}}
     choose_auto.write_choice(measured, str(copy))
-    written = {}
+    written = {"__package__": "sara_kernels.ops"}  # where its relative imports resolve
     exec(compile(copy.read_text(), str(copy), "exec"), written)
     assert written["MEASURED"] == measured
     choose_auto.write_choice({}, str(copy))  # rewritable: the markers survive
-    written = {}
+    written = {"__package__": "sara_kernels.ops"}  # where its relative imports resolve
     exec(compile(copy.read_text(), str(copy), "exec"), written)
     assert written["MEASURED"] == {}
 
@@ -130,3 +132,21 @@ def test_choose_auto_sums_the_shapes_both_backends_ran_per_expert_count_and_writ
     path.write_text(json.dumps(dict(results, meta=dict(environment=dict(card="CPU")))))
     with pytest.raises(SystemExit, match="not measured on a CUDA device"):
         choose_auto.main([str(path)])
+
+
+def test_choose_auto_picks_the_fastest_of_every_fused_backend_the_run_measured(monkeypatch):
+    from sara_kernels import backends
+
+    choose_auto = _choose_auto()
+    monkeypatch.setattr(backends, "FUSED", (*backends.FUSED, "newcomer"))
+    results = dict(rows=[
+        _row("triton", "detach", 2.0), _row("cuda", "detach", 1.6), _row("newcomer", "detach", 1.0),
+        _row("triton", "both", 3.0), _row("cuda", "both", 2.0),  # newcomer missing in this mode: not compared
+        _row("triton", "detach", 1.0, experts=8), _row("cuda", "detach", 2.0, experts=8),
+        _row("newcomer", "detach", 3.0, experts=8),
+    ])
+    rows = choose_auto.compared_rows(results)
+    assert [(r["experts"], r["mode"], r["faster"]) for r in rows] == [(8, "detach", "triton"), (128, "detach", "newcomer")]
+    assert (rows[1]["cuda_speedup"], rows[1]["newcomer_speedup"]) == (1.25, 2.0)
+    assert choose_auto.choices(rows) == {8: ("triton", dict(triton=1.0, cuda=2.0, newcomer=3.0)),
+                                         128: ("newcomer", dict(triton=2.0, cuda=1.6, newcomer=1.0))}
