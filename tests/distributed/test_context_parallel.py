@@ -1,15 +1,19 @@
 """Context parallelism on torch.distributed (gloo, 2 processes, CPU): each rank holds a share
 of every sequence's tokens; loss and gradients must equal one process that sees whole
 sequences, for every reduction, detach mode and priors, also when a rank holds no token of
-some sequence. The Triton backend runs under the interpreter, the CUDA backend as its emulated
-build (tests/conftest.py).
+some sequence, on every backend of the registry. The Triton backend runs under the interpreter,
+the CUDA backend as its emulated build (tests/conftest.py).
 """
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.distributed as dist
+
+from sara_kernels import backends
 
 from helpers import run_ranks
 
@@ -61,18 +65,11 @@ def _full_inputs(seg: str):
 
 
 CASES = [
-    # (backend, segmentation, mode, reduction)
-    ("reference", "mask", "both", "mean"),
-    ("reference", "cu", "detach", "none"),
-    ("triton", "mask", "both", "mean"),
-    ("triton", "mask", "priors", "sum"),
-    ("triton", "cu", "both", "none"),
-    ("triton", "cu", "detach", "mean"),
-]
-CUDA_CASES = [
-    ("cuda", "mask", "both", "sum"),
-    ("cuda", "cu", "priors", "mean"),
-    ("cuda", "cu", "both", "none"),
+    # (segmentation, mode, reduction), each run on every backend
+    ("mask", "both", "mean"),
+    ("mask", "priors", "sum"),
+    ("cu", "both", "none"),
+    ("cu", "detach", "mean"),
 ]
 
 
@@ -89,12 +86,19 @@ def _loss(side_a, side_t, mode, reduction, backend, group, priors=None):
                                   **kwargs)
 
 
-def _check_rank(rank: int, cases, compiled_backend):
+def _check_rank(rank: int, names, emulated_cuda=None):
+    """Every case on each backend of ``names``, then a compiled step on each fused one. A spawned
+    rank starts without the emulated CUDA build: ``emulated_cuda`` is its library, loaded here."""
     import sara_kernels
     from sara_kernels.testing import LOSS_TOL, assert_grads_close
 
+    if emulated_cuda:
+        from cuda_emulation.extension import load_emulated_extension
+        from sara_kernels.ops import cuda
+
+        cuda._C = load_emulated_extension(emulated_cuda)
     group = dist.group.WORLD
-    for backend, seg, mode, reduction in cases:
+    for backend, (seg, mode, reduction) in itertools.product(names, CASES):
         logits, full, shares, rows = _full_inputs(seg)
         priors = sara_kernels.routing_distribution(logits["anchor"], **full["anchor"], score="sigmoid",
                                                    temperature=0.8, backend="reference")
@@ -117,15 +121,9 @@ def _check_rank(rank: int, cases, compiled_backend):
                                                   backend=backend, group=group)
         whole_probs = sara_kernels.routing_distribution(logits["target"], **full["target"], backend="reference")
         torch.testing.assert_close(probs, whole_probs, **LOSS_TOL, msg=where)
-    _check_compiled(rank, group, compiled_backend)
-
-
-def _check_rank_emulated_cuda(rank: int, library: str):
-    from cuda_emulation.extension import load_emulated_extension
-    from sara_kernels.ops import cuda
-
-    cuda._C = load_emulated_extension(library)
-    _check_rank(rank, CUDA_CASES, "cuda")
+    for backend in names:
+        if backends.REGISTRY[backend].fused:  # their custom ops must trace beside the collective
+            _check_compiled(rank, group, backend)
 
 
 def _check_compiled(rank: int, group, backend):
@@ -152,13 +150,19 @@ def _check_compiled(rank: int, group, backend):
 
 
 def test_context_parallel_equals_whole_sequences():
-    run_ranks(_check_rank, WORLD, CASES, "triton")
+    """The backends that run on CPU tensors in a fresh process (Triton under the interpreter and
+    the reference, without a GPU), all in one launch of the ranks."""
+    cpu = torch.device("cpu")
+    names = [name for name, entry in backends.REGISTRY.items() if entry.available() and entry.runs_on(cpu)]
+    if not torch.cuda.is_available():  # no backend of the registry goes unchecked
+        assert set(names) == set(backends.NAMES) - {"cuda"}  # cuda: the emulated build, the test below
+    run_ranks(_check_rank, WORLD, names)
 
 
 def test_context_parallel_cuda_backend(emulated_cuda_extension):
-    """The CUDA backend's path: this rank's unnormalised sums from the op, all-reduced and
-    normalised in Python (sara_kernels/ops/cuda.py), on the emulated build in each rank."""
-    run_ranks(_check_rank_emulated_cuda, WORLD, emulated_cuda_extension.__file__)
+    """The CUDA backend on its emulated build in each rank: this rank's unnormalised sums from
+    the op, all-reduced and normalised in sara_kernels/distributed.py as for every backend."""
+    run_ranks(_check_rank, WORLD, ["cuda"], emulated_cuda_extension.__file__)
 
 
 def test_group_must_be_a_process_group():
