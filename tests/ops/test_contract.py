@@ -1,6 +1,6 @@
 """Both fused backends implement sara_kernels.ops.contract: the Triton ops are registered with its
 schemas, the C++ ``m.def`` strings (in csrc/ and as the emulated build registers them) match them,
-and the C++ split rule gives what the contract's does."""
+the C++ limits (csrc/routing_js.h) are its limits, and the C++ split rule gives what the contract's does."""
 
 import itertools
 import os
@@ -36,6 +36,14 @@ def _csrc_schemas() -> dict:
     return schemas
 
 
+def _header_constant(name: str) -> int:
+    """The value of ``constexpr int <name> = <value>;`` in csrc/routing_js.h."""
+    with open(os.path.join(CSRC, "routing_js.h")) as f:
+        found = re.findall(rf"\bconstexpr\s+int\s+{name}\s*=\s*(\d+)\s*;", f.read())
+    assert len(found) == 1, f"csrc/routing_js.h defines {name} {len(found)} times"
+    return int(found[0])
+
+
 def _expected_cuda_schemas() -> dict:
     return {f"cuda_{name}": _normal(schema)
             for name, schema in (*contract.SCHEMAS.items(), *contract.CUDA_AUTOGRAD_SCHEMAS.items())}
@@ -51,6 +59,11 @@ def test_triton_ops_are_registered_with_the_contract_schemas():
 
 def test_csrc_defines_exactly_the_contract_schemas():
     assert _csrc_schemas() == _expected_cuda_schemas()
+
+
+def test_csrc_limits_are_the_contract_limits():
+    assert _header_constant("kMaxExperts") == contract.MAX_EXPERTS
+    assert _header_constant("kMaxSeqs") == contract.MAX_SEQS
 
 
 def test_emulated_build_registers_the_contract_schemas(emulated_cuda_extension):
