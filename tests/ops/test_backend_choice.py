@@ -109,7 +109,8 @@ def test_choose_auto_sums_the_shapes_both_backends_ran_per_expert_count_and_writ
     rows = choose_auto.compared_rows(results)
     assert [(r["experts"], r["tokens"], r["mode"], r["faster"]) for r in rows] == [
         (8, 16384, "detach", "cuda"), (128, 16384, "both", "triton"), (128, 16384, "detach", "cuda")]
-    assert choose_auto.choices(rows) == {8: ("cuda", dict(triton=3.0, cuda=1.0)), 128: ("cuda", dict(triton=4.5, cuda=4.0))}
+    assert choose_auto.choices(rows) == {8: ("cuda", dict(triton=3.0, cuda=1.0)),
+                                         128: ("cuda", dict(triton=4.5, cuda=4.0))}
     assert choose_auto.mixed(rows) == [128]
 
     copy = tmp_path / "backend_choice.py"
@@ -146,7 +147,8 @@ def test_choose_auto_picks_the_fastest_of_every_fused_backend_the_run_measured(m
         _row("newcomer", "detach", 3.0, experts=8),
     ])
     rows = choose_auto.compared_rows(results)
-    assert [(r["experts"], r["mode"], r["faster"]) for r in rows] == [(8, "detach", "triton"), (128, "detach", "newcomer")]
+    assert [(r["experts"], r["mode"], r["faster"]) for r in rows] == [(8, "detach", "triton"),
+                                                                      (128, "detach", "newcomer")]
     assert (rows[1]["cuda_speedup"], rows[1]["newcomer_speedup"]) == (1.25, 2.0)
     assert choose_auto.choices(rows) == {8: ("triton", dict(triton=1.0, cuda=2.0, newcomer=3.0)),
                                          128: ("newcomer", dict(triton=2.0, cuda=1.6, newcomer=1.0))}
