@@ -67,9 +67,12 @@ def _full_inputs(seg: str):
 CASES = [
     # (segmentation, mode, reduction), each run on every backend
     ("mask", "both", "mean"),
+    ("mask", "both", "sum"),
     ("mask", "priors", "sum"),
     ("cu", "both", "none"),
     ("cu", "detach", "mean"),
+    ("cu", "detach", "none"),
+    ("cu", "priors", "mean"),
 ]
 
 
