@@ -65,7 +65,7 @@ def resolve_backend(backend: str, side: RoutingSide) -> str:
         candidates = [b.entry.name for b in _AUTO_CANDIDATES
                       if b.handles(dtype, num_experts, num_seqs) and b.module.runs_on(device)]
         if len(candidates) > 1:
-            return backend_choice.faster_fused_backend(device, num_experts)
+            return backend_choice.faster_fused_backend(device, num_experts, candidates)
         return candidates[0] if candidates else "reference"
     b = _BACKENDS[backend]
     b.module.require()

@@ -17,6 +17,8 @@ the winner at one E changes with the token count, which this table would then hi
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import backends
@@ -48,9 +50,16 @@ def nearest_measured(measured_experts, experts: int) -> int:
     return best
 
 
-def faster_fused_backend(device: torch.device, experts: int) -> str:
-    """The fused backend for a call with ``experts`` experts on ``device`` (a CUDA device)."""
+def faster_fused_backend(device: torch.device, experts: int, candidates=backends.FUSED) -> str:
+    """Of ``candidates`` (fused backends that can take the call), the one for a call with
+    ``experts`` experts on ``device`` (a CUDA device): the fastest measured there, the first
+    candidate where none of them was measured."""
     measured = MEASURED.get(capability(device))
     if not measured:
-        return backends.FUSED[0]
-    return measured[nearest_measured(measured, experts)][0]
+        return candidates[0]
+    times = measured[nearest_measured(measured, experts)][1]
+    best = candidates[0]
+    for name in candidates[1:]:  # a loop, not min(key=...), which dynamo cannot trace
+        if times.get(name, math.inf) < times.get(best, math.inf):
+            best = name
+    return best

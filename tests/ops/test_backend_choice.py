@@ -53,6 +53,13 @@ def test_auto_picks_the_winner_measured_at_the_nearest_expert_count(hopper_with_
     assert resolve_backend("triton", side()) == "triton"  # an explicit choice is kept
 
 
+def test_the_choice_is_made_among_the_backends_that_can_take_the_call(hopper_with_extension, monkeypatch):
+    monkeypatch.setattr(backend_choice, "MEASURED", {"9.0": {128: ("cuda", dict(triton=3.7, cuda=0.5))}})
+    device = torch.device("cuda")
+    assert backend_choice.faster_fused_backend(device, 128) == "cuda"
+    assert backend_choice.faster_fused_backend(device, 128, ("triton",)) == "triton"
+
+
 def test_auto_runs_triton_on_an_architecture_never_measured(hopper_with_extension, monkeypatch):
     monkeypatch.setattr(backend_choice, "MEASURED", {"8.0": {128: ("cuda", dict(triton=1.9, cuda=0.3))}})
     assert resolve_backend("auto", side()) == "triton"
