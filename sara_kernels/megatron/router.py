@@ -57,8 +57,11 @@ class SARARouter(TopKRouter):
     it routes exactly as ``TopKRouter`` (Megatron skips its aux losses there too).
     """
 
-    def __init__(self, config, pg_collection=None, *, sara: SARAOptions, priors: Optional[RoutingPriors] = None):
-        super().__init__(config=config, pg_collection=pg_collection)
+    def __init__(self, config, pg_collection=None, *, sara: SARAOptions, priors: Optional[RoutingPriors] = None,
+                 **router_kwargs):
+        # router_kwargs: what this megatron-core's MoELayer passes on to TopKRouter beyond config and
+        # pg_collection (0.19 adds is_mtp_layer=; 0.16 passes nothing more), forwarded unchanged.
+        super().__init__(config=config, pg_collection=pg_collection, **router_kwargs)
         if not isinstance(sara, SARAOptions):
             raise TypeError(f"sara: expected sara_kernels.term.SARAOptions, got {type(sara).__name__}")
         score = config.moe_router_score_function
