@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import os
 
 import torch
@@ -31,6 +32,9 @@ from sara_kernels.megatron import TRACKER_NAME, SARAOptions, SARARouter, extract
 
 VOCAB, SEQ_LEN, EXPERTS, LAYERS = 64, 12, 8, 4
 ON_GPU = torch.cuda.is_available()
+# megatron-core 0.19 dropped backward_step's model_type argument (0.16 takes it before config).
+BACKWARD_STEP_MODEL_TYPE = ((ModelType.encoder_or_decoder,)
+                            if "model_type" in inspect.signature(backward_step).parameters else ())
 
 
 def build_model(seed: int, options: SARAOptions, priors=None) -> GPTModel:
@@ -132,7 +136,7 @@ def main(argv=None):
             store = []
             output, _ = forward_step(step_func, data, model, args.micro_batches, None, store, model.config,
                                      cp_group_size=1, is_first_microbatch=i == 0, current_microbatch=i)
-            backward_step(None, output, None, ModelType.encoder_or_decoder, model.config)
+            backward_step(None, output, None, *BACKWARD_STEP_MODEL_TYPE, model.config)
             lm.append(store[-1]["lm loss"])
         optimizer.step()
         tracker = get_moe_layer_wise_logging_tracker()

@@ -24,6 +24,11 @@ from megatron.core.transformer.moe.moe_utils import (  # noqa: E402
 )
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
+try:  # megatron-core 0.19 keeps the aux-loss tracker in a MoEMetricsTracker object
+    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker  # noqa: E402
+except ImportError:  # megatron-core 0.16: the tracker is moe_utils' module-level dict
+    destroy_moe_metrics_tracker = None
+
 from helpers import REPO  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO, "examples"))
@@ -58,7 +63,12 @@ def init_parallel(seed: int = 0) -> None:
 def reset_megatron_state() -> None:
     """Aux-loss scale 1 (the shape the schedule copies into) and an empty aux-loss tracker."""
     MoEAuxLossAutoScaler.main_loss_backward_scale = torch.ones(1)
-    get_moe_layer_wise_logging_tracker().clear()
+    if destroy_moe_metrics_tracker is not None:
+        # 0.19's get_moe_layer_wise_logging_tracker() builds a new dict per call: clearing it
+        # would leave the tracker's values to accumulate across tests; drop the tracker instead.
+        destroy_moe_metrics_tracker()
+    else:
+        get_moe_layer_wise_logging_tracker().clear()
 
 
 def tiny_config(**overrides) -> TransformerConfig:

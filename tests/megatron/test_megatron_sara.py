@@ -6,6 +6,7 @@ Megatron's micro-batch schedule; priors extraction; the spec transform; bad inpu
 from __future__ import annotations
 
 import functools
+import inspect
 
 import pytest
 import torch
@@ -60,6 +61,13 @@ def fresh_megatron_state():
     reset_megatron_state()
     yield
     reset_megatron_state()
+
+
+def moe_router(layer_spec):
+    """The router entry of a layer spec's MoE layer: its ``mlp`` is a ModuleSpec in megatron-core 0.16,
+    ``functools.partial(MoELayer, submodules=...)`` in 0.19."""
+    mlp = layer_spec.submodules.mlp
+    return (mlp.keywords["submodules"] if isinstance(mlp, functools.partial) else mlp.submodules).router
 
 
 def assert_grads_equal(model, output, expected_loss):
@@ -199,7 +207,7 @@ def test_capture_refuses_megatrons_router_and_points_to_with_sara(routers_arg):
     assert "sara_kernels.megatron: with_sara(layer_spec, SARAOptions(sara_weight=...))" in message
     assert "sara_batch(" in message and "coeff" not in message and "\n" not in message
     # The message's with_sara call is the real signature: it accepts the model's spec.
-    assert with_sara(spec, SARAOptions(sara_weight=0.1)).submodules.mlp.submodules.router.func is SARARouter
+    assert moe_router(with_sara(spec, SARAOptions(sara_weight=0.1))).func is SARARouter
     assert not any(module._forward_hooks for module in model.modules())
 
 
@@ -243,6 +251,8 @@ def test_micro_batch_scale_is_megatrons_aux_loss_rule():
     from megatron.core.enums import ModelType
     from megatron.core.pipeline_parallel.schedules import backward_step, forward_step
 
+    # megatron-core 0.19 dropped backward_step's model_type argument (0.16 takes it before config).
+    model_type = (ModelType.encoder_or_decoder,) if "model_type" in inspect.signature(backward_step).parameters else ()
     num_micro_batches = 3
     batches = [random_batch(4, 7, seed=10 + i) for i in range(num_micro_batches)]
     model = tiny_model(seed=7)
@@ -254,7 +264,7 @@ def test_micro_batch_scale_is_megatrons_aux_loss_rule():
         )
         # the schedule's rule: aux losses are scaled by loss_scale * cp / num_micro_batches
         assert float(MoEAuxLossAutoScaler.main_loss_backward_scale) == pytest.approx(1.0 / num_micro_batches)
-        backward_step(None, output, None, ModelType.encoder_or_decoder, model.config)
+        backward_step(None, output, None, *model_type, model.config)
     scheduled = grads_of(model)
     # The tracker sums the micro-batches (Megatron's logging then multiplies by 1 / num_micro_batches).
     tracked = tracked_sara(model).clone()
@@ -307,14 +317,16 @@ def test_spec_transform_shapes_and_refusals():
     spec = get_gpt_layer_local_spec(num_experts=EXPERTS)
     options = SARAOptions(sara_weight=0.1, sara_layers="middle")
     sara_spec = with_sara(spec, options)
-    builder = sara_spec.submodules.mlp.submodules.router
+    builder = moe_router(sara_spec)
     assert builder.func is SARARouter and builder.keywords["sara"] is options and builder.keywords["priors"] is None
-    assert spec.submodules.mlp.submodules.router is TopKRouter  # the input spec is not modified
+    assert moe_router(spec) is TopKRouter  # the input spec is not modified
     # megatron-core 0.19 builds the MoE layer as functools.partial(MoELayer, submodules=...).
     partial_spec = functools.partial(MoELayer, submodules=MoESubmodules(experts=None, router=TopKRouter))
     blocks = with_sara([partial_spec, get_gpt_layer_local_spec()], options, router_class=RecordingRouter)
     assert blocks[0].func is MoELayer and blocks[0].keywords["submodules"].router.func is RecordingRouter
-    as_spec = with_sara(ModuleSpec(module=MoELayer, submodules=MoESubmodules(router=ModuleSpec(module=TopKRouter))), options)
+    # experts= given: 0.19's MoESubmodules requires it (0.16 defaults it to None).
+    moe_submodules = MoESubmodules(experts=None, router=ModuleSpec(module=TopKRouter))
+    as_spec = with_sara(ModuleSpec(module=MoELayer, submodules=moe_submodules), options)
     assert as_spec.submodules.router.func is SARARouter
     with pytest.raises(ValueError, match="has no MoELayer"):
         with_sara(get_gpt_layer_local_spec(), options)
