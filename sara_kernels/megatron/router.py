@@ -113,7 +113,9 @@ class SARARouter(TopKRouter):
     @property
     def sara_layer(self) -> Optional[int]:
         """This router's 0-based decoder-layer index when SARA is applied here, else ``None``."""
-        if self.layer_number is None:
+        # megatron-core 0.19 numbers the layers of multi-token prediction from 1, as decoder layers
+        # (0.16 numbers them after the decoder's, so none is selected), and says so by is_mtp_layer.
+        if self.layer_number is None or getattr(self, "is_mtp_layer", False):
             return None
         layer = self.layer_number - 1
         return layer if layer in self.sara_layers else None
