@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from megatron_model import (
     EXPERTS,
+    MAX_LEN,
     RecordingRouter,
     expected_sara_padded,
     grads_of,
@@ -28,13 +29,14 @@ from megatron_model import (
     tiny_config,
     tiny_model,
     tracked_sara,
+    VOCAB,
 )
 from megatron_cpu import with_sdpa_attention
 
 from helpers import free_port
 from hf_train_helpers import one_thread
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_mtp_block_spec
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
@@ -280,6 +282,22 @@ def test_micro_batch_scale_is_megatrons_aux_loss_rule():
         torch.testing.assert_close(scheduled[name], want, rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
     assert any(g.abs().sum() > 0 for g in scheduled.values())
     torch.testing.assert_close(tracked, expected_tracked.float(), rtol=1e-4, atol=1e-8)
+
+
+def test_multi_token_prediction_layers_get_no_sara():
+    """SARA's layers are decoder layers: the routers of a multi-token-prediction block built from the
+    same spec add nothing, whether megatron-core numbers them after the decoder's (0.16) or from 1
+    with is_mtp_layer set (0.19)."""
+    options = SARAOptions(sara_weight=0.5, sara_layers="all")
+    spec = with_sara(with_sdpa_attention(get_gpt_layer_local_spec(num_experts=EXPERTS)), options,
+                     router_class=RecordingRouter)
+    config = tiny_config(mtp_num_layers=1)
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=MAX_LEN,
+                     position_embedding_type="learned_absolute",
+                     mtp_block_spec=get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False))
+    mtp_routers = [m for name, m in model.named_modules() if name.startswith("mtp.") and isinstance(m, SARARouter)]
+    assert len(mtp_routers) == 1 and mtp_routers[0].sara_layer is None
+    assert [r.sara_layer for r in routers(model)] == list(range(config.num_layers))
 
 
 def test_eval_and_no_grad_route_without_sara_batch_and_training_needs_one():
