@@ -29,8 +29,11 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 try:  # megatron-core 0.19 records aux losses in a MoEMetricsTracker; save_to_aux_losses_tracker is deprecated there
     from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    def _track(*args, **kwargs):
+        get_moe_metrics_tracker().record(*args, **kwargs)
 except ImportError:  # megatron-core 0.16 has save_to_aux_losses_tracker only
-    get_moe_metrics_tracker = None
+    _track = save_to_aux_losses_tracker
 
 from ..hf.priors import RoutingPriors, load_routing_priors
 from ..layer_selection import select_layers
@@ -182,12 +185,7 @@ class SARARouter(TopKRouter):
                 term = term * num_tokens
             logits = MoEAuxLossAutoScaler.apply(logits, term)
             num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
-            if get_moe_metrics_tracker is not None:
-                get_moe_metrics_tracker().record(TRACKER_NAME, layer_js, self.layer_number, num_layers,
-                                                 avg_group=self.tp_dp_cp_group)
-            else:
-                save_to_aux_losses_tracker(TRACKER_NAME, layer_js, self.layer_number, num_layers,
-                                           avg_group=self.tp_dp_cp_group)
+            _track(TRACKER_NAME, layer_js, self.layer_number, num_layers, avg_group=self.tp_dp_cp_group)
         return super().routing(logits, padding_mask=padding_mask)
 
 
