@@ -6,7 +6,6 @@ Megatron's micro-batch schedule; priors extraction; the spec transform; bad inpu
 from __future__ import annotations
 
 import functools
-import inspect
 
 import pytest
 import torch
@@ -250,11 +249,9 @@ def _forward_step(batches, data_iterator, model):
 def test_micro_batch_scale_is_megatrons_aux_loss_rule():
     # forward_backward_no_pipelining is a loop of these two over the micro-batches; it cannot run
     # on a CPU only because it allocates its token counter with device="cuda".
-    from megatron.core.enums import ModelType
     from megatron.core.pipeline_parallel.schedules import backward_step, forward_step
+    from megatron_sara import BACKWARD_STEP_MODEL_TYPE
 
-    # megatron-core 0.19 dropped backward_step's model_type argument (0.16 takes it before config).
-    model_type = (ModelType.encoder_or_decoder,) if "model_type" in inspect.signature(backward_step).parameters else ()
     num_micro_batches = 3
     batches = [random_batch(4, 7, seed=10 + i) for i in range(num_micro_batches)]
     model = tiny_model(seed=7)
@@ -266,7 +263,7 @@ def test_micro_batch_scale_is_megatrons_aux_loss_rule():
         )
         # the schedule's rule: aux losses are scaled by loss_scale * cp / num_micro_batches
         assert float(MoEAuxLossAutoScaler.main_loss_backward_scale) == pytest.approx(1.0 / num_micro_batches)
-        backward_step(None, output, None, *model_type, model.config)
+        backward_step(None, output, None, *BACKWARD_STEP_MODEL_TYPE, model.config)
     scheduled = grads_of(model)
     # The tracker sums the micro-batches (Megatron's logging then multiplies by 1 / num_micro_batches).
     tracked = tracked_sara(model).clone()
