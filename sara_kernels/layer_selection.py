@@ -1,4 +1,4 @@
-"""Which MoE layers SARA aligns: ``"all"``, ``"middle"`` or explicit decoder-layer indices.
+"""Which MoE layers SARA aligns: ``"all"``, ``"middle"`` or explicit decoder-layer indices and ranges.
 
 Framework-neutral (no model is inspected here): the Hugging Face capture, the cached priors, the
 programs and the Megatron integration all resolve a user's choice with :func:`resolve_layers_spec`
@@ -18,23 +18,39 @@ LayersArg = Union[str, Iterable[int]]
 def resolve_layers_spec(layers, arg: str = "layers"):
     """Normalise a layer selection: ``"all"``, ``"middle"``, or a sequence of decoder indices.
 
-    Strings of comma-separated integers ("3,4,5", as given on a command line) become a list.
+    Strings (as given on a command line) are comma-separated items, each an index or an inclusive
+    range ``"a-b"`` (``"7-34"``, ``"0,4,7-34"``, as papers write layer spans); they become the list
+    of indices in the order written.
     """
     if isinstance(layers, str):
         if layers in ("all", "middle"):
             return layers
-        try:
-            out = [int(x) for x in layers.split(",") if x.strip()]
-        except ValueError:
-            raise ValueError(
-                f"{arg}: expected 'all', 'middle' or comma-separated decoder-layer indices, got {layers!r}"
-            ) from None
+        out = []
+        for item in (x.strip() for x in layers.split(",")):
+            if item:
+                out.extend(_layer_item(item, layers, arg))
         if not out:
             raise ValueError(f"{arg}: no layer index in {layers!r}")
         return out
     if isinstance(layers, (list, tuple)) and layers and all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
         return list(layers)
     raise ValueError(f"{arg}: expected 'all', 'middle' or a non-empty list of decoder-layer indices, got {layers!r}")
+
+
+def _layer_item(item: str, spec: str, arg: str) -> range:
+    """One comma-separated item of a layer string: ``"7"`` or the inclusive range ``"7-34"``."""
+    first, dash, last = item.partition("-")
+    try:
+        lo = int(first)
+        hi = int(last) if dash else lo
+    except ValueError:
+        raise ValueError(
+            f"{arg}: expected 'all', 'middle' or comma-separated decoder-layer indices and ranges "
+            f"like '0,4,7-34', got {spec!r}"
+        ) from None
+    if lo > hi:
+        raise ValueError(f"{arg}: the range {item!r} in {spec!r} is empty; write it low-high, e.g. '{hi}-{lo}'")
+    return range(lo, hi + 1)
 
 
 def select_layers(moe_layers: Sequence[int], layers: LayersArg = "all") -> tuple:

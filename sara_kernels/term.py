@@ -46,7 +46,7 @@ class SARAOptions:
     # str for HfArgumentParser; a list of ints is accepted too (normalised in __post_init__).
     sara_layers: str = field(
         default="all",
-        metadata={"help": "MoE layers to align: 'all', 'middle', or comma-separated decoder-layer indices."},
+        metadata={"help": "MoE layers to align: 'all', 'middle', or comma-separated decoder-layer indices and inclusive ranges ('0,4,7-34')."},
     )
     sara_score: Optional[str] = field(
         default=None, metadata={"help": "Routing score: 'softmax' or 'sigmoid'; default: the model family's."}

@@ -134,7 +134,7 @@ class DataArguments:
 class SaraArguments:
     """Which layers SARA reads, how far each side is read and the backend (``priors``, ``analyze``, ``demo``)."""
 
-    layers: str = field(default="all", metadata={"help": "MoE layers: 'all', 'middle' or comma-separated decoder indices."})
+    layers: str = field(default="all", metadata={"help": "MoE layers: 'all', 'middle' or comma-separated decoder indices and inclusive ranges ('0,4,7-34')."})
     max_length: Optional[int] = field(default=None, metadata={"help": "Truncate each side to this many tokens."})
     backend: Literal[BACKEND_CHOICES] = field(
         default="auto", metadata={"help": "auto = the fused backend measured faster on CUDA (Triton until the C++ extension is measured), reference otherwise; cuda = the C++ extension."}

@@ -32,6 +32,20 @@ def test_options_stand_alone_and_validate_once():
             SARAOptions(**bad)
 
 
+@pytest.mark.parametrize(
+    "spec, expected",
+    [("7-34", list(range(7, 35))), ("0,4,7-9", [0, 4, 7, 8, 9]), (" 3 , 5-5", [3, 5]), ("2", [2])],
+)
+def test_sara_layers_accepts_inclusive_ranges(spec, expected):
+    assert SARAOptions(sara_layers=spec).sara_layers == expected
+
+
+@pytest.mark.parametrize("spec", ["4-2", "1-", "-3", "a-b", "1-2-3", ","])
+def test_sara_layers_rejects_a_malformed_range_naming_the_option(spec):
+    with pytest.raises(ValueError, match=r"^sara_layers: "):
+        SARAOptions(sara_layers=spec)
+
+
 def test_sara_term_is_sara_loss_with_the_options_and_names_its_metrics():
     torch.manual_seed(0)
     anchor = [torch.randn(10, 5, dtype=torch.float64) for _ in range(2)]
