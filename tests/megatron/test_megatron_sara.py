@@ -43,6 +43,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 from sara_kernels import sara_loss
 from sara_kernels.hf import RoutingPriors, capture_router_logits, load_routing_priors
+from sara_kernels.testing import LOSS_TOL
 from sara_kernels.megatron import TRACKER_NAME, SARAOptions, SARARouter, extract_routing_priors, sara_batch, with_sara
 
 _single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
@@ -101,7 +102,7 @@ def test_live_anchors_padded_loss_and_every_gradient_equal_sara_loss(score):
     for router in sara_layers(model):
         assert got[f"decoder.layers.{router.layer_number - 1}.mlp.router.weight"].abs().sum() > 0
     assert got["decoder.layers.3.mlp.router.weight"].abs().sum() == 0  # above the last SARA layer
-    torch.testing.assert_close(tracked, per_layer.float(), rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(tracked, per_layer.float(), **LOSS_TOL)
 
 
 def test_per_token_loss_scales_by_the_local_valid_tokens_as_megatrons_aux_losses():
@@ -147,7 +148,7 @@ def test_cached_priors_by_example_index_and_extraction(tmp_path):
     anchor_probs = loaded.gather(example_index, layers=[1, 3])
     expected, per_layer = expected_sara_padded(model, padding, anchor_probs=anchor_probs)
     assert_grads_equal(model, output, expected)
-    torch.testing.assert_close(tracked, per_layer.float(), rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(tracked, per_layer.float(), **LOSS_TOL)
 
 
 @pytest.mark.parametrize("anchors", ["live", "priors"])
@@ -191,7 +192,7 @@ def test_packed_sequences(padded, anchors):
     expected = router.sara.sara_weight * loss
     assert expected.item() > 1e-6
     assert_grads_equal(model, output, expected)
-    torch.testing.assert_close(tracked, per_layer.float(), rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(tracked, per_layer.float(), **LOSS_TOL)
 
 
 @pytest.mark.parametrize("routers_arg", [None, TopKRouter, r"decoder\.layers\.\d+\.mlp\.router"])
@@ -232,7 +233,7 @@ def test_megatrons_track_moe_metrics_logs_sara_next_to_load_balancing_loss():
     assert total_loss_dict["load_balancing_loss"] > 0
     # Megatron's mean over MoE layers counts every MoE layer (4), SARA's or not.
     torch.testing.assert_close(total_loss_dict[TRACKER_NAME], per_layer.sum().float() / len(routers(model)),
-                               rtol=1e-4, atol=1e-8)
+                               **LOSS_TOL)
     assert per_layer.sum() > 1e-6
     assert not get_moe_layer_wise_logging_tracker()[TRACKER_NAME]["values"].any()  # cleared for the next step
 
@@ -278,7 +279,7 @@ def test_micro_batch_scale_is_megatrons_aux_loss_rule():
         want = torch.zeros_like(p) if want is None else want.float()
         torch.testing.assert_close(scheduled[name], want, rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
     assert any(g.abs().sum() > 0 for g in scheduled.values())
-    torch.testing.assert_close(tracked, expected_tracked.float(), rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(tracked, expected_tracked.float(), **LOSS_TOL)
 
 
 def test_multi_token_prediction_layers_get_no_sara():
