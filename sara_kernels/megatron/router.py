@@ -11,7 +11,8 @@ function does not change.
 
 What a router cannot know about the micro-batch (which sequences are anchors and targets, the
 dataset index of each target for cached priors, packed-sequence boundaries) is given around the
-model call by :class:`sara_batch`.
+model call by :class:`sara_batch`. Under activation recomputation of the MoE layers the router
+keeps that for the recomputation in backward, when the block is closed (see ``SARARouter``).
 """
 
 from __future__ import annotations
@@ -64,8 +65,11 @@ class SARARouter(TopKRouter):
 
     Built by the spec :func:`with_sara` returns (``functools.partial(SARARouter, sara=options,
     priors=priors)`` in ``MoESubmodules.router``). Routing itself is unchanged. In training with grad enabled a
-    selected layer needs an open :class:`sara_batch`; in eval, or under ``torch.no_grad()``,
-    it routes exactly as ``TopKRouter`` (Megatron skips its aux losses there too).
+    selected layer needs an open :class:`sara_batch` and, unless the micro-batch is packed or said
+    unpadded, the call's ``padding_mask``; in eval, or under ``torch.no_grad()``, it routes exactly
+    as ``TopKRouter`` (Megatron skips its aux losses there too). When Megatron recomputes the MoE
+    layers, the checkpoint's forward (under no_grad) queues the open :class:`sara_batch` and the
+    recomputation in backward attaches the term for the oldest queued one.
     """
 
     def __init__(self, config, pg_collection=None, *, sara: SARAOptions, priors: Optional[RoutingPriors] = None,
@@ -269,7 +273,7 @@ class sara_batch:
     """The SARA layout of one micro-batch, open around its model call.
 
     >>> with sara_batch(anchor=[0, 1], target=[2, 3]):        # live anchors in the micro-batch
-    ...     output = model(tokens, position_ids, attention_mask, labels=labels)
+    ...     output = model(tokens, position_ids, attention_mask, labels=labels, padding_mask=padding_mask)
     >>> with sara_batch(example_index=batch["index"]):         # cached priors of each target
     ...     output = model(...)
 
