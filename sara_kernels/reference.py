@@ -112,6 +112,16 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return 0.5 * (_kl_to_mixture(p, total) + _kl_to_mixture(q, total))
 
 
+def layer_shares(layer_weights: Optional[torch.Tensor], num_layers: int) -> torch.Tensor:
+    """Each layer's share [L] of the loss's mean over layers: w / Σw, or 1/L without weights.
+
+    Also what a router that computes one layer's term alone (the Megatron integration) weights
+    it by, so that the layers' terms add up to the loss."""
+    if layer_weights is None:
+        return torch.full((num_layers,), 1.0 / num_layers, dtype=torch.float64)
+    return layer_weights / layer_weights.sum()
+
+
 def reduce_pair_js(js: torch.Tensor, pair_valid: torch.Tensor, layer_weights: Optional[torch.Tensor], reduction: str):
     """Reduce JS [L, B] (0 for invalid pairs) to the loss; also the detached per-layer mean [L].
 
@@ -125,8 +135,7 @@ def reduce_pair_js(js: torch.Tensor, pair_valid: torch.Tensor, layer_weights: Op
     elif layer_weights is None:
         loss = per_layer.mean()
     else:
-        w = layer_weights.to(js.dtype)
-        loss = (w * per_layer).sum() / w.sum()
+        loss = (layer_shares(layer_weights.to(js.dtype), len(per_layer)) * per_layer).sum()
     return loss, per_layer.detach()
 
 

@@ -260,9 +260,12 @@ class SARATrainer(SARACheckpointing, SARATermMixin, Trainer):
             the anchor forward. Evaluation never uses them (eval examples are indexed in another
             dataset): its batches carry the anchors, and SARA is measured on live anchors.
 
-    Logged (train, and ``eval_``-prefixed in evaluation): ``lm_loss``, ``sara_loss`` (unweighted,
-    mean over micro-batches since the last log) and ``sara_js/layer_{i}`` (mean JS of decoder
-    layer i).
+    Logged (train, and ``eval_``-prefixed in evaluation): ``lm_loss`` (in training the LM part of
+    the logged ``loss``: token-weighted over the micro-batches and ranks of each step, averaged
+    over the steps since the last log; in evaluation the mean over micro-batches of their token
+    means), ``sara_loss`` (unweighted, mean over micro-batches and ranks since the last log) and
+    ``sara_js/layer_{i}`` (mean JS of decoder layer i). In training ``loss`` = ``lm_loss`` +
+    ``sara_weight`` × ``sara_loss`` (+ the model's router aux term when it returns one).
     """
 
     # compute_loss scales every term for gradient accumulation itself (see the module docstring).
@@ -393,7 +396,11 @@ class SARATrainer(SARACheckpointing, SARATermMixin, Trainer):
             loss = loss + (self.args.sara_weight * scale) * term.loss.to(lm_mean.dtype)
         if aux_term is not None:
             loss = loss + scale * aux_term
-        self._sara_record(training, {"lm_loss": lm_mean, **(term.metrics() if term is not None else {})})
+        # lm_loss is the LM part of the loss the Trainer logs (token-weighted over the step's
+        # micro-batches and ranks), so that loss = lm_loss + sara_weight * sara_loss (+ the model's
+        # aux term); the micro-batches' own means would differ from it wherever their token counts do.
+        lm_logged = lm_step / scale if training else lm_mean
+        self._sara_record(training, {"lm_loss": lm_logged, **(term.metrics() if term is not None else {})})
         return (loss, outputs) if return_outputs else loss
 
     def _uses_sara(self, batch: _PairBatch, training: bool) -> bool:

@@ -11,11 +11,14 @@ function does not change.
 
 What a router cannot know about the micro-batch (which sequences are anchors and targets, the
 dataset index of each target for cached priors, packed-sequence boundaries) is given around the
-model call by :class:`sara_batch`.
+model call by :class:`sara_batch`. Under activation recomputation of the MoE layers the router
+keeps that for the recomputation in backward, when the block is closed (see ``SARARouter``).
 """
 
 from __future__ import annotations
 
+import collections
+import contextvars
 import dataclasses
 import functools
 import os
@@ -37,6 +40,7 @@ except ImportError:  # megatron-core 0.16 has save_to_aux_losses_tracker only
 
 from ..hf.priors import RoutingPriors, load_routing_priors
 from ..layer_selection import select_layers
+from ..reference import layer_shares
 from ..term import SARAOptions, check_layer_weights, sara_term
 
 __all__ = ["SARARouter", "with_sara", "sara_batch", "moe_layer_indices", "TRACKER_NAME"]
@@ -61,8 +65,11 @@ class SARARouter(TopKRouter):
 
     Built by the spec :func:`with_sara` returns (``functools.partial(SARARouter, sara=options,
     priors=priors)`` in ``MoESubmodules.router``). Routing itself is unchanged. In training with grad enabled a
-    selected layer needs an open :class:`sara_batch`; in eval, or under ``torch.no_grad()``,
-    it routes exactly as ``TopKRouter`` (Megatron skips its aux losses there too).
+    selected layer needs an open :class:`sara_batch` and, unless the micro-batch is packed or said
+    unpadded, the call's ``padding_mask``; in eval, or under ``torch.no_grad()``, it routes exactly
+    as ``TopKRouter`` (Megatron skips its aux losses there too). When Megatron recomputes the MoE
+    layers, the checkpoint's forward (under no_grad) queues the open :class:`sara_batch` and the
+    recomputation in backward attaches the term for the oldest queued one.
     """
 
     def __init__(self, config, pg_collection=None, *, sara: SARAOptions, priors: Optional[RoutingPriors] = None,
@@ -85,22 +92,31 @@ class SARARouter(TopKRouter):
                 "sara_lm_on_anchor has no meaning here: the LM loss is your loss_func's (mask the anchor rows in "
                 "loss_mask to keep the LM off them)"
             )
-        if config.recompute_granularity == "full" or (
+        recomputed = config.recompute_granularity == "full" or (
             config.recompute_granularity == "selective" and "moe" in (config.recompute_modules or ())
-        ):
+        )
+        if recomputed and (config.fp8 or config.fp4):
             raise ValueError(
-                "SARARouter does not support activation recomputation of MoE layers (recompute_granularity='full' or "
-                "'moe' in recompute_modules): the recomputed router runs in backward, outside the micro-batch's "
-                "sara_batch; recompute other modules (e.g. recompute_modules=['core_attn'])"
+                "SARARouter does not support activation recomputation of MoE layers with fp8/fp4: Megatron then "
+                "recomputes through Transformer Engine's checkpoint, whose order of runs SARARouter is not tested "
+                "with (it needs CUDA); recompute other modules with fp8/fp4 (e.g. recompute_modules=['core_attn'])"
             )
         self.sara = sara
         self.sara_score = score
         self.sara_layers = select_layers(moe_layer_indices(config), sara.sara_layers)
         check_layer_weights(sara, self.sara_layers)
-        weights = sara.sara_layer_weights or [1.0] * len(self.sara_layers)
-        # Each layer's share of the weighted mean over layers sara_loss takes.
-        self._layer_share = {layer: sara.sara_weight * w / sum(weights) for layer, w in zip(self.sara_layers, weights)}
+        weights = sara.sara_layer_weights
+        shares = layer_shares(None if weights is None else torch.tensor(weights, dtype=torch.float64),
+                              len(self.sara_layers))
+        self._layer_share = dict(zip(self.sara_layers, (sara.sara_weight * shares).tolist()))
         self._layer_options = dataclasses.replace(sara, sara_layer_weights=None)
+        # Under activation recomputation Megatron runs the router twice per micro-batch: in forward
+        # under no_grad inside its checkpoint, and again in backward, after forward_step has closed
+        # the micro-batch's sara_batch. The first run queues (sara_batch, logits shape); the
+        # recomputation takes the oldest, since every Megatron schedule runs a model chunk's
+        # backward passes in the order of its forward passes.
+        self._recomputed = recomputed
+        self._awaiting_recompute: collections.deque = collections.deque()
         if priors is not None:
             if not isinstance(priors, RoutingPriors):
                 raise TypeError(f"priors: expected RoutingPriors or None, got {type(priors).__name__}")
@@ -136,9 +152,8 @@ class SARARouter(TopKRouter):
             self._layer_priors = priors.probs[:, row, :].to(device=device, dtype=torch.float32)
         return self._layer_priors
 
-    def sara_term(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]):
+    def _micro_batch_term(self, batch: "sara_batch", logits: torch.Tensor, padding_mask: Optional[torch.Tensor]):
         """(this layer's share of ``sara_weight * sara_loss``, the layer's mean JS) for logits [s, b, E]."""
-        batch = sara_batch.current(self.layer_number)
         group = self._sara_group()
         seq_len, num_cols, num_experts = logits.shape
         if batch.packed:
@@ -149,6 +164,12 @@ class SARARouter(TopKRouter):
                     "SARA on packed sequences with context or sequence parallelism is not supported: the local token "
                     "layout of each packed sequence is not known to the router"
                 )
+        if padding_mask is None and not batch.packed and not batch.unpadded:
+            raise ValueError(
+                f"SARA router of layer {self.sara_layer} got no padding_mask, so SARA would pool over padding: pass "
+                "padding_mask=(True at padding) to the model call, or sara_batch(..., unpadded=True) if no sequence "
+                "of the micro-batch is padded"
+            )
         valid = (~padding_mask.bool()) if padding_mask is not None and not batch.packed else None
 
         def side(name: str) -> dict:
@@ -174,10 +195,42 @@ class SARARouter(TopKRouter):
                          group=group)
         return term.loss * self._layer_share[self.sara_layer], term.per_layer[0]
 
+    def _batch_to_attach(self, logits: torch.Tensor) -> Optional["sara_batch"]:
+        """The micro-batch whose term this call attaches, or ``None`` when it attaches none (not
+        training, a plain forward under no_grad, or a checkpoint's forward, whose micro-batch is
+        queued for the recomputation)."""
+        if self.sara_layer is None or self.sara.sara_weight <= 0 or not self.training:
+            return None
+        if not self._recomputed:
+            return sara_batch.current(self.layer_number) if torch.is_grad_enabled() else None
+        if not torch.is_grad_enabled():  # inside the checkpoint's forward, or a plain no_grad forward
+            batch = sara_batch.opened()
+            if batch is not None:
+                self._awaiting_recompute.append((batch, logits.shape))
+            return None
+        # A recomputation runs inside autograd's backward (the graph task id of
+        # torch.utils.checkpoint's own check); a layer the checkpoint leaves out runs as usual.
+        if torch._C._current_graph_task_id() == -1:
+            return sara_batch.current(self.layer_number)
+        if not self._awaiting_recompute:
+            raise RuntimeError(
+                f"SARA router of layer {self.sara_layer} was recomputed in backward, but no checkpointed forward of "
+                "it ran inside a sara_batch: wrap each micro-batch's model call in sara_batch"
+            )
+        batch, shape = self._awaiting_recompute.popleft()
+        if shape != logits.shape:
+            raise RuntimeError(
+                f"SARA router of layer {self.sara_layer}: the recomputed logits {tuple(logits.shape)} are not those of "
+                f"the oldest checkpointed forward {tuple(shape)}: backward passes must run in the order of their "
+                "forward passes, and a training-mode forward under torch.no_grad() inside sara_batch needs model.eval()"
+            )
+        return batch
+
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         """SARA attached to the logits (as Megatron attaches its z-loss), then ``TopKRouter.routing``."""
-        if self.sara_layer is not None and self.sara.sara_weight > 0 and self.training and torch.is_grad_enabled():
-            term, layer_js = self.sara_term(logits, padding_mask)
+        batch = self._batch_to_attach(logits)
+        if batch is not None:
+            term, layer_js = self._micro_batch_term(batch, logits, padding_mask)
             if self.calculate_per_token_loss:
                 # Megatron then divides every gradient by the global token count, so aux losses
                 # are multiplied by the local one (as its z-loss and load-balancing loss are).
@@ -220,7 +273,7 @@ class sara_batch:
     """The SARA layout of one micro-batch, open around its model call.
 
     >>> with sara_batch(anchor=[0, 1], target=[2, 3]):        # live anchors in the micro-batch
-    ...     output = model(tokens, position_ids, attention_mask, labels=labels)
+    ...     output = model(tokens, position_ids, attention_mask, labels=labels, padding_mask=padding_mask)
     >>> with sara_batch(example_index=batch["index"]):         # cached priors of each target
     ...     output = model(...)
 
@@ -234,14 +287,16 @@ class sara_batch:
             element by element; default: every sequence (priors mode only).
         example_index: dataset index of each target, the row of its cached prior.
         packed_seq_params: Megatron's ``PackedSeqParams`` of the micro-batch, or ``None``.
+        unpadded: ``True`` when no sequence of a (not packed) micro-batch is padded, so the model
+            call may omit ``padding_mask``; without it a SARA router given no ``padding_mask``
+            refuses to pool (it would pool over the padding).
 
     Exactly one of ``anchor`` and ``example_index``. Blocks nest (the innermost is used).
     Packed boundaries are read to the host once per block (one device sync for GPU tensors).
     """
 
-    _open: list = []
-
-    def __init__(self, *, anchor=None, target=None, example_index=None, packed_seq_params=None):
+    def __init__(self, *, anchor=None, target=None, example_index=None, packed_seq_params=None,
+                 unpadded: bool = False):
         if (anchor is None) == (example_index is None):
             raise ValueError("sara_batch: give exactly one of anchor= (live anchors) and example_index= (cached priors)")
         if anchor is not None and target is None:
@@ -253,6 +308,9 @@ class sara_batch:
         if self.target is not None and self.target.numel() != paired.numel():
             name = "anchor" if self.anchor is not None else "example_index"
             raise ValueError(f"sara_batch: {name} has {paired.numel()} entries but target has {self.target.numel()}")
+        if not isinstance(unpadded, bool):
+            raise TypeError(f"sara_batch unpadded: expected True or False, got {unpadded!r}")
+        self.unpadded = unpadded
         self.packed = packed_seq_params is not None
         self._starts = self._lengths = None
         if self.packed:
@@ -264,23 +322,35 @@ class sara_batch:
             starts = (padded.detach().to("cpu", torch.long) if padded is not None else cu)[:-1]
             self._starts, self._lengths = starts.tolist(), (cu[1:] - cu[:-1]).tolist()
         self._cache: dict = {}
+        self._reset_token = None
 
-    @classmethod
-    def current(cls, layer_number=None) -> "sara_batch":
-        if not cls._open:
+    @staticmethod
+    def opened() -> Optional["sara_batch"]:
+        """The innermost open block of this thread / task, or ``None``."""
+        blocks = _OPEN_BLOCKS.get()
+        return blocks[-1] if blocks else None
+
+    @staticmethod
+    def current(layer_number=None) -> "sara_batch":
+        """The innermost open block; an error naming the layer when there is none."""
+        batch = sara_batch.opened()
+        if batch is None:
             where = f"layer {layer_number - 1} " if layer_number is not None else ""
             raise RuntimeError(
                 f"SARA router of {where}ran in training without a sara_batch: wrap each micro-batch's model call in "
                 "`with sara_kernels.megatron.sara_batch(...)` (in forward_step), or call model.eval() / torch.no_grad()"
             )
-        return cls._open[-1]
+        return batch
 
     def __enter__(self):
-        sara_batch._open.append(self)
+        if self._reset_token is not None:
+            raise RuntimeError("sara_batch: this block is already open (open a new sara_batch per model call)")
+        self._reset_token = _OPEN_BLOCKS.set(_OPEN_BLOCKS.get() + (self,))
         return self
 
     def __exit__(self, *exc):
-        sara_batch._open.remove(self)
+        _OPEN_BLOCKS.reset(self._reset_token)
+        self._reset_token = None
         return None
 
     def _sequences(self, side: str, num_seqs: int) -> torch.Tensor:
@@ -315,6 +385,11 @@ class sara_batch:
             cu = torch.tensor([0] + [self._lengths[i] for i in seqs]).cumsum(0)
             self._cache[key] = (rows.to(device), cu.to(device=device, dtype=torch.int32))
         return self._cache[key]
+
+
+# The open sara_batch blocks, innermost last: a tuple per context, so that threads and asyncio
+# tasks each see their own blocks and nothing is shared between them.
+_OPEN_BLOCKS: contextvars.ContextVar = contextvars.ContextVar("sara_batch_open_blocks", default=())
 
 
 def _is_moe_layer(module) -> bool:

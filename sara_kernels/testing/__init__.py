@@ -41,6 +41,7 @@ from .harness import (
 )
 from .oracle import membership, numpy_pair_js, numpy_scores
 from .tolerances import (
+    FP32_JS_ATOL,
     FP16_SUBNORMAL_ROUNDING,
     GRAD_TOL,
     JS_TOL,

@@ -19,6 +19,7 @@ import torch
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, TESTS)
+ZERO3_EXAMPLE = pathlib.Path(TESTS).parent / "examples" / "deepspeed_zero3.json"
 
 from hf_train_helpers import TOKENIZER, pairs, sft_sgd_config, sgd_args, tiny_moe  # noqa: E402
 
@@ -28,13 +29,12 @@ PER_RANK = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2)
 
 
 def zero_config(stage: int) -> dict:
-    """fp32 ZeRO with the Trainer's own optimiser (plain SGD, which DeepSpeed calls untested)."""
-    zero = {"stage": stage}
-    if stage == 3:
-        # The default threshold keeps parameters this small (the routers) whole on every rank.
-        zero["stage3_param_persistence_threshold"] = 0
-    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-            "gradient_clipping": "auto", "zero_optimization": zero, "zero_allow_untested_optimizer": True}
+    """The README's ZeRO-3 config (examples/deepspeed_zero3.json: the Trainer's own optimiser, here
+    plain SGD, and the routers partitioned), or the same at ZeRO-2."""
+    config = json.loads(ZERO3_EXAMPLE.read_text())
+    if stage == 2:
+        config["zero_optimization"] = {"stage": 2}
+    return config
 
 
 def full_parameters(trainer) -> dict:
@@ -77,6 +77,8 @@ def run_case(case: dict, base, out: pathlib.Path):
         assert trainer.is_deepspeed_enabled
         before = dict(base.named_parameters())
         torch.save({n: p - before[n].detach() for n, p in after.items()}, out / f"{case['name']}.pt")
+        logged = next(entry for entry in trainer.state.log_history if "loss" in entry)
+        (out / f"{case['name']}.log.json").write_text(json.dumps(logged))
     # Free the engine (it holds hooks and buffers on the group) before the next case builds its own.
     del trainer, model
     gc.collect()

@@ -4,6 +4,7 @@ sliced per side as sara_loss documents it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Optional
@@ -16,6 +17,7 @@ megatron = pytest.importorskip("megatron.core", reason="megatron-core is not ins
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
+from megatron.core.tensor_parallel import random as random_module  # noqa: E402
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
 from megatron.core.transformer.moe.moe_utils import (  # noqa: E402
     MoEAuxLossAutoScaler,
@@ -154,6 +156,37 @@ def grads_of(model) -> dict:
     return {name: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for name, p in model.named_parameters()}
 
 
+@contextlib.contextmanager
+def cpu_rng_for_recomputation():
+    """Megatron's recomputation (``tensor_parallel.checkpoint``) saves and restores the CUDA RNG
+    state around the recomputed forward; on a CPU there is none, and no CUDA random op runs, so
+    the stand-in saves nothing and restores nothing. The CPU RNG state is still saved and
+    restored by megatron-core itself."""
+    saved = random_module._get_cuda_rng_state, random_module._set_cuda_rng_state
+    random_module._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    random_module._set_cuda_rng_state = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        random_module._get_cuda_rng_state, random_module._set_cuda_rng_state = saved
+
+
+@contextlib.contextmanager
+def cpu_token_counter():
+    """``forward_backward_no_pipelining`` allocates its token counter with ``device="cuda"``, its
+    only CUDA allocation on one process; the stand-in puts a zeros(..., device="cuda") on the CPU."""
+    zeros = torch.zeros
+
+    def cpu_zeros(*args, device=None, **kwargs):
+        return zeros(*args, device="cpu" if str(device).startswith("cuda") else device, **kwargs)
+
+    torch.zeros = cpu_zeros
+    try:
+        yield
+    finally:
+        torch.zeros = zeros
+
+
 def sara_only_backward(output: torch.Tensor) -> None:
     """Backward through the model with the LM loss weighted 0: the gradients are SARA's alone."""
     (output.float().sum() * 0.0).backward()
@@ -162,5 +195,5 @@ def sara_only_backward(output: torch.Tensor) -> None:
 __all__ = [
     "clear_aux_losses_tracker", "init_parallel", "reset_megatron_state", "tiny_config", "tiny_model", "routers",
     "sara_layers", "random_batch", "expected_sara_padded", "tracked_sara", "grads_of", "sara_only_backward",
-    "RecordingRouter", "parallel_state", "clean_forward",
+    "RecordingRouter", "parallel_state", "clean_forward", "cpu_rng_for_recomputation", "cpu_token_counter",
 ]

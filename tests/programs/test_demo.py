@@ -20,6 +20,7 @@ from hf_train_helpers import one_thread, TOKENIZER, tiny_moe  # noqa: E402
 from sara_kernels.hf import data as D  # noqa: E402
 from sara_kernels.programs import corpus as C  # noqa: E402
 from sara_kernels.programs.cli import main  # noqa: E402
+from sara_kernels.testing import FP32_JS_ATOL  # noqa: E402
 
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
@@ -106,8 +107,9 @@ def test_analyze_cli_matches_independent_computation(saved_model, tmp_path, caps
     pt = torch.stack([_pooled(model, p["target"]) for p in pairs])
     js = _js(pa, pt)  # [N, L]
     assert result["layers"] == [1, 2] and result["top_k"] == 2 and result["num_pairs"] == 6
-    torch.testing.assert_close(torch.tensor(result["js"], dtype=torch.float64), js.mean(0), rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(torch.tensor(result["js_normalized"], dtype=torch.float64), js.mean(0) / math.log(2), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(torch.tensor(result["js"], dtype=torch.float64), js.mean(0), rtol=1e-4, atol=FP32_JS_ATOL)
+    torch.testing.assert_close(torch.tensor(result["js_normalized"], dtype=torch.float64), js.mean(0) / math.log(2), rtol=1e-4,
+                               atol=FP32_JS_ATOL / math.log(2))
     overlap = [[len(set(pa[n, l].topk(2).indices.tolist()) & set(pt[n, l].topk(2).indices.tolist())) / 2
                 for l in range(2)] for n in range(6)]
     assert result["topk_overlap"] == pytest.approx(torch.tensor(overlap).mean(0).tolist())
