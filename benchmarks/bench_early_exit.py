@@ -44,7 +44,8 @@ from bench_packing import cpu_name
 
 def is_moe_layer(config, layer: int) -> bool:
     """Qwen3-MoE's rule for which decoder layers have routed experts."""
-    return layer not in config.mlp_only_layers and config.num_experts > 0 and (layer + 1) % config.decoder_sparse_step == 0
+    sparse = config.num_experts > 0 and (layer + 1) % config.decoder_sparse_step == 0
+    return sparse and layer not in config.mlp_only_layers
 
 
 def layer_flops(config, seq_len: int) -> dict:
@@ -86,8 +87,8 @@ def qwen3_30b_a3b_config():
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n", 2)[2])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", default="middle", help="SARA's layer selection (as sara_layers)")
     p.add_argument("--batch", type=int, default=16, help="anchors per forward (the demo's batch size)")
     p.add_argument("--batches", type=int, default=8)
@@ -102,9 +103,11 @@ def main(argv=None) -> int:
     tokenizer = build_word_tokenizer()
     model = build_tiny_model(tokenizer).train()  # the mode the trainer runs the anchor forward in
     encoder = SARACollator(tokenizer)
-    anchors = [encoder.encode(p["anchor"], f"anchor {i}") for i, p in enumerate(make_parallel_corpus(args.batch * args.batches))]
-    batches = [dict(zip(("input_ids", "attention_mask"), pad_right(anchors[i : i + args.batch], pad_token_id(tokenizer))))
-               for i in range(0, len(anchors), args.batch)]
+    pairs = make_parallel_corpus(args.batch * args.batches)
+    anchors = [encoder.encode(p["anchor"], f"anchor {i}") for i, p in enumerate(pairs)]
+    pad = pad_token_id(tokenizer)
+    padded = [pad_right(anchors[i : i + args.batch], pad) for i in range(0, len(anchors), args.batch)]
+    batches = [{"input_ids": ids, "attention_mask": mask} for ids, mask in padded]
     options = forward_kwargs(model, lm_head=False)
     layers = resolve_layers_spec(args.layers)
 
@@ -133,7 +136,8 @@ def main(argv=None) -> int:
             pass_ms[mode].append(1e3 * elapsed[mode])
     median = {mode: statistics.median(pass_ms[mode]) for mode in modes}
 
-    demo_flops = {mode: sum(forward_flops(model.config, selected, *b["input_ids"].shape, flag) for b in batches)
+    config = model.config
+    demo_flops = {mode: sum(forward_flops(config, selected, *b["input_ids"].shape, flag) for b in batches)
                   for mode, flag in modes.items()}
     big, big_layers = qwen3_30b_a3b_config(), tuple(range(7, 35))
     big_flops = {mode: forward_flops(big, big_layers, 1, args.seq_30b, flag) for mode, flag in modes.items()}
@@ -143,11 +147,11 @@ def main(argv=None) -> int:
     lengths = [int(b["attention_mask"].shape[1]) for b in batches]
     machine = f"{args.machine} ({cpu_name()}, {os.cpu_count()} CPUs, {args.threads} torch thread(s))"
     header = [
-        f"# benchmarks/bench_early_exit.py: the anchor's routing-only forward with and without early exit, on {machine}, "
-        f"{datetime.date.today().isoformat()}",
-        f"# torch {torch.__version__}; the demo's model (Qwen3-MoE hidden {model.config.hidden_size}, "
-        f"{model.config.num_hidden_layers} layers, {model.config.num_experts} experts, top-{model.config.num_experts_per_tok}, "
-        f"vocabulary {model.config.vocab_size}); layers={args.layers!r} -> {list(selected)}; {args.batches} batches of "
+        "# benchmarks/bench_early_exit.py: the anchor's routing-only forward with and without early exit, "
+        f"on {machine}, {datetime.date.today().isoformat()}",
+        f"# torch {torch.__version__}; the demo's model (Qwen3-MoE hidden {config.hidden_size}, "
+        f"{config.num_hidden_layers} layers, {config.num_experts} experts, top-{config.num_experts_per_tok}, "
+        f"vocabulary {config.vocab_size}); layers={args.layers!r} -> {list(selected)}; {args.batches} batches of "
         f"{args.batch} anchors, padded lengths {min(lengths)}-{max(lengths)}; median of {args.reps} round-robin passes",
         "# the time ratio is the result; absolute times are this machine's, under whatever else it ran",
         "# router logits of the two modes: equal (torch.equal) on every batch",
