@@ -52,11 +52,10 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from .._inputs import check_score
 from ..layer_selection import LayersArg, select_layers
-from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
 from .routers import RouterInfo, RoutersArg, default_score, find_routers, unwrap_compiled
 
 __all__ = [
