@@ -30,6 +30,15 @@ Training-time behaviour (each decision below is tested in ``tests/hf/test_captur
   raises a ``RuntimeError`` instead of silently recording nothing.
 * A second call of the same router inside one block (outside backward) raises: one block
   captures one forward, so the anchor and target passes use one block each.
+* ``early_exit=True`` (for a forward run only for its routing): the hook of the last selected
+  router to run raises a private stop signal that ends the forward there (no later layer, no
+  LM head) and that the block catches. The block's frames unwind like any exception's, so the
+  model's own context managers (``no_grad``, autocast, transformers' output recorder) are
+  restored. It is switched off, with one ``logging`` line per reason, where an interrupted
+  forward would leave the framework's state behind: ``torch.compile`` (an exception raised
+  inside compiled code), FSDP (its pre-forward all-gather is paired with a post-forward
+  reshard and a prefetch order) and DeepSpeed ZeRO-3 (its parameter fetch and release follow a
+  traced module order).
 
 The hooks never modify outputs, never touch model classes, and are removed when the block
 exits, also on an exception.
@@ -43,6 +52,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from .._inputs import check_score
 from ..layer_selection import LayersArg, select_layers
@@ -50,6 +60,7 @@ from .routers import RouterInfo, RoutersArg, default_score, find_routers, unwrap
 
 __all__ = [
     "capture_router_logits",
+    "early_exit_possible",
     "CapturedRouterLogits",
     "install_router_hooks",
     "router_hooks_installed",
@@ -71,6 +82,15 @@ def _ran_twice(name: str) -> RuntimeError:
 # --------------------------------------------------------------------------------------------
 # Hooks
 # --------------------------------------------------------------------------------------------
+
+
+class _StopForward(BaseException):
+    """Ends an early-exit forward once its last selected router has run. A ``BaseException``, so
+    that model code catching ``Exception`` never swallows it."""
+
+    def __init__(self, state: "_HookState"):
+        super().__init__("early exit after the last selected router")
+        self.state = state
 
 
 def _in_backward() -> bool:
@@ -115,12 +135,14 @@ class _HookState:
         self.records: list = []  # (router position, logits tensor as the router returned it)
         self.called: set = set()  # routers recorded in this block (eager only)
         self.grad_modes: list = []  # grad mode of each model call in flight (eager only)
+        self.stop_after: set = set()  # early exit: positions of the selected routers still to run
 
     def reset(self) -> None:
         """Forget the last block's records (in place: compiled code holds these objects)."""
         self.records.clear()
         self.called.clear()
         self.grad_modes.clear()
+        self.stop_after.clear()
 
 
 def _make_router_hook(state: _HookState, position: int, info: RouterInfo):
@@ -145,6 +167,10 @@ def _make_router_hook(state: _HookState, position: int, info: RouterInfo):
                 )
             state.called.add(position)
         state.records.append((position, logits))
+        if state.stop_after:
+            state.stop_after.discard(position)
+            if not state.stop_after:
+                raise _StopForward(state)
         return None
 
     return router_hook
@@ -239,6 +265,41 @@ def install_router_hooks(
     return hooks
 
 
+def _early_exit_blocker(model: nn.Module) -> Optional[str]:
+    """Why a forward of ``model`` must not be stopped part-way (None when it may)."""
+    if _is_compiled(model):
+        return ("torch.compile: the stop is an exception raised inside the compiled code, which the compiled "
+                "graph would have to trace")
+    fsdp_classes = ()
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+        fsdp_classes = (FSDPModule, FullyShardedDataParallel)
+    if any(isinstance(m, fsdp_classes) for m in model.modules()):
+        return ("FSDP: each module's pre-forward all-gather is paired with a post-forward reshard and a prefetch "
+                "order, which a forward stopped part-way would leave behind")
+    if is_deepspeed_zero3_enabled() or any(hasattr(p, "ds_id") for p in model.parameters()):
+        return ("DeepSpeed ZeRO-3: parameters are fetched and released in a traced module order, which a forward "
+                "stopped part-way would leave inconsistent")
+    return None
+
+
+_EARLY_EXIT_OFF_LOGGED: set = set()  # reasons already logged (one line per reason and process)
+
+
+def early_exit_possible(*models: nn.Module) -> bool:
+    """Whether a routing-only forward of these modules (a model and the wrappers it runs in) may
+    stop after its last selected router; when not, says why once per reason (``logging``, INFO)."""
+    for model in models:
+        reason = _early_exit_blocker(model)
+        if reason is not None:
+            if reason not in _EARLY_EXIT_OFF_LOGGED:
+                _EARLY_EXIT_OFF_LOGGED.add(reason)
+                logger.info("routing-only forwards run to the end (no early exit) under %s", reason)
+            return False
+    return True
+
+
 def router_hooks_installed(model: nn.Module) -> bool:
     """Whether :func:`install_router_hooks` was called on ``model`` (or the model it wraps)."""
     return unwrap_compiled(model) in _PERSISTENT
@@ -265,6 +326,7 @@ class CapturedRouterLogits:
         self.selected_layers = tuple(selected)
         self.score = score
         self._records = live  # the hooks' list while the block is open, a private copy after
+        self.stopped_early = False  # whether an early_exit block stopped the forward after its last router
 
     def _freeze(self) -> None:
         self._records = list(self._records)
@@ -342,6 +404,12 @@ class capture_router_logits:
             :func:`select_layers`) or a list of decoder-layer indices.
         score: ``"softmax"`` or ``"sigmoid"`` stored as ``captured.score`` for ``sara_loss``;
             default :func:`default_score` of the model.
+        early_exit: for a block whose one statement is a forward run only for its routing
+            (e.g. under ``torch.no_grad()``): the forward stops right after the last selected
+            router ran, and the block ends there, so the model call returns nothing and
+            statements after it inside the block do not run. ``captured.stopped_early`` says
+            whether it stopped. Off where :func:`early_exit_possible` says no (compiled,
+            FSDP, ZeRO-3 models: the forward then runs to the end).
 
     Hooks are active only inside the block and removed when it exits (also on an exception);
     with :func:`install_router_hooks` they stay installed and only get switched on and off.
@@ -356,6 +424,7 @@ class capture_router_logits:
         output_index: Optional[int] = None,
         layers: LayersArg = "all",
         score: Optional[str] = None,
+        early_exit: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -378,6 +447,7 @@ class capture_router_logits:
         self._selected = select_layers([r.layer for r in all_routers], layers)
         self._all_routers = all_routers
         self._score = score if score is not None else default_score(self._model)
+        self._early_exit = early_exit and early_exit_possible(model)
         self._hooks: Optional[RouterHooks] = None
         self._captured: Optional[CapturedRouterLogits] = None
 
@@ -399,17 +469,21 @@ class capture_router_logits:
             keep = set(self._selected)
             hooks = RouterHooks(self._model, [r for r in self._all_routers if r.layer in keep])
         hooks.state.reset()
+        if self._early_exit:
+            keep = set(self._selected)
+            hooks.state.stop_after.update(i for i, r in enumerate(hooks.routers) if r.layer in keep)
         self._hooks = hooks
         self._captured = CapturedRouterLogits(hooks.routers, self._selected, self._score, hooks.state.records)
         hooks.state.active = True
         return self._captured
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type, exc, tb) -> bool:
         hooks, captured = self._hooks, self._captured
         hooks.state.active = False
         captured._freeze()
         hooks.state.reset()
         if hooks is not self._persistent:
             hooks.remove()
-        return None
+        captured.stopped_early = isinstance(exc, _StopForward) and exc.state is hooks.state
+        return captured.stopped_early
 

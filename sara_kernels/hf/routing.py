@@ -49,7 +49,8 @@ def probe_routing(model, layers="all", score=None):
     fails here with the capture's ValueError.
     """
     ids = torch.zeros(1, 2, dtype=torch.long, device=model_device(model))
-    with torch.no_grad(), capture_router_logits(model, layers=resolve_layers_spec(layers), score=score) as cap:
+    with torch.no_grad(), capture_router_logits(model, layers=resolve_layers_spec(layers), score=score,
+                                                early_exit=True) as cap:
         model(input_ids=ids, **forward_kwargs(model, lm_head=False))
     return tuple(int(i) for i in cap.layers), int(cap.logits[0].shape[-1]), cap.score
 
@@ -81,7 +82,8 @@ def pooled_routing(
 ):
     """Pooled routing distribution of each text (or chat) in ``sides``: ([N, L, E] float32 on CPU, layers, score).
 
-    No grad, model in eval mode for the duration (its mode is restored), batches of
+    No grad, model in eval mode for the duration (its mode is restored), each forward stopped
+    after the last selected router (``capture_router_logits(early_exit=True)``), batches of
     ``batch_size`` right-padded sequences, tokenised exactly as the training collator does.
     """
     if batch_size < 1:
@@ -98,7 +100,7 @@ def pooled_routing(
             encoded = [encoder.encode(side, f"{desc}[{start + j}]") for j, side in enumerate(batch)]
             ids, mask = pad_right(encoded, pad)
             ids, mask = ids.to(device), mask.to(device)
-            with capture_router_logits(model, layers=layer_spec, score=score) as cap:
+            with capture_router_logits(model, layers=layer_spec, score=score, early_exit=True) as cap:
                 model(input_ids=ids, attention_mask=mask, **kwargs)
             probs = routing_distribution(cap.logits, mask, score=cap.score, temperature=temperature, backend=backend)
             chunks.append(probs.float().permute(1, 0, 2).cpu())

@@ -22,7 +22,13 @@ import torch
 from transformers.trainer_utils import unwrap_peft_model
 
 from ..term import MetricsAccumulator, SARATerm, check_layer_weights, sara_term
-from .capture import CapturedRouterLogits, capture_router_logits, install_router_hooks, router_hooks_installed
+from .capture import (
+    CapturedRouterLogits,
+    capture_router_logits,
+    early_exit_possible,
+    install_router_hooks,
+    router_hooks_installed,
+)
 from .routing import forward_kwargs
 
 
@@ -46,18 +52,21 @@ class SARATermMixin:
     and records the term's metrics with :meth:`_sara_record`; :meth:`log` adds them to the logs.
     """
 
-    def _sara_capture(self, model, enabled: bool = True):
+    def _sara_capture(self, model, enabled: bool = True, early_exit: bool = False):
         """A capture block on the unwrapped ``model`` (a null context yielding None when not ``enabled``)."""
         if not enabled:
             return contextlib.nullcontext(None)
         return capture_router_logits(self.accelerator.unwrap_model(model), layers=self.args.sara_layers,
-                                     score=self.args.sara_score)
+                                     score=self.args.sara_score, early_exit=early_exit)
 
     def _sara_anchor_routing(self, model, **inputs) -> CapturedRouterLogits:
-        """The router logits of a graph-free forward of the anchor rows (no vocabulary projection)."""
+        """The router logits of a graph-free forward of the anchor rows, stopped after the last
+        selected router (no later layer, no LM head) unless :func:`early_exit_possible` says no;
+        then without the vocabulary projection."""
         # A PEFT wrapper's forward hides the model's options (logits_to_keep) behind **kwargs; it passes them on.
         inputs.update(forward_kwargs(unwrap_peft_model(self.accelerator.unwrap_model(model)), lm_head=False))
-        with torch.no_grad(), self._sara_capture(model) as captured:
+        # The wrapper the call goes through counts too: the unwrapped model no longer shows an FSDP1 or ZeRO-3 root.
+        with torch.no_grad(), self._sara_capture(model, early_exit=early_exit_possible(model)) as captured:
             model(**inputs)
         return captured
 
