@@ -8,9 +8,12 @@ does not share.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 import torch.nn.functional as F
 
 from sara_kernels import reference
@@ -49,6 +52,29 @@ def step_logs(log_history) -> dict:
     """global step -> the logged values of that step (losses, SARA metrics, schedule)."""
     return {e["step"]: {k: v for k, v in e.items() if k in LOGGED or k.startswith("sara_js/")}
             for e in log_history if "loss" in e}
+
+
+@contextlib.contextmanager
+def counted_optimizer_steps():
+    """A list that gets one entry per ``torch.optim`` optimizer step taken in this process inside the
+    block (a global post-step hook: what the optimizer ran, not what the Trainer's state says)."""
+    steps = []
+    handle = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: steps.append(type(optimizer).__name__))
+    try:
+        yield steps
+    finally:
+        handle.remove()
+
+
+def perturb_saved_weights(folder, seed=0, scale=0.05):
+    """Adds seeded noise to every tensor of ``folder``/model.safetensors, in place (a checkpoint
+    whose weights changed on disk)."""
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(folder, "model.safetensors")
+    gen = torch.Generator().manual_seed(seed)
+    weights = {k: v + scale * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in load_file(path).items()}
+    save_file(weights, path, metadata={"format": "pt"})
 
 
 def sgd_args(tmp_path, **overrides):
