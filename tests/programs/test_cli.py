@@ -17,7 +17,7 @@ datasets = pytest.importorskip("datasets")
 from helpers import REPO  # noqa: E402
 from hf_train_helpers import TOKENIZER, one_thread, pairs, tiny_moe  # noqa: E402
 
-from sara_kernels.hf import load_routing_priors, save_pairs  # noqa: E402
+from sara_kernels.hf import load_routing_priors, save_pairs, save_routing_priors  # noqa: E402
 from sara_kernels.programs.arguments import ModelArguments  # noqa: E402
 from sara_kernels.programs.cli import main  # noqa: E402
 
@@ -101,6 +101,13 @@ def test_priors_file_is_consumed_by_train(model_dir, data, tmp_path, capsys):
     base, live, cached = _weights(model_dir), _weights(tmp_path / "live"), _weights(tmp_path / "cached")
     for name in base:
         torch.testing.assert_close(cached[name] - base[name], live[name] - base[name], rtol=1e-4, atol=1e-7)
+    # What train read is the file: the same priors rolled over the examples (each pair gets another
+    # anchor's routing; the anchors' fingerprint still fits) move the SARA layers' routers elsewhere.
+    loaded.probs = torch.roll(loaded.probs, shifts=1, dims=0)
+    save_routing_priors(loaded, tmp_path / "rolled.safetensors")
+    assert _train(model_dir, data, tmp_path / "rolled", *sgd, "--sara_priors", str(tmp_path / "rolled.safetensors")) == 0
+    rolled, gate = _weights(tmp_path / "rolled"), "model.layers.2.mlp.gate.weight"
+    assert (rolled[gate] - live[gate]).abs().max() > 1e-2 * (live[gate] - base[gate]).abs().max()
     capsys.readouterr()
 
     # The file is read and checked: extracted without truncation, it does not fit sara_max_length = 4.
