@@ -80,10 +80,24 @@ def test_train_two_steps_writes_the_fine_tuned_model(model_dir, data, tmp_path, 
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the model was trained and saved
 
 
-def test_train_reads_the_translation_layout_by_language_codes(model_dir, tmp_path):
+def test_train_reads_the_translation_layout_by_language_codes(model_dir, tmp_path, monkeypatch):
+    from sara_kernels.hf import SARATrainer
+
     path = tmp_path / "opus.jsonl"
     path.write_text("".join(json.dumps({"translation": {"en": p["anchor"], "xx": p["target"]}}) + "\n" for p in pairs(8)))
+    trained_on = []
+    train = SARATrainer.train
+
+    def recording_train(self, *args, **kwargs):
+        trained_on.extend(self.train_dataset)
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(SARATrainer, "train", recording_train)
     assert _train(model_dir, str(path), tmp_path / "run", "--anchor-lang", "en", "--target-lang", "xx") == 0
+    # The "en" text is the anchor and the "xx" text the target, pair by pair (a swap would also train),
+    # and the target's code is the pair's language.
+    assert [(row["anchor"], row["target"], row["lang"]) for row in trained_on] == [
+        (p["anchor"], p["target"], "xx") for p in pairs(8)]
 
 
 def test_priors_file_is_consumed_by_train(model_dir, data, tmp_path, capsys):
