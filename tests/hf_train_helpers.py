@@ -131,8 +131,10 @@ def _encode(text):
     return TOKENIZER(text)["input_ids"]
 
 
-def manual_loss(model, data, *, sara_weight, lm_on_anchor=False, anchor_probs=None):
-    """LM (token mean) + λ·SARA on the whole of ``data``, one example at a time (no padding at all)."""
+def manual_loss(model, data, *, sara_weight, lm_on_anchor=False, anchor_probs=None, layer_weights=None):
+    """LM (token mean) + λ·SARA on the whole of ``data``, one example at a time (no padding at all);
+    SARA is the mean over pairs of each layer's JS, averaged over layers with ``layer_weights``
+    (one per MoE layer) or equally."""
     lm_sum, lm_count = 0.0, 0
     pooled_a, pooled_t = [], []
     for example in data:
@@ -149,14 +151,16 @@ def manual_loss(model, data, *, sara_weight, lm_on_anchor=False, anchor_probs=No
             (pooled_t if side == "target" else pooled_a).append(probs)
     p_t = torch.stack(pooled_t, dim=1)  # [L, B, E]
     p_a = torch.stack(pooled_a, dim=1).detach() if anchor_probs is None else anchor_probs.double()
-    sara = reference.js_divergence(p_a, p_t).mean()  # mean over layers and pairs
+    per_layer = reference.js_divergence(p_a, p_t).mean(dim=1)  # [L]: mean over pairs
+    w = torch.ones_like(per_layer) if layer_weights is None else torch.tensor(layer_weights, dtype=per_layer.dtype)
+    sara = (w * per_layer).sum() / w.sum()
     return lm_sum / lm_count + sara_weight * sara, sara
 
 
-def expected_update(base, data, *, lr=1.0, sara_weight, lm_on_anchor=False):
+def expected_update(base, data, *, lr=1.0, sara_weight, lm_on_anchor=False, layer_weights=None):
     model = copy.deepcopy(base)
     model.train()
-    loss, _ = manual_loss(model, data, sara_weight=sara_weight, lm_on_anchor=lm_on_anchor)
+    loss, _ = manual_loss(model, data, sara_weight=sara_weight, lm_on_anchor=lm_on_anchor, layer_weights=layer_weights)
     loss.backward()
     return {n: -lr * (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
 
