@@ -1,4 +1,5 @@
-"""Shared pieces of the SARA training tests: a tiny MoE, SGD arguments, an independent oracle.
+"""Shared pieces of the SARA training tests: a tiny MoE, SGD arguments, an independent oracle,
+and for the resume tests an optimizer-step counter and a checkpoint changed on disk.
 
 The oracle (:func:`expected_update`) recomputes one SGD step by hand from transformers' own
 ``outputs.router_logits`` (not our capture hooks), plain ``F.cross_entropy`` (not the model's
@@ -13,8 +14,8 @@ import copy
 import os
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from sara_kernels import reference
 from sara_kernels.programs.corpus import build_word_tokenizer, make_parallel_corpus
