@@ -1,4 +1,5 @@
-"""Shared pieces of the SARA training tests: a tiny MoE, SGD arguments, an independent oracle.
+"""Shared pieces of the SARA training tests: a tiny MoE, SGD arguments, an independent oracle,
+and for the resume tests an optimizer-step counter and a checkpoint changed on disk.
 
 The oracle (:func:`expected_update`) recomputes one SGD step by hand from transformers' own
 ``outputs.router_logits`` (not our capture hooks), plain ``F.cross_entropy`` (not the model's
@@ -8,10 +9,13 @@ does not share.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from sara_kernels import reference
 from sara_kernels.programs.corpus import build_word_tokenizer, make_parallel_corpus
@@ -49,6 +53,29 @@ def step_logs(log_history) -> dict:
     """global step -> the logged values of that step (losses, SARA metrics, schedule)."""
     return {e["step"]: {k: v for k, v in e.items() if k in LOGGED or k.startswith("sara_js/")}
             for e in log_history if "loss" in e}
+
+
+@contextlib.contextmanager
+def counted_optimizer_steps():
+    """A list that gets one entry per ``torch.optim`` optimizer step taken in this process inside the
+    block (a global post-step hook: what the optimizer ran, not what the Trainer's state says)."""
+    steps = []
+    handle = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: steps.append(type(optimizer).__name__))
+    try:
+        yield steps
+    finally:
+        handle.remove()
+
+
+def perturb_saved_weights(folder, seed=0, scale=0.05):
+    """Adds seeded noise to every tensor of ``folder``/model.safetensors, in place (a checkpoint
+    whose weights changed on disk)."""
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(folder, "model.safetensors")
+    gen = torch.Generator().manual_seed(seed)
+    weights = {k: v + scale * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in load_file(path).items()}
+    save_file(weights, path, metadata={"format": "pt"})
 
 
 def sgd_args(tmp_path, **overrides):
@@ -105,8 +132,10 @@ def _encode(text):
     return TOKENIZER(text)["input_ids"]
 
 
-def manual_loss(model, data, *, sara_weight, lm_on_anchor=False, anchor_probs=None):
-    """LM (token mean) + λ·SARA on the whole of ``data``, one example at a time (no padding at all)."""
+def manual_loss(model, data, *, sara_weight, lm_on_anchor=False, anchor_probs=None, layer_weights=None):
+    """LM (token mean) + λ·SARA on the whole of ``data``, one example at a time (no padding at all);
+    SARA is the mean over pairs of each layer's JS, averaged over layers with ``layer_weights``
+    (one per MoE layer) or equally."""
     lm_sum, lm_count = 0.0, 0
     pooled_a, pooled_t = [], []
     for example in data:
@@ -123,14 +152,16 @@ def manual_loss(model, data, *, sara_weight, lm_on_anchor=False, anchor_probs=No
             (pooled_t if side == "target" else pooled_a).append(probs)
     p_t = torch.stack(pooled_t, dim=1)  # [L, B, E]
     p_a = torch.stack(pooled_a, dim=1).detach() if anchor_probs is None else anchor_probs.double()
-    sara = reference.js_divergence(p_a, p_t).mean()  # mean over layers and pairs
+    per_layer = reference.js_divergence(p_a, p_t).mean(dim=1)  # [L]: mean over pairs
+    w = torch.ones_like(per_layer) if layer_weights is None else torch.tensor(layer_weights, dtype=per_layer.dtype)
+    sara = (w * per_layer).sum() / w.sum()
     return lm_sum / lm_count + sara_weight * sara, sara
 
 
-def expected_update(base, data, *, lr=1.0, sara_weight, lm_on_anchor=False):
+def expected_update(base, data, *, lr=1.0, sara_weight, lm_on_anchor=False, layer_weights=None):
     model = copy.deepcopy(base)
     model.train()
-    loss, _ = manual_loss(model, data, sara_weight=sara_weight, lm_on_anchor=lm_on_anchor)
+    loss, _ = manual_loss(model, data, sara_weight=sara_weight, lm_on_anchor=lm_on_anchor, layer_weights=layer_weights)
     loss.backward()
     return {n: -lr * (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
 

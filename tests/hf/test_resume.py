@@ -1,12 +1,15 @@
 """Resuming after a pre-emption (fp32, CPU, fixed seeds): a run stopped at step 3 of 5 (AdamW, a
 warm-up and decay schedule, clipping, 2 accumulated micro-batches, a new epoch every 2 steps) and
-restarted with ``resume_from_checkpoint`` logs the same losses and SARA metrics for steps 4-5 as
-the run that was never stopped, and ends with the same weights: SARATrainer with live anchors and
-with cached priors, and SARASFTTrainer (``python -m sara_kernels train --resume_from_checkpoint``:
-tests/programs/test_train_resume.py). A checkpoint trained with other priors or another layer set
-is refused, naming the change."""
+restarted with ``resume_from_checkpoint`` takes only steps 4-5 (its optimizer steps are counted),
+logs the same losses and SARA metrics for them as the run that was never stopped, and ends with the
+same weights; the same checkpoint with its weights changed on disk changes step 4. SARATrainer with
+live anchors and with cached priors, and SARASFTTrainer (``python -m sara_kernels train
+--resume_from_checkpoint``: tests/programs/test_train_resume.py). A checkpoint trained with other
+priors or another layer set is refused, naming the change."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
@@ -16,7 +19,17 @@ datasets = pytest.importorskip("datasets")
 
 from transformers import TrainerCallback  # noqa: E402
 
-from hf_train_helpers import TOKENIZER, one_thread, pairs, sft_sgd_config, sgd_args, step_logs, tiny_moe  # noqa: E402
+from hf_train_helpers import (  # noqa: E402
+    TOKENIZER,
+    counted_optimizer_steps,
+    one_thread,
+    pairs,
+    perturb_saved_weights,
+    sft_sgd_config,
+    sgd_args,
+    step_logs,
+    tiny_moe,
+)
 
 from sara_kernels.hf import SARATrainer, extract_routing_priors  # noqa: E402
 from sara_kernels.hf.checkpoint import STATE_FILE  # noqa: E402
@@ -30,14 +43,14 @@ SCHEDULE = dict(max_steps=STEPS, per_device_train_batch_size=2, gradient_accumul
 
 
 class StopAt(TrainerCallback):
-    """A pre-emption right after optimiser step ``step``, once its checkpoint is written."""
+    """A pre-emption right after optimiser step ``step``, once its checkpoint is written (``save``)."""
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, step: int, save: bool = True):
+        self.step, self.save = step, save
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
-            control.should_save = True
+            control.should_save = self.save
             control.should_training_stop = True
 
 
@@ -62,8 +75,14 @@ def assert_resume_continues_the_run(make, tmp_path):
     stopped.add_callback(StopAt(STOP))
     stopped.train()
     assert stopped.state.global_step == STOP and (tmp_path / "run" / f"checkpoint-{STOP}" / STATE_FILE).exists()
+    altered = tmp_path / "altered" / f"checkpoint-{STOP}"
+    shutil.copytree(tmp_path / "run" / f"checkpoint-{STOP}", altered)
+    perturb_saved_weights(altered)
     resumed = make(tmp_path / "run")
-    resumed.train(resume_from_checkpoint=True)  # the last checkpoint in output_dir, as after a restart
+    with counted_optimizer_steps() as optimizer_steps:
+        resumed.train(resume_from_checkpoint=True)  # the last checkpoint in output_dir, as after a restart
+    # A run that ignored the checkpoint would log the same steps from scratch, but take all 5.
+    assert len(optimizer_steps) == STEPS - STOP, optimizer_steps
 
     want, got = step_logs(full.state.log_history), step_logs(resumed.state.log_history)
     assert sorted(got) == list(range(1, STEPS + 1)) and {"sara_loss", "sara_js/layer_1"} <= want[STEPS].keys()
@@ -76,6 +95,15 @@ def assert_resume_continues_the_run(make, tmp_path):
     final = dict(full.model.named_parameters())
     for name, p in resumed.model.named_parameters():
         torch.testing.assert_close(p, final[name], rtol=1e-6, atol=1e-8, msg=lambda m: f"{name}: {m}")
+
+    # The run starts from the checkpoint's weights: changed on disk, they change step STOP + 1's
+    # losses (logged before its update) by far more than the tolerance the resumed run meets.
+    from_altered = make(altered.parent)
+    from_altered.add_callback(StopAt(STOP + 1, save=False))
+    from_altered.train(resume_from_checkpoint=True)
+    moved = step_logs(from_altered.state.log_history)[STOP + 1]
+    for key in ("loss", "sara_loss"):
+        assert abs(moved[key] - got[STOP + 1][key]) > 1e-3 * abs(got[STOP + 1][key]), (key, moved[key])
 
 
 @pytest.fixture

@@ -277,6 +277,16 @@ def test_layer_subset_and_weights(tmp_path):
     assert float(delta["model.layers.1.mlp.gate.weight"].abs().max()) > 0  # LM still trains layer 1's router
     args = sgd_args(tmp_path, sara_layer_weights="1,3")
     assert args.sara_layer_weights == [1.0, 3.0]
+    # The weights reach the step: SARA = (1·JS_1 + 3·JS_2) / 4 in the log and in the oracle's update.
+    weighted, trainer = train_delta(base, tmp_path, data, sara_layer_weights="1,3")
+    entry = next(h for h in trainer.state.log_history if "sara_loss" in h)
+    assert entry["sara_loss"] == pytest.approx((entry["sara_js/layer_1"] + 3 * entry["sara_js/layer_2"]) / 4, rel=1e-5)
+    expected = expected_update(base, data, sara_weight=5.0, layer_weights=[1.0, 3.0])
+    assert_updates_close(weighted, expected)
+    # The test can fail: with equal weights layer 1's router would move differently, far beyond the tolerance.
+    equal = expected_update(base, data, sara_weight=5.0)
+    gate = "model.layers.1.mlp.gate.weight"
+    assert (expected[gate] - equal[gate]).abs().max() > 100 * 2e-4 * expected[gate].abs().max()
 
 
 def test_readme_pytorch_loop():

@@ -17,7 +17,7 @@ datasets = pytest.importorskip("datasets")
 from helpers import REPO  # noqa: E402
 from hf_train_helpers import TOKENIZER, one_thread, pairs, tiny_moe  # noqa: E402
 
-from sara_kernels.hf import load_routing_priors, save_pairs  # noqa: E402
+from sara_kernels.hf import load_routing_priors, save_pairs, save_routing_priors  # noqa: E402
 from sara_kernels.programs.arguments import ModelArguments  # noqa: E402
 from sara_kernels.programs.cli import main  # noqa: E402
 
@@ -80,10 +80,24 @@ def test_train_two_steps_writes_the_fine_tuned_model(model_dir, data, tmp_path, 
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the model was trained and saved
 
 
-def test_train_reads_the_translation_layout_by_language_codes(model_dir, tmp_path):
+def test_train_reads_the_translation_layout_by_language_codes(model_dir, tmp_path, monkeypatch):
+    from sara_kernels.hf import SARATrainer
+
     path = tmp_path / "opus.jsonl"
     path.write_text("".join(json.dumps({"translation": {"en": p["anchor"], "xx": p["target"]}}) + "\n" for p in pairs(8)))
+    trained_on = []
+    train = SARATrainer.train
+
+    def recording_train(self, *args, **kwargs):
+        trained_on.extend(self.train_dataset)
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(SARATrainer, "train", recording_train)
     assert _train(model_dir, str(path), tmp_path / "run", "--anchor-lang", "en", "--target-lang", "xx") == 0
+    # The "en" text is the anchor and the "xx" text the target, pair by pair (a swap would also train),
+    # and the target's code is the pair's language.
+    assert [(row["anchor"], row["target"], row["lang"]) for row in trained_on] == [
+        (p["anchor"], p["target"], "xx") for p in pairs(8)]
 
 
 def test_priors_file_is_consumed_by_train(model_dir, data, tmp_path, capsys):
@@ -101,6 +115,13 @@ def test_priors_file_is_consumed_by_train(model_dir, data, tmp_path, capsys):
     base, live, cached = _weights(model_dir), _weights(tmp_path / "live"), _weights(tmp_path / "cached")
     for name in base:
         torch.testing.assert_close(cached[name] - base[name], live[name] - base[name], rtol=1e-4, atol=1e-7)
+    # What train read is the file: the same priors rolled over the examples (each pair gets another
+    # anchor's routing; the anchors' fingerprint still fits) move the SARA layers' routers elsewhere.
+    loaded.probs = torch.roll(loaded.probs, shifts=1, dims=0)
+    save_routing_priors(loaded, tmp_path / "rolled.safetensors")
+    assert _train(model_dir, data, tmp_path / "rolled", *sgd, "--sara_priors", str(tmp_path / "rolled.safetensors")) == 0
+    rolled, gate = _weights(tmp_path / "rolled"), "model.layers.2.mlp.gate.weight"
+    assert (rolled[gate] - live[gate]).abs().max() > 1e-2 * (live[gate] - base[gate]).abs().max()
     capsys.readouterr()
 
     # The file is read and checked: extracted without truncation, it does not fit sara_max_length = 4.

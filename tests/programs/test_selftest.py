@@ -61,6 +61,9 @@ def test_a_wrong_result_fails_with_exit_code_one(monkeypatch, capsys):
     assert selftest.main(["--device", "cpu", "--max-cases", "1"]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out.splitlines()[-1]
+    rows = out.split("\n------", 1)[1].splitlines()[1:-1]  # the table's rows, between its rule and the summary
+    assert rows and all(row.split()[-1] == "FAIL" for row in rows), out
+    assert f"FAIL: 0/{len(rows)} checks passed" in out.splitlines()[-1]
 
 
 def test_without_gpu_or_interpreter_it_says_the_kernels_are_not_checked(monkeypatch, capsys):
