@@ -10,7 +10,7 @@ import torch
 
 from ..._inputs import RoutingSide
 from .. import contract
-from .host import REDUCE_CONFIG, _placeholder, launch, pair_config, pool_bwd, pool_fwd
+from .host import REDUCE_CONFIG, _placeholder, launch, pair_config, pool_bwd, pool_fwd, runtime_args
 from .kernels import REDUCTIONS, pair_js_fwd, pooled_routing_fwd, reduce_pair_loss
 
 
@@ -70,15 +70,19 @@ def sara_loss_fwd(
     L, B, _, E = t_partial.shape
     new = functools.partial(torch.empty, dtype=torch.float32, device=device)
     js, ga, gt, stats = new((L, B)), new((L, B, E)), new((L, B, E)), new((3, B))
-    launch(pair_js_fwd, (L, B),
-           (a_partial, a_count, t_partial, t_count, priors, *prior_strides, js, ga, gt, stats,
-            B, E, a_partial.shape[2], t_partial.shape[2]),
-           {"PRIORS": anchor_probs is not None, **pair_config(E)}, device)
+    prior_sl, prior_sb, prior_se = prior_strides
+    args = runtime_args(pair_js_fwd, dict(
+        a_partial_ptr=a_partial, a_count_ptr=a_count, t_partial_ptr=t_partial, t_count_ptr=t_count,
+        prior_ptr=priors, prior_sl=prior_sl, prior_sb=prior_sb, prior_se=prior_se,
+        js_ptr=js, ga_ptr=ga, gt_ptr=gt, stats_ptr=stats, B=B, E=E, A_SPLITS=a_partial.shape[2],
+        T_SPLITS=t_partial.shape[2]))
+    launch(pair_js_fwd, (L, B), args, {"PRIORS": anchor_probs is not None, **pair_config(E)}, device)
     per_layer, layer_coef = new(L), new(L)
     loss = js if reduction == "none" else new(())
-    launch(reduce_pair_loss, (1,),
-           (js, stats, layer_weights if layer_weights is not None else _placeholder(device), loss, per_layer,
-            layer_coef, L, B),
+    args = runtime_args(reduce_pair_loss, dict(
+        js_ptr=js, stats_ptr=stats, weight_ptr=layer_weights if layer_weights is not None else _placeholder(device),
+        loss_ptr=loss, per_layer_ptr=per_layer, layer_coef_ptr=layer_coef, L=L, B=B))
+    launch(reduce_pair_loss, (1,), args,
            {"HAS_WEIGHTS": layer_weights is not None, "REDUCTION": REDUCTIONS[reduction], **REDUCE_CONFIG}, device)
     return loss, per_layer, ga, gt, stats, layer_coef
 
@@ -113,8 +117,9 @@ def routing_distribution_fwd(
     L, B, splits, E = partial.shape
     probs = torch.empty((L, B, E), dtype=torch.float32, device=device)
     total = torch.empty(B, dtype=torch.float32, device=device)
-    launch(pooled_routing_fwd, (L, B), (partial, count, probs, total, B, E, splits),
-           {"NORMALIZE": normalize, **pair_config(E)}, device)
+    args = runtime_args(pooled_routing_fwd, dict(partial_ptr=partial, count_ptr=count, probs_ptr=probs,
+                                                   total_ptr=total, B=B, E=E, SPLITS=splits))
+    launch(pooled_routing_fwd, (L, B), args, {"NORMALIZE": normalize, **pair_config(E)}, device)
     return probs, total
 
 
