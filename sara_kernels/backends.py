@@ -44,7 +44,8 @@ class Backend(NamedTuple):
 
 
 REGISTRY = {
-    "triton": Backend("triton", "sara_kernels.ops.triton", fused=True, summary="the Triton kernels",
+    "triton": Backend("triton", "sara_kernels.ops.triton", fused=True,
+                      summary="the Triton kernels",
                       device_hint=" (set TRITON_INTERPRET=1 before importing sara_kernels to run the kernels on the CPU)"),
     "cuda": Backend("cuda", "sara_kernels.ops.cuda", fused=True, summary="the CUDA C++ extension, when built",
                     checks_layers=True),

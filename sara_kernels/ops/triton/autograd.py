@@ -78,17 +78,18 @@ def sara_loss_fwd(
     new = functools.partial(torch.empty, dtype=torch.float32, device=device)
     js, ga, gt, stats = new((L, B)), new((L, B, E)), new((L, B, E)), new((3, B))
     prior_sl, prior_sb, prior_se = prior_strides
-    args = runtime_args(pair_js_fwd, dict(
-        a_partial_ptr=a_partial, a_count_ptr=a_count, t_partial_ptr=t_partial, t_count_ptr=t_count,
-        prior_ptr=priors, prior_sl=prior_sl, prior_sb=prior_sb, prior_se=prior_se,
-        js_ptr=js, ga_ptr=ga, gt_ptr=gt, stats_ptr=stats, B=B, E=E, A_SPLITS=a_partial.shape[2],
-        T_SPLITS=t_partial.shape[2]))
+    args = runtime_args(pair_js_fwd, {
+        "a_partial_ptr": a_partial, "a_count_ptr": a_count, "t_partial_ptr": t_partial, "t_count_ptr": t_count,
+        "prior_ptr": priors, "prior_sl": prior_sl, "prior_sb": prior_sb, "prior_se": prior_se,
+        "js_ptr": js, "ga_ptr": ga, "gt_ptr": gt, "stats_ptr": stats, "B": B, "E": E, "A_SPLITS": a_partial.shape[2],
+        "T_SPLITS": t_partial.shape[2]})
     launch(pair_js_fwd, (L, B), args, {"PRIORS": anchor_probs is not None, **pair_config(E)}, device)
     per_layer, layer_coef = new(L), new(L)
     loss = js if reduction == "none" else new(())
-    args = runtime_args(reduce_pair_loss, dict(
-        js_ptr=js, stats_ptr=stats, weight_ptr=layer_weights if layer_weights is not None else _placeholder(device),
-        loss_ptr=loss, per_layer_ptr=per_layer, layer_coef_ptr=layer_coef, L=L, B=B))
+    weights = layer_weights if layer_weights is not None else _placeholder(device)
+    args = runtime_args(reduce_pair_loss, {
+        "js_ptr": js, "stats_ptr": stats, "weight_ptr": weights, "loss_ptr": loss, "per_layer_ptr": per_layer,
+        "layer_coef_ptr": layer_coef, "L": L, "B": B})
     launch(reduce_pair_loss, (1,), args,
            {"HAS_WEIGHTS": layer_weights is not None, "REDUCTION": REDUCTIONS[reduction], **REDUCE_CONFIG}, device)
     return loss, per_layer, ga, gt, stats, layer_coef
@@ -124,8 +125,8 @@ def routing_distribution_fwd(
     L, B, splits, E = partial.shape
     probs = torch.empty((L, B, E), dtype=torch.float32, device=device)
     total = torch.empty(B, dtype=torch.float32, device=device)
-    args = runtime_args(pooled_routing_fwd, dict(partial_ptr=partial, count_ptr=count, probs_ptr=probs,
-                                                   total_ptr=total, B=B, E=E, SPLITS=splits))
+    args = runtime_args(pooled_routing_fwd, {"partial_ptr": partial, "count_ptr": count, "probs_ptr": probs,
+                                                 "total_ptr": total, "B": B, "E": E, "SPLITS": splits})
     launch(pooled_routing_fwd, (L, B), args, {"NORMALIZE": normalize, **pair_config(E)}, device)
     return probs, total
 

@@ -195,21 +195,25 @@ def layer_addressing(logits, device: torch.device):
         vec = vector_width(logits.element_size(), (logits.data_ptr(),), ((sl, sn, se),))
         if vec:  # the kernels multiply them back (see _layer_logits)
             sl, sn = sl // vec, sn // vec
-        return dict(table_ptr=_placeholder(device), x0_ptr=logits, stride_l=sl, stride_n=sn, stride_e=se), vec
+        addressing = {"table_ptr": _placeholder(device), "x0_ptr": logits,
+                      "stride_l": sl, "stride_n": sn, "stride_e": se}
+        return addressing, vec
     ptrs = tuple(map(_data_ptr, logits))
     strides = tuple(map(_stride, logits))
     vec = vector_width(logits[0].element_size(), ptrs, set(strides))
-    return dict(table_ptr=layer_table(ptrs, strides, device), x0_ptr=logits[0], stride_l=0, stride_n=0, stride_e=0), vec
+    table = layer_table(ptrs, strides, device)
+    return {"table_ptr": table, "x0_ptr": logits[0], "stride_l": 0, "stride_n": 0, "stride_e": 0}, vec
 
 
 class SidePlan(NamedTuple):
     """What the pooling launches of one side need beyond the per-call tensors: planned once per shape."""
 
     grid: tuple  # (L, B, splits)
-    sizes: dict  # the pooling kernels' size arguments by name: L, B, N, S (the mask's row length, N without one), E_DIV, inv_tau, SPLITS
+    # The pooling kernels' arguments fixed by the plan, by name: the segmentation's strides (zeros
+    # for an absent mask or cu_seqlens) and the sizes L, B, N, S (the mask's row length, N without
+    # one), E_DIV, inv_tau, SPLITS. Built once, so a launch adds only its tensors to it.
+    constants: dict
     meta: dict  # constexprs and launch options of pool_routing_fwd (bwd adds PAIR)
-    mask_strides: tuple  # (stride_b, stride_s), zeros without a mask
-    cu_stride: int
     num_experts: int
 
 
@@ -235,8 +239,9 @@ def side_plan(logits, mask, cu, score: str, temperature: float, vec: int, device
         splits = num_splits(N, B, L, device, meta["BLOCK_N"])
         meta.update(HAS_MASK=mask is not None, USE_CU=cu is not None, SIGMOID=score == "sigmoid", TABLE=not stacked,
                     VEC=vec)
-        sizes = dict(L=L, B=B, N=N, S=S, E_DIV=E // meta["E_MULT"], inv_tau=1.0 / temperature, SPLITS=splits)
-        plan = _PLANS[key] = SidePlan((L, B, splits), sizes, meta, mask_strides, cu_stride, E)
+        constants = dict(mask_sb=mask_strides[0], mask_ss=mask_strides[1], cu_stride=cu_stride, L=L, B=B, N=N, S=S,
+                         E_DIV=E // meta["E_MULT"], inv_tau=1.0 / temperature, SPLITS=splits)
+        plan = _PLANS[key] = SidePlan((L, B, splits), constants, meta, E)
         if len(_PLANS) > _PLAN_CACHE_SIZE:
             _PLANS.popitem(last=False)
     return plan
@@ -247,17 +252,17 @@ def clear_plans():
     _PLANS.clear()
 
 
-def _segments(plan: SidePlan, mask, cu, device) -> dict:
-    """The segmentation arguments by name, placeholders for absent tensors."""
+def _segments(mask, cu, device) -> dict:
+    """The segmentation's tensor arguments by name, placeholders for absent tensors (their strides
+    are in the plan)."""
     placeholder = _placeholder(device)
-    mask_sb, mask_ss = plan.mask_strides
-    return dict(mask_ptr=mask if mask is not None else placeholder, mask_sb=mask_sb, mask_ss=mask_ss,
-                cu_ptr=cu if cu is not None else placeholder, cu_stride=plan.cu_stride)
+    return {"mask_ptr": mask if mask is not None else placeholder, "cu_ptr": cu if cu is not None else placeholder}
 
 
 def _check_segments(cu, num_tokens: int, device: torch.device):
     if cu is not None and device.type == "cuda":
-        args = runtime_args(check_segments, dict(cu_ptr=cu, cu_stride=cu.stride(0), B=cu.shape[0] - 1, N=num_tokens))
+        args = runtime_args(check_segments,
+                            {"cu_ptr": cu, "cu_stride": cu.stride(0), "B": cu.shape[0] - 1, "N": num_tokens})
         launch(check_segments, (1,), args, CHECK_CONFIG, device)
 
 
@@ -271,9 +276,9 @@ def pool_fwd(logits, mask, cu, score: str, temperature: float, device: torch.dev
     L, B, splits = plan.grid
     partial = torch.empty((L, B, splits, plan.num_experts), dtype=torch.float32, device=device)
     count = torch.empty((B, splits), dtype=torch.float32, device=device)
-    _check_segments(cu, plan.sizes["N"], device)
-    args = runtime_args(pool_routing_fwd, {**addressing, **_segments(plan, mask, cu, device), "partial_ptr": partial,
-                                             "count_ptr": count, **plan.sizes})
+    _check_segments(cu, plan.constants["N"], device)
+    args = runtime_args(pool_routing_fwd, {**addressing, **_segments(mask, cu, device), "partial_ptr": partial,
+                                           "count_ptr": count, **plan.constants})
     launch(pool_routing_fwd, plan.grid, args, plan.meta, device)
     return partial, count
 
@@ -284,7 +289,7 @@ def pool_bwd(logits, mask, cu, coef, scale, layer_coef, count, score: str, tempe
     (``scale`` None), and n_b = count[b]."""
     addressing, vec = layer_addressing(logits, device)
     plan = side_plan(logits, mask, cu, score, temperature, vec, device)
-    L, B, N = plan.sizes["L"], plan.sizes["B"], plan.sizes["N"]
+    L, B, N = plan.constants["L"], plan.constants["B"], plan.constants["N"]
     grad = torch.empty((L, N, plan.num_experts), dtype=addressing["x0_ptr"].dtype, device=device)
     pair = scale is not None
     if pair:
@@ -296,10 +301,10 @@ def pool_bwd(logits, mask, cu, coef, scale, layer_coef, count, score: str, tempe
     coef_sl, coef_sb, coef_se = coef.stride()
     scale_sl, scale_sb = scale_strides
     args = runtime_args(pool_routing_bwd, {
-        **addressing, **_segments(plan, mask, cu, device),
+        **addressing, **_segments(mask, cu, device),
         "coef_ptr": coef, "coef_sl": coef_sl, "coef_sb": coef_sb, "coef_se": coef_se,
         "scale_ptr": scale, "scale_sl": scale_sl, "scale_sb": scale_sb, "layer_coef_ptr": layer_coef,
-        "count_ptr": count, "count_stride": count.stride(0), "grad_ptr": grad, **plan.sizes,
+        "count_ptr": count, "count_stride": count.stride(0), "grad_ptr": grad, **plan.constants,
     })
     launch(pool_routing_bwd, plan.grid, args, {**plan.meta, "PAIR": pair}, device)
     return grad
