@@ -21,7 +21,6 @@ Logits = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 SCORES = ("softmax", "sigmoid")
 REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = backends.CHOICES
 
 
 class RoutingSide(NamedTuple):
@@ -286,8 +285,7 @@ def check_options(temperature, score: str, reduction: Optional[str], backend: st
     check_score(score)
     if reduction is not None and reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    backends.check_backend(backend)
 
 
 # Pinned sources of copies recorded into a CUDA graph: every replay reads them again, so they

@@ -117,8 +117,8 @@ def sara_loss(
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` ([L, B]).
         return_per_layer: also return the detached per-layer mean JS [L] for logging.
         backend: ``"auto"`` (on CUDA the fused backend measured faster, see :func:`resolve_backend`;
-            the reference on CPU) | ``"triton"`` | ``"cuda"`` (the C++ extension, when built) |
-            ``"reference"``.
+            the reference on CPU) or a backend's name: :data:`sara_kernels.backends.CHOICES`, each
+            described in ``sara_kernels.backends.HELP``.
         group: context parallelism: a ``torch.distributed`` process group whose ranks each hold a
             share of every sequence's tokens (the same B sequences, masks/cu_seqlens describing
             the local tokens). Per-sequence sums and token counts are all-reduced once in the

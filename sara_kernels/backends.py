@@ -28,6 +28,7 @@ class Backend(NamedTuple):
     name: str
     module_name: str
     fused: bool  # kernels of its own (a candidate of backend="auto" on CUDA), not the PyTorch reference
+    summary: str  # what it is, in a few words, for help texts
     checks_layers: bool = False  # checks every layer of a tuple itself (see _inputs.routing_side)
     device_hint: str = ""  # appended to the error for tensors on a device it does not run on
 
@@ -44,13 +45,24 @@ class Backend(NamedTuple):
 
 REGISTRY = {
     "triton": Backend("triton", "sara_kernels.ops.triton", fused=True,
+                      summary="the Triton kernels",
                       device_hint=" (set TRITON_INTERPRET=1 before importing sara_kernels to run the kernels on the CPU)"),
-    "cuda": Backend("cuda", "sara_kernels.ops.cuda", fused=True, checks_layers=True),
-    "reference": Backend("reference", "sara_kernels.reference", fused=False),
+    "cuda": Backend("cuda", "sara_kernels.ops.cuda", fused=True, summary="the CUDA C++ extension, when built",
+                    checks_layers=True),
+    "reference": Backend("reference", "sara_kernels.reference", fused=False, summary="the PyTorch reference"),
 }
 NAMES = tuple(REGISTRY)
 FUSED = tuple(name for name, backend in REGISTRY.items() if backend.fused)
 CHOICES = ("auto", *NAMES)  # what ``backend=`` accepts
+AUTO_SUMMARY = "on CUDA the fused backend measured faster (sara_kernels.ops.backend_choice), the reference otherwise"
+# The help of every backend option (the ``sara_backend`` training option, the commands' ``--backend``).
+HELP = "; ".join([f"'auto': {AUTO_SUMMARY}", *(f"'{b.name}': {b.summary}" for b in REGISTRY.values())]) + "."
+
+
+def check_backend(value, name: str = "backend") -> None:
+    """The one check of a backend option, ``name`` being the option's name where it is given."""
+    if value not in CHOICES:
+        raise ValueError(f"{name}: expected one of {CHOICES}, got {value!r}")
 
 
 def available_fused() -> list:

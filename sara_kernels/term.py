@@ -25,7 +25,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._inputs import BACKENDS, check_score, check_temperature
+from . import backends
+from ._inputs import check_score, check_temperature
 from .api import sara_loss
 from .layer_selection import resolve_layers_spec
 
@@ -59,7 +60,7 @@ class SARAOptions:
         default=True, metadata={"help": "The anchor routing is a fixed target (no gradient through it)."}
     )
     sara_lm_on_anchor: bool = field(default=False, metadata={"help": "Also train the LM on the anchor side."})
-    sara_backend: str = field(default="auto", metadata={"help": "'auto' (on CUDA the fused backend measured faster, see sara_kernels.ops.backend_choice), 'triton', 'cuda' (the C++ extension) or 'reference'."})
+    sara_backend: str = field(default="auto", metadata={"help": backends.HELP})
 
     def __post_init__(self):
         parent = getattr(super(), "__post_init__", None)
@@ -77,8 +78,7 @@ class SARAOptions:
                 raise ValueError(
                     f"sara_layer_weights: expected comma-separated numbers, got {self.sara_layer_weights!r}"
                 ) from None
-        if self.sara_backend not in BACKENDS:
-            raise ValueError(f"sara_backend must be one of {BACKENDS}, got {self.sara_backend!r}")
+        backends.check_backend(self.sara_backend, "sara_backend")
 
 
 def check_layer_weights(options: SARAOptions, layers: Sequence[int]) -> None:

@@ -98,7 +98,8 @@ LIMIT=$(stage_limit 175 40)
 run_stage bench_sara "$LIMIT" 'f="$OUT/bench_sara/summary.md"; [ -f "$f" ] || { tail -n 1 "$LOG"; exit; }; echo "targets: $(grep -c ": MET:" "$f") met, $(grep -c ": NOT MET:" "$f") not met, $(grep -c "NOT MEASURED" "$f") not measured"' \
     "$PY" benchmarks/bench_sara.py --quick --out "$OUT/bench_sara" --time-budget $((LIMIT > 80 ? LIMIT - 45 : 35))
 
-run_stage bench_overhead "$(stage_limit 60 5)" 'grep -qE "^triton " "$LOG" || { tail -n 1 "$LOG"; exit; }; grep -E "^(reference|triton|cuda) " "$LOG" | awk "{print \$1\": +\"\$3\" ms (\"\$4\"% of step)\"}" | tr "\n" ";"' \
+BACKEND_NAMES=$("$PY" -c 'from sara_kernels.backends import NAMES; print("|".join(NAMES))')
+run_stage bench_overhead "$(stage_limit 60 5)" 'grep -qE "^triton " "$LOG" || { tail -n 1 "$LOG"; exit; }; grep -E "^($BACKEND_NAMES) " "$LOG" | awk "{print \$1\": +\"\$3\" ms (\"\$4\"% of step)\"}" | tr "\n" ";"' \
     "$PY" benchmarks/bench_router_overhead.py --quick --out "$OUT/bench_overhead"
 
 {

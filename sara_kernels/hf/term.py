@@ -10,7 +10,10 @@ the mean per-micro-batch SARA loss, independent of k and of the world size W. Th
 scaled" (``loss_is_scaled_for_ga``, or its own rule when that is None), so the factor given to
 SARA here is ``1 / k`` when the Trainer will not divide and ``1`` when it will. The term is added
 after the Trainer's ``compute_loss`` multiplies its token-averaged LM loss by W, so it is never
-multiplied by W.
+multiplied by W. That rule is transformers' (``Trainer.training_step`` and ``compute_loss``), mirrored
+here: :func:`check_trainer_scaling` makes a trainer's construction fail, naming the attribute, when
+the installed transformers no longer reads what the mirror reads (tests/hf/test_trainer.py checks the
+resulting gradient over accumulation × world size against an explicit sum).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import contextlib
 from typing import Optional
 
 import torch
+import transformers
+from transformers import Trainer
 from transformers.trainer_utils import unwrap_peft_model
 
 from ..term import MetricsAccumulator, SARATerm, check_layer_weights, sara_term
@@ -41,6 +46,37 @@ def prepare_sara_model(model, args) -> None:
         install_router_hooks(model)
     probe = capture_router_logits(model, layers=args.sara_layers, score=args.sara_score)
     check_layer_weights(args, probe.layers)
+
+
+# What the scaling here and SARATrainer's LM term mirror of transformers.Trainer: the attributes each
+# method reads to decide the division by the accumulation steps k and the multiplication by W.
+TRAINER_SCALING_READS = {
+    "training_step": ("loss_is_scaled_for_ga", "model_accepts_loss_kwargs", "compute_loss_func",
+                      "current_gradient_accumulation_steps"),
+    "compute_loss": ("average_tokens_across_devices", "model_accepts_loss_kwargs", "compute_loss_func",
+                     "num_processes", "get_tp_size"),
+}
+
+
+def check_trainer_scaling(trainer) -> None:
+    """Fail, naming the transformers attribute, unless the Trainer's loss-scaling rule is the one
+    :meth:`SARATermMixin._sara_step_scale` mirrors: a release that changed it would otherwise change
+    the gradient silently. Called when a trainer with SARA is built."""
+    for method, names in TRAINER_SCALING_READS.items():
+        read = getattr(Trainer, method).__code__.co_names
+        gone = [name for name in names if name not in read]
+        if gone:
+            raise RuntimeError(
+                f"transformers {transformers.__version__}: Trainer.{method} no longer reads {', '.join(gone)}, "
+                "which SARA's loss scaling mirrors (sara_kernels.hf.term): its gradient would be silently wrong; "
+                "use a transformers release this sara_kernels supports"
+            )
+    scaled = trainer.loss_is_scaled_for_ga
+    if not (scaled is None or scaled is True or scaled is False):
+        raise RuntimeError(f"Trainer.loss_is_scaled_for_ga: expected True, False or None, got {scaled!r}")
+    if not isinstance(getattr(trainer, "model_accepts_loss_kwargs", None), bool):
+        raise RuntimeError("Trainer.model_accepts_loss_kwargs: expected a bool set by Trainer.__init__, got "
+                           f"{getattr(trainer, 'model_accepts_loss_kwargs', None)!r}")
 
 
 class SARATermMixin:

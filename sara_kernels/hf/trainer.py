@@ -55,7 +55,7 @@ from .collate import IGNORE_INDEX, SARACollator
 from .data import PairDataset, anchors_fingerprint
 from .priors import RoutingPriors, load_routing_priors
 from .routing import forward_kwargs
-from .term import SARATermMixin, prepare_sara_model
+from .term import SARATermMixin, check_trainer_scaling, prepare_sara_model
 
 __all__ = ["SARAOptions", "SARATrainer", "SARATrainingArguments", "prepare_sara_model"]
 
@@ -330,6 +330,7 @@ class SARATrainer(SARACheckpointing, SARATermMixin, Trainer):
         self.routing_priors: Optional[RoutingPriors] = routing_priors
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        check_trainer_scaling(self)
 
     def get_eval_dataloader(self, eval_dataset=None):
         """With priors the training batches carry no anchors; evaluation batches do (see __init__)."""

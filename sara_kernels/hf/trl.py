@@ -41,7 +41,7 @@ from ..term import SARAOptions
 from .checkpoint import SARACheckpointing
 from .collate import SARACollator, pack_sequences, pad_right, pad_token_id
 from .data import validate_pair
-from .term import SARATermMixin, prepare_sara_model
+from .term import SARATermMixin, check_trainer_scaling, prepare_sara_model
 
 INDEX_COLUMN = "sara_example_index"
 _ANCHOR_IDS, _ANCHOR_MASK = "sara_anchor_input_ids", "sara_anchor_attention_mask"
@@ -194,6 +194,7 @@ class SARASFTTrainer(SARACheckpointing, SARATermMixin, SFTTrainer):
         self.data_collator = SARASFTCollator(self.data_collator, tokenizer, args.max_length,
                                              padding_free=self.padding_free, packed_pairs=self._sara_packed_pairs)
         if args.sara_weight > 0:
+            check_trainer_scaling(self)
             prepare_sara_model(self.accelerator.unwrap_model(self.model), args)
 
     def _set_signature_columns_if_needed(self):

@@ -21,7 +21,7 @@ from typing import ClassVar, Literal, Optional
 
 from transformers import HfArgumentParser
 
-from ..backends import CHOICES as BACKEND_CHOICES
+from .. import backends
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
@@ -136,15 +136,13 @@ class SaraArguments:
 
     layers: str = field(default="all", metadata={"help": "MoE layers: 'all', 'middle' or comma-separated decoder indices and inclusive ranges ('0,4,7-34')."})
     max_length: Optional[int] = field(default=None, metadata={"help": "Truncate each side to this many tokens."})
-    backend: Literal[BACKEND_CHOICES] = field(
-        default="auto", metadata={"help": "auto = the fused backend measured faster on CUDA (Triton until the C++ extension is measured), reference otherwise; cuda = the C++ extension."}
-    )
+    backend: Literal[backends.CHOICES] = field(default="auto", metadata={"help": backends.HELP})
 
     def __post_init__(self):
         from ..layer_selection import resolve_layers_spec
 
         self.layers = resolve_layers_spec(self.layers, "layers")
-        _one_of(self.backend, BACKEND_CHOICES, "backend")
+        backends.check_backend(self.backend)
         check_positive(self.max_length, "max_length")
 
 

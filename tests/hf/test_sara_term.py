@@ -24,7 +24,7 @@ def test_options_stand_alone_and_validate_once():
         (dict(sara_weight=True), "sara_weight"),
         (dict(sara_temperature=float("inf")), "sara_temperature must be a finite number > 0"),
         (dict(sara_score="relu"), "sara_score must be one of"),
-        (dict(sara_backend="numpy"), "sara_backend must be one of"),
+        (dict(sara_backend="numpy"), "sara_backend: expected one of"),
         (dict(sara_layers="first"), "sara_layers: expected 'all', 'middle'"),
         (dict(sara_layer_weights="1,x"), "sara_layer_weights: expected comma-separated numbers"),
     ]:

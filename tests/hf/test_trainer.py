@@ -15,8 +15,10 @@ pytest.importorskip("transformers")
 
 from helpers import torchrun  # noqa: E402
 from hf_train_helpers import (  # noqa: E402
+    LAMBDA,
     one_thread,
     TOKENIZER,
+    _encode,
     assert_updates_close,
     expected_update,
     manual_loss,
@@ -187,16 +189,28 @@ def test_model_without_loss_kwargs_trains_on_its_mean_loss(tmp_path):
 
 DDP_SCRIPT = textwrap.dedent(
     """
-    import gc, sys, torch
+    import copy, gc, pathlib, sys, torch
     sys.path.insert(0, {tests!r})
     torch.set_num_threads(1)
-    from hf_train_helpers import tiny_moe, pairs, train_delta
-    import pathlib
-    delta, trainer = train_delta(tiny_moe(), pathlib.Path({tmp!r}), pairs(8), per_device_train_batch_size=2,
-                                 gradient_accumulation_steps=2)
+    from hf_train_helpers import TOKENIZER, tiny_moe, pairs, sgd_args, updates
+    from sara_kernels.hf import SARATrainer
+    base = tiny_moe()
+    model = copy.deepcopy(base)
+    trainer = SARATrainer(model=model, args=sgd_args(pathlib.Path({tmp!r}), per_device_train_batch_size=2,
+                                                     gradient_accumulation_steps=2),
+                          train_dataset=pairs(8), processing_class=TOKENIZER)
+    collate, micro_batches = trainer.data_collator, []
+
+    def recording(examples):  # which pairs each micro-batch of this rank holds
+        micro_batches.append([example["index"] for example in examples])
+        return collate(examples)
+
+    trainer.data_collator = recording
+    trainer.train()
+    torch.save(micro_batches, {batches!r} % trainer.args.process_index)
     if trainer.args.process_index == 0:
         assert trainer.args.world_size == 2, trainer.args.world_size
-        torch.save(delta, {out!r})
+        torch.save(updates(base, model), {out!r})
     # An orderly teardown (as in examples/sara_torchrun.py): the DDP model, which holds the process
     # group, is freed before the group; freed after it, at interpreter exit, gloo can hang or abort.
     del trainer
@@ -208,16 +222,62 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
-def test_world_size_two_with_accumulation_matches_single_process(tmp_path):
-    """W = 2 processes (gloo, CPU) × k = 2 × 2 pairs == one process with the batch of 8."""
-    out = tmp_path / "ddp_delta.pt"
+@pytest.fixture(scope="module")
+def ddp_step(tmp_path_factory):
+    """One SGD step of W = 2 processes (gloo, CPU) × k = 2 micro-batches × 2 pairs: (the updates, each
+    rank's micro-batches as lists of pair indices). One launch for the tests below."""
+    tmp_path = tmp_path_factory.mktemp("ddp")
+    out, batches = tmp_path / "ddp_delta.pt", str(tmp_path / "micro_batches_rank%d.pt")
     script = tmp_path / "ddp_step.py"
-    script.write_text(DDP_SCRIPT.format(tests=os.path.join(REPO, "tests"), tmp=str(tmp_path), out=str(out)))
+    script.write_text(DDP_SCRIPT.format(tests=os.path.join(REPO, "tests"), tmp=str(tmp_path), out=str(out),
+                                        batches=batches))
     proc = torchrun([str(script)], cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ddp = torch.load(out)
+    return torch.load(out), [torch.load(batches % rank) for rank in range(2)]
+
+
+def test_world_size_two_with_accumulation_matches_single_process(ddp_step):
+    """W = 2 processes (gloo, CPU) × k = 2 × 2 pairs == one process with the batch of 8."""
+    ddp, _ = ddp_step
     base, data = tiny_moe(), pairs(8)
     assert_updates_close(ddp, expected_update(base, data, sara_weight=5.0))
+
+
+def test_world_size_two_step_is_the_explicit_sum_over_ranks_and_micro_batches(ddp_step):
+    """The same step spelled out over the W = 2 ranks × k = 2 micro-batches each rank ran:
+    Σ_{r,m} [LM token sum(r, m) / N + λ·SARA(r, m) / (k·W)], N the step's LM tokens over all ranks
+    and micro-batches, SARA(r, m) the micro-batch's mean JS. That is what sara_kernels.hf.term's
+    scaling promises, and it rests on transformers' own scaling (check_trainer_scaling)."""
+    ddp, micro_batches = ddp_step
+    base, data = tiny_moe(), pairs(8)
+    world_size, steps = len(micro_batches), 2
+    assert [len(rank) for rank in micro_batches] == [steps] * world_size
+    assert sorted(i for rank in micro_batches for batch in rank for i in batch) == list(range(len(data)))
+    lm_tokens = {i: len(_encode(example["target"])) - 1 for i, example in enumerate(data)}
+    total_tokens = sum(lm_tokens.values())
+    model = copy.deepcopy(base)
+    model.train()
+    loss = 0.0
+    for rank in micro_batches:
+        for batch in rank:
+            lm_mean, sara = manual_loss(model, [data[i] for i in batch], sara_weight=0.0)
+            loss = (loss + lm_mean * sum(lm_tokens[i] for i in batch) / total_tokens
+                    + LAMBDA * sara / (steps * world_size))
+    loss.backward()
+    expected = {n: -(p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+    assert_updates_close(ddp, expected)
+
+
+def test_a_trainer_whose_scaling_rule_changed_is_refused_at_build(tmp_path, monkeypatch):
+    """A transformers whose training_step no longer reads loss_is_scaled_for_ga (and the rest of the
+    rule hf.term mirrors) fails when the trainer is built, naming what it no longer reads."""
+    from transformers import Trainer
+
+    monkeypatch.setattr(Trainer, "training_step", lambda self, model, inputs, num_items_in_batch=None: self.loss)
+    with pytest.raises(RuntimeError, match=r"Trainer\.training_step no longer reads loss_is_scaled_for_ga, "
+                                           r"model_accepts_loss_kwargs, compute_loss_func, "
+                                           r"current_gradient_accumulation_steps"):
+        SARATrainer(model=tiny_moe(), args=sgd_args(tmp_path), train_dataset=pairs(2), processing_class=TOKENIZER)
 
 
 # ---- logging, evaluation, modes ---------------------------------------------------------------

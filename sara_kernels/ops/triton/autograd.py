@@ -10,7 +10,7 @@ import torch
 
 from ..._inputs import RoutingSide
 from .. import contract
-from .host import REDUCE_CONFIG, _placeholder, launch, pair_config, pool_bwd, pool_fwd
+from .host import REDUCE_CONFIG, _placeholder, launch, pair_config, pool_bwd, pool_fwd, runtime_args
 from .kernels import REDUCTIONS, pair_js_fwd, pooled_routing_fwd, reduce_pair_loss
 
 
@@ -27,9 +27,16 @@ def _unpack(logits: List[torch.Tensor]):
 def _op(name: str):
     """Register ``fn`` as the custom op ``sara_kernels::name`` with the contract's schema and fake
     implementation (opaque to torch.compile) and return a function that calls the op while
-    compiling and ``fn`` itself otherwise: a dispatcher round trip costs tens of microseconds per
-    eager call. Why custom ops and not triton_op + wrap_triton: the launchers read data pointers
-    to build the layer table, which the FakeTensors of a trace do not have."""
+    compiling and ``fn`` itself otherwise.
+
+    Why two paths and not the one op with ``register_autograd`` (fixed arity, Tensor[] gradients,
+    as the CUDA backend's C++ op): in eager mode a Python custom op's dispatcher round trip and
+    its generated autograd wrapper cost the host about three times what the autograd Function
+    costs, per step (benchmarks/results/custom_op_eager_overhead_cpu_box.txt), which is the
+    launch overhead the host path exists to avoid. The schemas and fakes are still checked in every
+    CPU run (tests/ops/test_compile.py: opcheck and fullgraph compiles). Why custom ops and not
+    triton_op + wrap_triton: the launchers read data pointers to build the layer table, which the
+    FakeTensors of a trace do not have."""
 
     def register(fn):
         op = torch.library.custom_op(f"sara_kernels::{name}", fn, mutates_args=(), schema=contract.SCHEMAS[name])
@@ -70,15 +77,20 @@ def sara_loss_fwd(
     L, B, _, E = t_partial.shape
     new = functools.partial(torch.empty, dtype=torch.float32, device=device)
     js, ga, gt, stats = new((L, B)), new((L, B, E)), new((L, B, E)), new((3, B))
-    launch(pair_js_fwd, (L, B),
-           (a_partial, a_count, t_partial, t_count, priors, *prior_strides, js, ga, gt, stats,
-            B, E, a_partial.shape[2], t_partial.shape[2]),
-           {"PRIORS": anchor_probs is not None, **pair_config(E)}, device)
+    prior_sl, prior_sb, prior_se = prior_strides
+    args = runtime_args(pair_js_fwd, {
+        "a_partial_ptr": a_partial, "a_count_ptr": a_count, "t_partial_ptr": t_partial, "t_count_ptr": t_count,
+        "prior_ptr": priors, "prior_sl": prior_sl, "prior_sb": prior_sb, "prior_se": prior_se,
+        "js_ptr": js, "ga_ptr": ga, "gt_ptr": gt, "stats_ptr": stats, "B": B, "E": E, "A_SPLITS": a_partial.shape[2],
+        "T_SPLITS": t_partial.shape[2]})
+    launch(pair_js_fwd, (L, B), args, {"PRIORS": anchor_probs is not None, **pair_config(E)}, device)
     per_layer, layer_coef = new(L), new(L)
     loss = js if reduction == "none" else new(())
-    launch(reduce_pair_loss, (1,),
-           (js, stats, layer_weights if layer_weights is not None else _placeholder(device), loss, per_layer,
-            layer_coef, L, B),
+    weights = layer_weights if layer_weights is not None else _placeholder(device)
+    args = runtime_args(reduce_pair_loss, {
+        "js_ptr": js, "stats_ptr": stats, "weight_ptr": weights, "loss_ptr": loss, "per_layer_ptr": per_layer,
+        "layer_coef_ptr": layer_coef, "L": L, "B": B})
+    launch(reduce_pair_loss, (1,), args,
            {"HAS_WEIGHTS": layer_weights is not None, "REDUCTION": REDUCTIONS[reduction], **REDUCE_CONFIG}, device)
     return loss, per_layer, ga, gt, stats, layer_coef
 
@@ -113,8 +125,9 @@ def routing_distribution_fwd(
     L, B, splits, E = partial.shape
     probs = torch.empty((L, B, E), dtype=torch.float32, device=device)
     total = torch.empty(B, dtype=torch.float32, device=device)
-    launch(pooled_routing_fwd, (L, B), (partial, count, probs, total, B, E, splits),
-           {"NORMALIZE": normalize, **pair_config(E)}, device)
+    args = runtime_args(pooled_routing_fwd, {"partial_ptr": partial, "count_ptr": count, "probs_ptr": probs,
+                                                 "total_ptr": total, "B": B, "E": E, "SPLITS": splits})
+    launch(pooled_routing_fwd, (L, B), args, {"NORMALIZE": normalize, **pair_config(E)}, device)
     return probs, total
 
 
@@ -144,42 +157,50 @@ def _no_double_backward():
                            "use backend='reference'")
 
 
-class LossOptions(NamedTuple):
-    """The constants of one ``SARALossFunction`` call (a NamedTuple: built on every call)."""
+class LossCall(NamedTuple):
+    """One ``SARALossFunction`` call but its logits: the op's other arguments by name and how the
+    logits split into the two sides (a NamedTuple: built on every call). Autograd gives gradients
+    only to tensors passed to ``apply`` directly, so the logits cross it as arguments of their own
+    (a side is L tensors, or one); everything else travels here, so an argument of the op is a field,
+    never a position."""
 
-    num_anchor: int  # tensors of the anchor side in ``logits`` (0 with priors)
-    anchor_stacked: bool
-    target_stacked: bool
+    anchor_mask: Optional[torch.Tensor]
+    anchor_cu_seqlens: Optional[torch.Tensor]
+    target_mask: Optional[torch.Tensor]
+    target_cu_seqlens: Optional[torch.Tensor]
+    anchor_probs: Optional[torch.Tensor]
+    layer_weights: Optional[torch.Tensor]
     score: str
     temperature: float
     detach_anchor: bool
     reduction: str
-
-
-# SARALossFunction.forward's arguments before ``*logits`` (options … t_cu): none gets a gradient.
-# A module constant, not a class attribute: Dynamo cannot read an autograd.Function's attributes.
-_LOSS_LEADING_ARGS = 7
+    num_anchor: int  # the first ``num_anchor`` logits are the anchor side's (0 with priors)
+    anchor_stacked: bool
+    target_stacked: bool
 
 
 class SARALossFunction(torch.autograd.Function):
     """The one autograd definition of the fused loss, eager and compiled alike: forward and
-    backward call the custom ops above (the ops themselves in eager mode, see ``_op``). Only
-    tensors and constants cross it, so torch.compile traces it whole."""
+    backward call the custom ops above (the ops themselves under torch.compile, their Python
+    bodies in eager mode, see ``_op``). Only tensors and constants cross it, so torch.compile traces
+    it whole."""
 
     @staticmethod
-    def forward(ctx, options: LossOptions, anchor_probs, layer_weights, a_mask, a_cu, t_mask, t_cu, *logits):
-        num_anchor = options.num_anchor
-        anchor, target = list(logits[:num_anchor]), list(logits[num_anchor:])
+    def forward(ctx, call: LossCall, *logits):
+        anchor, target = list(logits[:call.num_anchor]), list(logits[call.num_anchor:])
         loss, per_layer, ga, gt, stats, layer_coef = sara_loss_fwd(
-            anchor, target, a_mask, a_cu, t_mask, t_cu, anchor_probs, layer_weights, options.score,
-            options.temperature, options.reduction,
+            anchor, target, call.anchor_mask, call.anchor_cu_seqlens, call.target_mask, call.target_cu_seqlens,
+            call.anchor_probs, call.layer_weights, call.score, call.temperature, call.reduction,
         )
-        ctx.options = options
+        # The tensors of ``call`` the backward reads are saved with the rest; the constants are kept.
+        ctx.call = call._replace(anchor_mask=None, anchor_cu_seqlens=None, target_mask=None, target_cu_seqlens=None,
+                                 anchor_probs=None, layer_weights=None)
         # The logits the backward reads are saved (not only referenced) so that autograd's version
         # check catches an in-place change before the backward recomputes the scores from them.
         # A detached anchor is never read again: saving it would only cost time per layer.
-        read_back = logits if not options.detach_anchor else target
-        ctx.save_for_backward(ga, gt, stats, layer_coef, a_mask, a_cu, t_mask, t_cu, *read_back)
+        read_back = logits if not call.detach_anchor else target
+        ctx.save_for_backward(ga, gt, stats, layer_coef, call.anchor_mask, call.anchor_cu_seqlens, call.target_mask,
+                              call.target_cu_seqlens, *read_back)
         ctx.mark_non_differentiable(per_layer)
         ctx.set_materialize_grads(False)  # no zero-filled gradient for per_layer: one kernel less per step
         return loss, per_layer
@@ -187,21 +208,21 @@ class SARALossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_per_layer):
         _no_double_backward()
-        options = ctx.options
-        num_anchor = options.num_anchor
+        call = ctx.call
+        num_anchor = call.num_anchor
+        _, *logits_need_grad = ctx.needs_input_grad
         if grad_loss is None:  # only the non-differentiable per_layer was used
-            return (None,) * len(ctx.needs_input_grad)
+            return (None, *(None for _ in logits_need_grad))
         ga, gt, stats, layer_coef, a_mask, a_cu, t_mask, t_cu, *logits = ctx.saved_tensors
-        saved_anchor = 0 if options.detach_anchor else num_anchor
+        saved_anchor = 0 if call.detach_anchor else num_anchor
         anchor, target = logits[:saved_anchor], logits[saved_anchor:]
-        first_logit = _LOSS_LEADING_ARGS
-        anchor_grad = saved_anchor > 0 and any(ctx.needs_input_grad[first_logit : first_logit + num_anchor])
+        anchor_grad = saved_anchor > 0 and any(logits_need_grad[:num_anchor])
         grad_a, grad_t = sara_loss_bwd(
-            grad_loss, anchor, target, a_mask, a_cu, t_mask, t_cu, ga, gt, stats, layer_coef, options.score,
-            options.temperature, anchor_grad,
+            grad_loss, anchor, target, a_mask, a_cu, t_mask, t_cu, ga, gt, stats, layer_coef, call.score,
+            call.temperature, anchor_grad,
         )
-        grads_a = _side_grads(grad_a, options.anchor_stacked) if anchor_grad else (None,) * num_anchor
-        return (None,) * first_logit + (*grads_a, *_side_grads(grad_t, options.target_stacked))
+        grads_a = _side_grads(grad_a, call.anchor_stacked) if anchor_grad else (None,) * num_anchor
+        return (None, *grads_a, *_side_grads(grad_t, call.target_stacked))
 
 
 def sara_loss(anchor: Optional[RoutingSide], target: RoutingSide, anchor_probs, layer_weights,
@@ -212,16 +233,18 @@ def sara_loss(anchor: Optional[RoutingSide], target: RoutingSide, anchor_probs, 
     if layer_weights is not None:
         layer_weights = layer_weights.detach()
     anchor_inputs = anchor.inputs if anchor is not None else ()
-    options = LossOptions(len(anchor_inputs), anchor is not None and anchor.stacked, target.stacked,
-                          score, temperature, detach_anchor, reduction)
     a_mask, a_cu = (anchor.mask, anchor.cu_seqlens) if anchor is not None else (None, None)
-    return SARALossFunction.apply(options, anchor_probs, layer_weights, a_mask, a_cu, target.mask,
-                                  target.cu_seqlens, *anchor_inputs, *target.inputs)
+    call = LossCall(a_mask, a_cu, target.mask, target.cu_seqlens, anchor_probs, layer_weights, score, temperature,
+                    detach_anchor, reduction, len(anchor_inputs), anchor is not None and anchor.stacked,
+                    target.stacked)
+    return SARALossFunction.apply(call, *anchor_inputs, *target.inputs)
 
 
-class DistributionOptions(NamedTuple):
-    """The constants of one ``RoutingDistributionFunction`` call."""
+class DistributionCall(NamedTuple):
+    """One ``RoutingDistributionFunction`` call but its logits (as ``LossCall``)."""
 
+    mask: Optional[torch.Tensor]
+    cu_seqlens: Optional[torch.Tensor]
     stacked: bool
     score: str
     temperature: float
@@ -233,11 +256,11 @@ class RoutingDistributionFunction(torch.autograd.Function):
     autograd into the logits; same structure as ``SARALossFunction``."""
 
     @staticmethod
-    def forward(ctx, options: DistributionOptions, mask, cu_seqlens, *logits):
-        probs, count = routing_distribution_fwd(list(logits), mask, cu_seqlens, options.score, options.temperature,
-                                                options.normalize)
-        ctx.options = options
-        ctx.save_for_backward(count, mask, cu_seqlens, *logits)  # logits: for the in-place version check
+    def forward(ctx, call: DistributionCall, *logits):
+        probs, count = routing_distribution_fwd(list(logits), call.mask, call.cu_seqlens, call.score,
+                                                call.temperature, call.normalize)
+        ctx.call = call._replace(mask=None, cu_seqlens=None)
+        ctx.save_for_backward(count, call.mask, call.cu_seqlens, *logits)  # logits: for the in-place version check
         ctx.mark_non_differentiable(count)
         ctx.set_materialize_grads(False)
         return probs, count
@@ -245,17 +268,17 @@ class RoutingDistributionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_probs, _grad_count):
         _no_double_backward()
-        options = ctx.options
+        call = ctx.call
         count, mask, cu_seqlens, *logits = ctx.saved_tensors
         if grad_probs is None:
             return (None,) * len(ctx.needs_input_grad)
-        grad = routing_distribution_bwd(grad_probs, logits, mask, cu_seqlens, count, options.score,
-                                        options.temperature, options.normalize)
-        return (None, None, None, *_side_grads(grad, options.stacked))
+        grad = routing_distribution_bwd(grad_probs, logits, mask, cu_seqlens, count, call.score,
+                                        call.temperature, call.normalize)
+        return (None, *_side_grads(grad, call.stacked))
 
 
 def pooled_distribution(side: RoutingSide, score: str, temperature: float, normalize: bool = True):
     """(P [L, B, E], n_b [B]) with autograd into the logits; the sums n_b·P without ``normalize``
     (what context parallelism all-reduces, :mod:`sara_kernels.distributed`)."""
-    options = DistributionOptions(side.stacked, score, temperature, normalize)
-    return RoutingDistributionFunction.apply(options, side.mask, side.cu_seqlens, *side.inputs)
+    call = DistributionCall(side.mask, side.cu_seqlens, side.stacked, score, temperature, normalize)
+    return RoutingDistributionFunction.apply(call, *side.inputs)

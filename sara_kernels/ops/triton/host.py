@@ -21,8 +21,8 @@ import torch
 
 from ..._inputs import host_to_device
 from .. import contract
+from . import kernels
 from .kernels import INTERPRET, check_segments, pool_routing_bwd, pool_routing_fwd
-
 
 
 def tile_config(num_experts: int) -> dict:
@@ -109,6 +109,23 @@ def launch(kernel, grid, args: tuple, meta: dict, device: torch.device):
     compiled[(*grid, 1, 1)[:3]](*args, *constexprs)  # the compiled launcher reads all three grid axes
 
 
+def _packer(names: tuple):
+    getter = operator.itemgetter(*names)
+    return getter if len(names) > 1 else lambda values: (getter(values),)
+
+
+_PACKERS = {getattr(kernels, name): (name, names, _packer(names)) for name, names in kernels.RUNTIME_ARGS.items()}
+
+
+def runtime_args(kernel, values: dict) -> tuple:
+    """``values`` (``kernel``'s runtime arguments by its own names, :data:`.kernels.RUNTIME_ARGS`)
+    in the kernel's signature order, as :func:`launch` takes them."""
+    name, names, pack = _PACKERS[kernel]
+    if len(values) != len(names):
+        raise TypeError(f"{name}: runtime arguments {sorted(set(values) ^ set(names))} are missing or not the kernel's")
+    return pack(values)
+
+
 _PLACEHOLDERS = {}
 
 
@@ -171,40 +188,32 @@ def vector_width(element_size: int, pointers, strides) -> int:
 
 
 def layer_addressing(logits, device: torch.device):
-    """((table, x0, stride_l, stride_n, stride_e) of the kernels' layer addressing, VEC)."""
+    """(the kernels' layer addressing arguments ``table_ptr, x0_ptr, stride_l, stride_n, stride_e`` by
+    name, VEC)."""
     if isinstance(logits, torch.Tensor):
         sl, sn, se = logits.stride()
         vec = vector_width(logits.element_size(), (logits.data_ptr(),), ((sl, sn, se),))
         if vec:  # the kernels multiply them back (see _layer_logits)
             sl, sn = sl // vec, sn // vec
-        return (_placeholder(device), logits, sl, sn, se), vec
+        addressing = {"table_ptr": _placeholder(device), "x0_ptr": logits,
+                      "stride_l": sl, "stride_n": sn, "stride_e": se}
+        return addressing, vec
     ptrs = tuple(map(_data_ptr, logits))
     strides = tuple(map(_stride, logits))
     vec = vector_width(logits[0].element_size(), ptrs, set(strides))
-    return (layer_table(ptrs, strides, device), logits[0], 0, 0, 0), vec
-
-
-class LaunchSizes(NamedTuple):
-    """The scalar arguments that end both pooling kernels' argument lists, in their order
-    (``L, B, N, S, E_DIV, inv_tau, SPLITS``): launches pass them as ``*sizes``."""
-
-    num_layers: int
-    num_seqs: int
-    num_tokens: int
-    seq_len: int  # S: the mask's row length (N without a mask)
-    experts_div: int  # E / E_MULT
-    inv_temperature: float
-    splits: int
+    table = layer_table(ptrs, strides, device)
+    return {"table_ptr": table, "x0_ptr": logits[0], "stride_l": 0, "stride_n": 0, "stride_e": 0}, vec
 
 
 class SidePlan(NamedTuple):
     """What the pooling launches of one side need beyond the per-call tensors: planned once per shape."""
 
     grid: tuple  # (L, B, splits)
-    sizes: LaunchSizes
+    # The pooling kernels' arguments fixed by the plan, by name: the segmentation's strides (zeros
+    # for an absent mask or cu_seqlens) and the sizes L, B, N, S (the mask's row length, N without
+    # one), E_DIV, inv_tau, SPLITS. Built once, so a launch adds only its tensors to it.
+    constants: dict
     meta: dict  # constexprs and launch options of pool_routing_fwd (bwd adds PAIR)
-    mask_strides: tuple  # (stride_b, stride_s), zeros without a mask
-    cu_stride: int
     num_experts: int
 
 
@@ -230,8 +239,9 @@ def side_plan(logits, mask, cu, score: str, temperature: float, vec: int, device
         splits = num_splits(N, B, L, device, meta["BLOCK_N"])
         meta.update(HAS_MASK=mask is not None, USE_CU=cu is not None, SIGMOID=score == "sigmoid", TABLE=not stacked,
                     VEC=vec)
-        sizes = LaunchSizes(L, B, N, S, E // meta["E_MULT"], 1.0 / temperature, splits)
-        plan = _PLANS[key] = SidePlan((L, B, splits), sizes, meta, mask_strides, cu_stride, E)
+        constants = dict(mask_sb=mask_strides[0], mask_ss=mask_strides[1], cu_stride=cu_stride, L=L, B=B, N=N, S=S,
+                         E_DIV=E // meta["E_MULT"], inv_tau=1.0 / temperature, SPLITS=splits)
+        plan = _PLANS[key] = SidePlan((L, B, splits), constants, meta, E)
         if len(_PLANS) > _PLAN_CACHE_SIZE:
             _PLANS.popitem(last=False)
     return plan
@@ -242,16 +252,18 @@ def clear_plans():
     _PLANS.clear()
 
 
-def _segments(plan: SidePlan, mask, cu, device) -> tuple:
-    """(mask, mask_sb, mask_ss, cu, cu_stride) arguments, placeholders for absent tensors."""
+def _segments(mask, cu, device) -> dict:
+    """The segmentation's tensor arguments by name, placeholders for absent tensors (their strides
+    are in the plan)."""
     placeholder = _placeholder(device)
-    return (mask if mask is not None else placeholder, *plan.mask_strides,
-            cu if cu is not None else placeholder, plan.cu_stride)
+    return {"mask_ptr": mask if mask is not None else placeholder, "cu_ptr": cu if cu is not None else placeholder}
 
 
 def _check_segments(cu, num_tokens: int, device: torch.device):
     if cu is not None and device.type == "cuda":
-        launch(check_segments, (1,), (cu, cu.stride(0), cu.shape[0] - 1, num_tokens), CHECK_CONFIG, device)
+        args = runtime_args(check_segments,
+                            {"cu_ptr": cu, "cu_stride": cu.stride(0), "B": cu.shape[0] - 1, "N": num_tokens})
+        launch(check_segments, (1,), args, CHECK_CONFIG, device)
 
 
 def pool_fwd(logits, mask, cu, score: str, temperature: float, device: torch.device):
@@ -264,8 +276,9 @@ def pool_fwd(logits, mask, cu, score: str, temperature: float, device: torch.dev
     L, B, splits = plan.grid
     partial = torch.empty((L, B, splits, plan.num_experts), dtype=torch.float32, device=device)
     count = torch.empty((B, splits), dtype=torch.float32, device=device)
-    _check_segments(cu, plan.sizes.num_tokens, device)
-    args = (*addressing, *_segments(plan, mask, cu, device), partial, count, *plan.sizes)
+    _check_segments(cu, plan.constants["N"], device)
+    args = runtime_args(pool_routing_fwd, {**addressing, **_segments(mask, cu, device), "partial_ptr": partial,
+                                           "count_ptr": count, **plan.constants})
     launch(pool_routing_fwd, plan.grid, args, plan.meta, device)
     return partial, count
 
@@ -276,8 +289,8 @@ def pool_bwd(logits, mask, cu, coef, scale, layer_coef, count, score: str, tempe
     (``scale`` None), and n_b = count[b]."""
     addressing, vec = layer_addressing(logits, device)
     plan = side_plan(logits, mask, cu, score, temperature, vec, device)
-    L, B, N = plan.sizes.num_layers, plan.sizes.num_seqs, plan.sizes.num_tokens
-    grad = torch.empty((L, N, plan.num_experts), dtype=addressing[1].dtype, device=device)
+    L, B, N = plan.constants["L"], plan.constants["B"], plan.constants["N"]
+    grad = torch.empty((L, N, plan.num_experts), dtype=addressing["x0_ptr"].dtype, device=device)
     pair = scale is not None
     if pair:
         scale = scale.expand(L, B)  # a view: a scalar upstream gradient gets zero strides
@@ -285,10 +298,13 @@ def pool_bwd(logits, mask, cu, coef, scale, layer_coef, count, score: str, tempe
     else:
         scale = layer_coef = _placeholder(device)
         scale_strides = (0, 0)
-    args = (
-        *addressing, *_segments(plan, mask, cu, device),
-        coef, *coef.stride(), scale, *scale_strides, layer_coef, count, count.stride(0),
-        grad, *plan.sizes,
-    )
+    coef_sl, coef_sb, coef_se = coef.stride()
+    scale_sl, scale_sb = scale_strides
+    args = runtime_args(pool_routing_bwd, {
+        **addressing, **_segments(mask, cu, device),
+        "coef_ptr": coef, "coef_sl": coef_sl, "coef_sb": coef_sb, "coef_se": coef_se,
+        "scale_ptr": scale, "scale_sl": scale_sl, "scale_sb": scale_sb, "layer_coef_ptr": layer_coef,
+        "count_ptr": count, "count_stride": count.stride(0), "grad_ptr": grad, **plan.constants,
+    })
     launch(pool_routing_bwd, plan.grid, args, {**plan.meta, "PAIR": pair}, device)
     return grad

@@ -40,6 +40,7 @@ The host side (plans, caches, launches) is :mod:`.host`, the ops and autograd :m
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import triton
@@ -192,17 +193,55 @@ def _token_validity(b, rows, row_ok, start, mask_ptr, mask_sb, mask_ss, HAS_MASK
     return row_ok
 
 
-# Every runtime argument is excluded from Triton's value and alignment specialisation: a
-# training run whose batch shapes vary compiles each kernel once per plan, a compiled binary is
-# valid for any value of these arguments (which is what lets the host launch it directly), and
-# what is compiled ahead of time without a GPU (tests/ops/test_aot_compile.py) is what runs.
-# Divisibility that matters for vector loads and stores is stated by hints instead (VEC, the
-# launcher's own buffers, E = E_DIV · E_MULT with E_MULT = gcd(E, 8) a constexpr).
-_POOL_RUNTIME_ARGS = ["table_ptr", "x0_ptr", "stride_l", "stride_n", "stride_e", "mask_ptr", "mask_sb", "mask_ss",
-                      "cu_ptr", "cu_stride", "partial_ptr", "count_ptr", "L", "B", "N", "S", "E_DIV", "SPLITS"]
+# The kernels' runtime arguments (every argument that is not a constexpr), by name: the one place
+# besides a kernel's signature that names them. The type is what ahead-of-time compilation
+# (:mod:`sara_kernels.ops.aot`) declares; ``*{logits}`` and ``*{mask}`` vary per call. An
+# argument name means the same thing, with the same type, in every kernel.
+RUNTIME_ARG_TYPES = {
+    # a side's layer addressing (see _layer_logits), segmentation and sizes
+    "table_ptr": "*i64", "x0_ptr": "*{logits}", "stride_l": "i64", "stride_n": "i64", "stride_e": "i64",
+    "mask_ptr": "*{mask}", "mask_sb": "i64", "mask_ss": "i64", "cu_ptr": "*i32", "cu_stride": "i64",
+    "L": "i32", "B": "i32", "N": "i64", "S": "i64", "E": "i32", "E_DIV": "i32", "inv_tau": "fp32", "SPLITS": "i32",
+    # pooled partial sums and token counts
+    "partial_ptr": "*fp32", "count_ptr": "*fp32", "count_stride": "i64",
+    "a_partial_ptr": "*fp32", "a_count_ptr": "*fp32", "t_partial_ptr": "*fp32", "t_count_ptr": "*fp32",
+    "A_SPLITS": "i32", "T_SPLITS": "i32",
+    # Jensen-Shannon, loss and backward coefficients
+    "prior_ptr": "*fp32", "prior_sl": "i64", "prior_sb": "i64", "prior_se": "i64",
+    "js_ptr": "*fp32", "ga_ptr": "*fp32", "gt_ptr": "*fp32", "stats_ptr": "*fp32", "weight_ptr": "*fp64",
+    "loss_ptr": "*fp32", "per_layer_ptr": "*fp32", "layer_coef_ptr": "*fp32",
+    "coef_ptr": "*fp32", "coef_sl": "i64", "coef_sb": "i64", "coef_se": "i64",
+    "scale_ptr": "*fp32", "scale_sl": "i64", "scale_sb": "i64",
+    "grad_ptr": "*{logits}", "probs_ptr": "*fp32", "total_ptr": "*fp32",
+}
+# Each kernel's runtime arguments in signature order, by kernel name (filled by _runtime_kernel):
+# what the host packs a launch's named values into (host.runtime_args).
+RUNTIME_ARGS = {}
 
 
-@triton.jit(do_not_specialize=_POOL_RUNTIME_ARGS, do_not_specialize_on_alignment=_POOL_RUNTIME_ARGS)
+def _runtime_kernel(**jit_options):
+    """``triton.jit`` with every runtime argument excluded from Triton's value and alignment
+    specialisation: a training run whose batch shapes vary compiles each kernel once per plan, a
+    compiled binary is valid for any value of these arguments (which is what lets the host launch
+    it directly), and what is compiled ahead of time without a GPU (tests/ops/test_aot_compile.py)
+    is what runs. Divisibility that matters for vector loads and stores is stated by hints
+    instead (VEC, the launcher's own buffers, E = E_DIV · E_MULT with E_MULT = gcd(E, 8) a
+    constexpr). The runtime arguments are read from the signature; each must have a type in
+    ``RUNTIME_ARG_TYPES``."""
+
+    def wrap(fn):
+        names = tuple(name for name, param in inspect.signature(fn).parameters.items()
+                      if "constexpr" not in str(param.annotation))
+        untyped = [name for name in names if name not in RUNTIME_ARG_TYPES]
+        if untyped:
+            raise TypeError(f"{fn.__name__}: runtime arguments {untyped} have no type in RUNTIME_ARG_TYPES")
+        RUNTIME_ARGS[fn.__name__] = names
+        return triton.jit(do_not_specialize=names, do_not_specialize_on_alignment=names, **jit_options)(fn)
+
+    return wrap
+
+
+@_runtime_kernel()
 def pool_routing_fwd(
     table_ptr, x0_ptr, stride_l, stride_n, stride_e, mask_ptr, mask_sb, mask_ss, cu_ptr, cu_stride,
     partial_ptr, count_ptr,
@@ -270,12 +309,8 @@ def _half_log_ratio(p, total):
     return tl.where(zero, 0.0, 0.5 * tl.log(tl.where(zero, 1.0, p + p) / tl.where(zero, 1.0, total)))
 
 
-_PAIR_RUNTIME_ARGS = ["a_partial_ptr", "a_count_ptr", "t_partial_ptr", "t_count_ptr", "prior_ptr", "prior_sl",
-                      "prior_sb", "prior_se", "js_ptr", "ga_ptr", "gt_ptr", "stats_ptr", "B", "E", "A_SPLITS",
-                      "T_SPLITS"]
 
-
-@triton.jit(do_not_specialize=_PAIR_RUNTIME_ARGS, do_not_specialize_on_alignment=_PAIR_RUNTIME_ARGS)
+@_runtime_kernel()
 def pair_js_fwd(
     a_partial_ptr, a_count_ptr, t_partial_ptr, t_count_ptr,
     prior_ptr, prior_sl, prior_sb, prior_se,
@@ -315,10 +350,8 @@ def pair_js_fwd(
 REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
 
 
-_REDUCE_RUNTIME_ARGS = ["js_ptr", "stats_ptr", "weight_ptr", "loss_ptr", "per_layer_ptr", "layer_coef_ptr", "L", "B"]
 
-
-@triton.jit(do_not_specialize=_REDUCE_RUNTIME_ARGS, do_not_specialize_on_alignment=_REDUCE_RUNTIME_ARGS)
+@_runtime_kernel()
 def reduce_pair_loss(
     js_ptr, stats_ptr, weight_ptr, loss_ptr, per_layer_ptr, layer_coef_ptr,
     L, B,
@@ -374,11 +407,8 @@ def reduce_pair_loss(
         tl.store(loss_ptr, tl.sum(total, axis=0))
 
 
-_BWD_RUNTIME_ARGS = [*(a for a in _POOL_RUNTIME_ARGS if a != "partial_ptr"), "coef_ptr", "coef_sl", "coef_sb", "coef_se", "scale_ptr", "scale_sl",
-                     "scale_sb", "layer_coef_ptr", "count_stride", "grad_ptr"]
 
-
-@triton.jit(do_not_specialize=_BWD_RUNTIME_ARGS, do_not_specialize_on_alignment=_BWD_RUNTIME_ARGS)
+@_runtime_kernel()
 def pool_routing_bwd(
     table_ptr, x0_ptr, stride_l, stride_n, stride_e, mask_ptr, mask_sb, mask_ss, cu_ptr, cu_stride,
     coef_ptr, coef_sl, coef_sb, coef_se, scale_ptr, scale_sl, scale_sb, layer_coef_ptr, count_ptr, count_stride,
@@ -425,10 +455,8 @@ def pool_routing_bwd(
                  mask=row_ok[:, None] & col_ok[None, :])
 
 
-_POOLED_RUNTIME_ARGS = ["partial_ptr", "count_ptr", "probs_ptr", "total_ptr", "B", "E", "SPLITS"]
 
-
-@triton.jit(do_not_specialize=_POOLED_RUNTIME_ARGS, do_not_specialize_on_alignment=_POOLED_RUNTIME_ARGS)
+@_runtime_kernel()
 def pooled_routing_fwd(partial_ptr, count_ptr, probs_ptr, total_ptr, B, E, SPLITS,
                        NORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr):
     """P_{l,b} = Σ partials / max(n_b, 1) for ``routing_distribution`` (the sums themselves without
@@ -446,8 +474,7 @@ def pooled_routing_fwd(partial_ptr, count_ptr, probs_ptr, total_ptr, B, E, SPLIT
         tl.store(total_ptr + b, n)
 
 
-@triton.jit(do_not_specialize=["cu_ptr", "cu_stride", "B", "N"], do_not_specialize_on_alignment=["cu_ptr"],
-            debug=True)
+@_runtime_kernel(debug=True)
 def check_segments(cu_ptr, cu_stride, B, N, BLOCK: tl.constexpr):
     """Device-side check of cu_seqlens [B+1]: starts at 0, non-decreasing, ends at N. Compiled
     with debug=True so the assertion is live; reading the values on the host would sync."""
