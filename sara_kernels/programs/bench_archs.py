@@ -58,7 +58,9 @@ ARCHS = {
 _EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 _TOP_K_KEYS = ("num_experts_per_tok", "experts_per_token", "moe_k", "moe_top_k", "moe_topk")
 _WIDTH_KEYS = ("moe_intermediate_size", "intermediate_size", "ffn_hidden_size")
-_SIGMOID_FAMILIES = ("llama4", "llama4_text")  # top-k logits through a sigmoid, no scoring_func field
+# Families that score with a sigmoid without saying so in a scoring_func field (transformers' own
+# configs of DeepSeek-V3 and GLM-4-MoE have none; the Hub's DeepSeek-V3 config.json does).
+_SIGMOID_FAMILIES = ("deepseek_v3", "glm4_moe", "llama4", "llama4_text")
 
 
 def arch_from_config(path: str) -> Arch:
