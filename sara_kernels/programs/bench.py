@@ -205,7 +205,9 @@ def run(args, arch, device, timed: list, left_out: dict) -> int:
                 f"{step_text}:\n\n```\n{step_table}\n```\n")
     plot_note = write_plot(os.path.join(args.out, "bench.png"), op_rows, step["rows"], title, PASSES)
     print(f"\nOp alone, {arch.layers} × [{args.tokens}, {arch.experts}] {dtype} per side:\n{op_table}\n\n"
-          f"{step_text}:\n{step_table}\n\nresults in {args.out} ({meta['seconds']} s){plot_note}")
+          f"{step_text}:\n{step_table}\n{plot_note}")
+    shares = ", ".join(f"{r['variant']} +{r['added_ms']} ms ({r['overhead_pct_of_step']}%)" for r in step["rows"][1:])
+    print(f"SARA in the step: {shares}; results in {args.out} ({meta['seconds']} s)")
     return 0
 
 
@@ -239,7 +241,7 @@ def write_plot(path: str, op_rows: list, step_rows: list, title: str, passes) ->
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "; bench.png not written: matplotlib is not installed (pip install 'sara-kernels[hf]')"
+        return "bench.png not written: matplotlib is not installed (pip install 'sara-kernels[hf]')\n"
     ok = [r for r in op_rows if r.get("status") == "ok"]
     names = list(dict.fromkeys(r["contender"] + (f"[{r['variant']}]" if r.get("variant") else "") for r in ok))
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
