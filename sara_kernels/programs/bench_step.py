@@ -163,7 +163,8 @@ def time_steps(model, optimizer, batch, score: str, variants, device, reps: int,
         for v in variants:
             times[v] += time_calls(device, steps[v], copies=1, reps=1, warmup=0)
             tick()
-    memory = {v: peak_extra_bytes(device, steps[v])[1] for v in variants}
+    # One more step per variant for its memory, where the allocator keeps the statistics.
+    memory = {v: peak_extra_bytes(device, steps[v])[1] if device.type == "cuda" else None for v in variants}
     return {v: dict(median_ms=median(times[v]), min_ms=min(times[v]), reps=len(times[v]), extra_peak_bytes=memory[v])
             for v in variants}
 

@@ -14,10 +14,13 @@ import pytest
 transformers = pytest.importorskip("transformers")
 
 from helpers import REPO  # noqa: E402
+from hf_train_helpers import one_thread  # noqa: E402
 
 from sara_kernels import backends  # noqa: E402
 from sara_kernels.programs.bench_archs import ARCHS, arch_from_config  # noqa: E402
 from sara_kernels.programs.cli import main  # noqa: E402
+
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 def _config_file(tmp_path, config, name="config.json") -> str:
