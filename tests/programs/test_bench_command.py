@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 transformers = pytest.importorskip("transformers")
 
@@ -119,6 +120,9 @@ def test_mistakes_are_one_line_naming_what_would_work(tmp_path, capsys):
         status, err = _one_line_error(capsys, ["bench", "--arch", "olmoe-1b-7b", "--device", "cpu", "--backends", fused,
                                                *out])
         assert status == 1 and f"--backends: {fused} cannot be timed" in err and "timed here: reference" in err
+    if not torch.cuda.is_available():
+        status, err = _one_line_error(capsys, ["bench", "--arch", "olmoe-1b-7b", "--device", "cuda", *out])
+        assert status == 1 and "no CUDA device" in err and "--device cpu" in err
     assert not (tmp_path / "never").exists()
 
 
