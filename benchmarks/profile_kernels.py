@@ -17,11 +17,10 @@ import sys
 
 import torch
 
+from sara_kernels import backends
 from sara_kernels.programs.bench_op import loss_function, make_inputs
 
 from sara_cases import MODEL_BY_NAME, make_case
-
-from sara_kernels import backends
 
 
 def main(argv=None) -> int:
