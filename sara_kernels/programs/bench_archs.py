@@ -53,10 +53,11 @@ ARCHS = {
     )
 }
 
-# Where the transformers MoE families keep each field (docs: /work/shared/docs/moe-families.md),
-# first match wins. DBRX nests its under "ffn_config".
+# Where the MoE families of transformers 5.x keep each field, first match wins; DBRX nests its
+# under "ffn_config", Llama 4 and other multimodal wrappers under "text_config".
 _EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 _TOP_K_KEYS = ("num_experts_per_tok", "experts_per_token", "moe_k", "moe_top_k", "moe_topk")
+_HIDDEN_KEYS = ("hidden_size", "d_model")
 _WIDTH_KEYS = ("moe_intermediate_size", "intermediate_size", "ffn_hidden_size")
 # Families that score with a sigmoid without saying so in a scoring_func field (transformers' own
 # configs of DeepSeek-V3 and GLM-4-MoE have none; the Hub's DeepSeek-V3 config.json does).
@@ -66,7 +67,8 @@ _SIGMOID_FAMILIES = ("deepseek_v3", "glm4_moe", "llama4", "llama4_text")
 def arch_from_config(path: str) -> Arch:
     """The router shape of a saved model (a folder with ``config.json``, or the file itself).
 
-    Raises ValueError naming the file and what is missing when it describes no MoE routers.
+    Raises ValueError naming the file and what is missing when it describes no MoE routers or lacks
+    a field the step model needs (top-k, hidden size, expert width).
     """
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.isfile(file):
@@ -86,11 +88,11 @@ def arch_from_config(path: str) -> Arch:
                          f"bench needs an MoE model, or --arch NAME ({', '.join(ARCHS)})")
     layers = _moe_layers(config, fields.get("num_hidden_layers") or fields.get("n_layers"), file)
     score = "sigmoid" if config.get("scoring_func") == "sigmoid" or config.get("model_type") in _SIGMOID_FAMILIES else "softmax"
-    top_k = _first(fields, _TOP_K_KEYS) or 1
-    hidden = fields.get("hidden_size") or fields.get("d_model")
-    if not hidden:
-        raise ValueError(f"--model: {file} has no hidden_size (nor d_model): the router gate's input width is unknown")
-    width = _first(fields, _WIDTH_KEYS) or 4 * hidden
+    top_k, hidden, width = (_first(fields, keys) for keys in (_TOP_K_KEYS, _HIDDEN_KEYS, _WIDTH_KEYS))
+    for value, keys in ((top_k, _TOP_K_KEYS), (hidden, _HIDDEN_KEYS), (width, _WIDTH_KEYS)):
+        if not value:
+            raise ValueError(f"--model: {file} has none of {', '.join(keys)}; bench needs it to build the step "
+                             f"model, or use --arch NAME ({', '.join(ARCHS)})")
     name = config.get("_name_or_path") or os.path.basename(os.path.dirname(os.path.abspath(file)))
     return Arch(name, layers, int(experts), int(top_k), score, int(hidden), int(width), file)
 

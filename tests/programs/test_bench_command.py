@@ -82,14 +82,16 @@ def test_the_table_agrees_with_transformers_configs_of_the_same_models(tmp_path,
 
 @pytest.mark.parametrize("config, layers, experts, top_k, score", [
     (dict(model_type="qwen3_moe", num_hidden_layers=8, decoder_sparse_step=2, mlp_only_layers=[5], num_experts=60,
-          num_experts_per_tok=4, hidden_size=64), 3, 60, 4, "softmax"),  # layers 1, 3, 7 (5 is dense)
+          num_experts_per_tok=4, hidden_size=64, moe_intermediate_size=32), 3, 60, 4, "softmax"),  # 1, 3, 7
     (dict(model_type="jamba", num_hidden_layers=8, expert_layer_period=2, expert_layer_offset=1, num_experts=16,
-          num_experts_per_tok=2, hidden_size=64), 4, 16, 2, "softmax"),
+          num_experts_per_tok=2, hidden_size=64, intermediate_size=128), 4, 16, 2, "softmax"),
     (dict(model_type="llama4", text_config=dict(model_type="llama4_text", num_hidden_layers=6, moe_layers=[1, 3, 5],
-          num_local_experts=16, num_experts_per_tok=1, hidden_size=64)), 3, 16, 1, "sigmoid"),
-    (dict(model_type="dbrx", n_layers=4, d_model=64, ffn_config=dict(moe_num_experts=16, moe_top_k=4)), 4, 16, 4, "softmax"),
+          num_local_experts=16, num_experts_per_tok=1, hidden_size=64, intermediate_size=128)), 3, 16, 1, "sigmoid"),
+    (dict(model_type="dbrx", n_layers=4, d_model=64,
+          ffn_config=dict(moe_num_experts=16, moe_top_k=4, ffn_hidden_size=128)), 4, 16, 4, "softmax"),
     (dict(model_type="deepseek_v3", num_hidden_layers=5, first_k_dense_replace=1, n_routed_experts=7,
-          num_experts_per_tok=2, hidden_size=64, scoring_func="sigmoid"), 4, 7, 2, "sigmoid"),
+          num_experts_per_tok=2, hidden_size=64, moe_intermediate_size=32, scoring_func="sigmoid"), 4, 7, 2,
+     "sigmoid"),
 ])
 def test_the_router_fields_of_each_family_are_read(tmp_path, config, layers, experts, top_k, score):
     read = arch_from_config(_config_file(tmp_path, config))
@@ -110,6 +112,10 @@ def test_mistakes_are_one_line_naming_what_would_work(tmp_path, capsys):
     assert status == 1 and "--arch" in err and "mixtral-8x7b" in err and "--model PATH" in err
     status, err = _one_line_error(capsys, ["bench", "--model", dense, *out])
     assert status == 1 and "no MoE routers" in err and "--arch NAME" in err
+    no_top_k = _config_file(tmp_path, dict(model_type="x", num_hidden_layers=2, num_experts=8, hidden_size=32,
+                                           intermediate_size=64), "no_top_k.json")
+    status, err = _one_line_error(capsys, ["bench", "--model", no_top_k, *out])
+    assert status == 1 and "num_experts_per_tok" in err and "--arch NAME" in err
     status, err = _one_line_error(capsys, ["bench", "--model", str(tmp_path / "missing"), *out])
     assert status == 1 and "config.json" in err
     status, err = _one_line_error(capsys, ["bench", "--arch", "olmoe-1b-7b", "--tokens", "1000", *out])
