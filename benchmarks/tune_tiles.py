@@ -27,9 +27,9 @@ import triton
 from sara_kernels.ops.triton import host as triton_host
 
 from sara_kernels.programs.bench_archs import ARCHS
-from sara_kernels.programs.table import format_table
 from sara_kernels.programs.bench_timing import copies_for, copy_bandwidth, device_problem, environment, l2_cache_bytes, \
     percentile, time_calls, write_json
+from sara_kernels.programs.table import format_table
 
 # (name, layers, experts, score, tokens per side), the router shapes from the table of real models.
 SHAPES = [(ARCHS[key].name, ARCHS[key].layers, ARCHS[key].experts, ARCHS[key].score, tokens) for key, tokens in (
