@@ -16,8 +16,8 @@ are two halves of one training batch.
 
 Passes: ``fwd`` (with autograd recording, as in training), ``bwd`` (the gradient of a forward
 run untimed just before, L2 flushed in between), ``fwd+bwd``. Timing is L2-cold and uses CUDA
-events (see benchmarks/common.py for why). Per case and pass the results give the median time
-with its p20/p80 spread, the CPU time to issue one call while the GPU is busy, the minimum bytes
+events (see sara_kernels/programs/bench_timing.py for why). Per case and pass the results give
+the median time with its p20/p80 spread, the CPU time to issue one call while the GPU is busy, the minimum bytes
 the op must move, the achieved fraction of the device-to-device copy bandwidth measured in the
 same run, the Triton op's speed-up over every contender, and extra peak memory; per case the
 Triton op's kernels' own times and bandwidth fractions (torch.profiler). torch.compile of the
@@ -25,8 +25,9 @@ reference gets one stacked [L, N, E] tensor per side; its compile time is report
 capped (--compile-timeout). Everything is written to ``--out`` (results.json, results.csv,
 summary.md, PNG plots), rewritten after every case so an interrupted sweep keeps what it measured.
 
-The parts: sara_cases.py (shapes, sweeps, inputs, traffic), sara_contenders.py (what is
-compared), sara_measure.py (timing one case), sara_report.py (targets, tables, plots).
+The parts: sara_cases.py (the sweeps and targets), sara_report.py (targets, tables, plots); one
+case is measured by the package's sara_kernels/programs/bench_op.py (inputs, traffic, contenders,
+timing), which ``python -m sara_kernels bench`` runs too.
 """
 
 from __future__ import annotations
@@ -39,12 +40,11 @@ import time
 
 import torch
 
+from sara_kernels.programs.bench_op import CONTENDERS, DTYPES, measure_case, progress_line
+from sara_kernels.programs.bench_timing import L2Flusher, copy_bandwidth, device_problem, environment, l2_cache_bytes
 from sara_kernels.programs.table import format_table
 
-from common import L2Flusher, copy_bandwidth, device_problem, environment, l2_cache_bytes
-from sara_cases import MODEL_BY_NAME, MODES, TARGET_SHAPE, TARGETS, TINY_SEQ_LEN, TOKENS, DTYPES, full_sweep, quick_sweep, tiny_version
-from sara_contenders import CONTENDERS
-from sara_measure import measure_case, progress_line
+from sara_cases import MODEL_BY_NAME, MODES, TARGET_SHAPE, TARGETS, TINY_SEQ_LEN, TOKENS, full_sweep, quick_sweep, tiny_version
 from sara_report import SUMMARY_COLUMNS, summary_rows, target_lines, write_results
 
 

@@ -17,10 +17,10 @@ import sys
 
 import torch
 
-from sara_cases import MODEL_BY_NAME, make_case, make_inputs
-from sara_contenders import loss_function
-
 from sara_kernels import backends
+from sara_kernels.programs.bench_op import loss_function, make_inputs
+
+from sara_cases import MODEL_BY_NAME, make_case
 
 
 def main(argv=None) -> int:

@@ -6,13 +6,13 @@ import os
 
 from sara_kernels.programs.table import format_table
 
-from common import write_csv, write_json
+from sara_kernels.programs.bench_op import CONTENDERS, FUSED, PASSES, kernel_pass, significant
+from sara_kernels.programs.bench_timing import write_csv, write_json
+
 from sara_cases import BACKEND_THRESHOLDS, MODES, TARGETS
-from sara_contenders import CONTENDERS, FUSED
-from sara_measure import PASSES, kernel_pass, significant
 
 # The summary's columns follow CONTENDERS: a new contender gets its own without an edit here.
-BASELINE = "triton"  # what every other contender is compared with (sara_measure's triton_speedup)
+BASELINE = "triton"  # what every other contender is compared with (bench_op's triton_speedup)
 OTHER_FUSED = [c for c in CONTENDERS if c in FUSED and c != BASELINE]  # timed in full, × how much faster than it
 UNFUSED = [c for c in CONTENDERS if c not in FUSED]  # median only, × how much faster the baseline is
 SHORT = {"reference": "ref"}  # header abbreviations, as in the committed results

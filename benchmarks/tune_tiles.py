@@ -26,18 +26,15 @@ import triton
 
 from sara_kernels.ops.triton import host as triton_host
 
+from sara_kernels.programs.bench_archs import ARCHS
+from sara_kernels.programs.bench_timing import copies_for, copy_bandwidth, device_problem, environment, l2_cache_bytes, \
+    percentile, time_calls, write_json
 from sara_kernels.programs.table import format_table
 
-from common import copies_for, copy_bandwidth, device_problem, environment, l2_cache_bytes, percentile, time_calls, \
-    write_json
-
-SHAPES = [  # (name, layers, experts, score, tokens per side)
-    ("Qwen3-30B-A3B", 48, 128, "softmax", 16384),
-    ("DeepSeek-V3", 58, 256, "sigmoid", 8192),
-    ("Qwen3-Next-80B-A3B", 48, 512, "softmax", 8192),
-    ("Mixtral-8x7B", 32, 8, "softmax", 16384),
-    ("OLMoE-1B-7B", 16, 64, "softmax", 16384),
-]
+# (name, layers, experts, score, tokens per side), the router shapes from the table of real models.
+SHAPES = [(ARCHS[key].name, ARCHS[key].layers, ARCHS[key].experts, ARCHS[key].score, tokens) for key, tokens in (
+    ("qwen3-30b-a3b", 16384), ("deepseek-v3", 8192), ("qwen3-next-80b-a3b", 8192), ("mixtral-8x7b", 16384),
+    ("olmoe-1b-7b", 16384))]
 ELEMENTS_PER_THREAD = (16, 32, 64)
 WARPS = (4, 8)
 # (STAGES, maxnreg): the loop as measured before pipelining, and pipelined with and without the cap.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU CI in one call: install (building the CUDA extension for this GPU), GPU tests of both fused
-# backends, kernel tests at real compile, selftest, quick benchmarks.
+# backends, kernel tests at real compile, selftest, quick benchmarks (bench_sara.py and the bench command).
 #
 #   bash scripts/gpu_ci.sh OUTDIR
 #
@@ -98,9 +98,9 @@ LIMIT=$(stage_limit 175 40)
 run_stage bench_sara "$LIMIT" 'f="$OUT/bench_sara/summary.md"; [ -f "$f" ] || { tail -n 1 "$LOG"; exit; }; echo "targets: $(grep -c ": MET:" "$f") met, $(grep -c ": NOT MET:" "$f") not met, $(grep -c "NOT MEASURED" "$f") not measured"' \
     "$PY" benchmarks/bench_sara.py --quick --out "$OUT/bench_sara" --time-budget $((LIMIT > 80 ? LIMIT - 45 : 35))
 
-BACKEND_NAMES=$("$PY" -c 'from sara_kernels.backends import NAMES; print("|".join(NAMES))')
-run_stage bench_overhead "$(stage_limit 60 5)" 'grep -qE "^triton " "$LOG" || { tail -n 1 "$LOG"; exit; }; grep -E "^($BACKEND_NAMES) " "$LOG" | awk "{print \$1\": +\"\$3\" ms (\"\$4\"% of step)\"}" | tr "\n" ";"' \
-    "$PY" benchmarks/bench_router_overhead.py --quick --out "$OUT/bench_overhead"
+# The package's bench command at Qwen3-30B-A3B's routers (torch.compile is bench_sara's headline case's).
+run_stage bench "$(stage_limit 90 5)" "$LAST_LINE_NOTE" \
+    "$PY" -m sara_kernels bench --arch qwen3-30b-a3b --layers 4 --tokens 4096 --quick --no-compile --no-progress --out "$OUT/bench"
 
 {
     if [ -f "$OUT/bench_sara/summary.md" ]; then
@@ -112,9 +112,9 @@ run_stage bench_overhead "$(stage_limit 60 5)" 'grep -qE "^triton " "$LOG" || { 
         echo "--- auto: triton vs cuda, fwd+bwd (benchmarks/choose_auto.py) ---"
         "$PY" benchmarks/choose_auto.py "$OUT/bench_sara/results.json" 2>&1 | grep -E "^  " | head -n 12
     fi
-    if [ -f "$OUT/bench_overhead/overhead.md" ]; then
-        echo "--- SARA overhead in a Qwen3-MoE step ---"
-        sed -n '/^```$/,/^```$/p' "$OUT/bench_overhead/overhead.md" | grep -v '^```$'
+    if [ -f "$OUT/bench/bench.md" ]; then
+        echo "--- SARA in a training step at Qwen3-30B-A3B's routers (python -m sara_kernels bench) ---"
+        sed -n '/^Training step/,$p' "$OUT/bench/bench.md" | grep -v '^```$'
     fi
     echo "--- gpu_ci stages ($(($(date +%s) - START)) s of a ${BUDGET_S} s budget) ---"
     printf '%-15s %-8s %-4s %-6s %s\n' stage status rc secs result

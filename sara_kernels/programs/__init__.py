@@ -1,4 +1,4 @@
-"""The command-line programs (``python -m sara_kernels train|priors|analyze|demo|selftest``), apart from the library.
+"""The command-line programs (``python -m sara_kernels train|priors|analyze|demo|bench|selftest``), apart from the library.
 
 * :mod:`.cli`: dispatch, and one-line reports of user mistakes.
 * :mod:`.train`: fine-tuning a saved model with :class:`~sara_kernels.hf.SARATrainer`.
@@ -9,6 +9,9 @@
   parallel corpus (or a user's model and data), routing before and after.
 * :mod:`.analyze`: per-layer routing agreement of a saved model on parallel pairs.
 * :mod:`.selftest`: the installed kernels against the float64 reference on this machine.
+* :mod:`.bench`: what SARA costs at an architecture's router shapes (:mod:`.bench_archs`, the table
+  of real models; :mod:`.bench_op`, the op alone; :mod:`.bench_step`, a training step;
+  :mod:`.bench_timing`, the timing helpers ``benchmarks/`` shares).
 * :mod:`.models` (loading a saved model), :mod:`.table` (text tables).
 
 Imports run one way: programs → ``sara_kernels.hf`` → the core (``api``, ``reference``,

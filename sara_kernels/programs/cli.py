@@ -1,4 +1,4 @@
-"""Command line: ``python -m sara_kernels {train, priors, analyze, demo, selftest} ...``.
+"""Command line: ``python -m sara_kernels {train, priors, analyze, demo, bench, selftest} ...``.
 
 * ``train``: fine-tune a saved MoE model with LM + λ·SARA on parallel pairs (:mod:`.train`).
 * ``priors``: cache the anchors' routing for ``train --sara_priors`` (:mod:`.priors`).
@@ -6,11 +6,15 @@
   model, table + ``routing_analysis.json`` + ``routing_heatmap.png`` in ``--out`` (:mod:`.analyze`).
 * ``demo``: baseline vs SARA fine-tuning of a tiny Qwen3-MoE on a synthetic parallel corpus
   (or ``--model``/``--data``), table + ``summary.json`` + ``summary.png`` in ``--out``.
+* ``bench``: what SARA costs at an MoE architecture's router shapes (``--arch`` or ``--model``),
+  the op alone and its share of a training step, table + ``bench.json`` + ``bench.png`` in
+  ``--out`` (:mod:`.bench`).
 * ``selftest``: the installed kernels against the float64 reference (:mod:`.selftest`).
 
 ``train``, ``priors``, ``analyze`` and ``demo`` parse their options with ``HfArgumentParser``
 (:mod:`.arguments`: flags or one YAML/JSON file) and share the model and data options and
-``--no_progress`` (progress bars are drawn only on a terminal).
+``--no_progress`` (progress bars are drawn only on a terminal); ``bench`` has its own options
+(``--no-progress`` among them).
 
 Errors: a user mistake (a bad option, a missing file, a wrong column, a model without MoE
 routers) is reported in one line on stderr with exit status 2 (usage) or 1, before any work
@@ -31,13 +35,14 @@ import importlib
 import sys
 
 PROG = "python -m sara_kernels"
-# Commands parsed by HfArgumentParser: each module's prepare(argv) returns the run. A command's module is
+# Commands whose module's prepare(argv) returns the run (all parse with HfArgumentParser but bench, plain argparse). A command's module is
 # imported only when it runs, and imports the heavy libraries only past its -h and usage checks.
 PREPARED_COMMANDS = {
     "train": "fine-tune a saved MoE model with SARA (see python -m sara_kernels train -h)",
     "priors": "cache the anchors' routing priors for train --sara_priors (see python -m sara_kernels priors -h)",
     "analyze": "routing JS / top-k overlap between anchor and target for a saved model (see python -m sara_kernels analyze -h)",
     "demo": "baseline vs SARA fine-tuning, before/after routing JS per layer (see python -m sara_kernels demo -h)",
+    "bench": "time SARA at an MoE architecture's router shapes, alone and in a training step (see python -m sara_kernels bench -h)",
 }
 # What a user's mistake raises while a command is prepared (bad values and files, unreadable data,
 # a model without MoE routers); caught there only, so a bug while the command runs keeps its traceback.

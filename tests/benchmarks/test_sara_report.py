@@ -1,5 +1,5 @@
 """benchmarks/sara_report.py: the summary has columns for every contender of
-sara_contenders.CONTENDERS, compared with Triton, with the committed results' column names."""
+sara_kernels.programs.bench_op.CONTENDERS, compared with Triton, with the committed results' column names."""
 
 import importlib
 import os
@@ -10,7 +10,7 @@ import pytest
 from helpers import REPO
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
-import sara_contenders  # noqa: E402
+from sara_kernels.programs import bench_op  # noqa: E402
 import sara_report  # noqa: E402
 
 # The headers of the committed results (benchmarks/results/*/bench_sara/summary.md) and the CUDA columns.
@@ -43,9 +43,9 @@ def _row(contender, ms, mode="detach", **extra):
 def with_contender(monkeypatch):
     """sara_report as loaded with one more contender in CONTENDERS (reloaded as it was afterwards)."""
     def add(name, fused):
-        monkeypatch.setitem(sara_contenders.CONTENDERS, name, (False, sara_contenders._backend(name)))
+        monkeypatch.setitem(bench_op.CONTENDERS, name, (False, bench_op._backend(name)))
         if fused:
-            monkeypatch.setattr(sara_contenders, "FUSED", (*sara_contenders.FUSED, name))
+            monkeypatch.setattr(bench_op, "FUSED", (*bench_op.FUSED, name))
         return importlib.reload(sara_report)
 
     yield add

@@ -1,5 +1,5 @@
-"""Measurement helpers shared by the benchmarks: device facts, L2-cold timing, copy bandwidth,
-peak memory and result files.
+"""Measurement helpers of ``python -m sara_kernels bench`` and ``benchmarks/``: device facts,
+L2-cold timing, copy bandwidth, peak memory and result files.
 
 Why L2-cold: an H100 keeps 50 MB in L2. A benchmark that calls the op again and again on the
 same small inputs reads them from L2 after the first call and reports a bandwidth no
@@ -43,13 +43,17 @@ def l2_cache_bytes(device: torch.device) -> int:
 
 def environment(device: torch.device) -> dict:
     """Card, versions and date: what a reader needs to reproduce or compare a result."""
-    import triton
+    try:
+        import triton
 
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
     info = {
         "card": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
         "device": str(device),
         "torch": torch.__version__,
-        "triton": triton.__version__,
+        "triton": triton_version,
         "cuda": torch.version.cuda,
         "python": sys.version.split()[0],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

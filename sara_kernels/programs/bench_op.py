@@ -1,5 +1,9 @@
-"""Measuring one case of bench_sara.py: timings (median and spread), host time, memory, the
-per-kernel profile of the Triton op, and the metrics derived from them."""
+"""The SARA op alone at one router shape: the inputs a model hands over, the contenders (every
+backend of the registry and ``torch.compile`` of the reference), timings (median and spread),
+host time, memory, the fused ops' per-kernel profile, and the metrics derived from them.
+
+Used by ``python -m sara_kernels bench`` and by ``benchmarks/bench_sara.py``'s sweeps.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,15 @@ import math
 import signal
 import time
 from contextlib import contextmanager
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
-from common import (
+import sara_kernels
+from sara_kernels import backends, testing
+
+from .bench_timing import (
     copies_for,
     host_ms_per_call,
     is_out_of_memory,
@@ -21,8 +29,184 @@ from common import (
     synchronize,
     time_calls,
 )
-from sara_cases import Case, CaseInputs, logits_bytes, make_inputs, min_bytes
-from sara_contenders import FUSED, Contender, loss_function, make_contenders
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    layers: int
+    experts: int
+    score: str
+    tokens: int  # per side
+    mode: str  # "detach" (gradient to the target only), "both", "priors" (cached anchor distributions)
+    seq_len: int
+    dtype: str
+    compile_modes: tuple  # torch.compile modes tried for this case (empty: no compile contender)
+    target_shape: bool  # the model's real shape is one the benchmark's targets are stated for
+
+    @property
+    def seqs(self) -> int:
+        return self.tokens // self.seq_len
+
+    def describe(self) -> str:
+        return f"{self.model} L={self.layers} E={self.experts} {self.score} N={self.tokens}/side {self.mode} {self.dtype}"
+
+
+# ----------------------------------------------------------------------------------------
+# Inputs and traffic
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class CaseInputs:
+    """``copies`` independent input sets (for L2-cold rotation) and the shared masks."""
+
+    anchors: list  # per copy: tuple of L [N, E] leaves, or None in priors mode
+    targets: list  # per copy: tuple of L [N, E] leaves
+    priors: list  # per copy: [L, B, E] float32, or None
+    mask: torch.Tensor  # [B, S] all ones, shared by both sides (HF attention_mask, int64)
+    _stacked: Optional["CaseInputs"] = None
+
+    def diff_inputs(self, i: int, mode: str) -> tuple:
+        """The tensors whose gradient the step needs: the target, and the anchor in ``both`` mode."""
+        as_tuple = (lambda x: (x,)) if isinstance(self.targets[i], torch.Tensor) else tuple
+        anchor = as_tuple(self.anchors[i]) if mode == "both" else ()
+        return as_tuple(self.targets[i]) + anchor
+
+    def stacked(self) -> "CaseInputs":
+        """The same values as one [L, N, E] leaf per side (built once, on first use): the form
+        torch.compile handles best (with tuples of 48 tensors it compiles for minutes)."""
+        if self._stacked is None:
+            def stack(side):
+                return None if side is None else torch.stack([t.detach() for t in side]).requires_grad_()
+
+            self._stacked = CaseInputs([stack(a) for a in self.anchors], [stack(t) for t in self.targets],
+                                       self.priors, self.mask)
+        return self._stacked
+
+
+def logits_bytes(case: Case) -> int:
+    return case.layers * case.tokens * case.experts * DTYPES[case.dtype].itemsize
+
+
+def make_inputs(case: Case, device: torch.device, copies: int) -> CaseInputs:
+    """Per side a tuple of L [N, E] leaves (what ``outputs.router_logits`` holds), built with
+    :mod:`sara_kernels.testing`'s builders as the tests' are."""
+    dtype = DTYPES[case.dtype]
+
+    def side():
+        return tuple(z.requires_grad_() for z in testing.random_logits(case.layers, case.tokens, case.experts, dtype,
+                                                                       device=device))
+
+    mask = testing.padding_mask([case.seq_len] * case.seqs, case.seq_len, device)  # every sequence full
+    anchors, targets, priors = [], [], []
+    for _ in range(copies):
+        if case.mode == "priors":
+            with torch.no_grad():
+                priors.append(sara_kernels.routing_distribution(side(), mask, score=case.score, backend="reference").float())
+            anchors.append(None)
+        else:
+            anchors.append(side())
+            priors.append(None)
+        targets.append(side())
+    return CaseInputs(anchors, targets, priors, mask)
+
+
+def min_bytes(case: Case, pass_name: str) -> int:
+    """The traffic no implementation can avoid. fwd: read both sides' logits (priors mode: the
+    target's and the priors) and the masks once. bwd: read the target logits again and write
+    their gradient; ``both`` mode the anchor's too. Outputs of size L·B·E are left out."""
+    side = logits_bytes(case)
+    mask = case.seqs * case.seq_len * 8
+    priors = case.layers * case.seqs * case.experts * 4
+    fwd = side + mask + (priors if case.mode == "priors" else side + mask)
+    bwd = (2 * side + mask) * (2 if case.mode == "both" else 1)
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pass_name]
+
+
+# ----------------------------------------------------------------------------------------
+# Contenders
+# ----------------------------------------------------------------------------------------
+
+
+def loss_function(case: Case, backend: str) -> Callable:
+    """(anchor, target, mask, priors) -> scalar loss through ``sara_kernels.sara_loss``."""
+    detach = case.mode != "both"
+
+    def loss(anchor, target, mask, priors):
+        return sara_kernels.sara_loss(
+            anchor, target, None if priors is not None else mask, mask, anchor_probs=priors,
+            score=case.score, detach_anchor=detach, backend=backend,
+        )
+
+    return loss
+
+
+def _compiled_reference(case: Case, mode: str) -> Callable:
+    torch._dynamo.reset()  # a fresh compile per case and mode: no cache-limit fallback to eager
+    return torch.compile(loss_function(case, "reference"), mode=mode, dynamic=False)
+
+
+@dataclass
+class Contender:
+    name: str  # a key of CONTENDERS
+    variant: str  # torch.compile mode, else ""
+    build: Callable[[], Callable]  # returns the loss function; may raise (a bad compile mode)
+    stacked: bool = False  # inputs as one [L, N, E] tensor per side instead of a tuple of L [N, E]
+
+
+# The fused ops, whose kernels the profiler breaks down.
+FUSED = backends.FUSED
+COMPILE = "compile"  # the contender that is torch.compile of the reference
+
+
+def _backend(name: str):
+    return lambda case, variant: loss_function(case, name)
+
+
+# name -> (input form stacked?, builder(case, variant)): every backend of the registry, and the
+# reference under torch.compile. torch.compile gets the stacked form because compiling over a
+# tuple of L tensors per side took much longer than over one stacked tensor, too long for a
+# sweep; each run's compile times are in benchmarks/results/ (the summaries' "compile s").
+CONTENDERS = {**{name: (False, _backend(name)) for name in backends.NAMES}, COMPILE: (True, _compiled_reference)}
+
+
+def skip_reason(name: str, device: torch.device) -> Optional[str]:
+    """Why contender ``name`` cannot run on ``device`` (None when it can)."""
+    entry = backends.REGISTRY.get(name)
+    if entry is None:  # torch.compile of the reference runs anywhere
+        return None
+    try:
+        entry.module.require()
+    except RuntimeError as e:
+        return str(e)
+    if not entry.runs_on(device):
+        return f"does not run on {device.type} tensors{entry.device_hint}"
+    return None
+
+
+def make_contenders(case: Case, device: torch.device, requested: list) -> tuple:
+    """(runnable contenders, rows for the ones skipped). Contenders are built when measured,
+    so a torch.compile mode that fails is recorded as a failure of that mode only."""
+    runnable, skipped = [], []
+    for name in requested:
+        reason = skip_reason(name, device)
+        if name == COMPILE and not case.compile_modes:
+            reason = reason or "not in this sweep's compiled cases"
+        if reason:
+            skipped.append(dict(contender=name, variant="", status="skipped", note=reason))
+            continue
+        stacked, builder = CONTENDERS[name]
+        for variant in (case.compile_modes if name == COMPILE else ("",)):
+            runnable.append(Contender(name, variant, lambda b=builder, v=variant: b(case, v), stacked))
+    return runnable, skipped
+
+
+# ----------------------------------------------------------------------------------------
+# Measuring
+# ----------------------------------------------------------------------------------------
 
 PASSES = ["fwd", "bwd", "fwd+bwd"]
 # The kernels of the Triton op and the pass whose minimum traffic each one moves.
@@ -88,7 +272,7 @@ def measure_contender(case: Case, contender: Contender, inputs: CaseInputs, devi
     base = dict(contender=contender.name, variant=contender.variant, input_form="stacked" if contender.stacked else "tuple")
     start = time.perf_counter()
     try:
-        with time_limit(args.compile_timeout if contender.name == "compile" else None):
+        with time_limit(args.compile_timeout if contender.name == COMPILE else None):
             fn = contender.build()
             loss = forward(0)
             gradients(0, loss)
@@ -107,7 +291,7 @@ def measure_contender(case: Case, contender: Contender, inputs: CaseInputs, devi
     host_calls = {"fwd": lambda i: forward(i), "fwd+bwd": fwd_bwd}
     for pass_name in PASSES:
         row = dict(base, pass_name=pass_name, loss=loss_value,
-                   first_call_s=round(first_call_s, 3) if contender.name == "compile" else None)
+                   first_call_s=round(first_call_s, 3) if contender.name == COMPILE else None)
         try:
             times = time_calls(device, copies=copies, reps=args.reps, warmup=args.warmup, **timings[pass_name])
             row.update(status="ok", median_ms=percentile(times, 50), p20_ms=percentile(times, 20),
@@ -196,8 +380,8 @@ def kernel_profile(case: Case, inputs: CaseInputs, device: torch.device, copies:
                 pooling_bw_fraction=significant(gbps / copy_gbps) if gbps and on_gpu else None, kernels=kernels[:12])
 
 
-def add_derived_metrics(case: Case, rows: list, copy_gbps: float):
-    """Minimum bytes, achieved bandwidth and its fraction of the copy bandwidth, the Triton
+def add_derived_metrics(case: Case, rows: list, copy_gbps: Optional[float]):
+    """Minimum bytes, achieved bandwidth and its fraction of the copy bandwidth (None: not measured), the Triton
     op's speed-up over this row (this row's time / Triton's), and the best compile mode.
     Recomputed from scratch each time, as rows are added."""
     ok = [r for r in rows if r.get("status") == "ok"]
@@ -206,11 +390,12 @@ def add_derived_metrics(case: Case, rows: list, copy_gbps: float):
     for r in ok:
         nbytes = min_bytes(case, r["pass_name"])
         gbps = nbytes / (r["median_ms"] * 1e-3) / 1e9
-        r.update(min_bytes=nbytes, achieved_gbps=significant(gbps), bw_fraction=significant(gbps / copy_gbps))
+        r.update(min_bytes=nbytes, achieved_gbps=significant(gbps),
+                 bw_fraction=significant(gbps / copy_gbps) if copy_gbps else None)
     for pass_name in PASSES:
         in_pass = [r for r in ok if r["pass_name"] == pass_name]
         triton = next((r for r in in_pass if r["contender"] == "triton"), None)
-        compiled = [r for r in in_pass if r["contender"] == "compile"]
+        compiled = [r for r in in_pass if r["contender"] == COMPILE]
         if compiled:
             min(compiled, key=lambda r: r["median_ms"])["best_compile_mode"] = True
         for r in in_pass:
@@ -228,7 +413,7 @@ def case_shape(case: Case, copies: int, bytes_per_copy: int, l2_bytes: int) -> d
                 copies=copies, l2_cold_factor=round(copies * bytes_per_copy / l2_bytes, 2))
 
 
-def measure_case(case: Case, device: torch.device, l2_bytes: int, copy_gbps: float, flush, args,
+def measure_case(case: Case, device: torch.device, l2_bytes: int, copy_gbps: Optional[float], flush, args,
                  checkpoint: Callable[[list], None]) -> list:
     """All contenders × passes of one case, with bandwidth fractions and speed-ups filled in,
     and the Triton op's kernel profile on its fwd+bwd row.
