@@ -35,12 +35,14 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFullMask = 0xffffffffu;
-// Device compilation sees the target architecture, so each cubin of a multi-architecture build
-// gets its own launch bounds (nothing on the host reads them).
+// Blocks per SM a pooling kernel with up to 8 experts per lane is sized for. Device compilation
+// sees the target architecture, so each cubin of a multi-architecture build gets its own launch
+// bounds (nothing on the host reads them): 4 (64 registers) everywhere but sm_120 (at most 1536
+// threads per SM), where ptxas 13.0 spills 8-56 bytes in 16-bit EPT = 8 tiles at 64 and none at 3.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1200
-constexpr int kBackwardBlocksCap = 3;
+constexpr int kBlocksPerSmSmallTiles = 3;
 #else
-constexpr int kBackwardBlocksCap = 4;
+constexpr int kBlocksPerSmSmallTiles = 4;
 #endif
 static_assert(sizeof(LayerTable) + sizeof(Segments) + sizeof(PoolShape) + sizeof(PoolGrad) <= 4096,
               "the pooling kernels' arguments fit CUDA's 4 kB parameter space");
@@ -72,12 +74,10 @@ struct PoolTile {
   static constexpr int kUnroll = kRawBytes >= 64 ? 1 : 64 / kRawBytes;
   static constexpr int kRowStep = kThreads / G;  // rows the block covers per unrolled step
   static constexpr int kRowsPerIteration = kRowStep * kUnroll;
-  // Blocks per SM the register budget is sized for: 4 (≤ 64 registers, 32 warps per SM) while a
-  // lane holds up to 8 experts; 16 experts per lane (E > 256) need more to stay free of spills.
-  static constexpr int kMinBlocks = EPT <= 8 ? 4 : 2;
-  // The backward's, per architecture: on sm_120 (at most 1536 threads per SM) ptxas 13.0 spills
-  // 8 bytes in the 16-bit EPT = 8 tiles at 64 registers, none at 3 blocks (80).
-  static constexpr int kMinBlocksBackward = kMinBlocks < kBackwardBlocksCap ? kMinBlocks : kBackwardBlocksCap;
+  // Blocks per SM the register budget is sized for: kBlocksPerSmSmallTiles (4: ≤ 64 registers, 32
+  // warps per SM) while a lane holds up to 8 experts; 16 experts per lane (E > 256) need more
+  // registers to stay free of spills.
+  static constexpr int kMinBlocks = EPT <= 8 ? kBlocksPerSmSmallTiles : 2;
   static_assert(kRawBytes % 16 == 0, "a lane's slice of a row is whole 16-byte vectors");
   static_assert(G >= 1 && G <= 32 && (32 % G) == 0, "a row's lanes sit in one warp");
 };
@@ -184,27 +184,23 @@ __device__ __forceinline__ Slice sequence_slice(const Segments& seg, int b, int 
   return s;
 }
 
-// The mask element's raw bits, read from one byte address whatever the mask's width (one address
-// per row to compute, not one per width).
-__device__ __forceinline__ bool token_valid(const Segments& seg, int b, int64_t row, int64_t start) {
-  if (seg.mask == nullptr) return true;
+// The raw bits of a row's mask element, read from one byte address whatever the mask's width
+// (one address per row to compute, not one per width); the token is valid iff bits & mask_bits.
+__device__ __forceinline__ uint64_t mask_word(const Segments& seg, int b, int64_t row, int64_t start) {
   const char* p = static_cast<const char*>(seg.mask) +
                   (static_cast<int64_t>(b) * seg.mask_sb + (row - start) * seg.mask_ss) * seg.mask_bytes;
-  uint64_t bits;
   switch (seg.mask_bytes) {
-    case 1: bits = *reinterpret_cast<const uint8_t*>(p); break;
-    case 2: bits = *reinterpret_cast<const uint16_t*>(p); break;
-    case 4: bits = *reinterpret_cast<const uint32_t*>(p); break;
-    default: bits = *reinterpret_cast<const uint64_t*>(p); break;
+    case 1: return *reinterpret_cast<const uint8_t*>(p);
+    case 2: return *reinterpret_cast<const uint16_t*>(p);
+    case 4: return *reinterpret_cast<const uint32_t*>(p);
+    default: return *reinterpret_cast<const uint64_t*>(p);
   }
-  return (bits & seg.mask_bits) != 0;
 }
 
-// One lane's EPT raw values of a row, columns [c0, c0 + EPT); nothing is read for a row past the slice.
+// One lane's EPT raw values of a row, columns [c0, c0 + EPT).
 template <class D, int EPT>
 __device__ __forceinline__ void load_row(typename D::raw (&v)[EPT], const typename D::raw* row, int c0, int E,
-                                         int64_t col_stride, bool in_slice, bool vector_io) {
-  if (!in_slice) return;
+                                         int64_t col_stride, bool vector_io) {
   if (vector_io && c0 + EPT <= E) {
     const uint4* src = reinterpret_cast<const uint4*>(row + c0);
 #pragma unroll
@@ -222,20 +218,27 @@ __device__ __forceinline__ void load_row(typename D::raw (&v)[EPT], const typena
   }
 }
 
-// The U rows of one lane in one loop iteration, rows r, r + kRowStep, ...: every row of the slice
-// is loaded whatever its mask says (score_row forces masked rows to −∞), so the logits' loads do not
-// wait on the mask's and all of them are in flight before any is used.
+// The U rows of one lane in one loop iteration, rows r, r + kRowStep, ...: every row's mask word,
+// then every row's logits, whatever the mask says (score_row forces masked rows to −∞); a row past
+// the slice re-reads its last row (r < sl.hi holds for the first), so no load is conditional and
+// the mask words are tested only after the last load: no load waits on another.
 template <class D, class Tile>
 __device__ __forceinline__ void load_rows(bool (&valid)[Tile::kUnroll], typename D::raw (&v)[Tile::kUnroll][Tile::kEpt],
                                           const typename D::raw* x, int64_t row_stride, int64_t col_stride,
                                           const Segments& seg, const Slice& sl, int b, int64_t r, int c0, int E,
                                           bool vector_io) {
+  uint64_t bits[Tile::kUnroll];
 #pragma unroll
   for (int u = 0; u < Tile::kUnroll; ++u) {
-    const int64_t row = r + u * Tile::kRowStep;
-    const bool in_slice = row < sl.hi;
-    valid[u] = in_slice && token_valid(seg, b, row, sl.start);
-    load_row<D, Tile::kEpt>(v[u], x + row * row_stride, c0, E, col_stride, in_slice, vector_io);
+    bits[u] = seg.mask != nullptr ? mask_word(seg, b, min(r + u * Tile::kRowStep, sl.hi - 1), sl.start) : 0;
+  }
+#pragma unroll
+  for (int u = 0; u < Tile::kUnroll; ++u) {
+    load_row<D, Tile::kEpt>(v[u], x + min(r + u * Tile::kRowStep, sl.hi - 1) * row_stride, c0, E, col_stride, vector_io);
+  }
+#pragma unroll
+  for (int u = 0; u < Tile::kUnroll; ++u) {
+    valid[u] = r + u * Tile::kRowStep < sl.hi && (seg.mask == nullptr || (bits[u] & seg.mask_bits) != 0);
   }
 }
 
@@ -353,7 +356,7 @@ __global__ void __launch_bounds__(kThreads, Tile::kMinBlocks) pool_routing_fwd(L
 }
 
 template <class D, class Tile>
-__global__ void __launch_bounds__(kThreads, Tile::kMinBlocksBackward) pool_routing_bwd(LayerTable table, Segments seg,
+__global__ void __launch_bounds__(kThreads, Tile::kMinBlocks) pool_routing_bwd(LayerTable table, Segments seg,
                                                              PoolShape shape, PoolGrad grad) {
   constexpr int EPT = Tile::kEpt, G = Tile::kLanesPerRow, U = Tile::kUnroll;
   using raw = typename D::raw;
