@@ -2,8 +2,9 @@
 without the built extension must fail clearly.
 
 Nothing compiled here runs. The kernels are compiled with this machine's nvcc for every
-architecture in csrc/extension.py's CHECK_ARCHS, with ptxas reporting resources (a spill in a
-pooling kernel is a failure: their loops are what streams the logits). The host code is
+architecture in csrc/extension.py's CHECK_ARCHS in one nvcc call, with ptxas reporting resources
+(a spill in a pooling kernel is a failure: their loops are what streams the logits), and the
+forward's SASS is read back with cuobjdump to check that its loads issue together. The host code is
 compiled (syntax and types, no object file) against the installed torch's headers, exactly the
 sources and flags setup.py builds. The GPU tests of the backend itself are in tests/gpu/test_gpu.py.
 """
@@ -124,17 +125,17 @@ def loads_before_the_mask_is_read(sass: str):
 @needs_nvcc
 @pytest.mark.skipif(_cuobjdump() is None, reason="no cuobjdump (CUDA toolkit or Triton's bundled copy) to disassemble")
 def test_masked_rows_issue_every_load_before_reading_the_mask(kernel_build):
-    """Issue 33 item 4, in the SASS of every checked architecture: a lane's 4 mask loads of an
+    """In the SASS of every checked architecture: a lane's 4 mask loads of an
     iteration issue together, and its 4 rows' logits loads issue before any mask byte is read, so
     no load waits on the mask's round trip (a mask of 1-byte elements, the one bool masks take)."""
-    obj, _ = kernel_build
-    for arch in EXT.CHECK_ARCHS:
-        run = subprocess.run([_cuobjdump(), "-sass", "-arch", f"sm_{arch}", str(obj)], capture_output=True, text=True,
-                             timeout=300)
-        assert run.returncode == 0, run.stderr[-2000:]
-        kernel = re.search(rf"Function : \S*{FORWARD_BF16_E128}.*?(?=\s+Function : |\Z)", run.stdout, re.S)
-        assert kernel is not None, f"no {FORWARD_BF16_E128} in the sm_{arch} SASS"
-        assert loads_before_the_mask_is_read(kernel.group(0)) == (4, 4), f"sm_{arch}"
+    obj, report = kernel_build
+    name = re.search(rf"Compiling entry function '(\w*{FORWARD_BF16_E128}\w*)'", report).group(1)
+    run = subprocess.run([_cuobjdump(), "-sass", "-fun", name, str(obj)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    per_arch = dict(re.findall(r"code for (sm_\w+)\s+(.*?)(?=code for sm_|\Z)", run.stdout, re.S))
+    assert sorted(per_arch) == sorted(f"sm_{a}" for a in EXT.CHECK_ARCHS), sorted(per_arch)
+    for arch, sass in per_arch.items():
+        assert loads_before_the_mask_is_read(sass) == (4, 4), arch
 
 
 @needs_nvcc
