@@ -145,7 +145,7 @@ __device__ __forceinline__ float fast_rcp(float x) {
 // Applied to the row loop's row index (and the column stride), it keeps nvcc's loop strength
 // reduction from turning every address the loop derives from it (U rows × mask, logits, gradient
 // and, on the strided path, EPT columns) into its own 64-bit induction variable live across the
-// loop: from compute_100 on, cicc did, and the pooling kernels spilled 100-600 bytes on every
+// loop: from compute_100 on, cicc did, and the pooling kernels spilled 72-600 bytes on every
 // Blackwell architecture. Recomputing an address is a multiply-add in a loop bound by memory.
 __device__ __forceinline__ int64_t opaque(int64_t i) {
 #ifdef __CUDA_ARCH__
