@@ -15,9 +15,11 @@ SOURCES = ("routing_js_ops.cpp", "routing_js_kernels.cu")
 # is left to torch.utils.cpp_extension, which picks the one its headers need.
 NVCC_FLAGS = ("-O3", "--threads", "4")
 CXX_FLAGS = ("-O3",)
-# Architectures the CI compile check builds for (an install builds for the visible GPU, or for
-# TORCH_CUDA_ARCH_LIST when set, as torch.utils.cpp_extension does).
-CHECK_ARCHS = ("80", "90")
+# Architectures the CI compile check builds for: A100, A10/RTX 30, H100/H200 (plain and
+# arch-specific), B200/GB200 (plain and arch-specific), B300/GB300, RTX 50/RTX PRO Blackwell. An
+# install builds for the visible GPU, or for TORCH_CUDA_ARCH_LIST when set (where "9.0a" and
+# "10.0a" are accepted), as torch.utils.cpp_extension does.
+CHECK_ARCHS = ("80", "86", "90", "90a", "100", "100a", "103", "120")
 # Set to 1 to install without building the extension (backend="cuda" then says how to build it).
 OPT_OUT = "SARA_KERNELS_NO_CUDA"
 

@@ -35,6 +35,15 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFullMask = 0xffffffffu;
+// Blocks per SM a pooling kernel with up to 8 experts per lane is sized for. Device compilation
+// sees the target architecture, so each cubin of a multi-architecture build gets its own launch
+// bounds (nothing on the host reads them): 4 (64 registers) everywhere but sm_120 (at most 1536
+// threads per SM), where ptxas 13.0 spills 8-56 bytes in 16-bit EPT = 8 tiles at 64 and none at 3.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1200
+constexpr int kBlocksPerSmSmallTiles = 3;
+#else
+constexpr int kBlocksPerSmSmallTiles = 4;
+#endif
 static_assert(sizeof(LayerTable) + sizeof(Segments) + sizeof(PoolShape) + sizeof(PoolGrad) <= 4096,
               "the pooling kernels' arguments fit CUDA's 4 kB parameter space");
 
@@ -65,9 +74,10 @@ struct PoolTile {
   static constexpr int kUnroll = kRawBytes >= 64 ? 1 : 64 / kRawBytes;
   static constexpr int kRowStep = kThreads / G;  // rows the block covers per unrolled step
   static constexpr int kRowsPerIteration = kRowStep * kUnroll;
-  // Blocks per SM the register budget is sized for: 4 (≤ 64 registers, 32 warps per SM) while a
-  // lane holds up to 8 experts; 16 experts per lane (E > 256) need more to stay free of spills.
-  static constexpr int kMinBlocks = EPT <= 8 ? 4 : 2;
+  // Blocks per SM the register budget is sized for: kBlocksPerSmSmallTiles (4: ≤ 64 registers, 32
+  // warps per SM) while a lane holds up to 8 experts; 16 experts per lane (E > 256) need more
+  // registers to stay free of spills.
+  static constexpr int kMinBlocks = EPT <= 8 ? kBlocksPerSmSmallTiles : 2;
   static_assert(kRawBytes % 16 == 0, "a lane's slice of a row is whole 16-byte vectors");
   static_assert(G >= 1 && G <= 32 && (32 % G) == 0, "a row's lanes sit in one warp");
 };
@@ -131,6 +141,19 @@ __device__ __forceinline__ float fast_rcp(float x) {
 #endif
 }
 
+// i, with everything the compiler knows about how it was computed hidden behind an empty asm.
+// Applied to the row loop's row index (and the column stride), it keeps nvcc's loop strength
+// reduction from turning every address the loop derives from it (U rows × mask, logits, gradient
+// and, on the strided path, EPT columns) into its own 64-bit induction variable live across the
+// loop: from compute_100 on, cicc did, and the pooling kernels spilled 72-600 bytes on every
+// Blackwell architecture. Recomputing an address is a multiply-add in a loop bound by memory.
+__device__ __forceinline__ int64_t opaque(int64_t i) {
+#ifdef __CUDA_ARCH__
+  asm("" : "+l"(i));
+#endif
+  return i;
+}
+
 __device__ __forceinline__ int64_t load_index(const void* p, int64_t i, int bytes) {
   return bytes == 8 ? static_cast<const int64_t*>(p)[i] : static_cast<int64_t>(static_cast<const int32_t*>(p)[i]);
 }
@@ -161,24 +184,23 @@ __device__ __forceinline__ Slice sequence_slice(const Segments& seg, int b, int 
   return s;
 }
 
-__device__ __forceinline__ bool token_valid(const Segments& seg, int b, int64_t row, int64_t start) {
-  if (seg.mask == nullptr) return true;
-  const int64_t offset = static_cast<int64_t>(b) * seg.mask_sb + (row - start) * seg.mask_ss;
-  uint64_t bits;
+// The raw bits of a row's mask element, read from one byte address whatever the mask's width
+// (one address per row to compute, not one per width); the token is valid iff bits & mask_bits.
+__device__ __forceinline__ uint64_t mask_word(const Segments& seg, int b, int64_t row, int64_t start) {
+  const char* p = static_cast<const char*>(seg.mask) +
+                  (static_cast<int64_t>(b) * seg.mask_sb + (row - start) * seg.mask_ss) * seg.mask_bytes;
   switch (seg.mask_bytes) {
-    case 1: bits = static_cast<const uint8_t*>(seg.mask)[offset]; break;
-    case 2: bits = static_cast<const uint16_t*>(seg.mask)[offset]; break;
-    case 4: bits = static_cast<const uint32_t*>(seg.mask)[offset]; break;
-    default: bits = static_cast<const uint64_t*>(seg.mask)[offset]; break;
+    case 1: return *reinterpret_cast<const uint8_t*>(p);
+    case 2: return *reinterpret_cast<const uint16_t*>(p);
+    case 4: return *reinterpret_cast<const uint32_t*>(p);
+    default: return *reinterpret_cast<const uint64_t*>(p);
   }
-  return (bits & seg.mask_bits) != 0;
 }
 
-// One lane's EPT raw values of a row, columns [c0, c0 + EPT); nothing is read for an invalid row.
+// One lane's EPT raw values of a row, columns [c0, c0 + EPT).
 template <class D, int EPT>
 __device__ __forceinline__ void load_row(typename D::raw (&v)[EPT], const typename D::raw* row, int c0, int E,
-                                         int64_t col_stride, bool valid, bool vector_io) {
-  if (!valid) return;
+                                         int64_t col_stride, bool vector_io) {
   if (vector_io && c0 + EPT <= E) {
     const uint4* src = reinterpret_cast<const uint4*>(row + c0);
 #pragma unroll
@@ -187,28 +209,36 @@ __device__ __forceinline__ void load_row(typename D::raw (&v)[EPT], const typena
       memcpy(reinterpret_cast<char*>(v) + 16 * k, &chunk, 16);
     }
   } else {
+    const int64_t step = opaque(col_stride);
+    const typename D::raw* p = row + c0 * step;
 #pragma unroll
-    for (int j = 0; j < EPT; ++j) {
-      if (c0 + j < E) v[j] = __ldg(row + static_cast<int64_t>(c0 + j) * col_stride);
+    for (int j = 0; j < EPT; ++j, p += step) {
+      if (c0 + j < E) v[j] = __ldg(p);
     }
   }
 }
 
-// The U rows of one lane in one loop iteration, rows r, r + kRowStep, ...: every row's validity
-// first (mask loads), then every row's logits, so all of them are in flight before any is used.
+// The U rows of one lane in one loop iteration, rows r, r + kRowStep, ...: every row's mask word,
+// then every row's logits, whatever the mask says (score_row forces masked rows to −∞); a row past
+// the slice re-reads its last row (r < sl.hi holds for the first), so no load is conditional and
+// the mask words are tested only after the last load: no load waits on another.
 template <class D, class Tile>
 __device__ __forceinline__ void load_rows(bool (&valid)[Tile::kUnroll], typename D::raw (&v)[Tile::kUnroll][Tile::kEpt],
                                           const typename D::raw* x, int64_t row_stride, int64_t col_stride,
                                           const Segments& seg, const Slice& sl, int b, int64_t r, int c0, int E,
                                           bool vector_io) {
+  uint64_t bits[Tile::kUnroll];
 #pragma unroll
   for (int u = 0; u < Tile::kUnroll; ++u) {
-    const int64_t row = r + u * Tile::kRowStep;
-    valid[u] = row < sl.hi && token_valid(seg, b, row, sl.start);
+    bits[u] = seg.mask != nullptr ? mask_word(seg, b, min(r + u * Tile::kRowStep, sl.hi - 1), sl.start) : 0;
   }
 #pragma unroll
   for (int u = 0; u < Tile::kUnroll; ++u) {
-    load_row<D, Tile::kEpt>(v[u], x + (r + u * Tile::kRowStep) * row_stride, c0, E, col_stride, valid[u], vector_io);
+    load_row<D, Tile::kEpt>(v[u], x + min(r + u * Tile::kRowStep, sl.hi - 1) * row_stride, c0, E, col_stride, vector_io);
+  }
+#pragma unroll
+  for (int u = 0; u < Tile::kUnroll; ++u) {
+    valid[u] = r + u * Tile::kRowStep < sl.hi && (seg.mask == nullptr || (bits[u] & seg.mask_bits) != 0);
   }
 }
 
@@ -284,7 +314,7 @@ __global__ void __launch_bounds__(kThreads, Tile::kMinBlocks) pool_routing_fwd(L
   for (int64_t r0 = sl.lo; r0 < sl.hi; r0 += Tile::kRowsPerIteration) {
     bool valid[U];
     raw v[U][EPT];
-    load_rows<D, Tile>(valid, v, x, row_stride, col_stride, seg, sl, b, r0 + row_in, c0, E, shape.vector_io);
+    load_rows<D, Tile>(valid, v, x, row_stride, col_stride, seg, sl, b, opaque(r0 + row_in), c0, E, shape.vector_io);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       float s[EPT], h[EPT];
@@ -355,10 +385,11 @@ __global__ void __launch_bounds__(kThreads, Tile::kMinBlocks) pool_routing_bwd(L
   for (int64_t r0 = sl.lo; r0 < sl.hi; r0 += Tile::kRowsPerIteration) {
     bool valid[U];
     raw v[U][EPT];
-    load_rows<D, Tile>(valid, v, x, row_stride, col_stride, seg, sl, b, r0 + row_in, c0, E, shape.vector_io);
+    const int64_t r = opaque(r0 + row_in);
+    load_rows<D, Tile>(valid, v, x, row_stride, col_stride, seg, sl, b, r, c0, E, shape.vector_io);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t r = r0 + u * Tile::kRowStep + row_in;
+      const int64_t row = r + u * Tile::kRowStep;
       float s[EPT], h[EPT];
       score_row<D, EPT, G>(v[u], c0, E, valid[u], shape.logit_scale, shape.sigmoid, s, h);
       float dot = 0.f;
@@ -368,8 +399,8 @@ __global__ void __launch_bounds__(kThreads, Tile::kMinBlocks) pool_routing_bwd(L
       raw dz[EPT];
 #pragma unroll
       for (int j = 0; j < EPT; ++j) dz[j] = D::store(valid[u] ? c * h[j] * (coef[j] - dot) : 0.f);
-      if (r < sl.hi) {  // every row of the slice is written, invalid tokens with 0
-        raw* dst = out + r * E + c0;
+      if (row < sl.hi) {  // every row of the slice is written, invalid tokens with 0
+        raw* dst = out + row * E + c0;
         if (grad.vector_store && c0 + EPT <= E) {
 #pragma unroll
           for (int k = 0; k < Tile::kRawBytes / 16; ++k) {
@@ -575,8 +606,9 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, int threads, cudaStream
   config.gridDim = grid;
   config.blockDim = dim3(threads);
   config.stream = stream;
-  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, args...);
-  return err != cudaSuccess ? err : cudaGetLastError();
+  // The launch's own status: cudaGetLastError would also return (and clear) an error that an
+  // earlier, unrelated call left behind, and blame it on this kernel.
+  return cudaLaunchKernelEx(&config, kernel, args...);
 }
 
 }  // namespace

@@ -17,8 +17,9 @@
 
 #include <Python.h>
 
-#include <array>
+#include <mutex>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -152,13 +153,19 @@ Segments segments(const optional<Tensor>& mask, const optional<Tensor>& cu, cons
   return seg;
 }
 
+// Asked once per device. The autograd engine runs the backward in one thread per device, so the
+// cache is shared between threads (a mutex, uncontended after the first call), and every device
+// index has an entry of its own.
 int sm_count(int device) {
-  static std::array<int, 64> cache{};
-  if (device < 0 || device >= static_cast<int>(cache.size())) device = 0;
-  if (cache[device] == 0) {
-    check_cuda(cudaDeviceGetAttribute(&cache[device], cudaDevAttrMultiProcessorCount, device), "SM count");
-  }
-  return cache[device];
+  static std::mutex mutex;
+  static std::unordered_map<int, int> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = cache.find(device);
+  if (found != cache.end()) return found->second;
+  int count = 0;
+  check_cuda(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), "SM count");
+  cache.emplace(device, count);
+  return count;
 }
 
 int num_splits(const Side& side, const Segments& seg, int device) {

@@ -86,9 +86,11 @@ run_stage gpu_tests "$(stage_limit 120 200)" 'tail -n 1 "$LOG"' \
 # The normal suite's kernel files (those calling the Triton backend), now at real compile.
 # Left out: test_gpu.py (the stage above), and the files that compile for fixed targets or run an
 # emulation without a device, the same on every machine and run by the CPU suite:
-# test_aot_compile.py, test_cuda_build.py (nvcc for sm_80/sm_90), test_cuda_emulation.py.
+# test_aot_compile.py, test_cuda_build.py (nvcc for CHECK_ARCHS), test_cuda_emulation.py; but
+# test_cuda_build.py's check of the op's device and dtype errors runs here on the built extension.
 # The files kept run the CUDA backend too (the built extension, on the GPU).
 KERNEL_FILES=$(grep -l -E 'backend="triton"|routing_js|ops\.triton|triton_(host|kernels|ops)' tests/*/test_*.py | grep -v -x -E 'tests/(gpu/test_gpu|ops/test_(aot_compile|cuda_build|cuda_emulation))\.py' | tr '\n' ' ')
+KERNEL_FILES="$KERNEL_FILES tests/ops/test_cuda_build.py::test_cuda_backend_rejects_another_devices_tensors_and_float64"
 if [ -n "$KERNEL_FILES" ]; then
     run_stage kernel_tests "$(stage_limit 120 140)" 'tail -n 1 "$LOG"' \
         bash scripts/sharded_pytest.sh "$SHARDS" "$OUT/kernel_tests" $KERNEL_FILES -m "not gpu"

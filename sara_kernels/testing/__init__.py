@@ -48,7 +48,9 @@ from .tolerances import (
     LOSS_TOL,
     ORACLE_TOL,
     PROBS_TOL,
+    GPU_APPROXIMATION_FACTOR,
     assert_grads_close,
     js_errors,
+    on_device,
     relative_grad_error,
 )

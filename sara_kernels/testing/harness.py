@@ -21,7 +21,7 @@ import torch
 from .. import api
 from .cases import Case, PairInputs, Segmentation, Shape, make_inputs
 from .oracle import numpy_pair_js
-from .tolerances import GRAD_TOL, JS_TOL, LOSS_TOL, ORACLE_TOL, assert_grads_close, js_errors, relative_grad_error
+from .tolerances import GRAD_TOL, JS_TOL, LOSS_TOL, ORACLE_TOL, assert_grads_close, js_errors, on_device, relative_grad_error
 
 # ---------------------------------------------------------------------------------------------
 # One run of sara_loss and the element-wise comparison
@@ -79,9 +79,10 @@ def assert_matches_reference(got: Run, want: Run, dtype: torch.dtype, fp32: Opti
     ``fp32``, where the problem is ill-conditioned). ``rows``: compare only these rows of each
     gradient (the rest may be padding, where the reference's gradient is undefined)."""
     assert got.loss.dtype == torch.float32, got.loss.dtype
-    torch.testing.assert_close(got.loss.double(), want.loss.double(), **LOSS_TOL)
+    loss_tol = on_device(LOSS_TOL, got.loss.device)
+    torch.testing.assert_close(got.loss.double(), want.loss.double(), **loss_tol)
     if want.per_layer is not None:
-        torch.testing.assert_close(got.per_layer.double(), want.per_layer.double(), **LOSS_TOL)
+        torch.testing.assert_close(got.per_layer.double(), want.per_layer.double(), **loss_tol)
     assert len(got.grads) == len(want.grads)
     for i, (g, w) in enumerate(zip(got.grads, want.grads)):
         assert g is not None and g.dtype == dtype, f"gradient {i}: {None if g is None else g.dtype}, wanted {dtype}"
@@ -159,13 +160,14 @@ class CheckResult:
 def check_kernel(case: Case, shape: Shape, backend: str, device, seed: int) -> CheckResult:
     """Kernel ``backend`` on ``device`` vs the float64 reference on the same rounded inputs,
     plus bitwise determinism over a second run."""
-    result = CheckResult(f"{backend} vs fp64 reference", case, grad_tol=GRAD_TOL[case.dtype]["max_rel"])
+    grad_tol = on_device(GRAD_TOL[case.dtype], device) if case.dtype == torch.float32 else GRAD_TOL[case.dtype]
+    result = CheckResult(f"{backend} vs fp64 reference", case, grad_tol=grad_tol["max_rel"])
     start = time.perf_counter()
     try:
         inputs = make_inputs(case, shape, device, seed)
         js, grads = evaluate(inputs, case, backend)
         ref_js, ref_grads = evaluate(inputs, case, "reference", leaf_dtype=torch.float64)
-        result.js_err, result.js_ok = js_errors(js, ref_js, JS_TOL["long"])
+        result.js_err, result.js_ok = js_errors(js, ref_js, on_device(JS_TOL["long"], device))
         result.grad_err = relative_grad_error(grads, ref_grads)
         js2, grads2 = evaluate(inputs, case, backend)
         result.deterministic = torch.equal(js, js2) and all(

@@ -182,8 +182,8 @@ def test_cuda_matches_triton(segmentation, score):
                                                  backend=backend, **seg)
         out[backend] = (loss, per_layer, torch.autograd.grad(loss, [a, *t]))
     (loss_t, per_t, grads_t), (loss_c, per_c, grads_c) = out["triton"], out["cuda"]
-    torch.testing.assert_close(loss_c, loss_t, **testing.JS_TOL["long"])
-    torch.testing.assert_close(per_c, per_t, **testing.JS_TOL["long"])
+    torch.testing.assert_close(loss_c, loss_t, **testing.on_device(testing.JS_TOL["long"], "cuda"))
+    torch.testing.assert_close(per_c, per_t, **testing.on_device(testing.JS_TOL["long"], "cuda"))
     assert testing.relative_grad_error(grads_c, grads_t) <= testing.GRAD_TOL[torch.bfloat16]["max_rel"]
 
 
@@ -201,7 +201,7 @@ def test_routing_distribution_matches_reference(backend):
     ref_x = logits.double().requires_grad_()
     ref = reference_distribution(ref_x, mask, score="sigmoid", temperature=0.9)
     (ref_grad,) = torch.autograd.grad((ref * weight).sum(), ref_x)
-    torch.testing.assert_close(probs.double(), ref, **testing.PROBS_TOL)
+    torch.testing.assert_close(probs.double(), ref, **testing.on_device(testing.PROBS_TOL, "cuda"))
     assert (probs[:, 1] == 0).all()
     assert testing.relative_grad_error([grad], [ref_grad]) <= testing.GRAD_TOL[torch.bfloat16]["max_rel"]
 
@@ -234,8 +234,8 @@ def check_layer_by_layer(layers, experts, target_bounds, anchor_bounds, device, 
         ref_per_layer.append(ref_loss.detach())
         del ref_target, ref_grad
     ref_per_layer = torch.stack(ref_per_layer)
-    torch.testing.assert_close(per_layer.double(), ref_per_layer, **testing.JS_TOL["long"])
-    torch.testing.assert_close(loss.double(), ref_per_layer.mean(), **testing.JS_TOL["long"])
+    torch.testing.assert_close(per_layer.double(), ref_per_layer, **testing.on_device(testing.JS_TOL["long"], "cuda"))
+    torch.testing.assert_close(loss.double(), ref_per_layer.mean(), **testing.on_device(testing.JS_TOL["long"], "cuda"))
 
 
 @contextlib.contextmanager
@@ -337,6 +337,6 @@ def test_torch_compile_fullgraph(backend):
         loss = fn(a, t, mask)
         results.append((loss.detach(), torch.autograd.grad(loss, a + t)))
     (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
-    torch.testing.assert_close(compiled_loss, eager_loss, **testing.JS_TOL["long"])
+    torch.testing.assert_close(compiled_loss, eager_loss, **testing.on_device(testing.JS_TOL["long"], "cuda"))
     for g, h in zip(compiled_grads, eager_grads):
         assert testing.relative_grad_error([g], [h]) <= testing.GRAD_TOL[torch.bfloat16]["max_rel"]

@@ -68,3 +68,18 @@ def test_the_comparison_fails_on_a_wrong_result(wrong):
     got = dataclasses.replace(got, grads=grads)
     with pytest.raises(AssertionError):
         testing.assert_matches_reference(got, want, torch.float32)
+
+
+def test_results_computed_on_a_gpu_get_the_gpu_arithmetic_allowance():
+    """The fp32 tolerances widen by GPU_APPROXIMATION_FACTOR for results on a CUDA device (the
+    kernels' ex2/rcp approximations there) and only there; a bf16 gradient's stays its rounding."""
+    assert testing.on_device(testing.LOSS_TOL, "cpu") == testing.LOSS_TOL
+    assert testing.on_device(testing.LOSS_TOL, "cuda") == {
+        name: value * testing.GPU_APPROXIMATION_FACTOR for name, value in testing.LOSS_TOL.items()}
+    assert testing.GPU_APPROXIMATION_FACTOR > 1
+    # An fp32 gradient off by twice its CPU rtol fails on the CPU, and is within the GPU allowance.
+    want = torch.linspace(1.0, 2.0, 8, dtype=torch.float64)
+    got = (want * (1 + 2 * testing.GRAD_TOL[torch.float32]["rtol"])).float()
+    with pytest.raises(AssertionError):
+        testing.assert_grads_close(got, want, torch.float32)
+    assert testing.on_device(testing.GRAD_TOL[torch.float32], "cuda")["rtol"] > 2 * testing.GRAD_TOL[torch.float32]["rtol"]
