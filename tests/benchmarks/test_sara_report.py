@@ -27,8 +27,8 @@ def _columns(name, fused):
             else [f"{name} ms", f"×{name}"])
 
 
-SINCE = [column for name in sara_contenders.CONTENDERS if name not in COMMITTED_CONTENDERS
-         for column in _columns(name, name in sara_contenders.FUSED)]
+SINCE = [column for name in bench_op.CONTENDERS if name not in COMMITTED_CONTENDERS
+         for column in _columns(name, name in bench_op.FUSED)]
 KERNELS = dict(kernels=[dict(name="pool_routing_fwd_kernel", bw_fraction=0.42),
                         dict(name="pool_routing_bwd_kernel", bw_fraction=0.73)])
 
