@@ -35,6 +35,13 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFullMask = 0xffffffffu;
+// Device compilation sees the target architecture, so each cubin of a multi-architecture build
+// gets its own launch bounds (nothing on the host reads them).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1200
+constexpr int kBackwardBlocksCap = 3;
+#else
+constexpr int kBackwardBlocksCap = 4;
+#endif
 static_assert(sizeof(LayerTable) + sizeof(Segments) + sizeof(PoolShape) + sizeof(PoolGrad) <= 4096,
               "the pooling kernels' arguments fit CUDA's 4 kB parameter space");
 
@@ -68,6 +75,9 @@ struct PoolTile {
   // Blocks per SM the register budget is sized for: 4 (≤ 64 registers, 32 warps per SM) while a
   // lane holds up to 8 experts; 16 experts per lane (E > 256) need more to stay free of spills.
   static constexpr int kMinBlocks = EPT <= 8 ? 4 : 2;
+  // The backward's, per architecture: on sm_120 (at most 1536 threads per SM) ptxas 13.0 spills
+  // 8 bytes in the 16-bit EPT = 8 tiles at 64 registers, none at 3 blocks (80).
+  static constexpr int kMinBlocksBackward = kMinBlocks < kBackwardBlocksCap ? kMinBlocks : kBackwardBlocksCap;
   static_assert(kRawBytes % 16 == 0, "a lane's slice of a row is whole 16-byte vectors");
   static_assert(G >= 1 && G <= 32 && (32 % G) == 0, "a row's lanes sit in one warp");
 };
@@ -131,6 +141,19 @@ __device__ __forceinline__ float fast_rcp(float x) {
 #endif
 }
 
+// i, with everything the compiler knows about how it was computed hidden behind an empty asm.
+// Applied to the row loop's row index (and the column stride), it keeps nvcc's loop strength
+// reduction from turning every address the loop derives from it (U rows × mask, logits, gradient
+// and, on the strided path, EPT columns) into its own 64-bit induction variable live across the
+// loop: from compute_100 on, cicc did, and the pooling kernels spilled 100-600 bytes on every
+// Blackwell architecture. Recomputing an address is a multiply-add in a loop bound by memory.
+__device__ __forceinline__ int64_t opaque(int64_t i) {
+#ifdef __CUDA_ARCH__
+  asm("" : "+l"(i));
+#endif
+  return i;
+}
+
 __device__ __forceinline__ int64_t load_index(const void* p, int64_t i, int bytes) {
   return bytes == 8 ? static_cast<const int64_t*>(p)[i] : static_cast<int64_t>(static_cast<const int32_t*>(p)[i]);
 }
@@ -161,24 +184,27 @@ __device__ __forceinline__ Slice sequence_slice(const Segments& seg, int b, int 
   return s;
 }
 
+// The mask element's raw bits, read from one byte address whatever the mask's width (one address
+// per row to compute, not one per width).
 __device__ __forceinline__ bool token_valid(const Segments& seg, int b, int64_t row, int64_t start) {
   if (seg.mask == nullptr) return true;
-  const int64_t offset = static_cast<int64_t>(b) * seg.mask_sb + (row - start) * seg.mask_ss;
+  const char* p = static_cast<const char*>(seg.mask) +
+                  (static_cast<int64_t>(b) * seg.mask_sb + (row - start) * seg.mask_ss) * seg.mask_bytes;
   uint64_t bits;
   switch (seg.mask_bytes) {
-    case 1: bits = static_cast<const uint8_t*>(seg.mask)[offset]; break;
-    case 2: bits = static_cast<const uint16_t*>(seg.mask)[offset]; break;
-    case 4: bits = static_cast<const uint32_t*>(seg.mask)[offset]; break;
-    default: bits = static_cast<const uint64_t*>(seg.mask)[offset]; break;
+    case 1: bits = *reinterpret_cast<const uint8_t*>(p); break;
+    case 2: bits = *reinterpret_cast<const uint16_t*>(p); break;
+    case 4: bits = *reinterpret_cast<const uint32_t*>(p); break;
+    default: bits = *reinterpret_cast<const uint64_t*>(p); break;
   }
   return (bits & seg.mask_bits) != 0;
 }
 
-// One lane's EPT raw values of a row, columns [c0, c0 + EPT); nothing is read for an invalid row.
+// One lane's EPT raw values of a row, columns [c0, c0 + EPT); nothing is read for a row past the slice.
 template <class D, int EPT>
 __device__ __forceinline__ void load_row(typename D::raw (&v)[EPT], const typename D::raw* row, int c0, int E,
-                                         int64_t col_stride, bool valid, bool vector_io) {
-  if (!valid) return;
+                                         int64_t col_stride, bool in_slice, bool vector_io) {
+  if (!in_slice) return;
   if (vector_io && c0 + EPT <= E) {
     const uint4* src = reinterpret_cast<const uint4*>(row + c0);
 #pragma unroll
@@ -187,15 +213,18 @@ __device__ __forceinline__ void load_row(typename D::raw (&v)[EPT], const typena
       memcpy(reinterpret_cast<char*>(v) + 16 * k, &chunk, 16);
     }
   } else {
+    const int64_t step = opaque(col_stride);
+    const typename D::raw* p = row + c0 * step;
 #pragma unroll
-    for (int j = 0; j < EPT; ++j) {
-      if (c0 + j < E) v[j] = __ldg(row + static_cast<int64_t>(c0 + j) * col_stride);
+    for (int j = 0; j < EPT; ++j, p += step) {
+      if (c0 + j < E) v[j] = __ldg(p);
     }
   }
 }
 
-// The U rows of one lane in one loop iteration, rows r, r + kRowStep, ...: every row's validity
-// first (mask loads), then every row's logits, so all of them are in flight before any is used.
+// The U rows of one lane in one loop iteration, rows r, r + kRowStep, ...: every row of the slice
+// is loaded whatever its mask says (score_row forces masked rows to −∞), so the logits' loads do not
+// wait on the mask's and all of them are in flight before any is used.
 template <class D, class Tile>
 __device__ __forceinline__ void load_rows(bool (&valid)[Tile::kUnroll], typename D::raw (&v)[Tile::kUnroll][Tile::kEpt],
                                           const typename D::raw* x, int64_t row_stride, int64_t col_stride,
@@ -204,11 +233,9 @@ __device__ __forceinline__ void load_rows(bool (&valid)[Tile::kUnroll], typename
 #pragma unroll
   for (int u = 0; u < Tile::kUnroll; ++u) {
     const int64_t row = r + u * Tile::kRowStep;
-    valid[u] = row < sl.hi && token_valid(seg, b, row, sl.start);
-  }
-#pragma unroll
-  for (int u = 0; u < Tile::kUnroll; ++u) {
-    load_row<D, Tile::kEpt>(v[u], x + (r + u * Tile::kRowStep) * row_stride, c0, E, col_stride, valid[u], vector_io);
+    const bool in_slice = row < sl.hi;
+    valid[u] = in_slice && token_valid(seg, b, row, sl.start);
+    load_row<D, Tile::kEpt>(v[u], x + row * row_stride, c0, E, col_stride, in_slice, vector_io);
   }
 }
 
@@ -284,7 +311,7 @@ __global__ void __launch_bounds__(kThreads, Tile::kMinBlocks) pool_routing_fwd(L
   for (int64_t r0 = sl.lo; r0 < sl.hi; r0 += Tile::kRowsPerIteration) {
     bool valid[U];
     raw v[U][EPT];
-    load_rows<D, Tile>(valid, v, x, row_stride, col_stride, seg, sl, b, r0 + row_in, c0, E, shape.vector_io);
+    load_rows<D, Tile>(valid, v, x, row_stride, col_stride, seg, sl, b, opaque(r0 + row_in), c0, E, shape.vector_io);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       float s[EPT], h[EPT];
@@ -326,7 +353,7 @@ __global__ void __launch_bounds__(kThreads, Tile::kMinBlocks) pool_routing_fwd(L
 }
 
 template <class D, class Tile>
-__global__ void __launch_bounds__(kThreads, Tile::kMinBlocks) pool_routing_bwd(LayerTable table, Segments seg,
+__global__ void __launch_bounds__(kThreads, Tile::kMinBlocksBackward) pool_routing_bwd(LayerTable table, Segments seg,
                                                              PoolShape shape, PoolGrad grad) {
   constexpr int EPT = Tile::kEpt, G = Tile::kLanesPerRow, U = Tile::kUnroll;
   using raw = typename D::raw;
@@ -355,10 +382,11 @@ __global__ void __launch_bounds__(kThreads, Tile::kMinBlocks) pool_routing_bwd(L
   for (int64_t r0 = sl.lo; r0 < sl.hi; r0 += Tile::kRowsPerIteration) {
     bool valid[U];
     raw v[U][EPT];
-    load_rows<D, Tile>(valid, v, x, row_stride, col_stride, seg, sl, b, r0 + row_in, c0, E, shape.vector_io);
+    const int64_t r = opaque(r0 + row_in);
+    load_rows<D, Tile>(valid, v, x, row_stride, col_stride, seg, sl, b, r, c0, E, shape.vector_io);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t r = r0 + u * Tile::kRowStep + row_in;
+      const int64_t row = r + u * Tile::kRowStep;
       float s[EPT], h[EPT];
       score_row<D, EPT, G>(v[u], c0, E, valid[u], shape.logit_scale, shape.sigmoid, s, h);
       float dot = 0.f;
@@ -368,8 +396,8 @@ __global__ void __launch_bounds__(kThreads, Tile::kMinBlocks) pool_routing_bwd(L
       raw dz[EPT];
 #pragma unroll
       for (int j = 0; j < EPT; ++j) dz[j] = D::store(valid[u] ? c * h[j] * (coef[j] - dot) : 0.f);
-      if (r < sl.hi) {  // every row of the slice is written, invalid tokens with 0
-        raw* dst = out + r * E + c0;
+      if (row < sl.hi) {  // every row of the slice is written, invalid tokens with 0
+        raw* dst = out + row * E + c0;
         if (grad.vector_store && c0 + EPT <= E) {
 #pragma unroll
           for (int k = 0; k < Tile::kRawBytes / 16; ++k) {
@@ -575,8 +603,9 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, int threads, cudaStream
   config.gridDim = grid;
   config.blockDim = dim3(threads);
   config.stream = stream;
-  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, args...);
-  return err != cudaSuccess ? err : cudaGetLastError();
+  // The launch's own status: cudaGetLastError would also return (and clear) an error that an
+  // earlier, unrelated call left behind, and blame it on this kernel.
+  return cudaLaunchKernelEx(&config, kernel, args...);
 }
 
 }  // namespace

@@ -173,3 +173,11 @@ extern "C" int sara_emu_run(const EmuCase* cp) {
   if (c.anchor.grad != nullptr && backward(c.anchor, a_seg, ga, c.stats)) return 7;
   return 0;
 }
+
+// The status of a successful launch made while an earlier, unrelated call's error is pending: the
+// launch wrapper must report its own launch, not that error.
+extern "C" int sara_emu_launch_status_after_a_pending_error() {
+  emulator_last_error = cudaErrorLaunchFailure;
+  float partial[1] = {0.5f}, count[1] = {1.f}, probs[1], total[1];
+  return static_cast<int>(sara::launch_pooled_routing_fwd(partial, count, probs, total, 1, 1, 1, 1, true, nullptr));
+}

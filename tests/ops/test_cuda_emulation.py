@@ -199,6 +199,13 @@ def test_emulated_kernels_match_float64_reference(emulated, spec):
         assert bool((g[~valid] == 0).all())
 
 
+def test_a_launch_reports_its_own_status_not_an_earlier_error(emulated):
+    """An error some earlier call left pending (cudaGetLastError would return and clear it) is not
+    this launch's failure: the launch wrappers return the launch's own status."""
+    emulated.sara_emu_launch_status_after_a_pending_error.restype = ctypes.c_int
+    assert emulated.sara_emu_launch_status_after_a_pending_error() == 0
+
+
 KERNELS = {  # name: (kernel body over float v = threadIdx.x, block size, whether the launch must fail)
     "shuffle skipped by half a warp": ("if (threadIdx.x < 16) v = __shfl_xor_sync(0xffffffffu, v, 1);", 32, True),
     "__syncthreads skipped by a warp": ("if (threadIdx.x < 32) __syncthreads();", 64, True),
