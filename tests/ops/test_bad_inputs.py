@@ -59,6 +59,16 @@ BAD = {
     "layer weights negative": (dict(layer_weights=[1.0, -1.0]), ValueError, "non-negative"),
     "layer weights zero sum": (dict(layer_weights=[0.0, 0.0]), ValueError, "positive sum"),
     "layer weights shape": (dict(layer_weights=torch.ones(3)), ValueError, "layer_weights: expected shape"),
+    "pair weights negative": (dict(pair_weights=torch.tensor([-0.5])), ValueError,
+                              r"pair_weights: expected finite weights >= 0, got pair_weights\[0\] = -0.5"),
+    "pair weights nan": (dict(target_mask=MASK, anchor_mask=MASK, pair_weights=torch.tensor([1.0, float("nan")])),
+                         ValueError, r"pair_weights: expected finite weights >= 0, got pair_weights\[1\] = nan"),
+    "pair weights inf": (dict(pair_weights=[float("inf")]), ValueError, "pair_weights: expected finite weights >= 0"),
+    "pair weights shape": (dict(pair_weights=torch.ones(2)), ValueError, r"pair_weights: expected shape \[B\] = \[1\]"),
+    "pair weights int": (dict(pair_weights=torch.ones(1, dtype=torch.long)), TypeError,
+                         "pair_weights: expected a floating-point tensor"),
+    "pair weights not numbers": (dict(pair_weights=["a"]), TypeError, "pair_weights: expected a sequence of B numbers"),
+    "divergence": (dict(divergence="jsd"), ValueError, "divergence: expected one of \\('js', 'kl', 'reverse_kl'\\)"),
 }
 
 
