@@ -159,3 +159,22 @@ def test_both_trainers_give_the_same_sara_gradient_under_accumulation(tmp_path):
     assert_updates_close(sara_part["SARATrainer"], expected, rtol=1e-3)
     gate = "model.layers.1.mlp.gate.weight"
     assert expected[gate].abs().max() > 1e-3  # the SARA update is far from zero
+
+
+def test_resume_checks_sara_divergence_and_older_checkpoints_were_js(tmp_path):
+    """The checkpoint state holds sara_divergence; a checkpoint written before the option existed
+    was trained with JS, so it resumes under "js" and is refused under "kl"."""
+    from sara_kernels.hf.checkpoint import check_sara_state, save_sara_state, sara_state
+
+    def state(divergence):
+        options = SARAOptions(sara_divergence=divergence)
+        return sara_state(options, layers=[1, 2], score="softmax", anchor_max_length=None, priors=None)
+
+    older = {k: v for k, v in state("js").items() if k != "sara_divergence"}
+    save_sara_state(str(tmp_path), older)
+    check_sara_state(str(tmp_path), state("js"))
+    with pytest.raises(ValueError, match="sara_divergence 'js' -> 'kl'"):
+        check_sara_state(str(tmp_path), state("kl"))
+    save_sara_state(str(tmp_path), state("reverse_kl"))
+    with pytest.raises(ValueError, match="sara_divergence 'reverse_kl' -> 'js'"):
+        check_sara_state(str(tmp_path), state("js"))
