@@ -369,21 +369,24 @@ def pair_weight_tensor(pair_weights, num_seqs: int, device) -> Optional[torch.Te
         return None
     if not isinstance(pair_weights, torch.Tensor):
         try:
-            pair_weights = torch.tensor([float(w) for w in pair_weights], dtype=torch.float64)
+            values = torch.tensor([float(w) for w in pair_weights], dtype=torch.float64)
         except (TypeError, ValueError):
             raise TypeError("pair_weights: expected a sequence of B numbers or a [B] tensor") from None
-        if pair_weights.shape == (num_seqs,):
-            _check_pair_weight_values(pair_weights)
-            pair_weights = host_to_device(pair_weights, device)
-    if pair_weights.shape != (num_seqs,):
-        raise ValueError(f"pair_weights: expected shape [B] = [{num_seqs}] (one weight per pair), "
-                         f"got {list(pair_weights.shape)}")
+        _check_pair_weight_shape(values, num_seqs)
+        _check_pair_weight_values(values)
+        return host_to_device(values, device)
+    _check_pair_weight_shape(pair_weights, num_seqs)
     if not pair_weights.is_floating_point():
         raise TypeError(f"pair_weights: expected a floating-point tensor, got {pair_weights.dtype}")
     if pair_weights.device != device:
         raise ValueError(f"pair_weights is on {pair_weights.device} but the logits are on {device}")
     _check_pair_weight_values(pair_weights)
     return pair_weights
+
+
+def _check_pair_weight_shape(weights: torch.Tensor, num_seqs: int):
+    if weights.shape != (num_seqs,):
+        raise ValueError(f"pair_weights: expected shape [B] = [{num_seqs}] (one weight per pair), got {list(weights.shape)}")
 
 
 def _check_pair_weight_values(weights: torch.Tensor):

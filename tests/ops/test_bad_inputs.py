@@ -133,3 +133,16 @@ def test_cuda_backend_raises_the_same_errors(case, cuda_backend):
     overrides, error, message = BAD[case]
     with pytest.raises(error, match=message):
         call(sara_kernels.sara_loss, {**overrides, "backend": cuda_backend})
+
+
+def test_pair_weights_off_the_cpu_are_checked_by_a_device_assertion_without_a_host_sync(monkeypatch):
+    """The path a GPU tensor takes (here while compiling, the other case that takes it): no value is
+    read on the host (no bool(), item() or tolist()), and a bad weight fails the device assertion."""
+    from sara_kernels import _inputs
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    for method in ("__bool__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, method, lambda *_: pytest.fail("a host sync on the pair_weights check"))
+    _inputs.pair_weight_tensor(torch.tensor([0.0, 2.5]), 2, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="pair_weights: expected finite weights >= 0"):
+        _inputs.pair_weight_tensor(torch.tensor([1.0, -1.0]), 2, torch.device("cpu"))
