@@ -1,4 +1,4 @@
-r"""The Triton kernels of SARA routing alignment: score, masked pooling, Jensen-Shannon, reduction, backward.
+r"""The Triton kernels of SARA routing alignment: score, masked pooling, divergence, reduction, backward.
 
 The math (symbols as in :mod:`sara_kernels.reference`, which is the specification):
 
