@@ -482,3 +482,18 @@ def test_pair_weights_all_zero_give_zero_loss_and_zero_gradients(divergence, any
         assert loss.item() == 0.0 and (per_layer == 0).all()
         for g in torch.autograd.grad(loss, anchor + target):
             assert (g == 0).all()
+
+
+def test_module_form_takes_divergence_and_pair_weights():
+    gen = _gen(53)
+    L, B, S, E = 2, 3, 4, 10
+    mask = ragged_mask(B, S, gen)
+    anchor, target = random_logits(L, B * S, E, generator=gen), random_logits(L, B * S, E, generator=gen)
+    pair_weights = torch.tensor([0.5, 0.0, 2.0], device=DEVICE)
+    module = sara_kernels.SARALoss(divergence="kl", reduction="sum", backend="reference")
+    assert "divergence='kl'" in repr(module)
+    got = module(anchor, target, mask, mask, pair_weights=pair_weights)
+    want = reference_loss(anchor, target, mask, mask, divergence="kl", reduction="sum", pair_weights=pair_weights)
+    assert torch.equal(got, want) and got != reference_loss(anchor, target, mask, mask, reduction="sum")
+    with pytest.raises(ValueError, match="divergence: expected one of"):
+        sara_kernels.SARALoss(divergence="jensen")
