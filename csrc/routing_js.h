@@ -74,6 +74,11 @@ struct PoolGrad {
   float inv_tau;
 };
 
+enum Divergence : int { kJS = 0, kKL = 1, kReverseKL = 2 };
+
+// The floor of a KL divergence's second distribution (reference.Q_MIN, the smallest normal float).
+constexpr float kQMin = 1.17549435e-38f;
+
 struct PairArgs {
   const float* a_partial;  // [L, B, a_splits, E], unused with priors
   const float* a_count;    // [B, a_splits]
@@ -83,10 +88,12 @@ struct PairArgs {
   int t_splits;
   const float* priors;     // [L, B, E] float32 with strides, or nullptr
   int64_t prior_sl, prior_sb, prior_se;
-  float* js;               // [L, B]
-  float* ga;               // [L, B, E]
+  const float* pair_weights;  // [B] float32 contiguous, or nullptr (every pair weighs 1)
+  int divergence;          // Divergence
+  float* js;               // [L, B]: π_b D_{l,b}
+  float* ga;               // [L, B, E]: π_b G^a
   float* gt;
-  float* stats;            // [3, B]: n^a, n^t, pair validity
+  float* stats;            // [3, B]: n^a, n^t, π (0 for an invalid pair)
   int num_layers, num_seqs, num_experts;
 };
 

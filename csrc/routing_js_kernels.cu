@@ -3,9 +3,10 @@
 //
 //   s = softmax(z/τ) or σ(z/τ)/Σσ(z/τ)           h = s (softmax), s ⊙ σ(−z/τ) (sigmoid)
 //   partial[l, b, split, :] = Σ_{valid rows of the slice} s        (pool_routing_fwd)
-//   P = Σ_split partial / max(n_b, 1), M = ½(P^a + P^t), G = ½ log(P/M) (0 where P = 0),
-//   JS = Σ_e P^a G^a + P^t G^t                                     (pair_js_fwd)
-//   loss, per-layer mean JS and k_l = ∂loss/∂JS_{l,b}               (reduce_pair_loss)
+//   P = Σ_split partial / max(n_b, 1); D and G by divergence: JS (M = ½(P^a + P^t),
+//   G = ½ log(P/M), 0 where P = 0, D = Σ_e P^a G^a + P^t G^t) or a KL (kl_parts); both times π_b
+//                                                                  (pair_js_fwd)
+//   loss, per-layer weighted mean and k_l = ∂loss/∂(π_b D_{l,b})    (reduce_pair_loss)
 //   ∂L/∂z = c · h ⊙ (G − ⟨s, G⟩), c = g/(τ n_b)                     (pool_routing_bwd)
 //
 // Layout of the pooling kernels. A row of E experts is split over G consecutive lanes holding
@@ -425,6 +426,16 @@ __device__ __forceinline__ float half_log_ratio(float p, float total) {
   return p == 0.f ? 0.f : 0.5f * logf((p + p) / total);
 }
 
+// KL(p ‖ q) term with q floored at kQMin: gp = log(p/q) (∂KL/∂p less its constant 1, which the
+// backward's centring removes), gq = −p/q (0 below the floor, whose derivative is 0), 0 where p = 0.
+__device__ __forceinline__ void kl_parts(float p, float q, float& gp, float& gq, float& term) {
+  const bool floored = q < kQMin;  // false for NaN, which propagates
+  const float qf = floored ? kQMin : q;
+  gp = p == 0.f ? 0.f : logf(p / qf);
+  gq = floored ? 0.f : -p / qf;
+  term = p * gp;
+}
+
 // One warp per (l, b).
 __global__ void __launch_bounds__(32) pair_js_fwd(PairArgs a) {
   const int l = blockIdx.x, b = blockIdx.y, lane = threadIdx.x;
@@ -436,8 +447,9 @@ __global__ void __launch_bounds__(32) pair_js_fwd(PairArgs a) {
     for (int s = 0; s < a.a_splits; ++s) n_a += a.a_count[static_cast<int64_t>(b) * a.a_splits + s];
   }
   const bool valid = n_a > 0.f && n_t > 0.f;
+  const float weight = !valid ? 0.f : a.pair_weights != nullptr ? a.pair_weights[b] : 1.f;
   const int64_t lb = static_cast<int64_t>(l) * B + b;
-  float js = 0.f;
+  float d = 0.f;
   for (int c = lane; c < E; c += 32) {
     float pt = 0.f;
     for (int s = 0; s < a.t_splits; ++s) pt += a.t_partial[(lb * a.t_splits + s) * E + c];
@@ -450,20 +462,28 @@ __global__ void __launch_bounds__(32) pair_js_fwd(PairArgs a) {
       for (int s = 0; s < a.a_splits; ++s) pa += a.a_partial[(lb * a.a_splits + s) * E + c];
       pa /= fmaxf(n_a, 1.f);
     }
-    const float total = pa + pt;
-    const float ga = valid ? half_log_ratio(pa, total) : 0.f;
-    const float gt = valid ? half_log_ratio(pt, total) : 0.f;
-    js += pa * ga + pt * gt;  // Σ_e ½ P log(P/M) = Σ_e P G; NaN in P stays NaN
-    a.ga[lb * E + c] = ga;
-    a.gt[lb * E + c] = gt;
+    float ga, gt, term;
+    if (a.divergence == kJS) {
+      const float total = pa + pt;
+      ga = half_log_ratio(pa, total);
+      gt = half_log_ratio(pt, total);
+      term = pa * ga + pt * gt;  // Σ_e ½ P log(P/M) = Σ_e P G; NaN in P stays NaN
+    } else if (a.divergence == kKL) {
+      kl_parts(pa, pt, ga, gt, term);
+    } else {
+      kl_parts(pt, pa, gt, ga, term);
+    }
+    d += term;
+    a.ga[lb * E + c] = valid ? ga * weight : 0.f;
+    a.gt[lb * E + c] = valid ? gt * weight : 0.f;
   }
-  js = warp_sum(js);
+  d = warp_sum(d);
   if (lane == 0) {
-    a.js[lb] = js;
+    a.js[lb] = valid ? d * weight : 0.f;
     if (l == 0) {
       a.stats[b] = n_a;
       a.stats[B + b] = n_t;
-      a.stats[2 * B + b] = valid ? 1.f : 0.f;
+      a.stats[2 * B + b] = weight;
     }
   }
 }
@@ -475,7 +495,7 @@ __device__ __forceinline__ float layer_weight(const ReduceArgs& a, int l) {
                        : static_cast<const float*>(a.weights)[i];
 }
 
-// One block: the loss, the per-layer mean JS and k_l, in a fixed order (deterministic).
+// One block: the loss, the per-layer weighted mean and k_l, in a fixed order (deterministic).
 __global__ void __launch_bounds__(kThreads) reduce_pair_loss(ReduceArgs a) {
   __shared__ float red[kWarps];
   __shared__ float coef_scale;
@@ -483,11 +503,13 @@ __global__ void __launch_bounds__(kThreads) reduce_pair_loss(ReduceArgs a) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float v = 0.f;
   for (int b = threadIdx.x; b < B; b += kThreads) v += a.stats[2 * B + b];
-  const float inv_valid = 1.f / fmaxf(block_sum(v, red), 1.f);
+  const float total_weight = block_sum(v, red);
+  // No weight left: every π·D is 0, and so are the loss and (k_l = 0) the gradients.
+  const float inv_valid = total_weight > 0.f ? 1.f / total_weight : 0.f;
   float w = 0.f;
   for (int l = threadIdx.x; l < L; l += kThreads) w += layer_weight(a, l);
   const float weight_sum = block_sum(w, red);
-  // Σ_b JS_{l,b}, one warp per layer; kept in layer_coef until the loss is known.
+  // Σ_b π_b D_{l,b}, one warp per layer; kept in layer_coef until the loss is known.
   for (int l = warp; l < L; l += kWarps) {
     float t = 0.f;
     for (int b = lane; b < B; b += 32) t += a.js[static_cast<int64_t>(l) * B + b];

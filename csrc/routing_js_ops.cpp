@@ -227,6 +227,14 @@ int64_t reduction_code(c10::string_view reduction) {
   return kNone;
 }
 
+int divergence_code(c10::string_view divergence) {
+  if (divergence == "js") return kJS;
+  if (divergence == "kl") return kKL;
+  TORCH_CHECK_VALUE(divergence == "reverse_kl", "divergence: expected 'js', 'kl' or 'reverse_kl', got '", divergence,
+                    "'");
+  return kReverseKL;
+}
+
 at::TensorOptions f32(const Tensor& like) { return like.options().dtype(at::kFloat); }
 
 // Σ s over each slice: (partial [L, B, splits, E], count [B, splits]).
@@ -265,11 +273,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sara_loss_fwd(
     TensorList anchor, TensorList target, const optional<Tensor>& anchor_mask,
     const optional<Tensor>& anchor_cu_seqlens, const optional<Tensor>& target_mask,
     const optional<Tensor>& target_cu_seqlens, const optional<Tensor>& anchor_probs,
-    const optional<Tensor>& layer_weights, c10::string_view score, double temperature,
-    c10::string_view reduction_name) {
+    const optional<Tensor>& layer_weights, const optional<Tensor>& pair_weights, c10::string_view score,
+    double temperature, c10::string_view reduction_name, c10::string_view divergence) {
   TORCH_CHECK_VALUE(temperature > 0, "temperature: expected > 0, got ", temperature);
   const bool sigmoid = is_sigmoid(score);
   const int64_t reduction = reduction_code(reduction_name);
+  const int divergence_id = divergence_code(divergence);
   const Side t = describe(target, "target_logits");
   const c10::cuda::CUDAGuard guard(target[0].device());
   const cudaStream_t stream = current_stream(target[0]);
@@ -304,6 +313,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sara_loss_fwd(
     pair.a_count = a_count.data_ptr<float>();
     pair.a_splits = static_cast<int>(a_partial.size(2));
   }
+  Tensor pair_w;
+  if (pair_weights.has_value()) {
+    // Values (finite, >= 0) are checked by the caller without a host sync (sara_kernels._inputs).
+    pair_w = *pair_weights;
+    check_device(pair_w, target[0], "pair_weights", "");
+    TORCH_CHECK_VALUE(pair_w.dim() == 1 && pair_w.size(0) == B, "pair_weights: expected [B] = [", B, "], got ",
+                      pair_w.sizes());
+    pair_w = pair_w.to(at::kFloat).contiguous();
+    pair.pair_weights = pair_w.data_ptr<float>();
+  }
+  pair.divergence = divergence_id;
   const auto opts = f32(target[0]);
   Tensor js = at::empty({L, B}, opts), ga = at::empty({L, B, E}, opts), gt = at::empty({L, B, E}, opts);
   Tensor stats = at::empty({3, B}, opts);
@@ -472,18 +492,18 @@ class SaraLossFunction : public torch::autograd::Function<SaraLossFunction> {
                                const optional<Tensor>& anchor_mask, const optional<Tensor>& anchor_cu_seqlens,
                                const optional<Tensor>& target_mask, const optional<Tensor>& target_cu_seqlens,
                                const optional<Tensor>& anchor_probs, const optional<Tensor>& layer_weights,
-                               c10::string_view score, double temperature, bool detach_anchor,
-                               c10::string_view reduction) {
+                               const optional<Tensor>& pair_weights, c10::string_view score, double temperature,
+                               bool detach_anchor, c10::string_view reduction, c10::string_view divergence) {
     static const auto fwd =
         op_handle("sara_kernels::cuda_sara_loss_fwd")
             .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
                 TensorList, TensorList, const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
-                const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&, c10::string_view, double,
-                c10::string_view)>();
+                const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&,
+                c10::string_view, double, c10::string_view, c10::string_view)>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [loss, per_layer, ga, gt, stats, layer_coef] =
         fwd.call(anchor, target, anchor_mask, anchor_cu_seqlens, target_mask, target_cu_seqlens, anchor_probs,
-                 layer_weights, score, temperature, reduction);
+                 layer_weights, pair_weights, score, temperature, reduction, divergence);
     bool anchor_grad = false;
     if (!detach_anchor) {
       for (const Tensor& t : anchor) anchor_grad = anchor_grad || t.requires_grad();
@@ -514,7 +534,7 @@ class SaraLossFunction : public torch::autograd::Function<SaraLossFunction> {
     variable_list out;
     const Tensor& grad_loss = grads[0];
     if (!grad_loss.defined()) {  // only the non-differentiable per_layer was used
-      out.resize(num_anchor + num_target + 10);
+      out.resize(num_anchor + num_target + 12);
       return out;
     }
     refuse_double_backward();
@@ -533,7 +553,7 @@ class SaraLossFunction : public torch::autograd::Function<SaraLossFunction> {
                                      ctx->saved_data["temperature"].toDouble(), anchor_grad);
     append_side_grads(out, grad_a, num_anchor, ctx->saved_data["anchor_stacked"].toBool(), anchor_grad);
     append_side_grads(out, grad_t, num_target, ctx->saved_data["target_stacked"].toBool(), true);
-    out.resize(out.size() + 10);  // masks, cu_seqlens, priors, weights and the four options
+    out.resize(out.size() + 12);  // masks, cu_seqlens, priors, both weights and the five options
     return out;
   }
 };
@@ -588,10 +608,12 @@ class RoutingDistributionFunction : public torch::autograd::Function<RoutingDist
 std::tuple<Tensor, Tensor> sara_loss(TensorList anchor, TensorList target, const optional<Tensor>& anchor_mask,
                                      const optional<Tensor>& anchor_cu_seqlens, const optional<Tensor>& target_mask,
                                      const optional<Tensor>& target_cu_seqlens, const optional<Tensor>& anchor_probs,
-                                     const optional<Tensor>& layer_weights, c10::string_view score, double temperature,
-                                     bool detach_anchor, c10::string_view reduction) {
+                                     const optional<Tensor>& layer_weights, const optional<Tensor>& pair_weights,
+                                     c10::string_view score, double temperature, bool detach_anchor,
+                                     c10::string_view reduction, c10::string_view divergence) {
   auto out = SaraLossFunction::apply(anchor, target, anchor_mask, anchor_cu_seqlens, target_mask, target_cu_seqlens,
-                                     anchor_probs, layer_weights, score, temperature, detach_anchor, reduction);
+                                     anchor_probs, layer_weights, pair_weights, score, temperature, detach_anchor,
+                                     reduction, divergence);
   return {out[0], out[1]};
 }
 
@@ -602,10 +624,12 @@ std::tuple<Tensor, Tensor> sara_loss_no_grad(TensorList anchor, TensorList targe
                                              const optional<Tensor>& target_mask,
                                              const optional<Tensor>& target_cu_seqlens,
                                              const optional<Tensor>& anchor_probs,
-                                             const optional<Tensor>& layer_weights, c10::string_view score,
-                                             double temperature, bool /*detach_anchor*/, c10::string_view reduction) {
+                                             const optional<Tensor>& layer_weights,
+                                             const optional<Tensor>& pair_weights, c10::string_view score,
+                                             double temperature, bool /*detach_anchor*/, c10::string_view reduction,
+                                             c10::string_view divergence) {
   auto out = sara_loss_fwd(anchor, target, anchor_mask, anchor_cu_seqlens, target_mask, target_cu_seqlens,
-                           anchor_probs, layer_weights, score, temperature, reduction);
+                           anchor_probs, layer_weights, pair_weights, score, temperature, reduction, divergence);
   return {std::get<0>(out), std::get<1>(out)};
 }
 
@@ -622,12 +646,14 @@ std::tuple<Tensor, Tensor> routing_distribution(TensorList logits, const optiona
 TORCH_LIBRARY_FRAGMENT(sara_kernels, m) {
   m.def(
       "cuda_sara_loss(Tensor[] anchor, Tensor[] target, Tensor? anchor_mask, Tensor? anchor_cu_seqlens, "
-      "Tensor? target_mask, Tensor? target_cu_seqlens, Tensor? anchor_probs, Tensor? layer_weights, str score, "
-      "float temperature, bool detach_anchor, str reduction) -> (Tensor, Tensor)");
+      "Tensor? target_mask, Tensor? target_cu_seqlens, Tensor? anchor_probs, Tensor? layer_weights, "
+      "Tensor? pair_weights, str score, float temperature, bool detach_anchor, str reduction, str divergence) "
+      "-> (Tensor, Tensor)");
   m.def(
       "cuda_sara_loss_fwd(Tensor[] anchor, Tensor[] target, Tensor? anchor_mask, Tensor? anchor_cu_seqlens, "
-      "Tensor? target_mask, Tensor? target_cu_seqlens, Tensor? anchor_probs, Tensor? layer_weights, str score, "
-      "float temperature, str reduction) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? target_mask, Tensor? target_cu_seqlens, Tensor? anchor_probs, Tensor? layer_weights, "
+      "Tensor? pair_weights, str score, float temperature, str reduction, str divergence) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "cuda_sara_loss_bwd(Tensor grad_loss, Tensor[] anchor, Tensor[] target, Tensor? anchor_mask, "
       "Tensor? anchor_cu_seqlens, Tensor? target_mask, Tensor? target_cu_seqlens, Tensor ga, Tensor gt, "

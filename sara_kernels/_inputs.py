@@ -21,6 +21,7 @@ Logits = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 SCORES = ("softmax", "sigmoid")
 REDUCTIONS = ("mean", "sum", "none")
+DIVERGENCES = ("js", "kl", "reverse_kl")
 
 
 class RoutingSide(NamedTuple):
@@ -280,11 +281,18 @@ def check_score(value, name: str = "score", *, option: bool = False):
     raise ValueError(f"{name}: expected one of {SCORES}, got {value!r}")
 
 
-def check_options(temperature, score: str, reduction: Optional[str], backend: str):
+def check_divergence(value, name: str = "divergence"):
+    """One of ``DIVERGENCES`` (``name``: the option's name where it is given, e.g. ``sara_divergence``)."""
+    if value not in DIVERGENCES:
+        raise ValueError(f"{name}: expected one of {DIVERGENCES}, got {value!r}")
+
+
+def check_options(temperature, score: str, reduction: Optional[str], backend: str, divergence: str = "js"):
     check_temperature(temperature)
     check_score(score)
     if reduction is not None and reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    check_divergence(divergence)
     backends.check_backend(backend)
 
 
@@ -344,6 +352,51 @@ def layer_weight_tensor(layer_weights, num_layers: int, device) -> Optional[torc
         _WEIGHTS.pop(next(iter(_WEIGHTS)))
     weights = _WEIGHTS[key] = host_to_device(torch.tensor(values, dtype=torch.float64), device)
     return weights
+
+
+_PAIR_WEIGHTS_EXPECTED = "pair_weights: expected finite weights >= 0"
+
+
+def pair_weight_tensor(pair_weights, num_seqs: int, device) -> Optional[torch.Tensor]:
+    """``None`` (every pair weighs 1) or a floating tensor [B] on ``device``.
+
+    The values must be finite and >= 0. A CPU tensor or a Python sequence is checked here; a
+    tensor on a GPU (or while torch.compile traces) by an asynchronous device assertion, as
+    cu_seqlens are (:func:`check_cu_seqlens_values`): reading its values here would be a host sync
+    on every step.
+    """
+    if pair_weights is None:
+        return None
+    if not isinstance(pair_weights, torch.Tensor):
+        try:
+            values = torch.tensor([float(w) for w in pair_weights], dtype=torch.float64)
+        except (TypeError, ValueError):
+            raise TypeError("pair_weights: expected a sequence of B numbers or a [B] tensor") from None
+        _check_pair_weight_shape(values, num_seqs)
+        _check_pair_weight_values(values)
+        return host_to_device(values, device)
+    _check_pair_weight_shape(pair_weights, num_seqs)
+    if not pair_weights.is_floating_point():
+        raise TypeError(f"pair_weights: expected a floating-point tensor, got {pair_weights.dtype}")
+    if pair_weights.device != device:
+        raise ValueError(f"pair_weights is on {pair_weights.device} but the logits are on {device}")
+    _check_pair_weight_values(pair_weights)
+    return pair_weights
+
+
+def _check_pair_weight_shape(weights: torch.Tensor, num_seqs: int):
+    if weights.shape != (num_seqs,):
+        raise ValueError(f"pair_weights: expected shape [B] = [{num_seqs}] (one weight per pair), got {list(weights.shape)}")
+
+
+def _check_pair_weight_values(weights: torch.Tensor):
+    good = torch.isfinite(weights) & (weights >= 0)
+    if weights.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(good.all()):
+            bad = torch.nonzero(~good).flatten().tolist()
+            raise ValueError(f"{_PAIR_WEIGHTS_EXPECTED}, got pair_weights[{bad[0]}] = {weights[bad[0]].item()}")
+    else:
+        torch._assert_async(good.all(), _PAIR_WEIGHTS_EXPECTED)
 
 
 # Device copies of Python-number layer weights: a training loop passes the same list every

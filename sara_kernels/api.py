@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import backends, distributed
-from ._inputs import RoutingSide, check_options, layer_weight_tensor, prepare_pair, routing_side
+from ._inputs import RoutingSide, check_options, layer_weight_tensor, pair_weight_tensor, prepare_pair, routing_side
 from .distributed import check_group
 from .ops import backend_choice
 
@@ -91,16 +91,19 @@ def sara_loss(
     target_cu_seqlens: Optional[torch.Tensor] = None,
     anchor_probs: Optional[torch.Tensor] = None,
     layer_weights=None,
+    pair_weights=None,
     temperature: float = 1.0,
     score: str = "softmax",
     detach_anchor: bool = True,
     reduction: str = "mean",
+    divergence: str = "js",
     return_per_layer: bool = False,
     backend: str = "auto",
     group=None,
 ):
-    """SARA loss: symmetric Jensen-Shannon divergence between the pooled routing distributions
-    of anchor and target sequences, over all given MoE layers.
+    """SARA loss: a divergence (symmetric Jensen-Shannon by default) between the pooled routing
+    distributions of anchor and target sequences, over all given MoE layers. The math, the
+    zero-probability rule of the KL divergences included, is :mod:`sara_kernels.reference`'s.
 
     Args:
         anchor_logits, target_logits: L router-logit tensors [N, E] (a tuple/list, as in
@@ -111,11 +114,17 @@ def sara_loss(
         anchor_probs: cached anchor priors [L, B, E] used instead of ``anchor_logits`` (never
             receive gradient).
         layer_weights: w_l per layer (sequence or [L] tensor); default equal weights.
+        pair_weights: π_b per pair (sequence or [B] tensor, finite, >= 0); default 1. "mean" is
+            then Σ_b π_b D_{l,b} / Σ_b π_b per layer (0 with zero gradients when no weight is
+            left), "sum" Σ_b π_b D_{l,b}, "none" π_b D_{l,b}. Values on a GPU are checked by a
+            device assertion (no host sync).
         temperature: τ > 0 dividing the logits before scoring.
         score: ``"softmax"`` or ``"sigmoid"`` (normalised sigmoid).
         detach_anchor: the anchor is a fixed target and gets no gradient (default).
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` ([L, B]).
-        return_per_layer: also return the detached per-layer mean JS [L] for logging.
+        divergence: ``"js"`` (symmetric Jensen-Shannon) | ``"kl"``: KL(P_anchor ‖ P_target) |
+            ``"reverse_kl"``: KL(P_target ‖ P_anchor).
+        return_per_layer: also return the detached per-layer mean divergence [L] for logging.
         backend: ``"auto"`` (on CUDA the fused backend measured faster, see :func:`resolve_backend`;
             the reference on CPU) or a backend's name: :data:`sara_kernels.backends.CHOICES`, each
             described in ``sara_kernels.backends.HELP``.
@@ -125,11 +134,11 @@ def sara_loss(
             forward; every rank gets the loss of whole sequences and the gradient for its own
             logits, with no communication in backward.
 
-    A pair whose anchor or target has no valid token is excluded (JS = 0, not counted); with no
-    valid pair at all the loss is 0 with zero gradients. The loss is float32 (float64 for float64
+    A pair whose anchor or target has no valid token is excluded (divergence 0, not counted); with
+    no valid (or no weighted) pair at all the loss is 0 with zero gradients. The loss is float32 (float64 for float64
     logits on the reference); gradients have the logits' dtype.
     """
-    check_options(temperature, score, reduction, backend)
+    check_options(temperature, score, reduction, backend, divergence)
     check_group(group)
     temperature = float(temperature)  # as every backend takes it, down to the kernels' 1/τ
     anchor, target, priors = prepare_pair(
@@ -137,16 +146,18 @@ def sara_loss(
         layers_checked_natively=backend in _CHECKS_LAYERS,
     )
     weights = layer_weight_tensor(layer_weights, target.num_layers, target.device)
+    pair_weights = pair_weight_tensor(pair_weights, target.num_seqs, target.device)
     backend = resolve_backend(backend, target)
     module = _BACKENDS[backend].module
     if group is None:
-        loss, per_layer = module.sara_loss(anchor, target, priors, weights, score, temperature, bool(detach_anchor),
-                                           reduction)
+        loss, per_layer = module.sara_loss(anchor, target, priors, weights, pair_weights, score, temperature,
+                                           bool(detach_anchor), reduction, divergence)
     else:
-        # Context parallel: the reduction over the group sits between pooling and JS, so a fused
-        # backend pools with its kernels and the small [L, B, E] rest runs in PyTorch.
-        loss, per_layer = distributed.sara_loss(module.pooled_distribution, anchor, target, priors, weights, score,
-                                                temperature, bool(detach_anchor), reduction, group)
+        # Context parallel: the reduction over the group sits between pooling and the divergence,
+        # so a fused backend pools with its kernels and the small [L, B, E] rest runs in PyTorch.
+        loss, per_layer = distributed.sara_loss(module.pooled_distribution, anchor, target, priors, weights,
+                                                pair_weights, score, temperature, bool(detach_anchor), reduction,
+                                                divergence, group)
     return (loss, per_layer) if return_per_layer else loss
 
 
@@ -174,7 +185,8 @@ def routing_distribution(
 
 
 class SARALoss(torch.nn.Module):
-    """``nn.Module`` form of :func:`sara_loss`; the constructor fixes the keyword options."""
+    """``nn.Module`` form of :func:`sara_loss`; the constructor fixes the keyword options (per-call
+    ones, ``pair_weights`` among them, go to ``forward`` as keywords)."""
 
     def __init__(
         self,
@@ -184,15 +196,17 @@ class SARALoss(torch.nn.Module):
         detach_anchor: bool = True,
         reduction: str = "mean",
         backend: str = "auto",
+        divergence: str = "js",
     ):
         super().__init__()
-        check_options(temperature, score, reduction, backend)
+        check_options(temperature, score, reduction, backend, divergence)
         self.layer_weights = layer_weights
         self.temperature = temperature
         self.score = score
         self.detach_anchor = detach_anchor
         self.reduction = reduction
         self.backend = backend
+        self.divergence = divergence
 
     def forward(self, anchor_logits, target_logits, anchor_mask=None, target_mask=None, **kwargs):
         options = dict(
@@ -202,6 +216,7 @@ class SARALoss(torch.nn.Module):
             detach_anchor=self.detach_anchor,
             reduction=self.reduction,
             backend=self.backend,
+            divergence=self.divergence,
         )
         options.update(kwargs)
         return sara_loss(anchor_logits, target_logits, anchor_mask, target_mask, **options)
@@ -209,5 +224,5 @@ class SARALoss(torch.nn.Module):
     def extra_repr(self) -> str:
         return (
             f"score={self.score!r}, temperature={self.temperature}, detach_anchor={self.detach_anchor}, "
-            f"reduction={self.reduction!r}, backend={self.backend!r}"
+            f"reduction={self.reduction!r}, divergence={self.divergence!r}, backend={self.backend!r}"
         )

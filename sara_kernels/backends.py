@@ -6,8 +6,9 @@ takes (``DTYPES``: the logits dtypes, None for every floating dtype; ``MAX_EXPER
 None for no limit) and the entry points on validated sides
 (:class:`sara_kernels._inputs.RoutingSide`)::
 
-    sara_loss(anchor, target, anchor_probs, layer_weights, score, temperature, detach_anchor, reduction)
-        -> (loss, detached per-layer mean JS [L])
+    sara_loss(anchor, target, anchor_probs, layer_weights, pair_weights, score, temperature, detach_anchor,
+              reduction, divergence)
+        -> (loss, detached per-layer weighted mean divergence [L])
     pooled_distribution(side, score, temperature, normalize=True)
         -> (P [L, B, E], n_b [B]) with autograd into the logits; the sums n_b·P without ``normalize``
 

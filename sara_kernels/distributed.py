@@ -63,11 +63,12 @@ def pooled_distribution(pool, side, score: str, temperature: float, group=None):
     return sums / counts.clamp(min=1)[None, :, None], counts
 
 
-def sara_loss(pool, anchor, target, anchor_probs, layer_weights, score: str, temperature: float, detach_anchor: bool,
-              reduction: str, group):
-    """(loss, detached per-layer mean JS [L]) of whole sequences from this rank's share of their
-    tokens: each side pooled with ``pool`` over the group, then the reference's [L, B, E] rest."""
+def sara_loss(pool, anchor, target, anchor_probs, layer_weights, pair_weights, score: str, temperature: float,
+              detach_anchor: bool, reduction: str, divergence: str, group):
+    """(loss, detached per-layer weighted mean divergence [L]) of whole sequences from this rank's
+    share of their tokens: each side pooled with ``pool`` over the group, then the reference's
+    [L, B, E] rest (every rank holds the same B pairs, so the same ``pair_weights``)."""
     pooled_a = pooled_distribution(pool, anchor, score, temperature, group) if anchor is not None else None
     pooled_t = pooled_distribution(pool, target, score, temperature, group)
-    js, valid = reference.pair_js(pooled_a, pooled_t, anchor_probs, detach_anchor)
-    return reference.reduce_pair_js(js, valid, layer_weights, reduction)
+    d, weight = reference.pair_divergence(pooled_a, pooled_t, anchor_probs, pair_weights, detach_anchor, divergence)
+    return reference.reduce_pair_divergence(d, weight, layer_weights, reduction)

@@ -7,11 +7,21 @@ Symbols (the Triton kernels in :mod:`sara_kernels.ops.triton.kernels` use the sa
   σ(z/τ) / Σ_e σ(z/τ)_e (normalised sigmoid of DeepSeek-V3 / GLM-4.5 style routers).
 * P_{l,b} = (1 / n_b) Σ_{valid tokens of sequence b} s(z): the pooled routing distribution
   of layer l and sequence b, n_b its number of valid tokens (P = 0 when n_b = 0).
-* M = ½ (P^a + P^t) and JS_{l,b} = ½ KL(P^a ‖ M) + ½ KL(P^t ‖ M), natural log, 0·log 0 = 0.
-* A pair is valid when both n^a_b > 0 and n^t_b > 0; an invalid pair has JS = 0 and does
-  not count in the mean.
-* reduction ``"mean"``: Σ_l w_l · (Σ_b JS_{l,b} / #valid pairs) / Σ_l w_l; ``"sum"``:
-  Σ_l Σ_b w_l JS_{l,b}; ``"none"``: JS as an [L, B] tensor.
+* D_{l,b}, the divergence of pair b in layer l (natural log, 0·log 0 = 0), by ``divergence``:
+  ``"js"``: JS = ½ KL(P^a ‖ M) + ½ KL(P^t ‖ M) with M = ½ (P^a + P^t);
+  ``"kl"``: KL(P^a ‖ P^t); ``"reverse_kl"``: KL(P^t ‖ P^a); KL(P ‖ Q) = Σ_e P_e log(P_e / Q_e).
+* Zero probabilities in KL(P ‖ Q): a term with P_e = 0 is 0. P_e > 0 with Q_e = 0 makes the
+  divergence +∞ mathematically; Q_e = 0 happens only where every token of the sequence scores
+  expert e exactly 0 (−inf logits: a disabled or masked expert; or a score below float32's
+  range). Rule: Q_e is floored at Q_MIN = 2^-126, the smallest normal float32, so that term is
+  P_e log(P_e / 2^-126) ≤ 87.34·P_e, finite with finite gradients, and the floor has zero
+  derivative (no gradient flows into a Q_e below it). Q_MIN being float32's smallest normal,
+  a subnormal Q_e (which a GPU flushes to 0) gives the same value on every device.
+* A pair is valid when both n^a_b > 0 and n^t_b > 0 (n^t_b > 0 with priors); an invalid pair has
+  D = 0. π_b, the pair's weight: ``pair_weights[b]`` (1 without), 0 for an invalid pair.
+* reduction ``"mean"``: Σ_l w_l · (Σ_b π_b D_{l,b} / Σ_b π_b) / Σ_l w_l, and 0 (with zero
+  gradients) when Σ_b π_b = 0; ``"sum"``: Σ_l Σ_b w_l π_b D_{l,b}; ``"none"``: π_b D_{l,b} as an
+  [L, B] tensor. The per-layer value logged beside the loss is Σ_b π_b D_{l,b} / Σ_b π_b.
 
 Gradients come from autograd. Arithmetic is in the promotion of the logits' dtype with
 float32 (float64 logits stay float64, which is how the tests build their ground truth).
@@ -24,6 +34,9 @@ from typing import Optional
 import torch
 
 from ._inputs import RoutingSide, check_cu_seqlens_values
+
+# The floor of the second distribution of a KL divergence (see the module docstring).
+Q_MIN = 2.0**-126
 
 
 DTYPES = MAX_EXPERTS = MAX_SEQS = None  # every floating dtype, any E and B (see sara_kernels.backends)
@@ -112,36 +125,29 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return 0.5 * (_kl_to_mixture(p, total) + _kl_to_mixture(q, total))
 
 
-def layer_shares(layer_weights: Optional[torch.Tensor], num_layers: int) -> torch.Tensor:
-    """Each layer's share [L] of the loss's mean over layers: w / Σw, or 1/L without weights.
-
-    Also what a router that computes one layer's term alone (the Megatron integration) weights
-    it by, so that the layers' terms add up to the loss."""
-    if layer_weights is None:
-        return torch.full((num_layers,), 1.0 / num_layers, dtype=torch.float64)
-    return layer_weights / layer_weights.sum()
-
-
-def reduce_pair_js(js: torch.Tensor, pair_valid: torch.Tensor, layer_weights: Optional[torch.Tensor], reduction: str):
-    """Reduce JS [L, B] (0 for invalid pairs) to the loss; also the detached per-layer mean [L].
+        loss = (layer_shares(layer_weights.to(weighted.dtype), len(per_layer)) * per_layer).sum()
 
     Shared by every backend, so the reduction is written once.
     """
-    per_layer = js.sum(dim=1) / pair_valid.sum().clamp(min=1).to(js.dtype)
+    weighted = divergence * pair_weight.to(divergence.dtype)[None, :]
+    total = pair_weight.sum().to(divergence.dtype)
+    per_layer = weighted.sum(dim=1) / torch.where(total > 0, total, torch.ones_like(total))
     if reduction == "none":
-        loss = js
+        loss = weighted
     elif reduction == "sum":
-        loss = js.sum() if layer_weights is None else (layer_weights.to(js.dtype)[:, None] * js).sum()
+        loss = weighted.sum() if layer_weights is None else (layer_weights.to(weighted.dtype)[:, None] * weighted).sum()
     elif layer_weights is None:
         loss = per_layer.mean()
     else:
-        loss = (layer_shares(layer_weights.to(js.dtype), len(per_layer)) * per_layer).sum()
+        loss = (layer_shares(layer_weights.to(weighted.dtype), len(per_layer)) * per_layer).sum()
     return loss, per_layer.detach()
 
 
-def pair_js(pooled_anchor, pooled_target, anchor_probs: Optional[torch.Tensor], detach_anchor: bool):
-    """(JS [L, B] with 0 for invalid pairs, pair validity [B] bool) from each side's pooled
-    (P [L, B, E], n_b [B]); ``pooled_anchor`` is None with priors ``anchor_probs`` [L, B, E]."""
+def pair_divergence(pooled_anchor, pooled_target, anchor_probs: Optional[torch.Tensor], pair_weights: Optional[torch.Tensor],
+                    detach_anchor: bool, divergence: str):
+    """(D [L, B] with 0 for invalid pairs, π [B]: ``pair_weights`` or 1, 0 for invalid pairs) from
+    each side's pooled (P [L, B, E], n_b [B]); ``pooled_anchor`` is None with priors
+    ``anchor_probs`` [L, B, E]."""
     p_t, n_t = pooled_target
     if pooled_anchor is None:
         p_a, valid = anchor_probs.to(p_t.dtype), n_t > 0
@@ -150,15 +156,19 @@ def pair_js(pooled_anchor, pooled_target, anchor_probs: Optional[torch.Tensor], 
         valid = (n_a > 0) & (n_t > 0)
     if detach_anchor or pooled_anchor is None:
         p_a = p_a.detach()
-    js = js_divergence(p_a, p_t)
-    return torch.where(valid[None, :], js, torch.zeros_like(js)), valid
+    d = divergence_of(p_a, p_t, divergence)
+    weight = valid.to(d.dtype)
+    if pair_weights is not None:
+        weight = torch.where(valid, pair_weights.detach().to(d.dtype), torch.zeros_like(weight))
+    return torch.where(valid[None, :], d, torch.zeros_like(d)), weight
 
 
 def sara_loss(anchor: Optional[RoutingSide], target: RoutingSide, anchor_probs: Optional[torch.Tensor],
-              layer_weights: Optional[torch.Tensor], score: str, temperature: float, detach_anchor: bool,
-              reduction: str):
-    """(loss, detached per-layer mean JS [L]) of validated sides (the backend entry point of
-    :mod:`sara_kernels.backends`; users call :func:`sara_kernels.sara_loss`)."""
+              layer_weights: Optional[torch.Tensor], pair_weights: Optional[torch.Tensor], score: str,
+              temperature: float, detach_anchor: bool, reduction: str, divergence: str):
+    """(loss, detached per-layer weighted mean divergence [L]) of validated sides (the backend entry
+    point of :mod:`sara_kernels.backends`; users call :func:`sara_kernels.sara_loss`)."""
     pooled_a = pooled_distribution(anchor, score, temperature) if anchor is not None else None
-    js, valid = pair_js(pooled_a, pooled_distribution(target, score, temperature), anchor_probs, detach_anchor)
-    return reduce_pair_js(js, valid, layer_weights, reduction)
+    d, weight = pair_divergence(pooled_a, pooled_distribution(target, score, temperature), anchor_probs, pair_weights,
+                                detach_anchor, divergence)
+    return reduce_pair_divergence(d, weight, layer_weights, reduction)

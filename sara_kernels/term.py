@@ -9,7 +9,8 @@ router and scales it with its own aux-loss machinery):
   ``TrainingArguments`` subclass, whose own ``__post_init__`` then runs first.
 * :func:`sara_term`: ``sara_loss`` called with the options, returning a :class:`SARATerm` (the
   unweighted loss, its per-layer values, the decoder-layer indices) whose :meth:`SARATerm.metrics`
-  are the logged names (``sara_loss``, ``sara_js/layer_{i}``).
+  are the logged names (``sara_loss``, ``sara_js/layer_{i}``, or ``sara_kl/…``, ``sara_reverse_kl/…``
+  after ``sara_divergence``).
 * :class:`MetricsAccumulator`: the per-micro-batch metrics summed until the next log.
 
 Layer selection ("all" / "middle" / indices) is :mod:`sara_kernels.layer_selection`. How the
@@ -26,7 +27,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import backends
-from ._inputs import check_score, check_temperature
+from ._inputs import check_divergence, check_score, check_temperature
 from .api import sara_loss
 from .layer_selection import resolve_layers_spec
 
@@ -59,6 +60,11 @@ class SARAOptions:
     sara_detach_anchor: bool = field(
         default=True, metadata={"help": "The anchor routing is a fixed target (no gradient through it)."}
     )
+    sara_divergence: str = field(
+        default="js",
+        metadata={"help": "Divergence between the pooled routing distributions: 'js' (symmetric Jensen-Shannon), "
+                          "'kl' = KL(anchor || target), 'reverse_kl' = KL(target || anchor)."},
+    )
     sara_lm_on_anchor: bool = field(default=False, metadata={"help": "Also train the LM on the anchor side."})
     sara_backend: str = field(default="auto", metadata={"help": backends.HELP})
 
@@ -78,6 +84,7 @@ class SARAOptions:
                 raise ValueError(
                     f"sara_layer_weights: expected comma-separated numbers, got {self.sara_layer_weights!r}"
                 ) from None
+        check_divergence(self.sara_divergence, "sara_divergence")
         backends.check_backend(self.sara_backend, "sara_backend")
 
 
@@ -94,32 +101,36 @@ def check_layer_weights(options: SARAOptions, layers: Sequence[int]) -> None:
 @dataclass(frozen=True)
 class SARATerm:
     """One micro-batch's SARA: ``loss`` (unweighted, a scalar with autograd history), ``per_layer``
-    ([L] JS per layer, the mean over pairs) and ``layers`` (their decoder-layer indices)."""
+    ([L] divergence per layer, the weighted mean over pairs), ``layers`` (their decoder-layer
+    indices) and ``divergence`` (which one, for the metric names)."""
 
     loss: torch.Tensor
     per_layer: torch.Tensor
     layers: tuple
+    divergence: str = "js"
 
     def metrics(self) -> dict:
-        """The logged values (detached): ``sara_loss`` and ``sara_js/layer_{i}``."""
+        """The logged values (detached): ``sara_loss`` and ``sara_{divergence}/layer_{i}``."""
         per_layer = self.per_layer.detach().float().reshape(-1)
         return {"sara_loss": self.loss.detach().float(),
-                **{f"sara_js/layer_{layer}": per_layer[j] for j, layer in enumerate(self.layers)}}
+                **{f"sara_{self.divergence}/layer_{layer}": per_layer[j] for j, layer in enumerate(self.layers)}}
 
 
 def sara_term(options: SARAOptions, anchor_logits, target_logits, *, layers: Sequence[int], score: str,
               anchor_mask=None, target_mask=None, anchor_cu_seqlens=None, target_cu_seqlens=None,
-              anchor_probs=None, group=None) -> SARATerm:
+              anchor_probs=None, pair_weights=None, group=None) -> SARATerm:
     """:func:`~sara_kernels.sara_loss` with the options' temperature, layer weights, anchor
-    detaching and backend, on the routing of the selected ``layers`` (decoder indices, one per
-    logits tensor or prior row) scored with ``score``; the sides take ``sara_loss``'s arguments."""
+    detaching, divergence and backend, on the routing of the selected ``layers`` (decoder indices,
+    one per logits tensor or prior row) scored with ``score``; the sides and ``pair_weights`` take
+    ``sara_loss``'s arguments."""
     loss, per_layer = sara_loss(
         anchor_logits, target_logits, anchor_mask, target_mask,
         anchor_cu_seqlens=anchor_cu_seqlens, target_cu_seqlens=target_cu_seqlens, anchor_probs=anchor_probs,
-        layer_weights=options.sara_layer_weights, temperature=options.sara_temperature, score=score,
-        detach_anchor=options.sara_detach_anchor, return_per_layer=True, backend=options.sara_backend, group=group,
+        layer_weights=options.sara_layer_weights, pair_weights=pair_weights, temperature=options.sara_temperature,
+        score=score, detach_anchor=options.sara_detach_anchor, divergence=options.sara_divergence,
+        return_per_layer=True, backend=options.sara_backend, group=group,
     )
-    return SARATerm(loss=loss, per_layer=per_layer, layers=tuple(layers))
+    return SARATerm(loss=loss, per_layer=per_layer, layers=tuple(layers), divergence=options.sara_divergence)
 
 
 class MetricsAccumulator:

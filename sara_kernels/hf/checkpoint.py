@@ -53,6 +53,7 @@ def sara_state(args, layers, score: str, anchor_max_length: Optional[int], prior
         "sara_score": score,
         "sara_temperature": float(args.sara_temperature),
         "sara_detach_anchor": bool(args.sara_detach_anchor),
+        "sara_divergence": args.sara_divergence,
         "sara_lm_on_anchor": bool(args.sara_lm_on_anchor),
         "anchor_max_length": anchor_max_length,
         "routing_priors": priors_identity(priors),
@@ -65,10 +66,14 @@ def save_sara_state(checkpoint_dir: str, state: dict) -> None:
         json.dump({"format": FORMAT, "version": 1, **state}, f, indent=1)
 
 
+# Settings that checkpoints written before them do not hold, with the value those runs had.
+_ADDED_SETTINGS = {"sara_divergence": "js"}
+
+
 def _differences(saved: dict, current: dict) -> list:
     found = []
     for key, now in current.items():
-        then = saved.get(key)
+        then = saved.get(key, _ADDED_SETTINGS.get(key))
         if key == "routing_priors" and then is not None and now is not None:
             changed = [f"{k} {then.get(k)!r} -> {v!r}" for k, v in now.items() if then.get(k) != v]
             if changed:

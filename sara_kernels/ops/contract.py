@@ -25,8 +25,8 @@ _SIDE = "Tensor[] {0}, Tensor? {0}_mask, Tensor? {0}_cu_seqlens"
 SCHEMAS = {
     "sara_loss_fwd": (
         "(Tensor[] anchor, Tensor[] target, Tensor? anchor_mask, Tensor? anchor_cu_seqlens, Tensor? target_mask, "
-        "Tensor? target_cu_seqlens, Tensor? anchor_probs, Tensor? layer_weights, str score, float temperature, "
-        "str reduction) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+        "Tensor? target_cu_seqlens, Tensor? anchor_probs, Tensor? layer_weights, Tensor? pair_weights, str score, "
+        "float temperature, str reduction, str divergence) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
     "sara_loss_bwd": (
         "(Tensor grad_loss, Tensor[] anchor, Tensor[] target, Tensor? anchor_mask, Tensor? anchor_cu_seqlens, "
@@ -46,8 +46,8 @@ SCHEMAS = {
 CUDA_AUTOGRAD_SCHEMAS = {
     "sara_loss": (
         "(Tensor[] anchor, Tensor[] target, Tensor? anchor_mask, Tensor? anchor_cu_seqlens, Tensor? target_mask, "
-        "Tensor? target_cu_seqlens, Tensor? anchor_probs, Tensor? layer_weights, str score, float temperature, "
-        "bool detach_anchor, str reduction) -> (Tensor, Tensor)"
+        "Tensor? target_cu_seqlens, Tensor? anchor_probs, Tensor? layer_weights, Tensor? pair_weights, str score, "
+        "float temperature, bool detach_anchor, str reduction, str divergence) -> (Tensor, Tensor)"
     ),
     "routing_distribution": SCHEMAS["routing_distribution_fwd"],
 }
@@ -80,8 +80,9 @@ def side_shape(logits) -> tuple:
 
 
 def sara_loss_fwd_fake(anchor, target, anchor_mask, anchor_cu_seqlens, target_mask, target_cu_seqlens, anchor_probs,
-                       layer_weights, score, temperature, reduction):
-    """(loss, per-layer mean JS [L], G^a, G^t [L, B, E], stats [3, B], k [L]); loss [L, B] for "none"."""
+                       layer_weights, pair_weights, score, temperature, reduction, divergence):
+    """(loss, per-layer weighted mean divergence [L], G^a, G^t [L, B, E], stats [3, B], k [L]);
+    loss [L, B] for "none"."""
     L, _, E = side_shape(target)
     B = num_seqs(target_mask, target_cu_seqlens)
     new = functools.partial(target[0].new_empty, dtype=torch.float32)
@@ -110,10 +111,10 @@ def routing_distribution_bwd_fake(grad_probs, logits, mask, cu_seqlens, count, s
 
 
 def sara_loss_fake(anchor, target, anchor_mask, anchor_cu_seqlens, target_mask, target_cu_seqlens, anchor_probs,
-                   layer_weights, score, temperature, detach_anchor, reduction):
-    """(loss, per-layer mean JS [L]) of the C++ autograd op."""
+                   layer_weights, pair_weights, score, temperature, detach_anchor, reduction, divergence):
+    """(loss, per-layer weighted mean divergence [L]) of the C++ autograd op."""
     return sara_loss_fwd_fake(anchor, target, anchor_mask, anchor_cu_seqlens, target_mask, target_cu_seqlens,
-                              anchor_probs, layer_weights, score, temperature, reduction)[:2]
+                              anchor_probs, layer_weights, pair_weights, score, temperature, reduction, divergence)[:2]
 
 
 FAKES = {

@@ -67,17 +67,19 @@ if _C is not None:
     _register_fakes()
 
 
-def sara_loss(anchor, target: RoutingSide, anchor_probs, layer_weights, score: str, temperature: float,
-              detach_anchor: bool, reduction: str):
-    """(loss, detached per-layer mean JS [L]) with autograd into the logits (C++ autograd)."""
+def sara_loss(anchor, target: RoutingSide, anchor_probs, layer_weights, pair_weights, score: str, temperature: float,
+              detach_anchor: bool, reduction: str, divergence: str):
+    """(loss, detached per-layer weighted mean divergence [L]) with autograd into the logits (C++ autograd)."""
     if anchor_probs is not None:
         anchor_probs = anchor_probs.detach()
     if layer_weights is not None:
         layer_weights = layer_weights.detach()
+    if pair_weights is not None:
+        pair_weights = pair_weights.detach()
     a_inputs, a_mask, a_cu = (list(anchor.inputs), anchor.mask, anchor.cu_seqlens) if anchor is not None else ([], None, None)
     op = torch.ops.sara_kernels.cuda_sara_loss.default
     return op(a_inputs, list(target.inputs), a_mask, a_cu, target.mask, target.cu_seqlens, anchor_probs, layer_weights,
-              score, temperature, detach_anchor, reduction)
+              pair_weights, score, temperature, detach_anchor, reduction, divergence)
 
 
 def pooled_distribution(side: RoutingSide, score: str, temperature: float, normalize: bool = True):

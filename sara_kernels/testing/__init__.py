@@ -11,6 +11,7 @@ suite, the GPU tests, ``python -m sara_kernels selftest`` and the benchmarks.
 
 from .cases import (
     ANCHORS,
+    DIVERGENCES,
     DTYPE_NAMES,
     LAYOUTS,
     SEGMENTATIONS,

@@ -127,6 +127,7 @@ def random_segmentation(rng, kind: str, num_seqs: int, seq_len: int, device="cpu
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 ANCHORS = ("detached", "both", "priors")
+DIVERGENCES = ("js", "kl", "reverse_kl")
 LAYOUTS = ("tuple", "stacked")
 
 
@@ -151,10 +152,13 @@ class Case:
     layout: str = "tuple"  # "tuple": L tensors [N, E] (Hugging Face); "stacked": one [L, N, E]
     temperature: float = 1.0
     minus_inf: bool = False  # some logits are −inf (an expert disabled, some tokens' experts masked)
+    divergence: str = "js"
+    pair_weights: bool = False  # random per-pair weights, one of them 0 where there are 3 pairs or more
 
     @property
     def label(self) -> str:
         extra = (f" τ={self.temperature:g}" if self.temperature != 1.0 else "") + (" −inf" if self.minus_inf else "")
+        extra += (f" {self.divergence}" if self.divergence != "js" else "") + (" π" if self.pair_weights else "")
         return f"E={self.experts} {self.segmentation} {self.score} {DTYPE_NAMES[self.dtype]} {self.anchor} {self.layout}{extra}"
 
 
@@ -175,6 +179,8 @@ def case_grid(quick: bool = False) -> list:
             layout=LAYOUTS[(i // 4) % 2],
             temperature=0.7 if i % 5 == 0 else 1.0,
             minus_inf=experts == 60 and seg == "mask",
+            divergence=DIVERGENCES[(i // 2) % 3],  # meets both scores; the quick subset meets all three
+            pair_weights=(i // 3) % 2 == 1,
         ))
     if quick:
         cases = [cases[i] for i in (1, 5, 8, 10, 14, 16)]
@@ -192,6 +198,8 @@ def rotating_case(index: int, experts: int, dtype: torch.dtype) -> Case:
         anchor=ANCHORS[index % 3],
         layout=LAYOUTS[(index // 3) % 2],
         temperature=(1.0, 0.7)[(index // 4) % 2],
+        divergence=DIVERGENCES[(index // 2) % 3],
+        pair_weights=index % 4 >= 2,
     )
 
 
@@ -209,7 +217,8 @@ class PairInputs:
     anchor_side: Segmentation  # the priors' segmentation in priors mode
     target_side: Segmentation
     priors: Optional[torch.Tensor]  # float32 [L, B, E]
-    upstream: torch.Tensor  # float64 [L, B]: cotangent of JS, so every (l, b) gradient is checked
+    upstream: torch.Tensor  # float64 [L, B]: cotangent of the divergence, so every (l, b) gradient is checked
+    pair_weights: Optional[torch.Tensor] = None  # float32 [B]
 
 
 def case_logits(case: Case, layers: int, member: torch.Tensor, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
@@ -247,6 +256,11 @@ def make_inputs(case: Case, shape: Shape, device, seed: int, dtype: Optional[tor
     # and lose their digits. Scaling the cotangent, as AMP's loss scaling does, keeps them normal.
     loss_scale = shape.seq_len * case.experts / 16
     upstream = loss_scale * (torch.rand(shape.layers, seqs, generator=gen, dtype=torch.float64) + 0.5)
+    pair_weights = None
+    if case.pair_weights:
+        pair_weights = torch.rand(seqs, generator=gen) * 1.75 + 0.25
+        if seqs > 2:
+            pair_weights[2] = 0.0  # a valid pair that no longer counts
 
     def as_layout(z):
         z = z.to(device)
@@ -259,4 +273,5 @@ def make_inputs(case: Case, shape: Shape, device, seed: int, dtype: Optional[tor
         target_side=target_side.to(device),
         priors=None if priors is None else priors.to(device),
         upstream=upstream.to(device),
+        pair_weights=None if pair_weights is None else pair_weights.to(device),
     )

@@ -120,14 +120,14 @@ def assert_backend_matches_reference(backend: str, anchor, target, anchor_side: 
 
 
 def evaluate(inputs: PairInputs, case: Case, backend: str, leaf_dtype: Optional[torch.dtype] = None):
-    """(JS [L, B], gradients of Σ upstream·JS w.r.t. target then (both mode) anchor tensors).
+    """(π·D [L, B], gradients of Σ upstream·π·D w.r.t. target then (both mode) anchor tensors).
 
     ``leaf_dtype`` re-casts the inputs first (float64 for the reference run).
     """
     result = run(backend, inputs.anchor, inputs.target, None if inputs.anchor is None else inputs.anchor_side,
                  inputs.target_side, precision=leaf_dtype, upstream=inputs.upstream, anchor_probs=inputs.priors,
                  score=case.score, temperature=case.temperature, detach_anchor=case.anchor != "both",
-                 reduction="none")
+                 reduction="none", divergence=case.divergence, pair_weights=inputs.pair_weights)
     return result.loss, result.grads
 
 
@@ -191,10 +191,11 @@ def check_reference(case: Case, shape: Shape, seed: int) -> CheckResult:
             return None if layers is None else torch.stack([t for t in layers]).reshape(shape.layers, -1, case.experts).numpy()
 
         priors = None if inputs.priors is None else inputs.priors.double().numpy()
+        pair_weights = None if inputs.pair_weights is None else inputs.pair_weights.double().numpy()
         np_js, np_gt, np_ga = numpy_pair_js(
             stacked(inputs.anchor), stacked(inputs.target), inputs.anchor_side.membership().numpy(),
             inputs.target_side.membership().numpy(), priors, inputs.upstream.numpy(), case.score, case.temperature,
-            anchor_grads=case.anchor == "both",
+            anchor_grads=case.anchor == "both", divergence=case.divergence, pair_weights=pair_weights,
         )
         result.js_err, result.js_ok = js_errors(js, torch.from_numpy(np_js), ORACLE_TOL)
         want = [torch.from_numpy(np_gt)] + ([torch.from_numpy(np_ga)] if np_ga is not None else [])

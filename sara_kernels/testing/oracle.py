@@ -42,11 +42,24 @@ def numpy_scores(z: np.ndarray, score: str, temperature: float):
     return s, s * (1.0 - sig)
 
 
-def numpy_pair_js(anchor, target, member_a, member_t, priors, upstream, score, temperature, anchor_grads):
-    """Independent float64 NumPy evaluation of JS [L, B] (0 for pairs with an empty side) and the
-    closed-form gradients of Σ upstream·JS (formula in :mod:`sara_kernels.ops.triton.kernels`), one
-    token loop at a time. ``anchor``/``target``: [L, N, E]; ``member_*``: bool [B, N];
-    ``priors`` [L, B, E] replaces the anchor when ``anchor`` is None.
+def _numpy_kl(p, q):
+    """(KL(p ‖ q), ∂/∂p, ∂/∂q) with the reference's zero rule: q floored at 2^-126 (no derivative
+    below it), 0 where p = 0."""
+    floor = 2.0**-126
+    floored = q < floor
+    qf = np.where(floored, floor, q)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_ratio = np.where(p > 0, np.log(p / qf), 0.0)
+    return np.sum(p * log_ratio), np.where(p > 0, log_ratio + 1.0, 0.0), np.where(floored, 0.0, -p / qf)
+
+
+def numpy_pair_js(anchor, target, member_a, member_t, priors, upstream, score, temperature, anchor_grads,
+                  divergence="js", pair_weights=None):
+    """Independent float64 NumPy evaluation of π_b·D [L, B] (0 for pairs with an empty side; D the
+    ``divergence``, π_b ``pair_weights`` or 1) and the closed-form gradients of Σ upstream·π·D
+    (formula in :mod:`sara_kernels.ops.triton.kernels`), one token loop at a time.
+    ``anchor``/``target``: [L, N, E]; ``member_*``: bool [B, N]; ``priors`` [L, B, E] replaces the
+    anchor when ``anchor`` is None.
 
     Shares no code with the reference: own membership, own scores, no autograd.
     """
@@ -69,15 +82,22 @@ def numpy_pair_js(anchor, target, member_a, member_t, priors, upstream, score, t
             if len(rows_t) == 0:
                 continue
             p_t = s_t[rows_t].mean(axis=0)
-            m = 0.5 * (p_a + p_t)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                g_a = np.where(p_a > 0, 0.5 * np.log(p_a / m), 0.0)
-                g_t = np.where(p_t > 0, 0.5 * np.log(p_t / m), 0.0)
-            js[l, b] = np.sum(p_a * g_a) + np.sum(p_t * g_t)
+            if divergence == "js":
+                m = 0.5 * (p_a + p_t)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    g_a = np.where(p_a > 0, 0.5 * np.log(p_a / m), 0.0)
+                    g_t = np.where(p_t > 0, 0.5 * np.log(p_t / m), 0.0)
+                d = np.sum(p_a * g_a) + np.sum(p_t * g_t)
+            elif divergence == "kl":
+                d, g_a, g_t = _numpy_kl(p_a, p_t)
+            else:
+                d, g_t, g_a = _numpy_kl(p_t, p_a)
+            weight = 1.0 if pair_weights is None else pair_weights[b]
+            js[l, b] = weight * d
             for rows, s, h, g, out in ((rows_t, s_t, h_t, g_t, grad_t), (rows_a, s_a, h_a, g_a, grad_a)):
                 if out is None:
                     continue
-                c = upstream[l, b] / (temperature * len(rows))
+                c = weight * upstream[l, b] / (temperature * len(rows))
                 centred = g[None, :] - (s[rows] * g[None, :]).sum(axis=1, keepdims=True)
                 out[l, rows] = c * h[rows] * centred
     return js, grad_t, grad_a

@@ -1,7 +1,7 @@
 """Context parallelism on torch.distributed (gloo, 2 processes, CPU): each rank holds a share
 of every sequence's tokens; loss and gradients must equal one process that sees whole
-sequences, for every reduction, detach mode and priors, also when a rank holds no token of
-some sequence, on every backend of the registry. The Triton backend runs under the interpreter,
+sequences, for every reduction, detach mode, priors, divergence and with pair weights, also when
+a rank holds no token of some sequence, on every backend of the registry. The Triton backend runs under the interpreter,
 the CUDA backend as its emulated build (tests/conftest.py).
 """
 
@@ -65,24 +65,25 @@ def _full_inputs(seg: str):
 
 
 CASES = [
-    # (segmentation, mode, reduction), each run on every backend
-    ("mask", "both", "mean"),
-    ("mask", "both", "sum"),
-    ("mask", "priors", "sum"),
-    ("cu", "both", "none"),
-    ("cu", "detach", "mean"),
-    ("cu", "detach", "none"),
-    ("cu", "priors", "mean"),
+    # (segmentation, mode, reduction, divergence, pair_weights), each run on every backend
+    ("mask", "both", "mean", "kl", [0.5, 1.5, 0.0]),
+    ("mask", "both", "sum", "js", None),
+    ("mask", "priors", "sum", "reverse_kl", [2.0, 0.5, 1.0]),
+    ("cu", "both", "none", "reverse_kl", [0.25, 1.0, 3.0]),
+    ("cu", "detach", "mean", "js", [1.5, 0.0, 0.5]),
+    ("cu", "detach", "none", "kl", None),
+    ("cu", "priors", "mean", "js", None),
 ]
 
 
-def _loss(side_a, side_t, mode, reduction, backend, group, priors=None):
+def _loss(side_a, side_t, mode, reduction, divergence, pair_weights, backend, group, priors=None):
     import sara_kernels
 
     (za, seg_a), (zt, seg_t) = side_a, side_t
     kwargs = dict(target_mask=seg_t.get("mask"), target_cu_seqlens=seg_t.get("cu_seqlens"), score="sigmoid",
                   temperature=0.8, reduction=reduction, layer_weights=[0.5, 2.0], backend=backend,
-                  detach_anchor=mode != "both", return_per_layer=True, group=group)
+                  detach_anchor=mode != "both", return_per_layer=True, group=group, divergence=divergence,
+                  pair_weights=pair_weights)
     if mode == "priors":
         return sara_kernels.sara_loss(None, zt, anchor_probs=priors, **kwargs)
     return sara_kernels.sara_loss(za, zt, anchor_mask=seg_a.get("mask"), anchor_cu_seqlens=seg_a.get("cu_seqlens"),
@@ -101,21 +102,21 @@ def _check_rank(rank: int, names, emulated_cuda=None):
 
         cuda._C = load_emulated_extension(emulated_cuda)
     group = dist.group.WORLD
-    for backend, (seg, mode, reduction) in itertools.product(names, CASES):
+    for backend, (seg, mode, reduction, divergence, pair_weights) in itertools.product(names, CASES):
         logits, full, shares, rows = _full_inputs(seg)
         priors = sara_kernels.routing_distribution(logits["anchor"], **full["anchor"], score="sigmoid",
                                                    temperature=0.8, backend="reference")
         whole = {k: v.clone().requires_grad_() for k, v in logits.items()}
         loss, per_layer = _loss((whole["anchor"], full["anchor"]), (whole["target"], full["target"]), mode,
-                                reduction, backend, None, priors)
+                                reduction, divergence, pair_weights, backend, None, priors)
         upstream = torch.rand(loss.shape, generator=torch.Generator().manual_seed(9)) + 0.5
         wanted = ["target"] + (["anchor"] if mode == "both" else [])
         grads = torch.autograd.grad((loss * upstream).sum(), [whole[k] for k in wanted])
         local = {k: shares[rank][k][0].clone().requires_grad_() for k in logits}
         got, got_per_layer = _loss((local["anchor"], shares[rank]["anchor"][1]), (local["target"], shares[rank]["target"][1]),
-                                   mode, reduction, backend, group, priors)
+                                   mode, reduction, divergence, pair_weights, backend, group, priors)
         local_grads = torch.autograd.grad((got * upstream).sum(), [local[k] for k in wanted])
-        where = f"rank {rank} {backend} {seg} {mode} {reduction}"
+        where = f"rank {rank} {backend} {seg} {mode} {reduction} {divergence} pair_weights={pair_weights}"
         torch.testing.assert_close(got, loss, **LOSS_TOL, msg=where)
         torch.testing.assert_close(got_per_layer, per_layer, **LOSS_TOL, msg=where)
         for k, g, lg in zip(wanted, grads, local_grads):

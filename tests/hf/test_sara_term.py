@@ -25,6 +25,7 @@ def test_options_stand_alone_and_validate_once():
         (dict(sara_temperature=float("inf")), "sara_temperature must be a finite number > 0"),
         (dict(sara_score="relu"), "sara_score must be one of"),
         (dict(sara_backend="numpy"), "sara_backend: expected one of"),
+        (dict(sara_divergence="jsd"), r"sara_divergence: expected one of \('js', 'kl', 'reverse_kl'\)"),
         (dict(sara_layers="first"), "sara_layers: expected 'all', 'middle'"),
         (dict(sara_layer_weights="1,x"), "sara_layer_weights: expected comma-separated numbers"),
     ]:
@@ -65,6 +66,33 @@ def test_sara_term_is_sara_loss_with_the_options_and_names_its_metrics():
     assert list(metrics) == ["sara_loss", "sara_js/layer_3", "sara_js/layer_5"]
     assert not any(v.requires_grad for v in metrics.values())
     assert float(metrics["sara_js/layer_5"]) == pytest.approx(float(per_layer[1]))
+
+
+def test_sara_divergence_reaches_the_trainer_its_loss_and_metric_names(tmp_path):
+    """``sara_divergence="reverse_kl"`` through SARATrainer (the option every integration reads through
+    sara_term): the evaluated SARA is KL(P_target ‖ P_anchor) of each pair's pooled routing, mean
+    over layers and pairs, and the per-layer metrics are named after it."""
+    from hf_train_helpers import TOKENIZER, pairs, sgd_args, tiny_moe
+
+    from sara_kernels.hf import SARATrainer
+
+    model, data = tiny_moe(), pairs(4)
+    args = sgd_args(tmp_path, sara_divergence="reverse_kl", per_device_eval_batch_size=4)
+    metrics = SARATrainer(model=model, args=args, train_dataset=data, eval_dataset=data,
+                          processing_class=TOKENIZER).evaluate()
+    pooled = {"anchor": [], "target": []}
+    with torch.no_grad():
+        for example in data:
+            for side, rows in pooled.items():
+                out = model(input_ids=torch.tensor([TOKENIZER(example[side])["input_ids"]]), output_router_logits=True,
+                            use_cache=False)
+                rows.append(torch.stack([torch.softmax(z.double(), dim=-1).mean(0) for z in out.router_logits]))
+    p_a, p_t = (torch.stack(pooled[side], dim=1) for side in ("anchor", "target"))
+    expected = reference.divergence_of(p_a, p_t, "reverse_kl").mean()
+    assert metrics["eval_sara_loss"] == pytest.approx(float(expected), rel=1e-4)
+    assert float(expected) != pytest.approx(float(reference.divergence_of(p_a, p_t, "kl").mean()), rel=1e-2)
+    assert {"eval_sara_reverse_kl/layer_1", "eval_sara_reverse_kl/layer_2"} <= metrics.keys()
+    assert not any(key.startswith("eval_sara_js/") for key in metrics)
 
 
 def test_metrics_accumulator_means_per_mode_and_restarts_on_new_names():
@@ -145,3 +173,22 @@ def test_both_trainers_give_the_same_sara_gradient_under_accumulation(tmp_path):
     assert_updates_close(sara_part["SARATrainer"], expected, rtol=1e-3)
     gate = "model.layers.1.mlp.gate.weight"
     assert expected[gate].abs().max() > 1e-3  # the SARA update is far from zero
+
+
+def test_resume_checks_sara_divergence_and_older_checkpoints_were_js(tmp_path):
+    """The checkpoint state holds sara_divergence; a checkpoint written before the option existed
+    was trained with JS, so it resumes under "js" and is refused under "kl"."""
+    from sara_kernels.hf.checkpoint import check_sara_state, save_sara_state, sara_state
+
+    def state(divergence):
+        options = SARAOptions(sara_divergence=divergence)
+        return sara_state(options, layers=[1, 2], score="softmax", anchor_max_length=None, priors=None)
+
+    older = {k: v for k, v in state("js").items() if k != "sara_divergence"}
+    save_sara_state(str(tmp_path), older)
+    check_sara_state(str(tmp_path), state("js"))
+    with pytest.raises(ValueError, match="sara_divergence 'js' -> 'kl'"):
+        check_sara_state(str(tmp_path), state("kl"))
+    save_sara_state(str(tmp_path), state("reverse_kl"))
+    with pytest.raises(ValueError, match="sara_divergence 'reverse_kl' -> 'js'"):
+        check_sara_state(str(tmp_path), state("js"))

@@ -85,9 +85,10 @@ def tiny_config(**overrides) -> TransformerConfig:
 
 
 def tiny_model(seed: int = 0, *, weight: float = 0.7, layers="middle", priors=None, router_class=RecordingRouter,
-               layer_weights=None, **config_overrides) -> GPTModel:
+               layer_weights=None, divergence="js", **config_overrides) -> GPTModel:
     torch.manual_seed(seed)
-    options = SARAOptions(sara_weight=weight, sara_layers=layers, sara_layer_weights=layer_weights)
+    options = SARAOptions(sara_weight=weight, sara_layers=layers, sara_layer_weights=layer_weights,
+                          sara_divergence=divergence)
     spec = with_sara(with_sdpa_attention(get_gpt_layer_local_spec(num_experts=EXPERTS)), options, priors=priors,
                      router_class=router_class)
     model = GPTModel(config=tiny_config(**config_overrides), transformer_layer_spec=spec, vocab_size=VOCAB,
@@ -142,7 +143,8 @@ def expected_sara_padded(model, padding, anchor=None, target=None, anchor_probs=
         kwargs.update(anchor_logits=None, anchor_probs=anchor_probs.double())
     options = sara_layers(model)[0].sara
     loss, per_layer = sara_loss(**kwargs, score=model.config.moe_router_score_function, backend="reference",
-                                layer_weights=options.sara_layer_weights, return_per_layer=True)
+                                layer_weights=options.sara_layer_weights, divergence=options.sara_divergence,
+                                return_per_layer=True)
     return options.sara_weight * loss, per_layer
 
 

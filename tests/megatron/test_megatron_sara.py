@@ -108,6 +108,21 @@ def test_live_anchors_padded_loss_and_every_gradient_equal_sara_loss(score):
     torch.testing.assert_close(tracked, per_layer.float(), **LOSS_TOL)
 
 
+def test_sara_divergence_reaches_megatrons_router():
+    """``sara_divergence="reverse_kl"`` through with_sara's SARAOptions: the tracked per-layer values
+    and every gradient are those of sara_loss with that divergence."""
+    model = tiny_model(divergence="reverse_kl")
+    tokens, positions, padding = random_batch(6, 9, seed=2)
+    anchor, target = [0, 4, 2], [3, 1, 5]
+    with sara_batch(anchor=anchor, target=target):
+        output = model(tokens, positions, None, labels=tokens, padding_mask=padding)
+    tracked = tracked_sara(model).clone()
+    clean_forward(model, tokens, positions, None, padding_mask=padding)
+    expected, per_layer = expected_sara_padded(model, padding, anchor=anchor, target=target)
+    assert_grads_equal(model, output, expected)
+    torch.testing.assert_close(tracked, per_layer.float(), rtol=1e-4, atol=1e-8)
+
+
 def test_per_token_loss_scales_by_the_local_valid_tokens_as_megatrons_aux_losses():
     # With calculate_per_token_loss Megatron divides every gradient by the global token count, so its
     # routers multiply aux losses by the micro-batch's valid tokens; SARA follows the same rule.

@@ -3,7 +3,8 @@
 The interpreter accepts programs the GPU compiler rejects (layouts, types, pointer casts), so
 each constexpr configuration the launchers can pick is compiled to a cubin here:
 segmentation (none / mask / cu_seqlens) × score × vector loads on/off × every tile of
-``tile_config`` for the pooling kernels, priors on/off × tile for ``pair_js_fwd``; the three
+``tile_config`` for the pooling kernels, priors on/off × tile for ``pair_js_fwd`` (with the
+divergence and pair weights rotating through that grid); the three
 logits dtypes and a bool mask on top. Compiles run in a process pool, one worker per core.
 ``triton.compile`` with a ``GPUTarget`` needs no device, only the ptxas shipped with Triton; the
 argument types live in :mod:`sara_kernels.ops.aot`, shared with benchmarks/kernel_resources.py.
@@ -71,12 +72,16 @@ def pooling_cases():
 
 
 def small_kernel_cases():
-    """pair_js_fwd (priors on/off × tile), reduce_pair_loss (weights × reduction),
-    pooled_routing_fwd (tile) and check_segments."""
-    for e in TILE_EXPERTS:
+    """pair_js_fwd (priors on/off × tile; each divergence and pair weights on/off meet both priors
+    modes), reduce_pair_loss (weights × reduction), pooled_routing_fwd (tile) and check_segments."""
+    divergences = list(triton_kernels.DIVERGENCES.items())
+    for i, e in enumerate(TILE_EXPERTS):
         for priors in (False, True):
-            meta = dict(PRIORS=priors, **triton_host.pair_config(e))
-            yield "pair_js_fwd", meta, "bf16", "i64", f"pair_js_fwd priors={priors} E={e}"
+            name, code = divergences[(2 * i + priors) % len(divergences)]
+            pair_weights = (i + priors) % 2 == 1
+            meta = dict(PRIORS=priors, PAIR_WEIGHTS=pair_weights, DIVERGENCE=code, **triton_host.pair_config(e))
+            yield ("pair_js_fwd", meta, "bf16", "i64",
+                   f"pair_js_fwd priors={priors} divergence={name} pair_weights={pair_weights} E={e}")
         for normalize in (False, True):
             meta = dict(NORMALIZE=normalize, **triton_host.pair_config(e))
             yield "pooled_routing_fwd", meta, "bf16", "i64", f"pooled_routing_fwd normalize={normalize} E={e}"

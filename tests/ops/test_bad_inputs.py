@@ -59,6 +59,16 @@ BAD = {
     "layer weights negative": (dict(layer_weights=[1.0, -1.0]), ValueError, "non-negative"),
     "layer weights zero sum": (dict(layer_weights=[0.0, 0.0]), ValueError, "positive sum"),
     "layer weights shape": (dict(layer_weights=torch.ones(3)), ValueError, "layer_weights: expected shape"),
+    "pair weights negative": (dict(pair_weights=torch.tensor([-0.5])), ValueError,
+                              r"pair_weights: expected finite weights >= 0, got pair_weights\[0\] = -0.5"),
+    "pair weights nan": (dict(target_mask=MASK, anchor_mask=MASK, pair_weights=torch.tensor([1.0, float("nan")])),
+                         ValueError, r"pair_weights: expected finite weights >= 0, got pair_weights\[1\] = nan"),
+    "pair weights inf": (dict(pair_weights=[float("inf")]), ValueError, "pair_weights: expected finite weights >= 0"),
+    "pair weights shape": (dict(pair_weights=torch.ones(2)), ValueError, r"pair_weights: expected shape \[B\] = \[1\]"),
+    "pair weights int": (dict(pair_weights=torch.ones(1, dtype=torch.long)), TypeError,
+                         "pair_weights: expected a floating-point tensor"),
+    "pair weights not numbers": (dict(pair_weights=["a"]), TypeError, "pair_weights: expected a sequence of B numbers"),
+    "divergence": (dict(divergence="jsd"), ValueError, "divergence: expected one of \\('js', 'kl', 'reverse_kl'\\)"),
 }
 
 
@@ -123,3 +133,16 @@ def test_cuda_backend_raises_the_same_errors(case, cuda_backend):
     overrides, error, message = BAD[case]
     with pytest.raises(error, match=message):
         call(sara_kernels.sara_loss, {**overrides, "backend": cuda_backend})
+
+
+def test_pair_weights_off_the_cpu_are_checked_by_a_device_assertion_without_a_host_sync(monkeypatch):
+    """The path a GPU tensor takes (here while compiling, the other case that takes it): no value is
+    read on the host (no bool(), item() or tolist()), and a bad weight fails the device assertion."""
+    from sara_kernels import _inputs
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    for method in ("__bool__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, method, lambda *_: pytest.fail("a host sync on the pair_weights check"))
+    _inputs.pair_weight_tensor(torch.tensor([0.0, 2.5]), 2, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="pair_weights: expected finite weights >= 0"):
+        _inputs.pair_weight_tensor(torch.tensor([1.0, -1.0]), 2, torch.device("cpu"))

@@ -38,6 +38,7 @@ def sara_step(model, anchor_hidden, target_hidden, anchor_mask, target_mask, bac
     return sara_kernels.sara_loss(
         anchor_logits, target_logits, anchor_mask, target_mask,
         layer_weights=[1.0, 0.5, 2.0], score="softmax", temperature=0.9, detach_anchor=False, backend=backend,
+        pair_weights=torch.tensor([0.75, 1.5], device=anchor_mask.device), divergence="kl",
     )
 
 
@@ -117,10 +118,16 @@ def _opcheck_inputs():
     return anchor, target, ragged_mask(B, S, gen), torch.tensor([0.5, 2.0], dtype=torch.float64, device=DEVICE)
 
 
+# Per reduction: the pair weights and divergence its op call takes.
+PAIR_OPTIONS = {"mean": (torch.tensor([1.5, 0.25], device=DEVICE), "reverse_kl"), "none": (None, "js")}
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_custom_ops_pass_opcheck(reduction):
     anchor, target, mask, weights = _opcheck_inputs()
-    fwd_args = (anchor, target, mask, None, mask, None, None, weights, "sigmoid", 1.0, reduction)
+    pair_weights, divergence = PAIR_OPTIONS[reduction]
+    fwd_args = (anchor, target, mask, None, mask, None, None, weights, pair_weights, "sigmoid", 1.0, reduction,
+                divergence)
     torch.library.opcheck(triton_ops.sara_loss_fwd.op, fwd_args, test_utils=OPCHECK_UTILS)
     _, _, ga, gt, stats, layer_coef = triton_ops.sara_loss_fwd(*fwd_args)
     grad = torch.randn(gt.shape[:2] if reduction == "none" else (), device=DEVICE)
@@ -139,16 +146,17 @@ def test_cuda_ops_pass_opcheck(cuda_backend):
     registered for the Autograd key)."""
     anchor, target, mask, weights = _opcheck_inputs()
     ops = torch.ops.sara_kernels
-    for reduction in ("mean", "none"):
-        fwd_args = (anchor, target, mask, None, mask, None, None, weights, "sigmoid", 1.0, reduction)
+    for reduction, (pair_weights, divergence) in PAIR_OPTIONS.items():
+        fwd_args = (anchor, target, mask, None, mask, None, None, weights, pair_weights, "sigmoid", 1.0, reduction,
+                    divergence)
         torch.library.opcheck(ops.cuda_sara_loss_fwd.default, fwd_args, test_utils=OPCHECK_UTILS)
         _, _, ga, gt, stats, layer_coef = ops.cuda_sara_loss_fwd(*fwd_args)
         grad = torch.randn(gt.shape[:2] if reduction == "none" else (), device=DEVICE)
         bwd_args = (grad, anchor, target, mask, None, mask, None, ga, gt, stats, layer_coef, "sigmoid", 1.0, True)
         torch.library.opcheck(ops.cuda_sara_loss_bwd.default, bwd_args, test_utils=OPCHECK_UTILS)
     leaf = [target[0].detach().requires_grad_(True)]
-    loss_args = ([t.requires_grad_(True) for t in anchor], leaf, mask, None, mask, None, None, weights, "softmax", 0.8,
-                 False, "mean")
+    loss_args = ([t.requires_grad_(True) for t in anchor], leaf, mask, None, mask, None, None, weights,
+                 PAIR_OPTIONS["mean"][0], "softmax", 0.8, False, "mean", "kl")
     torch.library.opcheck(ops.cuda_sara_loss.default, loss_args, test_utils=(*OPCHECK_UTILS, "test_autograd_registration"))
     for normalize in (True, False):
         probs_args = (anchor, mask, None, "softmax", 0.8, normalize)

@@ -11,7 +11,7 @@ import torch
 
 from sara_kernels import reference, testing
 
-from helpers import reference_loss  # noqa: E402
+from helpers import reference_distribution, reference_loss  # noqa: E402
 
 
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
@@ -143,3 +143,78 @@ def test_reference_gradient_is_finite_with_zero_probabilities():
     ga, gt = torch.autograd.grad(loss, [a, t])
     assert torch.isfinite(loss) and torch.isfinite(ga).all() and torch.isfinite(gt).all()
     assert (ga[:, 2] == 0).all()
+
+
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl"])
+def test_divergence_kl_follows_its_definition_and_the_zero_probability_rule(divergence):
+    """KL(P^a ‖ P^t) and KL(P^t ‖ P^a) from pooled distributions computed on their own, with an
+    expert that one side never routes to (−inf logits): a term with P_e = 0 is 0, and one whose
+    second argument is 0 is P_e·log(P_e / 2^-126) (the floor), finite with finite gradients."""
+    gen = torch.Generator().manual_seed(8)
+    L, B, S, E = 2, 3, 5, 7
+    anchor = [z.double() for z in testing.random_logits(L, B * S, E, generator=gen)]
+    target = [z.double() for z in testing.random_logits(L, B * S, E, generator=gen)]
+    for z in target:
+        z[:, 2] = -math.inf  # P^t_2 = 0 < P^a_2
+    for z in anchor:
+        z[:, 4] = -math.inf  # P^a_4 = 0 < P^t_4
+    mask = testing.ragged_mask(B, S, gen)
+    pooled_a = reference_distribution(anchor, mask).numpy()
+    pooled_t = reference_distribution(target, mask).numpy()
+    p, q = (pooled_a, pooled_t) if divergence == "kl" else (pooled_t, pooled_a)
+    expected = np.zeros((L, B))
+    for l, b, e in np.ndindex(L, B, E):
+        if p[l, b, e] > 0:
+            log_q = math.log(q[l, b, e]) if q[l, b, e] > 0 else -126 * math.log(2.0)
+            expected[l, b] += p[l, b, e] * (math.log(p[l, b, e]) - log_q)
+    a = [z.clone().requires_grad_() for z in anchor]
+    t = [z.clone().requires_grad_() for z in target]
+    got = reference_loss(a, t, mask, mask, divergence=divergence, reduction="none", detach_anchor=False)
+    np.testing.assert_allclose(got.detach().numpy(), expected, rtol=1e-12, atol=0)
+    assert (got > 0).all()
+    swapped = reference_loss(target, anchor, mask, mask, divergence="reverse_kl" if divergence == "kl" else "kl",
+                             reduction="none")
+    torch.testing.assert_close(swapped, got.detach(), rtol=1e-13, atol=0)
+    grads = torch.autograd.grad(got.sum(), a + t)
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert all((g[:, 4] == 0).all() for g in grads[:L]) and all((g[:, 2] == 0).all() for g in grads[L:])
+
+
+@pytest.mark.parametrize("divergence", ["js", "kl", "reverse_kl"])
+def test_pair_weights_follow_the_mean_and_sum_formulas(divergence):
+    """"mean" = Σ_l w_l (Σ_b π_b D_{l,b} / Σ_b π_b) / Σ_l w_l, "sum" = Σ_l Σ_b w_l π_b D_{l,b},
+    "none" = π_b D_{l,b}, with π_b = 0 for a pair with an empty side, from the unweighted D."""
+    gen = torch.Generator().manual_seed(9)
+    L, B, S, E = 3, 4, 5, 6
+    anchor = [z.double() for z in testing.random_logits(L, B * S, E, generator=gen)]
+    target = [z.double() for z in testing.random_logits(L, B * S, E, generator=gen)]
+    mask_a, mask_t = testing.ragged_mask(B, S, gen, empty=(0,)), testing.ragged_mask(B, S, gen)
+    d = reference_loss(anchor, target, mask_a, mask_t, divergence=divergence, reduction="none")
+    pair_weights = torch.tensor([3.0, 0.5, 2.0, 0.25], dtype=torch.float64)
+    pi = pair_weights * torch.tensor([0.0, 1.0, 1.0, 1.0], dtype=torch.float64)  # pair 0: empty anchor
+    w = torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64)
+    expected = {
+        "mean": ((w * (d * pi).sum(1) / pi.sum()).sum() / w.sum()).item(),
+        "sum": (w[:, None] * pi * d).sum().item(),
+    }
+    for reduction, want in expected.items():
+        got = reference_loss(anchor, target, mask_a, mask_t, divergence=divergence, reduction=reduction,
+                             layer_weights=w.tolist(), pair_weights=pair_weights)
+        assert math.isclose(got.item(), want, rel_tol=1e-12), reduction
+    got = reference_loss(anchor, target, mask_a, mask_t, divergence=divergence, reduction="none",
+                         pair_weights=pair_weights)
+    torch.testing.assert_close(got, d * pi, rtol=1e-13, atol=0)
+
+
+def test_divergence_and_pair_weights_gradcheck():
+    torch.manual_seed(2)
+    L, B, S, E = 2, 2, 4, 5
+    anchor = [torch.randn(B * S, E, dtype=torch.float64, requires_grad=True) for _ in range(L)]
+    target = [torch.randn(B * S, E, dtype=torch.float64, requires_grad=True) for _ in range(L)]
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    for divergence in ("kl", "reverse_kl"):
+        def fn(*tensors):
+            return reference_loss(list(tensors[:L]), list(tensors[L:]), mask, mask, detach_anchor=False,
+                                  divergence=divergence, pair_weights=torch.tensor([0.3, 1.7], dtype=torch.float64))
+
+        assert torch.autograd.gradcheck(fn, anchor + target, eps=1e-6, atol=1e-8)

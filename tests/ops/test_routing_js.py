@@ -464,3 +464,73 @@ def test_launch_goes_through_the_compiled_launcher_after_the_first_call(monkeypa
     triton_host.launch(kernel, (1,), (x, 2**40), meta, device)  # an i64 argument
     triton_host.launch(kernel, (1,), (x, 7), dict(meta, BLOCK=32), device)  # another constexpr
     assert [c[0] for c in kernel.calls[3:]] == ["jit", "jit", "jit"]
+
+
+@pytest.mark.parametrize("divergence,reduction", [("js", "sum"), ("kl", "mean"), ("reverse_kl", "none")])
+def test_divergence_and_pair_weights_match_reference(divergence, reduction, fused_backend):
+    """Each divergence with pair weights (one of them 0) against the float64 reference: ragged masks
+    with an empty sequence on each side, E = 60, −inf logits on both sides (P_e = 0 in either
+    argument of a KL: the zero rule), layer weights, gradients into both sides."""
+    gen = _gen(41)
+    L, B, S, E = 2, 4, 6, 60
+    side_a, side_t = segmentation("mask", B, S, gen, empty=(0,)), segmentation("mask", B, S + 1, gen, empty=(3,))
+    anchor = random_logits(L, side_a.num_tokens, E, generator=gen)
+    target = random_logits(L, side_t.num_tokens, E, generator=gen)
+    for z in target:
+        z[:, 5] = -math.inf  # an expert the target never routes to
+    anchor[1][:, 9] = -math.inf  # and one the anchor never routes to
+    anchor[0][::2, :3] = -math.inf
+    pair_weights = torch.tensor([0.7, 1.9, 0.0, 1.3], device=DEVICE)
+    runs = check(fused_backend, anchor, target, side_a, side_t, detach_anchor=False, divergence=divergence,
+                 reduction=reduction, pair_weights=pair_weights, layer_weights=[0.5, 2.0])
+    assert bool(torch.isfinite(runs["kernel"].loss).all())
+    if reduction == "none":  # pair 2 weighs 0, pairs 0 and 3 have an empty side
+        assert (runs["kernel"].loss[:, [0, 2, 3]] == 0).all() and (runs["kernel"].loss[:, 1] > 0).all()
+
+
+@pytest.mark.parametrize("divergence", ["js", "kl", "reverse_kl"])
+def test_divergence_and_pair_weights_with_priors_and_packed_sequences(divergence, fused_backend):
+    """Priors with exact zeros (0·log 0, and a floored Q for reverse_kl), packed target sequences with
+    an empty one, E = 24, pair weights given as a Python list."""
+    gen = _gen(43)
+    L, B, S, E = 2, 3, 7, 24
+    side_t = segmentation("cu_seqlens", B, S, gen, empty=(1,))
+    priors = torch.softmax(torch.randn(L, B, E, generator=gen), dim=-1).to(DEVICE)
+    priors[0, 0, :3] = 0
+    priors[0, 0] /= priors[0, 0].sum()
+    target = random_logits(L, side_t.num_tokens, E, generator=gen)
+    check(fused_backend, None, target, target_side=side_t, anchor_probs=priors, divergence=divergence,
+          pair_weights=[0.5, 0.5, 0.25], score="sigmoid")  # Σ π < 1 on the valid pairs
+
+
+@pytest.mark.parametrize("divergence", ["js", "kl", "reverse_kl"])
+def test_pair_weights_all_zero_give_zero_loss_and_zero_gradients(divergence, any_backend):
+    gen = _gen(47)
+    L, B, S, E = 2, 3, 4, 12
+    side_a, side_t = segmentation("mask", B, S, gen), segmentation("mask", B, S, gen, empty=(1,))
+    anchor = as_leaves(random_logits(L, side_a.num_tokens, E, generator=gen))
+    target = as_leaves(random_logits(L, side_t.num_tokens, E, generator=gen))
+    # Pair 1 (an empty target) keeps a weight, which counts as 0: no weight is left.
+    pair_weights = torch.tensor([0.0, 2.0, 0.0], device=DEVICE)
+    for reduction in ("mean", "sum"):
+        loss, per_layer = sara_kernels.sara_loss(
+            anchor, target, side_a.mask, side_t.mask, pair_weights=pair_weights, divergence=divergence,
+            reduction=reduction, detach_anchor=False, return_per_layer=True, backend=any_backend)
+        assert loss.item() == 0.0 and (per_layer == 0).all()
+        for g in torch.autograd.grad(loss, anchor + target):
+            assert (g == 0).all()
+
+
+def test_module_form_takes_divergence_and_pair_weights():
+    gen = _gen(53)
+    L, B, S, E = 2, 3, 4, 10
+    mask = ragged_mask(B, S, gen)
+    anchor, target = random_logits(L, B * S, E, generator=gen), random_logits(L, B * S, E, generator=gen)
+    pair_weights = torch.tensor([0.5, 0.0, 2.0], device=DEVICE)
+    module = sara_kernels.SARALoss(divergence="kl", reduction="sum", backend="reference")
+    assert "divergence='kl'" in repr(module)
+    got = module(anchor, target, mask, mask, pair_weights=pair_weights)
+    want = reference_loss(anchor, target, mask, mask, divergence="kl", reduction="sum", pair_weights=pair_weights)
+    assert torch.equal(got, want) and got != reference_loss(anchor, target, mask, mask, reduction="sum")
+    with pytest.raises(ValueError, match="divergence: expected one of"):
+        sara_kernels.SARALoss(divergence="jensen")

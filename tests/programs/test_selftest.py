@@ -33,6 +33,8 @@ def test_grid_covers_every_option():
         ("anchor", {"detached", "both", "priors"}),
         ("layout", {"tuple", "stacked"}),
         ("minus_inf", {True, False}),
+        ("divergence", {"js", "kl", "reverse_kl"}),
+        ("pair_weights", {True, False}),
     ]:
         assert {getattr(c, field) for c in cases} == wanted, field
         assert {getattr(c, field) for c in testing.case_grid(quick=True)} == wanted, f"quick grid misses a {field}"

@@ -11,7 +11,7 @@ import torch
 from ..._inputs import RoutingSide
 from .. import contract
 from .host import REDUCE_CONFIG, _placeholder, launch, pair_config, pool_bwd, pool_fwd, runtime_args
-from .kernels import REDUCTIONS, pair_js_fwd, pooled_routing_fwd, reduce_pair_loss
+from .kernels import DIVERGENCES, REDUCTIONS, pair_js_fwd, pooled_routing_fwd, reduce_pair_loss
 
 
 def _unpack(logits: List[torch.Tensor]):
@@ -57,10 +57,10 @@ def sara_loss_fwd(
     anchor: List[torch.Tensor], target: List[torch.Tensor],
     anchor_mask: Optional[torch.Tensor], anchor_cu_seqlens: Optional[torch.Tensor],
     target_mask: Optional[torch.Tensor], target_cu_seqlens: Optional[torch.Tensor],
-    anchor_probs: Optional[torch.Tensor], layer_weights: Optional[torch.Tensor],
-    score: str, temperature: float, reduction: str,
+    anchor_probs: Optional[torch.Tensor], layer_weights: Optional[torch.Tensor], pair_weights: Optional[torch.Tensor],
+    score: str, temperature: float, reduction: str, divergence: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, per-layer mean JS [L], G^a, G^t [L, B, E], stats [3, B] = (n^a, n^t, valid), k [L]).
+    """(loss, per-layer weighted mean divergence [L], π·G^a, π·G^t [L, B, E], stats [3, B] = (n^a, n^t, π), k [L]).
 
     A side is a list of [N, E] tensors or a one-element list holding one [L, N, E] tensor;
     ``anchor`` is empty with priors (``anchor_probs`` [L, B, E]). loss is [L, B] for "none".
@@ -78,12 +78,14 @@ def sara_loss_fwd(
     new = functools.partial(torch.empty, dtype=torch.float32, device=device)
     js, ga, gt, stats = new((L, B)), new((L, B, E)), new((L, B, E)), new((3, B))
     prior_sl, prior_sb, prior_se = prior_strides
-    args = runtime_args(pair_js_fwd, {
-        "a_partial_ptr": a_partial, "a_count_ptr": a_count, "t_partial_ptr": t_partial, "t_count_ptr": t_count,
-        "prior_ptr": priors, "prior_sl": prior_sl, "prior_sb": prior_sb, "prior_se": prior_se,
-        "js_ptr": js, "ga_ptr": ga, "gt_ptr": gt, "stats_ptr": stats, "B": B, "E": E, "A_SPLITS": a_partial.shape[2],
-        "T_SPLITS": t_partial.shape[2]})
-    launch(pair_js_fwd, (L, B), args, {"PRIORS": anchor_probs is not None, **pair_config(E)}, device)
+    args = runtime_args(pair_js_fwd, dict(
+        a_partial_ptr=a_partial, a_count_ptr=a_count, t_partial_ptr=t_partial, t_count_ptr=t_count,
+        prior_ptr=priors, prior_sl=prior_sl, prior_sb=prior_sb, prior_se=prior_se,
+        pair_weight_ptr=_placeholder(device) if pair_weights is None else pair_weights.to(torch.float32).contiguous(),
+        js_ptr=js, ga_ptr=ga, gt_ptr=gt, stats_ptr=stats, B=B, E=E, A_SPLITS=a_partial.shape[2],
+        T_SPLITS=t_partial.shape[2]))
+    launch(pair_js_fwd, (L, B), args, {"PRIORS": anchor_probs is not None, "PAIR_WEIGHTS": pair_weights is not None,
+                                       "DIVERGENCE": DIVERGENCES[divergence], **pair_config(E)}, device)
     per_layer, layer_coef = new(L), new(L)
     loss = js if reduction == "none" else new(())
     weights = layer_weights if layer_weights is not None else _placeholder(device)
@@ -170,10 +172,12 @@ class LossCall(NamedTuple):
     target_cu_seqlens: Optional[torch.Tensor]
     anchor_probs: Optional[torch.Tensor]
     layer_weights: Optional[torch.Tensor]
+    pair_weights: Optional[torch.Tensor]
     score: str
     temperature: float
     detach_anchor: bool
     reduction: str
+    divergence: str
     num_anchor: int  # the first ``num_anchor`` logits are the anchor side's (0 with priors)
     anchor_stacked: bool
     target_stacked: bool
@@ -190,11 +194,12 @@ class SARALossFunction(torch.autograd.Function):
         anchor, target = list(logits[:call.num_anchor]), list(logits[call.num_anchor:])
         loss, per_layer, ga, gt, stats, layer_coef = sara_loss_fwd(
             anchor, target, call.anchor_mask, call.anchor_cu_seqlens, call.target_mask, call.target_cu_seqlens,
-            call.anchor_probs, call.layer_weights, call.score, call.temperature, call.reduction,
+            call.anchor_probs, call.layer_weights, call.pair_weights, call.score, call.temperature, call.reduction,
+            call.divergence,
         )
         # The tensors of ``call`` the backward reads are saved with the rest; the constants are kept.
         ctx.call = call._replace(anchor_mask=None, anchor_cu_seqlens=None, target_mask=None, target_cu_seqlens=None,
-                                 anchor_probs=None, layer_weights=None)
+                                 anchor_probs=None, layer_weights=None, pair_weights=None)
         # The logits the backward reads are saved (not only referenced) so that autograd's version
         # check catches an in-place change before the backward recomputes the scores from them.
         # A detached anchor is never read again: saving it would only cost time per layer.
@@ -225,18 +230,20 @@ class SARALossFunction(torch.autograd.Function):
         return (None, *grads_a, *_side_grads(grad_t, call.target_stacked))
 
 
-def sara_loss(anchor: Optional[RoutingSide], target: RoutingSide, anchor_probs, layer_weights,
-              score: str, temperature: float, detach_anchor: bool, reduction: str):
-    """(loss, detached per-layer mean JS [L]) with autograd into the logits."""
+def sara_loss(anchor: Optional[RoutingSide], target: RoutingSide, anchor_probs, layer_weights, pair_weights,
+              score: str, temperature: float, detach_anchor: bool, reduction: str, divergence: str):
+    """(loss, detached per-layer weighted mean divergence [L]) with autograd into the logits."""
     if anchor_probs is not None:
         anchor_probs = anchor_probs.detach()
     if layer_weights is not None:
         layer_weights = layer_weights.detach()
+    if pair_weights is not None:
+        pair_weights = pair_weights.detach()
     anchor_inputs = anchor.inputs if anchor is not None else ()
     a_mask, a_cu = (anchor.mask, anchor.cu_seqlens) if anchor is not None else (None, None)
-    call = LossCall(a_mask, a_cu, target.mask, target.cu_seqlens, anchor_probs, layer_weights, score, temperature,
-                    detach_anchor, reduction, len(anchor_inputs), anchor is not None and anchor.stacked,
-                    target.stacked)
+    call = LossCall(a_mask, a_cu, target.mask, target.cu_seqlens, anchor_probs, layer_weights, pair_weights, score,
+                    temperature, detach_anchor, reduction, divergence, len(anchor_inputs),
+                    anchor is not None and anchor.stacked, target.stacked)
     return SARALossFunction.apply(call, *anchor_inputs, *target.inputs)
 
 

@@ -1,13 +1,21 @@
-r"""The Triton kernels of SARA routing alignment: score, masked pooling, Jensen-Shannon, reduction, backward.
+r"""The Triton kernels of SARA routing alignment: score, masked pooling, divergence, reduction, backward.
 
 The math (symbols as in :mod:`sara_kernels.reference`, which is the specification):
 
     s = softmax(z/τ)                 or  s = σ(z/τ) / Σ_e σ(z/τ)_e          (per token)
     P_{l,b} = (1/n_b) Σ_{n ∈ b, valid} s(z_{l,n})
-    M = ½(P^a + P^t),  JS_{l,b} = ½ Σ_e [P^a_e log(P^a_e/M_e) + P^t_e log(P^t_e/M_e)]
-    G_e := ∂JS/∂P_e = ½ log(P_e / M_e)   (taken as 0 where P_e = 0: then s_e = 0 on every token)
-    loss = Σ_l w_l Σ_b JS_{l,b} / (V Σ_l w_l)  ("mean", V valid pairs) | Σ_l w_l Σ_b JS_{l,b}  ("sum")
-    k_l := ∂loss/∂JS_{l,b} = w_l / (V Σ w)  ("mean") | w_l  ("sum") | 1  ("none", times the upstream [L, B])
+    D_{l,b} by ``divergence`` (DIVERGENCE 0, 1, 2), with G_e := ∂D/∂P_e up to a constant per
+    side (a constant drops out of the backward below: Σ_e s_e = 1), 0 where P_e = 0 and no
+    derivative flows into a floored Q (then s_e = 0 on every token):
+      js:          M = ½(P^a + P^t),  D = ½ Σ_e [P^a_e log(P^a_e/M_e) + P^t_e log(P^t_e/M_e)],
+                   G^a = ½ log(P^a/M),  G^t = ½ log(P^t/M)
+      kl:          D = KL(P^a ‖ P^t) = Σ_e P^a_e log(P^a_e/Q^t_e),  G^a = log(P^a/Q^t),  G^t = −P^a/Q^t
+      reverse_kl:  the same with the sides swapped
+    where Q = max(P, Q_MIN) with Q_MIN = 2^-126, the reference's zero rule.
+    π_b: the pair's weight (``pair_weights``, else 1; 0 for an invalid pair), folded into D and G.
+    loss = Σ_l w_l Σ_b π_b D_{l,b} / (Π Σ_l w_l)  ("mean", Π = Σ_b π_b; 0 when Π = 0)
+         | Σ_l w_l Σ_b π_b D_{l,b}  ("sum")
+    k_l := ∂loss/∂(π_b D_{l,b}) = w_l / (Π Σ w)  ("mean") | w_l  ("sum") | 1  ("none", times the upstream [L, B])
 
 Backward for a token n of sequence b, with g = ∂L/∂loss · k_l and c = g / (τ n_b):
 
@@ -21,9 +29,9 @@ Launches (constant in L, B and N; no torch op runs between them):
    slice of one sequence's rows into ``partial[l, b, split, :]``. Splitting keeps all SMs busy
    when B is small; partials are reduced in a fixed order afterwards, so results are bitwise
    deterministic (no float atomics).
-2. ``pair_js_fwd``, grid (L, B): reduces the partials of both sides, writes JS and the
-   coefficients G that the backward needs (O(L·B·E) memory).
-3. ``reduce_pair_loss``, one program: the loss, the per-layer mean JS and k_l, in a fixed order.
+2. ``pair_js_fwd``, grid (L, B): reduces the partials of both sides, writes π·D and the
+   coefficients π·G that the backward needs (O(L·B·E) memory).
+3. ``reduce_pair_loss``, one program: the loss, the per-layer weighted mean and k_l, in a fixed order.
 4. ``pool_routing_bwd`` per side that needs gradients, same grid as 1: recomputes s from the
    logits (no [L, N, E] intermediate is saved) and writes ∂L/∂z in the logits' dtype.
 
@@ -52,6 +60,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 LOG2E = tl.constexpr(1.4426950408889634)
 TWO_POW_126 = tl.constexpr(2.0**126)  # bounds the sigmoid's t where it overflows: t·u is then 0, not ∞·0
+Q_MIN = tl.constexpr(2.0**-126)  # reference.Q_MIN: the floor of a KL divergence's second distribution
+DIVERGENCES = {"js": 0, "kl": 1, "reverse_kl": 2}
 
 
 @triton.jit
@@ -209,6 +219,7 @@ RUNTIME_ARG_TYPES = {
     # Jensen-Shannon, loss and backward coefficients
     "prior_ptr": "*fp32", "prior_sl": "i64", "prior_sb": "i64", "prior_se": "i64",
     "js_ptr": "*fp32", "ga_ptr": "*fp32", "gt_ptr": "*fp32", "stats_ptr": "*fp32", "weight_ptr": "*fp64",
+    "pair_weight_ptr": "*fp32",
     "loss_ptr": "*fp32", "per_layer_ptr": "*fp32", "layer_coef_ptr": "*fp32",
     "coef_ptr": "*fp32", "coef_sl": "i64", "coef_sb": "i64", "coef_se": "i64",
     "scale_ptr": "*fp32", "scale_sl": "i64", "scale_sb": "i64",
@@ -309,17 +320,27 @@ def _half_log_ratio(p, total):
     return tl.where(zero, 0.0, 0.5 * tl.log(tl.where(zero, 1.0, p + p) / tl.where(zero, 1.0, total)))
 
 
+@triton.jit
+def _kl_parts(p, q):
+    """(G^p, G^q, KL(p ‖ q)) with q floored at Q_MIN: G^p = log(p/q) (∂KL/∂p less its constant 1),
+    G^q = −p/q (0 below the floor, whose derivative is 0); 0 where p = 0 (0·log 0 = 0)."""
+    zero = p == 0.0
+    floored = q < Q_MIN  # false for NaN, which propagates
+    q = tl.where(floored, Q_MIN, q)
+    log_ratio = tl.where(zero, 0.0, tl.log(tl.where(zero, 1.0, p) / q))
+    return log_ratio, tl.where(floored, 0.0, -p / q), tl.sum(p * log_ratio, axis=0)
+
 
 @_runtime_kernel()
 def pair_js_fwd(
     a_partial_ptr, a_count_ptr, t_partial_ptr, t_count_ptr,
-    prior_ptr, prior_sl, prior_sb, prior_se,
+    prior_ptr, prior_sl, prior_sb, prior_se, pair_weight_ptr,
     js_ptr, ga_ptr, gt_ptr, stats_ptr,
     B, E, A_SPLITS, T_SPLITS,
-    PRIORS: tl.constexpr, BLOCK_E: tl.constexpr,
+    PRIORS: tl.constexpr, PAIR_WEIGHTS: tl.constexpr, DIVERGENCE: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """JS_{l,b} and G^a, G^t for one (l, b); invalid pairs get JS = G = 0.
-    stats [3, B] = (n^a, n^t, pair validity), written by the l = 0 programs."""
+    """π_b·D_{l,b} and π_b·G^a, π_b·G^t for one (l, b); invalid pairs get 0.
+    stats [3, B] = (n^a, n^t, π), written by the l = 0 programs."""
     l = tl.program_id(0)
     b = tl.program_id(1)
     cols = tl.arange(0, BLOCK_E)
@@ -332,19 +353,27 @@ def pair_js_fwd(
     else:
         pa, n_a = _pooled(a_partial_ptr, a_count_ptr, l, b, B, E, A_SPLITS, cols, col_ok)
     valid = (n_a > 0.0) & (n_t > 0.0)
-    total = pa + pt
-    ga = tl.where(valid, _half_log_ratio(pa, total), 0.0)
-    gt = tl.where(valid, _half_log_ratio(pt, total), 0.0)
-    # Σ_e ½ P_e log(P_e/M_e) = Σ_e P_e G_e; P = 0 gives 0 (0·log 0 = 0), NaN in P stays NaN.
-    js = tl.sum(pa * ga + pt * gt, axis=0)
+    if DIVERGENCE == 0:
+        total = pa + pt
+        ga = _half_log_ratio(pa, total)
+        gt = _half_log_ratio(pt, total)
+        # Σ_e ½ P_e log(P_e/M_e) = Σ_e P_e G_e; P = 0 gives 0 (0·log 0 = 0), NaN in P stays NaN.
+        d = tl.sum(pa * ga + pt * gt, axis=0)
+    elif DIVERGENCE == 1:
+        ga, gt, d = _kl_parts(pa, pt)
+    else:
+        gt, ga, d = _kl_parts(pt, pa)
+    weight = valid.to(tl.float32)
+    if PAIR_WEIGHTS:
+        weight = tl.where(valid, tl.load(pair_weight_ptr + b), 0.0)
     offs = (l * B + b).to(tl.int64) * E + cols
-    tl.store(js_ptr + l * B + b, js)
-    tl.store(ga_ptr + offs, ga, mask=col_ok)
-    tl.store(gt_ptr + offs, gt, mask=col_ok)
+    tl.store(js_ptr + l * B + b, tl.where(valid, d, 0.0) * weight)
+    tl.store(ga_ptr + offs, tl.where(valid, ga * weight, 0.0), mask=col_ok)
+    tl.store(gt_ptr + offs, tl.where(valid, gt * weight, 0.0), mask=col_ok)
     if l == 0:
         tl.store(stats_ptr + b, n_a)
         tl.store(stats_ptr + B + b, n_t)
-        tl.store(stats_ptr + 2 * B + b, valid.to(tl.float32))
+        tl.store(stats_ptr + 2 * B + b, weight)
 
 
 REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
@@ -357,14 +386,16 @@ def reduce_pair_loss(
     L, B,
     HAS_WEIGHTS: tl.constexpr, REDUCTION: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    """One program: loss (mean/sum), per-layer mean JS [L] and k_l = ∂loss/∂JS_{l,b} [L], summed
-    in a fixed order (deterministic)."""
+    """One program: loss (mean/sum), per-layer weighted mean [L] and k_l = ∂loss/∂(π_b D_{l,b}) [L]
+    from π·D [L, B] and π = stats[2], summed in a fixed order (deterministic)."""
     bs = tl.arange(0, BLOCK_B)
     ls = tl.arange(0, BLOCK_L)
-    num_valid = tl.zeros([BLOCK_B], dtype=tl.float32)
+    pair_weight = tl.zeros([BLOCK_B], dtype=tl.float32)
     for b0 in range(0, B, BLOCK_B):
-        num_valid += tl.load(stats_ptr + 2 * B + b0 + bs, mask=b0 + bs < B, other=0.0)
-    inv_valid = 1.0 / tl.maximum(tl.sum(num_valid, axis=0), 1.0)
+        pair_weight += tl.load(stats_ptr + 2 * B + b0 + bs, mask=b0 + bs < B, other=0.0)
+    total_weight = tl.sum(pair_weight, axis=0)
+    # No weight left: every π·D is 0, and so are the loss and (k_l = 0) the gradients.
+    inv_valid = tl.where(total_weight > 0.0, 1.0 / total_weight, 0.0)
     weight_sum = tl.zeros([BLOCK_L], dtype=tl.float32)
     if HAS_WEIGHTS:
         for l0 in range(0, L, BLOCK_L):
