@@ -125,7 +125,42 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return 0.5 * (_kl_to_mixture(p, total) + _kl_to_mixture(q, total))
 
 
-        loss = (layer_shares(layer_weights.to(weighted.dtype), len(per_layer)) * per_layer).sum()
+def layer_shares(layer_weights: Optional[torch.Tensor], num_layers: int) -> torch.Tensor:
+    """Each layer's share [L] of the loss's mean over layers: w / Σw, or 1/L without weights.
+
+    Also what a router that computes one layer's term alone (the Megatron integration) weights
+    it by, so that the layers' terms add up to the loss."""
+    if layer_weights is None:
+        return torch.full((num_layers,), 1.0 / num_layers, dtype=torch.float64)
+    return layer_weights / layer_weights.sum()
+
+
+def _kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) over the last dimension with the module's zero rule (q floored at Q_MIN, 0 where
+    p = 0). Value from log(p/q) (accurate where p ≈ q), derivatives from log p − log q (the
+    quotient's own derivative passes through p/q², which underflows q² at the floor)."""
+    zero = p == 0
+    one = torch.ones((), dtype=p.dtype, device=p.device)
+    q = torch.where(q < Q_MIN, torch.full((), Q_MIN, dtype=q.dtype, device=q.device), q)
+    p, q = torch.where(zero, one, p), torch.where(zero, one, q)
+    log_diff = torch.log(p) - torch.log(q)
+    log_ratio = torch.log(p / q).detach() + (log_diff - log_diff.detach())
+    return torch.where(zero, torch.zeros_like(p), p * log_ratio).sum(dim=-1)
+
+
+def divergence_of(p_anchor: torch.Tensor, p_target: torch.Tensor, divergence: str) -> torch.Tensor:
+    """D over the last dimension for ``divergence`` "js" | "kl" | "reverse_kl" (module docstring)."""
+    if divergence == "js":
+        return js_divergence(p_anchor, p_target)
+    if divergence == "kl":
+        return _kl(p_anchor, p_target)
+    return _kl(p_target, p_anchor)
+
+
+def reduce_pair_divergence(divergence: torch.Tensor, pair_weight: torch.Tensor, layer_weights: Optional[torch.Tensor],
+                           reduction: str):
+    """Reduce D [L, B] (0 for invalid pairs) with the pairs' weights π [B] (0 for invalid pairs)
+    to the loss; also the detached per-layer weighted mean [L].
 
     Shared by every backend, so the reduction is written once.
     """
