@@ -158,7 +158,7 @@ class sara_step:
     >>> with sara_step([SARAMicrobatch(valid_tokens=n, anchor=[0, 1], target=[2, 3])], global_valid_tokens=n):
     ...     loss = loss_fn(model(tokens), labels, global_valid_tokens)
     ...     loss.backward()
-    >>> with sara_step(layouts, global_valid_tokens=n):       # pipeline parallel: one layout per micro-batch
+    >>> with sara_step(layouts, global_valid_tokens=n, pipeline_metadata_inference=first_step):  # one layout per micro-batch
     ...     schedule.step(tokens, target=labels, losses=losses, loss_kwargs={"global_valid_tokens": n})
 
     ``microbatches``: one :class:`SARAMicrobatch` per micro-batch of the call, in order (one
@@ -166,6 +166,10 @@ class sara_step:
     stage's micro-batches in order). ``global_valid_tokens``: the step's count, the one
     torchtitan's trainer divides the LM loss by. Each micro-batch's SARA is then scaled exactly
     as its LM loss is: by ``valid_tokens / global_valid_tokens``.
+    ``pipeline_metadata_inference``: ``True`` on a pipeline schedule's first ``step`` (and on any
+    step after which it infers shapes again), which first runs every stage once more, forward
+    and backward to the stage's inputs, to infer shapes (``torch.distributed.pipelining``,
+    ``PipelineStage._forward_metadata_inference``); that extra call gets no SARA.
 
     The block must hold the backward too: under activation checkpointing the routers run again
     in backward (in the same micro-batch order) and recompute their term from the same layout.
@@ -173,7 +177,8 @@ class sara_step:
 
     _open: list = []
 
-    def __init__(self, microbatches: Sequence[SARAMicrobatch], *, global_valid_tokens):
+    def __init__(self, microbatches: Sequence[SARAMicrobatch], *, global_valid_tokens,
+                 pipeline_metadata_inference: bool = False):
         if isinstance(microbatches, SARAMicrobatch):
             microbatches = [microbatches]
         microbatches = list(microbatches)
@@ -182,9 +187,13 @@ class sara_step:
         total = torch.as_tensor(global_valid_tokens)
         if total.numel() != 1 or total.dtype.is_floating_point or total.dtype == torch.bool:
             raise ValueError(f"sara_step global_valid_tokens: expected an integer count, got {global_valid_tokens!r}")
+        if not isinstance(pipeline_metadata_inference, bool):
+            raise TypeError(f"sara_step pipeline_metadata_inference: expected a bool, got {pipeline_metadata_inference!r}")
         self.microbatches = microbatches
         self.global_valid_tokens = total
+        self.pipeline_metadata_inference = pipeline_metadata_inference
         self._calls: dict = {}
+        self._inferred: set = set()  # routers whose metadata-inference forward has passed
 
     @classmethod
     def current(cls, layer: int) -> "sara_step":
@@ -195,19 +204,29 @@ class sara_step:
             )
         return cls._open[-1]
 
-    def microbatch(self, router: "SARARouter") -> SARAMicrobatch:
-        """The layout of the micro-batch this call of ``router`` belongs to.
+    def microbatch(self, router: "SARARouter") -> Optional[SARAMicrobatch]:
+        """The layout of the micro-batch this call of ``router`` belongs to (``None``: a pipeline
+        stage's metadata inference, which gets no SARA).
 
         Forward calls and the recomputations of activation checkpointing (which run inside
         backward) are counted apart: each runs the stage's micro-batches in order.
         """
         phase = "recompute" if torch._C._current_graph_task_id() != -1 else "forward"
+        if self.pipeline_metadata_inference and self._calls.get((id(router), "forward"), 0) == 0:
+            # The schedule's first step runs each stage forward (and backward, to the stage's
+            # inputs only) before its micro-batches, to infer shapes; nothing of it reaches a parameter.
+            if phase == "forward" and id(router) not in self._inferred:
+                self._inferred.add(id(router))
+                return None
+            if phase == "recompute":
+                return None
         key = (id(router), phase)
         index = self._calls.get(key, 0)
         if index >= len(self.microbatches):
             raise RuntimeError(
                 f"SARA router of layer {router.sara_layer} ran {index + 1} times ({phase}) in a sara_step of "
-                f"{len(self.microbatches)} micro-batches: give one SARAMicrobatch per micro-batch"
+                f"{len(self.microbatches)} micro-batches: give one SARAMicrobatch per micro-batch (and "
+                "pipeline_metadata_inference=True on a pipeline schedule's first step)"
             )
         self._calls[key] = index + 1
         return self.microbatches[index]
@@ -265,6 +284,8 @@ class SARARouter(TokenChoiceTopKRouter):
             )
         step = sara_step.current(self.sara_layer)
         batch = step.microbatch(self)
+        if batch is None:
+            return None
         if batch.example_index is not None:
             if self.priors is None:
                 raise ValueError("SARAMicrobatch(example_index=...) needs cached priors: SARAConverter.Config(priors=...)")
