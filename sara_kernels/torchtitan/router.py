@@ -134,9 +134,7 @@ class SARAMicrobatch:
         starts = positions == 0
         starts[:, 0] = True
         flat_starts = starts.reshape(-1).nonzero().squeeze(1)
-        flat_ends = torch.cat([flat_starts[1:], torch.tensor([rows * seq_len])])
-        row_ends = (flat_starts // seq_len + 1) * seq_len  # a document ends at its row's end at the latest
-        flat_ends = torch.minimum(flat_ends, row_ends)
+        flat_ends = torch.cat([flat_starts[1:], torch.tensor([rows * seq_len])])  # each row starts a document
         docs = self._sequences(name, flat_starts.numel(), "documents")
         tokens = torch.cat([torch.arange(int(flat_starts[d]), int(flat_ends[d])) for d in docs.tolist()])
         cu = torch.cat([torch.zeros(1, dtype=torch.long), (flat_ends - flat_starts)[docs].cumsum(0)])
