@@ -169,9 +169,10 @@ def _check_pipeline(rank, name, schedule):
     tokens = _whole_batch()
     want, want_logged = _one_process(name, tokens, list(range(PAIRS)), list(range(PAIRS, 2 * PAIRS)))
     parts, pipeline, dims = _parallel(name, {"pp": 2}, schedule)
-    # Micro-batch m holds pair m: rows (m, 4 + m) of the whole batch.
-    order = [row for m in range(PAIRS) for row in (m, PAIRS + m)]
-    layouts = [SARAMicrobatch(valid_tokens=2 * SEQ, anchor=[0], target=[1]) for _ in range(PAIRS)]
+    # Micro-batch m holds pair m: rows (m, 4 + m) of the whole batch, the target first in odd micro-batches,
+    # so that each micro-batch needs its own layout.
+    order = [row for m in range(PAIRS) for row in ((m, PAIRS + m) if m % 2 == 0 else (PAIRS + m, m))]
+    layouts = [SARAMicrobatch(valid_tokens=2 * SEQ, anchor=[m % 2], target=[1 - m % 2]) for m in range(PAIRS)]
     n = tokens.numel()
     with sara_step(layouts, global_valid_tokens=n, pipeline_metadata_inference=True):  # the schedule's first step
         if rank == 0:
