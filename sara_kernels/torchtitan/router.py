@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torchtitan.models.common.moe import TokenChoiceTopKRouter
 from torchtitan.protocols.model import ModelConfigConverter
@@ -79,7 +80,7 @@ class SARAMicrobatch:
     target: Optional[Sequence[int]] = None
     example_index: Optional[Sequence[int]] = None
     positions: Optional[torch.Tensor] = None
-    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if (self.anchor is None) == (self.example_index is None):
@@ -324,8 +325,6 @@ def sara_metrics(model_parts, mesh=None) -> dict:
                 module._js_sum, module._js_count = None, 0
     if mesh is None:
         return {f"sara_js/layer_{layer}": float(value) for layer, value in sorted(local.items())}
-    import torch.distributed as dist
-
     group = mesh.get_group() if hasattr(mesh, "get_group") else mesh
     gathered = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, {layer: float(value) for layer, value in local.items()}, group=group)
