@@ -145,6 +145,11 @@ def _check_data_parallel(rank, name, degrees):
     tokens = _whole_batch()
     want, want_logged = _one_process(name, tokens, list(range(PAIRS)), list(range(PAIRS, 2 * PAIRS)))
     parts, _, _ = _parallel(name, degrees)
+    if degrees.get("ep", 1) > 1:  # each rank holds half of the experts, the tokens sent to them all-to-all
+        for moe in (m for m in parts[0].modules() if hasattr(m, "routed_experts")):
+            experts = moe.routed_experts
+            assert type(experts.token_dispatcher).__name__ == "AllToAllTokenDispatcher"
+            assert experts.inner_experts.w1_EFD.to_local().shape[0] == experts.inner_experts.num_experts // 2
     half = PAIRS // 2
     mine = [*range(rank * half, (rank + 1) * half), *range(PAIRS + rank * half, PAIRS + (rank + 1) * half)]
     local = tokens[mine]
