@@ -1,6 +1,6 @@
 """sara_kernels.torchtitan on 2 gloo processes (CPU), through torchtitan 0.3.0's own
 ``parallelize_qwen3`` and ``pipeline_llm``: FSDP2, expert parallelism (EP = 2) and pipeline
-parallelism (PP = 2, GPipe and 1F1B, 4 micro-batches) each give every gate the gradient, and
+parallelism (PP = 2, 1F1B, and GPipe with full activation checkpointing, 4 micro-batches) each give every gate the gradient, and
 ``sara_metrics`` the per-layer values, of one process on the whole batch. One spawn runs all.
 
 Stand-ins for what torchtitan 0.3.0 assumes of a GPU (tests only), besides ``SDPA_STAND_IN``:
@@ -80,7 +80,7 @@ def _one_process(name, tokens, anchor, target):
     return _gate_grads([model]), sara_metrics(model)
 
 
-def _parallel(name, world_mesh_shape: dict, schedule: str = "1F1B"):
+def _parallel(name, world_mesh_shape: dict, schedule: str = "1F1B", ac_config=None):
     """(model parts, schedule or None, parallel_dims) of torchtitan's own parallelization."""
     import copy
 
@@ -116,7 +116,7 @@ def _parallel(name, world_mesh_shape: dict, schedule: str = "1F1B"):
     with torch.device("meta"):
         model = cfg.build()
     kwargs = dict(parallel_dims=dims, training=training, parallelism=parallelism, compile_config=CompileConfig(),
-                  ac_config=None, dump_folder="")
+                  ac_config=ac_config, dump_folder="")
     if dims.pp_enabled:
         schedule_obj, parts, _, _ = spec.pipelining_fn(model, device=torch.device("cpu"), model_config=cfg,
                                                        parallelize_fn=spec.parallelize_fn, loss_fn=_sara_only_loss, **kwargs)
@@ -128,13 +128,17 @@ def _parallel(name, world_mesh_shape: dict, schedule: str = "1F1B"):
         part.to_empty(device="cpu")
         with torch.no_grad():
             for fqn, tensor in list(part.named_parameters()) + list(part.named_buffers()):
-                value = wanted[fqn]
+                value = wanted[fqn.replace(CHECKPOINT_PREFIX, "")]
                 if hasattr(tensor, "device_mesh"):
                     value = distribute_tensor(value, tensor.device_mesh, tensor.placements)
                 tensor.copy_(value)
         part.train()
     assert isinstance(cfg, Decoder.Config)
     return parts, schedule_obj, dims
+
+
+# What activation checkpointing's wrapper inserts into parameter names.
+CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
 
 
 def _check_data_parallel(rank, name, degrees):
@@ -166,14 +170,14 @@ def _check_data_parallel(rank, name, degrees):
         assert value == pytest.approx(want_logged[key], rel=1e-5)
 
 
-def _check_pipeline(rank, name, schedule):
+def _check_pipeline(rank, name, schedule, ac_config=None):
     import torch.distributed as dist
 
     from sara_kernels.torchtitan import SARAMicrobatch, sara_metrics, sara_step
 
     tokens = _whole_batch()
     want, want_logged = _one_process(name, tokens, list(range(PAIRS)), list(range(PAIRS, 2 * PAIRS)))
-    parts, pipeline, dims = _parallel(name, {"pp": 2}, schedule)
+    parts, pipeline, dims = _parallel(name, {"pp": 2}, schedule, ac_config)
     # Micro-batch m holds pair m: rows (m, 4 + m) of the whole batch, the target first in odd micro-batches,
     # so that each micro-batch needs its own layout.
     order = [row for m in range(PAIRS) for row in ((m, PAIRS + m) if m % 2 == 0 else (PAIRS + m, m))]
@@ -187,7 +191,7 @@ def _check_pipeline(rank, name, schedule):
     got = _gate_grads(parts)
     assert len(got) == 1 and got.keys() <= want.keys()  # one MoE layer per stage
     for layer, grad in got.items():
-        torch.testing.assert_close(grad, want[layer], **GATE_GRAD_TOL, msg=lambda m: f"{name} PP {schedule} layer {layer}: {m}")
+        torch.testing.assert_close(grad, want[layer], **GATE_GRAD_TOL, msg=lambda m: f"{name} PP {schedule} {ac_config} layer {layer}: {m}")
     logged = sara_metrics(parts, dist.group.WORLD)
     assert logged.keys() == want_logged.keys()
     for key, value in logged.items():
@@ -201,6 +205,8 @@ GATE_GRAD_TOL = dict(rtol=1e-4, atol=1e-7)
 
 
 def _check_all(rank):
+    from torchtitan.distributed.activation_checkpoint import FullAC
+
     torch.set_num_threads(1)
     torch.autograd.set_multithreading_enabled(False)
     _use_cpu_meshes()
@@ -208,7 +214,7 @@ def _check_all(rank):
     _check_data_parallel(rank, "qwen3_softmax", {"dp_shard": 2})
     _check_data_parallel(rank, "qwen3_softmax", {"dp_shard": 2, "ep": 2})
     _check_data_parallel(rank, "deepseek_sigmoid", {"dp_shard": 2, "ep": 2})
-    _check_pipeline(rank, "deepseek_sigmoid", "GPipe")
+    _check_pipeline(rank, "deepseek_sigmoid", "GPipe", FullAC.Config())  # recomputed in backward, metadata inference's too
 
 
 def test_fsdp_expert_and_pipeline_parallel_equal_one_process():
