@@ -12,6 +12,11 @@ and ``sara_loss(..., score="sigmoid")`` aligns the normalised sigmoid (what the 
 The data are synthetic parallel sentences of token ids: the "target" language is the anchor's
 words through a fixed word map, in reverse order, so meaning is aligned exactly. Runs on a CPU in
 seconds; needs torch and sara-kernels (no transformers).
+
+It stays beside ``examples/torchtitan_sara.py`` (SARA inside torchtitan itself, through its
+model converter) as the example of ``capture_router_logits(routers=...)`` on MoE code that is
+neither a transformers model nor torchtitan's, with torch alone: the README's "Other MoE code" line
+points here.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ Convention (for whoever writes README snippets):
 
 A failing block is reported with its README line numbers (tracebacks point into README.md).
 A section that imports an optional integration this environment lacks (the ``trl``, ``peft`` or
-``megatron`` extra, as in a venv with only ``sara-kernels[hf]``) is skipped with the extra to install; CI
+``megatron`` or ``torchtitan`` extra, as in a venv with only ``sara-kernels[hf]``) is skipped with the extra to install; CI
 installs the ``test`` extra, which has them all.
 """
 
@@ -46,7 +46,7 @@ SECTION_TIMEOUT_S = 600
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[^`\s]*)\s*$")
 _NOT_RUN = re.compile(r"^\s*<!--\s*not-run:(?P<reason>.*?)-->\s*$")
 _SECTION = re.compile(r"^## (?P<title>.+?)\s*$")
-_OPTIONAL_IMPORT = re.compile(r"^\s*(?:from|import)\s+(?P<module>trl|peft|megatron)\b", re.M)
+_OPTIONAL_IMPORT = re.compile(r"^\s*(?:from|import)\s+(?P<module>trl|peft|megatron|torchtitan)\b", re.M)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,215 @@
+"""sara_kernels.torchtitan in one process, on torchtitan 0.3.0's own Qwen3-MoE (softmax) and
+DeepSeek-V3 (sigmoid, node-limited) routers: the value and every gate gradient equal
+``sara_loss`` on the same logits; packed documents, priors, activation checkpointing, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("torchtitan")
+
+from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC  # noqa: E402
+from torchtitan.models.common.moe import TokenChoiceTopKRouter  # noqa: E402
+
+from helpers import reference_loss  # noqa: E402
+from hf_train_helpers import one_thread  # noqa: E402
+from sara_kernels.testing.tolerances import JS_TOL, assert_grads_close  # noqa: E402
+from sara_kernels.torchtitan import SARAConverter, SARAMicrobatch, SARAOptions, SARARouter, sara_metrics, sara_step  # noqa: E402
+from titan_models import ROUTERS, gate_logits_recorder, init_full_model, model_config  # noqa: E402
+
+_single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
+pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")  # torchtitan's router asks for fp32 autocast
+
+SEQ = 16
+OPTIONS = dict(sara_weight=0.7, sara_temperature=1.5, sara_layer_weights="1,3", sara_backend="reference")
+
+
+def _models(name, seed=0, **options):
+    """(plain torchtitan model, the same weights with SARA, the SARA model's config)."""
+    _, plain_cfg = model_config(name)
+    _, sara_cfg = model_config(name, SARAOptions(**{**OPTIONS, **options}))
+    plain, with_sara = init_full_model(plain_cfg, seed), init_full_model(sara_cfg, seed)
+    with torch.no_grad():
+        for (n, p), (m, q) in zip(plain.named_parameters(), with_sara.named_parameters(), strict=True):
+            assert n == m
+            q.copy_(p)
+    return plain.train(), with_sara.train(), sara_cfg
+
+
+def _routers(model):
+    return {int(n.split(".")[1]): m for n, m in model.named_modules() if isinstance(m, TokenChoiceTopKRouter)}
+
+
+def _rows(z, rows):
+    return z[rows].reshape(-1, z.shape[-1])
+
+
+def _gate_logits(plain, tokens):
+    """(the plain model's gate logits of each MoE layer, with autograd history; their layers)."""
+    seen = gate_logits_recorder(plain)
+    plain(tokens)
+    layers = sorted(seen)
+    return [seen[layer][0] for layer in layers], layers
+
+
+def _reference_grads(plain, layers, loss_of):
+    """d loss_of(dtype) / d gate weights of the plain model, in float64 and (the baseline of what
+    float32 arithmetic can reach on these logits, see assert_grads_close) in float32."""
+    gates = [_routers(plain)[layer].gate.weight for layer in layers]
+    return [torch.autograd.grad(loss_of(dtype), gates, retain_graph=True) for dtype in (torch.float64, torch.float32)]
+
+
+def _assert_gate_grads(got, layers, want64, want32):
+    assert all(w.abs().max() > 0 for w in want64)
+    for layer, w64, w32 in zip(layers, want64, want32):
+        assert_grads_close(got[layer], w64, torch.float32, fp32_baseline=w32)
+
+
+def _sara_gate_grads(model, tokens, microbatch, global_valid_tokens):
+    with sara_step([microbatch], global_valid_tokens=global_valid_tokens):
+        (model(tokens) * 0).sum().backward()  # the LM contributes nothing: the gates' gradients are SARA's
+    return {layer: r.gate.weight.grad for layer, r in _routers(model).items()}
+
+
+@pytest.mark.parametrize("name", sorted(ROUTERS))
+def test_value_and_gate_gradients_equal_sara_loss_on_the_same_logits(name):
+    plain, model, _ = _models(name)
+    tokens = torch.randint(0, 2048, (4, SEQ), generator=torch.Generator().manual_seed(1))
+    anchor, target = [0, 1, 3], [2, 3, 0]
+    logits, layers = _gate_logits(plain, tokens)
+    score = _routers(plain)[layers[0]].score_func
+
+    def loss_of(dtype, per_layer=False):
+        out = reference_loss([_rows(z, anchor).to(dtype) for z in logits], [_rows(z, target).to(dtype) for z in logits],
+                             torch.ones(3, SEQ, dtype=torch.bool), torch.ones(3, SEQ, dtype=torch.bool), score=score,
+                             temperature=1.5, layer_weights=[1.0, 3.0], return_per_layer=per_layer)
+        return out if per_layer else OPTIONS["sara_weight"] * (40 / 100) * out
+
+    assert [type(r) for r in _routers(model).values()] == [SARARouter] * len(layers)
+    grads = _sara_gate_grads(model, tokens, SARAMicrobatch(valid_tokens=40, anchor=anchor, target=target), 100)
+    _assert_gate_grads(grads, layers, *_reference_grads(plain, layers, loss_of))
+    _, per_layer = loss_of(torch.float64, per_layer=True)
+    metrics = sara_metrics(model)
+    assert list(metrics) == [f"sara_js/layer_{layer}" for layer in layers]
+    torch.testing.assert_close(torch.tensor(list(metrics.values()), dtype=torch.float64), per_layer, **JS_TOL["short"])
+    assert sara_metrics(model) == {}  # read once
+
+
+def test_packed_documents_follow_torchtitan_positions():
+    plain, model, _ = _models("qwen3_softmax")
+    tokens = torch.randint(0, 2048, (2, SEQ), generator=torch.Generator().manual_seed(2))
+    # Documents (row-major): row 0 = [0, 5) [5, 16); row 1 = [0, 3) (the tail of a document cut at the row start) [3, 10) [10, 16).
+    positions = torch.cat([torch.cat([torch.arange(5), torch.arange(11)]),
+                           torch.cat([torch.arange(7, 10), torch.arange(7), torch.arange(6)])]).view(2, SEQ)
+    spans = [(0, 5), (5, 16), (16, 19), (19, 26), (26, 32)]
+    anchor, target = [0, 4], [3, 1]
+    logits, layers = _gate_logits(plain, tokens)
+    flat = [z.reshape(-1, z.shape[-1]) for z in logits]
+
+    def side(docs, dtype):
+        rows = torch.cat([torch.arange(*spans[d]) for d in docs])
+        lengths = torch.tensor([spans[d][1] - spans[d][0] for d in docs])
+        return [z[rows].to(dtype) for z in flat], torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).int()
+
+    def loss_of(dtype):
+        (a_logits, a_cu), (t_logits, t_cu) = side(anchor, dtype), side(target, dtype)
+        return OPTIONS["sara_weight"] * reference_loss(a_logits, t_logits, anchor_cu_seqlens=a_cu, target_cu_seqlens=t_cu,
+                                                       score="softmax", temperature=1.5, layer_weights=[1.0, 3.0])
+
+    batch = SARAMicrobatch(valid_tokens=32, anchor=anchor, target=target, positions=positions)
+    grads = _sara_gate_grads(model, tokens, batch, 32)
+    _assert_gate_grads(grads, layers, *_reference_grads(plain, layers, loss_of))
+
+
+def test_cached_priors_are_the_anchors(tmp_path):
+    from sara_kernels.hf.priors import RoutingPriors, save_routing_priors
+
+    plain, _, _ = _models("qwen3_softmax")
+    layers = sorted(_routers(plain))
+    probs = torch.softmax(torch.randn(6, len(layers), 64, generator=torch.Generator().manual_seed(3)), -1)
+    path = tmp_path / "priors.safetensors"
+    save_routing_priors(RoutingPriors(probs=probs, layers=tuple(layers), score="softmax", temperature=1.5), path)
+    _, cfg = model_config("qwen3_softmax", SARAOptions(**OPTIONS), priors=str(path))
+    model = init_full_model(cfg, 0).train()
+    tokens = torch.randint(0, 2048, (2, SEQ), generator=torch.Generator().manual_seed(4))
+    example_index, target = [5, 2], [1, 0]
+
+    logits, _ = _gate_logits(plain, tokens)
+
+    def loss_of(dtype):
+        return OPTIONS["sara_weight"] * reference_loss(
+            None, [_rows(z, target).to(dtype) for z in logits], None, torch.ones(2, SEQ, dtype=torch.bool),
+            anchor_probs=probs[example_index].permute(1, 0, 2).to(dtype), score="softmax", temperature=1.5,
+            layer_weights=[1.0, 3.0])
+
+    grads = _sara_gate_grads(model, tokens, SARAMicrobatch(valid_tokens=32, example_index=example_index, target=target), 32)
+    _assert_gate_grads(grads, layers, *_reference_grads(plain, layers, loss_of))
+
+
+@pytest.mark.parametrize("policy", [FullAC, SelectiveAC])
+def test_activation_checkpointing_adds_the_term_once_with_the_same_gradient(policy):
+    _, model, _ = _models("qwen3_softmax")
+    _, checkpointed, _ = _models("qwen3_softmax")
+    policy.Config().build().apply(checkpointed)
+    tokens = torch.randint(0, 2048, (4, SEQ), generator=torch.Generator().manual_seed(5))
+    batch = SARAMicrobatch(valid_tokens=64, anchor=[0, 1], target=[2, 3])
+    want = _sara_gate_grads(model, tokens, batch, 64)
+    got = _sara_gate_grads(checkpointed, tokens, SARAMicrobatch(valid_tokens=64, anchor=[0, 1], target=[2, 3]), 64)
+    for layer in want:
+        torch.testing.assert_close(got[layer], want[layer], rtol=0, atol=0)
+    assert sara_metrics(checkpointed).keys() == sara_metrics(model).keys()
+
+
+def test_eval_and_no_grad_route_without_sara():
+    plain, model, _ = _models("qwen3_softmax")
+    tokens = torch.randint(0, 2048, (2, SEQ), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), plain(tokens), rtol=0, atol=0)
+    model.eval()
+    model(tokens)  # no sara_step needed
+    model.train()
+    with pytest.raises(RuntimeError, match="without a sara_step"):
+        model(tokens)
+    with pytest.raises(RuntimeError, match="2 times .* of 1 micro-batches"):
+        with sara_step(SARAMicrobatch(valid_tokens=2, anchor=[0], target=[1]), global_valid_tokens=2):
+            model(tokens)
+            model(tokens)
+
+
+def test_converter_selects_layers_and_checks_its_options():
+    _, cfg = model_config("deepseek_sigmoid", SARAOptions(sara_layers=[2], sara_backend="reference"))
+    model = init_full_model(cfg, 0)
+    kinds = {layer: type(r) for layer, r in _routers(model).items()}
+    assert kinds == {1: TokenChoiceTopKRouter, 2: SARARouter}  # layer 0 is dense
+    with pytest.raises(ValueError, match="already use SARARouter"):
+        SARAConverter.Config().build().convert(cfg)
+    with pytest.raises(ValueError, match=r"\[0\] are not MoE layers"):
+        model_config("deepseek_sigmoid", SARAOptions(sara_layers=[0]))
+    with pytest.raises(ValueError, match="sara_score='softmax' but the router of layer 1 scores with score_func='sigmoid'"):
+        model_config("deepseek_sigmoid", SARAOptions(sara_score="softmax"))
+    with pytest.raises(ValueError, match="sara_layer_weights has 1 weights"):
+        model_config("deepseek_sigmoid", SARAOptions(sara_layer_weights="1"))
+    with pytest.raises(ValueError, match="sara_lm_on_anchor"):
+        SARAConverter.Config(options=SARAOptions(sara_lm_on_anchor=True)).build()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(valid_tokens=4, anchor=[0]), "anchor= needs target="),
+    (dict(valid_tokens=4, anchor=[0], target=[1], example_index=[0]), "exactly one of anchor="),
+    (dict(valid_tokens=4, anchor=[0, 1], target=[1]), "anchor has 2 entries but target has 1"),
+    (dict(valid_tokens=4, anchor=[0.5], target=[1]), "anchor: expected a non-empty 1-D sequence of integer indices"),
+    (dict(valid_tokens=1.5, anchor=[0], target=[1]), "valid_tokens: expected an integer count"),
+    (dict(valid_tokens=4, anchor=[0], target=[1], positions=torch.zeros(4)), r"positions: expected .* \[B, L\]"),
+])
+def test_bad_microbatch_layouts_name_the_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SARAMicrobatch(**kwargs)
+
+
+def test_rows_outside_the_microbatch_are_refused():
+    _, model, _ = _models("qwen3_softmax")
+    tokens = torch.randint(0, 2048, (2, SEQ), generator=torch.Generator().manual_seed(7))
+    with pytest.raises(ValueError, match=r"target: indices must lie in \[0, 2\), the micro-batch's rows"):
+        with sara_step(SARAMicrobatch(valid_tokens=2, anchor=[0], target=[2]), global_valid_tokens=2):
+            model(tokens)
