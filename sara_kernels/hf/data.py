@@ -132,7 +132,15 @@ def _load_dataset(paths: list, data_format: Optional[str], split: str) -> "datas
         builder, options = DATA_FORMATS[data_format]
         source = {"data_files": paths}
     try:
-        return datasets.load_dataset(builder, split=split, **source, **options)
+        try:
+            return datasets.load_dataset(builder, split=split, **source, **options)
+        except ValueError:
+            if builder != "json" or "on_mixed_types" in options:
+                raise
+            # datasets < 4.8 scans the first block for mixed-type columns by parsing each line alone,
+            # which fails on a blank line of a JSONL file; read without the scan (text pairs have
+            # no mixed types; chat messages whose fields differ get the missing ones as None).
+            return datasets.load_dataset(builder, split=split, **source, **options, on_mixed_types=None)
     except datasets.exceptions.DatasetGenerationError as e:
         cause = e.__cause__ or e
         raise ValueError(f"data: {', '.join(paths)} could not be read as {data_format or 'data files'}: {cause}") from None
