@@ -418,8 +418,7 @@ def pool_routing_bwd(
         # row (r = 0 on rows that are not valid tokens). G − ⟨s, G⟩ cancels where the row's mass
         # sits on experts of nearly equal G, and m = ⟨s, G⟩ rounded to fp32 is off by eps·|m|, far
         # more than that difference: w is exact there (Sterbenz) and ⟨s, w⟩ carries m's rounding,
-        # so the error follows the row's own |G − ⟨s, G⟩|. The shift costs one subtraction and one
-        # multiply-add per element and one more row reduction.
+        # so the error follows the row's own |G − ⟨s, G⟩| (its cost: docs/kernels.md, Numerics).
         k = c * r
         m = r * tl.sum(u * coef[None, :], axis=1)
         w = coef[None, :] - m[:, None]
