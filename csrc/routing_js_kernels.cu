@@ -393,13 +393,20 @@ __global__ void __launch_bounds__(kThreads, Tile::kMinBlocks) pool_routing_bwd(L
       const int64_t row = r + u * Tile::kRowStep;
       float s[EPT], h[EPT];
       score_row<D, EPT, G>(v[u], c0, E, valid[u], shape.logit_scale, shape.sigmoid, s, h);
+      // coef − ⟨s, coef⟩ cancels where the row's mass sits on experts of nearly equal coef, and
+      // dot rounded to fp32 is off by eps·|dot|, far more than that difference: coef − dot is
+      // exact there (Sterbenz) and ⟨s, coef − dot⟩ carries dot's rounding (as in the Triton backward).
       float dot = 0.f;
 #pragma unroll
       for (int j = 0; j < EPT; ++j) dot += s[j] * coef[j];
       dot = group_sum<G>(dot);
+      float residual = 0.f;
+#pragma unroll
+      for (int j = 0; j < EPT; ++j) residual += s[j] * (coef[j] - dot);
+      residual = group_sum<G>(residual);
       raw dz[EPT];
 #pragma unroll
-      for (int j = 0; j < EPT; ++j) dz[j] = D::store(valid[u] ? c * h[j] * (coef[j] - dot) : 0.f);
+      for (int j = 0; j < EPT; ++j) dz[j] = D::store(valid[u] ? c * h[j] * ((coef[j] - dot) - residual) : 0.f);
       if (row < sl.hi) {  // every row of the slice is written, invalid tokens with 0
         raw* dst = out + row * E + c0;
         if (grad.vector_store && c0 + EPT <= E) {

@@ -108,11 +108,11 @@ def _score_parts(z, valid, scale, SIGMOID: tl.constexpr):
     """
     if SIGMOID:
         m = tl.minimum(tl.max(z, axis=1), 0.0) * scale
-        t = tl.exp2(m[:, None] - z * scale)
+        t = tl.exp2(tl.fma(z, -scale, m[:, None]))
         u = _approx_rcp(tl.exp2(m)[:, None] + t)
         q = tl.minimum(t, TWO_POW_126) * u
     else:
-        u = tl.exp2(z * scale - (tl.max(z, axis=1) * scale)[:, None])
+        u = tl.exp2(tl.fma(z, scale, -(tl.max(z, axis=1) * scale)[:, None]))
         q = 1.0
     r = tl.where(valid, 1.0 / tl.sum(u, axis=1), 0.0)
     return u, r, q
@@ -475,11 +475,16 @@ def pool_routing_bwd(
         valid = _token_validity(b, rows, row_ok, start, mask_ptr, mask_sb, mask_ss, HAS_MASK)
         z = _load_logits_tile(x_ptr, row_stride, col_stride, rows, cols, col_ok, valid, VEC, EVEN_E)
         u, r, q = _score_parts(z, valid, zscale, SIGMOID)
-        # c·h ⊙ (G − ⟨s, G⟩) = u ⊙ q ⊙ (G·k − d) with k = c·r and d = k·r·⟨u, G⟩ per row: one
-        # fused multiply-add and one multiply per element (r = 0 on rows that are not valid tokens).
+        # c·h ⊙ (G − ⟨s, G⟩) = u ⊙ q ⊙ (w·k − d) with w = G − m, k = c·r and d = k·r·⟨u, w⟩ per
+        # row (r = 0 on rows that are not valid tokens). G − ⟨s, G⟩ cancels where the row's mass
+        # sits on experts of nearly equal G, and m = ⟨s, G⟩ rounded to fp32 is off by eps·|m|, far
+        # more than that difference: w is exact there (Sterbenz) and ⟨s, w⟩ carries m's rounding,
+        # so the error follows the row's own |G − ⟨s, G⟩| (its cost: docs/kernels.md, Numerics).
         k = c * r
-        d = k * r * tl.sum(u * coef[None, :], axis=1)
-        dz = u * (coef[None, :] * k[:, None] - d[:, None])
+        m = r * tl.sum(u * coef[None, :], axis=1)
+        w = coef[None, :] - m[:, None]
+        d = k * r * tl.sum(u * w, axis=1)
+        dz = u * (w * k[:, None] - d[:, None])
         if SIGMOID:
             dz = dz * q
         tl.store(g_ptr + rows[:, None] * E + cols[None, :], dz.to(g_ptr.dtype.element_ty),
