@@ -65,6 +65,10 @@ class SARASFTConfig(SARAOptions, SFTConfig):
             raise ValueError("sara_lm_on_anchor=True is not supported by SARASFTTrainer (use SARATrainer)")
         if not self.sara_detach_anchor:
             raise ValueError("sara_detach_anchor=False is not supported by SARASFTTrainer (use SARATrainer)")
+        if self.sara_anchor_filter != "none":
+            raise ValueError(
+                f"sara_anchor_filter={self.sara_anchor_filter!r} is not supported by SARASFTTrainer yet (use SARATrainer)"
+            )
         if (self.packing or self.eval_packing) and self.packing_strategy != "bfd":
             raise ValueError(
                 f"packing_strategy={self.packing_strategy!r} is not supported with SARA: it cuts sequences apart, and "
