@@ -79,6 +79,35 @@ def check_trainer_scaling(trainer) -> None:
                            f"{getattr(trainer, 'model_accepts_loss_kwargs', None)!r}")
 
 
+def answer_positions(answer_mask: torch.Tensor) -> torch.Tensor:
+    """The columns whose logits predict an answer token of some row ([K] long: each answer
+    column - 1; reading them is a host sync). The collator never marks a sequence's first token."""
+    return torch.nonzero(answer_mask.any(dim=0)).reshape(-1) - 1
+
+
+def answers_reproduced(logits: torch.Tensor, input_ids: torch.Tensor, answer_mask: torch.Tensor,
+                       positions: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[num sequences] bool: whether each sequence's answer (its tokens in ``answer_mask``) is what
+    the model predicts greedily, teacher-forced; False for a sequence without answer tokens.
+
+    ``logits`` [R, K, V] are the model's at ``positions`` (:func:`answer_positions`) of ``input_ids``
+    [R, S]; sequences are the rows, or with ``cu_seqlens`` those of the one packed row.
+    """
+    targets = positions + 1
+    marked = answer_mask[:, targets].bool()
+    missed = marked & (logits.argmax(dim=-1) != input_ids[:, targets])
+    answered = answer_mask.bool()
+    if cu_seqlens is None:
+        return answered.any(dim=1) & ~missed.any(dim=1)
+    bounds = cu_seqlens[1:].to(targets.device, torch.long)
+    num = bounds.shape[0]
+    of_target = torch.searchsorted(bounds, targets, right=True)
+    of_token = torch.searchsorted(bounds, torch.arange(input_ids.shape[1], device=targets.device), right=True)
+    misses = torch.zeros(num, device=targets.device).index_add_(0, of_target, missed[0].float())
+    counts = torch.zeros(num, device=targets.device).index_add_(0, of_token, answered[0].float())
+    return (counts > 0) & (misses == 0)
+
+
 class SARATermMixin:
     """The SARA pieces of a Trainer subclass's ``compute_loss``; placed before the Trainer class.
 
@@ -95,16 +124,35 @@ class SARATermMixin:
         return capture_router_logits(self.accelerator.unwrap_model(model), layers=self.args.sara_layers,
                                      score=self.args.sara_score, early_exit=early_exit)
 
-    def _sara_anchor_routing(self, model, **inputs) -> CapturedRouterLogits:
-        """The router logits of a graph-free forward of the anchor rows, stopped after the last
+    def _sara_anchor_routing(self, model, answer_mask=None, cu_seqlens=None, **inputs):
+        """(router logits, None) of a graph-free forward of the anchor rows, stopped after the last
         selected router (no later layer, no LM head) unless :func:`early_exit_possible` says no;
-        then without the vocabulary projection."""
+        then without the vocabulary projection.
+
+        With ``answer_mask`` (``sara_anchor_filter``) the forward runs to the end and the second
+        value is :func:`answers_reproduced` of each anchor (``cu_seqlens``: packed anchors). The
+        vocabulary projection is then that of the answer positions only, through the model's own
+        ``logits_to_keep`` given those positions (transformers' causal LMs take a tensor of indices
+        there): the head, its final norm and any logit transform stay the model's. A model without
+        ``logits_to_keep`` projects every position.
+        """
         # A PEFT wrapper's forward hides the model's options (logits_to_keep) behind **kwargs; it passes them on.
         inputs.update(forward_kwargs(unwrap_peft_model(self.accelerator.unwrap_model(model)), lm_head=False))
+        positions = None
+        if answer_mask is not None:
+            positions = answer_positions(answer_mask)
+            if "logits_to_keep" in inputs:
+                inputs["logits_to_keep"] = positions
         # The wrapper the call goes through counts too: the unwrapped model no longer shows an FSDP1 or ZeRO-3 root.
-        with torch.no_grad(), self._sara_capture(model, early_exit=early_exit_possible(model)) as captured:
-            model(**inputs)
-        return captured
+        early_exit = answer_mask is None and early_exit_possible(model)
+        with torch.no_grad(), self._sara_capture(model, early_exit=early_exit) as captured:
+            outputs = model(**inputs)
+        if answer_mask is None:
+            return captured, None
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        if "logits_to_keep" not in inputs:
+            logits = logits[:, positions]
+        return captured, answers_reproduced(logits, inputs["input_ids"], answer_mask, positions, cu_seqlens)
 
     def _sara_term(self, target: CapturedRouterLogits, anchor_logits, target_logits, **sides) -> SARATerm:
         """:func:`~sara_kernels.term.sara_term` on the layers and score of the ``target`` capture
