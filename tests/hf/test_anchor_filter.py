@@ -110,8 +110,16 @@ def _step(trainer, model, data):
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 def test_anchor_filter_keeps_the_pairs_whose_anchor_answer_the_model_reproduces(model, data, tmp_path, packing):
     trainer = _trainer(model, tmp_path, data, sara_packing=packing)
-    weights, term = _step(trainer, model, data)
+    head_positions = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: head_positions.append(args[0].shape[-2]))
+    try:
+        weights, term = _step(trainer, model, data)
+    finally:
+        hook.remove()
     assert weights.tolist() == [float(r) for r in ANCHOR_RIGHT]
+    # The anchor forward (the first) projects only the positions predicting an answer token: every
+    # anchor has a 3-word prompt, so padded rows share their answer columns.
+    assert head_positions[0] == ANSWER_WORDS * (len(data) if packing else 1) < head_positions[1]
     expected = oracle_sara(model, data, ANCHOR_RIGHT)
     torch.testing.assert_close(term.loss.double(), expected, **LOSS_TOL)
     # Not the unfiltered loss: a filter that kept every pair would fail above.
