@@ -34,7 +34,7 @@ from .capture import (
     install_router_hooks,
     router_hooks_installed,
 )
-from .routing import forward_kwargs
+from .routing import answer_positions, answers_reproduced, forward_kwargs
 
 
 def prepare_sara_model(model, args) -> None:
@@ -77,35 +77,6 @@ def check_trainer_scaling(trainer) -> None:
     if not isinstance(getattr(trainer, "model_accepts_loss_kwargs", None), bool):
         raise RuntimeError("Trainer.model_accepts_loss_kwargs: expected a bool set by Trainer.__init__, got "
                            f"{getattr(trainer, 'model_accepts_loss_kwargs', None)!r}")
-
-
-def answer_positions(answer_mask: torch.Tensor) -> torch.Tensor:
-    """The columns whose logits predict an answer token of some row ([K] long: each answer
-    column - 1; reading them is a host sync). The collator never marks a sequence's first token."""
-    return torch.nonzero(answer_mask.any(dim=0)).reshape(-1) - 1
-
-
-def answers_reproduced(logits: torch.Tensor, input_ids: torch.Tensor, answer_mask: torch.Tensor,
-                       positions: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[num sequences] bool: whether each sequence's answer (its tokens in ``answer_mask``) is what
-    the model predicts greedily, teacher-forced; False for a sequence without answer tokens.
-
-    ``logits`` [R, K, V] are the model's at ``positions`` (:func:`answer_positions`) of ``input_ids``
-    [R, S]; sequences are the rows, or with ``cu_seqlens`` those of the one packed row.
-    """
-    targets = positions + 1
-    marked = answer_mask[:, targets].bool()
-    missed = marked & (logits.argmax(dim=-1) != input_ids[:, targets])
-    answered = answer_mask.bool()
-    if cu_seqlens is None:
-        return answered.any(dim=1) & ~missed.any(dim=1)
-    bounds = cu_seqlens[1:].to(targets.device, torch.long)
-    num = bounds.shape[0]
-    of_target = torch.searchsorted(bounds, targets, right=True)
-    of_token = torch.searchsorted(bounds, torch.arange(input_ids.shape[1], device=targets.device), right=True)
-    misses = torch.zeros(num, device=targets.device).index_add_(0, of_target, missed[0].float())
-    counts = torch.zeros(num, device=targets.device).index_add_(0, of_token, answered[0].float())
-    return (counts > 0) & (misses == 0)
 
 
 class SARATermMixin:

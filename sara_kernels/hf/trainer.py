@@ -54,8 +54,8 @@ from .checkpoint import SARACheckpointing
 from .collate import IGNORE_INDEX, SARACollator
 from .data import PairDataset, anchors_fingerprint
 from .priors import RoutingPriors, load_routing_priors
-from .routing import forward_kwargs
-from .term import SARATermMixin, answer_positions, answers_reproduced, check_trainer_scaling, prepare_sara_model
+from .routing import answer_positions, answers_reproduced, forward_kwargs
+from .term import SARATermMixin, check_trainer_scaling, prepare_sara_model
 
 __all__ = ["SARAOptions", "SARATrainer", "SARATrainingArguments", "prepare_sara_model"]
 
@@ -323,10 +323,15 @@ class SARATrainer(SARACheckpointing, SARATermMixin, Trainer):
             routing_priors = load_routing_priors(routing_priors, model=model, layers=args.sara_layers, score=args.sara_score)
         if routing_priors is not None:
             self._check_priors(routing_priors, args, train_dataset)
-            if args.sara_anchor_filter != "none":
+            if args.sara_anchor_filter == "correct_anchor_wrong_target":
                 raise ValueError(
-                    f"sara_anchor_filter={args.sara_anchor_filter!r} with routing_priors: the priors file holds no "
-                    "per-example correctness yet; train with live anchors (drop routing_priors)"
+                    "sara_anchor_filter='correct_anchor_wrong_target' with routing_priors: not supported yet; train "
+                    "with live anchors (drop routing_priors) or use sara_anchor_filter='correct'"
+                )
+            if args.sara_anchor_filter == "correct" and routing_priors.anchor_correct is None:
+                raise ValueError(
+                    "sara_anchor_filter='correct' with routing_priors: the priors file records no anchor correctness; "
+                    "extract it with extract_routing_priors(..., anchor_answers=True) (priors --anchor_answers)"
                 )
 
         eval_collator = None
@@ -339,12 +344,12 @@ class SARATrainer(SARACheckpointing, SARATermMixin, Trainer):
                 include_anchor=args.sara_lm_on_anchor or (args.sara_weight > 0 and routing_priors is None),
                 lm_on_anchor=args.sara_lm_on_anchor,
                 packing=args.sara_packing,
-                anchor_filter=args.sara_anchor_filter if args.sara_weight > 0 else "none",
+                anchor_filter=args.sara_anchor_filter if args.sara_weight > 0 and routing_priors is None else "none",
             )
             if args.sara_weight > 0 and not data_collator.include_anchor:
                 # Priors cover the training pairs only: evaluation measures SARA on live anchors.
                 eval_collator = SARACollator(processing_class, max_length=args.sara_max_length, include_anchor=True,
-                                             packing=args.sara_packing)
+                                             packing=args.sara_packing, anchor_filter=args.sara_anchor_filter)
         self._eval_collator = eval_collator
         self.routing_priors: Optional[RoutingPriors] = routing_priors
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
@@ -474,8 +479,8 @@ class SARATrainer(SARACheckpointing, SARATermMixin, Trainer):
         if not use_sara:
             return outputs, labels, None
         weights = None
-        answer_mask = self._answer_mask(batch)
-        if answer_mask is not None and batch.has_anchor:
+        answer_mask = self._answer_mask(batch) if batch.has_anchor else None  # else priors: their flags decide
+        if answer_mask is not None:
             correct = self._reproduced(outputs, inputs["input_ids"], answer_mask, batch.cu_seqlens)
             target_correct = correct[batch.num_pairs :]
             weights = self._kept_pairs(correct[: batch.num_pairs],
@@ -546,6 +551,7 @@ class SARATrainer(SARACheckpointing, SARATermMixin, Trainer):
         """The SARA term on live anchors, or in training with priors on the cached anchor routing."""
         sides = routing.sides
         anchor_logits = routing.anchor_logits
+        weights = routing.pair_weights
         if training and self.routing_priors is not None:
             target = routing.target
             self.routing_priors.check_against(target.layers, int(routing.target_logits[0].shape[-1]), target.score)
@@ -554,5 +560,6 @@ class SARATrainer(SARACheckpointing, SARATermMixin, Trainer):
             probs = self.routing_priors.gather(index, target.layers).to(routing.target_logits[0].device)
             sides = {k: v for k, v in sides.items() if k.startswith("target_")}
             anchor_logits, sides = None, dict(sides, anchor_probs=probs)
-        return self._sara_term(routing.target, anchor_logits, routing.target_logits, pair_weights=routing.pair_weights,
-                               **sides)
+            if self.args.sara_anchor_filter == "correct":  # the flags recorded at extraction (index checked by gather)
+                weights = self.routing_priors.anchor_correct[index.detach().cpu()].float().to(probs.device)
+        return self._sara_term(routing.target, anchor_logits, routing.target_logits, pair_weights=weights, **sides)

@@ -169,15 +169,37 @@ def test_anchor_filter_finds_a_chat_anchors_reply_and_rejects_a_wrong_answer_fie
         collator([{"anchor": "the cat", "target": "the", "answer": "dog"}])
 
 
-def test_anchor_filter_refuses_priors_and_the_integrations_without_it(model, data, tmp_path):
+def test_anchor_filter_with_priors_reads_the_correctness_recorded_at_extraction(model, data, tmp_path):
+    from sara_kernels.hf import extract_routing_priors
+
+    path = tmp_path / "priors.safetensors"
+    priors = extract_routing_priors(model, data, TOKENIZER, str(path), layers="all", progress=False,
+                                    anchor_answers=True)
+    assert priors.anchor_correct.tolist() == list(ANCHOR_RIGHT)
+    trainer = SARATrainer(model=model, args=sgd_args(tmp_path, sara_anchor_filter="correct", sara_layers="all"),
+                          train_dataset=data, processing_class=TOKENIZER, routing_priors=str(path))
+    assert trainer.routing_priors.anchor_correct.tolist() == list(ANCHOR_RIGHT)  # through the file
+    batch = _PairBatch.from_inputs(trainer.data_collator([dict(e, index=i) for i, e in enumerate(data)]))
+    assert not batch.has_anchor  # priors replace the anchor forward
+    with torch.no_grad():
+        _, _, routing = trainer._forward(model, batch, use_sara=True)
+        term = trainer._sara_from(routing, batch.index, training=True)
+    torch.testing.assert_close(term.loss.double(), oracle_sara(model, data, ANCHOR_RIGHT), **LOSS_TOL)
+    assert float(term.metrics()["sara_anchor_kept"]) == pytest.approx(sum(ANCHOR_RIGHT) / len(data))
+
+
+def test_anchor_filter_refuses_what_it_cannot_do(model, data, tmp_path):
     from sara_kernels.hf import SARASFTConfig, extract_routing_priors
 
     path = tmp_path / "priors.safetensors"
     extract_routing_priors(model, data, TOKENIZER, str(path), layers="all", progress=False)
-    with pytest.raises(ValueError, match=r"^sara_anchor_filter='correct' with routing_priors: [^\n]*$"):
+    with pytest.raises(ValueError, match=r"^sara_anchor_filter='correct' with routing_priors: .*anchor_answers=True"):
         SARATrainer(model=model, args=sgd_args(tmp_path, sara_anchor_filter="correct"), train_dataset=data,
                     processing_class=TOKENIZER, routing_priors=str(path))
     with pytest.raises(ValueError, match="sara_anchor_filter='correct' is not supported by SARASFTTrainer"):
         SARASFTConfig(output_dir=str(tmp_path / "sft"), sara_anchor_filter="correct", use_cpu=True, bf16=False)
     with pytest.raises(ValueError, match="sara_anchor_filter must be one of"):
         sgd_args(tmp_path, sara_anchor_filter="right")
+    with pytest.raises(ValueError, match=r"^anchor_answers: pairs\[0\] have no anchor answer"):
+        extract_routing_priors(model, [{"anchor": "the cat", "target": "the"}], TOKENIZER, str(path),
+                               progress=False, anchor_answers=True)
