@@ -203,3 +203,14 @@ def test_anchor_filter_refuses_what_it_cannot_do(model, data, tmp_path):
     with pytest.raises(ValueError, match=r"^anchor_answers: pairs\[0\] have no anchor answer"):
         extract_routing_priors(model, [{"anchor": "the cat", "target": "the"}], TOKENIZER, str(path),
                                progress=False, anchor_answers=True)
+
+
+def test_anchor_filter_kept_fraction_per_language_in_analyze(model, data):
+    from sara_kernels.programs.analyze import routing_report
+
+    tagged = [dict(e, lang="xx" if i < 3 else "yy") for i, e in enumerate(data)]
+    report = routing_report(model, TOKENIZER, tagged, progress=False, anchor_answers=True)
+    assert report.anchor_kept_by_lang == pytest.approx({"xx": sum(ANCHOR_RIGHT[:3]) / 3, "yy": sum(ANCHOR_RIGHT[3:]) / 3})
+    assert report.to_dict()["anchor_kept_by_lang"] == report.anchor_kept_by_lang
+    assert "anchors answered correctly" in report.table()
+    assert "anchor_kept_by_lang" not in routing_report(model, TOKENIZER, tagged, progress=False).to_dict()
