@@ -31,7 +31,11 @@ from ._inputs import check_divergence, check_score, check_temperature
 from .api import sara_loss
 from .layer_selection import resolve_layers_spec
 
-__all__ = ["SARAOptions", "SARATerm", "MetricsAccumulator", "check_layer_weights", "sara_term"]
+__all__ = ["ANCHOR_FILTERS", "SARAOptions", "SARATerm", "MetricsAccumulator", "check_layer_weights", "sara_term"]
+
+
+# sara_anchor_filter's values: which sides' answers decide whether a pair is kept.
+ANCHOR_FILTERS = ("none", "correct", "correct_anchor_wrong_target")
 
 
 def _is_number(value) -> bool:
@@ -65,6 +69,12 @@ class SARAOptions:
         metadata={"help": "Divergence between the pooled routing distributions: 'js' (symmetric Jensen-Shannon), "
                           "'kl' = KL(anchor || target), 'reverse_kl' = KL(target || anchor)."},
     )
+    sara_anchor_filter: str = field(
+        default="none",
+        metadata={"help": "Which pairs SARA keeps: 'none' (all), 'correct' (those whose anchor answer the model "
+                          "reproduces, greedy and teacher-forced), 'correct_anchor_wrong_target' (and whose target "
+                          "answer it does not)."},
+    )
     sara_lm_on_anchor: bool = field(default=False, metadata={"help": "Also train the LM on the anchor side."})
     sara_backend: str = field(default="auto", metadata={"help": backends.HELP})
 
@@ -85,6 +95,8 @@ class SARAOptions:
                     f"sara_layer_weights: expected comma-separated numbers, got {self.sara_layer_weights!r}"
                 ) from None
         check_divergence(self.sara_divergence, "sara_divergence")
+        if self.sara_anchor_filter not in ANCHOR_FILTERS:
+            raise ValueError(f"sara_anchor_filter must be one of {list(ANCHOR_FILTERS)}, got {self.sara_anchor_filter!r}")
         backends.check_backend(self.sara_backend, "sara_backend")
 
 
@@ -102,17 +114,21 @@ def check_layer_weights(options: SARAOptions, layers: Sequence[int]) -> None:
 class SARATerm:
     """One micro-batch's SARA: ``loss`` (unweighted, a scalar with autograd history), ``per_layer``
     ([L] divergence per layer, the weighted mean over pairs), ``layers`` (their decoder-layer
-    indices) and ``divergence`` (which one, for the metric names)."""
+    indices), ``divergence`` (which one, for the metric names) and ``kept`` (the fraction of pairs
+    ``sara_anchor_filter`` kept, None without the filter)."""
 
     loss: torch.Tensor
     per_layer: torch.Tensor
     layers: tuple
     divergence: str = "js"
+    kept: Optional[torch.Tensor] = None
 
     def metrics(self) -> dict:
-        """The logged values (detached): ``sara_loss`` and ``sara_{divergence}/layer_{i}``."""
+        """The logged values (detached): ``sara_loss``, ``sara_{divergence}/layer_{i}`` and, with
+        ``sara_anchor_filter``, ``sara_anchor_kept``."""
         per_layer = self.per_layer.detach().float().reshape(-1)
-        return {"sara_loss": self.loss.detach().float(),
+        kept = {} if self.kept is None else {"sara_anchor_kept": self.kept.detach().float()}
+        return {"sara_loss": self.loss.detach().float(), **kept,
                 **{f"sara_{self.divergence}/layer_{layer}": per_layer[j] for j, layer in enumerate(self.layers)}}
 
 
@@ -122,7 +138,8 @@ def sara_term(options: SARAOptions, anchor_logits, target_logits, *, layers: Seq
     """:func:`~sara_kernels.sara_loss` with the options' temperature, layer weights, anchor
     detaching, divergence and backend, on the routing of the selected ``layers`` (decoder indices,
     one per logits tensor or prior row) scored with ``score``; the sides and ``pair_weights`` take
-    ``sara_loss``'s arguments."""
+    ``sara_loss``'s arguments. With ``sara_anchor_filter``, ``pair_weights`` are the kept pairs (1)
+    and the dropped ones (0), and their mean is logged as ``sara_anchor_kept``."""
     loss, per_layer = sara_loss(
         anchor_logits, target_logits, anchor_mask, target_mask,
         anchor_cu_seqlens=anchor_cu_seqlens, target_cu_seqlens=target_cu_seqlens, anchor_probs=anchor_probs,
@@ -130,7 +147,13 @@ def sara_term(options: SARAOptions, anchor_logits, target_logits, *, layers: Seq
         score=score, detach_anchor=options.sara_detach_anchor, divergence=options.sara_divergence,
         return_per_layer=True, backend=options.sara_backend, group=group,
     )
-    return SARATerm(loss=loss, per_layer=per_layer, layers=tuple(layers), divergence=options.sara_divergence)
+    kept = None
+    if options.sara_anchor_filter != "none":
+        if pair_weights is None:
+            raise ValueError(f"sara_anchor_filter={options.sara_anchor_filter!r}: the kept pairs (pair_weights) are missing")
+        kept = torch.as_tensor(pair_weights).float().mean()
+    return SARATerm(loss=loss, per_layer=per_layer, layers=tuple(layers), divergence=options.sara_divergence,
+                    kept=kept)
 
 
 class MetricsAccumulator:

@@ -55,6 +55,7 @@ def sara_state(args, layers, score: str, anchor_max_length: Optional[int], prior
         "sara_detach_anchor": bool(args.sara_detach_anchor),
         "sara_divergence": args.sara_divergence,
         "sara_lm_on_anchor": bool(args.sara_lm_on_anchor),
+        "sara_anchor_filter": args.sara_anchor_filter,
         "anchor_max_length": anchor_max_length,
         "routing_priors": priors_identity(priors),
     }
@@ -67,7 +68,7 @@ def save_sara_state(checkpoint_dir: str, state: dict) -> None:
 
 
 # Settings that checkpoints written before them do not hold, with the value those runs had.
-_ADDED_SETTINGS = {"sara_divergence": "js"}
+_ADDED_SETTINGS = {"sara_divergence": "js", "sara_anchor_filter": "none"}
 
 
 def _differences(saved: dict, current: dict) -> list:

@@ -21,7 +21,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .data import validate_pair
+from ..term import ANCHOR_FILTERS
+from .data import side_answer, validate_pair
 
 IGNORE_INDEX = -100
 
@@ -80,10 +81,13 @@ class SARACollator:
         lm_on_anchor: train the LM on anchor tokens too (their ``labels`` are kept).
         pad_to_multiple_of: round the padded length up (tensor-core friendly shapes).
         packing: one packed row without padding (module docstring) instead of padded rows.
+        anchor_filter: ``sara_anchor_filter``; unless "none", the batch also marks the tokens of
+            the anchors' answers (and, for "correct_anchor_wrong_target", of the targets').
 
     Output keys: ``input_ids``, ``attention_mask``, ``labels`` ([R, S], R = 2B or B) and
     ``sara_example_index`` [B] (each example's ``"index"``, -1 when absent — needed only for
-    cached priors; :class:`~sara_kernels.hf.data.PairDataset` provides it). Packed:
+    cached priors; :class:`~sara_kernels.hf.data.PairDataset` provides it); with ``anchor_filter``,
+    ``sara_answer_mask`` (``input_ids``' shape, 1 on the answer tokens, see :meth:`answer_mask`). Packed:
     ``input_ids``, ``position_ids``, ``labels`` ([1, T]), ``sara_cu_seqlens`` [R+1] (the R
     sequences in the same order: B anchors, then B targets) and ``sara_example_index``.
     """
@@ -94,6 +98,7 @@ class SARACollator:
     lm_on_anchor: bool = False
     pad_to_multiple_of: Optional[int] = None
     packing: bool = False
+    anchor_filter: str = "none"
 
     def __post_init__(self):
         if self.tokenizer is None:
@@ -104,46 +109,111 @@ class SARACollator:
             raise ValueError("lm_on_anchor=True needs include_anchor=True (the anchor rows carry its LM labels)")
         if self.packing and self.pad_to_multiple_of:
             raise ValueError("pad_to_multiple_of: packed batches have no padding; leave it None with packing=True")
+        if self.anchor_filter not in ANCHOR_FILTERS:
+            raise ValueError(f"anchor_filter must be one of {list(ANCHOR_FILTERS)}, got {self.anchor_filter!r}")
+        if self.anchor_filter != "none" and not self.include_anchor:
+            raise ValueError(f"anchor_filter={self.anchor_filter!r} needs include_anchor=True (the anchors' answers)")
 
     def encode(self, side, where: str = "text") -> list:
         """Token ids of one side: a text (with special tokens) or chat messages (chat template)."""
+        return self._encode(side, where)[0]
+
+    def answer_mask(self, side, answer: Optional[str], where: str) -> tuple:
+        """(token ids of ``side`` as :meth:`encode` gives them, 0/1 per token: 1 on the tokens of
+        ``answer``, the ending of the side's last text).
+
+        All zeros when there is nothing the model can be checked on: no ``answer``, or one that
+        truncation cut, or one starting at the first token (which nothing predicts). A token that
+        straddles the answer's first character counts as the answer's.
+        """
+        ids, text, offsets = self._encode(side, where, offsets=True)
+        mask = [0] * len(ids)
+        if answer is None:
+            return ids, mask
+        end = text.rfind(side if isinstance(side, str) else side[-1]["content"])
+        if end < 0:
+            raise ValueError(f"{where}: the chat template's text does not hold the last message as written, so "
+                             "sara_anchor_filter cannot find the answer's tokens")
+        end += len(side if isinstance(side, str) else side[-1]["content"])
+        start = end - len(answer)
+        inside = [j for j, (a, b) in enumerate(offsets) if a < b and b > start and a < end]
+        if inside and inside[0] > 0 and offsets[inside[-1]][1] >= end:
+            for j in inside:
+                mask[j] = 1
+        return ids, mask
+
+    def _encode(self, side, where: str, offsets: bool = False):
+        """(ids[, the text tokenised, each token's character span in it]) of one side."""
         tok = self.tokenizer
-        truncate = dict(truncation=True, max_length=self.max_length) if self.max_length else {}
+        options = dict(truncation=True, max_length=self.max_length) if self.max_length else {}
+        if offsets:
+            if not getattr(tok, "is_fast", False):
+                raise ValueError(f"{where}: sara_anchor_filter finds answers by character offsets, which needs a fast "
+                                 f"tokenizer (got {type(tok).__name__})")
+            options["return_offsets_mapping"] = True
         if isinstance(side, str):
-            ids = tok(side, add_special_tokens=True, **truncate)["input_ids"]
+            text = side
+            encoded = tok(side, add_special_tokens=True, **options)
         else:
             if not getattr(tok, "chat_template", None):
                 raise ValueError(f"{where}: chat messages given but the tokenizer has no chat_template")
             text = tok.apply_chat_template(list(side), tokenize=False)
-            ids = tok(text, add_special_tokens=False, **truncate)["input_ids"]
+            encoded = tok(text, add_special_tokens=False, **options)
+        ids = encoded["input_ids"]
         if len(ids) == 0:
             raise ValueError(f"{where}: tokenises to no tokens")
         # The tokenizer leaves a text untruncated when max_length is below its special tokens.
-        return list(ids)[: self.max_length]
+        ids = list(ids)[: self.max_length]
+        if not offsets:
+            return ids, None, None
+        return ids, text, [tuple(o) for o in encoded["offset_mapping"]][: len(ids)]
+
+    def _side(self, example: dict, key: str, where: str, answers: list):
+        """The ids of side ``key``; with the filter, its answer mask appended to ``answers``."""
+        if self.anchor_filter == "none" or (key == "target" and self.anchor_filter == "correct"):
+            ids = self.encode(example[key], f"{where}: {key}")
+            answers.append([0] * len(ids))
+            return ids
+        answer = side_answer(example, key)
+        if answer is None:
+            field = "answer" if key == "anchor" else "target_answer"
+            raise ValueError(
+                f"sara_anchor_filter={self.anchor_filter!r}: {where} has no {key} answer; give each pair an {field!r} "
+                f"field or a chat {key} ending with the assistant's reply"
+            )
+        ids, mask = self.answer_mask(example[key], answer, f"{where}: {key}")
+        answers.append(mask)
+        return ids
 
     def __call__(self, examples: Sequence[dict]) -> dict:
         if len(examples) == 0:
             raise ValueError("SARACollator: empty list of examples")
         anchors, targets, index = [], [], []
+        anchor_answers, target_answers = [], []
         for j, example in enumerate(examples):
             where = f"example {example.get('index', j) if isinstance(example, dict) else j}"
             validate_pair(example, where)
-            targets.append(self.encode(example["target"], f"{where}: target"))
+            targets.append(self._side(example, "target", where, target_answers))
             if self.include_anchor:
-                anchors.append(self.encode(example["anchor"], f"{where}: anchor"))
+                anchors.append(self._side(example, "anchor", where, anchor_answers))
             index.append(int(example.get("index", -1)))
         index = torch.tensor(index, dtype=torch.long)
         anchor_has_lm = self.include_anchor and self.lm_on_anchor
+        answers = {}
         if self.packing:
             ids, position_ids, cu_seqlens = pack_sequences(anchors + targets)
             labels = ids.clone()
             if anchors and not anchor_has_lm:
                 labels[0, : int(cu_seqlens[len(anchors)])] = IGNORE_INDEX
             labels[0, cu_seqlens[:-1].long()] = IGNORE_INDEX
+            if self.anchor_filter != "none":
+                answers["sara_answer_mask"] = pack_sequences(anchor_answers + target_answers)[0]
             return {"input_ids": ids, "position_ids": position_ids, "labels": labels, "sara_cu_seqlens": cu_seqlens,
-                    "sara_example_index": index}
+                    "sara_example_index": index, **answers}
         ids, mask = pad_right(anchors + targets, pad_token_id(self.tokenizer), self.pad_to_multiple_of)
         labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
         if anchors and not anchor_has_lm:
             labels[: len(anchors)] = IGNORE_INDEX
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "sara_example_index": index}
+        if self.anchor_filter != "none":
+            answers["sara_answer_mask"] = pad_right(anchor_answers + target_answers, 0, self.pad_to_multiple_of)[0]
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "sara_example_index": index, **answers}

@@ -3,7 +3,9 @@
 A *pair* is a dict ``{"anchor": ..., "target": ..., "lang": optional str}`` where anchor and
 target are either plain text or chat messages (a list of ``{"role": str, "content": str}``).
 The anchor is the high-resource side (e.g. English) whose routing the target side is pulled
-towards. Every entry point validates pairs with :func:`validate_pair`, so a malformed example
+towards. A side's *answer* (what ``sara_anchor_filter`` checks the model reproduces) is its last
+text's ending given in ``"answer"`` (the anchor's) or ``"target_answer"``, else the reply of a
+chat side whose last message is the assistant's (:func:`side_answer`). Every entry point validates pairs with :func:`validate_pair`, so a malformed example
 fails with the same message, naming the example, wherever it comes from.
 
 Files are read by ``datasets`` (json/jsonl, csv/tsv, parquet, arrow, a ``save_to_disk``
@@ -26,6 +28,8 @@ if TYPE_CHECKING:
     import datasets
 
 PAIR_KEYS = ("anchor", "target")
+# The optional field holding each side's answer.
+ANSWER_KEYS = {"anchor": "answer", "target": "target_answer"}
 # ``data_format`` names and the ``datasets`` builder (and its options) that reads each.
 DATA_FORMATS = {
     "json": ("json", {}),
@@ -78,9 +82,30 @@ def validate_pair(example: Any, where: str = "pair") -> None:
         )
     for key in PAIR_KEYS:
         _check_side(example[key], key, where)
+    for key, answer_key in ANSWER_KEYS.items():
+        answer = example.get(answer_key)
+        if answer is None:
+            continue
+        if not isinstance(answer, str) or not answer.strip():
+            raise ValueError(f"{where}: {answer_key!r} must be a non-empty text, got {answer!r}")
+        side = example[key]
+        last = side if isinstance(side, str) else side[-1]["content"]
+        if not last.endswith(answer):
+            raise ValueError(f"{where}: {answer_key!r} must be the ending of the {key}'s last text, "
+                             f"which ends with {last[-40:]!r}")
     lang = example.get("lang")
     if lang is not None and not isinstance(lang, str):
         raise TypeError(f"{where}: 'lang' must be a string tag, got {type(lang).__name__}")
+
+
+def side_answer(example: dict, key: str) -> Optional[str]:
+    """The answer of side ``key`` ("anchor" or "target") of a valid pair: its ``answer`` /
+    ``target_answer`` field, else the reply of a chat whose last message is the assistant's, else None."""
+    answer = example.get(ANSWER_KEYS[key])
+    side = example[key]
+    if answer is None and not isinstance(side, str) and side[-1]["role"] == "assistant":
+        answer = side[-1]["content"]
+    return answer
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,7 +237,7 @@ def pairs_from_dataset(
       ``target_lang``.
     * ``lang_column``: the language tag of each pair (default: ``"lang"`` when there is one).
 
-    Other columns are dropped. Every row is validated (:func:`validate_pair`); errors name the
+    ``answer`` / ``target_answer`` columns are kept; other columns are dropped. Every row is validated (:func:`validate_pair`); errors name the
     row as ``source[i]``. A wrong column name is a ValueError that lists the columns there are.
     """
     if (anchor_lang is None) != (target_lang is None):
@@ -244,6 +269,8 @@ def pairs_from_dataset(
     wanted = {"anchor": anchor_column, "target": target_column}
     if lang_column is not None:
         wanted["lang"] = lang_column
+    # The answers sara_anchor_filter reads travel under their own names.
+    wanted.update({k: k for k in ANSWER_KEYS.values() if k in dataset.column_names})
     if any(column not in dataset.column_names for column in wanted.values()):
         dataset = dataset.flatten()  # nested fields become "column.field" columns
     for key, column in wanted.items():

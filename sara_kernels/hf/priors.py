@@ -15,7 +15,9 @@ example index its collator carries, so the file is tied to the dataset order; th
 catches a different or reordered dataset, and ``max_length`` must equal the trainer's
 ``sara_max_length`` so cached anchors are truncated as live ones would be. The rest of the
 tokenisation (special tokens for texts, the chat template for messages) is the collator's and
-is fixed by the tokenizer: extract with the tokenizer you train with.
+is fixed by the tokenizer: extract with the tokenizer you train with. Extracted with
+``anchor_answers=True``, the file also holds ``"anchor_correct"`` [num_examples] uint8: whether the
+model reproduced each anchor's answer, which ``sara_anchor_filter="correct"`` then reads.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from safetensors.torch import save_file
 
 from .._inputs import check_temperature
 from ..layer_selection import resolve_layers_spec
-from .data import anchors_fingerprint, validate_pair
+from .data import anchors_fingerprint, side_answer, validate_pair
 from .routing import pooled_routing, probe_routing
 
 FORMAT = "sara-routing-priors"
@@ -56,6 +58,7 @@ class RoutingPriors:
     model_type: str = ""
     fingerprint: str = ""
     max_length: Optional[int] = None  # the anchors' truncation at extraction (None: none)
+    anchor_correct: Optional[torch.Tensor] = None  # [num_examples] bool: answer reproduced (anchor_answers=True)
 
     @property
     def num_examples(self) -> int:
@@ -126,6 +129,7 @@ def extract_routing_priors(
     max_length: Optional[int] = None,
     backend: str = "auto",
     progress: bool = True,
+    anchor_answers: bool = False,
 ) -> RoutingPriors:
     """Run ``model`` over the anchors of ``pairs`` (no grad, batched) and save their routing priors.
 
@@ -137,6 +141,11 @@ def extract_routing_priors(
     the same arguments: each runs the model over its share of the anchors (every W-th one), the
     shares are gathered, rank 0 writes the file, and every rank returns the whole priors once
     the file exists. The result equals a single-process extraction.
+
+    ``anchor_answers=True`` also records whether the model reproduces each anchor's answer
+    (greedy, teacher-forced, as ``sara_anchor_filter`` checks it in training; every pair needs an
+    anchor answer), so that training with these priors and ``sara_anchor_filter="correct"``
+    keeps the same pairs; the forwards then run to the end.
     """
     # Checked before the first forward, not left to routing_distribution, so bad input costs no model call.
     check_temperature(temperature, option=True)
@@ -145,6 +154,13 @@ def extract_routing_priors(
     for i in range(len(pairs)):
         validate_pair(pairs[i], f"pairs[{i}]")
     anchors = [pairs[i]["anchor"] for i in range(len(pairs))]
+    answers = None
+    if anchor_answers:
+        answers = [side_answer(pairs[i], "anchor") for i in range(len(pairs))]
+        missing = [i for i, answer in enumerate(answers) if answer is None]
+        if missing:
+            raise ValueError(f"anchor_answers: pairs{missing[:5]} have no anchor answer; give each pair an 'answer' "
+                             "field or a chat anchor ending with the assistant's reply")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     mine = list(range(rank, len(anchors), world))
     shard = None
@@ -152,9 +168,9 @@ def extract_routing_priors(
         shard = pooled_routing(
             model, tokenizer, [anchors[i] for i in mine], layers=layers, score=score, temperature=temperature,
             batch_size=batch_size, max_length=max_length, backend=backend, progress=progress and rank == 0,
-            desc="anchor priors",
+            desc="anchor priors", answers=None if answers is None else [answers[i] for i in mine],
         )
-    probs, found_layers, found_score = shard if world == 1 else _gather_shards(mine, shard, len(anchors), world)
+    probs, found_layers, found_score, *correct = shard if world == 1 else _gather_shards(mine, shard, len(anchors), world)
     name, model_type = _metadata_of(model)
     priors = RoutingPriors(
         probs=probs.contiguous(),
@@ -165,6 +181,7 @@ def extract_routing_priors(
         model_type=model_type,
         fingerprint=anchors_fingerprint([pairs[i] for i in range(len(pairs))]),
         max_length=max_length,
+        anchor_correct=correct[0] if correct else None,
     )
     if rank == 0:
         save_routing_priors(priors, path)
@@ -190,19 +207,26 @@ def save_routing_priors(priors: RoutingPriors, path: str | os.PathLike) -> None:
         "max_length": json.dumps(priors.max_length),
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file({"priors": priors.probs.contiguous()}, os.fspath(path), metadata=metadata)
+    tensors = {"priors": priors.probs.contiguous()}
+    if priors.anchor_correct is not None:
+        tensors["anchor_correct"] = priors.anchor_correct.to(torch.uint8).contiguous()
+    save_file(tensors, os.fspath(path), metadata=metadata)
 
 
 def _gather_shards(mine: list, shard, num_examples: int, world: int):
-    """(priors [num_examples, L, E], layers, score) from every rank's (indices, pooled routing)."""
+    """(priors [num_examples, L, E], layers, score[, answers reproduced [num_examples]]) from every
+    rank's (indices, pooled routing)."""
     gathered = [None] * world
     dist.all_gather_object(gathered, (mine, shard))
     found = next(s for _, s in gathered if s is not None)
     probs = torch.empty((num_examples, *found[0].shape[1:]), dtype=found[0].dtype)
+    correct = torch.zeros(num_examples, dtype=torch.bool) if len(found) > 3 else None
     for indices, part in gathered:
         if part is not None:
             probs[indices] = part[0]
-    return probs, found[1], found[2]
+            if correct is not None:
+                correct[indices] = part[3]
+    return (probs, found[1], found[2]) + (() if correct is None else (correct,))
 
 
 def load_routing_priors(
@@ -230,6 +254,7 @@ def load_routing_priors(
             if metadata.get("format") != FORMAT or "priors" not in f.keys():
                 raise ValueError(f"{path} is not a SARA routing-priors file (no {FORMAT!r} metadata / 'priors' tensor)")
             probs = f.get_tensor("priors")
+            anchor_correct = f.get_tensor("anchor_correct").bool() if "anchor_correct" in f.keys() else None
     except ValueError:
         raise
     except Exception as e:  # safetensors raises its own error types for a corrupt header
@@ -267,7 +292,11 @@ def load_routing_priors(
         model_type=metadata.get("model_type", ""),
         fingerprint=metadata.get("anchors_sha256", ""),
         max_length=max_length,
+        anchor_correct=anchor_correct,
     )
+    if anchor_correct is not None and anchor_correct.shape != (priors.num_examples,):
+        raise ValueError(f"{path}: anchor_correct of shape {tuple(anchor_correct.shape)} does not match its "
+                         f"{priors.num_examples} examples")
     if score is not None and score != priors.score:
         raise ValueError(f"score={score!r} but the priors in {path} were computed with score={priors.score!r}")
     if model is not None:

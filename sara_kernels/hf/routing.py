@@ -41,6 +41,35 @@ def forward_kwargs(model, *, lm_head: bool) -> dict:
     return kwargs
 
 
+def answer_positions(answer_mask: torch.Tensor) -> torch.Tensor:
+    """The columns whose logits predict an answer token of some row ([K] long: each answer
+    column - 1; reading them is a host sync). The collator never marks a sequence's first token."""
+    return torch.nonzero(answer_mask.any(dim=0)).reshape(-1) - 1
+
+
+def answers_reproduced(logits: torch.Tensor, input_ids: torch.Tensor, answer_mask: torch.Tensor,
+                       positions: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[num sequences] bool: whether each sequence's answer (its tokens in ``answer_mask``) is what
+    the model predicts greedily, teacher-forced; False for a sequence without answer tokens.
+
+    ``logits`` [R, K, V] are the model's at ``positions`` (:func:`answer_positions`) of ``input_ids``
+    [R, S]; sequences are the rows, or with ``cu_seqlens`` those of the one packed row.
+    """
+    targets = positions + 1
+    marked = answer_mask[:, targets].bool()
+    missed = marked & (logits.argmax(dim=-1) != input_ids[:, targets])
+    answered = answer_mask.bool()
+    if cu_seqlens is None:
+        return answered.any(dim=1) & ~missed.any(dim=1)
+    bounds = cu_seqlens[1:].to(targets.device, torch.long)
+    num = bounds.shape[0]
+    of_target = torch.searchsorted(bounds, targets, right=True)
+    of_token = torch.searchsorted(bounds, torch.arange(input_ids.shape[1], device=targets.device), right=True)
+    misses = torch.zeros(num, device=targets.device).index_add_(0, of_target, missed[0].float())
+    counts = torch.zeros(num, device=targets.device).index_add_(0, of_token, answered[0].float())
+    return (counts > 0) & (misses == 0)
+
+
 def probe_routing(model, layers="all", score=None):
     """(decoder-layer indices, E, score) that capturing ``layers`` yields on ``model``.
 
@@ -79,30 +108,52 @@ def pooled_routing(
     backend: str = "auto",
     progress: bool = True,
     desc: str = "routing",
+    answers: Optional[Sequence[str]] = None,
 ):
     """Pooled routing distribution of each text (or chat) in ``sides``: ([N, L, E] float32 on CPU, layers, score).
 
     No grad, model in eval mode for the duration (its mode is restored), each forward stopped
     after the last selected router (``capture_router_logits(early_exit=True)``), batches of
     ``batch_size`` right-padded sequences, tokenised exactly as the training collator does.
+
+    With ``answers`` (one per side, see :func:`~sara_kernels.hf.data.side_answer`) the forwards
+    run to the end, projecting only the answer positions as the trainer's anchor forward does, and
+    a fourth value is returned: [N] bool, whether the model reproduces each side's answer.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if answers is not None and len(answers) != len(sides):
+        raise ValueError(f"answers: expected one per side ({len(sides)}), got {len(answers)}")
     encoder = SARACollator(tokenizer, max_length=max_length)
     device = model_device(model)
     pad = pad_token_id(tokenizer)
     kwargs = forward_kwargs(model, lm_head=False)
     layer_spec = resolve_layers_spec(layers)
-    chunks, found_layers, found_score = [], None, None
+    chunks, reproduced, found_layers, found_score = [], [], None, None
     with eval_mode(model), torch.no_grad():
         for start in tqdm(range(0, len(sides), batch_size), desc=desc, disable=not progress, leave=False):
             batch = sides[start : start + batch_size]
-            encoded = [encoder.encode(side, f"{desc}[{start + j}]") for j, side in enumerate(batch)]
+            if answers is None:
+                encoded = [encoder.encode(side, f"{desc}[{start + j}]") for j, side in enumerate(batch)]
+            else:
+                encoded, marks = zip(*(encoder.answer_mask(side, answers[start + j], f"{desc}[{start + j}]")
+                                       for j, side in enumerate(batch)))
+                answer_mask = pad_right(marks, 0)[0].to(device)
+                positions = answer_positions(answer_mask)
+                if "logits_to_keep" in kwargs:
+                    kwargs["logits_to_keep"] = positions
             ids, mask = pad_right(encoded, pad)
             ids, mask = ids.to(device), mask.to(device)
-            with capture_router_logits(model, layers=layer_spec, score=score, early_exit=True) as cap:
-                model(input_ids=ids, attention_mask=mask, **kwargs)
+            with capture_router_logits(model, layers=layer_spec, score=score, early_exit=answers is None) as cap:
+                outputs = model(input_ids=ids, attention_mask=mask, **kwargs)
             probs = routing_distribution(cap.logits, mask, score=cap.score, temperature=temperature, backend=backend)
             chunks.append(probs.float().permute(1, 0, 2).cpu())
             found_layers, found_score = tuple(int(i) for i in cap.layers), cap.score
-    return torch.cat(chunks), found_layers, found_score
+            if answers is not None:
+                logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+                if "logits_to_keep" not in kwargs:
+                    logits = logits[:, positions]
+                reproduced.append(answers_reproduced(logits, ids, answer_mask, positions).cpu())
+    if answers is None:
+        return torch.cat(chunks), found_layers, found_score
+    return torch.cat(chunks), found_layers, found_score, torch.cat(reproduced)

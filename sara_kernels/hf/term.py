@@ -34,7 +34,7 @@ from .capture import (
     install_router_hooks,
     router_hooks_installed,
 )
-from .routing import forward_kwargs
+from .routing import answer_positions, answers_reproduced, forward_kwargs
 
 
 def prepare_sara_model(model, args) -> None:
@@ -95,16 +95,35 @@ class SARATermMixin:
         return capture_router_logits(self.accelerator.unwrap_model(model), layers=self.args.sara_layers,
                                      score=self.args.sara_score, early_exit=early_exit)
 
-    def _sara_anchor_routing(self, model, **inputs) -> CapturedRouterLogits:
-        """The router logits of a graph-free forward of the anchor rows, stopped after the last
+    def _sara_anchor_routing(self, model, answer_mask=None, cu_seqlens=None, **inputs):
+        """(router logits, None) of a graph-free forward of the anchor rows, stopped after the last
         selected router (no later layer, no LM head) unless :func:`early_exit_possible` says no;
-        then without the vocabulary projection."""
+        then without the vocabulary projection.
+
+        With ``answer_mask`` (``sara_anchor_filter``) the forward runs to the end and the second
+        value is :func:`answers_reproduced` of each anchor (``cu_seqlens``: packed anchors). The
+        vocabulary projection is then that of the answer positions only, through the model's own
+        ``logits_to_keep`` given those positions (transformers' causal LMs take a tensor of indices
+        there): the head, its final norm and any logit transform stay the model's. A model without
+        ``logits_to_keep`` projects every position.
+        """
         # A PEFT wrapper's forward hides the model's options (logits_to_keep) behind **kwargs; it passes them on.
         inputs.update(forward_kwargs(unwrap_peft_model(self.accelerator.unwrap_model(model)), lm_head=False))
+        positions = None
+        if answer_mask is not None:
+            positions = answer_positions(answer_mask)
+            if "logits_to_keep" in inputs:
+                inputs["logits_to_keep"] = positions
         # The wrapper the call goes through counts too: the unwrapped model no longer shows an FSDP1 or ZeRO-3 root.
-        with torch.no_grad(), self._sara_capture(model, early_exit=early_exit_possible(model)) as captured:
-            model(**inputs)
-        return captured
+        early_exit = answer_mask is None and early_exit_possible(model)
+        with torch.no_grad(), self._sara_capture(model, early_exit=early_exit) as captured:
+            outputs = model(**inputs)
+        if answer_mask is None:
+            return captured, None
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        if "logits_to_keep" not in inputs:
+            logits = logits[:, positions]
+        return captured, answers_reproduced(logits, inputs["input_ids"], answer_mask, positions, cu_seqlens)
 
     def _sara_term(self, target: CapturedRouterLogits, anchor_logits, target_logits, **sides) -> SARATerm:
         """:func:`~sara_kernels.term.sara_term` on the layers and score of the ``target`` capture

@@ -54,7 +54,7 @@ from .checkpoint import SARACheckpointing
 from .collate import IGNORE_INDEX, SARACollator
 from .data import PairDataset, anchors_fingerprint
 from .priors import RoutingPriors, load_routing_priors
-from .routing import forward_kwargs
+from .routing import answer_positions, answers_reproduced, forward_kwargs
 from .term import SARATermMixin, check_trainer_scaling, prepare_sara_model
 
 __all__ = ["SARAOptions", "SARATrainer", "SARATrainingArguments", "prepare_sara_model"]
@@ -151,6 +151,7 @@ class _PairBatch:
     attention_mask: Optional[torch.Tensor] = None  # padded
     position_ids: Optional[torch.Tensor] = None  # packed
     cu_seqlens: Optional[torch.Tensor] = None  # packed
+    answer_mask: Optional[torch.Tensor] = None  # sara_anchor_filter: input_ids' shape, 1 on answer tokens
 
     @property
     def num_pairs(self) -> int:
@@ -178,7 +179,8 @@ class _PairBatch:
                 "them (SARACollator provides them; -100 everywhere trains SARA alone)"
             )
         batch = cls(index=extra.pop("sara_example_index"), input_ids=extra.pop("input_ids"), labels=extra.pop("labels"),
-                    extra=extra, cu_seqlens=extra.pop("sara_cu_seqlens", None))
+                    extra=extra, cu_seqlens=extra.pop("sara_cu_seqlens", None),
+                    answer_mask=extra.pop("sara_answer_mask", None))
         if batch.cu_seqlens is None:
             batch.attention_mask = extra.pop("attention_mask")
             what = "rows"
@@ -220,6 +222,16 @@ class _PairBatch:
         inputs = {"input_ids": self.input_ids[:, tokens], "position_ids": self.position_ids[:, tokens]}
         return inputs, self.labels[:, tokens], {"cu_seqlens": cu - cu[0]}
 
+    def answers(self, anchor: bool) -> torch.Tensor:
+        """The answer mask of the anchor or the target sequences, cut as :meth:`side` cuts their inputs."""
+        if self.cu_seqlens is None:
+            rows = slice(0, self.num_pairs) if anchor else slice(self.num_sequences - self.num_pairs, None)
+            width = _trim(self.input_ids[rows], self.attention_mask[rows], None)[0].shape[1]
+            return self.answer_mask[rows, :width]
+        first = 0 if anchor else self.num_sequences - self.num_pairs
+        start, end = (int(x) for x in self.cu_seqlens[[first, first + self.num_pairs]].tolist())
+        return self.answer_mask[:, start:end]
+
     def split(self, logits: tuple):
         """(anchor logits, target logits, ``sara_loss`` side arguments) of router logits over the whole batch."""
         if not self.has_anchor:
@@ -244,6 +256,7 @@ class _Routing:
     anchor_logits: Optional[tuple]
     target_logits: tuple
     sides: dict
+    pair_weights: Optional[torch.Tensor] = None  # sara_anchor_filter's kept pairs
 
 
 class SARATrainer(SARACheckpointing, SARATermMixin, Trainer):
@@ -310,6 +323,16 @@ class SARATrainer(SARACheckpointing, SARATermMixin, Trainer):
             routing_priors = load_routing_priors(routing_priors, model=model, layers=args.sara_layers, score=args.sara_score)
         if routing_priors is not None:
             self._check_priors(routing_priors, args, train_dataset)
+            if args.sara_anchor_filter == "correct_anchor_wrong_target":
+                raise ValueError(
+                    "sara_anchor_filter='correct_anchor_wrong_target' with routing_priors: not supported yet; train "
+                    "with live anchors (drop routing_priors) or use sara_anchor_filter='correct'"
+                )
+            if args.sara_anchor_filter == "correct" and routing_priors.anchor_correct is None:
+                raise ValueError(
+                    "sara_anchor_filter='correct' with routing_priors: the priors file records no anchor correctness; "
+                    "extract it with extract_routing_priors(..., anchor_answers=True) (priors --anchor_answers)"
+                )
 
         eval_collator = None
         if data_collator is None:
@@ -321,11 +344,12 @@ class SARATrainer(SARACheckpointing, SARATermMixin, Trainer):
                 include_anchor=args.sara_lm_on_anchor or (args.sara_weight > 0 and routing_priors is None),
                 lm_on_anchor=args.sara_lm_on_anchor,
                 packing=args.sara_packing,
+                anchor_filter=args.sara_anchor_filter if args.sara_weight > 0 and routing_priors is None else "none",
             )
             if args.sara_weight > 0 and not data_collator.include_anchor:
                 # Priors cover the training pairs only: evaluation measures SARA on live anchors.
                 eval_collator = SARACollator(processing_class, max_length=args.sara_max_length, include_anchor=True,
-                                             packing=args.sara_packing)
+                                             packing=args.sara_packing, anchor_filter=args.sara_anchor_filter)
         self._eval_collator = eval_collator
         self.routing_priors: Optional[RoutingPriors] = routing_priors
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
@@ -433,18 +457,63 @@ class SARATrainer(SARACheckpointing, SARATermMixin, Trainer):
             target_inputs, target_labels, target_side = batch.side(anchor=False)
             # The anchor forward has no labels: LM-only flags (the Trainer's skip_logits) stay out of it.
             routing_inputs = {k: v for k, v in batch.extra.items() if k not in _LM_ONLY_KWARGS}
-            anchor = self._sara_anchor_routing(model, **anchor_inputs, **routing_inputs)
+            filtered = self._answer_mask(batch) is not None
+            anchor, anchor_correct = self._sara_anchor_routing(
+                model, answer_mask=batch.answers(anchor=True) if filtered else None,
+                cu_seqlens=anchor_side.get("cu_seqlens"), **anchor_inputs, **routing_inputs)
             with self._sara_capture(model) as target:
                 outputs = model(**target_inputs, labels=target_labels, **lm_kwargs)
             sides = {f"anchor_{k}": v for k, v in anchor_side.items()}
             sides.update({f"target_{k}": v for k, v in target_side.items()})
-            return outputs, target_labels, _Routing(target, anchor.logits, target.logits, sides)
+            weights = None
+            if filtered:
+                target_correct = None
+                if self.args.sara_anchor_filter == "correct_anchor_wrong_target":
+                    target_correct = self._reproduced(outputs, target_inputs["input_ids"], batch.answers(anchor=False),
+                                                      target_side.get("cu_seqlens"))
+                weights = self._kept_pairs(anchor_correct, target_correct)
+            return outputs, target_labels, _Routing(target, anchor.logits, target.logits, sides, weights)
         inputs, labels = batch.whole()
         with self._sara_capture(model, use_sara) as captured:
             outputs = model(**inputs, labels=labels, **lm_kwargs)
         if not use_sara:
             return outputs, labels, None
-        return outputs, labels, _Routing(captured, *batch.split(captured.logits))
+        weights = None
+        answer_mask = self._answer_mask(batch) if batch.has_anchor else None  # else priors: their flags decide
+        if answer_mask is not None:
+            correct = self._reproduced(outputs, inputs["input_ids"], answer_mask, batch.cu_seqlens)
+            target_correct = correct[batch.num_pairs :]
+            weights = self._kept_pairs(correct[: batch.num_pairs],
+                                       target_correct if self.args.sara_anchor_filter != "correct" else None)
+        return outputs, labels, _Routing(captured, *batch.split(captured.logits), pair_weights=weights)
+
+    def _answer_mask(self, batch: _PairBatch) -> Optional[torch.Tensor]:
+        """The batch's answer mask when ``sara_anchor_filter`` is on (a one-line error if the batch lacks it)."""
+        if self.args.sara_anchor_filter == "none":
+            return None
+        if batch.answer_mask is None:
+            raise ValueError(
+                f"sara_anchor_filter={self.args.sara_anchor_filter!r}: the batch has no 'sara_answer_mask'; build the "
+                "collator with SARACollator(anchor_filter=...) (the default collator does)"
+            )
+        return batch.answer_mask
+
+    def _reproduced(self, outputs, input_ids, answer_mask, cu_seqlens) -> torch.Tensor:
+        """:func:`answers_reproduced` from the logits of a training forward (every position)."""
+        logits = outputs.get("logits") if isinstance(outputs, dict) else None
+        if logits is None:
+            raise ValueError(
+                f"sara_anchor_filter={self.args.sara_anchor_filter!r} reads the model's logits, but its forward "
+                "returned none (a fused LM loss such as use_liger_kernel skips them); turn that off"
+            )
+        positions = answer_positions(answer_mask)
+        return answers_reproduced(logits[:, positions], input_ids, answer_mask, positions, cu_seqlens)
+
+    @staticmethod
+    def _kept_pairs(anchor_correct: torch.Tensor, target_correct: Optional[torch.Tensor]) -> torch.Tensor:
+        """π_b: 1 where the anchor is answered correctly (and, with RA-MoE's filter, the target is not), else 0."""
+        kept = anchor_correct if target_correct is None else anchor_correct & ~target_correct
+        return kept.float()
 
     def _lm_terms(self, model, outputs, lm_labels, training: bool, num_items_in_batch):
         """(LM mean of this micro-batch, the LM term of the step's loss, the model's aux term or None).
@@ -482,6 +551,7 @@ class SARATrainer(SARACheckpointing, SARATermMixin, Trainer):
         """The SARA term on live anchors, or in training with priors on the cached anchor routing."""
         sides = routing.sides
         anchor_logits = routing.anchor_logits
+        weights = routing.pair_weights
         if training and self.routing_priors is not None:
             target = routing.target
             self.routing_priors.check_against(target.layers, int(routing.target_logits[0].shape[-1]), target.score)
@@ -490,4 +560,6 @@ class SARATrainer(SARACheckpointing, SARATermMixin, Trainer):
             probs = self.routing_priors.gather(index, target.layers).to(routing.target_logits[0].device)
             sides = {k: v for k, v in sides.items() if k.startswith("target_")}
             anchor_logits, sides = None, dict(sides, anchor_probs=probs)
-        return self._sara_term(routing.target, anchor_logits, routing.target_logits, **sides)
+            if self.args.sara_anchor_filter == "correct":  # the flags recorded at extraction (index checked by gather)
+                weights = self.routing_priors.anchor_correct[index.detach().cpu()].float().to(probs.device)
+        return self._sara_term(routing.target, anchor_logits, routing.target_logits, pair_weights=weights, **sides)

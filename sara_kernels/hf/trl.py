@@ -65,6 +65,10 @@ class SARASFTConfig(SARAOptions, SFTConfig):
             raise ValueError("sara_lm_on_anchor=True is not supported by SARASFTTrainer (use SARATrainer)")
         if not self.sara_detach_anchor:
             raise ValueError("sara_detach_anchor=False is not supported by SARASFTTrainer (use SARATrainer)")
+        if self.sara_anchor_filter != "none":
+            raise ValueError(
+                f"sara_anchor_filter={self.sara_anchor_filter!r} is not supported by SARASFTTrainer yet (use SARATrainer)"
+            )
         if (self.packing or self.eval_packing) and self.packing_strategy != "bfd":
             raise ValueError(
                 f"packing_strategy={self.packing_strategy!r} is not supported with SARA: it cuts sequences apart, and "
@@ -251,7 +255,7 @@ class SARASFTTrainer(SARACheckpointing, SARATermMixin, SFTTrainer):
             # fetches it early and frees it before TRL's backward reads it (an empty weight). The anchor's routing
             # needs no head: it runs through the decoder alone.
             anchor_model = unwrap_peft_model(self.accelerator.unwrap_model(model)).get_decoder()
-        anchor = self._sara_anchor_routing(anchor_model, **anchor_inputs)
+        anchor, _ = self._sara_anchor_routing(anchor_model, **anchor_inputs)
         with self._sara_capture(model) as target:
             # TRL's return_outputs=True runs a second forward for the logits: taken outside the capture.
             loss = super().compute_loss(model, inputs, False, num_items_in_batch)

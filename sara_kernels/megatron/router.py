@@ -92,6 +92,11 @@ class SARARouter(TopKRouter):
                 "sara_lm_on_anchor has no meaning here: the LM loss is your loss_func's (mask the anchor rows in "
                 "loss_mask to keep the LM off them)"
             )
+        if sara.sara_anchor_filter != "none":
+            raise ValueError(
+                f"sara_anchor_filter={sara.sara_anchor_filter!r} is not supported by the Megatron integration yet "
+                "(SARATrainer has it); leave it 'none'"
+            )
         recomputed = config.recompute_granularity == "full" or (
             config.recompute_granularity == "selective" and "moe" in (config.recompute_modules or ())
         )

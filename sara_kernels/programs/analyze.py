@@ -12,7 +12,9 @@ aligns) are compared by
 ``python -m sara_kernels analyze --model PATH --data pairs.jsonl`` (data and model options as
 for ``train``, :mod:`.arguments`) prints the per-layer table
 and writes ``routing_analysis.json`` and ``routing_heatmap.png`` (normalised JS per layer and
-language tag; target-minus-anchor expert usage per layer).
+language tag; target-minus-anchor expert usage per layer). With ``--anchor_answers`` it also
+reports, per language tag, the fraction of pairs ``sara_anchor_filter="correct"`` would keep (the
+anchors whose answer the model reproduces).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class RoutingReport:
     by_lang: dict = field(default_factory=dict)  # lang -> normalised JS per layer
     expert_shift: list = field(default_factory=list)  # [L][E]: mean P_target - mean P_anchor
     per_pair_js: Optional[torch.Tensor] = None  # [num_pairs, L]
+    anchor_kept_by_lang: dict = field(default_factory=dict)  # lang -> fraction of anchors answered (anchor_answers)
 
     @property
     def mean_js(self) -> float:
@@ -72,6 +75,7 @@ class RoutingReport:
             "mean_topk_overlap": self.mean_topk_overlap,
             "by_lang": self.by_lang,
             "expert_shift": self.expert_shift,
+            **({"anchor_kept_by_lang": self.anchor_kept_by_lang} if self.anchor_kept_by_lang else {}),
         }
 
     def table(self) -> str:
@@ -86,6 +90,9 @@ class RoutingReport:
         lines.append(
             f"{'mean':>6}  {self.mean_js:>9.5f}  {self.mean_js_normalized:>7.4f}  {self.mean_topk_overlap:>14.3f}"
         )
+        if self.anchor_kept_by_lang:
+            kept = ", ".join(f"{lang} {value:.3f}" for lang, value in self.anchor_kept_by_lang.items())
+            lines.append(f"anchors answered correctly (kept by sara_anchor_filter='correct'): {kept}")
         return "\n".join(lines)
 
     def plot(self, path: str | os.PathLike, title: str = "routing agreement, anchor vs target") -> None:
@@ -192,12 +199,15 @@ def routing_report(
     max_length: Optional[int] = None,
     backend: str = "auto",
     progress: bool = True,
+    anchor_answers: bool = False,
 ) -> RoutingReport:
     """Per-layer JS (and JS / ln 2) and top-k overlap between anchors and targets of ``pairs``.
 
-    Runs the model (eval mode, no grad) over both sides, tokenised as in training.
+    Runs the model (eval mode, no grad) over both sides, tokenised as in training. With
+    ``anchor_answers`` (every pair needs an anchor answer) also the fraction of anchors per
+    language tag whose answer the model reproduces (``anchor_kept_by_lang``).
     """
-    from ..hf.data import validate_pair
+    from ..hf.data import side_answer, validate_pair
     from ..hf.routing import pooled_routing
 
     if len(pairs) == 0:
@@ -206,12 +216,25 @@ def routing_report(
         validate_pair(pairs[i], f"pairs[{i}]")
     common = dict(layers=layers, score=score, temperature=temperature, batch_size=batch_size,
                   max_length=max_length, backend=backend, progress=progress)
-    pa, found_layers, found_score = pooled_routing(model, tokenizer, [p["anchor"] for p in pairs], desc="anchors", **common)
+    answers = None
+    if anchor_answers:
+        answers = [side_answer(p, "anchor") for p in pairs]
+        missing = [i for i, answer in enumerate(answers) if answer is None]
+        if missing:
+            raise ValueError(f"anchor_answers: pairs{missing[:5]} have no anchor answer; give each pair an 'answer' "
+                             "field or a chat anchor ending with the assistant's reply")
+    pa, found_layers, found_score, *correct = pooled_routing(
+        model, tokenizer, [p["anchor"] for p in pairs], desc="anchors", answers=answers, **common)
     pt, _, _ = pooled_routing(model, tokenizer, [p["target"] for p in pairs], desc="targets", **common)
     k = default_top_k(model, pa.shape[-1]) if top_k is None else top_k
-    return compare_distributions(
-        pa, pt, found_layers, top_k=k, score=found_score, temperature=temperature, langs=[p.get("lang") for p in pairs]
-    )
+    langs = [p.get("lang") for p in pairs]
+    report = compare_distributions(pa, pt, found_layers, top_k=k, score=found_score, temperature=temperature, langs=langs)
+    if correct:
+        tags = ["?" if lang is None else str(lang) for lang in langs]
+        answered = correct[0].tolist()
+        report.anchor_kept_by_lang = {tag: sum(a for a, t in zip(answered, tags) if t == tag) / tags.count(tag)
+                                      for tag in sorted(set(tags))}
+    return report
 
 
 def write_analysis(report: RoutingReport, out_dir: str, model_path: str, data) -> None:
@@ -227,6 +250,11 @@ class AnalyzeArguments(RoutingArguments):
     out: str = field(default="sara_analyze_out", metadata={"help": "Output folder (routing_analysis.json, routing_heatmap.png)."})
     top_k: Optional[int] = field(default=None, metadata={"help": "Default: the model's experts per token."})
     threads: Optional[int] = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
+    anchor_answers: bool = field(
+        default=False,
+        metadata={"help": "Also report per language the fraction of anchors whose answer the model reproduces "
+                          "(what --sara_anchor_filter correct keeps; each pair needs an 'answer' or a chat reply)."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -254,7 +282,7 @@ def prepare(argv: list) -> Callable[[], int]:
         report = routing_report(
             model, tokenizer, pairs, layers=args.layers, score=args.score, temperature=args.temperature,
             top_k=args.top_k, batch_size=args.batch_size, max_length=args.max_length, backend=args.backend,
-            progress=progress.enabled,
+            progress=progress.enabled, anchor_answers=args.anchor_answers,
         )
         write_analysis(report, args.out, model_args.model, data_args.data[0] if len(data_args.data) == 1 else data_args.data)
         print(f"routing agreement of {report.num_pairs} pairs ({report.score}; JS in nats, JS/ln2 in [0, 1]):")

@@ -23,6 +23,11 @@ PROG = "python -m sara_kernels priors"
 @dataclass
 class PriorsArguments(RoutingArguments):
     out: str = field(default="routing_priors.safetensors", metadata={"help": "The priors file to write (safetensors)."})
+    anchor_answers: bool = field(
+        default=False,
+        metadata={"help": "Also record whether the model reproduces each anchor's answer, for training with "
+                          "--sara_anchor_filter correct (each pair needs an 'answer' or a chat anchor's reply)."},
+    )
 
 
 def prepare(argv: list) -> Callable[[], int]:
@@ -49,6 +54,7 @@ def prepare(argv: list) -> Callable[[], int]:
         priors = extract_routing_priors(
             model, pairs, tokenizer, args.out, layers=args.layers, score=args.score, temperature=args.temperature,
             batch_size=args.batch_size, max_length=args.max_length, backend=args.backend, progress=progress.enabled,
+            anchor_answers=args.anchor_answers,
         )
         print(f"wrote the routing priors of {priors.num_examples} anchors (decoder layers {list(priors.layers)}, "
               f"{priors.num_experts} experts, {priors.score}, max_length {priors.max_length}) to {args.out}")
