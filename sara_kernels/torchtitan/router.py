@@ -361,6 +361,11 @@ class SARAConverter(ModelConfigConverter):
                 "sara_lm_on_anchor has no meaning here: the LM loss is torchtitan's (set the anchor rows' labels to "
                 "IGNORE_INDEX to keep the LM off them)"
             )
+        if config.options.sara_anchor_filter != "none":
+            raise ValueError(
+                f"sara_anchor_filter={config.options.sara_anchor_filter!r} is not supported by the torchtitan "
+                "integration yet (SARATrainer has it); leave it 'none'"
+            )
         self.options = config.options
         self.priors = None
         if config.priors is not None:

@@ -192,6 +192,8 @@ def test_converter_selects_layers_and_checks_its_options():
         model_config("deepseek_sigmoid", SARAOptions(sara_layer_weights="1"))
     with pytest.raises(ValueError, match="sara_lm_on_anchor"):
         SARAConverter.Config(options=SARAOptions(sara_lm_on_anchor=True)).build()
+    with pytest.raises(ValueError, match="sara_anchor_filter='correct' is not supported by the torchtitan"):
+        SARAConverter.Config(options=SARAOptions(sara_anchor_filter="correct")).build()
 
 
 @pytest.mark.parametrize("kwargs, message", [
