@@ -87,10 +87,12 @@ def assert_grads_equal(model, output, expected_loss):
     return got
 
 
-@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
-def test_live_anchors_padded_loss_and_every_gradient_equal_sara_loss(score):
+@pytest.mark.parametrize("score, divergence", [("softmax", "js"), ("sigmoid", "js"), ("softmax", "reverse_kl")])
+def test_live_anchors_padded_loss_and_every_gradient_equal_sara_loss(score, divergence):
+    """Also ``sara_divergence`` through with_sara's SARAOptions: the tracked per-layer values and
+    every gradient are those of sara_loss with that divergence."""
     layer_weights = [0.3, 1.2] if score == "sigmoid" else None
-    model = tiny_model(moe_router_score_function=score, layer_weights=layer_weights)
+    model = tiny_model(moe_router_score_function=score, layer_weights=layer_weights, divergence=divergence)
     assert [r.sara_layer for r in routers(model)] == [None, 1, 2, None]  # "middle" of 4 MoE layers
     tokens, positions, padding = random_batch(6, 9, seed=1)
     anchor, target = [0, 4, 2], [3, 1, 5]
@@ -106,21 +108,6 @@ def test_live_anchors_padded_loss_and_every_gradient_equal_sara_loss(score):
         assert got[f"decoder.layers.{router.layer_number - 1}.mlp.router.weight"].abs().sum() > 0
     assert got["decoder.layers.3.mlp.router.weight"].abs().sum() == 0  # above the last SARA layer
     torch.testing.assert_close(tracked, per_layer.float(), **LOSS_TOL)
-
-
-def test_sara_divergence_reaches_megatrons_router():
-    """``sara_divergence="reverse_kl"`` through with_sara's SARAOptions: the tracked per-layer values
-    and every gradient are those of sara_loss with that divergence."""
-    model = tiny_model(divergence="reverse_kl")
-    tokens, positions, padding = random_batch(6, 9, seed=2)
-    anchor, target = [0, 4, 2], [3, 1, 5]
-    with sara_batch(anchor=anchor, target=target):
-        output = model(tokens, positions, None, labels=tokens, padding_mask=padding)
-    tracked = tracked_sara(model).clone()
-    clean_forward(model, tokens, positions, None, padding_mask=padding)
-    expected, per_layer = expected_sara_padded(model, padding, anchor=anchor, target=target)
-    assert_grads_equal(model, output, expected)
-    torch.testing.assert_close(tracked, per_layer.float(), rtol=1e-4, atol=1e-8)
 
 
 def test_per_token_loss_scales_by_the_local_valid_tokens_as_megatrons_aux_losses():
