@@ -213,6 +213,24 @@ def test_eval_and_no_grad_route_without_sara():
             model(tokens)
 
 
+def test_sequence_sharded_logits_are_refused():
+    """With tensor and expert parallelism torchtitan shards the gate's output over the sequence
+    (models/common/moe_sharding.py, ``_router_sharding_config``); no rank holds a whole sequence to pool."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    _, model, _ = _models("qwen3_softmax")
+    router = _routers(model)[0]
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        logits = DTensor.from_local(torch.randn(2, SEQ, router.gate.out_features), init_device_mesh("cpu", (1,)), [Shard(1)])
+        with sara_step(SARAMicrobatch(valid_tokens=2 * SEQ, anchor=[0], target=[1]), global_valid_tokens=2 * SEQ):
+            with pytest.raises(NotImplementedError, match=r"sharded as \(Shard\(dim=1\),\)"):
+                router._attach_sara(router.gate, (), logits)  # the router's hook, given such a gate output
+    finally:
+        dist.destroy_process_group()
+
+
 def test_converter_selects_layers_and_checks_its_options():
     _, cfg = model_config("deepseek_sigmoid", SARAOptions(sara_layers=[2], sara_backend="reference"))
     model = init_full_model(cfg, 0)
