@@ -1,6 +1,7 @@
 """sara_kernels.torchtitan on 2 gloo processes (CPU), through torchtitan 0.3.0's own
-``parallelize_qwen3`` and ``pipeline_llm``: FSDP2, expert parallelism (EP = 2) and pipeline
-parallelism (PP = 2, 1F1B, and GPipe with full activation checkpointing, 4 micro-batches) each give every gate the gradient, and
+``parallelize_qwen3`` and ``pipeline_llm``: FSDP2, expert parallelism (EP = 2), pipeline
+parallelism (PP = 2, 1F1B, and GPipe with full activation checkpointing, 4 micro-batches) and tensor
+parallelism (TP = 2, sequence parallel) each give every gate the gradient, and
 ``sara_metrics`` the per-layer values, of one process on the whole batch. One spawn runs all.
 
 Stand-ins for what torchtitan 0.3.0 assumes of a GPU (tests only), besides ``SDPA_STAND_IN``:
@@ -11,8 +12,9 @@ Stand-ins for what torchtitan 0.3.0 assumes of a GPU (tests only), besides ``SDP
 * ``_sum_reductions``: FSDP2 reduces gradients with ``ReduceOp.PREMUL_SUM`` for torchtitan's
   divide factor, which gloo lacks; ``set_force_sum_reduction_for_comms(True)`` sums instead
   (the same result: torchtitan's factor is 1, its losses are already divided by the step's tokens).
-* FSDP and EP run with ``spmd_backend="partial_dtensor"``: under the default ``"spmd_types"``
-  the parameters stay plain tensors and FSDP2 refuses them when ``dp_shard > 1``.
+* FSDP, EP and TP run with ``spmd_backend="partial_dtensor"``: under the default ``"spmd_types"``
+  the parameters stay plain tensors and FSDP2 refuses them when ``dp_shard > 1`` (and, under TP,
+  at ``dp_shard = 1`` too: "all parameters must be DTensors on the full SPMD mesh").
 """
 
 from __future__ import annotations
