@@ -277,10 +277,18 @@ class SARARouter(TokenChoiceTopKRouter):
         if not (self.training and torch.is_grad_enabled() and self.sara.sara_weight > 0):
             return None
         if isinstance(logits, DTensor):
-            raise NotImplementedError(
-                "SARARouter: the router logits are a DTensor (tensor or sequence parallelism); SARA pools whole "
-                "sequences and supports data, fully sharded, expert and pipeline parallelism"
-            )
+            if not all(placement.is_replicate() for placement in logits.placements):
+                raise NotImplementedError(
+                    f"SARARouter: the router logits are a DTensor sharded as {logits.placements} (tensor parallelism "
+                    "with expert parallelism); SARA pools whole sequences and supports tensor parallelism only "
+                    "where the logits are replicated"
+                )
+            # Tensor parallelism without expert parallelism: every rank holds the whole batch's logits,
+            # and their gradient is replicated too, so each rank adds the full term to its replica.
+            attached = self._attach_sara(gate, inputs, logits.to_local())
+            if attached is None:
+                return None
+            return DTensor.from_local(attached, logits.device_mesh, logits.placements, run_check=False)
         step = sara_step.current(self.sara_layer)
         batch = step.microbatch(self)
         if batch is None:

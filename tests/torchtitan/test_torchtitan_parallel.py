@@ -1,6 +1,7 @@
 """sara_kernels.torchtitan on 2 gloo processes (CPU), through torchtitan 0.3.0's own
-``parallelize_qwen3`` and ``pipeline_llm``: FSDP2, expert parallelism (EP = 2) and pipeline
-parallelism (PP = 2, 1F1B, and GPipe with full activation checkpointing, 4 micro-batches) each give every gate the gradient, and
+``parallelize_qwen3`` and ``pipeline_llm``: FSDP2, expert parallelism (EP = 2), pipeline
+parallelism (PP = 2, 1F1B, and GPipe with full activation checkpointing, 4 micro-batches) and tensor
+parallelism (TP = 2, sequence parallel) each give every gate the gradient, and
 ``sara_metrics`` the per-layer values, of one process on the whole batch. One spawn runs all.
 
 Stand-ins for what torchtitan 0.3.0 assumes of a GPU (tests only), besides ``SDPA_STAND_IN``:
@@ -11,8 +12,9 @@ Stand-ins for what torchtitan 0.3.0 assumes of a GPU (tests only), besides ``SDP
 * ``_sum_reductions``: FSDP2 reduces gradients with ``ReduceOp.PREMUL_SUM`` for torchtitan's
   divide factor, which gloo lacks; ``set_force_sum_reduction_for_comms(True)`` sums instead
   (the same result: torchtitan's factor is 1, its losses are already divided by the step's tokens).
-* FSDP and EP run with ``spmd_backend="partial_dtensor"``: under the default ``"spmd_types"``
-  the parameters stay plain tensors and FSDP2 refuses them when ``dp_shard > 1``.
+* FSDP, EP and TP run with ``spmd_backend="partial_dtensor"``: under the default ``"spmd_types"``
+  the parameters stay plain tensors and FSDP2 refuses them when ``dp_shard > 1`` (and, under TP,
+  at ``dp_shard = 1`` too: "all parameters must be DTensors on the full SPMD mesh").
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ def _parallel(name, world_mesh_shape: dict, schedule: str = "1F1B", ac_config=No
     spmd = "spmd_types" if world_mesh_shape.get("pp", 1) > 1 else "partial_dtensor"
     parallelism = ParallelismConfig(
         data_parallel_shard_degree=world_mesh_shape.get("dp_shard", 1),
+        tensor_parallel_degree=world_mesh_shape.get("tp", 1),
         expert_parallel_degree=world_mesh_shape.get("ep", 1),
         pipeline_parallel_degree=world_mesh_shape.get("pp", 1),
         pipeline_parallel_schedule=schedule, pipeline_parallel_microbatch_size=2, spmd_backend=spmd)
@@ -154,10 +157,12 @@ def _check_data_parallel(rank, name, degrees):
             experts = moe.routed_experts
             assert type(experts.token_dispatcher).__name__ == "AllToAllTokenDispatcher"
             assert experts.inner_experts.w1_EFD.to_local().shape[0] == experts.inner_experts.num_experts // 2
-    half = PAIRS // 2
-    mine = [*range(rank * half, (rank + 1) * half), *range(PAIRS + rank * half, PAIRS + (rank + 1) * half)]
+    # The data-parallel ranks split the pairs; the tensor-parallel ranks of one of them see the same rows.
+    shards, dp_rank = degrees.get("dp_shard", 1), rank // degrees.get("tp", 1)
+    per = PAIRS // shards
+    mine = [*range(dp_rank * per, (dp_rank + 1) * per), *range(PAIRS + dp_rank * per, PAIRS + (dp_rank + 1) * per)]
     local = tokens[mine]
-    with sara_step(SARAMicrobatch(valid_tokens=local.numel(), anchor=list(range(half)), target=list(range(half, 2 * half))),
+    with sara_step(SARAMicrobatch(valid_tokens=local.numel(), anchor=list(range(per)), target=list(range(per, 2 * per))),
                    global_valid_tokens=tokens.numel()):
         _sara_only_loss(parts[0](local), None)[0].backward()
     got = _gate_grads(parts)
@@ -213,6 +218,7 @@ def _check_all(rank):
     _check_pipeline(rank, "qwen3_softmax", "1F1B")
     _check_data_parallel(rank, "qwen3_softmax", {"dp_shard": 2})
     _check_data_parallel(rank, "qwen3_softmax", {"dp_shard": 2, "ep": 2})
+    _check_data_parallel(rank, "qwen3_softmax", {"tp": 2})
     _check_data_parallel(rank, "deepseek_sigmoid", {"dp_shard": 2, "ep": 2})
     _check_pipeline(rank, "deepseek_sigmoid", "GPipe", FullAC.Config())  # recomputed in backward, metadata inference's too
 

@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 
 pytest.importorskip("torchtitan")
 
+import torchtitan.components.metrics as titan_metrics  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC  # noqa: E402
+from torchtitan.distributed.parallel_dims import ParallelDims  # noqa: E402
 from torchtitan.models.common.moe import TokenChoiceTopKRouter  # noqa: E402
 
 from helpers import reference_loss  # noqa: E402
 from hf_train_helpers import one_thread  # noqa: E402
 from sara_kernels.testing.tolerances import JS_TOL, assert_grads_close  # noqa: E402
 from sara_kernels.torchtitan import SARAConverter, SARAMicrobatch, SARAOptions, SARARouter, sara_metrics, sara_step  # noqa: E402
-from titan_models import ROUTERS, gate_logits_recorder, init_full_model, model_config  # noqa: E402
+from titan_models import ROUTERS, CPUMemoryMonitorStandIn, gate_logits_recorder, init_full_model, model_config  # noqa: E402
 
 _single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")  # torchtitan's router asks for fp32 autocast
@@ -72,8 +76,36 @@ def _sara_gate_grads(model, tokens, microbatch, global_valid_tokens):
     return {layer: r.gate.weight.grad for layer, r in _routers(model).items()}
 
 
+def _logged_by_torchtitan(extra_metrics, folder, monkeypatch) -> dict:
+    """{tag: value} that torchtitan's own ``MetricsProcessor.log`` (TensorBoard on) writes for one
+    training step with ``extra_metrics``, read back from its event file."""
+    monkeypatch.setattr(titan_metrics, "build_device_memory_monitor", CPUMemoryMonitorStandIn)
+    # One rank: the processor asks torch.distributed which rank logs (MetricsProcessor._build_metric_logger).
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        processor = titan_metrics.MetricsProcessor.Config(enable_tensorboard=True, log_freq=1).build(
+            parallel_dims=ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ep=1, world_size=1),
+            dump_folder=str(folder))
+        # Torchtitan's Trainer sets these before its first log; only the throughput figures depend on them.
+        processor.num_flops_per_token = 1
+        processor.data_loading_times.append(0.0)
+        processor.log(1, global_avg_loss=2.5, global_max_loss=3.0, grad_norm=1.0, extra_metrics=extra_metrics)
+        processor.close()
+    finally:
+        dist.destroy_process_group()
+    (events,) = folder.glob("tb/*/events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    logged = {}
+    for tag in accumulator.Tags()["scalars"]:
+        (scalar,) = accumulator.Scalars(tag)
+        assert scalar.step == 1
+        logged[tag] = scalar.value
+    return logged
+
+
 @pytest.mark.parametrize("name", sorted(ROUTERS))
-def test_value_and_gate_gradients_equal_sara_loss_on_the_same_logits(name):
+def test_value_and_gate_gradients_equal_sara_loss_on_the_same_logits(name, tmp_path, monkeypatch):
     plain, model, _ = _models(name)
     tokens = torch.randint(0, 2048, (4, SEQ), generator=torch.Generator().manual_seed(1))
     anchor, target = [0, 1, 3], [2, 3, 0]
@@ -94,6 +126,10 @@ def test_value_and_gate_gradients_equal_sara_loss_on_the_same_logits(name):
     assert list(metrics) == [f"sara_js/layer_{layer}" for layer in layers]
     torch.testing.assert_close(torch.tensor(list(metrics.values()), dtype=torch.float64), per_layer, **JS_TOL["short"])
     assert sara_metrics(model) == {}  # read once
+    # Through torchtitan's own metrics: logged next to its loss, under the same names, each value a float32 as written.
+    logged = _logged_by_torchtitan(metrics, tmp_path, monkeypatch)
+    assert logged["loss_metrics/global_avg_loss"] == 2.5
+    assert {tag: value for tag, value in logged.items() if tag.startswith("sara_js/")} == metrics
 
 
 def test_packed_documents_follow_torchtitan_positions():
@@ -175,6 +211,24 @@ def test_eval_and_no_grad_route_without_sara():
         with sara_step(SARAMicrobatch(valid_tokens=2, anchor=[0], target=[1]), global_valid_tokens=2):
             model(tokens)
             model(tokens)
+
+
+def test_sequence_sharded_logits_are_refused():
+    """With tensor and expert parallelism torchtitan shards the gate's output over the sequence
+    (models/common/moe_sharding.py, ``_router_sharding_config``); no rank holds a whole sequence to pool."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    _, model, _ = _models("qwen3_softmax")
+    router = _routers(model)[0]
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        logits = DTensor.from_local(torch.randn(2, SEQ, router.gate.out_features), init_device_mesh("cpu", (1,)), [Shard(1)])
+        with sara_step(SARAMicrobatch(valid_tokens=2 * SEQ, anchor=[0], target=[1]), global_valid_tokens=2 * SEQ):
+            with pytest.raises(NotImplementedError, match=r"sharded as \(Shard\(dim=1\),\)"):
+                router._attach_sara(router.gate, (), logits)  # the router's hook, given such a gate output
+    finally:
+        dist.destroy_process_group()
 
 
 def test_converter_selects_layers_and_checks_its_options():

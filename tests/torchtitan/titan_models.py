@@ -5,6 +5,8 @@
 layers, and replaces one piece torchtitan cannot run on a CPU: FlexAttention has no CPU backward,
 so each layer's ``attention.inner_attention`` becomes ``SDPA_STAND_IN``, torchtitan's own
 ``ScaledDotProductAttention`` (plain causal attention; it takes no document masks).
+``CPUMemoryMonitorStandIn`` replaces the one piece of torchtitan's ``MetricsProcessor`` that needs
+an accelerator.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from torchtitan.components.metrics import DeviceMemStats
 from torchtitan.models import deepseek_v3, qwen3
 from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
 from torchtitan.models.common.moe import TokenChoiceTopKRouter
@@ -27,6 +30,21 @@ ROUTERS = {
     "deepseek_sigmoid": (deepseek_v3, "debugmodel", 3,
                          dict(score_func="sigmoid", num_expert_groups=4, num_limited_groups=2, route_norm=True)),
 }
+
+
+class CPUMemoryMonitorStandIn:
+    """Stands in for torchtitan's ``build_device_memory_monitor()`` in ``MetricsProcessor.__init__``:
+    ``DeviceMemoryMonitor.__init__`` (``components/metrics.py``) calls ``device_module.get_device_name``,
+    and without an accelerator ``device_module`` is ``torch.cuda``. A CPU has no device memory to report."""
+
+    device_name = "cpu"
+
+    def get_peak_stats(self) -> DeviceMemStats:
+        return DeviceMemStats(max_active_gib=0.0, max_active_pct=0.0, max_reserved_gib=0.0, max_reserved_pct=0.0,
+                              num_alloc_retries=0, num_ooms=0)
+
+    def reset_peak_stats(self) -> None:
+        pass
 
 
 def model_config(name: str, options: SARAOptions | None = None, priors: str | None = None):
