@@ -25,6 +25,7 @@ import torch
 pytest.importorskip("torchtitan")
 
 from helpers import run_ranks  # noqa: E402
+from sara_kernels.testing.tolerances import FP32_JS_ATOL  # noqa: E402
 
 SEQ = 16
 PAIRS = 4  # the whole batch: anchors 0..3, targets 4..7 (pair i = rows i and 4 + i)
@@ -172,7 +173,7 @@ def _check_data_parallel(rank, name, degrees):
     logged = sara_metrics(parts, dist.group.WORLD)
     assert logged.keys() == want_logged.keys()
     for key, value in logged.items():
-        assert value == pytest.approx(want_logged[key], rel=1e-5)
+        assert value == pytest.approx(want_logged[key], rel=1e-5, abs=FP32_JS_ATOL)  # float32 JS, other summation order
 
 
 def _check_pipeline(rank, name, schedule, ac_config=None):
@@ -200,7 +201,7 @@ def _check_pipeline(rank, name, schedule, ac_config=None):
     logged = sara_metrics(parts, dist.group.WORLD)
     assert logged.keys() == want_logged.keys()
     for key, value in logged.items():
-        assert value == pytest.approx(want_logged[key], rel=1e-5)
+        assert value == pytest.approx(want_logged[key], rel=1e-5, abs=FP32_JS_ATOL)  # float32 JS, other summation order
 
 
 # The gate gradients of 2 ranks and of one process sum the same float32 products in another
