@@ -153,7 +153,7 @@ class Case:
     temperature: float = 1.0
     minus_inf: bool = False  # some logits are −inf (an expert disabled, some tokens' experts masked)
     divergence: str = "js"
-    pair_weights: bool = False  # random per-pair weights, one of them 0 where there are 3 pairs or more
+    pair_weights: bool = False  # random per-pair weights, one of them 0 where there are 4 pairs or more
 
     @property
     def label(self) -> str:
@@ -259,7 +259,7 @@ def make_inputs(case: Case, shape: Shape, device, seed: int, dtype: Optional[tor
     pair_weights = None
     if case.pair_weights:
         pair_weights = torch.rand(seqs, generator=gen) * 1.75 + 0.25
-        if seqs > 2:
+        if seqs > 3:  # pairs 0 and 1 may be empty: another valid pair keeps a weight (no weight left is its own test)
             pair_weights[2] = 0.0  # a valid pair that no longer counts
 
     def as_layout(z):

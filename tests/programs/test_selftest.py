@@ -58,8 +58,8 @@ def test_main_prints_a_table_and_exits_zero(capsys):
 
 def test_a_wrong_result_fails_with_exit_code_one(monkeypatch, capsys):
     """A perturbed reference disagrees with both the kernels and NumPy: every check must say FAIL."""
-    js_divergence = reference.js_divergence
-    monkeypatch.setattr(reference, "js_divergence", lambda p, q: 1.001 * js_divergence(p, q))
+    divergence_of = reference.divergence_of  # every divergence of the grid (js, kl, reverse_kl)
+    monkeypatch.setattr(reference, "divergence_of", lambda p, q, divergence: 1.001 * divergence_of(p, q, divergence))
     assert selftest.main(["--device", "cpu", "--max-cases", "1"]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out.splitlines()[-1]
