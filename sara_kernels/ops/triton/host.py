@@ -50,6 +50,46 @@ def tile_config(num_experts: int) -> dict:
     return dict(BLOCK_N=block_n, BLOCK_E=block_e, **pipelining, num_warps=num_warps, enable_fp_fusion=True)
 
 
+# Triton's targets on which CI checks that every tile compiles without spills
+# (tests/ops/test_aot_compile.py). Triton compiles capability 90 for sm_90a, 100 for sm_100a, 103 for
+# sm_103a and 120 for sm_120a.
+SPILL_CHECKED_ARCHS = (80, 86, 90, 100, 103, 120)
+
+# Where ptxas spills under the table's register cap: (arch, kernel, score, BLOCK_E, VEC) -> the
+# smallest cap of 72, 80, 88, ... with which every configuration of that key in CI's grid compiles
+# without spills (segmentations, logits dtypes, E short of the tile; compile-only results in
+# benchmarks/results/spills_compile_only_2026-12-07.txt). Every other tile keeps the cap it was
+# measured with on an H200.
+SPILL_FREE_MAXNREG = {
+}
+
+
+def spill_free(meta: dict, kernel: str, arch) -> dict:
+    """``meta``, a pooling launch's constexprs and options (``SIGMOID`` and ``VEC`` set), for
+    ``kernel`` (``"pool_routing_fwd"`` or ``"pool_routing_bwd"``) on Triton target ``arch``
+    (:func:`target_arch`; None: no cap changed), with :data:`SPILL_FREE_MAXNREG`'s cap where it
+    has one."""
+    score = "sigmoid" if meta["SIGMOID"] else "softmax"
+    cap = SPILL_FREE_MAXNREG.get((arch, kernel, score, meta["BLOCK_E"], meta["VEC"]))
+    return meta if cap is None else {**meta, "maxnreg": cap}
+
+
+_TARGET_ARCH = {}
+
+
+def target_arch(device: torch.device):
+    """The entry of :data:`SPILL_CHECKED_ARCHS` whose register caps ``device`` gets: the highest not
+    above its compute capability (sm_89 gets sm_86's, sm_110 sm_103's, sm_121 sm_120's); None off
+    CUDA or below sm_80."""
+    if device.type != "cuda":
+        return None
+    if device not in _TARGET_ARCH:
+        major, minor = torch.cuda.get_device_capability(device)
+        below = [arch for arch in SPILL_CHECKED_ARCHS if arch <= 10 * major + minor]
+        _TARGET_ARCH[device] = below[-1] if below else None
+    return _TARGET_ARCH[device]
+
+
 def expert_constexprs(num_experts: int) -> dict:
     """The pooling kernels' constexprs that follow from E alone: the tile table's, E_MULT =
     gcd(E, 8) (rows provably vector-aligned) and EVEN_E (E fills the tile: no column mask)."""
@@ -213,7 +253,8 @@ class SidePlan(NamedTuple):
     # for an absent mask or cu_seqlens) and the sizes L, B, N, S (the mask's row length, N without
     # one), E_DIV, inv_tau, SPLITS. Built once, so a launch adds only its tensors to it.
     constants: dict
-    meta: dict  # constexprs and launch options of pool_routing_fwd (bwd adds PAIR)
+    meta: dict  # constexprs and launch options of pool_routing_fwd
+    bwd_meta: dict  # those of pool_routing_bwd but PAIR (its register cap may differ)
     num_experts: int
 
 
@@ -241,14 +282,17 @@ def side_plan(logits, mask, cu, score: str, temperature: float, vec: int, device
                     VEC=vec)
         constants = dict(mask_sb=mask_strides[0], mask_ss=mask_strides[1], cu_stride=cu_stride, L=L, B=B, N=N, S=S,
                          E_DIV=E // meta["E_MULT"], inv_tau=1.0 / temperature, SPLITS=splits)
-        plan = _PLANS[key] = SidePlan((L, B, splits), constants, meta, E)
+        arch = target_arch(device)
+        plan = _PLANS[key] = SidePlan((L, B, splits), constants, spill_free(meta, "pool_routing_fwd", arch),
+                                      spill_free(meta, "pool_routing_bwd", arch), E)
         if len(_PLANS) > _PLAN_CACHE_SIZE:
             _PLANS.popitem(last=False)
     return plan
 
 
 def clear_plans():
-    """Forget the cached launch plans (after changing ``tile_config`` or ``num_splits``)."""
+    """Forget the cached launch plans (after changing ``tile_config``, ``SPILL_FREE_MAXNREG`` or
+    ``num_splits``)."""
     _PLANS.clear()
 
 
@@ -306,5 +350,5 @@ def pool_bwd(logits, mask, cu, coef, scale, layer_coef, count, score: str, tempe
         "scale_ptr": scale, "scale_sl": scale_sl, "scale_sb": scale_sb, "layer_coef_ptr": layer_coef,
         "count_ptr": count, "count_stride": count.stride(0), "grad_ptr": grad, **plan.constants,
     })
-    launch(pool_routing_bwd, plan.grid, args, {**plan.meta, "PAIR": pair}, device)
+    launch(pool_routing_bwd, plan.grid, args, {**plan.bwd_meta, "PAIR": pair}, device)
     return grad
