@@ -5,7 +5,7 @@
 Why: the kernels are memory-bound, so what decides their speed on a card is how many bytes each
 SM keeps in flight, which the register count bounds (65536 registers per SM) and spills
 destroy. ptxas reports both for a target architecture without a device, so the tile table
-(``triton_host.tile_config``, with the architecture's ``SPILL_FREE_MAXNREG`` caps) can be
+(``triton_host.tile_config``, with the architecture's ``SPILL_FREE_TILES`` entries) can be
 sanity-checked on a CPU machine before GPU time is spent. The numbers are those of Triton's own
 ptxas run (its ptxas and flags); tests/ops/test_aot_compile.py asserts that none spills.
 """

@@ -157,7 +157,7 @@ def test_small_kernels_compile_for_every_configuration(arch):
 def spill_checked_cases(arch: int):
     """The configurations whose spills are checked on ``arch``: on sm_80 and sm_90 every one the
     launchers pick (compiled anyway above); on the others the pooling kernels' grid, which holds
-    every tile and every key of ``SPILL_FREE_MAXNREG``."""
+    every tile and every key of ``SPILL_FREE_TILES``."""
     cases = [case for case in pooling_cases(arch) if case.from_table]
     return cases + list(small_kernel_cases()) if arch in ARCHS else cases
 
@@ -179,6 +179,44 @@ def test_every_tile_configuration_is_covered():
     assert seen == every and len(TILE_EXPERTS) == len(every)
 
 
+def test_spill_free_entries_name_reachable_tiles_and_only_raise_registers():
+    tiles = {triton_host.tile_config(e)["BLOCK_E"]: triton_host.tile_config(e) for e in TILE_EXPERTS}
+    for (arch, kernel, score, block_e, vec), options in triton_host.SPILL_FREE_TILES.items():
+        assert arch in triton_host.SPILL_CHECKED_ARCHS and kernel in ("pool_routing_fwd", "pool_routing_bwd")
+        assert score in ("softmax", "sigmoid") and vec in {0, *aot.VECTOR_WIDTH.values()} and block_e in tiles
+        assert options and set(options) <= {"maxnreg", "num_warps"}
+        assert options.get("maxnreg", 256) > tiles[block_e].get("maxnreg", 0)
+        assert options.get("num_warps", 8) >= tiles[block_e]["num_warps"]
+
+
+def test_plans_take_the_spill_free_entries_of_the_device_architecture(monkeypatch):
+    """A plan for a CUDA device gets the entry of the highest checked architecture not above its
+    capability, separately for each direction; off CUDA (or below sm_80) the table's own tile."""
+    import torch
+
+    (arch, kernel, score, block_e, vec), options = next(iter(triton_host.SPILL_FREE_TILES.items()))
+    props = type("Properties", (), {"multi_processor_count": 132})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    dtype = torch.float32 if vec == aot.VECTOR_WIDTH["fp32"] else torch.bfloat16
+    logits = torch.empty(2, 64, block_e, dtype=dtype)  # E fills the tile
+    mask = torch.ones(4, 16, dtype=torch.bool)
+    table = triton_host.expert_constexprs(block_e)
+    for capability, expected in [(divmod(arch, 10), arch), ((arch // 10, arch % 10 + 1), arch), ((7, 5), None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        monkeypatch.setattr(triton_host, "_TARGET_ARCH", {})
+        monkeypatch.setattr(triton_host, "_PLANS", triton_host.OrderedDict())
+        device = torch.device("cuda", 0)
+        assert triton_host.target_arch(device) == expected
+        plan = triton_host.side_plan(logits, mask, None, score, 1.0, vec, device)
+        for name, meta in (("pool_routing_fwd", plan.meta), ("pool_routing_bwd", plan.bwd_meta)):
+            entry = triton_host.SPILL_FREE_TILES.get((expected, name, score, block_e, vec), {})
+            assert all(meta.get(k) == entry.get(k, table.get(k)) for k in ("maxnreg", "num_warps"))
+        if expected == arch:
+            assert {k: (plan.meta if kernel == "pool_routing_fwd" else plan.bwd_meta)[k] for k in options} == options
+    cpu_plan = triton_host.side_plan(logits, mask, None, score, 1.0, vec, torch.device("cpu"))
+    assert all(cpu_plan.meta.get(k) == cpu_plan.bwd_meta.get(k) == table.get(k) for k in ("maxnreg", "num_warps"))
+
+
 @pytest.mark.skipif(not triton_kernels.INTERPRET, reason="the compile tests run directly in this process")
 def test_compile_in_a_process_without_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="0")
@@ -187,4 +225,4 @@ def test_compile_in_a_process_without_the_interpreter():
         env=env, cwd=os.path.dirname(__file__), capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert re.search(rf"\b{5 + len(triton_host.SPILL_CHECKED_ARCHS)} passed", result.stdout), result.stdout[-2000:]
+    assert re.search(rf"\b{7 + len(triton_host.SPILL_CHECKED_ARCHS)} passed", result.stdout), result.stdout[-2000:]

@@ -55,23 +55,24 @@ def tile_config(num_experts: int) -> dict:
 # sm_103a and 120 for sm_120a.
 SPILL_CHECKED_ARCHS = (80, 86, 90, 100, 103, 120)
 
-# Where ptxas spills under the table's register cap: (arch, kernel, score, BLOCK_E, VEC) -> the
-# smallest cap of 72, 80, 88, ... with which every configuration of that key in CI's grid compiles
-# without spills (segmentations, logits dtypes, E short of the tile; compile-only results in
-# benchmarks/results/spills_compile_only_2026-12-07.txt). Every other tile keeps the cap it was
-# measured with on an H200.
-SPILL_FREE_MAXNREG = {
+# Where ptxas spills with the table's tile: (arch, kernel, score, BLOCK_E, VEC) -> what replaces the
+# table's launch options there, derived from compile results (no timing; CI's grid and the
+# results in benchmarks/results/spills_compile_only_2026-12-07.txt): the smallest register cap of
+# 72, 80, 88, ... with which every configuration of that key in CI's grid (segmentations, logits
+# dtypes, E short of the tile) compiles without spills, or 8 warps where a tile spills with no
+# cap at all. Every other tile keeps what it was measured with on an H200.
+SPILL_FREE_TILES = {
 }
 
 
 def spill_free(meta: dict, kernel: str, arch) -> dict:
     """``meta``, a pooling launch's constexprs and options (``SIGMOID`` and ``VEC`` set), for
     ``kernel`` (``"pool_routing_fwd"`` or ``"pool_routing_bwd"``) on Triton target ``arch``
-    (:func:`target_arch`; None: no cap changed), with :data:`SPILL_FREE_MAXNREG`'s cap where it
-    has one."""
+    (:func:`target_arch`; None: the table's own), with :data:`SPILL_FREE_TILES`'s options where it
+    has an entry."""
     score = "sigmoid" if meta["SIGMOID"] else "softmax"
-    cap = SPILL_FREE_MAXNREG.get((arch, kernel, score, meta["BLOCK_E"], meta["VEC"]))
-    return meta if cap is None else {**meta, "maxnreg": cap}
+    options = SPILL_FREE_TILES.get((arch, kernel, score, meta["BLOCK_E"], meta["VEC"]))
+    return meta if options is None else {**meta, **options}
 
 
 _TARGET_ARCH = {}
@@ -291,7 +292,7 @@ def side_plan(logits, mask, cu, score: str, temperature: float, vec: int, device
 
 
 def clear_plans():
-    """Forget the cached launch plans (after changing ``tile_config``, ``SPILL_FREE_MAXNREG`` or
+    """Forget the cached launch plans (after changing ``tile_config``, ``SPILL_FREE_TILES`` or
     ``num_splits``)."""
     _PLANS.clear()
 
