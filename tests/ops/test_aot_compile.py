@@ -194,7 +194,8 @@ def test_plans_take_the_spill_free_entries_of_the_device_architecture(monkeypatc
     capability, separately for each direction; off CUDA (or below sm_80) the table's own tile."""
     import torch
 
-    (arch, kernel, score, block_e, vec), options = next(iter(triton_host.SPILL_FREE_TILES.items()))
+    # The newest architecture's entry: a lookup that took the lowest checked architecture would miss it.
+    (arch, kernel, score, block_e, vec), options = max(triton_host.SPILL_FREE_TILES.items())
     props = type("Properties", (), {"multi_processor_count": 132})
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     dtype = torch.float32 if vec == aot.VECTOR_WIDTH["fp32"] else torch.bfloat16
