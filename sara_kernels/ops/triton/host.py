@@ -56,11 +56,12 @@ def tile_config(num_experts: int) -> dict:
 SPILL_CHECKED_ARCHS = (80, 86, 90, 100, 103, 120)
 
 # Where ptxas spills with the table's tile: (arch, kernel, score, BLOCK_E, VEC) -> what replaces the
-# table's launch options there, derived from compile results (no timing; CI's grid and the
-# results in benchmarks/results/spills_compile_only_2026-12-07.txt): the smallest register cap of
-# 72, 80, 88, ... with which every configuration of that key in CI's grid (segmentations, logits
-# dtypes, E short of the tile) compiles without spills, or 8 warps where a tile spills with no
-# cap at all. Every other tile keeps what it was measured with on an H200.
+# table's launch options there, from compile results alone (no timing; how they were found:
+# benchmarks/results/spills_compile_only_2026-12-07.txt): the smallest register cap of 72, 80,
+# 88, ... at which the configurations of that key in CI's grid (segmentations, logits dtypes, E
+# short of the tile) that spilled no longer do and none of the others spills (ptxas is not
+# monotonic in the cap), or 8 warps where a tile spills with no cap at all. Every other tile
+# keeps what it was measured with on an H200; tests/ops/test_aot_compile.py asserts no spills.
 SPILL_FREE_TILES = {
     (80, "pool_routing_bwd", "sigmoid", 128, 0): dict(maxnreg=88),
     (80, "pool_routing_bwd", "sigmoid", 512, 8): dict(maxnreg=72),
