@@ -162,9 +162,9 @@ _TARGET_ARCH = {}
 
 
 def target_arch(device: torch.device):
-    """The entry of :data:`SPILL_CHECKED_ARCHS` whose register caps ``device`` gets: the highest not
-    above its compute capability (sm_89 gets sm_86's, sm_110 sm_103's, sm_121 sm_120's); None off
-    CUDA or below sm_80."""
+    """The architecture of :data:`SPILL_CHECKED_ARCHS` whose :data:`SPILL_FREE_TILES` entries
+    ``device`` gets: the highest not above its compute capability (sm_89 gets sm_86's, sm_110
+    sm_103's, sm_121 sm_120's: not compiled in CI); None off CUDA or below sm_80."""
     if device.type != "cuda":
         return None
     if device not in _TARGET_ARCH:
@@ -338,7 +338,7 @@ class SidePlan(NamedTuple):
     # one), E_DIV, inv_tau, SPLITS. Built once, so a launch adds only its tensors to it.
     constants: dict
     meta: dict  # constexprs and launch options of pool_routing_fwd
-    bwd_meta: dict  # those of pool_routing_bwd but PAIR (its register cap may differ)
+    bwd_meta: dict  # those of pool_routing_bwd but PAIR (SPILL_FREE_TILES may set other options)
     num_experts: int
 
 
