@@ -89,6 +89,30 @@ def answered_pairs(model, anchor_right, target_right, answer_words=2, seed=7) ->
     return data
 
 
+def trl_encode(text):
+    """A text target as TRL tokenises it: with its EOS appended to the text."""
+    return TOKENIZER(text + TOKENIZER.eos_token)["input_ids"]
+
+
+def filtered_sara(model, data, weights, encode_target=None) -> torch.Tensor:
+    """SARA of one micro-batch from transformers' own router logits, one example at a time, in float64:
+    per MoE layer the π-weighted mean over pairs of JS(pooled anchor, pooled target) (0 when no pair
+    is kept), then the mean over layers. The anchors run without grad; the targets are tokenised by
+    ``encode_target`` (default: as the tokenizer does)."""
+    pooled = {"anchor": [], "target": []}
+    for example in data:
+        for side in pooled:
+            ids = _encode(example[side]) if side == "anchor" or encode_target is None else encode_target(example[side])
+            with torch.set_grad_enabled(side == "target" and torch.is_grad_enabled()):
+                out = model(input_ids=torch.tensor([ids]), output_router_logits=True, use_cache=False)
+            pooled[side].append(torch.stack([torch.softmax(z.double(), -1).mean(0) for z in out.router_logits]))
+    js = reference.js_divergence(torch.stack(pooled["anchor"], 1), torch.stack(pooled["target"], 1))  # [L, B]
+    w = torch.tensor(weights, dtype=torch.float64)
+    if not w.sum() > 0:
+        return js.sum() * 0.0
+    return ((js * w).sum(1) / w.sum()).mean()
+
+
 # What the resume tests compare step by step, besides the per-layer sara_js/* metrics.
 LOGGED = ("loss", "grad_norm", "learning_rate", "lm_loss", "sara_loss")
 

@@ -13,9 +13,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hf_train_helpers import TOKENIZER, answered_pairs, one_thread, sft_sgd_config, sgd_args, step_logs, tiny_moe  # noqa: E402
+from hf_train_helpers import TOKENIZER, answered_pairs, filtered_sara, one_thread, sft_sgd_config, sgd_args  # noqa: E402
+from hf_train_helpers import step_logs, tiny_moe, trl_encode  # noqa: E402
 
-from sara_kernels import reference  # noqa: E402
 from sara_kernels.hf.collate import SARACollator  # noqa: E402
 from sara_kernels.hf.trainer import SARATrainer, _PairBatch  # noqa: E402
 from sara_kernels.testing.tolerances import LOSS_TOL  # noqa: E402
@@ -36,30 +36,6 @@ def model():
 @pytest.fixture(scope="module")
 def data(model):
     return answered_pairs(model, ANCHOR_RIGHT, TARGET_RIGHT, ANSWER_WORDS)
-
-
-def _encode(text):
-    return TOKENIZER(text)["input_ids"]
-
-
-def _trl_encode(text):
-    """A text target as TRL tokenises it: with its EOS appended to the text."""
-    return TOKENIZER(text + TOKENIZER.eos_token)["input_ids"]
-
-
-def oracle_sara(model, data, weights, encode_target=_encode) -> torch.Tensor:
-    """SARA from transformers' own router logits, one example at a time, in float64: per MoE layer the
-    π-weighted mean over pairs of JS(pooled anchor, pooled target), then the mean over layers."""
-    pooled = {"anchor": [], "target": []}
-    with torch.no_grad():
-        for example in data:
-            for side in pooled:
-                ids = (_encode if side == "anchor" else encode_target)(example[side])
-                out = model(input_ids=torch.tensor([ids]), output_router_logits=True)
-                pooled[side].append(torch.stack([torch.softmax(z.double(), -1).mean(0) for z in out.router_logits]))
-    js = reference.js_divergence(torch.stack(pooled["anchor"], 1), torch.stack(pooled["target"], 1))  # [L, B]
-    w = torch.tensor(weights, dtype=torch.float64)
-    return ((js * w).sum(1) / w.sum()).mean()
 
 
 def _trainer(model, tmp_path, data, **overrides):
@@ -89,10 +65,10 @@ def test_anchor_filter_keeps_the_pairs_whose_anchor_answer_the_model_reproduces(
     # The anchor forward (the first) projects only the positions predicting an answer token: every
     # anchor has a 3-word prompt, so padded rows share their answer columns.
     assert head_positions[0] == ANSWER_WORDS * (len(data) if packing else 1) < head_positions[1]
-    expected = oracle_sara(model, data, ANCHOR_RIGHT)
+    expected = filtered_sara(model, data, ANCHOR_RIGHT)
     torch.testing.assert_close(term.loss.double(), expected, **LOSS_TOL)
     # Not the unfiltered loss: a filter that kept every pair would fail above.
-    assert not torch.isclose(expected, oracle_sara(model, data, [1.0] * len(data)), **LOSS_TOL)
+    assert not torch.isclose(expected, filtered_sara(model, data, [1.0] * len(data)), **LOSS_TOL)
     assert float(term.metrics()["sara_anchor_kept"]) == pytest.approx(sum(ANCHOR_RIGHT) / len(data))
 
 
@@ -102,7 +78,7 @@ def test_anchor_filter_correct_anchor_wrong_target_also_drops_reproduced_targets
     weights, term = _step(trainer, model, data)
     expected = [float(a and not t) for a, t in zip(ANCHOR_RIGHT, TARGET_RIGHT)]
     assert weights.tolist() == expected
-    torch.testing.assert_close(term.loss.double(), oracle_sara(model, data, expected), **LOSS_TOL)
+    torch.testing.assert_close(term.loss.double(), filtered_sara(model, data, expected), **LOSS_TOL)
 
 
 def test_anchor_filter_one_forward_path_agrees(model, data, tmp_path):
@@ -153,7 +129,7 @@ def test_anchor_filter_with_priors_reads_the_correctness_recorded_at_extraction(
     with torch.no_grad():
         _, _, routing = trainer._forward(model, batch, use_sara=True)
         term = trainer._sara_from(routing, batch.index, training=True)
-    torch.testing.assert_close(term.loss.double(), oracle_sara(model, data, ANCHOR_RIGHT), **LOSS_TOL)
+    torch.testing.assert_close(term.loss.double(), filtered_sara(model, data, ANCHOR_RIGHT), **LOSS_TOL)
     assert float(term.metrics()["sara_anchor_kept"]) == pytest.approx(sum(ANCHOR_RIGHT) / len(data))
 
 
@@ -211,10 +187,10 @@ def test_anchor_filter_sft_keeps_the_pairs_whose_anchor_answer_the_model_reprodu
     options = {"padded": {}, "padding_free": dict(padding_free=True, max_length=None),
                "packed": dict(packing=True, max_length=128, per_device_train_batch_size=1)}[layout]
     logged = _sft_logged(model, tmp_path, data, **options)
-    expected = oracle_sara(model, data, ANCHOR_RIGHT, _trl_encode)
+    expected = filtered_sara(model, data, ANCHOR_RIGHT, trl_encode)
     torch.testing.assert_close(torch.tensor(logged["sara_loss"], dtype=torch.float64), expected, **LOSS_TOL)
     # Not the unfiltered loss: a filter that kept every pair would fail above.
-    assert not torch.isclose(expected, oracle_sara(model, data, [1.0] * len(data), _trl_encode), **LOSS_TOL)
+    assert not torch.isclose(expected, filtered_sara(model, data, [1.0] * len(data), trl_encode), **LOSS_TOL)
     assert logged["sara_anchor_kept"] == pytest.approx(sum(ANCHOR_RIGHT) / len(data))
 
 
@@ -235,7 +211,7 @@ def test_anchor_filter_sft_correct_anchor_wrong_target_reads_trls_training_forwa
     logged = next(e for e in trainer.state.log_history if "sara_loss" in e)
     kept = [float(a and not t) for a, t in zip(ANCHOR_RIGHT, TARGET_RIGHT)]
     torch.testing.assert_close(torch.tensor(logged["sara_loss"], dtype=torch.float64),
-                               oracle_sara(model, data, kept, _trl_encode), **LOSS_TOL)
+                               filtered_sara(model, data, kept, trl_encode), **LOSS_TOL)
     assert logged["sara_anchor_kept"] == pytest.approx(sum(kept) / len(data))
 
 
