@@ -16,7 +16,13 @@ router aux loss handling, its metrics (``entropy``, ``mean_token_accuracy``, ``n
 ``aux_loss``), with and without PEFT. The anchors run as a separate ``no_grad`` forward whose
 router logits are captured; they are tokenised as :class:`~sara_kernels.hf.collate.SARACollator`
 tokenises a side, truncated to ``max_length``. Logged besides TRL's metrics: ``sara_loss`` and
-``sara_js/layer_{i}``.
+``sara_js/layer_{i}`` (and ``sara_anchor_kept``).
+
+**``sara_anchor_filter``** (see :class:`~sara_kernels.hf.SARATrainer`): the pairs' answers become
+columns, the collator marks the anchors' answer tokens and, for ``"correct_anchor_wrong_target"``,
+the targets' in TRL's tokens (:meth:`SARASFTCollator.target_answer_mask`); the anchors'
+correctness comes from their forward, the targets' from TRL's training forward (its fused LM
+head's ``is_top1``). Not under DeepSpeed ZeRO-3, whose anchor forward has no LM head.
 
 **Padding-free and packed batches** (TRL's ``padding_free=True``, and ``packing=True`` with the
 ``"bfd"`` strategy, which TRL runs padding-free): the anchors of the batch are packed as well
