@@ -60,7 +60,8 @@ def answers_reproduced(logits: torch.Tensor, input_ids: torch.Tensor, answer_mas
     return _answered_without_miss(missed, targets, answer_mask, cu_seqlens)
 
 
-def answers_hit(is_top1: torch.Tensor, answer_mask: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+def answers_hit(is_top1: torch.Tensor, answer_mask: torch.Tensor,
+                cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:func:`answers_reproduced` from a forward that scored each next token instead of returning
     logits: ``is_top1`` [R, S - 1], whether the token at column ``t + 1`` is the model's most likely
     prediction at column ``t`` (TRL's fused LM head, which scores the labelled tokens)."""
