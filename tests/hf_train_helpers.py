@@ -46,6 +46,26 @@ def pairs(n=8, seed=3):
     return make_parallel_corpus(n, seed=seed)
 
 
+def chat_tokenizer():
+    """The test tokenizer with a template that renders a generation prompt (as real chat templates do)."""
+    tokenizer = copy.deepcopy(TOKENIZER)
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% else %}{{ eos_token }}{% endif %}"
+    )
+    return tokenizer
+
+
+def chat_pairs(n=8):
+    """Pairs of chats, each a user turn and the assistant's reply."""
+    plain = pairs(n + 1)
+    return [
+        {side: [{"role": "user", "content": plain[i][side]}, {"role": "assistant", "content": plain[i + 1][side]}]
+         for side in ("anchor", "target")}
+        for i in range(n)
+    ]
+
+
 def _greedy_words(model, words: list, count: int):
     """The model's greedy continuation of ``words`` (after BOS), or None if it is not all plain words."""
     ids = [TOKENIZER.bos_token_id] + TOKENIZER.convert_tokens_to_ids(words)

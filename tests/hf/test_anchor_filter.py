@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("transformers")
 
 from hf_train_helpers import TOKENIZER, answered_pairs, filtered_sara, one_thread, sft_sgd_config, sgd_args  # noqa: E402
-from hf_train_helpers import step_logs, tiny_moe, trl_encode  # noqa: E402
+from hf_train_helpers import chat_pairs, chat_tokenizer, step_logs, tiny_moe, trl_encode  # noqa: E402
 
 from sara_kernels.hf.collate import SARACollator  # noqa: E402
 from sara_kernels.hf.trainer import SARATrainer, _PairBatch  # noqa: E402
@@ -170,9 +170,10 @@ def _sft(model, tmp_path, data, **overrides):
 
     options = dict(sara_anchor_filter="correct", sara_layers="all", per_device_train_batch_size=len(data),
                    train_sampling_strategy="sequential")
+    tokenizer = overrides.pop("processing_class", TOKENIZER)
     args = sft_sgd_config(tmp_path, **dict(options, **overrides))
     return SARASFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(data),
-                          processing_class=TOKENIZER)
+                          processing_class=tokenizer)
 
 
 def _sft_logged(model, tmp_path, data, **overrides) -> dict:
@@ -215,6 +216,20 @@ def test_anchor_filter_sft_correct_anchor_wrong_target_reads_trls_training_forwa
     assert logged["sara_anchor_kept"] == pytest.approx(sum(kept) / len(data))
 
 
+def test_anchor_filter_sft_finds_chat_replies_in_trls_tokens(tmp_path):
+    """Chat pairs: each side's answer is its assistant reply; the target's is found in TRL's
+    prompt + completion tokens, where it carries LM labels."""
+    tokenizer, data = chat_tokenizer(), chat_pairs(4)
+    trainer = _sft(tiny_moe(), tmp_path, data, sara_anchor_filter="correct_anchor_wrong_target",
+                   processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    for row, i in enumerate(batch["sara_example_index"].tolist()):
+        for side, ids, marks in (("target", batch["input_ids"], batch["sara_target_answer_mask"]),
+                                 ("anchor", batch["sara_anchor_input_ids"], batch["sara_anchor_answer_mask"])):
+            assert tokenizer.decode(ids[row][marks[row].bool()]) == data[i][side][-1]["content"], side
+        assert (batch["labels"][row][batch["sara_target_answer_mask"][row].bool()] != -100).all()
+
+
 def test_anchor_filter_sft_refuses_what_it_cannot_do(model, data, tmp_path, monkeypatch):
     unanswered = [{"anchor": e["anchor"], "target": e["target"]} for e in data]
     with pytest.raises(ValueError, match=r"^sara_anchor_filter='correct': train_dataset\[0\] has no anchor answer[^\n]*$"):
@@ -224,6 +239,16 @@ def test_anchor_filter_sft_refuses_what_it_cannot_do(model, data, tmp_path, monk
                                          r"no target answer[^\n]*$"):
         _sft(model, tmp_path, no_target_answer, sara_anchor_filter="correct_anchor_wrong_target")
     _sft(model, tmp_path, no_target_answer)  # "correct" reads the anchors' answers only
+    collator = _sft(model, tmp_path, data, sara_anchor_filter="correct_anchor_wrong_target").data_collator
+    pair = {"sara_example_index": 0, "sara_target": data[0]["target"], "sara_target_answer": data[0]["target_answer"]}
+    ids = trl_encode(data[0]["target"])
+    with pytest.raises(ValueError, match=r"^sara_anchor_filter='correct_anchor_wrong_target': example 0: target: its "
+                                         r"answer has tokens without an LM label[^\n]*$"):
+        collator.target_answer_mask(pair, ids, [-100] * len(ids))
+    with pytest.raises(ValueError, match=r"^sara_anchor_filter='correct_anchor_wrong_target': example 0: target: TRL's "
+                                         r"tokens differ[^\n]*keep_end[^\n]*$"):
+        collator.target_answer_mask(pair, ids[1:], ids[1:])  # what truncation_mode="keep_end" does
+    assert collator.target_answer_mask(pair, ids[:-3], ids[:-3]) == [0] * (len(ids) - 3)  # the answer cut: not reproduced
     monkeypatch.setattr("sara_kernels.hf.trl.is_deepspeed_zero3_enabled", lambda: True)
     with pytest.raises(ValueError, match=r"^sara_anchor_filter='correct' is not supported by SARASFTTrainer under "
                                          r"DeepSpeed ZeRO-3[^\n]*$"):
