@@ -216,6 +216,16 @@ def test_anchor_filter_sft_correct_anchor_wrong_target_reads_trls_training_forwa
     assert logged["sara_anchor_kept"] == pytest.approx(sum(kept) / len(data))
 
 
+def test_anchor_filter_sft_evaluate_filters_the_pairs_given_to_it(model, data, tmp_path):
+    trainer = _sft(copy.deepcopy(model), tmp_path, data[:2], sara_anchor_filter="correct_anchor_wrong_target",
+                   per_device_eval_batch_size=len(data))
+    metrics = trainer.evaluate(data)  # converted like the training pairs, answers included
+    kept = [float(a and not t) for a, t in zip(ANCHOR_RIGHT, TARGET_RIGHT)]
+    assert metrics["eval_sara_anchor_kept"] == pytest.approx(sum(kept) / len(data))
+    torch.testing.assert_close(torch.tensor(metrics["eval_sara_loss"], dtype=torch.float64),
+                               filtered_sara(model, data, kept, trl_encode), **LOSS_TOL)
+
+
 def test_anchor_filter_sft_finds_chat_replies_in_trls_tokens(tmp_path):
     """Chat pairs: each side's answer is its assistant reply; the target's is found in TRL's
     prompt + completion tokens, where it carries LM labels."""
