@@ -349,7 +349,7 @@ class SARASFTTrainer(SARACheckpointing, SARATermMixin, SFTTrainer):
         anchor, anchor_correct = self._sara_anchor_routing(
             anchor_model, answer_mask=anchor_answers, cu_seqlens=sides.get("anchor_cu_seqlens"), **anchor_inputs)
         scored = []
-        # On the model the Trainer calls (a PEFT wrapper's forward calls the inner model's forward directly).
+        # The output of the model TRL calls (through any PEFT wrapper): its fused LM head's per-token results.
         hook = (self.accelerator.unwrap_model(model).register_forward_hook(lambda m, a, out: scored.append(out))
                 if target_answers is not None else None)
         try:

@@ -171,9 +171,10 @@ def _sft(model, tmp_path, data, **overrides):
     options = dict(sara_anchor_filter="correct", sara_layers="all", per_device_train_batch_size=len(data),
                    train_sampling_strategy="sequential")
     tokenizer = overrides.pop("processing_class", TOKENIZER)
+    peft_config = overrides.pop("peft_config", None)
     args = sft_sgd_config(tmp_path, **dict(options, **overrides))
     return SARASFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(data),
-                          processing_class=tokenizer)
+                          processing_class=tokenizer, peft_config=peft_config)
 
 
 def _sft_logged(model, tmp_path, data, **overrides) -> dict:
@@ -224,6 +225,14 @@ def test_anchor_filter_sft_evaluate_filters_the_pairs_given_to_it(model, data, t
     assert metrics["eval_sara_anchor_kept"] == pytest.approx(sum(kept) / len(data))
     torch.testing.assert_close(torch.tensor(metrics["eval_sara_loss"], dtype=torch.float64),
                                filtered_sara(model, data, kept, trl_encode), **LOSS_TOL)
+
+
+def test_anchor_filter_sft_with_lora_reads_trls_forward_through_the_peft_wrapper(model, data, tmp_path):
+    peft = pytest.importorskip("peft")
+    trainer = _sft(copy.deepcopy(model), tmp_path, data, sara_anchor_filter="correct_anchor_wrong_target",
+                   peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    kept = [float(a and not t) for a, t in zip(ANCHOR_RIGHT, TARGET_RIGHT)]  # LoRA starts as the identity
+    assert trainer.evaluate(data)["eval_sara_anchor_kept"] == pytest.approx(sum(kept) / len(data))
 
 
 def test_anchor_filter_sft_finds_chat_replies_in_trls_tokens(tmp_path):
