@@ -333,10 +333,14 @@ class SARASFTTrainer(SARACheckpointing, SARATermMixin, SFTTrainer):
         if args.sara_weight == 0:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         filtered = args.sara_anchor_filter != "none"
-        if filtered and anchor_answers is None:
+        needed = {_ANCHOR_ANSWERS: anchor_answers} if filtered else {}
+        if args.sara_anchor_filter == "correct_anchor_wrong_target":
+            needed[_TARGET_ANSWERS] = target_answers
+        missing = [key for key, mask in needed.items() if mask is None]
+        if missing:
             raise ValueError(
-                f"sara_anchor_filter={args.sara_anchor_filter!r}: the batch has no '{_ANCHOR_ANSWERS}'; build the "
-                "collator with SARASFTCollator(anchor_filter=...) (SARASFTTrainer's own does)"
+                f"sara_anchor_filter={args.sara_anchor_filter!r}: the batch has no {missing}; build the collator with "
+                f"SARASFTCollator(anchor_filter={args.sara_anchor_filter!r}) (SARASFTTrainer's own does)"
             )
 
         anchor_model = model

@@ -268,6 +268,11 @@ def test_anchor_filter_sft_refuses_what_it_cannot_do(model, data, tmp_path, monk
                                          r"tokens differ[^\n]*keep_end[^\n]*$"):
         collator.target_answer_mask(pair, ids[1:], ids[1:])  # what truncation_mode="keep_end" does
     assert collator.target_answer_mask(pair, ids[:-3], ids[:-3]) == [0] * (len(ids) - 3)  # the answer cut: not reproduced
+    trainer = _sft(model, tmp_path, data, sara_anchor_filter="correct_anchor_wrong_target")
+    trainer.data_collator.anchor_filter = "correct"  # a collator built for the other filter
+    with pytest.raises(ValueError, match=r"^sara_anchor_filter='correct_anchor_wrong_target': the batch has no "
+                                         r"\['sara_target_answer_mask'\][^\n]*$"):
+        trainer.train()
     monkeypatch.setattr("sara_kernels.hf.trl.is_deepspeed_zero3_enabled", lambda: True)
     with pytest.raises(ValueError, match=r"^sara_anchor_filter='correct' is not supported by SARASFTTrainer under "
                                          r"DeepSpeed ZeRO-3[^\n]*$"):
