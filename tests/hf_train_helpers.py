@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import random
 
 import torch
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from sara_kernels import reference
-from sara_kernels.programs.corpus import build_word_tokenizer, make_parallel_corpus
+from sara_kernels.programs.corpus import ENGLISH_WORDS, build_word_tokenizer, make_parallel_corpus
 
 TOKENIZER = build_word_tokenizer()
 LAMBDA = 5.0  # the SARA weight of the one-step tests: large, so SARA moves the routers far beyond rounding
@@ -43,6 +44,93 @@ def tiny_moe(seed=0, *, num_experts=4, num_layers=3, mlp_only_layers=(0,), token
 
 def pairs(n=8, seed=3):
     return make_parallel_corpus(n, seed=seed)
+
+
+def chat_tokenizer():
+    """The test tokenizer with a template that renders a generation prompt (as real chat templates do)."""
+    tokenizer = copy.deepcopy(TOKENIZER)
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% else %}{{ eos_token }}{% endif %}"
+    )
+    return tokenizer
+
+
+def chat_pairs(n=8):
+    """Pairs of chats, each a user turn and the assistant's reply."""
+    plain = pairs(n + 1)
+    return [
+        {side: [{"role": "user", "content": plain[i][side]}, {"role": "assistant", "content": plain[i + 1][side]}]
+         for side in ("anchor", "target")}
+        for i in range(n)
+    ]
+
+
+def _greedy_words(model, words: list, count: int):
+    """The model's greedy continuation of ``words`` (after BOS), or None if it is not all plain words."""
+    ids = [TOKENIZER.bos_token_id] + TOKENIZER.convert_tokens_to_ids(words)
+    out = []
+    with torch.no_grad():
+        for _ in range(count):
+            nxt = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            token = TOKENIZER.convert_ids_to_tokens(nxt)
+            if token not in ENGLISH_WORDS:
+                return None
+            ids.append(nxt)
+            out.append(token)
+    return out
+
+
+def _answered_side(model, rng, right: bool, answer_words: int) -> tuple:
+    """(text, answer): a prompt of plain words and an answer the model reproduces when ``right``;
+    otherwise the same continuation with its last word changed."""
+    while True:
+        prompt = rng.sample(ENGLISH_WORDS, 3)
+        answer = _greedy_words(model, prompt, answer_words)
+        if answer is not None:
+            break
+    if not right:
+        answer[-1] = next(w for w in rng.sample(ENGLISH_WORDS, 5) if w != answer[-1])
+    answer = " ".join(answer)
+    return " ".join(prompt) + " " + answer, answer
+
+
+def answered_pairs(model, anchor_right, target_right, answer_words=2, seed=7) -> list:
+    """Text pairs with ``answer`` and ``target_answer`` for the ``sara_anchor_filter`` tests: pair b's
+    anchor (target) answer is ``model``'s greedy continuation of its prompt when ``anchor_right[b]``
+    (``target_right[b]``), else that continuation with its last word replaced, so which answers the
+    model reproduces is known."""
+    rng = random.Random(seed)
+    data = []
+    for anchor_ok, target_ok in zip(anchor_right, target_right):
+        anchor, answer = _answered_side(model, rng, anchor_ok, answer_words)
+        target, target_answer = _answered_side(model, rng, target_ok, answer_words)
+        data.append({"anchor": anchor, "answer": answer, "target": target, "target_answer": target_answer})
+    return data
+
+
+def trl_encode(text):
+    """A text target as TRL tokenises it: with its EOS appended to the text."""
+    return TOKENIZER(text + TOKENIZER.eos_token)["input_ids"]
+
+
+def filtered_sara(model, data, weights, encode_target=None) -> torch.Tensor:
+    """SARA of one micro-batch from transformers' own router logits, one example at a time, in float64:
+    per MoE layer the π-weighted mean over pairs of JS(pooled anchor, pooled target) (0 when no pair
+    is kept), then the mean over layers. The anchors run without grad; the targets are tokenised by
+    ``encode_target`` (default: as the tokenizer does)."""
+    pooled = {"anchor": [], "target": []}
+    for example in data:
+        for side in pooled:
+            ids = _encode(example[side]) if side == "anchor" or encode_target is None else encode_target(example[side])
+            with torch.set_grad_enabled(side == "target" and torch.is_grad_enabled()):
+                out = model(input_ids=torch.tensor([ids]), output_router_logits=True, use_cache=False)
+            pooled[side].append(torch.stack([torch.softmax(z.double(), -1).mean(0) for z in out.router_logits]))
+    js = reference.js_divergence(torch.stack(pooled["anchor"], 1), torch.stack(pooled["target"], 1))  # [L, B]
+    w = torch.tensor(weights, dtype=torch.float64)
+    if not w.sum() > 0:
+        return js.sum() * 0.0
+    return ((js * w).sum(1) / w.sum()).mean()
 
 
 # What the resume tests compare step by step, besides the per-layer sara_js/* metrics.

@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..term import ANCHOR_FILTERS
-from .data import side_answer, validate_pair
+from .data import required_answer, validate_pair
 
 IGNORE_INDEX = -100
 
@@ -174,13 +174,7 @@ class SARACollator:
             ids = self.encode(example[key], f"{where}: {key}")
             answers.append([0] * len(ids))
             return ids
-        answer = side_answer(example, key)
-        if answer is None:
-            field = "answer" if key == "anchor" else "target_answer"
-            raise ValueError(
-                f"sara_anchor_filter={self.anchor_filter!r}: {where} has no {key} answer; give each pair an {field!r} "
-                f"field or a chat {key} ending with the assistant's reply"
-            )
+        answer = required_answer(example, key, self.anchor_filter, where)
         ids, mask = self.answer_mask(example[key], answer, f"{where}: {key}")
         answers.append(mask)
         return ids

@@ -108,6 +108,17 @@ def side_answer(example: dict, key: str) -> Optional[str]:
     return answer
 
 
+def required_answer(example: dict, key: str, anchor_filter: str, where: str) -> str:
+    """:func:`side_answer`, or the one-line error of ``sara_anchor_filter`` naming the pair ``where``."""
+    answer = side_answer(example, key)
+    if answer is None:
+        raise ValueError(
+            f"sara_anchor_filter={anchor_filter!r}: {where} has no {key} answer; give each pair an {ANSWER_KEYS[key]!r} "
+            f"field or a chat {key} ending with the assistant's reply"
+        )
+    return answer
+
+
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------

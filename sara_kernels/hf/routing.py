@@ -56,15 +56,31 @@ def answers_reproduced(logits: torch.Tensor, input_ids: torch.Tensor, answer_mas
     [R, S]; sequences are the rows, or with ``cu_seqlens`` those of the one packed row.
     """
     targets = positions + 1
-    marked = answer_mask[:, targets].bool()
-    missed = marked & (logits.argmax(dim=-1) != input_ids[:, targets])
+    missed = answer_mask[:, targets].bool() & (logits.argmax(dim=-1) != input_ids[:, targets])
+    return _answered_without_miss(missed, targets, answer_mask, cu_seqlens)
+
+
+def answers_hit(is_top1: torch.Tensor, answer_mask: torch.Tensor,
+                cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`answers_reproduced` from a forward that scored each next token instead of returning
+    logits: ``is_top1`` [R, S - 1], whether the token at column ``t + 1`` is the model's most likely
+    prediction at column ``t`` (TRL's fused LM head, which scores the labelled tokens)."""
+    targets = torch.arange(1, answer_mask.shape[1], device=answer_mask.device)
+    missed = answer_mask[:, 1:].bool() & ~is_top1.bool()
+    return _answered_without_miss(missed, targets, answer_mask, cu_seqlens)
+
+
+def _answered_without_miss(missed: torch.Tensor, targets: torch.Tensor, answer_mask: torch.Tensor,
+                           cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
+    """[num sequences] bool: a sequence has answer tokens and none of them is in ``missed`` [R, K]
+    (``missed[:, k]`` is about the token at column ``targets[k]``)."""
     answered = answer_mask.bool()
     if cu_seqlens is None:
         return answered.any(dim=1) & ~missed.any(dim=1)
     bounds = cu_seqlens[1:].to(targets.device, torch.long)
     num = bounds.shape[0]
     of_target = torch.searchsorted(bounds, targets, right=True)
-    of_token = torch.searchsorted(bounds, torch.arange(input_ids.shape[1], device=targets.device), right=True)
+    of_token = torch.searchsorted(bounds, torch.arange(answer_mask.shape[1], device=targets.device), right=True)
     misses = torch.zeros(num, device=targets.device).index_add_(0, of_target, missed[0].float())
     counts = torch.zeros(num, device=targets.device).index_add_(0, of_token, answered[0].float())
     return (counts > 0) & (misses == 0)

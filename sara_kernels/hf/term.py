@@ -125,6 +125,14 @@ class SARATermMixin:
             logits = logits[:, positions]
         return captured, answers_reproduced(logits, inputs["input_ids"], answer_mask, positions, cu_seqlens)
 
+    def _sara_kept_pairs(self, anchor_correct: torch.Tensor, target_correct: Optional[torch.Tensor]) -> torch.Tensor:
+        """π_b of ``sara_anchor_filter``: 1 where the model reproduces the anchor's answer (and, with
+        ``"correct_anchor_wrong_target"``, RA-MoE's filter, not the target's), else 0."""
+        kept = anchor_correct
+        if self.args.sara_anchor_filter == "correct_anchor_wrong_target":
+            kept = kept & ~target_correct
+        return kept.float()
+
     def _sara_term(self, target: CapturedRouterLogits, anchor_logits, target_logits, **sides) -> SARATerm:
         """:func:`~sara_kernels.term.sara_term` on the layers and score of the ``target`` capture
         (``target_logits``: its logits or the target rows of them); ``sides``: the masks,

@@ -471,7 +471,7 @@ class SARATrainer(SARACheckpointing, SARATermMixin, Trainer):
                 if self.args.sara_anchor_filter == "correct_anchor_wrong_target":
                     target_correct = self._reproduced(outputs, target_inputs["input_ids"], batch.answers(anchor=False),
                                                       target_side.get("cu_seqlens"))
-                weights = self._kept_pairs(anchor_correct, target_correct)
+                weights = self._sara_kept_pairs(anchor_correct, target_correct)
             return outputs, target_labels, _Routing(target, anchor.logits, target.logits, sides, weights)
         inputs, labels = batch.whole()
         with self._sara_capture(model, use_sara) as captured:
@@ -482,9 +482,7 @@ class SARATrainer(SARACheckpointing, SARATermMixin, Trainer):
         answer_mask = self._answer_mask(batch) if batch.has_anchor else None  # else priors: their flags decide
         if answer_mask is not None:
             correct = self._reproduced(outputs, inputs["input_ids"], answer_mask, batch.cu_seqlens)
-            target_correct = correct[batch.num_pairs :]
-            weights = self._kept_pairs(correct[: batch.num_pairs],
-                                       target_correct if self.args.sara_anchor_filter != "correct" else None)
+            weights = self._sara_kept_pairs(correct[: batch.num_pairs], correct[batch.num_pairs :])
         return outputs, labels, _Routing(captured, *batch.split(captured.logits), pair_weights=weights)
 
     def _answer_mask(self, batch: _PairBatch) -> Optional[torch.Tensor]:
@@ -508,12 +506,6 @@ class SARATrainer(SARACheckpointing, SARATermMixin, Trainer):
             )
         positions = answer_positions(answer_mask)
         return answers_reproduced(logits[:, positions], input_ids, answer_mask, positions, cu_seqlens)
-
-    @staticmethod
-    def _kept_pairs(anchor_correct: torch.Tensor, target_correct: Optional[torch.Tensor]) -> torch.Tensor:
-        """π_b: 1 where the anchor is answered correctly (and, with RA-MoE's filter, the target is not), else 0."""
-        kept = anchor_correct if target_correct is None else anchor_correct & ~target_correct
-        return kept.float()
 
     def _lm_terms(self, model, outputs, lm_labels, training: bool, num_items_in_batch):
         """(LM mean of this micro-batch, the LM term of the step's loss, the model's aux term or None).

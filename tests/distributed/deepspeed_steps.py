@@ -65,8 +65,9 @@ def run_case(case: dict, base, out: pathlib.Path):
     else:
         from sara_kernels.hf import SARATrainer
 
-        trainer = SARATrainer(model=model, args=sgd_args(out, **options), train_dataset=pairs(PAIRS),
-                              processing_class=TOKENIZER, routing_priors=case.get("priors"))
+        trainer = SARATrainer(model=model, args=sgd_args(out, **options),
+                              train_dataset=case.get("pairs") or pairs(PAIRS), processing_class=TOKENIZER,
+                              routing_priors=case.get("priors"))
     trainer.train()
     if case["stage"] == 3:  # the router really is partitioned: each rank holds a part of it
         gate = trainer.model_wrapped.module.model.layers[1].mlp.gate.weight

@@ -7,19 +7,17 @@ continuation, a dropped one's has its last word replaced by another word."""
 from __future__ import annotations
 
 import copy
-import random
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
-from hf_train_helpers import TOKENIZER, one_thread, sgd_args, step_logs, tiny_moe  # noqa: E402
+from hf_train_helpers import TOKENIZER, answered_pairs, filtered_sara, one_thread, sft_sgd_config, sgd_args  # noqa: E402
+from hf_train_helpers import chat_pairs, chat_tokenizer, step_logs, tiny_moe, trl_encode  # noqa: E402
 
-from sara_kernels import reference  # noqa: E402
 from sara_kernels.hf.collate import SARACollator  # noqa: E402
 from sara_kernels.hf.trainer import SARATrainer, _PairBatch  # noqa: E402
-from sara_kernels.programs.corpus import ENGLISH_WORDS  # noqa: E402
 from sara_kernels.testing.tolerances import LOSS_TOL  # noqa: E402
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
@@ -35,62 +33,9 @@ def model():
     return tiny_moe(seed=0).eval()
 
 
-def _greedy_words(model, words: list, count: int):
-    """The model's greedy continuation of ``words`` (after BOS), or None if it is not all plain words."""
-    ids = [TOKENIZER.bos_token_id] + TOKENIZER.convert_tokens_to_ids(words)
-    out = []
-    with torch.no_grad():
-        for _ in range(count):
-            nxt = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
-            token = TOKENIZER.convert_ids_to_tokens(nxt)
-            if token not in ENGLISH_WORDS:
-                return None
-            ids.append(nxt)
-            out.append(token)
-    return out
-
-
-def _side(model, rng, right: bool) -> tuple:
-    """(text, answer): a prompt of plain words and an answer the model reproduces when ``right``;
-    otherwise the same continuation with its last word changed."""
-    while True:
-        prompt = rng.sample(ENGLISH_WORDS, 3)
-        answer = _greedy_words(model, prompt, ANSWER_WORDS)
-        if answer is not None:
-            break
-    if not right:
-        answer[-1] = next(w for w in rng.sample(ENGLISH_WORDS, 5) if w != answer[-1])
-    answer = " ".join(answer)
-    return " ".join(prompt) + " " + answer, answer
-
-
 @pytest.fixture(scope="module")
 def data(model):
-    rng = random.Random(7)
-    pairs = []
-    for anchor_right, target_right in zip(ANCHOR_RIGHT, TARGET_RIGHT):
-        anchor, answer = _side(model, rng, anchor_right)
-        target, target_answer = _side(model, rng, target_right)
-        pairs.append({"anchor": anchor, "answer": answer, "target": target, "target_answer": target_answer})
-    return pairs
-
-
-def _encode(text):
-    return TOKENIZER(text)["input_ids"]
-
-
-def oracle_sara(model, data, weights) -> torch.Tensor:
-    """SARA from transformers' own router logits, one example at a time, in float64: per MoE layer the
-    π-weighted mean over pairs of JS(pooled anchor, pooled target), then the mean over layers."""
-    pooled = {"anchor": [], "target": []}
-    with torch.no_grad():
-        for example in data:
-            for side in pooled:
-                out = model(input_ids=torch.tensor([_encode(example[side])]), output_router_logits=True)
-                pooled[side].append(torch.stack([torch.softmax(z.double(), -1).mean(0) for z in out.router_logits]))
-    js = reference.js_divergence(torch.stack(pooled["anchor"], 1), torch.stack(pooled["target"], 1))  # [L, B]
-    w = torch.tensor(weights, dtype=torch.float64)
-    return ((js * w).sum(1) / w.sum()).mean()
+    return answered_pairs(model, ANCHOR_RIGHT, TARGET_RIGHT, ANSWER_WORDS)
 
 
 def _trainer(model, tmp_path, data, **overrides):
@@ -120,10 +65,10 @@ def test_anchor_filter_keeps_the_pairs_whose_anchor_answer_the_model_reproduces(
     # The anchor forward (the first) projects only the positions predicting an answer token: every
     # anchor has a 3-word prompt, so padded rows share their answer columns.
     assert head_positions[0] == ANSWER_WORDS * (len(data) if packing else 1) < head_positions[1]
-    expected = oracle_sara(model, data, ANCHOR_RIGHT)
+    expected = filtered_sara(model, data, ANCHOR_RIGHT)
     torch.testing.assert_close(term.loss.double(), expected, **LOSS_TOL)
     # Not the unfiltered loss: a filter that kept every pair would fail above.
-    assert not torch.isclose(expected, oracle_sara(model, data, [1.0] * len(data)), **LOSS_TOL)
+    assert not torch.isclose(expected, filtered_sara(model, data, [1.0] * len(data)), **LOSS_TOL)
     assert float(term.metrics()["sara_anchor_kept"]) == pytest.approx(sum(ANCHOR_RIGHT) / len(data))
 
 
@@ -133,7 +78,7 @@ def test_anchor_filter_correct_anchor_wrong_target_also_drops_reproduced_targets
     weights, term = _step(trainer, model, data)
     expected = [float(a and not t) for a, t in zip(ANCHOR_RIGHT, TARGET_RIGHT)]
     assert weights.tolist() == expected
-    torch.testing.assert_close(term.loss.double(), oracle_sara(model, data, expected), **LOSS_TOL)
+    torch.testing.assert_close(term.loss.double(), filtered_sara(model, data, expected), **LOSS_TOL)
 
 
 def test_anchor_filter_one_forward_path_agrees(model, data, tmp_path):
@@ -184,20 +129,18 @@ def test_anchor_filter_with_priors_reads_the_correctness_recorded_at_extraction(
     with torch.no_grad():
         _, _, routing = trainer._forward(model, batch, use_sara=True)
         term = trainer._sara_from(routing, batch.index, training=True)
-    torch.testing.assert_close(term.loss.double(), oracle_sara(model, data, ANCHOR_RIGHT), **LOSS_TOL)
+    torch.testing.assert_close(term.loss.double(), filtered_sara(model, data, ANCHOR_RIGHT), **LOSS_TOL)
     assert float(term.metrics()["sara_anchor_kept"]) == pytest.approx(sum(ANCHOR_RIGHT) / len(data))
 
 
 def test_anchor_filter_refuses_what_it_cannot_do(model, data, tmp_path):
-    from sara_kernels.hf import SARASFTConfig, extract_routing_priors
+    from sara_kernels.hf import extract_routing_priors
 
     path = tmp_path / "priors.safetensors"
     extract_routing_priors(model, data, TOKENIZER, str(path), layers="all", progress=False)
     with pytest.raises(ValueError, match=r"^sara_anchor_filter='correct' with routing_priors: .*anchor_answers=True"):
         SARATrainer(model=model, args=sgd_args(tmp_path, sara_anchor_filter="correct"), train_dataset=data,
                     processing_class=TOKENIZER, routing_priors=str(path))
-    with pytest.raises(ValueError, match="sara_anchor_filter='correct' is not supported by SARASFTTrainer"):
-        SARASFTConfig(output_dir=str(tmp_path / "sft"), sara_anchor_filter="correct", use_cpu=True, bf16=False)
     with pytest.raises(ValueError, match="sara_anchor_filter must be one of"):
         sgd_args(tmp_path, sara_anchor_filter="right")
     with pytest.raises(ValueError, match=r"^anchor_answers: pairs\[0\] have no anchor answer"):
@@ -214,3 +157,123 @@ def test_anchor_filter_kept_fraction_per_language_in_analyze(model, data):
     assert report.to_dict()["anchor_kept_by_lang"] == report.anchor_kept_by_lang
     assert "anchors answered correctly" in report.table()
     assert "anchor_kept_by_lang" not in routing_report(model, TOKENIZER, tagged, progress=False).to_dict()
+
+
+# ---- SARASFTTrainer: the anchors' correctness from the anchor forward, the targets' from TRL's --------------
+
+
+def _sft(model, tmp_path, data, **overrides):
+    """A SARASFTTrainer taking one SGD step on ``data`` in its order."""
+    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("trl")
+    from sara_kernels.hf import SARASFTTrainer
+
+    options = dict(sara_anchor_filter="correct", sara_layers="all", per_device_train_batch_size=len(data),
+                   train_sampling_strategy="sequential")
+    tokenizer = overrides.pop("processing_class", TOKENIZER)
+    peft_config = overrides.pop("peft_config", None)
+    args = sft_sgd_config(tmp_path, **dict(options, **overrides))
+    return SARASFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(data),
+                          processing_class=tokenizer, peft_config=peft_config)
+
+
+def _sft_logged(model, tmp_path, data, **overrides) -> dict:
+    """The SARA metrics TRL's training step logged (the micro-batch before the update)."""
+    trainer = _sft(copy.deepcopy(model), tmp_path, data, **overrides)
+    trainer.train()
+    return next(e for e in trainer.state.log_history if "sara_loss" in e)
+
+
+@pytest.mark.parametrize("layout", ["padded", "padding_free", "packed"])
+def test_anchor_filter_sft_keeps_the_pairs_whose_anchor_answer_the_model_reproduces(model, data, tmp_path, layout):
+    options = {"padded": {}, "padding_free": dict(padding_free=True, max_length=None),
+               "packed": dict(packing=True, max_length=128, per_device_train_batch_size=1)}[layout]
+    logged = _sft_logged(model, tmp_path, data, **options)
+    expected = filtered_sara(model, data, ANCHOR_RIGHT, trl_encode)
+    torch.testing.assert_close(torch.tensor(logged["sara_loss"], dtype=torch.float64), expected, **LOSS_TOL)
+    # Not the unfiltered loss: a filter that kept every pair would fail above.
+    assert not torch.isclose(expected, filtered_sara(model, data, [1.0] * len(data), trl_encode), **LOSS_TOL)
+    assert logged["sara_anchor_kept"] == pytest.approx(sum(ANCHOR_RIGHT) / len(data))
+
+
+@pytest.mark.parametrize("layout", ["padded", "padding_free"])
+def test_anchor_filter_sft_correct_anchor_wrong_target_reads_trls_training_forward(model, data, tmp_path, layout):
+    """The targets' answers are checked on TRL's tokens, from the is_top1 of its fused LM head: no other forward."""
+    options = {"padded": {}, "padding_free": dict(padding_free=True, max_length=None)}[layout]
+    trainer = _sft(copy.deepcopy(model), tmp_path, data, sara_anchor_filter="correct_anchor_wrong_target", **options)
+    batch = next(iter(trainer.get_train_dataloader()))
+    ids, marks = batch["input_ids"], batch["sara_target_answer_mask"].bool()
+    answers = [TOKENIZER.convert_ids_to_tokens(ids[marks].tolist())]
+    assert answers == [[w for e in data for w in e["target_answer"].split()]]  # each target's answer, in TRL's tokens
+    calls = []
+    handle = trainer.model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    trainer.train()
+    handle.remove()
+    assert len(calls) == 2  # the anchors' forward and TRL's
+    logged = next(e for e in trainer.state.log_history if "sara_loss" in e)
+    kept = [float(a and not t) for a, t in zip(ANCHOR_RIGHT, TARGET_RIGHT)]
+    torch.testing.assert_close(torch.tensor(logged["sara_loss"], dtype=torch.float64),
+                               filtered_sara(model, data, kept, trl_encode), **LOSS_TOL)
+    assert logged["sara_anchor_kept"] == pytest.approx(sum(kept) / len(data))
+
+
+def test_anchor_filter_sft_evaluate_filters_the_pairs_given_to_it(model, data, tmp_path):
+    trainer = _sft(copy.deepcopy(model), tmp_path, data[:2], sara_anchor_filter="correct_anchor_wrong_target",
+                   per_device_eval_batch_size=len(data))
+    metrics = trainer.evaluate(data)  # converted like the training pairs, answers included
+    kept = [float(a and not t) for a, t in zip(ANCHOR_RIGHT, TARGET_RIGHT)]
+    assert metrics["eval_sara_anchor_kept"] == pytest.approx(sum(kept) / len(data))
+    torch.testing.assert_close(torch.tensor(metrics["eval_sara_loss"], dtype=torch.float64),
+                               filtered_sara(model, data, kept, trl_encode), **LOSS_TOL)
+
+
+def test_anchor_filter_sft_with_lora_reads_trls_forward_through_the_peft_wrapper(model, data, tmp_path):
+    peft = pytest.importorskip("peft")
+    trainer = _sft(copy.deepcopy(model), tmp_path, data, sara_anchor_filter="correct_anchor_wrong_target",
+                   peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    kept = [float(a and not t) for a, t in zip(ANCHOR_RIGHT, TARGET_RIGHT)]  # LoRA starts as the identity
+    assert trainer.evaluate(data)["eval_sara_anchor_kept"] == pytest.approx(sum(kept) / len(data))
+
+
+def test_anchor_filter_sft_finds_chat_replies_in_trls_tokens(tmp_path):
+    """Chat pairs: each side's answer is its assistant reply; the target's is found in TRL's
+    prompt + completion tokens, where it carries LM labels."""
+    tokenizer, data = chat_tokenizer(), chat_pairs(4)
+    trainer = _sft(tiny_moe(), tmp_path, data, sara_anchor_filter="correct_anchor_wrong_target",
+                   processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    for row, i in enumerate(batch["sara_example_index"].tolist()):
+        for side, ids, marks in (("target", batch["input_ids"], batch["sara_target_answer_mask"]),
+                                 ("anchor", batch["sara_anchor_input_ids"], batch["sara_anchor_answer_mask"])):
+            assert tokenizer.decode(ids[row][marks[row].bool()]) == data[i][side][-1]["content"], side
+        assert (batch["labels"][row][batch["sara_target_answer_mask"][row].bool()] != -100).all()
+
+
+def test_anchor_filter_sft_refuses_what_it_cannot_do(model, data, tmp_path, monkeypatch):
+    unanswered = [{"anchor": e["anchor"], "target": e["target"]} for e in data]
+    with pytest.raises(ValueError, match=r"^sara_anchor_filter='correct': train_dataset\[0\] has no anchor answer[^\n]*$"):
+        _sft(model, tmp_path, unanswered)
+    no_target_answer = [{k: v for k, v in e.items() if k != "target_answer"} for e in data]
+    with pytest.raises(ValueError, match=r"^sara_anchor_filter='correct_anchor_wrong_target': train_dataset\[0\] has "
+                                         r"no target answer[^\n]*$"):
+        _sft(model, tmp_path, no_target_answer, sara_anchor_filter="correct_anchor_wrong_target")
+    _sft(model, tmp_path, no_target_answer)  # "correct" reads the anchors' answers only
+    collator = _sft(model, tmp_path, data, sara_anchor_filter="correct_anchor_wrong_target").data_collator
+    pair = {"sara_example_index": 0, "sara_target": data[0]["target"], "sara_target_answer": data[0]["target_answer"]}
+    ids = trl_encode(data[0]["target"])
+    with pytest.raises(ValueError, match=r"^sara_anchor_filter='correct_anchor_wrong_target': example 0: target: its "
+                                         r"answer has tokens without an LM label[^\n]*$"):
+        collator.target_answer_mask(pair, ids, [-100] * len(ids))
+    with pytest.raises(ValueError, match=r"^sara_anchor_filter='correct_anchor_wrong_target': example 0: target: TRL's "
+                                         r"tokens differ[^\n]*keep_end[^\n]*$"):
+        collator.target_answer_mask(pair, ids[1:], ids[1:])  # what truncation_mode="keep_end" does
+    assert collator.target_answer_mask(pair, ids[:-3], ids[:-3]) == [0] * (len(ids) - 3)  # the answer cut: not reproduced
+    trainer = _sft(model, tmp_path, data, sara_anchor_filter="correct_anchor_wrong_target")
+    trainer.data_collator.anchor_filter = "correct"  # a collator built for the other filter
+    with pytest.raises(ValueError, match=r"^sara_anchor_filter='correct_anchor_wrong_target': the batch has no "
+                                         r"\['sara_target_answer_mask'\][^\n]*$"):
+        trainer.train()
+    monkeypatch.setattr("sara_kernels.hf.trl.is_deepspeed_zero3_enabled", lambda: True)
+    with pytest.raises(ValueError, match=r"^sara_anchor_filter='correct' is not supported by SARASFTTrainer under "
+                                         r"DeepSpeed ZeRO-3[^\n]*$"):
+        _sft(model, tmp_path, data)

@@ -14,7 +14,8 @@ import torch
 pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from hf_train_helpers import LAMBDA, TOKENIZER, assert_updates_close, one_thread, pairs, tiny_moe  # noqa: E402
+from hf_train_helpers import LAMBDA, TOKENIZER, assert_updates_close, chat_pairs, chat_tokenizer, one_thread, pairs  # noqa: E402
+from hf_train_helpers import tiny_moe  # noqa: E402
 from hf_train_helpers import sft_sgd_config as sgd_config, updates  # noqa: E402
 from helpers import REPO  # noqa: E402
 
@@ -86,25 +87,6 @@ def test_evaluate_reports_trl_and_sara_metrics(tmp_path):
     assert metrics["eval_sara_loss"] > 0
     # A pairs dataset given to evaluate() is converted like the one given to the trainer.
     assert trainer.evaluate(pairs(4, seed=5))["eval_sara_loss"] > 0
-
-
-def chat_tokenizer():
-    """The test tokenizer with a template that renders a generation prompt (as real chat templates do)."""
-    tokenizer = copy.deepcopy(TOKENIZER)
-    tokenizer.chat_template = (
-        "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% else %}{{ eos_token }}{% endif %}"
-    )
-    return tokenizer
-
-
-def chat_pairs(n=8):
-    plain = pairs(n + 1)
-    return [
-        {side: [{"role": "user", "content": plain[i][side]}, {"role": "assistant", "content": plain[i + 1][side]}]
-         for side in ("anchor", "target")}
-        for i in range(n)
-    ]
 
 
 def test_chat_targets_get_trls_completion_only_labels(tmp_path):
