@@ -37,7 +37,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import unwrap_peft_model
 from trl import SFTConfig, SFTTrainer
 
-from ..term import SARAOptions
+from ..term import SARAOptions, SequenceLayout
 from .checkpoint import SARACheckpointing
 from .collate import SARACollator, pack_sequences, pad_right, pad_token_id
 from .data import validate_pair
@@ -241,10 +241,12 @@ class SARASFTTrainer(SARACheckpointing, SARATermMixin, SFTTrainer):
         anchor_inputs = {"input_ids": inputs.pop(_ANCHOR_IDS)}
         if _ANCHOR_CU in inputs:  # padding-free
             anchor_inputs["position_ids"] = inputs.pop(_ANCHOR_POSITIONS)
-            sides = {"anchor_cu_seqlens": inputs.pop(_ANCHOR_CU), "target_cu_seqlens": inputs.pop(_TARGET_CU)}
+            anchor_layout = SequenceLayout(cu_seqlens=inputs.pop(_ANCHOR_CU))
+            target_layout = SequenceLayout(cu_seqlens=inputs.pop(_TARGET_CU))
         else:
             anchor_inputs["attention_mask"] = inputs.pop(_ANCHOR_MASK)
-            sides = {"anchor_mask": anchor_inputs["attention_mask"], "target_mask": inputs["attention_mask"]}
+            anchor_layout = SequenceLayout(mask=anchor_inputs["attention_mask"])
+            target_layout = SequenceLayout(mask=inputs["attention_mask"])
         if args.sara_weight == 0:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
@@ -259,7 +261,8 @@ class SARASFTTrainer(SARACheckpointing, SARATermMixin, SFTTrainer):
         with self._sara_capture(model) as target:
             # TRL's return_outputs=True runs a second forward for the logits: taken outside the capture.
             loss = super().compute_loss(model, inputs, False, num_items_in_batch)
-        term = self._sara_term(target, anchor.logits, target.logits, **sides)
+        term = self._sara_term(target, anchor.logits, target.logits, anchor_layout=anchor_layout,
+                               target_layout=target_layout)
         scale = self._sara_step_scale(model.training, num_items_in_batch)
         loss = loss + (args.sara_weight * scale) * term.loss.to(loss.dtype)
         self._sara_record(model.training, term.metrics())

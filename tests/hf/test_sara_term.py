@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sara_kernels import reference, sara_loss
-from sara_kernels.term import MetricsAccumulator, SARAOptions, SARATerm, check_layer_weights, sara_term
+from sara_kernels.term import MetricsAccumulator, SARAOptions, SARATerm, SequenceLayout, check_layer_weights, sara_term
 
 
 def test_options_stand_alone_and_validate_once():
@@ -53,8 +53,8 @@ def test_sara_term_is_sara_loss_with_the_options_and_names_its_metrics():
     target = [torch.randn(10, 5, dtype=torch.float64, requires_grad=True) for _ in range(2)]
     cu = torch.tensor([0, 3, 10])
     options = SARAOptions(sara_temperature=0.7, sara_layer_weights=[1.0, 3.0], sara_backend="reference")
-    term = sara_term(options, anchor, target, layers=(3, 5), score="sigmoid", anchor_cu_seqlens=cu,
-                     target_cu_seqlens=torch.tensor([0, 6, 10]))
+    term = sara_term(options, anchor, target, layers=(3, 5), score="sigmoid", anchor_layout=SequenceLayout(cu_seqlens=cu),
+                     target_layout=SequenceLayout(cu_seqlens=torch.tensor([0, 6, 10])))
     loss, per_layer = sara_loss(anchor, target, anchor_cu_seqlens=cu, target_cu_seqlens=torch.tensor([0, 6, 10]),
                                 layer_weights=[1.0, 3.0], temperature=0.7, score="sigmoid", return_per_layer=True,
                                 backend="reference")
