@@ -212,7 +212,8 @@ def routing_side(logits: Logits, layout: SequenceLayout, name: str) -> RoutingSi
     """Validate one side's logits (their first layer: :func:`check_layers` compares the others
     with it) and its layout, and describe it as a ``RoutingSide``."""
     if not isinstance(layout, SequenceLayout):
-        raise TypeError(f"the {name} side's layout: expected a SequenceLayout, got {type(layout).__name__}")
+        arg = f"{name}_layout" if name in ("anchor", "target") else "layout"
+        raise TypeError(f"{arg}: expected a sara_kernels.term.SequenceLayout, got {type(layout).__name__}")
     mask, cu_seqlens = layout
     prefix = f"{name}_" if name in ("anchor", "target") else ""
     inputs, stacked = _layer_tensors(logits, _logits_arg(name))

@@ -68,6 +68,14 @@ def test_sara_term_is_sara_loss_with_the_options_and_names_its_metrics():
     assert float(metrics["sara_js/layer_5"]) == pytest.approx(float(per_layer[1]))
 
 
+def test_sara_term_takes_each_side_layout_as_a_sequence_layout():
+    anchor = [torch.randn(6, 5)]
+    mask = torch.ones(2, 3)
+    with pytest.raises(TypeError, match=r"^anchor_layout: expected a sara_kernels.term.SequenceLayout, got dict"):
+        sara_term(SARAOptions(), anchor, anchor, layers=(0,), score="softmax", anchor_layout={"mask": mask, "cu_seqlens": None},
+                  target_layout=SequenceLayout(mask=mask))
+
+
 def test_sara_divergence_reaches_the_trainer_its_loss_and_metric_names(tmp_path):
     """``sara_divergence="reverse_kl"`` through SARATrainer (the option every integration reads through
     sara_term): the evaluated SARA is KL(P_target ‖ P_anchor) of each pair's pooled routing, mean
