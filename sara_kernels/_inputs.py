@@ -208,12 +208,16 @@ def check_cu_seqlens_values(side: "RoutingSide"):
     torch._assert_async(ok, f"{prefix}cu_seqlens must start at 0, be non-decreasing and end at N = {side.num_tokens}")
 
 
+def _check_layout(layout, name: str):
+    if not isinstance(layout, SequenceLayout):  # a dict, say, would unpack into its keys
+        arg = f"{name}_layout" if name in ("anchor", "target") else "layout"
+        raise TypeError(f"{arg}: expected a sara_kernels.term.SequenceLayout, got {type(layout).__name__}")
+
+
 def routing_side(logits: Logits, layout: SequenceLayout, name: str) -> RoutingSide:
     """Validate one side's logits (their first layer: :func:`check_layers` compares the others
     with it) and its layout, and describe it as a ``RoutingSide``."""
-    if not isinstance(layout, SequenceLayout):
-        arg = f"{name}_layout" if name in ("anchor", "target") else "layout"
-        raise TypeError(f"{arg}: expected a sara_kernels.term.SequenceLayout, got {type(layout).__name__}")
+    _check_layout(layout, name)
     mask, cu_seqlens = layout
     prefix = f"{name}_" if name in ("anchor", "target") else ""
     inputs, stacked = _layer_tensors(logits, _logits_arg(name))
@@ -262,6 +266,7 @@ def prepare_pair(anchor_logits, target_logits, anchor_layout: SequenceLayout, ta
     if anchor_probs is not None:
         if anchor_logits is not None:
             raise ValueError("give either anchor_logits or anchor_probs (cached priors), not both")
+        _check_layout(anchor_layout, "anchor")
         if anchor_layout.mask is not None or anchor_layout.cu_seqlens is not None:
             raise ValueError("anchor_mask/anchor_cu_seqlens describe anchor logits; with anchor_probs leave them None")
         check_priors(anchor_probs, target)
