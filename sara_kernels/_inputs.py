@@ -24,6 +24,24 @@ REDUCTIONS = ("mean", "sum", "none")
 DIVERGENCES = ("js", "kl", "reverse_kl")
 
 
+class SequenceLayout(NamedTuple):
+    """Which of one side's N rows of router logits belong to which sequence: ``mask`` [B, S]
+    (sequence b is rows ``[b*S, (b+1)*S)``, 1 = valid token), ``cu_seqlens`` [B+1] (packed:
+    sequence b is rows ``[cu_seqlens[b], cu_seqlens[b+1])``, all valid), or neither (all N rows
+    are one sequence). Checked against the logits when the loss is computed.
+
+    What an integration builds for each side and hands to :func:`sara_kernels.term.sara_term`.
+    Per-pair values (``pair_weights``) belong to the pair, not to a side, and are given beside
+    the two layouts. A NamedTuple: ``sara_loss`` builds one per side on every call.
+    """
+
+    mask: Optional[torch.Tensor] = None
+    cu_seqlens: Optional[torch.Tensor] = None
+
+
+WHOLE = SequenceLayout()  # every row of the side is one sequence
+
+
 class RoutingSide(NamedTuple):
     """One side (anchor or target) of the loss: L layers of router logits over N tokens.
 
@@ -67,11 +85,10 @@ def _uniform(layers) -> bool:
         return False
 
 
-def _layer_tensors(logits: Logits, arg: str, layers_checked_natively: bool = False):
+def _layer_tensors(logits: Logits, arg: str):
     """(the side's input tensors, whether they are one stacked [L, N, E] tensor), after the
-    structural checks. ``layers_checked_natively``: the CUDA C++ op checks every layer of a tuple
-    itself (with the same messages) for a fraction of what a Python loop costs per layer
-    (benchmarks/host_cost.py measures it)."""
+    structural checks of the first layer, which describes the side; the others are compared with
+    it by :func:`check_layers`."""
     if isinstance(logits, torch.Tensor):
         if logits.dim() != 3:
             raise ValueError(
@@ -92,11 +109,24 @@ def _layer_tensors(logits: Logits, arg: str, layers_checked_natively: bool = Fal
     # logits[0] is always checked here: the C++ op reads a one-element list of an [L, N, E] tensor
     # as the stacked form, which a tuple of layers must not be mistaken for.
     first = logits[0]
-    if (torch.compiler.is_compiling() or not isinstance(first, torch.Tensor) or first.dim() != 2
-            or not (layers_checked_natively or _uniform(logits))):
+    if torch.compiler.is_compiling() or not isinstance(first, torch.Tensor) or first.dim() != 2:
         _check_layers(logits, arg)
     _check_first(first, arg)
     return tuple(logits), False
+
+
+def check_layers(side: "RoutingSide"):
+    """Every layer of a side given as a tuple has the first one's shape, dtype and device. Not
+    run for a backend whose registry entry says ``checks_layers``: the CUDA C++ op checks them
+    itself (with the same messages) for a fraction of what this costs per layer
+    (benchmarks/host_cost.py measures it). While torch.compile traces, :func:`routing_side` has
+    checked them already."""
+    if not side.stacked and not torch.compiler.is_compiling() and not _uniform(side.inputs):
+        _check_layers(side.inputs, _logits_arg(side.name))
+
+
+def _logits_arg(name: str) -> str:
+    return f"{name}_logits" if name in ("anchor", "target") else "logits"
 
 
 def _check_first(first: torch.Tensor, arg: str):
@@ -178,11 +208,19 @@ def check_cu_seqlens_values(side: "RoutingSide"):
     torch._assert_async(ok, f"{prefix}cu_seqlens must start at 0, be non-decreasing and end at N = {side.num_tokens}")
 
 
-def routing_side(logits: Logits, mask, cu_seqlens, name: str, layers_checked_natively: bool = False) -> RoutingSide:
-    """Validate one side's logits and segmentation and describe it as a ``RoutingSide``."""
-    arg = f"{name}_logits" if name in ("anchor", "target") else "logits"
+def _check_layout(layout, name: str):
+    if not isinstance(layout, SequenceLayout):  # a dict, say, would unpack into its keys
+        arg = f"{name}_layout" if name in ("anchor", "target") else "layout"
+        raise TypeError(f"{arg}: expected a sara_kernels.term.SequenceLayout, got {type(layout).__name__}")
+
+
+def routing_side(logits: Logits, layout: SequenceLayout, name: str) -> RoutingSide:
+    """Validate one side's logits (their first layer: :func:`check_layers` compares the others
+    with it) and its layout, and describe it as a ``RoutingSide``."""
+    _check_layout(layout, name)
+    mask, cu_seqlens = layout
     prefix = f"{name}_" if name in ("anchor", "target") else ""
-    inputs, stacked = _layer_tensors(logits, arg, layers_checked_natively)
+    inputs, stacked = _layer_tensors(logits, _logits_arg(name))
     first = inputs[0]
     num_layers = first.shape[0] if stacked else len(inputs)
     num_tokens, num_experts = first.shape[-2:]
@@ -220,21 +258,22 @@ def check_pair(anchor: RoutingSide, target: RoutingSide):
         )
 
 
-def prepare_pair(anchor_logits, target_logits, anchor_mask, target_mask, anchor_cu_seqlens, target_cu_seqlens, anchor_probs,
-                 layers_checked_natively: bool = False):
-    """Validate both sides; returns (anchor side or None in priors mode, target side, priors or None).
-    ``layers_checked_natively``: see :func:`routing_side`."""
-    target = routing_side(target_logits, target_mask, target_cu_seqlens, "target", layers_checked_natively)
+def prepare_pair(anchor_logits, target_logits, anchor_layout: SequenceLayout, target_layout: SequenceLayout,
+                 anchor_probs):
+    """Validate both sides (as :func:`routing_side` does); returns (anchor side or None in priors
+    mode, target side, priors or None)."""
+    target = routing_side(target_logits, target_layout, "target")
     if anchor_probs is not None:
         if anchor_logits is not None:
             raise ValueError("give either anchor_logits or anchor_probs (cached priors), not both")
-        if anchor_mask is not None or anchor_cu_seqlens is not None:
+        _check_layout(anchor_layout, "anchor")
+        if anchor_layout.mask is not None or anchor_layout.cu_seqlens is not None:
             raise ValueError("anchor_mask/anchor_cu_seqlens describe anchor logits; with anchor_probs leave them None")
         check_priors(anchor_probs, target)
         return None, target, anchor_probs
     if anchor_logits is None:
         raise ValueError("anchor_logits is None: give anchor logits or cached priors via anchor_probs")
-    anchor = routing_side(anchor_logits, anchor_mask, anchor_cu_seqlens, "anchor", layers_checked_natively)
+    anchor = routing_side(anchor_logits, anchor_layout, "anchor")
     check_pair(anchor, target)
     return anchor, target, None
 

@@ -14,7 +14,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import backends, distributed
-from ._inputs import RoutingSide, check_options, layer_weight_tensor, pair_weight_tensor, prepare_pair, routing_side
+from ._inputs import (RoutingSide, SequenceLayout, check_layers, check_options, layer_weight_tensor, pair_weight_tensor,
+                      prepare_pair, routing_side)
 from .distributed import check_group
 from .ops import backend_choice
 
@@ -41,7 +42,6 @@ def _resolve(entry: backends.Backend) -> _Resolved:
 
 _BACKENDS = {name: _resolve(entry) for name, entry in backends.REGISTRY.items()}
 _AUTO_CANDIDATES = tuple(_BACKENDS[name] for name in backends.FUSED)
-_CHECKS_LAYERS = frozenset(name for name, entry in backends.REGISTRY.items() if entry.checks_layers)
 
 
 def _dtype_names(dtypes) -> str:
@@ -79,6 +79,17 @@ def resolve_backend(backend: str, side: RoutingSide) -> str:
     if not b.module.runs_on(device):
         raise ValueError(f"backend={backend!r} needs CUDA tensors, got tensors on {device}{b.entry.device_hint}")
     return backend
+
+
+def _backend_module(backend: str, target: RoutingSide, anchor: Optional[RoutingSide] = None):
+    """The module of the backend that runs on these sides, after the check of every layer of a
+    tuple against the first, which a backend whose entry says ``checks_layers`` makes itself."""
+    b = _BACKENDS[resolve_backend(backend, target)]
+    if not b.entry.checks_layers:
+        check_layers(target)
+        if anchor is not None:
+            check_layers(anchor)
+    return b.module
 
 
 def sara_loss(
@@ -138,17 +149,27 @@ def sara_loss(
     no valid (or no weighted) pair at all the loss is 0 with zero gradients. The loss is float32 (float64 for float64
     logits on the reference); gradients have the logits' dtype.
     """
+    loss, per_layer = sara_loss_of_layouts(
+        anchor_logits, target_logits, SequenceLayout(anchor_mask, anchor_cu_seqlens),
+        SequenceLayout(target_mask, target_cu_seqlens), anchor_probs, layer_weights, pair_weights, temperature, score,
+        detach_anchor, reduction, divergence, backend, group)
+    return (loss, per_layer) if return_per_layer else loss
+
+
+def sara_loss_of_layouts(anchor_logits, target_logits, anchor_layout: SequenceLayout, target_layout: SequenceLayout,
+                         anchor_probs=None, layer_weights=None, pair_weights=None, temperature: float = 1.0,
+                         score: str = "softmax", detach_anchor: bool = True, reduction: str = "mean",
+                         divergence: str = "js", backend: str = "auto", group=None):
+    """:func:`sara_loss` with each side's layout given as a :class:`~sara_kernels.term.SequenceLayout`
+    (what the integrations build, through :func:`sara_kernels.term.sara_term`); returns
+    (loss, detached per-layer divergence [L])."""
     check_options(temperature, score, reduction, backend, divergence)
     check_group(group)
     temperature = float(temperature)  # as every backend takes it, down to the kernels' 1/τ
-    anchor, target, priors = prepare_pair(
-        anchor_logits, target_logits, anchor_mask, target_mask, anchor_cu_seqlens, target_cu_seqlens, anchor_probs,
-        layers_checked_natively=backend in _CHECKS_LAYERS,
-    )
+    anchor, target, priors = prepare_pair(anchor_logits, target_logits, anchor_layout, target_layout, anchor_probs)
     weights = layer_weight_tensor(layer_weights, target.num_layers, target.device)
     pair_weights = pair_weight_tensor(pair_weights, target.num_seqs, target.device)
-    backend = resolve_backend(backend, target)
-    module = _BACKENDS[backend].module
+    module = _backend_module(backend, target, anchor)
     if group is None:
         loss, per_layer = module.sara_loss(anchor, target, priors, weights, pair_weights, score, temperature,
                                            bool(detach_anchor), reduction, divergence)
@@ -158,7 +179,7 @@ def sara_loss(
         loss, per_layer = distributed.sara_loss(module.pooled_distribution, anchor, target, priors, weights,
                                                 pair_weights, score, temperature, bool(detach_anchor), reduction,
                                                 divergence, group)
-    return (loss, per_layer) if return_per_layer else loss
+    return loss, per_layer
 
 
 def routing_distribution(
@@ -179,8 +200,8 @@ def routing_distribution(
     check_options(temperature, score, None, backend)
     check_group(group)
     temperature = float(temperature)
-    side = routing_side(logits, mask, cu_seqlens, "routing", layers_checked_natively=backend in _CHECKS_LAYERS)
-    module = _BACKENDS[resolve_backend(backend, side)].module
+    side = routing_side(logits, SequenceLayout(mask, cu_seqlens), "routing")
+    module = _backend_module(backend, side)
     return distributed.pooled_distribution(module.pooled_distribution, side, score, temperature, group)[0]
 
 

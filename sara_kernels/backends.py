@@ -30,7 +30,7 @@ class Backend(NamedTuple):
     module_name: str
     fused: bool  # kernels of its own (a candidate of backend="auto" on CUDA), not the PyTorch reference
     summary: str  # what it is, in a few words, for help texts
-    checks_layers: bool = False  # checks every layer of a tuple itself (see _inputs.routing_side)
+    checks_layers: bool = False  # checks every layer of a tuple itself (see _inputs.check_layers)
     device_hint: str = ""  # appended to the error for tensors on a device it does not run on
 
     @property

@@ -27,11 +27,12 @@ from typing import Optional, Sequence
 import torch
 
 from . import backends
-from ._inputs import check_divergence, check_score, check_temperature
-from .api import sara_loss
+from ._inputs import WHOLE, SequenceLayout, check_divergence, check_score, check_temperature
+from .api import sara_loss_of_layouts
 from .layer_selection import resolve_layers_spec
 
-__all__ = ["ANCHOR_FILTERS", "SARAOptions", "SARATerm", "MetricsAccumulator", "check_layer_weights", "sara_term"]
+__all__ = ["ANCHOR_FILTERS", "SARAOptions", "SARATerm", "MetricsAccumulator", "SequenceLayout", "check_layer_weights",
+           "sara_term"]
 
 
 # sara_anchor_filter's values: which sides' answers decide whether a pair is kept.
@@ -133,19 +134,20 @@ class SARATerm:
 
 
 def sara_term(options: SARAOptions, anchor_logits, target_logits, *, layers: Sequence[int], score: str,
-              anchor_mask=None, target_mask=None, anchor_cu_seqlens=None, target_cu_seqlens=None,
-              anchor_probs=None, pair_weights=None, group=None) -> SARATerm:
+              anchor_layout: SequenceLayout = WHOLE, target_layout: SequenceLayout = WHOLE, anchor_probs=None,
+              pair_weights=None, group=None) -> SARATerm:
     """:func:`~sara_kernels.sara_loss` with the options' temperature, layer weights, anchor
     detaching, divergence and backend, on the routing of the selected ``layers`` (decoder indices,
-    one per logits tensor or prior row) scored with ``score``; the sides and ``pair_weights`` take
-    ``sara_loss``'s arguments. With ``sara_anchor_filter``, ``pair_weights`` are the kept pairs (1)
-    and the dropped ones (0), and their mean is logged as ``sara_anchor_kept``."""
-    loss, per_layer = sara_loss(
-        anchor_logits, target_logits, anchor_mask, target_mask,
-        anchor_cu_seqlens=anchor_cu_seqlens, target_cu_seqlens=target_cu_seqlens, anchor_probs=anchor_probs,
+    one per logits tensor or prior row) scored with ``score``. Each side is its logits and its
+    :class:`SequenceLayout` (``anchor_probs``, cached priors, replace the anchor's logits and leave
+    its layout whole); ``pair_weights`` (one per pair) and ``group`` are ``sara_loss``'s. With
+    ``sara_anchor_filter``, ``pair_weights`` are the kept pairs (1) and the dropped ones (0), and
+    their mean is logged as ``sara_anchor_kept``."""
+    loss, per_layer = sara_loss_of_layouts(
+        anchor_logits, target_logits, anchor_layout, target_layout, anchor_probs=anchor_probs,
         layer_weights=options.sara_layer_weights, pair_weights=pair_weights, temperature=options.sara_temperature,
         score=score, detach_anchor=options.sara_detach_anchor, divergence=options.sara_divergence,
-        return_per_layer=True, backend=options.sara_backend, group=group,
+        backend=options.sara_backend, group=group,
     )
     kept = None
     if options.sara_anchor_filter != "none":

@@ -26,7 +26,7 @@ import transformers
 from transformers import Trainer
 from transformers.trainer_utils import unwrap_peft_model
 
-from ..term import MetricsAccumulator, SARATerm, check_layer_weights, sara_term
+from ..term import MetricsAccumulator, SARATerm, SequenceLayout, check_layer_weights, sara_term
 from .capture import (
     CapturedRouterLogits,
     capture_router_logits,
@@ -133,11 +133,13 @@ class SARATermMixin:
             kept = kept & ~target_correct
         return kept.float()
 
-    def _sara_term(self, target: CapturedRouterLogits, anchor_logits, target_logits, **sides) -> SARATerm:
+    def _sara_term(self, target: CapturedRouterLogits, anchor_logits, target_logits, *, anchor_layout: SequenceLayout,
+                   target_layout: SequenceLayout, anchor_probs=None, pair_weights=None) -> SARATerm:
         """:func:`~sara_kernels.term.sara_term` on the layers and score of the ``target`` capture
-        (``target_logits``: its logits or the target rows of them); ``sides``: the masks,
-        ``cu_seqlens`` or ``anchor_probs`` as ``sara_loss`` takes them."""
-        return sara_term(self.args, anchor_logits, target_logits, layers=target.layers, score=target.score, **sides)
+        (``target_logits``: its logits or the target rows of them)."""
+        return sara_term(self.args, anchor_logits, target_logits, layers=target.layers, score=target.score,
+                         anchor_layout=anchor_layout, target_layout=target_layout, anchor_probs=anchor_probs,
+                         pair_weights=pair_weights)
 
     def _sara_step_scale(self, training: bool, num_items_in_batch=None) -> float:
         """The factor of a per-micro-batch mean term in the loss ``compute_loss`` returns (module docstring)."""

@@ -48,7 +48,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import unwrap_peft_model
 
-from ..term import SARAOptions, SARATerm
+from ..term import SARAOptions, SARATerm, SequenceLayout
 from .capture import CapturedRouterLogits
 from .checkpoint import SARACheckpointing
 from .collate import IGNORE_INDEX, SARACollator
@@ -206,7 +206,7 @@ class _PairBatch:
         return {"input_ids": self.input_ids, **layout}, self.labels
 
     def side(self, anchor: bool):
-        """(forward inputs, labels, ``sara_loss`` side arguments) of the anchor or the target sequences.
+        """(forward inputs, labels, :class:`SequenceLayout`) of the anchor or the target sequences.
 
         Padded: their rows, trailing padding dropped. Packed: their tokens, and ``cu_seqlens``
         relative to them; finding the split reads one boundary on the host (a sync per step).
@@ -214,13 +214,13 @@ class _PairBatch:
         if self.cu_seqlens is None:
             rows = slice(0, self.num_pairs) if anchor else slice(self.num_sequences - self.num_pairs, None)
             ids, mask, labels = _trim(self.input_ids[rows], self.attention_mask[rows], self.labels[rows])
-            return {"input_ids": ids, "attention_mask": mask}, labels, {"mask": mask}
+            return {"input_ids": ids, "attention_mask": mask}, labels, SequenceLayout(mask=mask)
         first = 0 if anchor else self.num_sequences - self.num_pairs
         cu = self.cu_seqlens[first : first + self.num_pairs + 1]
         start, end = (int(x) for x in cu[[0, -1]].tolist())
         tokens = slice(start, end)
         inputs = {"input_ids": self.input_ids[:, tokens], "position_ids": self.position_ids[:, tokens]}
-        return inputs, self.labels[:, tokens], {"cu_seqlens": cu - cu[0]}
+        return inputs, self.labels[:, tokens], SequenceLayout(cu_seqlens=cu - cu[0])
 
     def answers(self, anchor: bool) -> torch.Tensor:
         """The answer mask of the anchor or the target sequences, cut as :meth:`side` cuts their inputs."""
@@ -233,29 +233,32 @@ class _PairBatch:
         return self.answer_mask[:, start:end]
 
     def split(self, logits: tuple):
-        """(anchor logits, target logits, ``sara_loss`` side arguments) of router logits over the whole batch."""
+        """(anchor logits, target logits, anchor layout, target layout) of router logits over the whole batch."""
         if not self.has_anchor:
-            sides = {"target_mask": self.attention_mask} if self.cu_seqlens is None else {"target_cu_seqlens": self.cu_seqlens}
-            return None, logits, sides
+            layout = SequenceLayout(self.attention_mask, self.cu_seqlens)  # one of them is None
+            return None, logits, SequenceLayout(), layout
         if self.cu_seqlens is None:
             split = self.num_pairs * self.input_ids.shape[1]
-            sides = {"anchor_mask": self.attention_mask[: self.num_pairs], "target_mask": self.attention_mask[self.num_pairs :]}
+            anchor = SequenceLayout(mask=self.attention_mask[: self.num_pairs])
+            target = SequenceLayout(mask=self.attention_mask[self.num_pairs :])
         else:
             cu = self.cu_seqlens
             split = int(cu[self.num_pairs])
-            sides = {"anchor_cu_seqlens": cu[: self.num_pairs + 1], "target_cu_seqlens": cu[self.num_pairs :] - split}
-        return tuple(z[:split] for z in logits), tuple(z[split:] for z in logits), sides
+            anchor = SequenceLayout(cu_seqlens=cu[: self.num_pairs + 1])
+            target = SequenceLayout(cu_seqlens=cu[self.num_pairs :] - split)
+        return tuple(z[:split] for z in logits), tuple(z[split:] for z in logits), anchor, target
 
 
 @dataclass
 class _Routing:
     """What the SARA term is computed from: the target capture, the anchor logits (None without
-    anchor rows) and ``sara_loss``'s side arguments (masks or ``cu_seqlens``)."""
+    anchor rows), each side's layout, and the pairs' weights."""
 
     target: CapturedRouterLogits
     anchor_logits: Optional[tuple]
     target_logits: tuple
-    sides: dict
+    anchor_layout: SequenceLayout
+    target_layout: SequenceLayout
     pair_weights: Optional[torch.Tensor] = None  # sara_anchor_filter's kept pairs
 
 
@@ -453,26 +456,25 @@ class SARATrainer(SARACheckpointing, SARATermMixin, Trainer):
         anchor_needs_grad = args.sara_lm_on_anchor or not args.sara_detach_anchor
         priors = self.routing_priors if model.training else None
         if use_sara and batch.has_anchor and priors is None and not anchor_needs_grad:
-            anchor_inputs, _, anchor_side = batch.side(anchor=True)
-            target_inputs, target_labels, target_side = batch.side(anchor=False)
+            anchor_inputs, _, anchor_layout = batch.side(anchor=True)
+            target_inputs, target_labels, target_layout = batch.side(anchor=False)
             # The anchor forward has no labels: LM-only flags (the Trainer's skip_logits) stay out of it.
             routing_inputs = {k: v for k, v in batch.extra.items() if k not in _LM_ONLY_KWARGS}
             filtered = self._answer_mask(batch) is not None
             anchor, anchor_correct = self._sara_anchor_routing(
                 model, answer_mask=batch.answers(anchor=True) if filtered else None,
-                cu_seqlens=anchor_side.get("cu_seqlens"), **anchor_inputs, **routing_inputs)
+                cu_seqlens=anchor_layout.cu_seqlens, **anchor_inputs, **routing_inputs)
             with self._sara_capture(model) as target:
                 outputs = model(**target_inputs, labels=target_labels, **lm_kwargs)
-            sides = {f"anchor_{k}": v for k, v in anchor_side.items()}
-            sides.update({f"target_{k}": v for k, v in target_side.items()})
             weights = None
             if filtered:
                 target_correct = None
                 if self.args.sara_anchor_filter == "correct_anchor_wrong_target":
                     target_correct = self._reproduced(outputs, target_inputs["input_ids"], batch.answers(anchor=False),
-                                                      target_side.get("cu_seqlens"))
+                                                      target_layout.cu_seqlens)
                 weights = self._sara_kept_pairs(anchor_correct, target_correct)
-            return outputs, target_labels, _Routing(target, anchor.logits, target.logits, sides, weights)
+            return outputs, target_labels, _Routing(target, anchor.logits, target.logits, anchor_layout, target_layout,
+                                                    weights)
         inputs, labels = batch.whole()
         with self._sara_capture(model, use_sara) as captured:
             outputs = model(**inputs, labels=labels, **lm_kwargs)
@@ -541,8 +543,7 @@ class SARATrainer(SARACheckpointing, SARATermMixin, Trainer):
 
     def _sara_from(self, routing: _Routing, index: torch.Tensor, training: bool) -> SARATerm:
         """The SARA term on live anchors, or in training with priors on the cached anchor routing."""
-        sides = routing.sides
-        anchor_logits = routing.anchor_logits
+        anchor_logits, anchor_layout, probs = routing.anchor_logits, routing.anchor_layout, None
         weights = routing.pair_weights
         if training and self.routing_priors is not None:
             target = routing.target
@@ -550,8 +551,8 @@ class SARATrainer(SARACheckpointing, SARATermMixin, Trainer):
             # gather() validates the indices on the host (a device-to-host copy of B ints per step):
             # an index of -1 (an example without "index") must be a clear error, not a wrong prior.
             probs = self.routing_priors.gather(index, target.layers).to(routing.target_logits[0].device)
-            sides = {k: v for k, v in sides.items() if k.startswith("target_")}
-            anchor_logits, sides = None, dict(sides, anchor_probs=probs)
+            anchor_logits, anchor_layout = None, SequenceLayout()
             if self.args.sara_anchor_filter == "correct":  # the flags recorded at extraction (index checked by gather)
                 weights = self.routing_priors.anchor_correct[index.detach().cpu()].float().to(probs.device)
-        return self._sara_term(routing.target, anchor_logits, routing.target_logits, pair_weights=weights, **sides)
+        return self._sara_term(routing.target, anchor_logits, routing.target_logits, anchor_layout=anchor_layout,
+                               target_layout=routing.target_layout, anchor_probs=probs, pair_weights=weights)

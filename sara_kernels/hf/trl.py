@@ -43,7 +43,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import unwrap_peft_model
 from trl import SFTConfig, SFTTrainer
 
-from ..term import SARAOptions
+from ..term import SARAOptions, SequenceLayout
 from .checkpoint import SARACheckpointing
 from .collate import IGNORE_INDEX, SARACollator, pack_sequences, pad_right, pad_token_id
 from .data import required_answer, validate_pair
@@ -326,10 +326,12 @@ class SARASFTTrainer(SARACheckpointing, SARATermMixin, SFTTrainer):
         anchor_inputs = {"input_ids": inputs.pop(_ANCHOR_IDS)}
         if _ANCHOR_CU in inputs:  # padding-free
             anchor_inputs["position_ids"] = inputs.pop(_ANCHOR_POSITIONS)
-            sides = {"anchor_cu_seqlens": inputs.pop(_ANCHOR_CU), "target_cu_seqlens": inputs.pop(_TARGET_CU)}
+            anchor_layout = SequenceLayout(cu_seqlens=inputs.pop(_ANCHOR_CU))
+            target_layout = SequenceLayout(cu_seqlens=inputs.pop(_TARGET_CU))
         else:
             anchor_inputs["attention_mask"] = inputs.pop(_ANCHOR_MASK)
-            sides = {"anchor_mask": anchor_inputs["attention_mask"], "target_mask": inputs["attention_mask"]}
+            anchor_layout = SequenceLayout(mask=anchor_inputs["attention_mask"])
+            target_layout = SequenceLayout(mask=inputs["attention_mask"])
         if args.sara_weight == 0:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         filtered = args.sara_anchor_filter != "none"
@@ -351,7 +353,7 @@ class SARASFTTrainer(SARACheckpointing, SARATermMixin, SFTTrainer):
             # needs no head: it runs through the decoder alone (which is why the anchor filter is refused there).
             anchor_model = unwrap_peft_model(self.accelerator.unwrap_model(model)).get_decoder()
         anchor, anchor_correct = self._sara_anchor_routing(
-            anchor_model, answer_mask=anchor_answers, cu_seqlens=sides.get("anchor_cu_seqlens"), **anchor_inputs)
+            anchor_model, answer_mask=anchor_answers, cu_seqlens=anchor_layout.cu_seqlens, **anchor_inputs)
         scored = []
         # The output of the model TRL calls (through any PEFT wrapper): its fused LM head's per-token results.
         hook = (self.accelerator.unwrap_model(model).register_forward_hook(lambda m, a, out: scored.append(out))
@@ -373,9 +375,10 @@ class SARASFTTrainer(SARACheckpointing, SARATermMixin, SFTTrainer):
                         "sara_anchor_filter='correct_anchor_wrong_target' reads is_top1 from TRL's fused LM head, "
                         "which this training forward did not return"
                     )
-                target_correct = answers_hit(is_top1, target_answers, sides.get("target_cu_seqlens"))
+                target_correct = answers_hit(is_top1, target_answers, target_layout.cu_seqlens)
             weights = self._sara_kept_pairs(anchor_correct, target_correct)
-        term = self._sara_term(target, anchor.logits, target.logits, pair_weights=weights, **sides)
+        term = self._sara_term(target, anchor.logits, target.logits, anchor_layout=anchor_layout,
+                               target_layout=target_layout, pair_weights=weights)
         scale = self._sara_step_scale(model.training, num_items_in_batch)
         loss = loss + (args.sara_weight * scale) * term.loss.to(loss.dtype)
         self._sara_record(model.training, term.metrics())

@@ -40,8 +40,9 @@ except ImportError:  # megatron-core 0.16 has save_to_aux_losses_tracker only
 
 from ..hf.priors import RoutingPriors, load_routing_priors
 from ..layer_selection import select_layers
+from ..microbatch import LayerPriors, pair_indices, side_sequences
 from ..reference import layer_shares
-from ..term import SARAOptions, check_layer_weights, sara_term
+from ..term import SARAOptions, SequenceLayout, check_layer_weights, sara_term
 
 __all__ = ["SARARouter", "with_sara", "sara_batch", "moe_layer_indices", "TRACKER_NAME"]
 
@@ -132,7 +133,7 @@ class SARARouter(TopKRouter):
                     f"sara_temperature={sara.sara_temperature}"
                 )
         self.priors = priors
-        self._layer_priors = None  # [num_examples, E] of this layer, on the logits' device
+        self._layer_priors = None if priors is None else LayerPriors(priors, "sara_batch")
 
     @property
     def sara_layer(self) -> Optional[int]:
@@ -149,13 +150,6 @@ class SARARouter(TopKRouter):
         # each CP rank does; without it the TP ranks hold the same tokens.
         group = self.tp_cp_group if self.config.sequence_parallel else self.cp_group
         return group if group is not None and group.size() > 1 else None
-
-    def _priors_of_layer(self, device):
-        if self._layer_priors is None or self._layer_priors.device != device:
-            priors = self.priors
-            row = priors.layers.index(self.sara_layer)
-            self._layer_priors = priors.probs[:, row, :].to(device=device, dtype=torch.float32)
-        return self._layer_priors
 
     def _micro_batch_term(self, batch: "sara_batch", logits: torch.Tensor, padding_mask: Optional[torch.Tensor]):
         """(this layer's share of ``sara_weight * sara_loss``, the layer's mean JS) for logits [s, b, E]."""
@@ -177,27 +171,27 @@ class SARARouter(TopKRouter):
             )
         valid = (~padding_mask.bool()) if padding_mask is not None and not batch.packed else None
 
-        def side(name: str) -> dict:
-            """sara_loss's arguments for one side: its logits [N, E] and mask or cu_seqlens."""
+        def side(name: str):
+            """(one side's logits [N, E], its layout)."""
             if batch.packed:
                 rows, cu = batch.packed_side(name, seq_len, logits.device)
-                return {f"{name}_logits": [logits.view(seq_len, num_experts).index_select(0, rows)],
-                        f"{name}_cu_seqlens": cu}
+                return [logits.view(seq_len, num_experts).index_select(0, rows)], SequenceLayout(cu_seqlens=cu)
             cols = batch.columns(name, num_cols, logits.device)
-            return {f"{name}_logits": [logits.index_select(1, cols).transpose(0, 1).reshape(-1, num_experts)],
-                    f"{name}_mask": _side_mask(valid, cols, seq_len)}
+            return ([logits.index_select(1, cols).transpose(0, 1).reshape(-1, num_experts)],
+                    SequenceLayout(mask=_side_mask(valid, cols, seq_len)))
 
+        anchor_probs = None
         if batch.example_index is not None:
             if self.priors is None:
                 raise ValueError("sara_batch(example_index=...) needs cached priors: with_sara(spec, options, priors=...)")
-            index = batch.example_index.to(logits.device)
-            _check_example_index(index, self.priors.num_examples)
-            anchor = dict(anchor_logits=None, anchor_probs=self._priors_of_layer(logits.device).index_select(0, index)[None])
+            anchor_logits, anchor_layout = None, SequenceLayout()
+            anchor_probs = self._layer_priors.anchor_probs(self.sara_layer, batch.example_index, logits.device)
         else:
-            anchor = side("anchor")
-        target = side("target")
-        term = sara_term(self._layer_options, **anchor, **target, layers=(self.sara_layer,), score=self.sara_score,
-                         group=group)
+            anchor_logits, anchor_layout = side("anchor")
+        target_logits, target_layout = side("target")
+        term = sara_term(self._layer_options, anchor_logits, target_logits, anchor_layout=anchor_layout,
+                         target_layout=target_layout, anchor_probs=anchor_probs, layers=(self.sara_layer,),
+                         score=self.sara_score, group=group)
         return term.loss * self._layer_share[self.sara_layer], term.per_layer[0]
 
     def _batch_to_attach(self, logits: torch.Tensor) -> Optional["sara_batch"]:
@@ -254,26 +248,6 @@ def _side_mask(valid: Optional[torch.Tensor], cols: torch.Tensor, seq_len: int) 
     return valid.index_select(1, cols).transpose(0, 1)
 
 
-def _check_example_index(index: torch.Tensor, num_examples: int) -> None:
-    if index.device.type == "cpu":
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= num_examples):
-            raise ValueError(f"sara_batch example_index: values must lie in [0, {num_examples}) (the cached priors' rows)")
-    else:
-        torch._assert_async(
-            ((index >= 0) & (index < num_examples)).all(),
-            f"sara_batch example_index: values must lie in [0, {num_examples})",
-        )
-
-
-def _index_tensor(value, arg: str) -> Optional[torch.Tensor]:
-    if value is None:
-        return None
-    tensor = torch.as_tensor(value)
-    if tensor.dim() != 1 or tensor.numel() == 0 or tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
-        raise ValueError(f"sara_batch {arg}: expected a non-empty 1-D sequence of integer indices, got {value!r}")
-    return tensor.long()
-
-
 class sara_batch:
     """The SARA layout of one micro-batch, open around its model call.
 
@@ -302,17 +276,8 @@ class sara_batch:
 
     def __init__(self, *, anchor=None, target=None, example_index=None, packed_seq_params=None,
                  unpadded: bool = False):
-        if (anchor is None) == (example_index is None):
-            raise ValueError("sara_batch: give exactly one of anchor= (live anchors) and example_index= (cached priors)")
-        if anchor is not None and target is None:
-            raise ValueError("sara_batch: anchor= needs target=, the sequences each anchor is paired with")
-        self.anchor = _index_tensor(anchor, "anchor")
-        self.target = _index_tensor(target, "target")
-        self.example_index = _index_tensor(example_index, "example_index")
-        paired = self.anchor if self.anchor is not None else self.example_index
-        if self.target is not None and self.target.numel() != paired.numel():
-            name = "anchor" if self.anchor is not None else "example_index"
-            raise ValueError(f"sara_batch: {name} has {paired.numel()} entries but target has {self.target.numel()}")
+        self._indices = pair_indices("sara_batch", anchor, target, example_index, "sequences")
+        self.anchor, self.target, self.example_index = self._indices
         if not isinstance(unpadded, bool):
             raise TypeError(f"sara_batch unpadded: expected True or False, got {unpadded!r}")
         self.unpadded = unpadded
@@ -358,31 +323,18 @@ class sara_batch:
         self._reset_token = None
         return None
 
-    def _sequences(self, side: str, num_seqs: int) -> torch.Tensor:
-        seqs = getattr(self, side)
-        if seqs is None:  # priors mode, default targets
-            seqs = torch.arange(num_seqs)
-        if seqs.numel() and (int(seqs.min()) < 0 or int(seqs.max()) >= num_seqs):
-            raise ValueError(f"sara_batch {side}: indices must lie in [0, {num_seqs}), the micro-batch's sequences")
-        if self.example_index is not None and seqs.numel() != self.example_index.numel():
-            raise ValueError(
-                f"sara_batch: example_index has {self.example_index.numel()} entries but the micro-batch has {seqs.numel()} "
-                "target sequences; pass target= to say which sequences they are"
-            )
-        return seqs
-
     def columns(self, side: str, num_cols: int, device) -> torch.Tensor:
         """Batch columns of ``side`` ([s, b] layout), on ``device``."""
         key = (side, num_cols, device)
         if key not in self._cache:
-            self._cache[key] = self._sequences(side, num_cols).to(device)
+            self._cache[key] = side_sequences(self._indices, side, num_cols, "sara_batch", "sequences").to(device)
         return self._cache[key]
 
     def packed_side(self, side: str, num_tokens: int, device):
         """(token rows [T], cu_seqlens [P+1]) of ``side``'s packed sequences, on ``device``."""
         key = (side, num_tokens, device)
         if key not in self._cache:
-            seqs = self._sequences(side, len(self._lengths)).tolist()
+            seqs = side_sequences(self._indices, side, len(self._lengths), "sara_batch", "sequences").tolist()
             ends = [self._starts[i] + self._lengths[i] for i in seqs]
             if max(ends) > num_tokens:
                 raise ValueError(f"sara_batch packed_seq_params: sequences reach token {max(ends)}, the pack has {num_tokens}")

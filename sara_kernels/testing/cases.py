@@ -64,7 +64,14 @@ SEGMENTATIONS = ("none", "mask", "cu_seqlens")
 
 @dataclass(frozen=True)
 class Segmentation:
-    """How one side's N rows are cut into sequences: a mask, cu_seqlens, or neither (one sequence)."""
+    """A test case's side: how many rows (``num_tokens``) to draw logits for, and how they are cut
+    into sequences (a mask, cu_seqlens, or neither: one sequence).
+
+    Not :class:`sara_kernels.term.SequenceLayout`, the layout the integrations hand to the loss:
+    that one takes its row count from the logits it comes with, while a case is described before
+    its logits exist (``num_tokens`` sizes them; a whole side has no other record of it), and
+    it is also what the oracle reads (:meth:`membership`) and what moves to a device (:meth:`to`).
+    """
 
     mask: Optional[torch.Tensor]
     cu_seqlens: Optional[torch.Tensor]

@@ -32,7 +32,8 @@ from torchtitan.protocols.module import Module
 
 from ..hf.priors import RoutingPriors, load_routing_priors
 from ..layer_selection import select_layers
-from ..term import SARAOptions, check_layer_weights, sara_term
+from ..microbatch import LayerPriors, PairIndices, pair_indices, side_sequences
+from ..term import SARAOptions, SequenceLayout, check_layer_weights, sara_term
 
 __all__ = ["SARAConverter", "SARARouter", "SARAMicrobatch", "sara_step", "sara_metrics"]
 
@@ -83,16 +84,11 @@ class SARAMicrobatch:
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        if (self.anchor is None) == (self.example_index is None):
-            raise ValueError("SARAMicrobatch: give exactly one of anchor= (live anchors) and example_index= (cached priors)")
-        if self.anchor is not None and self.target is None:
-            raise ValueError("SARAMicrobatch: anchor= needs target=, the rows each anchor is paired with")
-        for name in ("anchor", "target", "example_index"):
-            object.__setattr__(self, name, _index_tensor(getattr(self, name), name))
-        paired = self.anchor if self.anchor is not None else self.example_index
-        if self.target is not None and self.target.numel() != paired.numel():
-            name = "anchor" if self.anchor is not None else "example_index"
-            raise ValueError(f"SARAMicrobatch: {name} has {paired.numel()} entries but target has {self.target.numel()}")
+        indices = pair_indices("SARAMicrobatch", self.anchor, self.target, self.example_index, "rows")
+        # On the host: the layouts are found there, once per micro-batch.
+        indices = PairIndices(*(None if t is None else t.detach().to("cpu") for t in indices))
+        for name, tensor in zip(PairIndices._fields, indices):
+            object.__setattr__(self, name, tensor)
         if self.positions is not None and (not isinstance(self.positions, torch.Tensor) or self.positions.dim() != 2):
             raise ValueError("SARAMicrobatch positions: expected the micro-batch's positions tensor [B, L]")
         valid = torch.as_tensor(self.valid_tokens)
@@ -100,20 +96,11 @@ class SARAMicrobatch:
             raise ValueError(f"SARAMicrobatch valid_tokens: expected an integer count, got {self.valid_tokens!r}")
 
     def _sequences(self, side: str, count: int, unit: str) -> torch.Tensor:
-        seqs = getattr(self, side)
-        if seqs is None:  # priors mode, default targets
-            seqs = torch.arange(count)
-        if int(seqs.min()) < 0 or int(seqs.max()) >= count:
-            raise ValueError(f"SARAMicrobatch {side}: indices must lie in [0, {count}), the micro-batch's {unit}")
-        if self.example_index is not None and seqs.numel() != self.example_index.numel():
-            raise ValueError(
-                f"SARAMicrobatch: example_index has {self.example_index.numel()} entries but {seqs.numel()} targets; "
-                "pass target= to say which they are"
-            )
-        return seqs
+        return side_sequences(PairIndices(self.anchor, self.target, self.example_index), side, count, "SARAMicrobatch",
+                              unit)
 
-    def side(self, name: str, logits: torch.Tensor) -> dict:
-        """``sara_loss``'s arguments for one side of logits [B, L, E]: its logits and mask or cu_seqlens."""
+    def side(self, name: str, logits: torch.Tensor):
+        """(the logits [N, E] of one side of logits [B, L, E], its :class:`~sara_kernels.term.SequenceLayout`)."""
         rows, seq_len, num_experts = logits.shape
         key = (name, rows, seq_len, logits.device)
         if key not in self._cache:  # read once per micro-batch, not again by each layer
@@ -123,9 +110,9 @@ class SARAMicrobatch:
             (picked_rows,) = self._cache[key]
             picked = logits.index_select(0, picked_rows)
             mask = torch.ones(picked.shape[:2], dtype=torch.bool, device=logits.device)
-            return {f"{name}_logits": [picked.reshape(-1, num_experts)], f"{name}_mask": mask}
+            return [picked.reshape(-1, num_experts)], SequenceLayout(mask=mask)
         tokens, cu = self._cache[key]
-        return {f"{name}_logits": [logits.reshape(-1, num_experts).index_select(0, tokens)], f"{name}_cu_seqlens": cu}
+        return [logits.reshape(-1, num_experts).index_select(0, tokens)], SequenceLayout(cu_seqlens=cu)
 
     def _packed(self, name: str, rows: int, seq_len: int):
         """(token rows [T] of the flattened [B*L] micro-batch, cu_seqlens) of ``name``'s documents."""
@@ -140,15 +127,6 @@ class SARAMicrobatch:
         tokens = torch.cat([torch.arange(int(flat_starts[d]), int(flat_ends[d])) for d in docs.tolist()])
         cu = torch.cat([torch.zeros(1, dtype=torch.long), (flat_ends - flat_starts)[docs].cumsum(0)])
         return tokens, cu.to(torch.int32)
-
-
-def _index_tensor(value, arg: str) -> Optional[torch.Tensor]:
-    if value is None:
-        return None
-    tensor = torch.as_tensor(value)
-    if tensor.dim() != 1 or tensor.numel() == 0 or tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
-        raise ValueError(f"SARAMicrobatch {arg}: expected a non-empty 1-D sequence of integer indices, got {value!r}")
-    return tensor.detach().to("cpu", torch.long)
 
 
 class sara_step:
@@ -262,16 +240,10 @@ class SARARouter(TokenChoiceTopKRouter):
         self.sara_layer = config.sara_layer
         self.sara_share = config.sara_share
         self.priors = config._priors
-        self._layer_priors = None  # [num_examples, E] of this layer, on the logits' device
+        self._layer_priors = None if self.priors is None else LayerPriors(self.priors, "SARAMicrobatch")
         self._js_sum = None  # this layer's JS summed over the micro-batches since sara_metrics last read it
         self._js_count = 0
         self.gate.register_forward_hook(self._attach_sara)
-
-    def _priors_of_layer(self, device) -> torch.Tensor:
-        if self._layer_priors is None or self._layer_priors.device != device:
-            row = self.priors.layers.index(self.sara_layer)
-            self._layer_priors = self.priors.probs[:, row, :].to(device=device, dtype=torch.float32)
-        return self._layer_priors
 
     def _attach_sara(self, gate, inputs, logits):
         if not (self.training and torch.is_grad_enabled() and self.sara.sara_weight > 0):
@@ -293,20 +265,17 @@ class SARARouter(TokenChoiceTopKRouter):
         batch = step.microbatch(self)
         if batch is None:
             return None
+        anchor_probs = None
         if batch.example_index is not None:
             if self.priors is None:
                 raise ValueError("SARAMicrobatch(example_index=...) needs cached priors: SARAConverter.Config(priors=...)")
-            index = batch.example_index
-            if int(index.min()) < 0 or int(index.max()) >= self.priors.num_examples:
-                raise ValueError(
-                    f"SARAMicrobatch example_index: values must lie in [0, {self.priors.num_examples}) (the cached priors' rows)"
-                )
-            anchor = dict(anchor_logits=None,
-                          anchor_probs=self._priors_of_layer(logits.device).index_select(0, index.to(logits.device))[None])
+            anchor_logits, anchor_layout = None, SequenceLayout()
+            anchor_probs = self._layer_priors.anchor_probs(self.sara_layer, batch.example_index, logits.device)
         else:
-            anchor = batch.side("anchor", logits)
-        term = sara_term(self.sara, **anchor, **batch.side("target", logits), layers=(self.sara_layer,),
-                         score=self.score_func)
+            anchor_logits, anchor_layout = batch.side("anchor", logits)
+        target_logits, target_layout = batch.side("target", logits)
+        term = sara_term(self.sara, anchor_logits, target_logits, anchor_layout=anchor_layout, target_layout=target_layout,
+                         anchor_probs=anchor_probs, layers=(self.sara_layer,), score=self.score_func)
         scale = torch.as_tensor(batch.valid_tokens, device=logits.device) / step.global_valid_tokens.to(logits.device)
         if torch._C._current_graph_task_id() == -1:  # a recomputation in backward is not a new micro-batch
             js = term.per_layer[0].detach()

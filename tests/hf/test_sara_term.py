@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sara_kernels import reference, sara_loss
-from sara_kernels.term import MetricsAccumulator, SARAOptions, SARATerm, check_layer_weights, sara_term
+from sara_kernels.term import MetricsAccumulator, SARAOptions, SARATerm, SequenceLayout, check_layer_weights, sara_term
 
 
 def test_options_stand_alone_and_validate_once():
@@ -53,8 +53,8 @@ def test_sara_term_is_sara_loss_with_the_options_and_names_its_metrics():
     target = [torch.randn(10, 5, dtype=torch.float64, requires_grad=True) for _ in range(2)]
     cu = torch.tensor([0, 3, 10])
     options = SARAOptions(sara_temperature=0.7, sara_layer_weights=[1.0, 3.0], sara_backend="reference")
-    term = sara_term(options, anchor, target, layers=(3, 5), score="sigmoid", anchor_cu_seqlens=cu,
-                     target_cu_seqlens=torch.tensor([0, 6, 10]))
+    term = sara_term(options, anchor, target, layers=(3, 5), score="sigmoid", anchor_layout=SequenceLayout(cu_seqlens=cu),
+                     target_layout=SequenceLayout(cu_seqlens=torch.tensor([0, 6, 10])))
     loss, per_layer = sara_loss(anchor, target, anchor_cu_seqlens=cu, target_cu_seqlens=torch.tensor([0, 6, 10]),
                                 layer_weights=[1.0, 3.0], temperature=0.7, score="sigmoid", return_per_layer=True,
                                 backend="reference")
@@ -66,6 +66,14 @@ def test_sara_term_is_sara_loss_with_the_options_and_names_its_metrics():
     assert list(metrics) == ["sara_loss", "sara_js/layer_3", "sara_js/layer_5"]
     assert not any(v.requires_grad for v in metrics.values())
     assert float(metrics["sara_js/layer_5"]) == pytest.approx(float(per_layer[1]))
+
+
+def test_sara_term_takes_each_side_layout_as_a_sequence_layout():
+    anchor = [torch.randn(6, 5)]
+    mask = torch.ones(2, 3)
+    with pytest.raises(TypeError, match=r"^anchor_layout: expected a sara_kernels.term.SequenceLayout, got dict"):
+        sara_term(SARAOptions(), anchor, anchor, layers=(0,), score="softmax", anchor_layout={"mask": mask, "cu_seqlens": None},
+                  target_layout=SequenceLayout(mask=mask))
 
 
 def test_sara_divergence_reaches_the_trainer_its_loss_and_metric_names(tmp_path):

@@ -480,3 +480,15 @@ def test_spec_transform_shapes_and_refusals():
     sigmoid_spec = with_sara(with_sdpa_attention(spec), SARAOptions(sara_score="sigmoid"), router_class=RecordingRouter)
     with pytest.raises(ValueError, match="SARA follows the router"):  # checked when the routers are built
         GPTModel(config=tiny_config(), transformer_layer_spec=sigmoid_spec, vocab_size=40, max_sequence_length=16)
+
+
+def test_an_empty_micro_batch_side_is_a_clear_error():
+    """No sequence in the micro-batch (no column, or a pack of none) leaves the targets of cached
+    priors empty: refused naming the example indices it cannot pair."""
+    message = "^sara_batch: example_index has 2 entries but the micro-batch has 0 target sequences"
+    with pytest.raises(ValueError, match=message):
+        sara_batch(example_index=[3, 4]).columns("target", 0, "cpu")
+    empty_pack = PackedSeqParams(qkv_format="thd", cu_seqlens_q=torch.zeros(1, dtype=torch.int32),
+                                 cu_seqlens_kv=torch.zeros(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match=message):
+        sara_batch(example_index=[3, 4], packed_seq_params=empty_pack).packed_side("target", 0, "cpu")

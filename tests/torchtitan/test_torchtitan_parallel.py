@@ -146,9 +146,7 @@ CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
 
 
 def _check_data_parallel(rank, name, degrees):
-    import torch.distributed as dist
-
-    from sara_kernels.torchtitan import SARAMicrobatch, sara_metrics, sara_step
+    from sara_kernels.torchtitan import SARAMicrobatch, sara_step
 
     tokens = _whole_batch()
     want, want_logged = _one_process(name, tokens, list(range(PAIRS)), list(range(PAIRS, 2 * PAIRS)))
@@ -166,20 +164,11 @@ def _check_data_parallel(rank, name, degrees):
     with sara_step(SARAMicrobatch(valid_tokens=local.numel(), anchor=list(range(per)), target=list(range(per, 2 * per))),
                    global_valid_tokens=tokens.numel()):
         _sara_only_loss(parts[0](local), None)[0].backward()
-    got = _gate_grads(parts)
-    assert got.keys() == want.keys()
-    for layer, grad in got.items():
-        torch.testing.assert_close(grad, want[layer], **GATE_GRAD_TOL, msg=lambda m: f"{name} {degrees} layer {layer}: {m}")
-    logged = sara_metrics(parts, dist.group.WORLD)
-    assert logged.keys() == want_logged.keys()
-    for key, value in logged.items():
-        assert value == pytest.approx(want_logged[key], rel=1e-5, abs=FP32_JS_ATOL)  # float32 JS, other summation order
+    _assert_equals_one_process(parts, want, want_logged, f"{name} {degrees}", stage=False)
 
 
 def _check_pipeline(rank, name, schedule, ac_config=None):
-    import torch.distributed as dist
-
-    from sara_kernels.torchtitan import SARAMicrobatch, sara_metrics, sara_step
+    from sara_kernels.torchtitan import SARAMicrobatch, sara_step
 
     tokens = _whole_batch()
     want, want_logged = _one_process(name, tokens, list(range(PAIRS)), list(range(PAIRS, 2 * PAIRS)))
@@ -194,10 +183,23 @@ def _check_pipeline(rank, name, schedule, ac_config=None):
             pipeline.step(tokens[order])
         else:
             pipeline.step(target=tokens[order], losses=[], loss_kwargs={"global_valid_tokens": torch.tensor(n)})
+    _assert_equals_one_process(parts, want, want_logged, f"{name} PP {schedule} {ac_config}", stage=True)
+
+
+def _assert_equals_one_process(parts, want: dict, want_logged: dict, where: str, *, stage: bool):
+    """The gate gradients of ``parts`` (every MoE layer; with ``stage``, a pipeline stage's one)
+    and the values ``sara_metrics`` logs over the ranks are those of one process."""
+    import torch.distributed as dist
+
+    from sara_kernels.torchtitan import sara_metrics
+
     got = _gate_grads(parts)
-    assert len(got) == 1 and got.keys() <= want.keys()  # one MoE layer per stage
+    if stage:
+        assert len(got) == 1 and got.keys() <= want.keys()  # one MoE layer per stage
+    else:
+        assert got.keys() == want.keys()
     for layer, grad in got.items():
-        torch.testing.assert_close(grad, want[layer], **GATE_GRAD_TOL, msg=lambda m: f"{name} PP {schedule} {ac_config} layer {layer}: {m}")
+        torch.testing.assert_close(grad, want[layer], **GATE_GRAD_TOL, msg=lambda m: f"{where} layer {layer}: {m}")
     logged = sara_metrics(parts, dist.group.WORLD)
     assert logged.keys() == want_logged.keys()
     for key, value in logged.items():

@@ -269,3 +269,14 @@ def test_rows_outside_the_microbatch_are_refused():
     with pytest.raises(ValueError, match=r"target: indices must lie in \[0, 2\), the micro-batch's rows"):
         with sara_step(SARAMicrobatch(valid_tokens=2, anchor=[0], target=[2]), global_valid_tokens=2):
             model(tokens)
+
+
+@pytest.mark.parametrize("positions", [False, True], ids=["rows", "documents"])
+def test_an_empty_microbatch_side_is_a_clear_error(positions):
+    """A micro-batch with no row leaves the targets of cached priors empty: refused naming the
+    example indices it cannot pair (not a failing min() of an empty tensor)."""
+    logits = torch.randn(0, SEQ, 8)
+    batch = SARAMicrobatch(valid_tokens=0, example_index=[3], positions=torch.zeros(0, SEQ) if positions else None)
+    unit = "documents" if positions else "rows"
+    with pytest.raises(ValueError, match=f"^SARAMicrobatch: example_index has 1 entries but the micro-batch has 0 target {unit}"):
+        batch.side("target", logits)
