@@ -1,6 +1,6 @@
 """sara_kernels.megatron on 2 gloo processes (CPU): data parallel equals one process on the whole
 batch (gradients, and the SARA value Megatron's track_moe_metrics logs), and context parallel (a
-router whose ranks hold Megatron's sequence chunks) equals the whole sequences. One spawn runs
+router whose ranks hold Megatron's sequence chunks, with pair_weights) equals the whole sequences. One spawn runs
 both, bounded in time."""
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def _check_context_parallel(rank: int):
     hidden = torch.randn(seq_len, num_cols, mm.HIDDEN, generator=g)  # the same whole sequences on both ranks
     padding = torch.arange(seq_len)[:, None] >= torch.tensor([8, 3, 6, 1])[None, :]  # [s, b], True = padding
     local = _cp_chunks(seq_len, 2, rank)
-    with mm.sara_batch(anchor=[0, 1], target=[2, 3]):
+    pair_weights = torch.tensor([0.4, 1.3])  # replicated on the CP ranks
+    with mm.sara_batch(anchor=[0, 1], target=[2, 3], pair_weights=pair_weights):
         probs, _ = router(hidden[local], padding[local])
     (probs.sum() * 0.0).backward()
     grad = router.weight.grad.clone()
@@ -88,7 +89,8 @@ def _check_context_parallel(rank: int):
     logits = torch.nn.functional.linear(hidden.double(), weight).transpose(0, 1)  # [b, s, E]
     valid = ~padding.T
     expected, per_layer = sara_loss([logits[[0, 1]].reshape(-1, mm.EXPERTS)], [logits[[2, 3]].reshape(-1, mm.EXPERTS)],
-                                    valid[[0, 1]], valid[[2, 3]], backend="reference", return_per_layer=True)
+                                    valid[[0, 1]], valid[[2, 3]], pair_weights=pair_weights.double(), backend="reference",
+                                    return_per_layer=True)
     (expected * 0.6 / 2).backward()  # this layer's share: weight / 2 selected layers
     assert_grads_close(grad, weight.grad, torch.float32)
     assert weight.grad.abs().sum() > 0
