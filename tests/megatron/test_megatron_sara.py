@@ -163,7 +163,7 @@ def test_packed_sequences(padded, anchors):
     if anchors == "live":
         model = tiny_model(seed=5, layers=[2])
         anchor, target = [2, 0], [1, 3]
-        layout = dict(anchor=anchor, target=target)
+        layout = dict(anchor=anchor, target=target, pair_weights=torch.tensor([0.6, 1.8]))
     else:
         # Cached priors of 5 examples; the pack's 4 sequences are the targets (the default), each
         # paired with the prior of its example index.
@@ -171,7 +171,7 @@ def test_packed_sequences(padded, anchors):
         priors = RoutingPriors(probs=probs, layers=(2,), score="softmax", temperature=1.0)
         model = tiny_model(seed=5, layers=[2], priors=priors)
         example_index, target = torch.tensor([3, 0, 4, 3]), [0, 1, 2, 3]
-        layout = dict(example_index=example_index)
+        layout = dict(example_index=example_index, pair_weights=torch.tensor([1.0, 0.0, 2.5, 0.5]))
     starts = [0, 4, 5, 11] if not padded else [0, 6, 8, 16]  # padded: each sequence starts at its padded offset
     total = starts[-1] + lengths[-1] + (2 if padded else 0)
     cu = torch.tensor([0, 4, 5, 11, 14], dtype=torch.int32)
@@ -193,7 +193,7 @@ def test_packed_sequences(padded, anchors):
     else:
         anchor_side = dict(anchor_logits=None, anchor_probs=priors.gather(example_index).double())
     loss, per_layer = sara_loss(**anchor_side, target_logits=[side(target)], target_cu_seqlens=side_cu(target),
-                                backend="reference", return_per_layer=True)
+                                pair_weights=layout["pair_weights"].double(), backend="reference", return_per_layer=True)
     expected = router.sara.sara_weight * loss
     assert expected.item() > 1e-6
     assert_grads_equal(model, output, expected)

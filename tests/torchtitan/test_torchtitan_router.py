@@ -139,7 +139,7 @@ def test_packed_documents_follow_torchtitan_positions():
     positions = torch.cat([torch.cat([torch.arange(5), torch.arange(11)]),
                            torch.cat([torch.arange(7, 10), torch.arange(7), torch.arange(6)])]).view(2, SEQ)
     spans = [(0, 5), (5, 16), (16, 19), (19, 26), (26, 32)]
-    anchor, target = [0, 4], [3, 1]
+    anchor, target, weights = [0, 4], [3, 1], torch.tensor([2.0, 0.5])
     logits, layers = _gate_logits(plain, tokens)
     flat = [z.reshape(-1, z.shape[-1]) for z in logits]
 
@@ -151,9 +151,10 @@ def test_packed_documents_follow_torchtitan_positions():
     def loss_of(dtype):
         (a_logits, a_cu), (t_logits, t_cu) = side(anchor, dtype), side(target, dtype)
         return OPTIONS["sara_weight"] * reference_loss(a_logits, t_logits, anchor_cu_seqlens=a_cu, target_cu_seqlens=t_cu,
-                                                       score="softmax", temperature=1.5, layer_weights=[1.0, 3.0])
+                                                       score="softmax", temperature=1.5, layer_weights=[1.0, 3.0],
+                                                       pair_weights=weights.to(dtype))
 
-    batch = SARAMicrobatch(valid_tokens=32, anchor=anchor, target=target, positions=positions)
+    batch = SARAMicrobatch(valid_tokens=32, anchor=anchor, target=target, positions=positions, pair_weights=weights)
     grads = _sara_gate_grads(model, tokens, batch, 32)
     _assert_gate_grads(grads, layers, *_reference_grads(plain, layers, loss_of))
 
