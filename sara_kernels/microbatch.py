@@ -6,7 +6,8 @@ Megatron's :class:`~sara_kernels.megatron.sara_batch` and torchtitan's
 :class:`~sara_kernels.torchtitan.SARAMicrobatch` each find their sequences in their own
 framework's tensors (columns or packed ``cu_seqlens``; rows or documents of ``positions``), then
 build a :class:`~sara_kernels.term.SequenceLayout` per side. What they share is here: the index
-arguments and their checks (every message names the ``caller``), and one layer's cached priors.
+arguments and their checks (every message names the ``caller``), the pairs' weights (``pair_weights``
+and ``sara_anchor_filter``'s kept pairs), and one layer's cached priors.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+
+from ._inputs import pair_weight_tensor
 
 
 class PairIndices(NamedTuple):
@@ -50,6 +53,67 @@ def pair_indices(caller: str, anchor, target, example_index, unit: str) -> PairI
     return indices
 
 
+def pair_weights_of(pair_weights, indices: PairIndices, caller: str) -> Optional[torch.Tensor]:
+    """``pair_weights`` checked as ``sara_loss`` checks them (finite, >= 0, one per pair of the
+    micro-batch), as a floating tensor on its own device; None when not given."""
+    if pair_weights is None:
+        return None
+    paired = indices.anchor if indices.anchor is not None else indices.example_index
+    device = pair_weights.device if isinstance(pair_weights, torch.Tensor) else torch.device("cpu")
+    try:
+        return pair_weight_tensor(pair_weights, paired.numel(), device)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{caller} {error}") from None
+
+
+# Why the in-model integrations filter only with cached priors, and what to do instead.
+_LIVE_FILTER_ADVICE = (
+    "live anchors run in the same forward as their targets, and the LM logits that say whether the model answers an "
+    "anchor exist only after the routers have attached SARA (on the last pipeline stage); extract priors with "
+    "`python -m sara_kernels priors --anchor_answers` and give example_index=, or pass pair_weights= from your own "
+    "greedy check of the anchors (sara_kernels.hf.routing.answers_reproduced on a graph-free forward)"
+)
+
+
+def check_anchor_filter(options, priors, caller: str) -> None:
+    """Refuse a ``sara_anchor_filter`` the integration cannot apply: only ``"correct"``, read from
+    cached priors that record each anchor's correctness (``priors``: a
+    :class:`~sara_kernels.hf.RoutingPriors` or None)."""
+    anchor_filter = options.sara_anchor_filter
+    if anchor_filter == "none":
+        return
+    if priors is None:
+        raise ValueError(f"{caller}: sara_anchor_filter={anchor_filter!r} needs cached priors here: {_LIVE_FILTER_ADVICE}")
+    if anchor_filter == "correct_anchor_wrong_target":
+        raise ValueError(
+            f"{caller}: sara_anchor_filter='correct_anchor_wrong_target' with cached priors is not supported (the "
+            "target's answer is read from the LM logits, which exist only after the routers); use "
+            "sara_anchor_filter='correct', or pass pair_weights= from your own check of the targets"
+        )
+    if priors.anchor_correct is None:
+        raise ValueError(
+            f"{caller}: sara_anchor_filter='correct' needs a priors file that records each anchor's correctness; "
+            "extract it with `python -m sara_kernels priors --anchor_answers` (extract_routing_priors(..., anchor_answers=True))"
+        )
+
+
+def micro_batch_pair_weights(options, layer_priors: Optional["LayerPriors"], example_index: Optional[torch.Tensor],
+                             pair_weights: Optional[torch.Tensor], device, caller: str):
+    """(π [P] on ``device`` for ``sara_term``, or None; the fraction of pairs ``sara_anchor_filter``
+    keeps, or None without the filter). With the filter π is the priors' anchor correctness of each
+    ``example_index`` times ``pair_weights``; ``check_anchor_filter`` has passed."""
+    weights = None if pair_weights is None else pair_weights.to(device)
+    if options.sara_anchor_filter == "none":
+        return weights, None
+    if example_index is None:
+        raise ValueError(
+            f"{caller}: sara_anchor_filter={options.sara_anchor_filter!r} filters the pairs of cached priors "
+            f"(example_index=), not live anchors: {_LIVE_FILTER_ADVICE}"
+        )
+    kept = layer_priors.anchor_kept(example_index, device)
+    return (kept if weights is None else kept * weights), kept.mean()
+
+
 def side_sequences(indices: PairIndices, side: str, count: int, caller: str, unit: str) -> torch.Tensor:
     """The indices of ``side``'s sequences among the micro-batch's ``count`` ``unit``; in priors
     mode without ``target=``, all of them. A micro-batch with no sequence gives an empty side, refused
@@ -76,6 +140,7 @@ class LayerPriors:
         self.caller = caller
         self._probs = None  # [num_examples, E] of the layer last asked for, on its device
         self._layer = None
+        self._correct = None  # [num_examples] float anchor_correct, on the device last asked for
 
     def anchor_probs(self, layer: int, example_index: torch.Tensor, device) -> torch.Tensor:
         """The priors [1, P, E] of decoder layer ``layer`` for the ``example_index`` [P] of the targets.
@@ -94,3 +159,10 @@ class LayerPriors:
             self._probs = self.priors.probs[:, row, :].to(device=device, dtype=torch.float32)
             self._layer = layer
         return self._probs.index_select(0, example_index.to(device))[None]
+
+    def anchor_kept(self, example_index: torch.Tensor, device) -> torch.Tensor:
+        """[P] float32: 1 where the priors file records that the model answers the anchor of each
+        ``example_index`` correctly, else 0 (the indices as :meth:`anchor_probs` checks them)."""
+        if self._correct is None or self._correct.device != device:
+            self._correct = self.priors.anchor_correct.to(device=device, dtype=torch.float32)
+        return self._correct.index_select(0, example_index.to(device))

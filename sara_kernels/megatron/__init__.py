@@ -17,9 +17,9 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 from .priors import extract_routing_priors
 from ..term import SARAOptions
-from .router import TRACKER_NAME, SARARouter, moe_layer_indices, sara_batch, with_sara
+from .router import KEPT_TRACKER_NAME, TRACKER_NAME, SARARouter, moe_layer_indices, sara_batch, with_sara
 
 __all__ = [
-    "with_sara", "sara_batch", "SARARouter", "SARAOptions", "moe_layer_indices", "TRACKER_NAME",
+    "with_sara", "sara_batch", "SARARouter", "SARAOptions", "moe_layer_indices", "TRACKER_NAME", "KEPT_TRACKER_NAME",
     "extract_routing_priors",
 ]

@@ -40,16 +40,19 @@ except ImportError:  # megatron-core 0.16 has save_to_aux_losses_tracker only
 
 from ..hf.priors import RoutingPriors, load_routing_priors
 from ..layer_selection import select_layers
-from ..microbatch import LayerPriors, pair_indices, side_sequences
+from ..microbatch import (LayerPriors, check_anchor_filter, micro_batch_pair_weights, pair_indices, pair_weights_of,
+                          side_sequences)
 from ..reference import layer_shares
 from ..term import SARAOptions, SequenceLayout, check_layer_weights, sara_term
 
-__all__ = ["SARARouter", "with_sara", "sara_batch", "moe_layer_indices", "TRACKER_NAME"]
+__all__ = ["SARARouter", "with_sara", "sara_batch", "moe_layer_indices", "TRACKER_NAME", "KEPT_TRACKER_NAME"]
 
 #: Name of the per-layer SARA value in Megatron's aux-loss tracker (next to ``load_balancing_loss``).
 #: List it in the ``track_names`` given to ``track_moe_metrics``: Megatron reduces only the listed
 #: names across pipeline stages and data-parallel ranks before logging.
 TRACKER_NAME = "sara_loss"
+#: Name of the fraction of pairs ``sara_anchor_filter`` keeps in the same tracker (with the filter on).
+KEPT_TRACKER_NAME = "sara_anchor_kept"
 
 
 def moe_layer_indices(config) -> tuple:
@@ -93,11 +96,6 @@ class SARARouter(TopKRouter):
                 "sara_lm_on_anchor has no meaning here: the LM loss is your loss_func's (mask the anchor rows in "
                 "loss_mask to keep the LM off them)"
             )
-        if sara.sara_anchor_filter != "none":
-            raise ValueError(
-                f"sara_anchor_filter={sara.sara_anchor_filter!r} is not supported by the Megatron integration yet "
-                "(SARATrainer has it); leave it 'none'"
-            )
         recomputed = config.recompute_granularity == "full" or (
             config.recompute_granularity == "selective" and "moe" in (config.recompute_modules or ())
         )
@@ -132,8 +130,12 @@ class SARARouter(TopKRouter):
                     f"the priors were computed with temperature={priors.temperature}, SARA uses "
                     f"sara_temperature={sara.sara_temperature}"
                 )
+        check_anchor_filter(sara, priors, "with_sara")
         self.priors = priors
         self._layer_priors = None if priors is None else LayerPriors(priors, "sara_batch")
+        # Megatron logs a tracked name as its sum over layers / the MoE layers (MTP included): each
+        # SARA layer records the kept fraction times this, so that the logged value is the fraction.
+        self._kept_per_layer = (len(moe_layer_indices(config)) + (config.mtp_num_layers or 0)) / len(self.sara_layers)
 
     @property
     def sara_layer(self) -> Optional[int]:
@@ -152,7 +154,8 @@ class SARARouter(TopKRouter):
         return group if group is not None and group.size() > 1 else None
 
     def _micro_batch_term(self, batch: "sara_batch", logits: torch.Tensor, padding_mask: Optional[torch.Tensor]):
-        """(this layer's share of ``sara_weight * sara_loss``, the layer's mean JS) for logits [s, b, E]."""
+        """(this layer's share of ``sara_weight * sara_loss``, the layer's mean divergence, the fraction
+        of pairs ``sara_anchor_filter`` keeps or None) for logits [s, b, E]."""
         group = self._sara_group()
         seq_len, num_cols, num_experts = logits.shape
         if batch.packed:
@@ -189,10 +192,12 @@ class SARARouter(TopKRouter):
         else:
             anchor_logits, anchor_layout = side("anchor")
         target_logits, target_layout = side("target")
+        pair_weights, kept = micro_batch_pair_weights(self.sara, self._layer_priors, batch.example_index,
+                                                      batch.pair_weights, logits.device, "sara_batch")
         term = sara_term(self._layer_options, anchor_logits, target_logits, anchor_layout=anchor_layout,
-                         target_layout=target_layout, anchor_probs=anchor_probs, layers=(self.sara_layer,),
-                         score=self.sara_score, group=group)
-        return term.loss * self._layer_share[self.sara_layer], term.per_layer[0]
+                         target_layout=target_layout, anchor_probs=anchor_probs, pair_weights=pair_weights,
+                         layers=(self.sara_layer,), score=self.sara_score, group=group)
+        return term.loss * self._layer_share[self.sara_layer], term.per_layer[0], kept
 
     def _batch_to_attach(self, logits: torch.Tensor) -> Optional["sara_batch"]:
         """The micro-batch whose term this call attaches, or ``None`` when it attaches none (not
@@ -229,7 +234,7 @@ class SARARouter(TopKRouter):
         """SARA attached to the logits (as Megatron attaches its z-loss), then ``TopKRouter.routing``."""
         batch = self._batch_to_attach(logits)
         if batch is not None:
-            term, layer_js = self._micro_batch_term(batch, logits, padding_mask)
+            term, layer_js, kept = self._micro_batch_term(batch, logits, padding_mask)
             if self.calculate_per_token_loss:
                 # Megatron then divides every gradient by the global token count, so aux losses
                 # are multiplied by the local one (as its z-loss and load-balancing loss are).
@@ -238,6 +243,9 @@ class SARARouter(TopKRouter):
             logits = MoEAuxLossAutoScaler.apply(logits, term)
             num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
             _track(TRACKER_NAME, layer_js, self.layer_number, num_layers, avg_group=self.tp_dp_cp_group)
+            if kept is not None:
+                _track(KEPT_TRACKER_NAME, kept * self._kept_per_layer, self.layer_number, num_layers,
+                       avg_group=self.tp_dp_cp_group)
         return super().routing(logits, padding_mask=padding_mask)
 
 
@@ -265,6 +273,10 @@ class sara_batch:
         target: sequence indices of the targets, paired with ``anchor`` / ``example_index``
             element by element; default: every sequence (priors mode only).
         example_index: dataset index of each target, the row of its cached prior.
+        pair_weights: one weight per pair (finite, >= 0), each pair's π in ``sara_loss``'s weighted
+            mean over the pairs of the micro-batch (0 with zero gradients when every weight is 0); the
+            same on every context- and tensor-parallel rank. With ``sara_anchor_filter="correct"``
+            they multiply the priors' kept pairs.
         packed_seq_params: Megatron's ``PackedSeqParams`` of the micro-batch, or ``None``.
         unpadded: ``True`` when no sequence of a (not packed) micro-batch is padded, so the model
             call may omit ``padding_mask``; without it a SARA router given no ``padding_mask``
@@ -274,10 +286,11 @@ class sara_batch:
     Packed boundaries are read to the host once per block (one device sync for GPU tensors).
     """
 
-    def __init__(self, *, anchor=None, target=None, example_index=None, packed_seq_params=None,
+    def __init__(self, *, anchor=None, target=None, example_index=None, pair_weights=None, packed_seq_params=None,
                  unpadded: bool = False):
         self._indices = pair_indices("sara_batch", anchor, target, example_index, "sequences")
         self.anchor, self.target, self.example_index = self._indices
+        self.pair_weights = pair_weights_of(pair_weights, self._indices, "sara_batch")
         if not isinstance(unpadded, bool):
             raise TypeError(f"sara_batch unpadded: expected True or False, got {unpadded!r}")
         self.unpadded = unpadded

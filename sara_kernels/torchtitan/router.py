@@ -32,7 +32,8 @@ from torchtitan.protocols.module import Module
 
 from ..hf.priors import RoutingPriors, load_routing_priors
 from ..layer_selection import select_layers
-from ..microbatch import LayerPriors, PairIndices, pair_indices, side_sequences
+from ..microbatch import (LayerPriors, PairIndices, check_anchor_filter, micro_batch_pair_weights, pair_indices,
+                          pair_weights_of, side_sequences)
 from ..term import SARAOptions, SequenceLayout, check_layer_weights, sara_term
 
 __all__ = ["SARAConverter", "SARARouter", "SARAMicrobatch", "sara_step", "sara_metrics"]
@@ -69,6 +70,10 @@ class SARAMicrobatch:
         target: rows / documents of the targets, paired with ``anchor`` / ``example_index``
             element by element; default: all of them (priors mode only).
         example_index: the dataset index of each target, the row of its cached prior.
+        pair_weights: one weight per pair (finite, >= 0), each pair's π in ``sara_loss``'s weighted
+            mean over the pairs of the micro-batch (0 with zero gradients when every weight is 0); the
+            same on every tensor-parallel rank. With ``sara_anchor_filter="correct"`` they multiply
+            the priors' kept pairs.
         positions: the micro-batch's ``positions`` [B, L] as torchtitan's packing dataloader
             gives them: a document starts where its position is 0 (and at each row start);
             documents are numbered in row-major order.
@@ -80,6 +85,7 @@ class SARAMicrobatch:
     anchor: Optional[Sequence[int]] = None
     target: Optional[Sequence[int]] = None
     example_index: Optional[Sequence[int]] = None
+    pair_weights: Optional[Union[Sequence[float], torch.Tensor]] = None
     positions: Optional[torch.Tensor] = None
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -89,6 +95,7 @@ class SARAMicrobatch:
         indices = PairIndices(*(None if t is None else t.detach().to("cpu") for t in indices))
         for name, tensor in zip(PairIndices._fields, indices):
             object.__setattr__(self, name, tensor)
+        object.__setattr__(self, "pair_weights", pair_weights_of(self.pair_weights, indices, "SARAMicrobatch"))
         if self.positions is not None and (not isinstance(self.positions, torch.Tensor) or self.positions.dim() != 2):
             raise ValueError("SARAMicrobatch positions: expected the micro-batch's positions tensor [B, L]")
         valid = torch.as_tensor(self.valid_tokens)
@@ -243,6 +250,7 @@ class SARARouter(TokenChoiceTopKRouter):
         self._layer_priors = None if self.priors is None else LayerPriors(self.priors, "SARAMicrobatch")
         self._js_sum = None  # this layer's JS summed over the micro-batches since sara_metrics last read it
         self._js_count = 0
+        self._kept_sum = None  # the fraction of pairs sara_anchor_filter kept, summed likewise
         self.gate.register_forward_hook(self._attach_sara)
 
     def _attach_sara(self, gate, inputs, logits):
@@ -274,18 +282,24 @@ class SARARouter(TokenChoiceTopKRouter):
         else:
             anchor_logits, anchor_layout = batch.side("anchor", logits)
         target_logits, target_layout = batch.side("target", logits)
+        pair_weights, kept = micro_batch_pair_weights(self.sara, self._layer_priors, batch.example_index,
+                                                      batch.pair_weights, logits.device, "SARAMicrobatch")
         term = sara_term(self.sara, anchor_logits, target_logits, anchor_layout=anchor_layout, target_layout=target_layout,
-                         anchor_probs=anchor_probs, layers=(self.sara_layer,), score=self.score_func)
+                         anchor_probs=anchor_probs, pair_weights=pair_weights, layers=(self.sara_layer,),
+                         score=self.score_func)
         scale = torch.as_tensor(batch.valid_tokens, device=logits.device) / step.global_valid_tokens.to(logits.device)
         if torch._C._current_graph_task_id() == -1:  # a recomputation in backward is not a new micro-batch
             js = term.per_layer[0].detach()
             self._js_sum = js if self._js_sum is None else self._js_sum + js
             self._js_count += 1
+            if kept is not None:
+                self._kept_sum = kept if self._kept_sum is None else self._kept_sum + kept
         return _AttachTerm.apply(logits, term.loss * (self.sara_share * scale))
 
 
 def sara_metrics(model_parts, mesh=None) -> dict:
-    """``{"sara_js/layer_{i}": mean JS}`` of the micro-batches since the last call, for torchtitan's
+    """``{"sara_js/layer_{i}": mean JS}`` of the micro-batches since the last call, and with
+    ``sara_anchor_filter`` ``"sara_anchor_kept"`` (the mean fraction of pairs kept), for torchtitan's
     ``MetricsProcessor.log(..., extra_metrics=...)``; each router's sums restart.
 
     ``model_parts``: the trainer's ``model_parts`` (a model or a list of pipeline stages).
@@ -294,23 +308,25 @@ def sara_metrics(model_parts, mesh=None) -> dict:
     layers: a layer no rank of the group holds averages to nothing and is left out).
     """
     parts = model_parts if isinstance(model_parts, (list, tuple)) else [model_parts]
-    local = {}
+    local = []  # (layer, name, mean over this rank's micro-batches); every layer saw the same kept pairs
     for part in parts:
         for module in part.modules():
             if isinstance(module, SARARouter) and module._js_count:
-                local[module.sara_layer] = (module._js_sum / module._js_count).float()
-                module._js_sum, module._js_count = None, 0
-    if mesh is None:
-        return {f"sara_js/layer_{layer}": float(value) for layer, value in sorted(local.items())}
-    group = mesh.get_group() if hasattr(mesh, "get_group") else mesh
-    gathered = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, {layer: float(value) for layer, value in local.items()}, group=group)
+                local.append((module.sara_layer, f"sara_js/layer_{module.sara_layer}",
+                              float(module._js_sum / module._js_count)))
+                if module._kept_sum is not None:
+                    local.append((-1, "sara_anchor_kept", float(module._kept_sum / module._js_count)))
+                module._js_sum, module._js_count, module._kept_sum = None, 0, None
+    entries = [local]
+    if mesh is not None:
+        group = mesh.get_group() if hasattr(mesh, "get_group") else mesh
+        entries = [None] * dist.get_world_size(group)
+        dist.all_gather_object(entries, local, group=group)
     sums: dict = {}
-    for rank_values in gathered:
-        for layer, value in rank_values.items():
-            total, count = sums.get(layer, (0.0, 0))
-            sums[layer] = (total + value, count + 1)
-    return {f"sara_js/layer_{layer}": total / count for layer, (total, count) in sorted(sums.items())}
+    for order, name, value in sorted(entry for rank_entries in entries for entry in rank_entries):
+        total, count = sums.get(name, (0.0, 0))
+        sums[name] = (total + value, count + 1)
+    return {name: total / count for name, (total, count) in sums.items()}
 
 
 class SARAConverter(ModelConfigConverter):
@@ -338,11 +354,6 @@ class SARAConverter(ModelConfigConverter):
                 "sara_lm_on_anchor has no meaning here: the LM loss is torchtitan's (set the anchor rows' labels to "
                 "IGNORE_INDEX to keep the LM off them)"
             )
-        if config.options.sara_anchor_filter != "none":
-            raise ValueError(
-                f"sara_anchor_filter={config.options.sara_anchor_filter!r} is not supported by the torchtitan "
-                "integration yet (SARATrainer has it); leave it 'none'"
-            )
         self.options = config.options
         self.priors = None
         if config.priors is not None:
@@ -354,6 +365,7 @@ class SARAConverter(ModelConfigConverter):
                     f"the priors were computed with temperature={self.priors.temperature}, SARA uses "
                     f"sara_temperature={self.options.sara_temperature}"
                 )
+        check_anchor_filter(self.options, self.priors, "SARAConverter")
 
     def convert(self, model_config: Module.Config) -> Module.Config:
         routers = {}

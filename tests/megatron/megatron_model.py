@@ -85,10 +85,10 @@ def tiny_config(**overrides) -> TransformerConfig:
 
 
 def tiny_model(seed: int = 0, *, weight: float = 0.7, layers="middle", priors=None, router_class=RecordingRouter,
-               layer_weights=None, divergence="js", **config_overrides) -> GPTModel:
+               layer_weights=None, divergence="js", anchor_filter="none", **config_overrides) -> GPTModel:
     torch.manual_seed(seed)
     options = SARAOptions(sara_weight=weight, sara_layers=layers, sara_layer_weights=layer_weights,
-                          sara_divergence=divergence)
+                          sara_divergence=divergence, sara_anchor_filter=anchor_filter)
     spec = with_sara(with_sdpa_attention(get_gpt_layer_local_spec(num_experts=EXPERTS)), options, priors=priors,
                      router_class=router_class)
     model = GPTModel(config=tiny_config(**config_overrides), transformer_layer_spec=spec, vocab_size=VOCAB,
@@ -128,9 +128,9 @@ def clean_forward(model, *args, **kwargs):
         model.train()
 
 
-def expected_sara_padded(model, padding, anchor=None, target=None, anchor_probs=None):
+def expected_sara_padded(model, padding, anchor=None, target=None, anchor_probs=None, pair_weights=None):
     """sara_weight * sara_loss over the SARA layers from the last recorded logits [s, b, E] (float64
-    reference), and its per-layer values."""
+    reference, with ``pair_weights``), and its per-layer values."""
     logits = [r.recorded[-1].double() for r in sara_layers(model)]
     valid = ~padding  # [b, s]
     if target is None:
@@ -144,6 +144,7 @@ def expected_sara_padded(model, padding, anchor=None, target=None, anchor_probs=
     options = sara_layers(model)[0].sara
     loss, per_layer = sara_loss(**kwargs, score=model.config.moe_router_score_function, backend="reference",
                                 layer_weights=options.sara_layer_weights, divergence=options.sara_divergence,
+                                pair_weights=None if pair_weights is None else torch.as_tensor(pair_weights).double(),
                                 return_per_layer=True)
     return options.sara_weight * loss, per_layer
 

@@ -1,6 +1,7 @@
 """sara_kernels.megatron on 2 gloo processes (CPU): data parallel equals one process on the whole
 batch (gradients, and the SARA value Megatron's track_moe_metrics logs), and context parallel (a
-router whose ranks hold Megatron's sequence chunks) equals the whole sequences. One spawn runs
+router whose ranks hold Megatron's sequence chunks, with pair_weights) equals the whole sequences;
+sara_anchor_filter with priors on 2 data-parallel ranks equals one process. One spawn runs
 both, bounded in time."""
 
 from __future__ import annotations
@@ -53,6 +54,46 @@ def _check_data_parallel(rank: int):
     mm.reset_megatron_state()
 
 
+def _check_data_parallel_anchor_filter(rank: int):
+    """sara_anchor_filter="correct" with priors on 2 data-parallel ranks, each keeping one of its two
+    pairs: the gradients averaged over the ranks, and the logged kept fraction, are those of one
+    process on the whole batch (the mean over its 2 kept pairs)."""
+    from sara_kernels.hf import RoutingPriors
+    from sara_kernels.megatron import KEPT_TRACKER_NAME
+
+    tokens, positions, padding = _whole_batch()
+    probs = torch.softmax(torch.randn(PAIRS_OF_PRIORS, 2, mm.EXPERTS, generator=torch.Generator().manual_seed(22)), -1)
+    priors = RoutingPriors(probs=probs, layers=(1, 2), score="softmax", temperature=1.0,
+                           anchor_correct=torch.tensor([True, False, False, True]))
+    mine = [4 + 2 * rank, 5 + 2 * rank]  # this rank's target rows, examples 2 * rank and 2 * rank + 1
+    model = mm.tiny_model(seed=11, priors=priors, anchor_filter="correct")
+    with mm.sara_batch(example_index=[2 * rank, 2 * rank + 1]):
+        output = model(tokens[mine], positions[mine], None, labels=tokens[mine], padding_mask=padding[mine])
+    mm.sara_only_backward(output)
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+    logged = {}
+    track_moe_metrics(loss_scale=1.0, iteration=1, total_loss_dict=logged, track_names=[KEPT_TRACKER_NAME],
+                      num_layers=model.config.num_layers, moe_layer_freq=model.config.moe_layer_freq)
+    mm.reset_megatron_state()
+
+    whole = mm.tiny_model(seed=11, priors=priors, anchor_filter="correct")
+    with mm.sara_batch(example_index=list(range(PAIRS_OF_PRIORS))):
+        output = whole(tokens[4:], positions[4:], None, labels=tokens[4:], padding_mask=padding[4:])
+    mm.sara_only_backward(output)
+    expected = mm.grads_of(whole)
+    for name, grad in mm.grads_of(model).items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    assert any(g.abs().sum() > 0 for g in expected.values())
+    torch.testing.assert_close(logged[KEPT_TRACKER_NAME], torch.tensor(0.5), **LOSS_TOL)
+    mm.reset_megatron_state()
+
+
+PAIRS_OF_PRIORS = 4  # examples 0..3, the targets of rows 4..7
+
+
 def _cp_chunks(seq_len: int, cp: int, rank: int) -> torch.Tensor:
     """Megatron's load-balanced context-parallel split: 2 * cp chunks, rank r holds r and 2cp-1-r."""
     chunk = seq_len // (2 * cp)
@@ -78,7 +119,8 @@ def _check_context_parallel(rank: int):
     hidden = torch.randn(seq_len, num_cols, mm.HIDDEN, generator=g)  # the same whole sequences on both ranks
     padding = torch.arange(seq_len)[:, None] >= torch.tensor([8, 3, 6, 1])[None, :]  # [s, b], True = padding
     local = _cp_chunks(seq_len, 2, rank)
-    with mm.sara_batch(anchor=[0, 1], target=[2, 3]):
+    pair_weights = torch.tensor([0.4, 1.3])  # replicated on the CP ranks
+    with mm.sara_batch(anchor=[0, 1], target=[2, 3], pair_weights=pair_weights):
         probs, _ = router(hidden[local], padding[local])
     (probs.sum() * 0.0).backward()
     grad = router.weight.grad.clone()
@@ -88,7 +130,8 @@ def _check_context_parallel(rank: int):
     logits = torch.nn.functional.linear(hidden.double(), weight).transpose(0, 1)  # [b, s, E]
     valid = ~padding.T
     expected, per_layer = sara_loss([logits[[0, 1]].reshape(-1, mm.EXPERTS)], [logits[[2, 3]].reshape(-1, mm.EXPERTS)],
-                                    valid[[0, 1]], valid[[2, 3]], backend="reference", return_per_layer=True)
+                                    valid[[0, 1]], valid[[2, 3]], pair_weights=pair_weights.double(), backend="reference",
+                                    return_per_layer=True)
     (expected * 0.6 / 2).backward()  # this layer's share: weight / 2 selected layers
     assert_grads_close(grad, weight.grad, torch.float32)
     assert weight.grad.abs().sum() > 0
@@ -101,6 +144,7 @@ def _check(rank: int):
     mm.init_parallel()
     try:
         _check_data_parallel(rank)
+        _check_data_parallel_anchor_filter(rank)
         _check_context_parallel(rank)
     finally:
         mm.parallel_state.destroy_model_parallel()

@@ -163,7 +163,7 @@ def test_packed_sequences(padded, anchors):
     if anchors == "live":
         model = tiny_model(seed=5, layers=[2])
         anchor, target = [2, 0], [1, 3]
-        layout = dict(anchor=anchor, target=target)
+        layout = dict(anchor=anchor, target=target, pair_weights=torch.tensor([0.6, 1.8]))
     else:
         # Cached priors of 5 examples; the pack's 4 sequences are the targets (the default), each
         # paired with the prior of its example index.
@@ -171,7 +171,7 @@ def test_packed_sequences(padded, anchors):
         priors = RoutingPriors(probs=probs, layers=(2,), score="softmax", temperature=1.0)
         model = tiny_model(seed=5, layers=[2], priors=priors)
         example_index, target = torch.tensor([3, 0, 4, 3]), [0, 1, 2, 3]
-        layout = dict(example_index=example_index)
+        layout = dict(example_index=example_index, pair_weights=torch.tensor([1.0, 0.0, 2.5, 0.5]))
     starts = [0, 4, 5, 11] if not padded else [0, 6, 8, 16]  # padded: each sequence starts at its padded offset
     total = starts[-1] + lengths[-1] + (2 if padded else 0)
     cu = torch.tensor([0, 4, 5, 11, 14], dtype=torch.int32)
@@ -193,7 +193,7 @@ def test_packed_sequences(padded, anchors):
     else:
         anchor_side = dict(anchor_logits=None, anchor_probs=priors.gather(example_index).double())
     loss, per_layer = sara_loss(**anchor_side, target_logits=[side(target)], target_cu_seqlens=side_cu(target),
-                                backend="reference", return_per_layer=True)
+                                pair_weights=layout["pair_weights"].double(), backend="reference", return_per_layer=True)
     expected = router.sara.sara_weight * loss
     assert expected.item() > 1e-6
     assert_grads_equal(model, output, expected)
@@ -311,8 +311,10 @@ def _scheduled_step(schedule: str, num_micro_batches: int, padded: bool = True, 
     reset_megatron_state()
     batches = [random_batch(4, 7, seed=10 + i, lengths=None if padded else [7] * 4) for i in range(num_micro_batches)]
     model = tiny_model(seed=7, **config_overrides)
-    # A layout per micro-batch: a recomputation given another micro-batch's changes the gradient.
-    layouts = [dict(anchor=[0, 1], target=[2, 3]), dict(anchor=[3, 0], target=[1, 2]), dict(anchor=[2], target=[1])]
+    # A layout per micro-batch: a recomputation given another micro-batch's changes the gradient;
+    # the queued sara_batch carries its pair_weights to the recomputation.
+    layouts = [dict(anchor=[0, 1], target=[2, 3], pair_weights=[0.3, 1.6]), dict(anchor=[3, 0], target=[1, 2]),
+               dict(anchor=[2], target=[1])]
     step_func = functools.partial(_forward_step, batches, layouts=layouts[:num_micro_batches], unpadded=not padded)
     data = iter(range(num_micro_batches))
     store = []
@@ -492,3 +494,91 @@ def test_an_empty_micro_batch_side_is_a_clear_error():
                                  cu_seqlens_kv=torch.zeros(1, dtype=torch.int32))
     with pytest.raises(ValueError, match=message):
         sara_batch(example_index=[3, 4], packed_seq_params=empty_pack).packed_side("target", 0, "cpu")
+
+
+def test_pair_weights_live_anchors_loss_gradients_and_a_zero_weight_micro_batch():
+    """sara_batch(pair_weights=...) is sara_loss's π: value (tracked) and every gradient against
+    the float64 reference with the same weights; a micro-batch whose weights are all 0 adds 0 and
+    no gradient."""
+    model = tiny_model(seed=21)
+    tokens, positions, padding = random_batch(6, 9, seed=22)
+    anchor, target, weights = [0, 4, 2], [3, 1, 5], torch.tensor([0.25, 0.0, 1.75])
+    with sara_batch(anchor=anchor, target=target, pair_weights=weights):
+        output = model(tokens, positions, None, labels=tokens, padding_mask=padding)
+    tracked = tracked_sara(model).clone()
+    clean_forward(model, tokens, positions, None, padding_mask=padding)
+    expected, per_layer = expected_sara_padded(model, padding, anchor=anchor, target=target, pair_weights=weights)
+    unweighted, _ = expected_sara_padded(model, padding, anchor=anchor, target=target)
+    assert abs(expected.item() - unweighted.item()) > 1e-4  # the weights change the value this test checks
+    assert_grads_equal(model, output, expected)
+    torch.testing.assert_close(tracked, per_layer.float(), **LOSS_TOL)
+
+    model.zero_grad(set_to_none=True)
+    reset_megatron_state()
+    with sara_batch(anchor=anchor, target=target, pair_weights=[0.0, 0.0, 0.0]):
+        output = model(tokens, positions, None, labels=tokens, padding_mask=padding)
+    assert not tracked_sara(model).any()
+    sara_only_backward(output)
+    assert all(not g.any() for g in grads_of(model).values())
+
+
+def _priors_with_answers(num_examples: int, layers, anchor_correct, seed: int) -> RoutingPriors:
+    probs = torch.softmax(torch.randn(num_examples, len(layers), EXPERTS, generator=torch.Generator().manual_seed(seed)), -1)
+    return RoutingPriors(probs=probs, layers=tuple(layers), score="softmax", temperature=1.0,
+                         anchor_correct=torch.tensor(anchor_correct, dtype=torch.bool))
+
+
+def test_anchor_filter_correct_with_cached_priors_weights_logging_and_nothing_kept():
+    """sara_anchor_filter="correct": π_b = the priors' anchor_correct[example_index] (times the
+    user's pair_weights); value and every gradient against the reference with those weights;
+    sara_anchor_kept logged by Megatron's track_moe_metrics as the kept fraction."""
+    from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+
+    from sara_kernels.megatron import KEPT_TRACKER_NAME
+
+    correct = [True, False, True, True, False, True]
+    priors = _priors_with_answers(6, [1, 2], correct, seed=23)
+    model = tiny_model(seed=24, priors=priors, anchor_filter="correct")
+    tokens, positions, padding = random_batch(4, 8, seed=25)
+    example_index, user_weights = torch.tensor([5, 1, 2, 3]), torch.tensor([1.5, 2.0, 0.5, 1.0])
+    with sara_batch(example_index=example_index, pair_weights=user_weights):
+        output = model(tokens, positions, None, labels=tokens, padding_mask=padding)
+    tracked = tracked_sara(model).clone()
+    config, logged = model.config, {}
+    track_moe_metrics(loss_scale=1.0, iteration=1, total_loss_dict=logged, track_names=[TRACKER_NAME, KEPT_TRACKER_NAME],
+                      num_layers=config.num_layers, moe_layer_freq=config.moe_layer_freq)
+    clean_forward(model, tokens, positions, None, padding_mask=padding)
+    kept = torch.tensor(correct, dtype=torch.float64)[example_index]  # [1, 0, 1, 1]
+    expected, per_layer = expected_sara_padded(model, padding, anchor_probs=priors.gather(example_index),
+                                               pair_weights=kept * user_weights)
+    assert_grads_equal(model, output, expected)
+    torch.testing.assert_close(tracked, per_layer.float(), **LOSS_TOL)
+    torch.testing.assert_close(logged[KEPT_TRACKER_NAME], torch.tensor(0.75), **LOSS_TOL)
+
+    model.zero_grad(set_to_none=True)
+    reset_megatron_state()
+    with sara_batch(example_index=[1, 4]):  # no anchor answered: nothing left to align
+        output = model(tokens[:2], positions[:2], None, labels=tokens[:2], padding_mask=padding[:2])
+    assert not tracked_sara(model).any()
+    sara_only_backward(output)
+    assert all(not g.any() for g in grads_of(model).values())
+
+
+def test_anchor_filter_and_pair_weights_refusals():
+    priors = _priors_with_answers(3, [1, 2], [True, False, True], seed=26)
+    no_answers = RoutingPriors(probs=priors.probs, layers=priors.layers, score="softmax", temperature=1.0)
+    with pytest.raises(ValueError, match=r"sara_anchor_filter='correct' needs cached priors here: .*pair_weights="):
+        tiny_model(anchor_filter="correct")  # live anchors
+    with pytest.raises(ValueError, match="priors --anchor_answers"):
+        tiny_model(priors=no_answers, anchor_filter="correct")
+    with pytest.raises(ValueError, match="correct_anchor_wrong_target' with cached priors is not supported"):
+        tiny_model(priors=priors, anchor_filter="correct_anchor_wrong_target")
+    model = tiny_model(priors=priors, anchor_filter="correct")
+    tokens, positions, padding = random_batch(4, 6, seed=27)
+    with pytest.raises(ValueError, match=r"sara_batch: sara_anchor_filter='correct' filters the pairs of cached priors"):
+        with sara_batch(anchor=[0, 1], target=[2, 3]):
+            model(tokens, positions, None, labels=tokens, padding_mask=padding)
+    for bad, message in [([1.0, 2.0], r"expected shape \[B\] = \[3\]"), ([1.0, -1.0, 0.0], r"pair_weights\[1\] = -1"),
+                         ([1.0, float("nan"), 0.0], r"pair_weights\[1\] = nan"), (torch.ones(3, dtype=torch.long), "floating")]:
+        with pytest.raises((ValueError, TypeError), match=rf"^sara_batch pair_weights.*{message}"):
+            sara_batch(anchor=[0, 1, 2], target=[3, 4, 5], pair_weights=bad)

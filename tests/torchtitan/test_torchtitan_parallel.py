@@ -2,7 +2,8 @@
 ``parallelize_qwen3`` and ``pipeline_llm``: FSDP2, expert parallelism (EP = 2), pipeline
 parallelism (PP = 2, 1F1B, and GPipe with full activation checkpointing, 4 micro-batches) and tensor
 parallelism (TP = 2, sequence parallel) each give every gate the gradient, and
-``sara_metrics`` the per-layer values, of one process on the whole batch. One spawn runs all.
+``sara_metrics`` the per-layer values, of one process on the whole batch (PP 1F1B and TP with
+``pair_weights``). One spawn runs all.
 
 Stand-ins for what torchtitan 0.3.0 assumes of a GPU (tests only), besides ``SDPA_STAND_IN``:
 
@@ -70,16 +71,26 @@ def _gate_grads(model_parts) -> dict:
     return grads
 
 
-def _one_process(name, tokens, anchor, target):
+def _one_process(name, tokens, anchor, target, pair_weights=None):
     """Gate gradients and logged values of one process on the whole batch."""
-    from sara_kernels.torchtitan import SARAMicrobatch, SARAOptions, sara_metrics, sara_step
+    from sara_kernels.torchtitan import SARAMicrobatch
+
+    n = tokens.numel()
+    return _one_process_microbatches(
+        name, [(tokens, SARAMicrobatch(valid_tokens=n, anchor=anchor, target=target, pair_weights=pair_weights))], n)
+
+
+def _one_process_microbatches(name, microbatches, global_valid_tokens):
+    """Gate gradients and logged values of one process running ``microbatches`` ((tokens,
+    SARAMicrobatch) each) in turn, the gradients accumulated."""
+    from sara_kernels.torchtitan import SARAOptions, sara_metrics, sara_step
     from titan_models import init_full_model, model_config
 
     _, cfg = model_config(name, SARAOptions(**OPTIONS))
     model = init_full_model(cfg, 7).train()
-    n = tokens.numel()
-    with sara_step(SARAMicrobatch(valid_tokens=n, anchor=anchor, target=target), global_valid_tokens=n):
-        _sara_only_loss(model(tokens), None)[0].backward()
+    for tokens, microbatch in microbatches:
+        with sara_step(microbatch, global_valid_tokens=global_valid_tokens):
+            _sara_only_loss(model(tokens), None)[0].backward()
     return _gate_grads([model]), sara_metrics(model)
 
 
@@ -145,11 +156,12 @@ def _parallel(name, world_mesh_shape: dict, schedule: str = "1F1B", ac_config=No
 CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
 
 
-def _check_data_parallel(rank, name, degrees):
+def _check_data_parallel(rank, name, degrees, pair_weights=None):
+    """``pair_weights`` (one per pair of the whole batch): only where no rank splits the pairs."""
     from sara_kernels.torchtitan import SARAMicrobatch, sara_step
 
     tokens = _whole_batch()
-    want, want_logged = _one_process(name, tokens, list(range(PAIRS)), list(range(PAIRS, 2 * PAIRS)))
+    want, want_logged = _one_process(name, tokens, list(range(PAIRS)), list(range(PAIRS, 2 * PAIRS)), pair_weights)
     parts, _, _ = _parallel(name, degrees)
     if degrees.get("ep", 1) > 1:  # each rank holds half of the experts, the tokens sent to them all-to-all
         for moe in (m for m in parts[0].modules() if hasattr(m, "routed_experts")):
@@ -161,23 +173,31 @@ def _check_data_parallel(rank, name, degrees):
     per = PAIRS // shards
     mine = [*range(dp_rank * per, (dp_rank + 1) * per), *range(PAIRS + dp_rank * per, PAIRS + (dp_rank + 1) * per)]
     local = tokens[mine]
-    with sara_step(SARAMicrobatch(valid_tokens=local.numel(), anchor=list(range(per)), target=list(range(per, 2 * per))),
-                   global_valid_tokens=tokens.numel()):
+    with sara_step(SARAMicrobatch(valid_tokens=local.numel(), anchor=list(range(per)), target=list(range(per, 2 * per)),
+                                  pair_weights=pair_weights), global_valid_tokens=tokens.numel()):
         _sara_only_loss(parts[0](local), None)[0].backward()
     _assert_equals_one_process(parts, want, want_logged, f"{name} {degrees}", stage=False)
 
 
-def _check_pipeline(rank, name, schedule, ac_config=None):
+def _check_pipeline(rank, name, schedule, ac_config=None, pair_weights=None):
+    """``pair_weights``: one per micro-batch (each holds one pair), a 0 dropping its micro-batch;
+    the reference is then one process running the same micro-batches in turn."""
     from sara_kernels.torchtitan import SARAMicrobatch, sara_step
 
     tokens = _whole_batch()
-    want, want_logged = _one_process(name, tokens, list(range(PAIRS)), list(range(PAIRS, 2 * PAIRS)))
-    parts, pipeline, dims = _parallel(name, {"pp": 2}, schedule, ac_config)
     # Micro-batch m holds pair m: rows (m, 4 + m) of the whole batch, the target first in odd micro-batches,
     # so that each micro-batch needs its own layout.
     order = [row for m in range(PAIRS) for row in ((m, PAIRS + m) if m % 2 == 0 else (PAIRS + m, m))]
-    layouts = [SARAMicrobatch(valid_tokens=2 * SEQ, anchor=[m % 2], target=[1 - m % 2]) for m in range(PAIRS)]
+    weights = [None if pair_weights is None else [pair_weights[m]] for m in range(PAIRS)]
+    layouts = [SARAMicrobatch(valid_tokens=2 * SEQ, anchor=[m % 2], target=[1 - m % 2], pair_weights=weights[m])
+               for m in range(PAIRS)]
     n = tokens.numel()
+    if pair_weights is None:
+        want, want_logged = _one_process(name, tokens, list(range(PAIRS)), list(range(PAIRS, 2 * PAIRS)))
+    else:
+        rows = tokens[order].view(PAIRS, 2, SEQ)
+        want, want_logged = _one_process_microbatches(name, list(zip(rows, layouts)), n)
+    parts, pipeline, dims = _parallel(name, {"pp": 2}, schedule, ac_config)
     with sara_step(layouts, global_valid_tokens=n, pipeline_metadata_inference=True):  # the schedule's first step
         if rank == 0:
             pipeline.step(tokens[order])
@@ -218,10 +238,10 @@ def _check_all(rank):
     torch.set_num_threads(1)
     torch.autograd.set_multithreading_enabled(False)
     _use_cpu_meshes()
-    _check_pipeline(rank, "qwen3_softmax", "1F1B")
+    _check_pipeline(rank, "qwen3_softmax", "1F1B", pair_weights=[1.5, 0.0, 0.5, 1.0])
     _check_data_parallel(rank, "qwen3_softmax", {"dp_shard": 2})
     _check_data_parallel(rank, "qwen3_softmax", {"dp_shard": 2, "ep": 2})
-    _check_data_parallel(rank, "qwen3_softmax", {"tp": 2})
+    _check_data_parallel(rank, "qwen3_softmax", {"tp": 2}, pair_weights=[0.5, 2.0, 0.0, 1.0])
     _check_data_parallel(rank, "deepseek_sigmoid", {"dp_shard": 2, "ep": 2})
     _check_pipeline(rank, "deepseek_sigmoid", "GPipe", FullAC.Config())  # recomputed in backward, metadata inference's too
 

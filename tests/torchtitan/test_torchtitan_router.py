@@ -139,7 +139,7 @@ def test_packed_documents_follow_torchtitan_positions():
     positions = torch.cat([torch.cat([torch.arange(5), torch.arange(11)]),
                            torch.cat([torch.arange(7, 10), torch.arange(7), torch.arange(6)])]).view(2, SEQ)
     spans = [(0, 5), (5, 16), (16, 19), (19, 26), (26, 32)]
-    anchor, target = [0, 4], [3, 1]
+    anchor, target, weights = [0, 4], [3, 1], torch.tensor([2.0, 0.5])
     logits, layers = _gate_logits(plain, tokens)
     flat = [z.reshape(-1, z.shape[-1]) for z in logits]
 
@@ -151,9 +151,10 @@ def test_packed_documents_follow_torchtitan_positions():
     def loss_of(dtype):
         (a_logits, a_cu), (t_logits, t_cu) = side(anchor, dtype), side(target, dtype)
         return OPTIONS["sara_weight"] * reference_loss(a_logits, t_logits, anchor_cu_seqlens=a_cu, target_cu_seqlens=t_cu,
-                                                       score="softmax", temperature=1.5, layer_weights=[1.0, 3.0])
+                                                       score="softmax", temperature=1.5, layer_weights=[1.0, 3.0],
+                                                       pair_weights=weights.to(dtype))
 
-    batch = SARAMicrobatch(valid_tokens=32, anchor=anchor, target=target, positions=positions)
+    batch = SARAMicrobatch(valid_tokens=32, anchor=anchor, target=target, positions=positions, pair_weights=weights)
     grads = _sara_gate_grads(model, tokens, batch, 32)
     _assert_gate_grads(grads, layers, *_reference_grads(plain, layers, loss_of))
 
@@ -246,12 +247,15 @@ def test_converter_selects_layers_and_checks_its_options():
         model_config("deepseek_sigmoid", SARAOptions(sara_layer_weights="1"))
     with pytest.raises(ValueError, match="sara_lm_on_anchor"):
         SARAConverter.Config(options=SARAOptions(sara_lm_on_anchor=True)).build()
-    with pytest.raises(ValueError, match="sara_anchor_filter='correct' is not supported by the torchtitan"):
+    with pytest.raises(ValueError, match=r"^SARAConverter: sara_anchor_filter='correct' needs cached priors here: .*pair_weights="):
         SARAConverter.Config(options=SARAOptions(sara_anchor_filter="correct")).build()
 
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(valid_tokens=4, anchor=[0]), "anchor= needs target="),
+    (dict(valid_tokens=4, anchor=[0, 1], target=[2, 3], pair_weights=[1.0]), r"^SARAMicrobatch pair_weights: expected shape \[B\] = \[2\]"),
+    (dict(valid_tokens=4, example_index=[0, 1], pair_weights=[1.0, -0.5]), r"^SARAMicrobatch pair_weights: .* pair_weights\[1\] = -0.5"),
+    (dict(valid_tokens=4, anchor=[0], target=[1], pair_weights=torch.tensor([float("inf")])), r"^SARAMicrobatch pair_weights: .* = inf"),
     (dict(valid_tokens=4, anchor=[0], target=[1], example_index=[0]), "exactly one of anchor="),
     (dict(valid_tokens=4, anchor=[0, 1], target=[1]), "anchor has 2 entries but target has 1"),
     (dict(valid_tokens=4, anchor=[0.5], target=[1]), "anchor: expected a non-empty 1-D sequence of integer indices"),
@@ -280,3 +284,90 @@ def test_an_empty_microbatch_side_is_a_clear_error(positions):
     unit = "documents" if positions else "rows"
     with pytest.raises(ValueError, match=f"^SARAMicrobatch: example_index has 1 entries but the micro-batch has 0 target {unit}"):
         batch.side("target", logits)
+
+
+def _priors_file(tmp_path, layers, anchor_correct=None, seed=8):
+    from sara_kernels.hf.priors import RoutingPriors, save_routing_priors
+
+    probs = torch.softmax(torch.randn(6, len(layers), 64, generator=torch.Generator().manual_seed(seed)), -1)
+    path = tmp_path / "priors.safetensors"
+    flags = None if anchor_correct is None else torch.tensor(anchor_correct, dtype=torch.bool)
+    save_routing_priors(RoutingPriors(probs=probs, layers=tuple(layers), score="softmax", temperature=1.5,
+                                      anchor_correct=flags), path)
+    return probs, str(path)
+
+
+def test_pair_weights_are_sara_loss_pi_and_a_zero_weight_microbatch_adds_nothing():
+    plain, model, _ = _models("qwen3_softmax")
+    tokens = torch.randint(0, 2048, (4, SEQ), generator=torch.Generator().manual_seed(9))
+    anchor, target, weights = [0, 1, 3], [2, 3, 0], torch.tensor([1.25, 0.0, 0.5])
+    logits, layers = _gate_logits(plain, tokens)
+
+    def loss_of(dtype, pair_weights=weights, per_layer=False):
+        out = reference_loss([_rows(z, anchor).to(dtype) for z in logits], [_rows(z, target).to(dtype) for z in logits],
+                             torch.ones(3, SEQ, dtype=torch.bool), torch.ones(3, SEQ, dtype=torch.bool), score="softmax",
+                             temperature=1.5, layer_weights=[1.0, 3.0], pair_weights=pair_weights.to(dtype),
+                             return_per_layer=per_layer)
+        return out if per_layer else OPTIONS["sara_weight"] * out
+
+    assert abs(loss_of(torch.float64).item() - loss_of(torch.float64, torch.ones(3)).item()) > 1e-4
+    batch = SARAMicrobatch(valid_tokens=48, anchor=anchor, target=target, pair_weights=weights)
+    grads = _sara_gate_grads(model, tokens, batch, 48)
+    _assert_gate_grads(grads, layers, *_reference_grads(plain, layers, loss_of))
+    _, per_layer = loss_of(torch.float64, per_layer=True)
+    metrics = sara_metrics(model)
+    assert list(metrics) == [f"sara_js/layer_{layer}" for layer in layers]  # no sara_anchor_kept without the filter
+    torch.testing.assert_close(torch.tensor(list(metrics.values()), dtype=torch.float64), per_layer, **JS_TOL["short"])
+
+    model.zero_grad(set_to_none=True)
+    batch = SARAMicrobatch(valid_tokens=48, anchor=anchor, target=target, pair_weights=[0.0, 0.0, 0.0])
+    grads = _sara_gate_grads(model, tokens, batch, 48)
+    assert all(not g.any() for g in grads.values())
+    assert set(sara_metrics(model).values()) == {0.0}
+
+
+def test_anchor_filter_correct_reads_the_priors_anchor_correct(tmp_path):
+    """π_b = the priors' anchor_correct[example_index] times pair_weights; sara_anchor_kept in sara_metrics."""
+    plain, _, _ = _models("qwen3_softmax")
+    layers = sorted(_routers(plain))
+    correct = [True, False, True, False, True, True]
+    probs, path = _priors_file(tmp_path, layers, correct)
+    _, cfg = model_config("qwen3_softmax", SARAOptions(**OPTIONS, sara_anchor_filter="correct"), priors=path)
+    model = init_full_model(cfg, 0).train()
+    tokens = torch.randint(0, 2048, (3, SEQ), generator=torch.Generator().manual_seed(10))
+    example_index, user_weights = [5, 1, 2], torch.tensor([0.5, 3.0, 2.0])
+    pi = torch.tensor(correct, dtype=torch.float64)[example_index] * user_weights  # [0.5, 0, 2]
+    logits, _ = _gate_logits(plain, tokens)
+
+    def loss_of(dtype, per_layer=False):
+        out = reference_loss(None, [z.reshape(-1, z.shape[-1]).to(dtype) for z in logits], None,
+                             torch.ones(3, SEQ, dtype=torch.bool), anchor_probs=probs[example_index].permute(1, 0, 2).to(dtype),
+                             score="softmax", temperature=1.5, layer_weights=[1.0, 3.0], pair_weights=pi.to(dtype),
+                             return_per_layer=per_layer)
+        return out if per_layer else OPTIONS["sara_weight"] * out
+
+    batch = SARAMicrobatch(valid_tokens=48, example_index=example_index, pair_weights=user_weights)
+    grads = _sara_gate_grads(model, tokens, batch, 48)
+    _assert_gate_grads(grads, layers, *_reference_grads(plain, layers, loss_of))
+    _, per_layer = loss_of(torch.float64, per_layer=True)
+    metrics = sara_metrics(model)
+    assert list(metrics) == ["sara_anchor_kept"] + [f"sara_js/layer_{layer}" for layer in layers]
+    assert metrics["sara_anchor_kept"] == pytest.approx(2 / 3)
+    torch.testing.assert_close(torch.tensor(list(metrics.values())[1:], dtype=torch.float64), per_layer, **JS_TOL["short"])
+
+    model.zero_grad(set_to_none=True)
+    grads = _sara_gate_grads(model, tokens, SARAMicrobatch(valid_tokens=48, example_index=[1, 3, 1]), 48)  # none kept
+    assert all(not g.any() for g in grads.values())
+    assert sara_metrics(model)["sara_anchor_kept"] == 0.0
+    with pytest.raises(ValueError, match="^SARAMicrobatch: sara_anchor_filter='correct' filters the pairs of cached priors"):
+        _sara_gate_grads(model, tokens, SARAMicrobatch(valid_tokens=48, anchor=[0], target=[1]), 48)
+
+
+def test_anchor_filter_refusals_name_the_option(tmp_path):
+    _, path = _priors_file(tmp_path, [0, 1])
+    with pytest.raises(ValueError, match=r"^SARAConverter: sara_anchor_filter='correct' needs a priors file .*--anchor_answers"):
+        SARAConverter.Config(options=SARAOptions(sara_anchor_filter="correct", sara_temperature=1.5), priors=path).build()
+    _, path = _priors_file(tmp_path, [0, 1], [True] * 6)
+    with pytest.raises(ValueError, match=r"^SARAConverter: sara_anchor_filter='correct_anchor_wrong_target' with cached priors"):
+        SARAConverter.Config(options=SARAOptions(sara_anchor_filter="correct_anchor_wrong_target", sara_temperature=1.5),
+                             priors=path).build()
