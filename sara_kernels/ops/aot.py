@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from .triton import kernels
@@ -70,3 +71,9 @@ def compile_with_report(name: str, arch: int, meta: dict, dtype: str = "bf16", m
     if registers is None or spills is None:
         raise RuntimeError(f"{name} sm_{arch}: no ptxas resource report in Triton's log: {text[-500:]!r}")
     return compiled, PtxasReport(int(registers.group(1)), int(spills.group(1)), int(spills.group(2)))
+
+
+def toolchain(arch: int) -> str:
+    """The compilers behind :func:`compile_with_report`'s numbers for sm_``arch``: Triton's version and
+    that of the ptxas it runs for the target (its bundled one unless ``TRITON_PTXAS*_PATH`` says otherwise)."""
+    return f"Triton {triton.__version__}, ptxas {get_ptxas(arch).version}"

@@ -162,9 +162,22 @@ def spill_checked_cases(arch: int):
     return cases + list(small_kernel_cases()) if arch in ARCHS else cases
 
 
+def other_toolchain(arch: int):
+    """Why the spill check cannot judge ``arch`` here (None where it can): ``SPILL_FREE_TILES`` holds
+    for the Triton and ptxas it was derived with; another version allocates registers differently,
+    so its spills say nothing about this code (CI resolves the version the table names)."""
+    found, derived = aot.toolchain(arch), triton_host.SPILL_FREE_TOOLCHAIN[arch]
+    if found == derived:
+        return None
+    return (f"sm_{arch}: SPILL_FREE_TILES was derived with {derived}, this is {found}: "
+            "derive it again with benchmarks/spill_free_tiles.py")
+
+
 @compiled_here
 @pytest.mark.parametrize("arch", triton_host.SPILL_CHECKED_ARCHS)
 def test_every_tile_compiles_without_spills(arch):
+    if other_toolchain(arch):
+        pytest.skip(other_toolchain(arch))
     results = compile_all(spill_checked_cases(arch), arch)
     failures = [failure for failure, _ in results.values() if failure]
     assert not failures, "\n".join(failures)
@@ -226,4 +239,6 @@ def test_compile_in_a_process_without_the_interpreter():
         env=env, cwd=os.path.dirname(__file__), capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert re.search(rf"\b{7 + len(triton_host.SPILL_CHECKED_ARCHS)} passed", result.stdout), result.stdout[-2000:]
+    skipped = sum(other_toolchain(arch) is not None for arch in triton_host.SPILL_CHECKED_ARCHS)
+    assert re.search(rf"\b{7 + len(triton_host.SPILL_CHECKED_ARCHS) - skipped} passed", result.stdout), \
+        result.stdout[-2000:]

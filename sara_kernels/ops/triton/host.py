@@ -56,12 +56,14 @@ def tile_config(num_experts: int) -> dict:
 SPILL_CHECKED_ARCHS = (80, 86, 90, 100, 103, 120)
 
 # Where ptxas spills with the table's tile: (arch, kernel, score, BLOCK_E, VEC) -> what replaces the
-# table's launch options there, from compile results alone (no timing; how they were found:
-# benchmarks/results/spills_compile_only_2026-12-07.txt): the smallest register cap of 72, 80,
-# 88, ... at which the configurations of that key in CI's grid (segmentations, logits dtypes, E
-# short of the tile) that spilled no longer do and none of the others spills (ptxas is not
-# monotonic in the cap), or 8 warps where a tile spills with no cap at all. Every other tile
-# keeps what it was measured with on an H200; tests/ops/test_aot_compile.py asserts no spills.
+# table's launch options there, from compile results alone (no timing), as
+# benchmarks/spill_free_tiles.py derives them: the smallest register cap of 72, 80, 88, ... at
+# which no configuration of that key in CI's grid (segmentations, logits dtypes, E short of the
+# tile) spills (ptxas is not monotonic in the cap, so all of them are compiled at each cap), or 8
+# warps where a tile spills with no cap at all. Every other tile keeps what it was measured with
+# on an H200; tests/ops/test_aot_compile.py asserts no spills. Derived with the compilers of
+# SPILL_FREE_TOOLCHAIN (aot.toolchain): another Triton or ptxas allocates registers differently.
+SPILL_FREE_TOOLCHAIN = {arch: f"Triton 3.9.0, ptxas {'12.9' if arch < 90 else '13.4'}" for arch in SPILL_CHECKED_ARCHS}
 SPILL_FREE_TILES = {
     (80, "pool_routing_bwd", "sigmoid", 128, 0): dict(maxnreg=88),
     (80, "pool_routing_bwd", "sigmoid", 512, 8): dict(maxnreg=72),
