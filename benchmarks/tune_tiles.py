@@ -11,7 +11,8 @@ forward kernel (``pool_routing_fwd``, both sides' logits read once) and the back
 (``pool_routing_bwd``, the target read again and its gradient written) are timed on the GPU's
 own timeline (torch.profiler), L2-cold (inputs rotated over copies), and reported as a fraction
 of the copy bandwidth measured in the same run. The row marked ``table`` is what
-``tile_config`` picks today.
+``tile_config`` picks today; every candidate runs with its own options, without the
+architecture's ``SPILL_FREE_TILES`` entries, which the launchers add where a tile spills.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def measure_shape(name, layers, experts, score, tokens, device, l2_bytes, copy_g
     count = torch.full((seqs,), float(seq_len), device=device)
     default = triton_host.tile_config(experts)
     rows = []
-    original = triton_host.tile_config
+    original, spill_free_tiles = triton_host.tile_config, triton_host.SPILL_FREE_TILES
     tiles = candidates(experts)
     if stages_only:
         tiles = [t for t in tiles if t[:2] == (default["num_warps"], default["BLOCK_N"])]
@@ -98,6 +99,7 @@ def measure_shape(name, layers, experts, score, tokens, device, l2_bytes, copy_g
         if maxnreg is None:
             del tile["maxnreg"]
         triton_host.tile_config = lambda e, tile=tile: dict(tile)  # a fresh dict per call, as tile_config returns
+        triton_host.SPILL_FREE_TILES = {}  # each candidate runs with its own options, on any architecture
         triton_host.clear_plans()
         try:
             def fwd(i, _):
@@ -113,7 +115,7 @@ def measure_shape(name, layers, experts, score, tokens, device, l2_bytes, copy_g
             ms_fwd = kernel_ms(device, fwd, "pool_routing_fwd", copies, reps)
             ms_bwd = kernel_ms(device, bwd, "pool_routing_bwd", copies, reps)
         finally:
-            triton_host.tile_config = original
+            triton_host.tile_config, triton_host.SPILL_FREE_TILES = original, spill_free_tiles
             triton_host.clear_plans()
         row = dict(model=name, layers=layers, experts=experts, score=score, tokens=tokens, warps=warps, block_n=block_n,
                    stages=stages, maxnreg=maxnreg, table=tile == default,

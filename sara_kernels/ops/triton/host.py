@@ -50,6 +50,141 @@ def tile_config(num_experts: int) -> dict:
     return dict(BLOCK_N=block_n, BLOCK_E=block_e, **pipelining, num_warps=num_warps, enable_fp_fusion=True)
 
 
+# Triton's targets on which CI checks that every tile compiles without spills
+# (tests/ops/test_aot_compile.py). Triton compiles capability 90 for sm_90a, 100 for sm_100a, 103 for
+# sm_103a and 120 for sm_120a.
+SPILL_CHECKED_ARCHS = (80, 86, 90, 100, 103, 120)
+
+# Where ptxas spills with the table's tile: (arch, kernel, score, BLOCK_E, VEC) -> what replaces the
+# table's launch options there, from compile results alone (no timing), as
+# benchmarks/spill_free_tiles.py derives them: the smallest register cap of 72, 80, 88, ... at
+# which no configuration of that key in CI's grid (segmentations, logits dtypes, E short of the
+# tile) spills (ptxas is not monotonic in the cap, so all of them are compiled at each cap), or 8
+# warps where a tile spills with no cap at all. Every other tile keeps what it was measured with
+# on an H200; tests/ops/test_aot_compile.py asserts no spills. Derived with the compilers of
+# SPILL_FREE_TOOLCHAIN (aot.toolchain): another Triton or ptxas allocates registers differently.
+SPILL_FREE_TOOLCHAIN = {arch: f"Triton 3.9.0, ptxas {'12.9' if arch < 90 else '13.4'}" for arch in SPILL_CHECKED_ARCHS}
+SPILL_FREE_TILES = {
+    (80, "pool_routing_bwd", "sigmoid", 128, 0): dict(maxnreg=88),
+    (80, "pool_routing_bwd", "sigmoid", 512, 0): dict(maxnreg=80),
+    (80, "pool_routing_bwd", "sigmoid", 512, 8): dict(maxnreg=88),
+    (80, "pool_routing_bwd", "softmax", 128, 0): dict(maxnreg=88),
+    (80, "pool_routing_bwd", "softmax", 512, 8): dict(maxnreg=72),
+    (80, "pool_routing_fwd", "sigmoid", 512, 0): dict(maxnreg=88),
+    (80, "pool_routing_fwd", "softmax", 512, 0): dict(maxnreg=88),
+    (86, "pool_routing_bwd", "sigmoid", 128, 0): dict(maxnreg=88),
+    (86, "pool_routing_bwd", "sigmoid", 512, 0): dict(maxnreg=80),
+    (86, "pool_routing_bwd", "sigmoid", 512, 8): dict(maxnreg=88),
+    (86, "pool_routing_bwd", "softmax", 128, 0): dict(maxnreg=88),
+    (86, "pool_routing_bwd", "softmax", 512, 8): dict(maxnreg=72),
+    (86, "pool_routing_fwd", "sigmoid", 128, 0): dict(maxnreg=72),
+    (86, "pool_routing_fwd", "sigmoid", 512, 0): dict(maxnreg=72),
+    (86, "pool_routing_fwd", "softmax", 128, 0): dict(maxnreg=72),
+    (86, "pool_routing_fwd", "softmax", 512, 0): dict(maxnreg=80),
+    (90, "pool_routing_bwd", "sigmoid", 128, 0): dict(maxnreg=104),
+    (90, "pool_routing_bwd", "sigmoid", 256, 0): dict(maxnreg=80),
+    (90, "pool_routing_bwd", "sigmoid", 256, 8): dict(maxnreg=80),
+    (90, "pool_routing_bwd", "sigmoid", 512, 0): dict(maxnreg=88),
+    (90, "pool_routing_bwd", "sigmoid", 512, 8): dict(maxnreg=96),
+    (90, "pool_routing_bwd", "softmax", 128, 0): dict(maxnreg=96),
+    (90, "pool_routing_bwd", "softmax", 128, 8): dict(maxnreg=72),
+    (90, "pool_routing_bwd", "softmax", 512, 0): dict(maxnreg=72),
+    (90, "pool_routing_bwd", "softmax", 512, 8): dict(maxnreg=80),
+    (90, "pool_routing_fwd", "sigmoid", 128, 0): dict(maxnreg=80),
+    (90, "pool_routing_fwd", "sigmoid", 512, 0): dict(maxnreg=88),
+    (90, "pool_routing_fwd", "sigmoid", 512, 8): dict(maxnreg=72),
+    (90, "pool_routing_fwd", "softmax", 128, 0): dict(maxnreg=88),
+    (90, "pool_routing_fwd", "softmax", 512, 0): dict(maxnreg=88),
+    (90, "pool_routing_fwd", "softmax", 512, 8): dict(maxnreg=72),
+    (100, "pool_routing_bwd", "sigmoid", 128, 0): dict(maxnreg=112),
+    (100, "pool_routing_bwd", "sigmoid", 128, 8): dict(maxnreg=96),
+    (100, "pool_routing_bwd", "sigmoid", 256, 0): dict(maxnreg=88),
+    (100, "pool_routing_bwd", "sigmoid", 256, 8): dict(maxnreg=96),
+    (100, "pool_routing_bwd", "sigmoid", 512, 0): dict(maxnreg=88),
+    (100, "pool_routing_bwd", "sigmoid", 512, 8): dict(maxnreg=96),
+    (100, "pool_routing_bwd", "softmax", 128, 0): dict(maxnreg=96),
+    (100, "pool_routing_bwd", "softmax", 128, 8): dict(maxnreg=80),
+    (100, "pool_routing_bwd", "softmax", 256, 0): dict(maxnreg=72),
+    (100, "pool_routing_bwd", "softmax", 256, 8): dict(maxnreg=80),
+    (100, "pool_routing_bwd", "softmax", 512, 0): dict(maxnreg=72),
+    (100, "pool_routing_bwd", "softmax", 512, 8): dict(maxnreg=80),
+    (100, "pool_routing_fwd", "sigmoid", 128, 0): dict(maxnreg=80),
+    (100, "pool_routing_fwd", "sigmoid", 256, 0): dict(maxnreg=72),
+    (100, "pool_routing_fwd", "sigmoid", 512, 0): dict(maxnreg=72),
+    (100, "pool_routing_fwd", "sigmoid", 512, 8): dict(maxnreg=72),
+    (100, "pool_routing_fwd", "softmax", 16, 0): dict(num_warps=8),
+    (100, "pool_routing_fwd", "softmax", 128, 0): dict(maxnreg=88),
+    (100, "pool_routing_fwd", "softmax", 128, 8): dict(maxnreg=72),
+    (100, "pool_routing_fwd", "softmax", 512, 0): dict(maxnreg=72),
+    (100, "pool_routing_fwd", "softmax", 512, 8): dict(maxnreg=72),
+    (103, "pool_routing_bwd", "sigmoid", 128, 0): dict(maxnreg=112),
+    (103, "pool_routing_bwd", "sigmoid", 128, 8): dict(maxnreg=96),
+    (103, "pool_routing_bwd", "sigmoid", 256, 0): dict(maxnreg=88),
+    (103, "pool_routing_bwd", "sigmoid", 256, 8): dict(maxnreg=96),
+    (103, "pool_routing_bwd", "sigmoid", 512, 0): dict(maxnreg=88),
+    (103, "pool_routing_bwd", "sigmoid", 512, 8): dict(maxnreg=96),
+    (103, "pool_routing_bwd", "softmax", 128, 0): dict(maxnreg=96),
+    (103, "pool_routing_bwd", "softmax", 128, 8): dict(maxnreg=80),
+    (103, "pool_routing_bwd", "softmax", 256, 0): dict(maxnreg=72),
+    (103, "pool_routing_bwd", "softmax", 256, 8): dict(maxnreg=80),
+    (103, "pool_routing_bwd", "softmax", 512, 0): dict(maxnreg=72),
+    (103, "pool_routing_bwd", "softmax", 512, 8): dict(maxnreg=80),
+    (103, "pool_routing_fwd", "sigmoid", 16, 0): dict(num_warps=8),
+    (103, "pool_routing_fwd", "sigmoid", 128, 0): dict(maxnreg=80),
+    (103, "pool_routing_fwd", "sigmoid", 256, 0): dict(maxnreg=72),
+    (103, "pool_routing_fwd", "sigmoid", 512, 0): dict(maxnreg=72),
+    (103, "pool_routing_fwd", "sigmoid", 512, 8): dict(maxnreg=72),
+    (103, "pool_routing_fwd", "softmax", 16, 0): dict(num_warps=8),
+    (103, "pool_routing_fwd", "softmax", 128, 0): dict(maxnreg=88),
+    (103, "pool_routing_fwd", "softmax", 128, 8): dict(maxnreg=72),
+    (103, "pool_routing_fwd", "softmax", 512, 0): dict(maxnreg=72),
+    (103, "pool_routing_fwd", "softmax", 512, 8): dict(maxnreg=72),
+    (120, "pool_routing_bwd", "sigmoid", 32, 8): dict(num_warps=8),
+    (120, "pool_routing_bwd", "sigmoid", 128, 0): dict(maxnreg=96),
+    (120, "pool_routing_bwd", "sigmoid", 256, 0): dict(maxnreg=88),
+    (120, "pool_routing_bwd", "sigmoid", 256, 8): dict(maxnreg=80),
+    (120, "pool_routing_bwd", "sigmoid", 512, 0): dict(maxnreg=88),
+    (120, "pool_routing_bwd", "sigmoid", 512, 8): dict(maxnreg=96),
+    (120, "pool_routing_bwd", "softmax", 32, 8): dict(num_warps=8),
+    (120, "pool_routing_bwd", "softmax", 128, 0): dict(maxnreg=96),
+    (120, "pool_routing_bwd", "softmax", 256, 0): dict(maxnreg=72),
+    (120, "pool_routing_bwd", "softmax", 512, 0): dict(maxnreg=72),
+    (120, "pool_routing_bwd", "softmax", 512, 8): dict(maxnreg=80),
+    (120, "pool_routing_fwd", "sigmoid", 128, 0): dict(maxnreg=72),
+    (120, "pool_routing_fwd", "sigmoid", 512, 0): dict(maxnreg=80),
+    (120, "pool_routing_fwd", "sigmoid", 512, 8): dict(maxnreg=72),
+    (120, "pool_routing_fwd", "softmax", 128, 0): dict(maxnreg=72),
+    (120, "pool_routing_fwd", "softmax", 512, 0): dict(maxnreg=80),
+    (120, "pool_routing_fwd", "softmax", 512, 8): dict(maxnreg=72),
+}
+
+
+def spill_free(meta: dict, kernel: str, arch) -> dict:
+    """``meta``, a pooling launch's constexprs and options (``SIGMOID`` and ``VEC`` set), for
+    ``kernel`` (``"pool_routing_fwd"`` or ``"pool_routing_bwd"``) on Triton target ``arch``
+    (:func:`target_arch`; None: the table's own), with :data:`SPILL_FREE_TILES`'s options where it
+    has an entry."""
+    score = "sigmoid" if meta["SIGMOID"] else "softmax"
+    options = SPILL_FREE_TILES.get((arch, kernel, score, meta["BLOCK_E"], meta["VEC"]))
+    return meta if options is None else {**meta, **options}
+
+
+_TARGET_ARCH = {}
+
+
+def target_arch(device: torch.device):
+    """The architecture of :data:`SPILL_CHECKED_ARCHS` whose :data:`SPILL_FREE_TILES` entries
+    ``device`` gets: the highest not above its compute capability (sm_89 gets sm_86's, sm_110
+    sm_103's, sm_121 sm_120's: not compiled in CI); None off CUDA or below sm_80."""
+    if device.type != "cuda":
+        return None
+    if device not in _TARGET_ARCH:
+        major, minor = torch.cuda.get_device_capability(device)
+        below = [arch for arch in SPILL_CHECKED_ARCHS if arch <= 10 * major + minor]
+        _TARGET_ARCH[device] = below[-1] if below else None
+    return _TARGET_ARCH[device]
+
+
 def expert_constexprs(num_experts: int) -> dict:
     """The pooling kernels' constexprs that follow from E alone: the tile table's, E_MULT =
     gcd(E, 8) (rows provably vector-aligned) and EVEN_E (E fills the tile: no column mask)."""
@@ -213,7 +348,8 @@ class SidePlan(NamedTuple):
     # for an absent mask or cu_seqlens) and the sizes L, B, N, S (the mask's row length, N without
     # one), E_DIV, inv_tau, SPLITS. Built once, so a launch adds only its tensors to it.
     constants: dict
-    meta: dict  # constexprs and launch options of pool_routing_fwd (bwd adds PAIR)
+    meta: dict  # constexprs and launch options of pool_routing_fwd
+    bwd_meta: dict  # those of pool_routing_bwd but PAIR (SPILL_FREE_TILES may set other options)
     num_experts: int
 
 
@@ -241,14 +377,17 @@ def side_plan(logits, mask, cu, score: str, temperature: float, vec: int, device
                     VEC=vec)
         constants = dict(mask_sb=mask_strides[0], mask_ss=mask_strides[1], cu_stride=cu_stride, L=L, B=B, N=N, S=S,
                          E_DIV=E // meta["E_MULT"], inv_tau=1.0 / temperature, SPLITS=splits)
-        plan = _PLANS[key] = SidePlan((L, B, splits), constants, meta, E)
+        arch = target_arch(device)
+        plan = _PLANS[key] = SidePlan((L, B, splits), constants, spill_free(meta, "pool_routing_fwd", arch),
+                                      spill_free(meta, "pool_routing_bwd", arch), E)
         if len(_PLANS) > _PLAN_CACHE_SIZE:
             _PLANS.popitem(last=False)
     return plan
 
 
 def clear_plans():
-    """Forget the cached launch plans (after changing ``tile_config`` or ``num_splits``)."""
+    """Forget the cached launch plans (after changing ``tile_config``, ``SPILL_FREE_TILES`` or
+    ``num_splits``)."""
     _PLANS.clear()
 
 
@@ -306,5 +445,5 @@ def pool_bwd(logits, mask, cu, coef, scale, layer_coef, count, score: str, tempe
         "scale_ptr": scale, "scale_sl": scale_sl, "scale_sb": scale_sb, "layer_coef_ptr": layer_coef,
         "count_ptr": count, "count_stride": count.stride(0), "grad_ptr": grad, **plan.constants,
     })
-    launch(pool_routing_bwd, plan.grid, args, {**plan.meta, "PAIR": pair}, device)
+    launch(pool_routing_bwd, plan.grid, args, {**plan.bwd_meta, "PAIR": pair}, device)
     return grad
