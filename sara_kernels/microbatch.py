@@ -70,7 +70,8 @@ def pair_weights_of(pair_weights, indices: PairIndices, caller: str) -> Optional
 _LIVE_FILTER_ADVICE = (
     "live anchors run in the same forward as their targets, and the LM logits that say whether the model answers an "
     "anchor exist only after the routers have attached SARA (on the last pipeline stage); extract priors with "
-    "`python -m sara_kernels priors --anchor_answers` and give example_index=, or pass pair_weights= from your own "
+    "`python -m sara_kernels priors --anchor_answers` (or sara_kernels.megatron.extract_routing_priors(..., "
+    "answer_masks=...)) and give example_index=, or pass pair_weights= from your own "
     "greedy check of the anchors (sara_kernels.hf.routing.answers_reproduced on a graph-free forward)"
 )
 
@@ -93,7 +94,8 @@ def check_anchor_filter(options, priors, caller: str) -> None:
     if priors.anchor_correct is None:
         raise ValueError(
             f"{caller}: sara_anchor_filter='correct' needs a priors file that records each anchor's correctness; "
-            "extract it with `python -m sara_kernels priors --anchor_answers` (extract_routing_priors(..., anchor_answers=True))"
+            "extract it with `python -m sara_kernels priors --anchor_answers` (sara_kernels.hf.extract_routing_priors(..., "
+            "anchor_answers=True); from a Megatron model, sara_kernels.megatron.extract_routing_priors(..., answer_masks=...))"
         )
 
 

@@ -156,6 +156,99 @@ def test_cached_priors_by_example_index_and_extraction(tmp_path):
     torch.testing.assert_close(tracked, per_layer.float(), **LOSS_TOL)
 
 
+def _lm_logits_alone(model, ids: list) -> torch.Tensor:
+    """The LM logits [n, V] of one unpadded sequence, by a plain eval forward."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(torch.tensor([ids]), torch.arange(len(ids))[None], None)[0].double()
+    finally:
+        model.train()
+
+
+def _greedy_continuation(model, prompt: list, length: int) -> list:
+    ids = list(prompt)
+    for _ in range(length):
+        ids.append(int(_lm_logits_alone(model, ids)[-1].argmax()))
+    return ids
+
+
+# Smallest gap between the top two LM logits at an answer position for the hand computation to be
+# trusted: a batched, padded forward may differ from a lone one by float32 rounding (~1e-6 here).
+_TOP1_MARGIN = 1e-3
+
+
+def _reproduced_by_hand(model, ids: list, mask: list) -> bool:
+    logits = _lm_logits_alone(model, ids)
+    reproduced = True
+    for t in (t for t, marked in enumerate(mask) if marked):
+        top2 = logits[t - 1].topk(2).values
+        assert top2[0] - top2[1] > _TOP1_MARGIN, f"answer token {t}: top-1 tie, choose another seed"
+        reproduced &= int(logits[t - 1].argmax()) == ids[t]
+    return reproduced
+
+
+def test_anchor_filter_correct_from_megatron_extraction_with_answer_masks(tmp_path):
+    """extract_routing_priors(answer_masks=...) records anchor_correct by the greedy teacher-forced
+    rule (against each anchor run alone, answers the model's own greedy continuation or that with one
+    token changed); training with the file and sara_anchor_filter="correct" weights each pair by it."""
+    model = tiny_model(seed=31, layers="all")
+    g = torch.Generator().manual_seed(32)
+    anchors, masks = [], []
+    # (prompt length, answer length, answer token changed or None: the answer is the model's own)
+    for prompt_len, answer_len, changed in [(4, 3, None), (7, 2, 1), (3, 4, None), (6, 3, 0), (5, 3, None), (2, 3, 2)]:
+        ids = _greedy_continuation(model, torch.randint(0, VOCAB, (prompt_len,), generator=g).tolist(), answer_len)
+        if changed is not None:
+            ids[prompt_len + changed] = (ids[prompt_len + changed] + 1) % VOCAB
+        anchors.append(ids)
+        masks.append([0] * prompt_len + [1] * answer_len)
+    by_hand = [_reproduced_by_hand(model, ids, mask) for ids, mask in zip(anchors, masks)]
+    assert by_hand == [True, False, True, False, True, False]
+
+    path = tmp_path / "priors.safetensors"
+    priors = extract_routing_priors(model, anchors, path, batch_size=4, answer_masks=masks)  # two ragged batches
+    assert priors.anchor_correct.tolist() == by_hand
+    loaded = load_routing_priors(path)
+    assert loaded.anchor_correct.tolist() == by_hand
+    torch.testing.assert_close(loaded.probs, extract_routing_priors(model, anchors, tmp_path / "plain.safetensors").probs)
+
+    model = tiny_model(seed=33, priors=path, anchor_filter="correct")
+    tokens, positions, padding = random_batch(4, 8, seed=34)
+    example_index = torch.tensor([5, 0, 3, 2])
+    with sara_batch(example_index=example_index):
+        output = model(tokens, positions, None, labels=tokens, padding_mask=padding)
+    tracked = tracked_sara(model).clone()
+    clean_forward(model, tokens, positions, None, padding_mask=padding)
+    anchor_probs = loaded.gather(example_index, layers=[1, 2])
+    kept = torch.tensor(by_hand, dtype=torch.float64)[example_index]  # [0, 1, 0, 1]
+    expected, per_layer = expected_sara_padded(model, padding, anchor_probs=anchor_probs, pair_weights=kept)
+    unfiltered, _ = expected_sara_padded(model, padding, anchor_probs=anchor_probs)
+    assert abs(expected.item() - unfiltered.item()) > 0.05 * unfiltered.item()  # the filter changes what is checked
+    assert_grads_equal(model, output, expected)
+    torch.testing.assert_close(tracked, per_layer.float(), **LOSS_TOL)
+
+
+def test_extraction_answer_masks_refusals(tmp_path):
+    model = tiny_model(seed=35, layers="all")
+    anchors = [[3, 4, 5], [6, 7]]
+    path = tmp_path / "priors.safetensors"
+    for masks, message in [([[0, 1, 1]], r"^answer_masks: expected one per anchor \(2\), got 1"),
+                           ([[0, 1, 1], [0, 1, 0]], r"^answer_masks\[1\]: expected 2 entries of 0 or 1"),
+                           ([[0, 2, 1], [0, 1]], r"^answer_masks\[0\]: expected 3 entries of 0 or 1"),
+                           ([[1, 1, 1], [0, 1]], r"^answer_masks\[0\]: expected 1 on the answer tokens, at least one and not the first"),
+                           ([[0, 1, 1], [0, 0]], r"^answer_masks\[1\]: expected 1 on the answer tokens")]:
+        with pytest.raises(ValueError, match=message):
+            extract_routing_priors(model, anchors, path, answer_masks=masks)
+    masks = [[0, 1, 1], [0, 1]]
+    model.vocab_size = 2 * VOCAB  # as a tensor-parallel rank's output layer without gather sees its shard
+    with pytest.raises(ValueError, match=rf"^answer_masks: the model's logits cover {VOCAB} of its {2 * VOCAB} vocabulary"):
+        extract_routing_priors(model, anchors, path, answer_masks=masks)
+    model.vocab_size, model.post_process = VOCAB, False  # a pipeline stage before the last
+    with pytest.raises(ValueError, match=r"^answer_masks: the model has no output layer"):
+        extract_routing_priors(model, anchors, path, answer_masks=masks)
+    assert not path.exists()
+
+
 @pytest.mark.parametrize("anchors", ["live", "priors"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_packed_sequences(padded, anchors):
