@@ -76,12 +76,13 @@ _LIVE_FILTER_ADVICE = (
 )
 
 
-def check_anchor_filter(options, priors, caller: str) -> None:
-    """Refuse a ``sara_anchor_filter`` the integration cannot apply: only ``"correct"``, read from
-    cached priors that record each anchor's correctness (``priors``: a
-    :class:`~sara_kernels.hf.RoutingPriors` or None)."""
+def check_anchor_filter(options, priors, caller: str, live_answers: bool = False) -> None:
+    """Refuse a ``sara_anchor_filter`` the integration cannot apply: ``"correct"`` read from cached
+    priors that record each anchor's correctness (``priors``: a :class:`~sara_kernels.hf.RoutingPriors`
+    or None), and, where the integration weights live pairs from the micro-batch's LM logits
+    (``live_answers``), either filter without priors."""
     anchor_filter = options.sara_anchor_filter
-    if anchor_filter == "none":
+    if anchor_filter == "none" or (priors is None and live_answers):
         return
     if priors is None:
         raise ValueError(f"{caller}: sara_anchor_filter={anchor_filter!r} needs cached priors here: {_LIVE_FILTER_ADVICE}")

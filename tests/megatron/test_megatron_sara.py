@@ -47,6 +47,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from sara_kernels import sara_loss
 from sara_kernels.hf import RoutingPriors, capture_router_logits, load_routing_priors
 from sara_kernels.testing import LOSS_TOL, assert_grads_close
+from sara_kernels.testing.tolerances import GREEDY_TOP1_MARGIN
 from sara_kernels.megatron import TRACKER_NAME, SARAOptions, SARARouter, extract_routing_priors, sara_batch, with_sara
 
 _single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
@@ -173,17 +174,12 @@ def _greedy_continuation(model, prompt: list, length: int) -> list:
     return ids
 
 
-# Smallest gap between the top two LM logits at an answer position for the hand computation to be
-# trusted: a batched, padded forward may differ from a lone one by float32 rounding (~1e-6 here).
-_TOP1_MARGIN = 1e-3
-
-
 def _reproduced_by_hand(model, ids: list, mask: list) -> bool:
     logits = _lm_logits_alone(model, ids)
     reproduced = True
     for t in (t for t, marked in enumerate(mask) if marked):
         top2 = logits[t - 1].topk(2).values
-        assert top2[0] - top2[1] > _TOP1_MARGIN, f"answer token {t}: top-1 tie, choose another seed"
+        assert top2[0] - top2[1] > GREEDY_TOP1_MARGIN, f"answer token {t}: top-1 tie, choose another seed"
         reproduced &= int(logits[t - 1].argmax()) == ids[t]
     return reproduced
 
