@@ -33,8 +33,8 @@ from torchtitan.protocols.module import Module
 from ..hf.priors import RoutingPriors, load_routing_priors
 from ..hf.routing import answer_positions, answers_reproduced
 from ..layer_selection import select_layers
-from ..microbatch import (LayerPriors, PairIndices, check_anchor_filter, micro_batch_pair_weights, pair_indices,
-                          pair_weights_of, side_sequences)
+from ..microbatch import (LayerPriors, LivePairWeights, PairIndices, WeightedMeanInBackward, check_anchor_filter,
+                          micro_batch_pair_weights, pair_indices, pair_weights_of, side_sequences)
 from ..term import SARAOptions, SequenceLayout, check_layer_weights, sara_term
 
 __all__ = ["SARAConverter", "SARARouter", "SARAMicrobatch", "sara_step", "sara_metrics"]
@@ -57,26 +57,6 @@ class _AttachTerm(torch.autograd.Function):
     def backward(ctx, grad_logits):
         (term,) = ctx.saved_tensors
         return grad_logits, torch.ones_like(term)
-
-
-class _AttachWeightedInBackward(torch.autograd.Function):
-    """Returns ``logits`` unchanged; in backward, the gradient of ``factor * Σ_b π_b D_b / Σ_b π_b``
-    (0 when no weight is left) joins theirs, for the pairs' divergences D [P], with π read from the
-    micro-batch only then: under ``sara_anchor_filter`` with live anchors the LM logits that decide
-    π exist only after the routers have run."""
-
-    @staticmethod
-    def forward(ctx, logits, divergence, factor, batch, layer):
-        ctx.batch, ctx.layer, ctx.factor = batch, layer, factor.detach()
-        ctx.dtype, ctx.device = divergence.dtype, divergence.device
-        return logits.view_as(logits)
-
-    @staticmethod
-    def backward(ctx, grad_logits):
-        weights = ctx.batch.kept_pairs(ctx.layer).to(ctx.device, ctx.dtype)
-        total = weights.sum()
-        share = torch.where(total > 0, weights / torch.where(total > 0, total, torch.ones_like(total)), 0.0)
-        return grad_logits, share * ctx.factor.to(ctx.dtype), None, None, None
 
 
 @dataclass(frozen=True)
@@ -110,8 +90,8 @@ class SARAMicrobatch:
     pair_weights: Optional[Union[Sequence[float], torch.Tensor]] = None
     positions: Optional[torch.Tensor] = None
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-    # sara_anchor_filter with live anchors: the filter, the routers' divergences awaiting π, π once set
-    _deferred: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _live: LivePairWeights = field(default_factory=lambda: LivePairWeights("SARAMicrobatch.set_answers"), init=False,
+                                   repr=False, compare=False)
 
     def __post_init__(self):
         indices = pair_indices("SARAMicrobatch", self.anchor, self.target, self.example_index, "rows")
@@ -159,13 +139,6 @@ class SARAMicrobatch:
         ``"correct_anchor_wrong_target"``, its target is not), else 0, times ``pair_weights``; the
         logged per-layer values and ``sara_anchor_kept`` are those of this π.
         """
-        state = self._deferred
-        if "filter" not in state:
-            raise RuntimeError(
-                "SARAMicrobatch.set_answers: no SARA router has run on this micro-batch with live anchors and "
-                "sara_anchor_filter; call it after the model's forward, inside sara_step")
-        if "kept" in state:
-            raise RuntimeError("SARAMicrobatch.set_answers: already called for this micro-batch")
         if isinstance(logits, DTensor):
             raise ValueError(
                 f"SARAMicrobatch.set_answers logits: a DTensor placed as {logits.placements}; pass the whole "
@@ -176,23 +149,9 @@ class SARAMicrobatch:
             if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(logits.shape[:2]):
                 raise ValueError(f"SARAMicrobatch.set_answers {name}: expected a tensor of shape "
                                  f"{list(logits.shape[:2])} (the logits' [B, L]), got {value!r}")
-        anchor_filter = state["filter"]
+        self._live.check_settable()
         answered, has_answer = self._answered(logits.detach(), tokens.to(logits.device), answer_mask.to(logits.device))
-        sides = [("anchor", self.anchor)]
-        if anchor_filter == "correct_anchor_wrong_target":
-            sides.append(("target", self.target))
-        for side, seqs in sides:
-            missing = seqs[~has_answer[seqs.to(has_answer.device)].cpu()].tolist()
-            if missing:
-                raise ValueError(f"SARAMicrobatch.set_answers answer_mask: {side} sequences {missing[:5]} have no answer "
-                                 f"token; sara_anchor_filter={anchor_filter!r} needs each {side}'s answer")
-        kept = answered[self.anchor.to(answered.device)]
-        if anchor_filter == "correct_anchor_wrong_target":
-            kept = kept & ~answered[self.target.to(answered.device)]
-        weights = kept.float() if self.pair_weights is None else kept.float() * self.pair_weights.to(kept.device)
-        state["kept"], state["kept_fraction"] = weights, kept.float().mean()
-        for router, divergence in state.pop("pending", []):
-            router._record_weighted(divergence, weights, state["kept_fraction"])
+        self._live.set(answered, has_answer, PairIndices(self.anchor, self.target, self.example_index), self.pair_weights)
 
     def _answered(self, logits: torch.Tensor, tokens: torch.Tensor, answer_mask: torch.Tensor):
         """([num sequences] answers reproduced, [num sequences] has answer tokens) of the rows, or of the
@@ -219,25 +178,6 @@ class SARAMicrobatch:
         of_token = torch.searchsorted(cu[1:], torch.arange(rows * seq_len, device=mask.device), right=True)
         counts = torch.zeros(cu.numel() - 1, device=mask.device).index_add_(0, of_token, flat_mask[0].float())
         return answered, counts > 0
-
-    def _defer(self, router: "SARARouter", divergence: torch.Tensor) -> None:
-        """Record ``router``'s divergences [P] of this micro-batch for when π is known."""
-        state = self._deferred
-        state["filter"] = router.sara.sara_anchor_filter
-        if "kept" in state:
-            router._record_weighted(divergence, state["kept"], state["kept_fraction"])
-        else:
-            state.setdefault("pending", []).append((router, divergence))
-
-    def kept_pairs(self, layer: int) -> torch.Tensor:
-        """π [P] that :meth:`set_answers` set; a RuntimeError naming it when it was not called."""
-        if "kept" not in self._deferred:
-            raise RuntimeError(
-                f"SARA router of layer {layer}: sara_anchor_filter={self._deferred.get('filter')!r} with live anchors "
-                "weights the pairs in backward, but SARAMicrobatch.set_answers(logits, tokens, answer_mask) was not "
-                "called for this micro-batch: call it in the loss function, before backward (under pipeline "
-                "parallelism the LM logits are on the last stage only, which this does not support)")
-        return self._deferred["kept"]
 
     def _packed(self, name: str, rows: int, seq_len: int):
         """(token rows [T] of the flattened [B*L] micro-batch, cu_seqlens) of ``name``'s documents."""
@@ -401,8 +341,9 @@ class SARARouter(TokenChoiceTopKRouter):
                                    target_layout=target_layout, layers=(self.sara_layer,), score=self.score_func,
                                    reduction="none").loss[0]
             if recorded_now:
-                batch._defer(self, divergence.detach())
-            return _AttachWeightedInBackward.apply(logits, divergence, self.sara_share * scale, batch, self.sara_layer)
+                batch._live.defer(self.sara.sara_anchor_filter, self._record, divergence, None)
+            weighted = WeightedMeanInBackward.apply(divergence, batch._live, self.sara_layer, None)
+            return _AttachTerm.apply(logits, weighted * (self.sara_share * scale))
         anchor_probs = None
         if batch.example_index is not None:
             if self.priors is None:
@@ -413,7 +354,7 @@ class SARARouter(TokenChoiceTopKRouter):
             anchor_logits, anchor_layout = batch.side("anchor", logits)
         target_logits, target_layout = batch.side("target", logits)
         pair_weights, kept = micro_batch_pair_weights(self.sara, self._layer_priors, batch.example_index,
-                                                      batch.pair_weights, logits.device, "SARAMicrobatch")
+                                                      batch.pair_weights, logits.device)
         term = sara_term(self.sara, anchor_logits, target_logits, anchor_layout=anchor_layout, target_layout=target_layout,
                          anchor_probs=anchor_probs, pair_weights=pair_weights, layers=(self.sara_layer,),
                          score=self.score_func)
@@ -427,12 +368,6 @@ class SARARouter(TokenChoiceTopKRouter):
         self._js_count += 1
         if kept is not None:
             self._kept_sum = kept if self._kept_sum is None else self._kept_sum + kept
-
-    def _record_weighted(self, divergence: torch.Tensor, weights: torch.Tensor, kept: torch.Tensor) -> None:
-        """:meth:`_record` of the π-weighted mean of the pairs' divergences (0 when no weight is left)."""
-        weights = weights.to(divergence.device, divergence.dtype)
-        total = weights.sum()
-        self._record((weights * divergence).sum() / torch.where(total > 0, total, torch.ones_like(total)), kept)
 
 
 def sara_metrics(model_parts, mesh=None) -> dict:
@@ -503,7 +438,7 @@ class SARAConverter(ModelConfigConverter):
                     f"the priors were computed with temperature={self.priors.temperature}, SARA uses "
                     f"sara_temperature={self.options.sara_temperature}"
                 )
-        check_anchor_filter(self.options, self.priors, "SARAConverter", live_answers=True)
+        check_anchor_filter(self.options, self.priors, "SARAConverter")
 
     def convert(self, model_config: Module.Config) -> Module.Config:
         routers = {}
