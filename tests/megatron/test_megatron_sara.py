@@ -32,6 +32,9 @@ from megatron_model import (
     tiny_model,
     tracked_sara,
     VOCAB,
+    answered_columns,
+    greedy_continuation,
+    reproduced_by_hand,
 )
 from megatron_cpu import with_sdpa_attention
 
@@ -47,7 +50,6 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from sara_kernels import sara_loss
 from sara_kernels.hf import RoutingPriors, capture_router_logits, load_routing_priors
 from sara_kernels.testing import LOSS_TOL, assert_grads_close
-from sara_kernels.testing.tolerances import GREEDY_TOP1_MARGIN
 from sara_kernels.megatron import TRACKER_NAME, SARAOptions, SARARouter, extract_routing_priors, sara_batch, with_sara
 
 _single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
@@ -157,33 +159,6 @@ def test_cached_priors_by_example_index_and_extraction(tmp_path):
     torch.testing.assert_close(tracked, per_layer.float(), **LOSS_TOL)
 
 
-def _lm_logits_alone(model, ids: list) -> torch.Tensor:
-    """The LM logits [n, V] of one unpadded sequence, by a plain eval forward."""
-    model.eval()
-    try:
-        with torch.no_grad():
-            return model(torch.tensor([ids]), torch.arange(len(ids))[None], None)[0].double()
-    finally:
-        model.train()
-
-
-def _greedy_continuation(model, prompt: list, length: int) -> list:
-    ids = list(prompt)
-    for _ in range(length):
-        ids.append(int(_lm_logits_alone(model, ids)[-1].argmax()))
-    return ids
-
-
-def _reproduced_by_hand(model, ids: list, mask: list) -> bool:
-    logits = _lm_logits_alone(model, ids)
-    reproduced = True
-    for t in (t for t, marked in enumerate(mask) if marked):
-        top2 = logits[t - 1].topk(2).values
-        assert top2[0] - top2[1] > GREEDY_TOP1_MARGIN, f"answer token {t}: top-1 tie, choose another seed"
-        reproduced &= int(logits[t - 1].argmax()) == ids[t]
-    return reproduced
-
-
 def test_anchor_filter_correct_from_megatron_extraction_with_answer_masks(tmp_path):
     """extract_routing_priors(answer_masks=...) records anchor_correct by the greedy teacher-forced
     rule (against each anchor run alone, answers the model's own greedy continuation or that with one
@@ -193,12 +168,12 @@ def test_anchor_filter_correct_from_megatron_extraction_with_answer_masks(tmp_pa
     anchors, masks = [], []
     # (prompt length, answer length, answer token changed or None: the answer is the model's own)
     for prompt_len, answer_len, changed in [(4, 3, None), (7, 2, 1), (3, 4, None), (6, 3, 0), (5, 3, None), (2, 3, 2)]:
-        ids = _greedy_continuation(model, torch.randint(0, VOCAB, (prompt_len,), generator=g).tolist(), answer_len)
+        ids = greedy_continuation(model, torch.randint(0, VOCAB, (prompt_len,), generator=g).tolist(), answer_len)
         if changed is not None:
             ids[prompt_len + changed] = (ids[prompt_len + changed] + 1) % VOCAB
         anchors.append(ids)
         masks.append([0] * prompt_len + [1] * answer_len)
-    by_hand = [_reproduced_by_hand(model, ids, mask) for ids, mask in zip(anchors, masks)]
+    by_hand = [reproduced_by_hand(model, ids, mask) for ids, mask in zip(anchors, masks)]
     assert by_hand == [True, False, True, False, True, False]
 
     path = tmp_path / "priors.safetensors"
@@ -666,32 +641,6 @@ def test_anchor_filter_and_pair_weights_refusals():
             sara_batch(anchor=[0, 1, 2], target=[3, 4, 5], pair_weights=bad)
 
 
-def _answered_columns(model, answer_len: int, lengths: list, seed: int):
-    """(tokens [b, s] right-padded with random tokens, padding mask, answer mask): sequences 0, 2 and 3
-    end with the model's own greedy continuation, 1 and 4 with it with one token changed, 5 with
-    random tokens, a sequence of length 0 is padding only; and whether each is answered, computed
-    alone by hand."""
-    g = torch.Generator().manual_seed(seed)
-    seq_len = max(lengths)
-    tokens = torch.randint(0, VOCAB, (len(lengths), seq_len), generator=g)
-    answer_mask = torch.zeros(len(lengths), seq_len, dtype=torch.bool)
-    answered = []
-    for i, n in enumerate(lengths):
-        if n == 0:  # a sequence of padding only
-            answered.append(False)
-            continue
-        ids = _greedy_continuation(model, tokens[i, : n - answer_len].tolist(), answer_len)
-        if i in (1, 4):
-            ids[-1] = (ids[-1] + 1) % VOCAB
-        if i == 5:
-            ids[-answer_len:] = torch.randint(0, VOCAB, (answer_len,), generator=g).tolist()
-        tokens[i, :n] = torch.tensor(ids)
-        answer_mask[i, n - answer_len : n] = True
-        answered.append(_reproduced_by_hand(model, ids, answer_mask[i, :n].tolist()))
-    padding = torch.arange(seq_len)[None, :] >= torch.tensor(lengths)[:, None]
-    return tokens, padding, answer_mask, answered
-
-
 @pytest.mark.parametrize("anchor_filter, kept", [("correct", [1.0, 0.0, 1.0]), ("correct_anchor_wrong_target", [0.0, 0.0, 1.0])])
 def test_anchor_filter_with_live_anchors_weights_the_pairs_by_the_lm_logits(anchor_filter, kept):
     """sara_batch.set_answers in the loss function: π by the greedy rule from the model's LM logits;
@@ -701,7 +650,7 @@ def test_anchor_filter_with_live_anchors_weights_the_pairs_by_the_lm_logits(anch
     from sara_kernels.megatron import KEPT_TRACKER_NAME
 
     model = tiny_model(seed=41, anchor_filter=anchor_filter)
-    tokens, padding, answer_mask, answered = _answered_columns(model, 3, [7, 9, 6, 8, 9, 5, 0], seed=42)
+    tokens, padding, answer_mask, answered = answered_columns(model, 3, [7, 9, 6, 8, 9, 5, 0], seed=42)
     assert answered == [True, False, True, True, False, False, False]
     positions = torch.arange(tokens.shape[1]).expand(tokens.shape[0], -1)
     anchor, target, user_weights = [0, 4, 2], [3, 1, 5], torch.tensor([1.5, 2.0, 0.5])
@@ -727,7 +676,7 @@ def test_anchor_filter_with_live_anchors_weights_the_pairs_by_the_lm_logits(anch
 
 def test_anchor_filter_with_live_anchors_refusals():
     model = tiny_model(seed=43, anchor_filter="correct")
-    tokens, padding, answer_mask, _ = _answered_columns(model, 2, [5, 6, 4, 6], seed=44)
+    tokens, padding, answer_mask, _ = answered_columns(model, 2, [5, 6, 4, 6], seed=44)
     positions = torch.arange(tokens.shape[1]).expand(tokens.shape[0], -1)
 
     def step(set_answers):
@@ -771,7 +720,7 @@ def test_anchor_filter_with_live_anchors_under_recomputation(recompute):
         reset_megatron_state()
         model = tiny_model(seed=45, anchor_filter="correct", **overrides)
         with cpu_rng_for_recomputation():
-            tokens, padding, answer_mask, answered = _answered_columns(model, 3, [7, 9, 6, 8], seed=46)
+            tokens, padding, answer_mask, answered = answered_columns(model, 3, [7, 9, 6, 8], seed=46)
             assert answered[:2] == [True, False]  # one of the two pairs kept
             positions = torch.arange(tokens.shape[1]).expand(tokens.shape[0], -1)
             batch = sara_batch(anchor=[0, 1], target=[2, 3])
