@@ -6,8 +6,9 @@ Megatron's :class:`~sara_kernels.megatron.sara_batch` and torchtitan's
 :class:`~sara_kernels.torchtitan.SARAMicrobatch` each find their sequences in their own
 framework's tensors (columns or packed ``cu_seqlens``; rows or documents of ``positions``), then
 build a :class:`~sara_kernels.term.SequenceLayout` per side. What they share is here: the index
-arguments and their checks (every message names the ``caller``), the pairs' weights (``pair_weights``
-and ``sara_anchor_filter``'s kept pairs), and one layer's cached priors.
+arguments and their checks (every message names the ``caller``), the pairs' weights (``pair_weights``,
+``sara_anchor_filter``'s kept pairs from the priors, or for live anchors from the LM logits after the
+forward: :class:`LivePairWeights`, :class:`WeightedMeanInBackward`), and one layer's cached priors.
 """
 
 from __future__ import annotations
@@ -66,24 +67,13 @@ def pair_weights_of(pair_weights, indices: PairIndices, caller: str) -> Optional
         raise type(error)(f"{caller} {error}") from None
 
 
-# Why the in-model integrations filter only with cached priors, and what to do instead.
-_LIVE_FILTER_ADVICE = (
-    "live anchors run in the same forward as their targets, and the LM logits that say whether the model answers an "
-    "anchor exist only after the routers have attached SARA (on the last pipeline stage); extract priors with "
-    "`python -m sara_kernels priors --anchor_answers` and give example_index=, or pass pair_weights= from your own "
-    "greedy check of the anchors (sara_kernels.hf.routing.answers_reproduced on a graph-free forward)"
-)
-
-
 def check_anchor_filter(options, priors, caller: str) -> None:
-    """Refuse a ``sara_anchor_filter`` the integration cannot apply: only ``"correct"``, read from
-    cached priors that record each anchor's correctness (``priors``: a
-    :class:`~sara_kernels.hf.RoutingPriors` or None)."""
+    """Refuse a ``sara_anchor_filter`` the integration cannot apply with cached ``priors`` (a
+    :class:`~sara_kernels.hf.RoutingPriors`; None: live anchors, whose pairs :class:`LivePairWeights`
+    weights by either filter): ``"correct"`` only, from priors that record each anchor's correctness."""
     anchor_filter = options.sara_anchor_filter
-    if anchor_filter == "none":
+    if anchor_filter == "none" or priors is None:
         return
-    if priors is None:
-        raise ValueError(f"{caller}: sara_anchor_filter={anchor_filter!r} needs cached priors here: {_LIVE_FILTER_ADVICE}")
     if anchor_filter == "correct_anchor_wrong_target":
         raise ValueError(
             f"{caller}: sara_anchor_filter='correct_anchor_wrong_target' with cached priors is not supported (the "
@@ -93,25 +83,115 @@ def check_anchor_filter(options, priors, caller: str) -> None:
     if priors.anchor_correct is None:
         raise ValueError(
             f"{caller}: sara_anchor_filter='correct' needs a priors file that records each anchor's correctness; "
-            "extract it with `python -m sara_kernels priors --anchor_answers` (extract_routing_priors(..., anchor_answers=True))"
+            "extract it with `python -m sara_kernels priors --anchor_answers` (sara_kernels.hf.extract_routing_priors(..., "
+            "anchor_answers=True); from a Megatron model, sara_kernels.megatron.extract_routing_priors(..., answer_masks=...))"
         )
 
 
 def micro_batch_pair_weights(options, layer_priors: Optional["LayerPriors"], example_index: Optional[torch.Tensor],
-                             pair_weights: Optional[torch.Tensor], device, caller: str):
+                             pair_weights: Optional[torch.Tensor], device):
     """(π [P] on ``device`` for ``sara_term``, or None; the fraction of pairs ``sara_anchor_filter``
-    keeps, or None without the filter). With the filter π is the priors' anchor correctness of each
-    ``example_index`` times ``pair_weights``; ``check_anchor_filter`` has passed."""
+    keeps, or None without the filter). With the filter (priors mode: live anchors weight their pairs
+    through :class:`LivePairWeights`) π is the priors' anchor correctness of each ``example_index``
+    times ``pair_weights``; ``check_anchor_filter`` has passed."""
     weights = None if pair_weights is None else pair_weights.to(device)
     if options.sara_anchor_filter == "none":
         return weights, None
-    if example_index is None:
-        raise ValueError(
-            f"{caller}: sara_anchor_filter={options.sara_anchor_filter!r} filters the pairs of cached priors "
-            f"(example_index=), not live anchors: {_LIVE_FILTER_ADVICE}"
-        )
     kept = layer_priors.anchor_kept(example_index, device)
     return (kept if weights is None else kept * weights), kept.mean()
+
+
+class LivePairWeights:
+    """π of ``sara_anchor_filter`` with live anchors, for one micro-batch: the LM logits that decide it
+    exist only after the routers have run, so each router's per-pair divergences wait here (and
+    in :class:`WeightedMeanInBackward`'s backward) until the loss function gives each sequence's
+    answers (``method``, the integration's name for that call, is what the errors name)."""
+
+    def __init__(self, method: str):
+        self.method = method
+        self.anchor_filter = None
+        self.weights = None  # π [P], once set
+        self.kept = None  # the fraction of pairs kept, once set
+        self._pending = []  # (record, divergence [P], valid [P] or None) of routers that ran before π
+
+    def expect(self, anchor_filter: str) -> None:
+        """A router will weight this micro-batch's pairs by ``anchor_filter`` (in a recomputation in
+        backward, when its forward ran inside a checkpoint), so π may be set."""
+        self.anchor_filter = anchor_filter
+
+    def defer(self, anchor_filter: str, record, divergence: torch.Tensor, valid: Optional[torch.Tensor]) -> None:
+        """``record(value, kept)`` of a router's divergences [P] (``valid``: pairs with both sides
+        non-empty, None for all), called with the π-weighted mean when π is set (now, if it is)."""
+        self.expect(anchor_filter)
+        self._pending.append((record, divergence.detach(), valid))
+        if self.weights is not None:
+            self._flush()
+
+    def set(self, answered: torch.Tensor, has_answer: torch.Tensor, indices: PairIndices, pair_weights) -> None:
+        """π from whether each sequence of the micro-batch is answered (``answered`` [N] bool) and has
+        answer tokens (``has_answer`` [N]): 1 where the pair's anchor is answered (and, for
+        ``"correct_anchor_wrong_target"``, its target is not), times ``pair_weights``."""
+        self.check_settable()
+        sides = [("anchor", indices.anchor)]
+        if self.anchor_filter == "correct_anchor_wrong_target":
+            sides.append(("target", indices.target))
+        for side, seqs in sides:
+            missing = seqs[~has_answer.cpu()[seqs.cpu()]].tolist()
+            if missing:
+                raise ValueError(f"{self.method} answer_mask: {side} sequences {missing[:5]} have no answer token; "
+                                 f"sara_anchor_filter={self.anchor_filter!r} needs each {side}'s answer")
+        kept = answered[indices.anchor.to(answered.device)]
+        if self.anchor_filter == "correct_anchor_wrong_target":
+            kept = kept & ~answered[indices.target.to(answered.device)]
+        self.kept = kept.float().mean()
+        self.weights = kept.float() if pair_weights is None else kept.float() * pair_weights.to(kept.device)
+        self._flush()
+
+    def check_settable(self) -> None:
+        """A RuntimeError unless a router has run with the filter and π is not set yet."""
+        if self.anchor_filter is None:
+            raise RuntimeError(f"{self.method}: no SARA router has run on this micro-batch with live anchors and "
+                               "sara_anchor_filter; call it after the model's forward")
+        if self.weights is not None:
+            raise RuntimeError(f"{self.method}: already called for this micro-batch")
+
+    def weights_for(self, layer: int, valid: Optional[torch.Tensor]) -> torch.Tensor:
+        """π [P] (0 where ``valid`` is False); a RuntimeError naming :attr:`method` before it is set."""
+        if self.weights is None:
+            raise RuntimeError(
+                f"SARA router of layer {layer}: sara_anchor_filter={self.anchor_filter!r} with live anchors weights "
+                f"the pairs in backward, but {self.method}(logits, tokens, answer_mask) was not called for this "
+                "micro-batch: call it in the loss function, before backward (under pipeline parallelism the LM "
+                "logits are on the last stage only, which this does not support)")
+        return self.weights if valid is None else self.weights * valid.to(self.weights.device)
+
+    def _flush(self) -> None:
+        for record, divergence, valid in self._pending:
+            weights = self.weights_for(-1, valid).to(divergence.device, divergence.dtype)
+            total = weights.sum()
+            record((weights * divergence).sum() / torch.where(total > 0, total, torch.ones_like(total)), self.kept)
+        self._pending = []
+
+
+class WeightedMeanInBackward(torch.autograd.Function):
+    """Σ_b π_b D_b / Σ_b π_b (0 when no weight is left) of the pairs' divergences D [P] in backward,
+    with π read only then from a :class:`LivePairWeights`. Its forward value, the unweighted mean,
+    is for autograd only: the integrations attach it with a Function that backpropagates it and
+    never reads it (``MoEAuxLossAutoScaler``, torchtitan's ``_AttachTerm``); the logged values are
+    :meth:`LivePairWeights.defer`'s."""
+
+    @staticmethod
+    def forward(ctx, divergence, live: LivePairWeights, layer: int, valid: Optional[torch.Tensor]):
+        ctx.live, ctx.layer, ctx.valid = live, layer, valid
+        ctx.dtype, ctx.device = divergence.dtype, divergence.device
+        return divergence.detach().mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        weights = ctx.live.weights_for(ctx.layer, ctx.valid).to(ctx.device, ctx.dtype)
+        total = weights.sum()
+        share = torch.where(total > 0, weights / torch.where(total > 0, total, torch.ones_like(total)), 0.0)
+        return grad * share, None, None, None
 
 
 def side_sequences(indices: PairIndices, side: str, count: int, caller: str, unit: str) -> torch.Tensor:

@@ -135,22 +135,24 @@ class SARATerm:
 
 def sara_term(options: SARAOptions, anchor_logits, target_logits, *, layers: Sequence[int], score: str,
               anchor_layout: SequenceLayout = WHOLE, target_layout: SequenceLayout = WHOLE, anchor_probs=None,
-              pair_weights=None, group=None) -> SARATerm:
+              pair_weights=None, group=None, reduction: str = "mean") -> SARATerm:
     """:func:`~sara_kernels.sara_loss` with the options' temperature, layer weights, anchor
     detaching, divergence and backend, on the routing of the selected ``layers`` (decoder indices,
     one per logits tensor or prior row) scored with ``score``. Each side is its logits and its
     :class:`SequenceLayout` (``anchor_probs``, cached priors, replace the anchor's logits and leave
     its layout whole); ``pair_weights`` (one per pair) and ``group`` are ``sara_loss``'s. With
     ``sara_anchor_filter``, ``pair_weights`` are the kept pairs (1) and the dropped ones (0), and
-    their mean is logged as ``sara_anchor_kept``."""
+    their mean is logged as ``sara_anchor_kept``. ``reduction="none"``: ``loss`` is ``sara_loss``'s [L, B]
+    of each pair's divergence, π-weighted (0 for a pair with an empty side), for a caller that
+    weights the pairs itself."""
     loss, per_layer = sara_loss_of_layouts(
         anchor_logits, target_logits, anchor_layout, target_layout, anchor_probs=anchor_probs,
         layer_weights=options.sara_layer_weights, pair_weights=pair_weights, temperature=options.sara_temperature,
         score=score, detach_anchor=options.sara_detach_anchor, divergence=options.sara_divergence,
-        backend=options.sara_backend, group=group,
+        backend=options.sara_backend, group=group, reduction=reduction,
     )
     kept = None
-    if options.sara_anchor_filter != "none":
+    if options.sara_anchor_filter != "none" and reduction != "none":
         if pair_weights is None:
             raise ValueError(f"sara_anchor_filter={options.sara_anchor_filter!r}: the kept pairs (pair_weights) are missing")
         kept = torch.as_tensor(pair_weights).float().mean()

@@ -39,9 +39,10 @@ except ImportError:  # megatron-core 0.16 has save_to_aux_losses_tracker only
     _track = save_to_aux_losses_tracker
 
 from ..hf.priors import RoutingPriors, load_routing_priors
+from ..hf.routing import answer_positions, answers_reproduced
 from ..layer_selection import select_layers
-from ..microbatch import (LayerPriors, check_anchor_filter, micro_batch_pair_weights, pair_indices, pair_weights_of,
-                          side_sequences)
+from ..microbatch import (LayerPriors, LivePairWeights, WeightedMeanInBackward, check_anchor_filter,
+                          micro_batch_pair_weights, pair_indices, pair_weights_of, side_sequences)
 from ..reference import layer_shares
 from ..term import SARAOptions, SequenceLayout, check_layer_weights, sara_term
 
@@ -80,9 +81,11 @@ class SARARouter(TopKRouter):
                  **router_kwargs):
         # router_kwargs: what this megatron-core's MoELayer passes on to TopKRouter beyond config and
         # pg_collection (0.19 adds is_mtp_layer=; 0.16 passes nothing more), forwarded unchanged.
-        super().__init__(config=config, pg_collection=pg_collection, **router_kwargs)
         if not isinstance(sara, SARAOptions):
             raise TypeError(f"sara: expected sara_kernels.term.SARAOptions, got {type(sara).__name__}")
+        if sara.sara_anchor_filter != "none" and priors is None:
+            _check_live_filter_parallelism(config, sara.sara_anchor_filter)
+        super().__init__(config=config, pg_collection=pg_collection, **router_kwargs)
         score = config.moe_router_score_function
         if score not in ("softmax", "sigmoid"):
             raise ValueError(f"moe_router_score_function={score!r}: SARA scores logits with 'softmax' or 'sigmoid' (normalised)")
@@ -183,6 +186,20 @@ class SARARouter(TopKRouter):
             return ([logits.index_select(1, cols).transpose(0, 1).reshape(-1, num_experts)],
                     SequenceLayout(mask=_side_mask(valid, cols, seq_len)))
 
+        if self.sara.sara_anchor_filter != "none" and batch.example_index is None:
+            _check_live_filter_parallelism(self.config, self.sara.sara_anchor_filter)
+            if batch.packed:
+                raise ValueError(f"sara_batch: sara_anchor_filter={self.sara.sara_anchor_filter!r} with live anchors in "
+                                 "packed sequences (packed_seq_params) is not supported; use padded micro-batches, or "
+                                 "priors with answers and example_index=")
+            (anchor_logits, anchor_layout), (target_logits, target_layout) = side("anchor"), side("target")
+            divergence = sara_term(self._layer_options, anchor_logits, target_logits, anchor_layout=anchor_layout,
+                                   target_layout=target_layout, layers=(self.sara_layer,), score=self.sara_score,
+                                   reduction="none").loss[0]
+            valid = _nonempty(anchor_layout) & _nonempty(target_layout)  # π_b = 0 for a pair with an empty side
+            batch._live.defer(self.sara.sara_anchor_filter, self._track_values, divergence, valid)
+            weighted = WeightedMeanInBackward.apply(divergence, batch._live, self.sara_layer, valid)
+            return weighted * self._layer_share[self.sara_layer], None, None
         anchor_probs = None
         if batch.example_index is not None:
             if self.priors is None:
@@ -193,7 +210,7 @@ class SARARouter(TopKRouter):
             anchor_logits, anchor_layout = side("anchor")
         target_logits, target_layout = side("target")
         pair_weights, kept = micro_batch_pair_weights(self.sara, self._layer_priors, batch.example_index,
-                                                      batch.pair_weights, logits.device, "sara_batch")
+                                                      batch.pair_weights, logits.device)
         term = sara_term(self._layer_options, anchor_logits, target_logits, anchor_layout=anchor_layout,
                          target_layout=target_layout, anchor_probs=anchor_probs, pair_weights=pair_weights,
                          layers=(self.sara_layer,), score=self.sara_score, group=group)
@@ -211,6 +228,8 @@ class SARARouter(TopKRouter):
             batch = sara_batch.opened()
             if batch is not None:
                 self._awaiting_recompute.append((batch, logits.shape))
+                if self.sara.sara_anchor_filter != "none" and batch.example_index is None:
+                    batch._live.expect(self.sara.sara_anchor_filter)
             return None
         # A recomputation runs inside autograd's backward (the graph task id of
         # torch.utils.checkpoint's own check); a layer the checkpoint leaves out runs as usual.
@@ -241,12 +260,37 @@ class SARARouter(TopKRouter):
                 num_tokens = (~padding_mask.bool()).sum() if padding_mask is not None else logits.shape[0] * logits.shape[1]
                 term = term * num_tokens
             logits = MoEAuxLossAutoScaler.apply(logits, term)
-            num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
-            _track(TRACKER_NAME, layer_js, self.layer_number, num_layers, avg_group=self.tp_dp_cp_group)
-            if kept is not None:
-                _track(KEPT_TRACKER_NAME, kept * self._kept_per_layer, self.layer_number, num_layers,
-                       avg_group=self.tp_dp_cp_group)
+            if layer_js is not None:  # else (live anchors under sara_anchor_filter) tracked when π is set
+                self._track_values(layer_js, kept)
         return super().routing(logits, padding_mask=padding_mask)
+
+    def _track_values(self, layer_js: torch.Tensor, kept: Optional[torch.Tensor]) -> None:
+        """This layer's value (and the kept fraction) into Megatron's aux-loss tracker."""
+        num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
+        _track(TRACKER_NAME, layer_js, self.layer_number, num_layers, avg_group=self.tp_dp_cp_group)
+        if kept is not None:
+            _track(KEPT_TRACKER_NAME, kept * self._kept_per_layer, self.layer_number, num_layers,
+                   avg_group=self.tp_dp_cp_group)
+
+
+def _check_live_filter_parallelism(config, anchor_filter: str) -> None:
+    """Refuse ``sara_anchor_filter`` on live anchors where the LM logits that decide π are not the
+    whole of each sequence and vocabulary on the rank whose routers read them."""
+    reasons = {"pipeline_model_parallel_size": "the LM logits are on the last stage only",
+               "tensor_model_parallel_size": "the output layer's logits are sharded over the vocabulary",
+               "context_parallel_size": "each rank holds part of every sequence"}
+    for name, why in reasons.items():
+        if (getattr(config, name, 1) or 1) > 1:
+            raise ValueError(f"sara_anchor_filter={anchor_filter!r} with live anchors is not supported with {name} > 1 "
+                             f"({why}); extract priors with answers (extract_routing_priors(..., answer_masks=...)) "
+                             "and give sara_batch(example_index=...)")
+
+
+def _nonempty(layout: SequenceLayout) -> torch.Tensor:
+    """[num sequences] bool: which sequences of ``layout`` (a mask or packed cu_seqlens) have tokens."""
+    if layout.mask is not None:
+        return layout.mask.any(dim=1)
+    return layout.cu_seqlens[1:] > layout.cu_seqlens[:-1]
 
 
 def _side_mask(valid: Optional[torch.Tensor], cols: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -284,6 +328,8 @@ class sara_batch:
 
     Exactly one of ``anchor`` and ``example_index``. Blocks nest (the innermost is used).
     Packed boundaries are read to the host once per block (one device sync for GPU tensors).
+    With ``sara_anchor_filter`` and live anchors, the loss function calls :meth:`set_answers`
+    before backward.
     """
 
     def __init__(self, *, anchor=None, target=None, example_index=None, pair_weights=None, packed_seq_params=None,
@@ -306,6 +352,36 @@ class sara_batch:
             self._starts, self._lengths = starts.tolist(), (cu[1:] - cu[:-1]).tolist()
         self._cache: dict = {}
         self._reset_token = None
+        self._live = LivePairWeights("sara_batch.set_answers")
+
+    def set_answers(self, logits: torch.Tensor, tokens: torch.Tensor, answer_mask: torch.Tensor) -> None:
+        """Which pairs ``sara_anchor_filter`` keeps, with live anchors, from the micro-batch's final LM
+        logits: call it in the loss function, after the model call and before backward (the SARA
+        gradient of every router waits for it).
+
+        ``logits`` [b, s, V]: the model's output called without ``labels`` (the whole vocabulary),
+        for its input ``tokens`` [b, s] (not packed); ``answer_mask`` [b, s]: 1 on the answer tokens
+        of each anchor (and of each target, for ``"correct_anchor_wrong_target"``), never on a
+        sequence's first token, 0 on padding. A sequence is answered when the greedy
+        prediction reproduces each of its answer tokens, teacher-forced
+        (:func:`~sara_kernels.hf.routing.answers_reproduced`, the Hugging Face trainers' rule). π_b
+        is 1 where pair b's anchor is answered (and, with ``"correct_anchor_wrong_target"``, its
+        target is not), else 0, times ``pair_weights``; the tracked values and ``sara_anchor_kept``
+        are those of this π.
+        """
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+            raise ValueError(f"sara_batch.set_answers logits: expected the LM logits [b, s, V], got {logits!r}")
+        for name, value in (("tokens", tokens), ("answer_mask", answer_mask)):
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(logits.shape[:2]):
+                raise ValueError(f"sara_batch.set_answers {name}: expected a tensor of shape {list(logits.shape[:2])} "
+                                 f"(the logits' [b, s]), got {value!r}")
+        self._live.check_settable()
+        tokens, mask = tokens.to(logits.device), answer_mask.to(logits.device).bool()
+        if mask[:, 0].any():
+            raise ValueError("sara_batch.set_answers answer_mask: marks a sequence's first token, which no logit predicts")
+        positions = answer_positions(mask)
+        answered = answers_reproduced(logits.detach()[:, positions], tokens, mask, positions)
+        self._live.set(answered, mask.any(dim=1), self._indices, self.pair_weights)
 
     @staticmethod
     def opened() -> Optional["sara_batch"]:

@@ -31,9 +31,10 @@ from torchtitan.protocols.model import ModelConfigConverter
 from torchtitan.protocols.module import Module
 
 from ..hf.priors import RoutingPriors, load_routing_priors
+from ..hf.routing import answer_positions, answers_reproduced
 from ..layer_selection import select_layers
-from ..microbatch import (LayerPriors, PairIndices, check_anchor_filter, micro_batch_pair_weights, pair_indices,
-                          pair_weights_of, side_sequences)
+from ..microbatch import (LayerPriors, LivePairWeights, PairIndices, WeightedMeanInBackward, check_anchor_filter,
+                          micro_batch_pair_weights, pair_indices, pair_weights_of, side_sequences)
 from ..term import SARAOptions, SequenceLayout, check_layer_weights, sara_term
 
 __all__ = ["SARAConverter", "SARARouter", "SARAMicrobatch", "sara_step", "sara_metrics"]
@@ -78,7 +79,8 @@ class SARAMicrobatch:
             gives them: a document starts where its position is 0 (and at each row start);
             documents are numbered in row-major order.
 
-    Exactly one of ``anchor`` and ``example_index``.
+    Exactly one of ``anchor`` and ``example_index``. With ``sara_anchor_filter`` and live anchors,
+    the loss function calls :meth:`set_answers` before backward.
     """
 
     valid_tokens: Union[int, torch.Tensor]
@@ -88,6 +90,8 @@ class SARAMicrobatch:
     pair_weights: Optional[Union[Sequence[float], torch.Tensor]] = None
     positions: Optional[torch.Tensor] = None
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _live: LivePairWeights = field(default_factory=lambda: LivePairWeights("SARAMicrobatch.set_answers"), init=False,
+                                   repr=False, compare=False)
 
     def __post_init__(self):
         indices = pair_indices("SARAMicrobatch", self.anchor, self.target, self.example_index, "rows")
@@ -120,6 +124,60 @@ class SARAMicrobatch:
             return [picked.reshape(-1, num_experts)], SequenceLayout(mask=mask)
         tokens, cu = self._cache[key]
         return [logits.reshape(-1, num_experts).index_select(0, tokens)], SequenceLayout(cu_seqlens=cu)
+
+    def set_answers(self, logits: torch.Tensor, tokens: torch.Tensor, answer_mask: torch.Tensor) -> None:
+        """Which pairs ``sara_anchor_filter`` keeps, with live anchors, from the micro-batch's final LM
+        logits: call it in the loss function, after the model's forward and before backward (the
+        SARA gradient of every router waits for it).
+
+        ``logits`` [B, L, V]: the model's output (the whole vocabulary, a plain tensor) for its input
+        ``tokens`` [B, L]; ``answer_mask`` [B, L]: 1 on the answer tokens of each anchor row or
+        document (and of each target, for ``"correct_anchor_wrong_target"``), never on a row's or
+        document's first token. A sequence is answered when the greedy prediction reproduces each of
+        its answer tokens, teacher-forced (:func:`~sara_kernels.hf.routing.answers_reproduced`, the
+        Hugging Face trainers' rule). π_b is 1 where pair b's anchor is answered (and, with
+        ``"correct_anchor_wrong_target"``, its target is not), else 0, times ``pair_weights``; the
+        logged per-layer values and ``sara_anchor_kept`` are those of this π.
+        """
+        if isinstance(logits, DTensor):
+            raise ValueError(
+                f"SARAMicrobatch.set_answers logits: a DTensor placed as {logits.placements}; pass the whole "
+                "vocabulary's logits as a plain tensor (torchtitan's loss parallelism shards them over the vocabulary)")
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+            raise ValueError(f"SARAMicrobatch.set_answers logits: expected the LM logits [B, L, V], got {logits!r}")
+        for name, value in (("tokens", tokens), ("answer_mask", answer_mask)):
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(logits.shape[:2]):
+                raise ValueError(f"SARAMicrobatch.set_answers {name}: expected a tensor of shape "
+                                 f"{list(logits.shape[:2])} (the logits' [B, L]), got {value!r}")
+        self._live.check_settable()
+        answered, has_answer = self._answered(logits.detach(), tokens.to(logits.device), answer_mask.to(logits.device))
+        self._live.set(answered, has_answer, PairIndices(self.anchor, self.target, self.example_index), self.pair_weights)
+
+    def _answered(self, logits: torch.Tensor, tokens: torch.Tensor, answer_mask: torch.Tensor):
+        """([num sequences] answers reproduced, [num sequences] has answer tokens) of the rows, or of the
+        documents of one packed row in row-major order (a row's last logit then predicts the next
+        row's first token, which no answer holds)."""
+        rows, seq_len, vocab = logits.shape
+        mask = answer_mask.bool()
+        starts = torch.zeros(rows, seq_len, dtype=torch.bool, device=mask.device)
+        if self.positions is not None:
+            starts = self.positions.to(mask.device) == 0
+        starts[:, 0] = True
+        if (mask & starts).any():
+            raise ValueError("SARAMicrobatch.set_answers answer_mask: marks a row's or document's first token, which no "
+                             "logit predicts")
+        if self.positions is None:
+            positions = answer_positions(mask)
+            return answers_reproduced(logits[:, positions], tokens, mask, positions), mask.any(dim=1)
+        flat_starts = starts.reshape(-1).nonzero().squeeze(1)
+        cu = torch.cat([flat_starts, torch.tensor([rows * seq_len], device=mask.device)])
+        flat_mask = mask.reshape(1, -1)
+        positions = answer_positions(flat_mask)
+        answered = answers_reproduced(logits.reshape(1, -1, vocab)[:, positions], tokens.reshape(1, -1), flat_mask,
+                                      positions, cu)
+        of_token = torch.searchsorted(cu[1:], torch.arange(rows * seq_len, device=mask.device), right=True)
+        counts = torch.zeros(cu.numel() - 1, device=mask.device).index_add_(0, of_token, flat_mask[0].float())
+        return answered, counts > 0
 
     def _packed(self, name: str, rows: int, seq_len: int):
         """(token rows [T] of the flattened [B*L] micro-batch, cu_seqlens) of ``name``'s documents."""
@@ -273,6 +331,19 @@ class SARARouter(TokenChoiceTopKRouter):
         batch = step.microbatch(self)
         if batch is None:
             return None
+        scale = torch.as_tensor(batch.valid_tokens, device=logits.device) / step.global_valid_tokens.to(logits.device)
+        recorded_now = torch._C._current_graph_task_id() == -1  # a recomputation in backward is not a new micro-batch
+        if self.sara.sara_anchor_filter != "none" and batch.example_index is None:
+            anchor_logits, anchor_layout = batch.side("anchor", logits)
+            target_logits, target_layout = batch.side("target", logits)
+            # Every row and document has tokens, so every pair is valid and D holds each pair's divergence.
+            divergence = sara_term(self.sara, anchor_logits, target_logits, anchor_layout=anchor_layout,
+                                   target_layout=target_layout, layers=(self.sara_layer,), score=self.score_func,
+                                   reduction="none").loss[0]
+            if recorded_now:
+                batch._live.defer(self.sara.sara_anchor_filter, self._record, divergence, None)
+            weighted = WeightedMeanInBackward.apply(divergence, batch._live, self.sara_layer, None)
+            return _AttachTerm.apply(logits, weighted * (self.sara_share * scale))
         anchor_probs = None
         if batch.example_index is not None:
             if self.priors is None:
@@ -283,18 +354,20 @@ class SARARouter(TokenChoiceTopKRouter):
             anchor_logits, anchor_layout = batch.side("anchor", logits)
         target_logits, target_layout = batch.side("target", logits)
         pair_weights, kept = micro_batch_pair_weights(self.sara, self._layer_priors, batch.example_index,
-                                                      batch.pair_weights, logits.device, "SARAMicrobatch")
+                                                      batch.pair_weights, logits.device)
         term = sara_term(self.sara, anchor_logits, target_logits, anchor_layout=anchor_layout, target_layout=target_layout,
                          anchor_probs=anchor_probs, pair_weights=pair_weights, layers=(self.sara_layer,),
                          score=self.score_func)
-        scale = torch.as_tensor(batch.valid_tokens, device=logits.device) / step.global_valid_tokens.to(logits.device)
-        if torch._C._current_graph_task_id() == -1:  # a recomputation in backward is not a new micro-batch
-            js = term.per_layer[0].detach()
-            self._js_sum = js if self._js_sum is None else self._js_sum + js
-            self._js_count += 1
-            if kept is not None:
-                self._kept_sum = kept if self._kept_sum is None else self._kept_sum + kept
+        if recorded_now:
+            self._record(term.per_layer[0].detach(), kept)
         return _AttachTerm.apply(logits, term.loss * (self.sara_share * scale))
+
+    def _record(self, value: torch.Tensor, kept: Optional[torch.Tensor]) -> None:
+        """Add one micro-batch's value (and kept fraction) to what :func:`sara_metrics` reads."""
+        self._js_sum = value if self._js_sum is None else self._js_sum + value
+        self._js_count += 1
+        if kept is not None:
+            self._kept_sum = kept if self._kept_sum is None else self._kept_sum + kept
 
 
 def sara_metrics(model_parts, mesh=None) -> dict:

@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.join(REPO, "examples"))
 from megatron_cpu import CPUGatingSARARouter, with_sdpa_attention  # noqa: E402
 
 from sara_kernels import sara_loss  # noqa: E402
+from sara_kernels.testing.tolerances import GREEDY_TOP1_MARGIN  # noqa: E402
 from sara_kernels.megatron import TRACKER_NAME, SARAOptions, sara_batch, with_sara  # noqa: E402
 
 NUM_LAYERS, HIDDEN, EXPERTS, VOCAB, MAX_LEN = 4, 16, 6, 40, 16
@@ -190,6 +191,63 @@ def cpu_token_counter():
         torch.zeros = zeros
 
 
+def lm_logits_alone(model, ids: list) -> torch.Tensor:
+    """The LM logits [n, V] of one unpadded sequence, by a plain eval forward."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(torch.tensor([ids]), torch.arange(len(ids))[None], None)[0].double()
+    finally:
+        model.train()
+
+
+def greedy_continuation(model, prompt: list, length: int) -> list:
+    """``prompt`` followed by the model's greedy continuation of ``length`` tokens."""
+    ids = list(prompt)
+    for _ in range(length):
+        ids.append(int(lm_logits_alone(model, ids)[-1].argmax()))
+    return ids
+
+
+def reproduced_by_hand(model, ids: list, mask: list) -> bool:
+    """Whether the model's greedy prediction, run on ``ids`` alone, reproduces each token ``mask``
+    marks (each prediction clear of a top-1 tie by GREEDY_TOP1_MARGIN)."""
+    logits = lm_logits_alone(model, ids)
+    reproduced = True
+    for t in (t for t, marked in enumerate(mask) if marked):
+        top2 = logits[t - 1].topk(2).values
+        assert top2[0] - top2[1] > GREEDY_TOP1_MARGIN, f"answer token {t}: top-1 tie, choose another seed"
+        reproduced &= int(logits[t - 1].argmax()) == ids[t]
+    return reproduced
+
+
+def answered_columns(model, answer_len: int, lengths: list, seed: int, changed=(1, 4), random=(5,)):
+    """(tokens [b, s] right-padded with random tokens, padding mask, answer mask, whether each
+    sequence is answered by :func:`reproduced_by_hand`): each sequence of ``lengths`` ends with
+    ``answer_len`` answer tokens, the model's own greedy continuation, with its last token changed in
+    the sequences ``changed``, random in ``random``; a sequence of length 0 is padding only."""
+    g = torch.Generator().manual_seed(seed)
+    seq_len = max(lengths)
+    tokens = torch.randint(0, VOCAB, (len(lengths), seq_len), generator=g)
+    answer_mask = torch.zeros(len(lengths), seq_len, dtype=torch.bool)
+    answered = []
+    for i, n in enumerate(lengths):
+        if n == 0:  # a sequence of padding only
+            answered.append(False)
+            continue
+        ids = greedy_continuation(model, tokens[i, : n - answer_len].tolist(), answer_len)
+        if i in changed:
+            ids[-1] = (ids[-1] + 1) % VOCAB
+        if i in random:
+            ids[-answer_len:] = torch.randint(0, VOCAB, (answer_len,), generator=g).tolist()
+        tokens[i, :n] = torch.tensor(ids)
+        answer_mask[i, n - answer_len : n] = True
+        answered.append(reproduced_by_hand(model, ids, answer_mask[i, :n].tolist()))
+    padding = torch.arange(seq_len)[None, :] >= torch.tensor(lengths)[:, None]
+    return tokens, padding, answer_mask, answered
+
+
+
 def sara_only_backward(output: torch.Tensor) -> None:
     """Backward through the model with the LM loss weighted 0: the gradients are SARA's alone."""
     (output.float().sum() * 0.0).backward()
@@ -199,4 +257,5 @@ __all__ = [
     "clear_aux_losses_tracker", "init_parallel", "reset_megatron_state", "tiny_config", "tiny_model", "routers",
     "sara_layers", "random_batch", "expected_sara_padded", "tracked_sara", "grads_of", "sara_only_backward",
     "RecordingRouter", "parallel_state", "clean_forward", "cpu_rng_for_recomputation", "cpu_token_counter",
+    "lm_logits_alone", "greedy_continuation", "reproduced_by_hand", "answered_columns",
 ]

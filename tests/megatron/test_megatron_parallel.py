@@ -1,8 +1,8 @@
 """sara_kernels.megatron on 2 gloo processes (CPU): data parallel equals one process on the whole
 batch (gradients, and the SARA value Megatron's track_moe_metrics logs), and context parallel (a
 router whose ranks hold Megatron's sequence chunks, with pair_weights) equals the whole sequences;
-sara_anchor_filter with priors on 2 data-parallel ranks equals one process. One spawn runs
-both, bounded in time."""
+sara_anchor_filter with priors, and on live anchors (each rank's set_answers on its own
+columns' logits), on 2 data-parallel ranks equals one process. One spawn runs all, bounded in time."""
 
 from __future__ import annotations
 
@@ -94,6 +94,47 @@ def _check_data_parallel_anchor_filter(rank: int):
 PAIRS_OF_PRIORS = 4  # examples 0..3, the targets of rows 4..7
 
 
+def _check_data_parallel_live_anchor_filter(rank: int):
+    """sara_anchor_filter="correct" on live anchors on 2 data-parallel ranks, each keeping one of its two
+    pairs by its own set_answers: the averaged gradients and the logged values (the kept fraction
+    included) are those of one process on the whole batch."""
+    from sara_kernels.megatron import KEPT_TRACKER_NAME
+
+    def step(model, cols, anchor, target):
+        batch = mm.sara_batch(anchor=anchor, target=target)
+        with batch:
+            output = model(tokens[cols], positions[cols], None, padding_mask=padding[cols])
+        batch.set_answers(output, tokens[cols], answer_mask[cols])
+        mm.sara_only_backward(output)
+        logged = {}
+        track_moe_metrics(loss_scale=1.0, iteration=1, total_loss_dict=logged, track_names=[mm.TRACKER_NAME, KEPT_TRACKER_NAME],
+                          num_layers=model.config.num_layers, moe_layer_freq=model.config.moe_layer_freq)
+        mm.reset_megatron_state()
+        return logged
+
+    whole = mm.tiny_model(seed=11, anchor_filter="correct")
+    # Anchors 0..3 (0 and 2 answered), targets 4..7: rank r holds pairs 2r and 2r + 1.
+    tokens, padding, answer_mask, answered = mm.answered_columns(whole, 3, [7, 6, 7, 5, 6, 7, 4, 7], seed=23,
+                                                                 changed=(1, 3), random=())
+    assert answered[:4] == [True, False, True, False]
+    positions = torch.arange(tokens.shape[1]).expand(tokens.shape[0], -1)
+    want_logged = step(whole, list(range(8)), [0, 1, 2, 3], [4, 5, 6, 7])
+    model = mm.tiny_model(seed=11, anchor_filter="correct")
+    logged = step(model, [2 * rank, 2 * rank + 1, 4 + 2 * rank, 5 + 2 * rank], [0, 1], [2, 3])
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+    expected = mm.grads_of(whole)
+    for name, grad in mm.grads_of(model).items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    assert any(g.abs().sum() > 0 for g in expected.values())
+    assert logged.keys() == want_logged.keys()
+    for name, value in logged.items():
+        torch.testing.assert_close(value, want_logged[name], **LOSS_TOL)
+    torch.testing.assert_close(want_logged[KEPT_TRACKER_NAME], torch.tensor(0.5), **LOSS_TOL)
+
+
 def _cp_chunks(seq_len: int, cp: int, rank: int) -> torch.Tensor:
     """Megatron's load-balanced context-parallel split: 2 * cp chunks, rank r holds r and 2cp-1-r."""
     chunk = seq_len // (2 * cp)
@@ -145,6 +186,7 @@ def _check(rank: int):
     try:
         _check_data_parallel(rank)
         _check_data_parallel_anchor_filter(rank)
+        _check_data_parallel_live_anchor_filter(rank)
         _check_context_parallel(rank)
     finally:
         mm.parallel_state.destroy_model_parallel()

@@ -32,6 +32,9 @@ from megatron_model import (
     tiny_model,
     tracked_sara,
     VOCAB,
+    answered_columns,
+    greedy_continuation,
+    reproduced_by_hand,
 )
 from megatron_cpu import with_sdpa_attention
 
@@ -154,6 +157,67 @@ def test_cached_priors_by_example_index_and_extraction(tmp_path):
     expected, per_layer = expected_sara_padded(model, padding, anchor_probs=anchor_probs)
     assert_grads_equal(model, output, expected)
     torch.testing.assert_close(tracked, per_layer.float(), **LOSS_TOL)
+
+
+def test_anchor_filter_correct_from_megatron_extraction_with_answer_masks(tmp_path):
+    """extract_routing_priors(answer_masks=...) records anchor_correct by the greedy teacher-forced
+    rule (against each anchor run alone, answers the model's own greedy continuation or that with one
+    token changed); training with the file and sara_anchor_filter="correct" weights each pair by it."""
+    model = tiny_model(seed=31, layers="all")
+    g = torch.Generator().manual_seed(32)
+    anchors, masks = [], []
+    # (prompt length, answer length, answer token changed or None: the answer is the model's own)
+    for prompt_len, answer_len, changed in [(4, 3, None), (7, 2, 1), (3, 4, None), (6, 3, 0), (5, 3, None), (2, 3, 2)]:
+        ids = greedy_continuation(model, torch.randint(0, VOCAB, (prompt_len,), generator=g).tolist(), answer_len)
+        if changed is not None:
+            ids[prompt_len + changed] = (ids[prompt_len + changed] + 1) % VOCAB
+        anchors.append(ids)
+        masks.append([0] * prompt_len + [1] * answer_len)
+    by_hand = [reproduced_by_hand(model, ids, mask) for ids, mask in zip(anchors, masks)]
+    assert by_hand == [True, False, True, False, True, False]
+
+    path = tmp_path / "priors.safetensors"
+    priors = extract_routing_priors(model, anchors, path, batch_size=4, answer_masks=masks)  # two ragged batches
+    assert priors.anchor_correct.tolist() == by_hand
+    loaded = load_routing_priors(path)
+    assert loaded.anchor_correct.tolist() == by_hand
+    torch.testing.assert_close(loaded.probs, extract_routing_priors(model, anchors, tmp_path / "plain.safetensors").probs)
+
+    model = tiny_model(seed=33, priors=path, anchor_filter="correct")
+    tokens, positions, padding = random_batch(4, 8, seed=34)
+    example_index = torch.tensor([5, 0, 3, 2])
+    with sara_batch(example_index=example_index):
+        output = model(tokens, positions, None, labels=tokens, padding_mask=padding)
+    tracked = tracked_sara(model).clone()
+    clean_forward(model, tokens, positions, None, padding_mask=padding)
+    anchor_probs = loaded.gather(example_index, layers=[1, 2])
+    kept = torch.tensor(by_hand, dtype=torch.float64)[example_index]  # [0, 1, 0, 1]
+    expected, per_layer = expected_sara_padded(model, padding, anchor_probs=anchor_probs, pair_weights=kept)
+    unfiltered, _ = expected_sara_padded(model, padding, anchor_probs=anchor_probs)
+    assert abs(expected.item() - unfiltered.item()) > 0.05 * unfiltered.item()  # the filter changes what is checked
+    assert_grads_equal(model, output, expected)
+    torch.testing.assert_close(tracked, per_layer.float(), **LOSS_TOL)
+
+
+def test_extraction_answer_masks_refusals(tmp_path):
+    model = tiny_model(seed=35, layers="all")
+    anchors = [[3, 4, 5], [6, 7]]
+    path = tmp_path / "priors.safetensors"
+    for masks, message in [([[0, 1, 1]], r"^answer_masks: expected one per anchor \(2\), got 1"),
+                           ([[0, 1, 1], [0, 1, 0]], r"^answer_masks\[1\]: expected 2 entries of 0 or 1"),
+                           ([[0, 2, 1], [0, 1]], r"^answer_masks\[0\]: expected 3 entries of 0 or 1"),
+                           ([[1, 1, 1], [0, 1]], r"^answer_masks\[0\]: expected 1 on the answer tokens, at least one and not the first"),
+                           ([[0, 1, 1], [0, 0]], r"^answer_masks\[1\]: expected 1 on the answer tokens")]:
+        with pytest.raises(ValueError, match=message):
+            extract_routing_priors(model, anchors, path, answer_masks=masks)
+    masks = [[0, 1, 1], [0, 1]]
+    model.vocab_size = 2 * VOCAB  # as a tensor-parallel rank's output layer without gather sees its shard
+    with pytest.raises(ValueError, match=rf"^answer_masks: the model's logits cover {VOCAB} of its {2 * VOCAB} vocabulary"):
+        extract_routing_priors(model, anchors, path, answer_masks=masks)
+    model.vocab_size, model.post_process = VOCAB, False  # a pipeline stage before the last
+    with pytest.raises(ValueError, match=r"^answer_masks: the model has no output layer"):
+        extract_routing_priors(model, anchors, path, answer_masks=masks)
+    assert not path.exists()
 
 
 @pytest.mark.parametrize("anchors", ["live", "priors"])
@@ -567,18 +631,107 @@ def test_anchor_filter_correct_with_cached_priors_weights_logging_and_nothing_ke
 def test_anchor_filter_and_pair_weights_refusals():
     priors = _priors_with_answers(3, [1, 2], [True, False, True], seed=26)
     no_answers = RoutingPriors(probs=priors.probs, layers=priors.layers, score="softmax", temperature=1.0)
-    with pytest.raises(ValueError, match=r"sara_anchor_filter='correct' needs cached priors here: .*pair_weights="):
-        tiny_model(anchor_filter="correct")  # live anchors
     with pytest.raises(ValueError, match="priors --anchor_answers"):
         tiny_model(priors=no_answers, anchor_filter="correct")
     with pytest.raises(ValueError, match="correct_anchor_wrong_target' with cached priors is not supported"):
         tiny_model(priors=priors, anchor_filter="correct_anchor_wrong_target")
-    model = tiny_model(priors=priors, anchor_filter="correct")
-    tokens, positions, padding = random_batch(4, 6, seed=27)
-    with pytest.raises(ValueError, match=r"sara_batch: sara_anchor_filter='correct' filters the pairs of cached priors"):
-        with sara_batch(anchor=[0, 1], target=[2, 3]):
-            model(tokens, positions, None, labels=tokens, padding_mask=padding)
     for bad, message in [([1.0, 2.0], r"expected shape \[B\] = \[3\]"), ([1.0, -1.0, 0.0], r"pair_weights\[1\] = -1"),
                          ([1.0, float("nan"), 0.0], r"pair_weights\[1\] = nan"), (torch.ones(3, dtype=torch.long), "floating")]:
         with pytest.raises((ValueError, TypeError), match=rf"^sara_batch pair_weights.*{message}"):
             sara_batch(anchor=[0, 1, 2], target=[3, 4, 5], pair_weights=bad)
+
+
+@pytest.mark.parametrize("anchor_filter, kept", [("correct", [1.0, 0.0, 1.0]), ("correct_anchor_wrong_target", [0.0, 0.0, 1.0])])
+def test_anchor_filter_with_live_anchors_weights_the_pairs_by_the_lm_logits(anchor_filter, kept):
+    """sara_batch.set_answers in the loss function: π by the greedy rule from the model's LM logits;
+    every gradient that of sara_loss with that π (float64 reference), the tracked values the filtered ones."""
+    from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+
+    from sara_kernels.megatron import KEPT_TRACKER_NAME
+
+    model = tiny_model(seed=41, anchor_filter=anchor_filter)
+    tokens, padding, answer_mask, answered = answered_columns(model, 3, [7, 9, 6, 8, 9, 5, 0], seed=42)
+    assert answered == [True, False, True, True, False, False, False]
+    positions = torch.arange(tokens.shape[1]).expand(tokens.shape[0], -1)
+    anchor, target, user_weights = [0, 4, 2], [3, 1, 5], torch.tensor([1.5, 2.0, 0.5])
+    if anchor_filter == "correct":  # a kept anchor paired with an empty target: no weight in the mean (π_b = 0)
+        anchor, target, kept, user_weights = anchor + [3], target + [6], kept + [1.0], torch.tensor([1.5, 2.0, 0.5, 3.0])
+    pi = torch.tensor([answered[a] and not (anchor_filter == "correct_anchor_wrong_target" and answered[t])
+                       for a, t in zip(anchor, target)], dtype=torch.float64)
+    assert pi.tolist() == kept
+    batch = sara_batch(anchor=anchor, target=target, pair_weights=user_weights)
+    with batch:
+        output = model(tokens, positions, None, padding_mask=padding)  # [b, s, V]: no labels, the loss is the user's
+    batch.set_answers(output, tokens, answer_mask)
+    tracked = tracked_sara(model).clone()
+    config, logged = model.config, {}
+    track_moe_metrics(loss_scale=1.0, iteration=1, total_loss_dict=logged, track_names=[TRACKER_NAME, KEPT_TRACKER_NAME],
+                      num_layers=config.num_layers, moe_layer_freq=config.moe_layer_freq)
+    clean_forward(model, tokens, positions, None, padding_mask=padding)
+    expected, per_layer = expected_sara_padded(model, padding, anchor=anchor, target=target, pair_weights=pi * user_weights)
+    assert_grads_equal(model, output, expected)
+    torch.testing.assert_close(tracked, per_layer.float(), **LOSS_TOL)
+    torch.testing.assert_close(logged[KEPT_TRACKER_NAME], torch.tensor(sum(kept) / len(kept)), **LOSS_TOL)
+
+
+def test_anchor_filter_with_live_anchors_refusals():
+    model = tiny_model(seed=43, anchor_filter="correct")
+    tokens, padding, answer_mask, _ = answered_columns(model, 2, [5, 6, 4, 6], seed=44)
+    positions = torch.arange(tokens.shape[1]).expand(tokens.shape[0], -1)
+
+    def step(set_answers):
+        batch = sara_batch(anchor=[0, 1], target=[2, 3])
+        with batch:
+            output = model(tokens, positions, None, padding_mask=padding)
+        set_answers(batch, output)
+        sara_only_backward(output)
+
+    with pytest.raises(RuntimeError, match=r"^SARA router of layer \d: sara_anchor_filter='correct' with live anchors .*"
+                                           r"sara_batch.set_answers\(logits, tokens, answer_mask\) was not called"):
+        step(lambda batch, output: None)
+    no_answer = answer_mask.clone()
+    no_answer[1] = False
+    with pytest.raises(ValueError, match=r"^sara_batch.set_answers answer_mask: anchor sequences \[1\] have no answer"):
+        step(lambda batch, output: batch.set_answers(output, tokens, no_answer))
+    first = answer_mask.clone()
+    first[2, 0] = True
+    with pytest.raises(ValueError, match=r"^sara_batch.set_answers answer_mask: marks a sequence's first token"):
+        step(lambda batch, output: batch.set_answers(output, tokens, first))
+    with pytest.raises(ValueError, match=r"^sara_batch.set_answers tokens: expected a tensor of shape \[4, 6\]"):
+        step(lambda batch, output: batch.set_answers(output, tokens[:, 1:], answer_mask))
+    with pytest.raises(RuntimeError, match=r"^sara_batch.set_answers: no SARA router has run"):
+        sara_batch(anchor=[0], target=[1]).set_answers(torch.zeros(2, 6, VOCAB), tokens[:2], answer_mask[:2])
+    for name, why in [("pipeline_model_parallel_size", "on the last stage only"),
+                      ("tensor_model_parallel_size", "sharded over the vocabulary"),
+                      ("context_parallel_size", "part of every sequence")]:
+        with pytest.raises(ValueError, match=rf"^sara_anchor_filter='correct' with live anchors is not supported with "
+                                             rf"{name} > 1 \(.*{why}"):
+            config = tiny_config()
+            setattr(config, name, 2)  # as a parallel run's config says (its own checks need that many ranks)
+            SARARouter(config, sara=SARAOptions(sara_anchor_filter="correct"))
+
+
+@pytest.mark.parametrize("recompute", ["full-uniform", "selective-moe"])
+def test_anchor_filter_with_live_anchors_under_recomputation(recompute):
+    """The recomputation in backward attaches the term after set_answers: the gradients and tracked
+    values of the run without recomputation."""
+    runs = []
+    for overrides in ({}, RECOMPUTE[recompute]):
+        reset_megatron_state()
+        model = tiny_model(seed=45, anchor_filter="correct", **overrides)
+        with cpu_rng_for_recomputation():
+            tokens, padding, answer_mask, answered = answered_columns(model, 3, [7, 9, 6, 8], seed=46)
+            assert answered[:2] == [True, False]  # one of the two pairs kept
+            positions = torch.arange(tokens.shape[1]).expand(tokens.shape[0], -1)
+            batch = sara_batch(anchor=[0, 1], target=[2, 3])
+            with batch:
+                output = model(tokens, positions, None, padding_mask=padding)
+            batch.set_answers(output, tokens, answer_mask)
+            sara_only_backward(output)
+        runs.append((grads_of(model), tracked_sara(model).clone()))
+    (want, want_tracked), (got, tracked) = runs
+    assert want["decoder.layers.1.mlp.router.weight"].abs().sum() > 0
+    for name, grad in want.items():
+        assert_grads_close(got[name], grad, torch.float32)
+    assert want_tracked.min() > 1e-6
+    torch.testing.assert_close(tracked, want_tracked, **LOSS_TOL)

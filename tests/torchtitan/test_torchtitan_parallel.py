@@ -3,7 +3,8 @@
 parallelism (PP = 2, 1F1B, and GPipe with full activation checkpointing, 4 micro-batches) and tensor
 parallelism (TP = 2, sequence parallel) each give every gate the gradient, and
 ``sara_metrics`` the per-layer values, of one process on the whole batch (PP 1F1B and TP with
-``pair_weights``). One spawn runs all.
+``pair_weights``; FSDP2 also with ``sara_anchor_filter`` on live anchors, each rank's
+``set_answers`` reading its own rows' logits). One spawn runs all.
 
 Stand-ins for what torchtitan 0.3.0 assumes of a GPU (tests only), besides ``SDPA_STAND_IN``:
 
@@ -71,30 +72,62 @@ def _gate_grads(model_parts) -> dict:
     return grads
 
 
-def _one_process(name, tokens, anchor, target, pair_weights=None):
+def _one_process(name, tokens, anchor, target, pair_weights=None, answer_mask=None):
     """Gate gradients and logged values of one process on the whole batch."""
     from sara_kernels.torchtitan import SARAMicrobatch
 
     n = tokens.numel()
     return _one_process_microbatches(
-        name, [(tokens, SARAMicrobatch(valid_tokens=n, anchor=anchor, target=target, pair_weights=pair_weights))], n)
+        name, [(tokens, SARAMicrobatch(valid_tokens=n, anchor=anchor, target=target, pair_weights=pair_weights))], n,
+        answer_mask)
 
 
-def _one_process_microbatches(name, microbatches, global_valid_tokens):
+def _options(answer_mask):
+    from sara_kernels.torchtitan import SARAOptions
+
+    return SARAOptions(**OPTIONS, sara_anchor_filter="none" if answer_mask is None else "correct")
+
+
+def _step(model, tokens, microbatch, answer_mask):
+    """The schedule-free step's forward and backward (with ``answer_mask``: set_answers between)."""
+    output = model(tokens)
+    if answer_mask is not None:
+        microbatch.set_answers(output, tokens, answer_mask)
+    _sara_only_loss(output, None)[0].backward()
+
+
+def _one_process_microbatches(name, microbatches, global_valid_tokens, answer_mask=None):
     """Gate gradients and logged values of one process running ``microbatches`` ((tokens,
     SARAMicrobatch) each) in turn, the gradients accumulated."""
-    from sara_kernels.torchtitan import SARAOptions, sara_metrics, sara_step
+    from sara_kernels.torchtitan import sara_metrics, sara_step
     from titan_models import init_full_model, model_config
 
-    _, cfg = model_config(name, SARAOptions(**OPTIONS))
+    _, cfg = model_config(name, _options(answer_mask))
     model = init_full_model(cfg, 7).train()
     for tokens, microbatch in microbatches:
         with sara_step(microbatch, global_valid_tokens=global_valid_tokens):
-            _sara_only_loss(model(tokens), None)[0].backward()
+            _step(model, tokens, microbatch, answer_mask)
     return _gate_grads([model]), sara_metrics(model)
 
 
-def _parallel(name, world_mesh_shape: dict, schedule: str = "1F1B", ac_config=None):
+def _answered_batch(name, answer_len: int = 3):
+    """(the whole batch with each row ending in the model's own greedy continuation, except the
+    anchors of pairs 1 and 3, one answer token changed; the answer mask of those columns): with
+    sara_anchor_filter="correct" each data-parallel rank keeps one of its two pairs."""
+    from titan_models import init_full_model, model_config
+
+    model = init_full_model(model_config(name)[1], 7).train()
+    tokens = _whole_batch()[:, : SEQ - answer_len]
+    with torch.no_grad():
+        for _ in range(answer_len):
+            tokens = torch.cat([tokens, model(tokens)[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+    tokens[[1, 3], -1] = (tokens[[1, 3], -1] + 1) % 2048
+    answer_mask = torch.zeros_like(tokens, dtype=torch.bool)
+    answer_mask[:, -answer_len:] = True
+    return tokens, answer_mask
+
+
+def _parallel(name, world_mesh_shape: dict, schedule: str = "1F1B", ac_config=None, options=None):
     """(model parts, schedule or None, parallel_dims) of torchtitan's own parallelization."""
     import copy
 
@@ -108,6 +141,7 @@ def _parallel(name, world_mesh_shape: dict, schedule: str = "1F1B", ac_config=No
     from sara_kernels.torchtitan import SARAOptions
     from titan_models import init_full_model, model_config
 
+    options = options or SARAOptions(**OPTIONS)
     spmd = "spmd_types" if world_mesh_shape.get("pp", 1) > 1 else "partial_dtensor"
     parallelism = ParallelismConfig(
         data_parallel_shard_degree=world_mesh_shape.get("dp_shard", 1),
@@ -123,7 +157,7 @@ def _parallel(name, world_mesh_shape: dict, schedule: str = "1F1B", ac_config=No
 
     job = _Job()
     job.parallelism = parallelism
-    spec, cfg = model_config(name, SARAOptions(**OPTIONS))
+    spec, cfg = model_config(name, options)
     cfg.update_from_config(config=job)
     dims = ParallelDims.from_config(parallelism, world_size=2)
     dims.build_mesh()
@@ -156,13 +190,17 @@ def _parallel(name, world_mesh_shape: dict, schedule: str = "1F1B", ac_config=No
 CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
 
 
-def _check_data_parallel(rank, name, degrees, pair_weights=None):
-    """``pair_weights`` (one per pair of the whole batch): only where no rank splits the pairs."""
+def _check_data_parallel(rank, name, degrees, pair_weights=None, anchor_filter=False):
+    """``pair_weights`` (one per pair of the whole batch): only where no rank splits the pairs.
+    ``anchor_filter``: sara_anchor_filter="correct" on live anchors (``_answered_batch``)."""
     from sara_kernels.torchtitan import SARAMicrobatch, sara_step
 
-    tokens = _whole_batch()
-    want, want_logged = _one_process(name, tokens, list(range(PAIRS)), list(range(PAIRS, 2 * PAIRS)), pair_weights)
-    parts, _, _ = _parallel(name, degrees)
+    tokens, answer_mask = _answered_batch(name) if anchor_filter else (_whole_batch(), None)
+    want, want_logged = _one_process(name, tokens, list(range(PAIRS)), list(range(PAIRS, 2 * PAIRS)), pair_weights,
+                                     answer_mask)
+    if anchor_filter:
+        assert want_logged["sara_anchor_kept"] == 0.5
+    parts, _, _ = _parallel(name, degrees, options=_options(answer_mask))
     if degrees.get("ep", 1) > 1:  # each rank holds half of the experts, the tokens sent to them all-to-all
         for moe in (m for m in parts[0].modules() if hasattr(m, "routed_experts")):
             experts = moe.routed_experts
@@ -173,9 +211,10 @@ def _check_data_parallel(rank, name, degrees, pair_weights=None):
     per = PAIRS // shards
     mine = [*range(dp_rank * per, (dp_rank + 1) * per), *range(PAIRS + dp_rank * per, PAIRS + (dp_rank + 1) * per)]
     local = tokens[mine]
-    with sara_step(SARAMicrobatch(valid_tokens=local.numel(), anchor=list(range(per)), target=list(range(per, 2 * per)),
-                                  pair_weights=pair_weights), global_valid_tokens=tokens.numel()):
-        _sara_only_loss(parts[0](local), None)[0].backward()
+    microbatch = SARAMicrobatch(valid_tokens=local.numel(), anchor=list(range(per)), target=list(range(per, 2 * per)),
+                                pair_weights=pair_weights)
+    with sara_step(microbatch, global_valid_tokens=tokens.numel()):
+        _step(parts[0], local, microbatch, None if answer_mask is None else answer_mask[mine])
     _assert_equals_one_process(parts, want, want_logged, f"{name} {degrees}", stage=False)
 
 
@@ -240,6 +279,7 @@ def _check_all(rank):
     _use_cpu_meshes()
     _check_pipeline(rank, "qwen3_softmax", "1F1B", pair_weights=[1.5, 0.0, 0.5, 1.0])
     _check_data_parallel(rank, "qwen3_softmax", {"dp_shard": 2})
+    _check_data_parallel(rank, "qwen3_softmax", {"dp_shard": 2}, anchor_filter=True)
     _check_data_parallel(rank, "qwen3_softmax", {"dp_shard": 2, "ep": 2})
     _check_data_parallel(rank, "qwen3_softmax", {"tp": 2}, pair_weights=[0.5, 2.0, 0.0, 1.0])
     _check_data_parallel(rank, "deepseek_sigmoid", {"dp_shard": 2, "ep": 2})

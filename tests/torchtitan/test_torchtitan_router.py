@@ -18,7 +18,7 @@ from torchtitan.models.common.moe import TokenChoiceTopKRouter  # noqa: E402
 
 from helpers import reference_loss  # noqa: E402
 from hf_train_helpers import one_thread  # noqa: E402
-from sara_kernels.testing.tolerances import JS_TOL, assert_grads_close  # noqa: E402
+from sara_kernels.testing.tolerances import GREEDY_TOP1_MARGIN, JS_TOL, assert_grads_close  # noqa: E402
 from sara_kernels.torchtitan import SARAConverter, SARAMicrobatch, SARAOptions, SARARouter, sara_metrics, sara_step  # noqa: E402
 from titan_models import ROUTERS, CPUMemoryMonitorStandIn, gate_logits_recorder, init_full_model, model_config  # noqa: E402
 
@@ -70,9 +70,13 @@ def _assert_gate_grads(got, layers, want64, want32):
         assert_grads_close(got[layer], w64, torch.float32, fp32_baseline=w32)
 
 
-def _sara_gate_grads(model, tokens, microbatch, global_valid_tokens):
+def _sara_gate_grads(model, tokens, microbatch, global_valid_tokens, answer_mask=None):
+    """The gate gradients of one step (with ``answer_mask``: sara_anchor_filter with live anchors)."""
     with sara_step([microbatch], global_valid_tokens=global_valid_tokens):
-        (model(tokens) * 0).sum().backward()  # the LM contributes nothing: the gates' gradients are SARA's
+        output = model(tokens)
+        if answer_mask is not None:
+            microbatch.set_answers(output, tokens, answer_mask)
+        (output * 0).sum().backward()  # the LM contributes nothing: the gates' gradients are SARA's
     return {layer: r.gate.weight.grad for layer, r in _routers(model).items()}
 
 
@@ -132,20 +136,20 @@ def test_value_and_gate_gradients_equal_sara_loss_on_the_same_logits(name, tmp_p
     assert {tag: value for tag, value in logged.items() if tag.startswith("sara_js/")} == metrics
 
 
-def test_packed_documents_follow_torchtitan_positions():
-    plain, model, _ = _models("qwen3_softmax")
-    tokens = torch.randint(0, 2048, (2, SEQ), generator=torch.Generator().manual_seed(2))
-    # Documents (row-major): row 0 = [0, 5) [5, 16); row 1 = [0, 3) (the tail of a document cut at the row start) [3, 10) [10, 16).
-    positions = torch.cat([torch.cat([torch.arange(5), torch.arange(11)]),
-                           torch.cat([torch.arange(7, 10), torch.arange(7), torch.arange(6)])]).view(2, SEQ)
-    spans = [(0, 5), (5, 16), (16, 19), (19, 26), (26, 32)]
-    anchor, target, weights = [0, 4], [3, 1], torch.tensor([2.0, 0.5])
-    logits, layers = _gate_logits(plain, tokens)
+# Documents (row-major) of two rows: row 0 = [0, 5) [5, 16); row 1 = [0, 3) (the tail of a document cut at the
+# row start) [3, 10) [10, 16); SPANS are their flat token ranges.
+POSITIONS = torch.cat([torch.cat([torch.arange(5), torch.arange(11)]),
+                       torch.cat([torch.arange(7, 10), torch.arange(7), torch.arange(6)])]).view(2, SEQ)
+SPANS = [(0, 5), (5, 16), (16, 19), (19, 26), (26, 32)]
+
+
+def _packed_loss_of(logits, anchor, target, weights):
+    """loss_of(dtype) for _reference_grads: sara_weight * the reference on the documents of SPANS."""
     flat = [z.reshape(-1, z.shape[-1]) for z in logits]
 
     def side(docs, dtype):
-        rows = torch.cat([torch.arange(*spans[d]) for d in docs])
-        lengths = torch.tensor([spans[d][1] - spans[d][0] for d in docs])
+        rows = torch.cat([torch.arange(*SPANS[d]) for d in docs])
+        lengths = torch.tensor([SPANS[d][1] - SPANS[d][0] for d in docs])
         return [z[rows].to(dtype) for z in flat], torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).int()
 
     def loss_of(dtype):
@@ -154,9 +158,17 @@ def test_packed_documents_follow_torchtitan_positions():
                                                        score="softmax", temperature=1.5, layer_weights=[1.0, 3.0],
                                                        pair_weights=weights.to(dtype))
 
-    batch = SARAMicrobatch(valid_tokens=32, anchor=anchor, target=target, positions=positions, pair_weights=weights)
+    return loss_of
+
+
+def test_packed_documents_follow_torchtitan_positions():
+    plain, model, _ = _models("qwen3_softmax")
+    tokens = torch.randint(0, 2048, (2, SEQ), generator=torch.Generator().manual_seed(2))
+    anchor, target, weights = [0, 4], [3, 1], torch.tensor([2.0, 0.5])
+    logits, layers = _gate_logits(plain, tokens)
+    batch = SARAMicrobatch(valid_tokens=32, anchor=anchor, target=target, positions=POSITIONS, pair_weights=weights)
     grads = _sara_gate_grads(model, tokens, batch, 32)
-    _assert_gate_grads(grads, layers, *_reference_grads(plain, layers, loss_of))
+    _assert_gate_grads(grads, layers, *_reference_grads(plain, layers, _packed_loss_of(logits, anchor, target, weights)))
 
 
 def test_cached_priors_are_the_anchors(tmp_path):
@@ -184,18 +196,25 @@ def test_cached_priors_are_the_anchors(tmp_path):
     _assert_gate_grads(grads, layers, *_reference_grads(plain, layers, loss_of))
 
 
-@pytest.mark.parametrize("policy", [FullAC, SelectiveAC])
-def test_activation_checkpointing_adds_the_term_once_with_the_same_gradient(policy):
-    _, model, _ = _models("qwen3_softmax")
-    _, checkpointed, _ = _models("qwen3_softmax")
+@pytest.mark.parametrize("policy, anchor_filter", [(FullAC, "none"), (SelectiveAC, "none"), (FullAC, "correct")])
+def test_activation_checkpointing_adds_the_term_once_with_the_same_gradient(policy, anchor_filter):
+    """Also sara_anchor_filter with live anchors, whose term waits for set_answers: the same
+    gradient and logged values as without checkpointing."""
+    plain, model, _ = _models("qwen3_softmax", sara_anchor_filter=anchor_filter)
+    _, checkpointed, _ = _models("qwen3_softmax", sara_anchor_filter=anchor_filter)
     policy.Config().build().apply(checkpointed)
     tokens = torch.randint(0, 2048, (4, SEQ), generator=torch.Generator().manual_seed(5))
+    answer_mask = None
+    if anchor_filter != "none":
+        tokens, answer_mask = _answered_rows(plain, 4, seed=5)  # pairs (0, 2) kept, (1, 3) not
     batch = SARAMicrobatch(valid_tokens=64, anchor=[0, 1], target=[2, 3])
-    want = _sara_gate_grads(model, tokens, batch, 64)
-    got = _sara_gate_grads(checkpointed, tokens, SARAMicrobatch(valid_tokens=64, anchor=[0, 1], target=[2, 3]), 64)
+    want = _sara_gate_grads(model, tokens, batch, 64, answer_mask)
+    got = _sara_gate_grads(checkpointed, tokens, SARAMicrobatch(valid_tokens=64, anchor=[0, 1], target=[2, 3]), 64,
+                           answer_mask)
     for layer in want:
+        assert want[layer].abs().max() > 0
         torch.testing.assert_close(got[layer], want[layer], rtol=0, atol=0)
-    assert sara_metrics(checkpointed).keys() == sara_metrics(model).keys()
+    assert sara_metrics(checkpointed) == sara_metrics(model)
 
 
 def test_eval_and_no_grad_route_without_sara():
@@ -247,8 +266,6 @@ def test_converter_selects_layers_and_checks_its_options():
         model_config("deepseek_sigmoid", SARAOptions(sara_layer_weights="1"))
     with pytest.raises(ValueError, match="sara_lm_on_anchor"):
         SARAConverter.Config(options=SARAOptions(sara_lm_on_anchor=True)).build()
-    with pytest.raises(ValueError, match=r"^SARAConverter: sara_anchor_filter='correct' needs cached priors here: .*pair_weights="):
-        SARAConverter.Config(options=SARAOptions(sara_anchor_filter="correct")).build()
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -359,7 +376,8 @@ def test_anchor_filter_correct_reads_the_priors_anchor_correct(tmp_path):
     grads = _sara_gate_grads(model, tokens, SARAMicrobatch(valid_tokens=48, example_index=[1, 3, 1]), 48)  # none kept
     assert all(not g.any() for g in grads.values())
     assert sara_metrics(model)["sara_anchor_kept"] == 0.0
-    with pytest.raises(ValueError, match="^SARAMicrobatch: sara_anchor_filter='correct' filters the pairs of cached priors"):
+    # A live micro-batch beside the priors takes its π from the LM logits (set_answers), not from the file.
+    with pytest.raises(RuntimeError, match=r"SARAMicrobatch.set_answers\(logits, tokens, answer_mask\) was not called"):
         _sara_gate_grads(model, tokens, SARAMicrobatch(valid_tokens=48, anchor=[0], target=[1]), 48)
 
 
@@ -371,3 +389,124 @@ def test_anchor_filter_refusals_name_the_option(tmp_path):
     with pytest.raises(ValueError, match=r"^SARAConverter: sara_anchor_filter='correct_anchor_wrong_target' with cached priors"):
         SARAConverter.Config(options=SARAOptions(sara_anchor_filter="correct_anchor_wrong_target", sara_temperature=1.5),
                              priors=path).build()
+
+
+def _answers_by_hand(plain, tokens, answer_from: int):
+    """[B] whether the plain model's greedy prediction reproduces each row's tokens from column
+    ``answer_from`` on, teacher-forced (every such prediction clear of a top-1 tie)."""
+    with torch.no_grad():
+        predicting = plain(tokens).double()[:, answer_from - 1 : -1]
+    top2 = predicting.topk(2, dim=-1).values
+    assert (top2[..., 0] - top2[..., 1]).min() > GREEDY_TOP1_MARGIN, "a top-1 tie: choose another seed"
+    return (predicting.argmax(dim=-1) == tokens[:, answer_from:]).all(dim=1)
+
+
+def _answered_rows(plain, answer_len: int, seed: int):
+    """(tokens [4, SEQ]: rows 0 and 3 end with the plain model's own greedy continuation, row 1 with
+    it with one token changed, row 2 with random tokens; the answer mask of those last columns)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 2048, (4, SEQ - answer_len), generator=g)
+    with torch.no_grad():
+        for _ in range(answer_len):
+            tokens = torch.cat([tokens, plain(tokens)[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+    tokens[1, -2] = (tokens[1, -2] + 1) % 2048
+    tokens[2, -answer_len:] = torch.randint(0, 2048, (answer_len,), generator=g)
+    answer_mask = torch.zeros(4, SEQ, dtype=torch.bool)
+    answer_mask[:, -answer_len:] = True
+    return tokens, answer_mask
+
+
+@pytest.mark.parametrize("anchor_filter, kept", [("correct", [1.0, 0.0, 1.0]), ("correct_anchor_wrong_target", [1.0, 0.0, 0.0])])
+def test_anchor_filter_with_live_anchors_weights_the_pairs_by_the_lm_logits(anchor_filter, kept):
+    """SARAMicrobatch.set_answers after the forward: π from the LM logits by the greedy rule, the gate
+    gradients those of sara_loss with that π (float64 reference), the logged values the filtered ones."""
+    plain, model, _ = _models("qwen3_softmax", sara_anchor_filter=anchor_filter)
+    tokens, answer_mask = _answered_rows(plain, 4, seed=11)
+    answered = _answers_by_hand(plain, tokens, SEQ - 4)
+    assert answered.tolist() == [True, False, False, True]
+    anchor, target, user_weights = [0, 1, 3], [2, 3, 0], torch.tensor([1.5, 2.0, 0.5])
+    pi = answered[anchor] & (~answered[target] if anchor_filter == "correct_anchor_wrong_target" else True)
+    assert pi.double().tolist() == kept
+    pi = pi.double() * user_weights.double()
+    logits, layers = _gate_logits(plain, tokens)
+
+    def loss_of(dtype, per_layer=False):
+        out = reference_loss([_rows(z, anchor).to(dtype) for z in logits], [_rows(z, target).to(dtype) for z in logits],
+                             torch.ones(3, SEQ, dtype=torch.bool), torch.ones(3, SEQ, dtype=torch.bool), score="softmax",
+                             temperature=1.5, layer_weights=[1.0, 3.0], pair_weights=pi.to(dtype), return_per_layer=per_layer)
+        return out if per_layer else OPTIONS["sara_weight"] * (40 / 64) * out
+
+    batch = SARAMicrobatch(valid_tokens=40, anchor=anchor, target=target, pair_weights=user_weights)
+    grads = _sara_gate_grads(model, tokens, batch, 64, answer_mask)
+    _assert_gate_grads(grads, layers, *_reference_grads(plain, layers, loss_of))
+    _, per_layer = loss_of(torch.float64, per_layer=True)
+    metrics = sara_metrics(model)
+    assert list(metrics) == ["sara_anchor_kept"] + [f"sara_js/layer_{layer}" for layer in layers]
+    assert metrics["sara_anchor_kept"] == pytest.approx(sum(kept) / 3)
+    torch.testing.assert_close(torch.tensor(list(metrics.values())[1:], dtype=torch.float64), per_layer, **JS_TOL["short"])
+
+
+def test_anchor_filter_with_live_anchors_in_packed_documents():
+    """The answers of torchtitan's packed documents: a document's answer is its own tokens, its first
+    token predicted by no logit of it; π by hand from the plain model's logits of the flat rows."""
+    plain, model, _ = _models("qwen3_softmax", sara_anchor_filter="correct")
+    tokens = _answered_rows(plain, 4, seed=11)[0][:2]  # row 0 ends with the greedy continuation, row 1 with one changed
+    answer_mask = torch.zeros(2, SEQ, dtype=torch.bool)
+    answer_mask[0, 3:5] = answer_mask[0, 12:] = answer_mask[1, 8:10] = answer_mask[1, 12:] = True  # docs 0, 1, 3, 4
+    with torch.no_grad():
+        predicting = plain(tokens).double().reshape(-1, 2048)
+    flat_mask, flat_tokens = answer_mask.reshape(-1), tokens.reshape(-1)
+    answered = []
+    for start, end in SPANS:
+        marked = [t for t in range(start, end) if flat_mask[t]]
+        top2 = torch.stack([predicting[t - 1].topk(2).values for t in marked]) if marked else torch.ones(1, 2)
+        assert (top2[:, 0] - top2[:, 1]).min() > GREEDY_TOP1_MARGIN or not marked
+        answered.append(bool(marked) and all(int(predicting[t - 1].argmax()) == int(flat_tokens[t]) for t in marked))
+    assert answered == [False, True, False, False, False]
+    anchor, target = [1, 4, 3], [0, 2, 1]
+    pi = torch.tensor([answered[a] for a in anchor], dtype=torch.float64)
+    logits, layers = _gate_logits(plain, tokens)
+    batch = SARAMicrobatch(valid_tokens=32, anchor=anchor, target=target, positions=POSITIONS)
+    grads = _sara_gate_grads(model, tokens, batch, 32, answer_mask)
+    _assert_gate_grads(grads, layers, *_reference_grads(plain, layers, _packed_loss_of(logits, anchor, target, pi)))
+    assert sara_metrics(model)["sara_anchor_kept"] == pytest.approx(1 / 3)
+
+
+def test_anchor_filter_with_live_anchors_refusals():
+    plain, model, _ = _models("qwen3_softmax", sara_anchor_filter="correct")
+    tokens, answer_mask = _answered_rows(plain, 3, seed=12)
+
+    def step(call_set_answers):
+        batch = SARAMicrobatch(valid_tokens=64, anchor=[0, 1], target=[2, 3])
+        with sara_step([batch], global_valid_tokens=64):
+            output = model(tokens)
+            call_set_answers(batch, output)
+            (output * 0).sum().backward()
+
+    with pytest.raises(RuntimeError, match=r"^SARA router of layer \d: sara_anchor_filter='correct' with live anchors .*"
+                                           r"SARAMicrobatch.set_answers\(logits, tokens, answer_mask\) was not called"):
+        step(lambda batch, output: None)
+    no_answer = answer_mask.clone()
+    no_answer[1] = False
+    with pytest.raises(ValueError, match=r"^SARAMicrobatch.set_answers answer_mask: anchor sequences \[1\] have no answer"):
+        step(lambda batch, output: batch.set_answers(output, tokens, no_answer))
+    first = answer_mask.clone()
+    first[2, 0] = True
+    with pytest.raises(ValueError, match=r"^SARAMicrobatch.set_answers answer_mask: marks a row's or document's first"):
+        step(lambda batch, output: batch.set_answers(output, tokens, first))
+    with pytest.raises(ValueError, match=r"^SARAMicrobatch.set_answers tokens: expected a tensor of shape \[4, 16\]"):
+        step(lambda batch, output: batch.set_answers(output, tokens[:, 1:], answer_mask))
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        def vocab_sharded(batch, output):
+            batch.set_answers(DTensor.from_local(output, init_device_mesh("cpu", (1,)), [Shard(2)]), tokens, answer_mask)
+
+        with pytest.raises(ValueError, match=r"^SARAMicrobatch.set_answers logits: a DTensor placed as \(Shard\(dim=2\),\)"):
+            step(vocab_sharded)
+    finally:
+        dist.destroy_process_group()
+    with pytest.raises(RuntimeError, match=r"^SARAMicrobatch.set_answers: no SARA router has run"):
+        SARAMicrobatch(valid_tokens=64, anchor=[0], target=[1]).set_answers(torch.zeros(2, SEQ, 8), tokens[:2], answer_mask[:2])
