@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import os
 import random
 
@@ -40,6 +41,16 @@ def tiny_moe(seed=0, *, num_experts=4, num_layers=3, mlp_only_layers=(0,), token
     kwargs.update(overrides)
     torch.manual_seed(seed)
     return Qwen3MoeForCausalLM(Qwen3MoeConfig(**kwargs))
+
+
+def close_process_group():
+    """End a torchrun worker in order: what the run built on the group (a DDP reducer, the Trainer)
+    may sit in reference cycles, and freed by the collector after the group is gone its gloo threads
+    can hang or abort the process, so it is freed while the group lives."""
+    gc.collect()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def pairs(n=8, seed=3):

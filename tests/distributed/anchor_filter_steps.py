@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hf_train_helpers import TOKENIZER, sft_sgd_config, sgd_args, tiny_moe, updates  # noqa: E402
+from hf_train_helpers import TOKENIZER, close_process_group, sft_sgd_config, sgd_args, tiny_moe, updates  # noqa: E402
 
 PER_RANK = dict(per_device_train_batch_size=3, sara_anchor_filter="correct", sara_layers="all")
 
@@ -67,10 +67,7 @@ def main():
         for kind in ("sara", "sft"):
             run(kind, data, out)
     finally:
-        gc.collect()
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+        close_process_group()
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, TESTS)
 ZERO3_EXAMPLE = pathlib.Path(TESTS).parent / "examples" / "deepspeed_zero3.json"
 
-from hf_train_helpers import TOKENIZER, pairs, sft_sgd_config, sgd_args, tiny_moe  # noqa: E402
+from hf_train_helpers import TOKENIZER, close_process_group, pairs, sft_sgd_config, sgd_args, tiny_moe  # noqa: E402
 
 PAIRS = 8
 # Per rank: 2 micro-batches of 2 pairs, so 2 ranks x 2 x 2 = the one-process batch of 8.
@@ -96,10 +96,7 @@ def main():
         for case, base in zip(cases, bases):
             run_case(case, base, out)
     finally:
-        gc.collect()
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+        close_process_group()
 
 
 if __name__ == "__main__":
