@@ -196,15 +196,24 @@ def test_anchor_filter_sft_keeps_the_pairs_whose_anchor_answer_the_model_reprodu
     assert logged["sara_anchor_kept"] == pytest.approx(sum(ANCHOR_RIGHT) / len(data))
 
 
-@pytest.mark.parametrize("layout", ["padded", "padding_free"])
+def _target_sequences(batch):
+    """(example index, token ids, answer marks) of each target sequence of an SFT batch."""
+    ids, marks = batch["input_ids"], batch["sara_target_answer_mask"]
+    if "sara_target_cu_seqlens" in batch:  # one flattened row
+        cu = batch["sara_target_cu_seqlens"].tolist()
+        ids, marks = ([t[0, a:b] for a, b in zip(cu, cu[1:])] for t in (ids, marks))
+    return zip(batch["sara_example_index"].tolist(), ids, marks)
+
+
+@pytest.mark.parametrize("layout", ["padded", "padding_free", "packed"])
 def test_anchor_filter_sft_correct_anchor_wrong_target_reads_trls_training_forward(model, data, tmp_path, layout):
     """The targets' answers are checked on TRL's tokens, from the is_top1 of its fused LM head: no other forward."""
-    options = {"padded": {}, "padding_free": dict(padding_free=True, max_length=None)}[layout]
+    options = {"padded": {}, "padding_free": dict(padding_free=True, max_length=None),
+               "packed": dict(packing=True, max_length=128, per_device_train_batch_size=1)}[layout]
     trainer = _sft(copy.deepcopy(model), tmp_path, data, sara_anchor_filter="correct_anchor_wrong_target", **options)
     batch = next(iter(trainer.get_train_dataloader()))
-    ids, marks = batch["input_ids"], batch["sara_target_answer_mask"].bool()
-    answers = [TOKENIZER.convert_ids_to_tokens(ids[marks].tolist())]
-    assert answers == [[w for e in data for w in e["target_answer"].split()]]  # each target's answer, in TRL's tokens
+    found = {i: TOKENIZER.convert_ids_to_tokens(ids[marks.bool()].tolist()) for i, ids, marks in _target_sequences(batch)}
+    assert found == {i: e["target_answer"].split() for i, e in enumerate(data)}  # each target's answer, in TRL's tokens
     calls = []
     handle = trainer.model.register_forward_pre_hook(lambda m, a: calls.append(1))
     trainer.train()
