@@ -113,11 +113,17 @@ class LivePairWeights:
         self.weights = None  # π [P], once set
         self.kept = None  # the fraction of pairs kept, once set
         self._pending = []  # (record, divergence [P], valid [P] or None) of routers that ran before π
+        self._routed_without_term = False
 
     def expect(self, anchor_filter: str) -> None:
         """A router will weight this micro-batch's pairs by ``anchor_filter`` (in a recomputation in
         backward, when its forward ran inside a checkpoint), so π may be set."""
         self.anchor_filter = anchor_filter
+
+    def without_term(self) -> None:
+        """A router ran on this micro-batch without attaching the term (eval, no_grad, ``sara_weight``
+        0), so :meth:`needs_answers` is False unless another router attaches it."""
+        self._routed_without_term = True
 
     def defer(self, anchor_filter: str, record, divergence: torch.Tensor, valid: Optional[torch.Tensor]) -> None:
         """``record(value, kept)`` of a router's divergences [P] (``valid``: pairs with both sides
@@ -146,6 +152,14 @@ class LivePairWeights:
         self.kept = kept.float().mean()
         self.weights = kept.float() if pair_weights is None else kept.float() * pair_weights.to(kept.device)
         self._flush()
+
+    def needs_answers(self) -> bool:
+        """Whether :meth:`set` has π to set: False when the micro-batch's routers ran without the
+        term (nothing waits for π); a RuntimeError when no router has run, or π is set already."""
+        if self.anchor_filter is None and self._routed_without_term:
+            return False
+        self.check_settable()
+        return True
 
     def check_settable(self) -> None:
         """A RuntimeError unless a router has run with the filter and π is not set yet."""

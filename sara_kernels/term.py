@@ -113,10 +113,11 @@ def check_layer_weights(options: SARAOptions, layers: Sequence[int]) -> None:
 
 @dataclass(frozen=True)
 class SARATerm:
-    """One micro-batch's SARA: ``loss`` (unweighted, a scalar with autograd history), ``per_layer``
+    """One micro-batch's SARA: ``loss`` (unweighted, a scalar with autograd history; [L, B] with
+    ``sara_term(..., reduction="none")``), ``per_layer``
     ([L] divergence per layer, the weighted mean over pairs), ``layers`` (their decoder-layer
     indices), ``divergence`` (which one, for the metric names) and ``kept`` (the fraction of pairs
-    ``sara_anchor_filter`` kept, None without the filter)."""
+    ``sara_anchor_filter`` kept, None without the filter or with ``reduction="none"``)."""
 
     loss: torch.Tensor
     per_layer: torch.Tensor

@@ -220,10 +220,16 @@ class SARARouter(TopKRouter):
         """The micro-batch whose term this call attaches, or ``None`` when it attaches none (not
         training, a plain forward under no_grad, or a checkpoint's forward, whose micro-batch is
         queued for the recomputation)."""
-        if self.sara_layer is None or self.sara.sara_weight <= 0 or not self.training:
+        if self.sara_layer is None:
+            return None
+        if self.sara.sara_weight <= 0 or not self.training or (not self._recomputed and not torch.is_grad_enabled()):
+            # Megatron's evaluation runs the same forward_step, whose loss function calls set_answers.
+            batch = sara_batch.opened()
+            if batch is not None:
+                batch._live.without_term()
             return None
         if not self._recomputed:
-            return sara_batch.current(self.layer_number) if torch.is_grad_enabled() else None
+            return sara_batch.current(self.layer_number)
         if not torch.is_grad_enabled():  # inside the checkpoint's forward, or a plain no_grad forward
             batch = sara_batch.opened()
             if batch is not None:
@@ -367,7 +373,8 @@ class sara_batch:
         (:func:`~sara_kernels.hf.routing.answers_reproduced`, the Hugging Face trainers' rule). π_b
         is 1 where pair b's anchor is answered (and, with ``"correct_anchor_wrong_target"``, its
         target is not), else 0, times ``pair_weights``; the tracked values and ``sara_anchor_kept``
-        are those of this π.
+        are those of this π. Where the routers attached no term (eval, as in Megatron's evaluation,
+        which runs the same ``forward_step``; ``torch.no_grad()``; ``sara_weight`` 0) it does nothing.
         """
         if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
             raise ValueError(f"sara_batch.set_answers logits: expected the LM logits [b, s, V], got {logits!r}")
@@ -375,7 +382,8 @@ class sara_batch:
             if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(logits.shape[:2]):
                 raise ValueError(f"sara_batch.set_answers {name}: expected a tensor of shape {list(logits.shape[:2])} "
                                  f"(the logits' [b, s]), got {value!r}")
-        self._live.check_settable()
+        if not self._live.needs_answers():
+            return
         tokens, mask = tokens.to(logits.device), answer_mask.to(logits.device).bool()
         if mask[:, 0].any():
             raise ValueError("sara_batch.set_answers answer_mask: marks a sequence's first token, which no logit predicts")

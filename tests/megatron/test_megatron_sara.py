@@ -711,6 +711,31 @@ def test_anchor_filter_with_live_anchors_refusals():
             SARARouter(config, sara=SARAOptions(sara_anchor_filter="correct"))
 
 
+def test_anchor_filter_with_live_anchors_set_answers_where_no_term_is_attached():
+    """Megatron's evaluation runs the training forward_step (model.eval() under no_grad), whose loss
+    function calls set_answers: there, under no_grad alone and with sara_weight 0 it does nothing
+    (no error, nothing tracked, no gradient)."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    tokens, padding, answer_mask = None, None, None
+    for weight, mode in [(0.7, "eval"), (0.7, "no_grad"), (0.0, "train")]:
+        reset_megatron_state()
+        model = tiny_model(seed=47, weight=weight, anchor_filter="correct")
+        if tokens is None:
+            tokens, padding, answer_mask, answered = answered_columns(model, 3, [7, 9, 6, 8], seed=48)
+            assert answered[:2] == [True, False]
+        positions = torch.arange(tokens.shape[1]).expand(tokens.shape[0], -1)
+        model.train(mode != "eval")
+        batch = sara_batch(anchor=[0, 1], target=[2, 3])
+        with batch, torch.set_grad_enabled(mode == "train"):
+            output = model(tokens, positions, None, padding_mask=padding)
+        batch.set_answers(output, tokens, answer_mask)
+        if mode == "train":
+            sara_only_backward(output)
+            assert all(not g.any() for g in grads_of(model).values())
+        assert TRACKER_NAME not in get_moe_layer_wise_logging_tracker()
+
+
 @pytest.mark.parametrize("recompute", ["full-uniform", "selective-moe"])
 def test_anchor_filter_with_live_anchors_under_recomputation(recompute):
     """The recomputation in backward attaches the term after set_answers: the gradients and tracked
