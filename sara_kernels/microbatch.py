@@ -18,6 +18,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ._inputs import pair_weight_tensor
+from .term import kept_pairs
 
 
 class PairIndices(NamedTuple):
@@ -101,6 +102,17 @@ def micro_batch_pair_weights(options, layer_priors: Optional["LayerPriors"], exa
     return (kept if weights is None else kept * weights), kept.mean()
 
 
+def check_answer_inputs(method: str, logits, tokens, answer_mask, dims: str) -> None:
+    """``set_answers``' arguments: ``logits`` [*dims, V] and ``tokens``, ``answer_mask`` [*dims]
+    (``dims``: the integration's names of the batch and sequence axes, for the messages)."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        raise ValueError(f"{method} logits: expected the LM logits [{dims}, V], got {logits!r}")
+    for name, value in (("tokens", tokens), ("answer_mask", answer_mask)):
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(logits.shape[:2]):
+            raise ValueError(f"{method} {name}: expected a tensor of shape {list(logits.shape[:2])} "
+                             f"(the logits' [{dims}]), got {value!r}")
+
+
 class LivePairWeights:
     """π of ``sara_anchor_filter`` with live anchors, for one micro-batch: the LM logits that decide it
     exist only after the routers have run, so each router's per-pair divergences wait here (and
@@ -146,9 +158,8 @@ class LivePairWeights:
             if missing:
                 raise ValueError(f"{self.method} answer_mask: {side} sequences {missing[:5]} have no answer token; "
                                  f"sara_anchor_filter={self.anchor_filter!r} needs each {side}'s answer")
-        kept = answered[indices.anchor.to(answered.device)]
-        if self.anchor_filter == "correct_anchor_wrong_target":
-            kept = kept & ~answered[indices.target.to(answered.device)]
+        target_answered = None if indices.target is None else answered[indices.target.to(answered.device)]
+        kept = kept_pairs(self.anchor_filter, answered[indices.anchor.to(answered.device)], target_answered)
         self.kept = kept.float().mean()
         self.weights = kept.float() if pair_weights is None else kept.float() * pair_weights.to(kept.device)
         self._flush()

@@ -31,12 +31,21 @@ from ._inputs import WHOLE, SequenceLayout, check_divergence, check_score, check
 from .api import sara_loss_of_layouts
 from .layer_selection import resolve_layers_spec
 
-__all__ = ["ANCHOR_FILTERS", "SARAOptions", "SARATerm", "MetricsAccumulator", "SequenceLayout", "check_layer_weights",
+__all__ = ["ANCHOR_FILTERS", "kept_pairs", "SARAOptions", "SARATerm", "MetricsAccumulator", "SequenceLayout", "check_layer_weights",
            "sara_term"]
 
 
 # sara_anchor_filter's values: which sides' answers decide whether a pair is kept.
 ANCHOR_FILTERS = ("none", "correct", "correct_anchor_wrong_target")
+
+
+def kept_pairs(anchor_filter: str, anchor_correct: torch.Tensor, target_correct: Optional[torch.Tensor]) -> torch.Tensor:
+    """The pairs ``sara_anchor_filter`` keeps (bool [P]): those whose anchor answer the model
+    reproduces and, with ``"correct_anchor_wrong_target"`` (RA-MoE's filter), whose target answer
+    it does not."""
+    if anchor_filter == "correct_anchor_wrong_target":
+        return anchor_correct & ~target_correct
+    return anchor_correct
 
 
 def _is_number(value) -> bool:

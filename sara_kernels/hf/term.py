@@ -26,7 +26,7 @@ import transformers
 from transformers import Trainer
 from transformers.trainer_utils import unwrap_peft_model
 
-from ..term import MetricsAccumulator, SARATerm, SequenceLayout, check_layer_weights, sara_term
+from ..term import MetricsAccumulator, SARATerm, SequenceLayout, check_layer_weights, kept_pairs, sara_term
 from .capture import (
     CapturedRouterLogits,
     capture_router_logits,
@@ -126,12 +126,8 @@ class SARATermMixin:
         return captured, answers_reproduced(logits, inputs["input_ids"], answer_mask, positions, cu_seqlens)
 
     def _sara_kept_pairs(self, anchor_correct: torch.Tensor, target_correct: Optional[torch.Tensor]) -> torch.Tensor:
-        """π_b of ``sara_anchor_filter``: 1 where the model reproduces the anchor's answer (and, with
-        ``"correct_anchor_wrong_target"``, RA-MoE's filter, not the target's), else 0."""
-        kept = anchor_correct
-        if self.args.sara_anchor_filter == "correct_anchor_wrong_target":
-            kept = kept & ~target_correct
-        return kept.float()
+        """π_b of ``sara_anchor_filter``: 1 for the pairs :func:`~sara_kernels.term.kept_pairs` keeps, else 0."""
+        return kept_pairs(self.args.sara_anchor_filter, anchor_correct, target_correct).float()
 
     def _sara_term(self, target: CapturedRouterLogits, anchor_logits, target_logits, *, anchor_layout: SequenceLayout,
                    target_layout: SequenceLayout, anchor_probs=None, pair_weights=None) -> SARATerm:

@@ -41,7 +41,7 @@ except ImportError:  # megatron-core 0.16 has save_to_aux_losses_tracker only
 from ..hf.priors import RoutingPriors, load_routing_priors
 from ..hf.routing import answer_positions, answers_reproduced
 from ..layer_selection import select_layers
-from ..microbatch import (LayerPriors, LivePairWeights, WeightedMeanInBackward, check_anchor_filter,
+from ..microbatch import (LayerPriors, LivePairWeights, WeightedMeanInBackward, check_anchor_filter, check_answer_inputs,
                           micro_batch_pair_weights, pair_indices, pair_weights_of, side_sequences)
 from ..reference import layer_shares
 from ..term import SARAOptions, SequenceLayout, check_layer_weights, sara_term
@@ -376,12 +376,7 @@ class sara_batch:
         are those of this π. Where the routers attached no term (eval, as in Megatron's evaluation,
         which runs the same ``forward_step``; ``torch.no_grad()``; ``sara_weight`` 0) it does nothing.
         """
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
-            raise ValueError(f"sara_batch.set_answers logits: expected the LM logits [b, s, V], got {logits!r}")
-        for name, value in (("tokens", tokens), ("answer_mask", answer_mask)):
-            if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(logits.shape[:2]):
-                raise ValueError(f"sara_batch.set_answers {name}: expected a tensor of shape {list(logits.shape[:2])} "
-                                 f"(the logits' [b, s]), got {value!r}")
+        check_answer_inputs("sara_batch.set_answers", logits, tokens, answer_mask, "b, s")
         if not self._live.needs_answers():
             return
         tokens, mask = tokens.to(logits.device), answer_mask.to(logits.device).bool()

@@ -34,7 +34,7 @@ from ..hf.priors import RoutingPriors, load_routing_priors
 from ..hf.routing import answer_positions, answers_reproduced
 from ..layer_selection import select_layers
 from ..microbatch import (LayerPriors, LivePairWeights, PairIndices, WeightedMeanInBackward, check_anchor_filter,
-                          micro_batch_pair_weights, pair_indices, pair_weights_of, side_sequences)
+                          check_answer_inputs, micro_batch_pair_weights, pair_indices, pair_weights_of, side_sequences)
 from ..term import SARAOptions, SequenceLayout, check_layer_weights, sara_term
 
 __all__ = ["SARAConverter", "SARARouter", "SARAMicrobatch", "sara_step", "sara_metrics"]
@@ -143,12 +143,7 @@ class SARAMicrobatch:
             raise ValueError(
                 f"SARAMicrobatch.set_answers logits: a DTensor placed as {logits.placements}; pass the whole "
                 "vocabulary's logits as a plain tensor (torchtitan's loss parallelism shards them over the vocabulary)")
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
-            raise ValueError(f"SARAMicrobatch.set_answers logits: expected the LM logits [B, L, V], got {logits!r}")
-        for name, value in (("tokens", tokens), ("answer_mask", answer_mask)):
-            if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(logits.shape[:2]):
-                raise ValueError(f"SARAMicrobatch.set_answers {name}: expected a tensor of shape "
-                                 f"{list(logits.shape[:2])} (the logits' [B, L]), got {value!r}")
+        check_answer_inputs("SARAMicrobatch.set_answers", logits, tokens, answer_mask, "B, L")
         self._live.check_settable()
         answered, has_answer = self._answered(logits.detach(), tokens.to(logits.device), answer_mask.to(logits.device))
         self._live.set(answered, has_answer, PairIndices(self.anchor, self.target, self.example_index), self.pair_weights)
